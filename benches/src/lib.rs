@@ -1,0 +1,53 @@
+//! Benchmarks that print ratios against raw baselines measured in the same run, so a figure
+//! means the same on any machine. Run them with `cargo bench -p sitecast-benches`; the figures
+//! we keep are in `docs/performance.md`.
+//!
+//! This library holds what the benchmarks share: test data and a timer that reports the best
+//! of several runs (the least disturbed by the other work on a small machine).
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Bytes to use, from `SITECAST_BENCH_MIB` (default `default_mib`).
+pub fn bench_bytes(default_mib: u64) -> u64 {
+    let mib = std::env::var("SITECAST_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_mib);
+    mib * 1024 * 1024
+}
+
+/// Writes `len` bytes of incompressible, reproducible data to `path`.
+pub fn write_test_image(path: &Path, len: u64) -> io::Result<()> {
+    let mut file = io::BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut stream = blake3::Hasher::new_keyed(&[7; 32]).finalize_xof();
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        stream.fill(&mut block);
+        let n = left.min(block.len() as u64) as usize;
+        file.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    file.into_inner()?.sync_all()
+}
+
+/// Runs `f` `runs` times and returns the fastest time with the last result.
+pub fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
+    let mut best = Duration::MAX;
+    let mut last = None;
+    for _ in 0..runs {
+        let start = Instant::now();
+        let value = f();
+        best = best.min(start.elapsed());
+        last = Some(value);
+    }
+    (best, last.expect("at least one run"))
+}
+
+/// Throughput in MiB/s.
+pub fn mib_per_s(bytes: u64, time: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / time.as_secs_f64()
+}

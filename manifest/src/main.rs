@@ -1,0 +1,347 @@
+//! `sitecast-manifest`: the offline operator tool for keys, roots and release manifests.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use jiff::{Timestamp, ToSpan};
+use serde_json::{Value, json};
+use sitecast_manifest::{
+    ImageDigest, ImageInfo, InstallPolicy, Intent, PublicKey, Release, RoleKeys, Root, SecretKey,
+    SignedDocument, TrustedRoot,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "sitecast-manifest",
+    version,
+    about = "Sign and verify sitecast release manifests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an ed25519 key pair: PATH (secret, mode 0600) and PATH.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace existing key files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create or rotate the root of trust.
+    #[command(subcommand)]
+    Root(RootCommand),
+    /// Hash an image (streamed) and write a signed release manifest.
+    Sign(SignArgs),
+    /// Verify a manifest against a root, and optionally an image and an appliance's state.
+    Verify(VerifyArgs),
+    /// Show a root or manifest without verifying it.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RootCommand {
+    /// Write the first root, signed by its root keys.
+    Init(RootArgs),
+    /// Write the next root, signed by a threshold of the current root keys and of its own.
+    Rotate {
+        /// The root in force now.
+        #[arg(long)]
+        current: PathBuf,
+        /// Secret keys of the current root that approve the rotation.
+        #[arg(long = "old-key", required = true)]
+        old_keys: Vec<PathBuf>,
+        #[command(flatten)]
+        next: RootArgs,
+    },
+}
+
+#[derive(Args)]
+struct RootArgs {
+    /// Root key files; secret key files also sign.
+    #[arg(long = "root-key", required = true)]
+    root_keys: Vec<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    root_threshold: u32,
+    /// Release key files (public or secret; only the public key is used).
+    #[arg(long = "release-key", required = true)]
+    release_keys: Vec<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    release_threshold: u32,
+    /// Days until the root expires.
+    #[arg(long, default_value_t = 365)]
+    expires_days: i64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct SignArgs {
+    #[arg(long)]
+    image: PathBuf,
+    /// Monotonic release number.
+    #[arg(long)]
+    version: u64,
+    /// Display name; defaults to the version number.
+    #[arg(long)]
+    name: Option<String>,
+    /// Platform the image is built for (repeat for several).
+    #[arg(long = "platform", required = true)]
+    platforms: Vec<String>,
+    #[arg(long, default_value = "")]
+    notes: String,
+    #[arg(long, default_value_t = 90)]
+    expires_days: i64,
+    /// Appliances that install this release refuse anything older than this version afterwards.
+    #[arg(long)]
+    rollback_floor: Option<u64>,
+    /// Release secret key files (repeat to meet a threshold).
+    #[arg(long = "key", required = true)]
+    keys: Vec<PathBuf>,
+    /// Check the result against this root before writing it.
+    #[arg(long)]
+    root: Option<PathBuf>,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    #[arg(long)]
+    root: PathBuf,
+    #[arg(long)]
+    manifest: PathBuf,
+    /// Also check this image against the manifest's size and hashes.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Check the release for an appliance of this platform.
+    #[arg(long)]
+    platform: Option<String>,
+    /// The appliance's installed release version.
+    #[arg(long, default_value_t = 0, requires = "platform")]
+    installed: u64,
+    /// The appliance's rollback floor.
+    #[arg(long, default_value_t = 0, requires = "platform")]
+    floor: u64,
+    /// Allow an older release (an operator-ordered rollback), never below the floor.
+    #[arg(long, requires = "platform")]
+    rollback: bool,
+    /// Verify as of this time (RFC 3339) instead of now.
+    #[arg(long)]
+    now: Option<Timestamp>,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { out, force } => keygen(&out, force),
+        Command::Root(RootCommand::Init(args)) => {
+            let signers = secret_keys(&args.root_keys)?;
+            let document = build_root(&args, 1)?.sign(&signers.iter().collect::<Vec<_>>());
+            let trusted = TrustedRoot::pin(&document.to_bytes())
+                .context("the new root does not carry enough of its own root signatures")?;
+            write_document(&args.out, &trusted.to_bytes())?;
+            println!("wrote root version 1 to {}", args.out.display());
+            Ok(())
+        }
+        Command::Root(RootCommand::Rotate { current, old_keys, next }) => {
+            let current = TrustedRoot::pin(&read(&current)?).context("current root")?;
+            let root = build_root(&next, current.root().version + 1)?;
+            let mut signers = secret_keys(&old_keys)?;
+            signers.extend(secret_keys(&next.root_keys)?);
+            let document = root.sign(&signers.iter().collect::<Vec<_>>());
+            let rotated = current
+                .rotate(&document.to_bytes())
+                .context("the rotation is not signed by enough old and new root keys")?;
+            write_document(&next.out, &rotated.to_bytes())?;
+            println!("wrote root version {} to {}", root.version, next.out.display());
+            Ok(())
+        }
+        Command::Sign(args) => sign(args),
+        Command::Verify(args) => verify(args),
+        Command::Inspect { file, json } => inspect(&file, json),
+    }
+}
+
+fn keygen(out: &Path, force: bool) -> Result<()> {
+    let key = SecretKey::generate().context("reading the OS random source")?;
+    let public_path = pub_path(out);
+    write_private(out, key.to_file_text().as_bytes(), force)?;
+    fs::write(&public_path, key.public().to_file_text())
+        .with_context(|| format!("writing {}", public_path.display()))?;
+    println!("{}", key.public());
+    Ok(())
+}
+
+fn pub_path(secret: &Path) -> PathBuf {
+    let mut name = secret.as_os_str().to_owned();
+    name.push(".pub");
+    PathBuf::from(name)
+}
+
+/// Creates `path` with mode 0600 from the start, so the secret is never readable by others.
+fn write_private(path: &Path, bytes: &[u8], force: bool) -> Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true).mode(0o600);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {} (use --force to replace a key)", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn secret_keys(paths: &[PathBuf]) -> Result<Vec<SecretKey>> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let text = read_text(path)?;
+        if let Ok(key) = SecretKey::from_file_text(&text) {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
+}
+
+/// A public key from a `.pub` file, or the public half of a secret key file.
+fn public_key(path: &Path) -> Result<PublicKey> {
+    let text = read_text(path)?;
+    if let Ok(secret) = SecretKey::from_file_text(&text) {
+        return Ok(secret.public());
+    }
+    PublicKey::from_file_text(&text)
+        .with_context(|| format!("{} is not a key file", path.display()))
+}
+
+fn build_root(args: &RootArgs, version: u64) -> Result<Root> {
+    let keys = |paths: &[PathBuf]| paths.iter().map(|p| public_key(p)).collect::<Result<Vec<_>>>();
+    Ok(Root {
+        version,
+        expires: Timestamp::now() + (args.expires_days * 24).hours(),
+        root: RoleKeys { keys: keys(&args.root_keys)?, threshold: args.root_threshold },
+        release: RoleKeys { keys: keys(&args.release_keys)?, threshold: args.release_threshold },
+    })
+}
+
+fn write_document(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut text = bytes.to_vec();
+    text.push(b'\n');
+    fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn open_image(path: &Path) -> Result<File> {
+    File::open(path).with_context(|| format!("opening image {}", path.display()))
+}
+
+fn sign(args: SignArgs) -> Result<()> {
+    let keys = secret_keys(&args.keys)?;
+    if keys.len() != args.keys.len() {
+        bail!("every --key must be a secret key file");
+    }
+    let digest = ImageDigest::of_reader(open_image(&args.image)?)
+        .with_context(|| format!("hashing {}", args.image.display()))?;
+    let now = Timestamp::now();
+    let release = Release {
+        version: args.version,
+        version_name: args.name.unwrap_or_else(|| args.version.to_string()),
+        image: ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 },
+        platforms: args.platforms,
+        notes: args.notes,
+        created: now,
+        expires: now + (args.expires_days * 24).hours(),
+        rollback_floor: args.rollback_floor,
+    };
+    let bytes = release.sign(&keys.iter().collect::<Vec<_>>()).to_bytes();
+    if let Some(root) = &args.root {
+        let root = TrustedRoot::pin(&read(root)?).context("root")?;
+        root.verify_release(&bytes, now)
+            .context("the new manifest does not verify against the root")?;
+    }
+    write_document(&args.out, &bytes)?;
+    println!(
+        "signed release {} ({} bytes, blake3 {}) -> {}",
+        release.version,
+        digest.size,
+        digest.blake3,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn verify(args: VerifyArgs) -> Result<()> {
+    let now = args.now.unwrap_or_else(Timestamp::now);
+    let root = TrustedRoot::pin(&read(&args.root)?).context("root")?;
+    let verified = root.verify_release(&read(&args.manifest)?, now).context("manifest")?;
+    if let Some(platform) = args.platform {
+        let policy = InstallPolicy {
+            platform,
+            installed_version: args.installed,
+            rollback_floor: args.floor,
+            intent: if args.rollback { Intent::Rollback } else { Intent::Upgrade },
+        };
+        verified.check_install(&policy).context("appliance policy")?;
+    }
+    if let Some(image) = &args.image {
+        ImageDigest::check(open_image(image)?, &verified.release().image)
+            .with_context(|| format!("image {}", image.display()))?;
+    }
+    let release = verified.release();
+    println!("OK: release {} ({}) verified", release.version, release.version_name);
+    Ok(())
+}
+
+fn inspect(path: &Path, as_json: bool) -> Result<()> {
+    let document = SignedDocument::parse(&read(path)?).context("document")?;
+    let signed = document.signed();
+    let keys: Vec<String> = document.signatures().iter().map(|s| s.key.to_hex()).collect();
+    if as_json {
+        let out = json!({ "verified": false, "signed": signed, "signed_by": keys });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("{} (signatures NOT verified; use `verify`)", path.display());
+    for (name, value) in signed {
+        let shown = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        println!("  {name:<14} {shown}");
+    }
+    for key in keys {
+        println!("  signed by      {key}");
+    }
+    Ok(())
+}
