@@ -1,6 +1,24 @@
 //! The image on disk: the blob layout (BLAKE3 bao tree, 16 KiB groups) of an image, the
-//! standby-slot writer that writes only verified ranges and resumes after a crash, the A/B slot
+//! standby-slot writer that writes only verified groups and resumes after a crash, the A/B slot
 //! state in the GRUB environment block, and the health gate. Files and block devices only; no
 //! network code.
 //!
-//! Not built yet: see the iso issue. Nothing here claims to work.
+//! The install flow is typed: [`SlotWriter`] (fetching) → [`VerifiedSlot`] (read back, both
+//! hashes checked) → [`ActivatedSlot`] (scheduled for trial boots). Nothing but
+//! [`SlotWriter::finish`] makes a `VerifiedSlot`, and nothing but a `VerifiedSlot` activates.
+
+pub mod ab;
+pub mod device;
+pub mod grubenv;
+pub mod layout;
+mod progress;
+pub mod writer;
+
+pub use ab::{AbState, ActivatedSlot, BootOutcome, DEFAULT_TRIES, Slot};
+pub use device::{CrashDevice, Device, FileDevice, PowerSupply};
+pub use grubenv::{CrashEnvStore, EnvFile, EnvStore, GrubEnv};
+pub use layout::{
+    BLOCK_SIZE, BlobLayout, DecodedItem, GROUP_BYTES, OutboardStore, ResponseDecoder,
+    ResponseError, VerifiedGroup,
+};
+pub use writer::{SlotError, SlotPaths, SlotWriter, VerifiedSlot, WriterStats};

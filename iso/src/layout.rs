@@ -1,0 +1,381 @@
+//! The blob layout of an image: a BLAKE3 bao tree with 16 KiB chunk groups, the layout
+//! iroh-blobs uses, so LAN (iroh-blobs) and WAN (the origin's HTTP ranges) send the same bytes
+//! and one decoder checks both.
+//!
+//! A response for a set of groups is `[size: u64 LE][bao encoding of those groups]`: exactly what
+//! an iroh-blobs provider sends for a ranged get of one blob.
+
+use std::cell::RefCell;
+use std::io::{self, BufWriter, Read, Write};
+use std::ops::Range;
+use std::rc::Rc;
+
+use bao_tree::io::outboard::PreOrderOutboard;
+use bao_tree::io::sync::{
+    CreateOutboard, DecodeResponseIter, encode_ranges_validated, valid_ranges,
+};
+use bao_tree::io::{BaoContentItem, DecodeError};
+use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
+use sitecast_manifest::Blake3Hash;
+
+use crate::device::{Device, ReadAtDevice, WriteAtDevice};
+
+/// 16 KiB groups: `BlockSize::from_chunk_log(4)`, iroh-blobs' `IROH_BLOCK_SIZE`.
+pub const BLOCK_SIZE: BlockSize = BlockSize::from_chunk_log(4);
+/// Bytes in a chunk group; the unit of verification, transfer and progress.
+pub const GROUP_BYTES: u64 = 16 * 1024;
+const CHUNKS_PER_GROUP: u64 = GROUP_BYTES / 1024;
+
+/// The shape of one image: its size and root hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobLayout {
+    pub root: Blake3Hash,
+    pub size: u64,
+}
+
+impl BlobLayout {
+    pub fn new(root: Blake3Hash, size: u64) -> Self {
+        Self { root, size }
+    }
+
+    pub fn tree(&self) -> BaoTree {
+        BaoTree::new(self.size, BLOCK_SIZE)
+    }
+
+    /// Number of 16 KiB groups (an empty image has one, empty).
+    pub fn groups(&self) -> u64 {
+        self.size.div_ceil(GROUP_BYTES).max(1)
+    }
+
+    /// Byte range of group `index`.
+    pub fn group_bytes(&self, index: u64) -> Range<u64> {
+        let start = index * GROUP_BYTES;
+        start..(start + GROUP_BYTES).min(self.size)
+    }
+
+    /// Bytes of the outboard (parent hashes below the root): about 1/256 of the image.
+    pub fn outboard_len(&self) -> u64 {
+        self.tree().outboard_size()
+    }
+
+    /// The chunk ranges covering groups `groups` (clamped to the image).
+    pub fn chunk_ranges(&self, groups: Range<u64>) -> ChunkRanges {
+        let end = groups.end.min(self.groups());
+        if groups.start >= end {
+            return ChunkRanges::empty();
+        }
+        ChunkRanges::from(
+            ChunkNum(groups.start * CHUNKS_PER_GROUP)..ChunkNum(end * CHUNKS_PER_GROUP),
+        )
+    }
+}
+
+/// Merges ascending group indices into ranges.
+pub(crate) fn collect_ranges(groups: impl Iterator<Item = u64>) -> Vec<Range<u64>> {
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    for group in groups {
+        match ranges.last_mut() {
+            Some(last) if last.end == group => last.end += 1,
+            _ => ranges.push(group..group + 1),
+        }
+    }
+    ranges
+}
+
+/// Parent hashes of an image kept on a device (pre-order, no size prefix: the iroh-blobs
+/// `.obao4` layout). Hashes may be missing (zeros) in a partial outboard; missing hashes only
+/// make groups unverifiable, never wrongly verified.
+pub struct OutboardStore<D> {
+    layout: BlobLayout,
+    device: D,
+}
+
+impl<D: Device> OutboardStore<D> {
+    pub fn new(layout: BlobLayout, device: D) -> Self {
+        Self { layout, device }
+    }
+
+    pub fn layout(&self) -> BlobLayout {
+        self.layout
+    }
+
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
+    /// Computes the complete outboard of `data` (exactly `layout.size` bytes, streamed in
+    /// bounded memory) and returns the root it hashes to.
+    pub fn compute_from(&mut self, data: impl Read) -> io::Result<Blake3Hash> {
+        let mut outboard = PreOrderOutboard {
+            root: blake3::Hash::from_bytes([0; 32]),
+            tree: self.layout.tree(),
+            data: WriteAtDevice(&mut self.device),
+        };
+        outboard.init_from(io::BufReader::with_capacity(1 << 20, data))?;
+        let root = outboard.root;
+        self.device.sync()?;
+        Ok(root.into())
+    }
+
+    fn reader(&self) -> PreOrderOutboard<ReadAtDevice<'_, D>> {
+        PreOrderOutboard {
+            root: self.layout.root.into(),
+            tree: self.layout.tree(),
+            data: ReadAtDevice(&self.device),
+        }
+    }
+
+    fn writer(&mut self) -> PreOrderOutboard<WriteAtDevice<'_, D>> {
+        PreOrderOutboard {
+            root: self.layout.root.into(),
+            tree: self.layout.tree(),
+            data: WriteAtDevice(&mut self.device),
+        }
+    }
+
+    /// Stores a parent pair the decoder verified.
+    pub(crate) fn save(&mut self, parent: &bao_tree::io::Parent) -> io::Result<()> {
+        use bao_tree::io::sync::OutboardMut;
+        self.writer().save(parent.node, &parent.pair)
+    }
+
+    /// Which groups of `data` verify against the root through this outboard's hashes.
+    pub fn valid_groups(&self, data: &impl Device) -> io::Result<Vec<Range<u64>>> {
+        let all = self.layout.chunk_ranges(0..self.layout.groups());
+        let mut groups: Vec<Range<u64>> = Vec::new();
+        for range in valid_ranges(self.reader(), ReadAtDevice(data), &all) {
+            let range = range?;
+            let start = range.start.0.div_ceil(CHUNKS_PER_GROUP);
+            // The last group may be partial: its end chunk is the image's last chunk.
+            let end = if range.end >= self.layout.tree().chunks() {
+                self.layout.groups()
+            } else {
+                range.end.0 / CHUNKS_PER_GROUP
+            };
+            match groups.last_mut() {
+                Some(last) if last.end == start => last.end = end,
+                _ if start < end => groups.push(start..end),
+                _ => {}
+            }
+        }
+        Ok(groups)
+    }
+
+    /// Writes the response for `groups` of `data`: the size header and the bao encoding, with
+    /// every parent and group checked against the root before it is sent (a corrupted source
+    /// fails rather than serving bad bytes).
+    pub fn encode_groups(
+        &self,
+        data: &impl Device,
+        groups: Range<u64>,
+        out: impl Write,
+    ) -> io::Result<()> {
+        let ranges = self.layout.chunk_ranges(groups);
+        let mut out = BufWriter::with_capacity(64 * 1024, out);
+        out.write_all(&self.layout.size.to_le_bytes())?;
+        encode_ranges_validated(ReadAtDevice(data), self.reader(), &ranges, &mut out)?;
+        out.flush()
+    }
+
+    /// Whether these hashes chain to the root: the check a fetched outboard passes before it
+    /// is trusted for seeding. Pre-order puts the root's pair first.
+    pub fn root_matches(&self) -> io::Result<bool> {
+        if self.layout.groups() <= 1 {
+            return Ok(true);
+        }
+        let mut pair = [0u8; 64];
+        if self.device.len()? < 64 {
+            return Ok(false);
+        }
+        self.device.read_exact_at(0, &mut pair)?;
+        let (left, right) = pair.split_at(32);
+        let root = blake3::hazmat::merge_subtrees_root(
+            left.try_into().expect("32 bytes"),
+            right.try_into().expect("32 bytes"),
+            blake3::hazmat::Mode::Hash,
+        );
+        Ok(Blake3Hash::from(root) == self.layout.root)
+    }
+
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.device.sync()
+    }
+}
+
+impl<D> std::fmt::Debug for OutboardStore<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboardStore").field("layout", &self.layout).finish_non_exhaustive()
+    }
+}
+
+/// A group's bytes, verified against the image's root hash. Only the decoder and local seeding
+/// make one, so a writer that takes `VerifiedGroup`s cannot be handed unverified bytes.
+#[derive(Debug, Clone)]
+pub struct VerifiedGroup {
+    root: Blake3Hash,
+    index: u64,
+    data: bytes::Bytes,
+}
+
+impl VerifiedGroup {
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// The image this group was verified for.
+    pub fn root(&self) -> Blake3Hash {
+        self.root
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.index * GROUP_BYTES
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// What a response decodes into, item by item.
+#[derive(Debug)]
+pub enum DecodedItem {
+    /// A verified pair of parent hashes (keep it to verify groups locally later).
+    Parent(bao_tree::io::Parent),
+    Group(VerifiedGroup),
+}
+
+/// Why a response was refused. Everything yielded before the error was verified and may be
+/// kept; nothing after it was trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseError {
+    #[error("reading the response: {0}")]
+    Io(#[from] io::Error),
+    #[error("response claims a {claimed}-byte blob, the manifest says {expected}")]
+    SizeMismatch { claimed: u64, expected: u64 },
+    #[error("parent hashes do not match the root (corrupt or lying sender)")]
+    ParentMismatch,
+    #[error("group {group} does not match its hash (corrupt or lying sender)")]
+    GroupMismatch { group: u64 },
+    #[error("response ended early (truncated)")]
+    Truncated,
+    #[error("response carries a partial group at offset {offset}; groups are sent whole")]
+    PartialGroup { offset: u64 },
+    #[error("response has bytes after its last group")]
+    TrailingBytes,
+}
+
+/// Decodes a response for `groups`, verifying every parent and group before yielding it.
+pub struct ResponseDecoder<'r, R: Read> {
+    layout: BlobLayout,
+    inner: DecodeResponseIter<'r, SharedReader<R>>,
+    /// The same reader, kept to check that nothing follows the last item.
+    reader: SharedReader<R>,
+    done: bool,
+}
+
+impl<R: Read> std::fmt::Debug for ResponseDecoder<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseDecoder").field("layout", &self.layout).finish_non_exhaustive()
+    }
+}
+
+/// One reader used by the bao decoder and, after it, by the trailing-bytes check.
+struct SharedReader<R>(Rc<RefCell<R>>);
+
+impl<R: Read> Read for SharedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
+impl<'r, R: Read> ResponseDecoder<'r, R> {
+    /// Reads the size header and checks it against the manifest's size (the header alone is
+    /// not authenticated).
+    pub fn new(
+        layout: BlobLayout,
+        ranges: &'r ChunkRanges,
+        mut reader: R,
+    ) -> Result<Self, ResponseError> {
+        let mut header = [0u8; 8];
+        reader.read_exact(&mut header).map_err(eof_is_truncation)?;
+        let claimed = u64::from_le_bytes(header);
+        if claimed != layout.size {
+            return Err(ResponseError::SizeMismatch { claimed, expected: layout.size });
+        }
+        let reader = Rc::new(RefCell::new(reader));
+        let inner = DecodeResponseIter::new(
+            layout.root.into(),
+            layout.tree(),
+            SharedReader(Rc::clone(&reader)),
+            ranges,
+        );
+        Ok(Self { layout, inner, reader: SharedReader(reader), done: false })
+    }
+
+    fn convert(
+        &self,
+        item: Result<BaoContentItem, DecodeError>,
+    ) -> Result<DecodedItem, ResponseError> {
+        match item {
+            Ok(BaoContentItem::Parent(parent)) => Ok(DecodedItem::Parent(parent)),
+            Ok(BaoContentItem::Leaf(leaf)) => {
+                let index = leaf.offset / GROUP_BYTES;
+                let expected = self.layout.group_bytes(index);
+                if leaf.offset % GROUP_BYTES != 0
+                    || leaf.data.len() as u64 != expected.end - expected.start
+                {
+                    return Err(ResponseError::PartialGroup { offset: leaf.offset });
+                }
+                Ok(DecodedItem::Group(VerifiedGroup {
+                    root: self.layout.root,
+                    index,
+                    data: leaf.data,
+                }))
+            }
+            Err(DecodeError::ParentHashMismatch(_)) => Err(ResponseError::ParentMismatch),
+            Err(DecodeError::LeafHashMismatch(chunk)) => {
+                Err(ResponseError::GroupMismatch { group: chunk.0 / CHUNKS_PER_GROUP })
+            }
+            Err(DecodeError::ParentNotFound(_) | DecodeError::LeafNotFound(_)) => {
+                Err(ResponseError::Truncated)
+            }
+            Err(DecodeError::Io(error)) => Err(eof_is_truncation(error)),
+        }
+    }
+}
+
+impl<R: Read> Iterator for ResponseDecoder<'_, R> {
+    type Item = Result<DecodedItem, ResponseError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.inner.next() {
+            Some(item) => {
+                let converted = self.convert(item);
+                if converted.is_err() {
+                    self.done = true;
+                }
+                Some(converted)
+            }
+            None => {
+                self.done = true;
+                // The decoder stops at the last expected item; anything after it is not ours.
+                match self.reader.read(&mut [0u8; 1]) {
+                    Ok(0) => None,
+                    Ok(_) => Some(Err(ResponseError::TrailingBytes)),
+                    Err(error) => Some(Err(ResponseError::Io(error))),
+                }
+            }
+        }
+    }
+}
+
+fn eof_is_truncation(error: io::Error) -> ResponseError {
+    if error.kind() == io::ErrorKind::UnexpectedEof {
+        ResponseError::Truncated
+    } else {
+        ResponseError::Io(error)
+    }
+}
