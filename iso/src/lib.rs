@@ -10,6 +10,7 @@
 pub mod ab;
 pub mod device;
 pub mod grubenv;
+pub mod health;
 pub mod layout;
 mod progress;
 pub mod writer;
