@@ -200,6 +200,24 @@ impl<D: Device> OutboardStore<D> {
     pub fn sync(&mut self) -> io::Result<()> {
         self.device.sync()
     }
+
+    /// Gives the device its full length up front, with zeros (missing hashes) where nothing
+    /// is known: parent hashes then land in place without the file growing, and a sync need
+    /// not commit block allocations.
+    pub fn allocate(&mut self) -> io::Result<()> {
+        let need = self.layout.outboard_len();
+        let mut have = self.device.len()?;
+        if have >= need {
+            return Ok(());
+        }
+        let zeros = vec![0u8; 1 << 20];
+        while have < need {
+            let n = (need - have).min(zeros.len() as u64) as usize;
+            self.device.write_all_at(have, &zeros[..n])?;
+            have += n as u64;
+        }
+        self.device.sync()
+    }
 }
 
 impl<D> std::fmt::Debug for OutboardStore<D> {

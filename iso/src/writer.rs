@@ -129,6 +129,8 @@ impl<D: Device> SlotWriter<D> {
         }
         let layout = BlobLayout::new(image.blake3, image.size);
         let progress = Progress::open(progress, layout)?;
+        let mut outboard = OutboardStore::new(layout, outboard);
+        outboard.allocate()?;
         let resumed = progress.count();
         let mut writer = Self {
             slot_name,
@@ -136,7 +138,7 @@ impl<D: Device> SlotWriter<D> {
             layout,
             slot,
             progress,
-            outboard: OutboardStore::new(layout, outboard),
+            outboard,
             pending: BTreeSet::new(),
             checkpoint_every: CHECKPOINT_GROUPS,
             stats: WriterStats { resumed, ..WriterStats::default() },

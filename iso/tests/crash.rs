@@ -47,7 +47,7 @@ impl Appliance {
     /// Power loss: each device keeps its durable bytes and some unsynced writes.
     fn crash(&self, rng: &mut u64) {
         for device in [&self.slot_a, &self.slot_b, &self.progress, &self.outboard] {
-            device.crash(|| next(rng) % 2 == 0);
+            device.crash(|| next(rng).is_multiple_of(2));
         }
         self.power.restore();
     }

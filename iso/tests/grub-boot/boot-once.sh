@@ -34,6 +34,8 @@ kernel=${SITECAST_KERNEL:-$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V | tail -
 
 mkdir -p "$workdir"
 workdir=$(cd "$workdir" && pwd)
+tree='' run=''
+trap 'rm -rf "$tree" "$run"' EXIT  # scratch dirs, also on errors
 
 # --- The ISO, built once per (cfg, script, kernel). Tests may run in parallel: lock the build.
 key=$(cat "$cfg" "${BASH_SOURCE[0]}" <(echo "$kernel") | sha256sum | cut -c1-16)
@@ -82,13 +84,11 @@ EOF
   grub-mkrescue -o "$iso.tmp" "$tree" >"$workdir/grub-mkrescue.log" 2>&1 \
     || die "grub-mkrescue failed; see $workdir/grub-mkrescue.log"
   mv "$iso.tmp" "$iso"
-  rm -rf "$tree"
 fi
 flock -u 9
 
 # --- This run: an ext2 disk holding the env block (GRUB's (hd0)) and the per-run knobs.
 run=$(mktemp -d "$workdir/run.XXXXXX")
-trap 'rm -rf "$run"' EXIT
 mkdir "$run/fs"
 cp "$envfile" "$run/fs/grubenv"
 if [[ -n ${SITECAST_BREAK_SLOT:-} ]]; then
