@@ -14,7 +14,7 @@ use bao_tree::io::outboard::PreOrderOutboard;
 use bao_tree::io::sync::{
     CreateOutboard, DecodeResponseIter, encode_ranges_validated, valid_ranges,
 };
-use bao_tree::io::{BaoContentItem, DecodeError};
+use bao_tree::io::{BaoContentItem, DecodeError, EncodeError};
 use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
 use sitecast_manifest::Blake3Hash;
 
@@ -159,6 +159,26 @@ impl<D: Device> OutboardStore<D> {
             }
         }
         Ok(groups)
+    }
+
+    /// Checks that `bytes` of `data` (any byte range, widened to whole groups) match the root.
+    pub fn verify_bytes(&self, data: &impl Device, bytes: Range<u64>) -> Result<(), ResponseError> {
+        if bytes.end > self.layout.size || bytes.start >= bytes.end {
+            return Err(ResponseError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("byte range {bytes:?} is not inside the {}-byte image", self.layout.size),
+            )));
+        }
+        let groups = bytes.start / GROUP_BYTES..bytes.end.div_ceil(GROUP_BYTES);
+        let ranges = self.layout.chunk_ranges(groups);
+        match encode_ranges_validated(ReadAtDevice(data), self.reader(), &ranges, io::sink()) {
+            Ok(()) => Ok(()),
+            Err(EncodeError::LeafHashMismatch(chunk)) => {
+                Err(ResponseError::GroupMismatch { group: chunk.0 / CHUNKS_PER_GROUP })
+            }
+            Err(EncodeError::ParentHashMismatch(_)) => Err(ResponseError::ParentMismatch),
+            Err(other) => Err(ResponseError::Io(other.into())),
+        }
     }
 
     /// Writes the response for `groups` of `data`: the size header and the bao encoding, with

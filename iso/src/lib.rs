@@ -6,6 +6,24 @@
 //! The install flow is typed: [`SlotWriter`] (fetching) → [`VerifiedSlot`] (read back, both
 //! hashes checked) → [`ActivatedSlot`] (scheduled for trial boots). Nothing but
 //! [`SlotWriter::finish`] makes a `VerifiedSlot`, and nothing but a `VerifiedSlot` activates.
+//! A writer that has not been finished cannot be activated; this does not compile:
+//!
+//! ```compile_fail
+//! # use sitecast_iso::*;
+//! fn activate_unverified(writer: SlotWriter<FileDevice>, env: &mut EnvFile) {
+//!     writer.activate(env, DEFAULT_TRIES);
+//! }
+//! ```
+//!
+//! The same with a finished writer does:
+//!
+//! ```
+//! # use sitecast_iso::*;
+//! fn activate_verified(writer: SlotWriter<FileDevice>, env: &mut EnvFile) -> anyhow::Result<()> {
+//!     writer.finish()?.activate(env, DEFAULT_TRIES)?;
+//!     Ok(())
+//! }
+//! ```
 
 pub mod ab;
 pub mod device;

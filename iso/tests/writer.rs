@@ -101,11 +101,17 @@ fn bad_slots_are_reported_before_any_download() {
 
     let read_only = slot_file(dir.path(), LEN as u64);
     fs::set_permissions(&read_only.slot, fs::Permissions::from_mode(0o444)).expect("chmod");
+    // Root ignores file modes; the immutable flag stops root too.
+    let immutable = is_root() && chattr("+i", &read_only.slot);
     let result = SlotWriter::open_paths(Slot::B, &origin.info, &read_only);
-    // Root ignores file modes; the check that matters there is the read-only filesystem.
-    if !is_root() {
-        assert!(matches!(result, Err(SlotError::ReadOnly { .. })), "{result:?}");
+    if immutable {
+        chattr("-i", &read_only.slot);
     }
+    assert!(is_root() == immutable, "as root, chattr +i must work here to test a read-only slot");
+    let error = result.expect_err("read-only");
+    assert!(matches!(error, SlotError::ReadOnly { .. }), "{error}");
+    assert!(error.to_string().ends_with("is read-only"), "{error}");
+
     let device = CrashDevice::new(LEN, PowerSupply::new());
     device.set_read_only(true);
     let power = PowerSupply::new();
@@ -119,6 +125,26 @@ fn bad_slots_are_reported_before_any_download() {
     .expect("opens");
     let error = deliver(&mut writer, &origin, 0..1, &origin.response(0..1)).expect_err("ro");
     assert!(error.to_string().contains("read-only"), "{error}");
+}
+
+#[test]
+fn any_byte_range_verifies_against_the_root_through_the_outboard() {
+    let origin = Origin::new(LEN, 7);
+    for range in [0..1, 5..16384, 16383..16385, 100_000..300_000, LEN as u64 - 3..LEN as u64] {
+        origin.outboard.verify_bytes(&origin.data, range.clone()).expect("intact");
+    }
+    let tampered = CrashDevice::new(LEN, PowerSupply::new());
+    let mut bytes = origin.image.clone();
+    bytes[200_000] ^= 0x80;
+    tampered.preload(0, &bytes);
+    let error = origin.outboard.verify_bytes(&tampered, 199_000..199_500).expect_err("same group");
+    assert!(error.to_string().contains("group 12"), "{error}");
+    origin.outboard.verify_bytes(&tampered, 0..190_000).expect("other groups are intact");
+    assert!(origin.outboard.verify_bytes(&origin.data, 0..LEN as u64 + 1).is_err(), "past the end");
+}
+
+fn chattr(flag: &str, path: &std::path::Path) -> bool {
+    std::process::Command::new("chattr").arg(flag).arg(path).status().is_ok_and(|s| s.success())
 }
 
 fn is_root() -> bool {
