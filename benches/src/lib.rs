@@ -5,8 +5,7 @@
 //! This library holds what the benchmarks share: test data and a timer that reports the best
 //! of several runs (the least disturbed by the other work on a small machine).
 
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -21,17 +20,7 @@ pub fn bench_bytes(default_mib: u64) -> u64 {
 
 /// Writes `len` bytes of incompressible, reproducible data to `path`.
 pub fn write_test_image(path: &Path, len: u64) -> io::Result<()> {
-    let mut file = io::BufWriter::with_capacity(1 << 20, File::create(path)?);
-    let mut stream = blake3::Hasher::new_keyed(&[7; 32]).finalize_xof();
-    let mut block = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        stream.fill(&mut block);
-        let n = left.min(block.len() as u64) as usize;
-        file.write_all(&block[..n])?;
-        left -= n as u64;
-    }
-    file.into_inner()?.sync_all()
+    sitecast_iso::generate::write_image(path, len, "sitecast benchmark image")
 }
 
 /// Runs `f` `runs` times and returns the fastest time with the last result.

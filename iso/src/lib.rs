@@ -27,6 +27,7 @@
 
 pub mod ab;
 pub mod device;
+pub mod generate;
 pub mod grubenv;
 pub mod health;
 pub mod layout;

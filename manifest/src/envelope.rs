@@ -27,6 +27,20 @@ pub struct SignatureEntry {
     pub sig: Signature,
 }
 
+/// The `signed` object of a document: `fields` as JSON plus its `type` and `format`.
+pub(crate) fn signed_object(
+    fields: &impl Serialize,
+    doc_type: &'static str,
+    format: u64,
+) -> Map<String, Value> {
+    let Ok(Value::Object(mut signed)) = serde_json::to_value(fields) else {
+        unreachable!("documents are plain structs of strings and numbers")
+    };
+    signed.insert("type".into(), doc_type.into());
+    signed.insert("format".into(), format.into());
+    signed
+}
+
 /// A parsed, not yet verified, signed document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SignedDocument {

@@ -4,7 +4,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::envelope::SignedDocument;
+use crate::envelope::{SignedDocument, signed_object};
 use crate::error::VerifyError;
 use crate::hash::{Blake3Hash, Sha256Hash};
 use crate::keys::SecretKey;
@@ -47,13 +47,7 @@ pub struct Release {
 impl Release {
     /// The `signed` object for this release, with `type` and `format` set.
     pub fn to_signed(&self) -> Map<String, Value> {
-        let Value::Object(mut signed) = serde_json::to_value(self).expect("release is plain data")
-        else {
-            unreachable!("a struct serializes to an object")
-        };
-        signed.insert("type".into(), RELEASE_TYPE.into());
-        signed.insert("format".into(), RELEASE_FORMAT.into());
-        signed
+        signed_object(self, RELEASE_TYPE, RELEASE_FORMAT)
     }
 
     /// Signs this release with `keys` (each release key adds one signature).

@@ -4,7 +4,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::envelope::SignedDocument;
+use crate::envelope::{SignedDocument, signed_object};
 use crate::error::{Role, VerifyError};
 use crate::keys::{PublicKey, SecretKey};
 use crate::release::{RELEASE_FORMAT, RELEASE_TYPE, Release, VerifiedRelease};
@@ -53,13 +53,7 @@ pub struct Root {
 
 impl Root {
     pub fn to_signed(&self) -> Map<String, Value> {
-        let Value::Object(mut signed) = serde_json::to_value(self).expect("root is plain data")
-        else {
-            unreachable!("a struct serializes to an object")
-        };
-        signed.insert("type".into(), ROOT_TYPE.into());
-        signed.insert("format".into(), ROOT_FORMAT.into());
-        signed
+        signed_object(self, ROOT_TYPE, ROOT_FORMAT)
     }
 
     pub fn sign(&self, keys: &[&SecretKey]) -> SignedDocument {

@@ -5,7 +5,7 @@
 //! (coordinator, appliances, origin offload) is not built yet and the demo says so.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -48,7 +48,7 @@ pub fn run(work_dir: &Path, image_mib: u64, out: &mut impl Write) -> anyhow::Res
 
     let image = work_dir.join("image-v2.raw");
     let image_bytes = image_mib * 1024 * 1024;
-    write_image(&image, image_bytes)?;
+    sitecast_iso::generate::write_image(&image, image_bytes, "sitecast demo image")?;
     let started = Instant::now();
     let digest = ImageDigest::of_reader(File::open(&image)?)?;
     let hash_seconds = started.elapsed().as_secs_f64();
@@ -89,23 +89,4 @@ pub fn run(work_dir: &Path, image_mib: u64, out: &mut impl Write) -> anyhow::Res
     let refused: VerifyError = verified.check_install(&replay).expect_err("replay is refused");
     writeln!(out, "5. the same manifest replayed to an appliance on version 2: {refused}")?;
     Ok(DemoReport { work_dir: work_dir.to_owned(), image_bytes, manifest, hash_seconds })
-}
-
-fn write_image(path: &Path, len: u64) -> io::Result<()> {
-    let mut file = BufWriter::with_capacity(1 << 20, File::create(path)?);
-    let mut stream = demo_image_stream();
-    let mut block = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        stream.fill(&mut block);
-        let n = left.min(block.len() as u64) as usize;
-        file.write_all(&block[..n])?;
-        left -= n as u64;
-    }
-    file.into_inner()?.sync_all()
-}
-
-/// A reproducible, incompressible byte stream for the demo image.
-fn demo_image_stream() -> blake3::OutputReader {
-    blake3::Hasher::new_derive_key("sitecast demo image").finalize_xof()
 }
