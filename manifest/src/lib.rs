@@ -120,6 +120,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod api;
 pub mod canonical;
 mod digest;
 mod envelope;
@@ -128,6 +129,7 @@ mod hash;
 mod keys;
 mod release;
 mod root;
+pub mod window;
 
 pub use digest::{ImageDigest, blake3_of_reader};
 pub use envelope::{MAX_DOCUMENT_BYTES, SignatureEntry, SignedDocument};

@@ -1,0 +1,245 @@
+//! The HTTP API between appliances, operators and the coordinator: JSON bodies shared by the
+//! `peer` and `coordinator` crates so they are written once.
+//!
+//! Versioned by tolerance: readers ignore fields they do not know (no `deny_unknown_fields`
+//! anywhere), new fields are optional or defaulted, and an unknown enum value reads as
+//! `Unknown` rather than failing the whole body. Writers never change the meaning of an
+//! existing field.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::window::MaintenanceWindow;
+
+/// Headers that carry an appliance's identity and its signature over the request.
+pub const HEADER_APPLIANCE: &str = "x-sitecast-appliance";
+pub const HEADER_TIMESTAMP: &str = "x-sitecast-timestamp";
+pub const HEADER_SIGNATURE: &str = "x-sitecast-signature";
+/// Requests older or newer than this (seconds) are refused as replays or clock trouble.
+pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
+/// The image's SHA-256 on `GET /api/releases/{version}/image`, for legacy agents.
+pub const HEADER_IMAGE_SHA256: &str = "x-sitecast-sha256";
+
+/// What an appliance signs for each request: method, path (with query), timestamp, body.
+pub fn appliance_signing_bytes(method: &str, path: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
+    let mut bytes =
+        format!("sitecast appliance request v1\n{method}\n{path}\n{timestamp}\n").into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// Normalizes a MAC address given as `aa:bb:cc:dd:ee:ff`, `AA-BB-CC-DD-EE-FF`,
+/// `aabb.ccdd.eeff` or `aabbccddeeff` to `aa:bb:cc:dd:ee:ff`.
+pub fn normalize_mac(text: &str) -> Option<String> {
+    let digits: String = text
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-' | '.'))
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if digits.len() != 12 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let pairs: Vec<&str> = (0..6).map(|i| &digits[2 * i..2 * i + 2]).collect();
+    Some(pairs.join(":"))
+}
+
+/// Where an appliance is in an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    Pending,
+    Downloading,
+    Ready,
+    Rebooting,
+    Succeeded,
+    Failed,
+    RolledBack,
+    /// A state a newer agent reports that this reader does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl UpdateState {
+    pub const ALL: [UpdateState; 7] = [
+        UpdateState::Pending,
+        UpdateState::Downloading,
+        UpdateState::Ready,
+        UpdateState::Rebooting,
+        UpdateState::Succeeded,
+        UpdateState::Failed,
+        UpdateState::RolledBack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateState::Pending => "pending",
+            UpdateState::Downloading => "downloading",
+            UpdateState::Ready => "ready",
+            UpdateState::Rebooting => "rebooting",
+            UpdateState::Succeeded => "succeeded",
+            UpdateState::Failed => "failed",
+            UpdateState::RolledBack => "rolled_back",
+            UpdateState::Unknown => "unknown",
+        }
+    }
+
+    /// Counts against the rollout's failure threshold.
+    pub fn is_failure(self) -> bool {
+        matches!(self, UpdateState::Failed | UpdateState::RolledBack)
+    }
+
+    /// No further report is expected for this update.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, UpdateState::Succeeded | UpdateState::Failed | UpdateState::RolledBack)
+    }
+}
+
+/// How an appliance can be reached by its site peers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddresses {
+    /// libp2p multiaddresses of the control plane.
+    #[serde(default)]
+    pub libp2p: Vec<String>,
+    /// iroh endpoint id (hex public key).
+    #[serde(default)]
+    pub iroh_id: Option<String>,
+    /// iroh direct socket addresses.
+    #[serde(default)]
+    pub iroh_addrs: Vec<String>,
+}
+
+/// `POST /api/appliances/checkin`, signed by the appliance's key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckinRequest {
+    pub site: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub group: Option<String>,
+    /// As the appliance found them; the coordinator normalizes.
+    #[serde(default)]
+    pub macs: Vec<String>,
+    pub platform: String,
+    pub installed_version: u64,
+    #[serde(default)]
+    pub active_slot: Option<String>,
+    #[serde(default)]
+    pub agent_version: String,
+    /// Needed only the first time: proves the appliance may join the fleet.
+    #[serde(default)]
+    pub enrollment_token: Option<String>,
+    #[serde(default)]
+    pub peer: PeerAddresses,
+}
+
+/// Whether the offered release moves forward or back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateIntent {
+    Upgrade,
+    Rollback,
+    #[serde(other)]
+    Unknown,
+}
+
+/// Where an appliance fetches a release from when no LAN peer has a piece.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginUrls {
+    /// `GET {ranges}?start=&end=` (group indices) returns verified ranges.
+    pub ranges: String,
+    /// The plain image, `Range` supported.
+    pub image: String,
+}
+
+/// A site peer that holds or fetches the release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SitePeer {
+    pub appliance: String,
+    #[serde(default)]
+    pub addresses: PeerAddresses,
+    #[serde(default)]
+    pub installed_version: u64,
+    #[serde(default)]
+    pub state: Option<UpdateState>,
+}
+
+/// The coordinator's answer to a check-in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckinResponse {
+    pub appliance: String,
+    pub update_available: bool,
+    #[serde(default)]
+    pub intent: Option<UpdateIntent>,
+    /// The signed manifest document, byte for byte as signed.
+    #[serde(default)]
+    pub manifest: Option<String>,
+    #[serde(default)]
+    pub version: Option<u64>,
+    #[serde(default)]
+    pub rollout: Option<u64>,
+    #[serde(default)]
+    pub origin: Option<OriginUrls>,
+    #[serde(default)]
+    pub window: Option<MaintenanceWindow>,
+    #[serde(default)]
+    pub site_peers: Vec<SitePeer>,
+    #[serde(default)]
+    pub checkin_interval_secs: Option<u64>,
+    pub server_time: Timestamp,
+}
+
+/// `POST /api/appliances/report`: a state change of an update, signed by the appliance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportRequest {
+    pub state: UpdateState,
+    /// The release the report is about.
+    pub version: u64,
+    #[serde(default)]
+    pub previous_version: Option<u64>,
+    #[serde(default)]
+    pub rollout: Option<u64>,
+    /// 0.0–1.0 while downloading.
+    #[serde(default)]
+    pub progress: Option<f64>,
+    #[serde(default)]
+    pub bytes_from_origin: u64,
+    #[serde(default)]
+    pub bytes_from_lan: u64,
+    #[serde(default)]
+    pub slot: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Every error body: a message for humans and a stable code for programs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_normalized_from_every_spelling() {
+        for spelling in ["aa:bb:cc:0d:ee:ff", "AA-BB-CC-0D-EE-FF", "aabb.cc0d.eeff", "AABBCC0DEEFF"]
+        {
+            assert_eq!(normalize_mac(spelling).as_deref(), Some("aa:bb:cc:0d:ee:ff"), "{spelling}");
+        }
+        for bad in ["", "aa:bb:cc:dd:ee", "gg:bb:cc:dd:ee:ff", "aa:bb:cc:dd:ee:ff:00"] {
+            assert_eq!(normalize_mac(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_old_reader_accepts_a_newer_check_in_response() {
+        let body = r#"{"appliance":"k","update_available":true,"intent":"sideways",
+            "server_time":"2026-11-23T00:00:00Z","delta":{"from":3},"site_peers":[
+            {"appliance":"p","state":"verifying","quic":true}]}"#;
+        let response: CheckinResponse = serde_json::from_str(body).expect("tolerant");
+        assert_eq!(response.intent, Some(UpdateIntent::Unknown));
+        assert_eq!(response.site_peers[0].state, Some(UpdateState::Unknown));
+    }
+}
