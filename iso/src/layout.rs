@@ -58,6 +58,20 @@ impl BlobLayout {
         self.tree().outboard_size()
     }
 
+    /// Bytes of the response for `groups`: the size header, 64 per parent, the groups' data.
+    pub fn encoded_len(&self, groups: Range<u64>) -> u64 {
+        let ranges = self.chunk_ranges(groups);
+        let ranges = bao_tree::io::sync::truncate_ranges(&ranges, self.size);
+        let mut len = 8;
+        for chunk in self.tree().ranges_pre_order_chunks_iter_ref(ranges, 0) {
+            len += match chunk {
+                bao_tree::iter::BaoChunk::Parent { .. } => 64,
+                bao_tree::iter::BaoChunk::Leaf { size, .. } => size as u64,
+            };
+        }
+        len
+    }
+
     /// The chunk ranges covering groups `groups` (clamped to the image).
     pub fn chunk_ranges(&self, groups: Range<u64>) -> ChunkRanges {
         let end = groups.end.min(self.groups());

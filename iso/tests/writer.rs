@@ -37,6 +37,15 @@ fn a_release_written_from_responses_reads_back_byte_for_byte() {
 }
 
 #[test]
+fn the_encoded_length_is_known_before_encoding() {
+    let origin = Origin::new(LEN, 7);
+    for groups in [0..41, 0..1, 40..41, 7..19, 3..4] {
+        let expected = origin.layout().encoded_len(groups.clone());
+        assert_eq!(origin.response(groups.clone()).len() as u64, expected, "{groups:?}");
+    }
+}
+
+#[test]
 fn a_flipped_bit_is_refused_and_nothing_of_it_is_written() {
     let origin = Origin::new(LEN, 7);
     let dir = tempfile::tempdir().expect("tempdir");

@@ -1,0 +1,665 @@
+//! The fleet as the coordinator knows it, in memory, and every operation on it. Operations
+//! return the [`Change`]s to commit; the HTTP layer commits them and only then answers. No I/O
+//! here, and time is passed in.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use jiff::{SignedDuration, Timestamp};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sitecast_manifest::api::{
+    CheckinRequest, CheckinResponse, OriginUrls, ReportRequest, SitePeer, UpdateIntent,
+    UpdateState, normalize_mac,
+};
+use sitecast_manifest::window::MaintenanceWindow;
+
+use crate::engine::{
+    self, ApplianceView, Decision, Rollout, RolloutState, StageCounts, StagePlan, Strategy,
+};
+use crate::store::{
+    ApplianceRecord, AuditEntry, Change, ReleaseRecord, SiteRecord, Snapshot, UpdateRow,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("unknown appliance {0}: enroll it with the fleet's enrollment token first")]
+    UnknownAppliance(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub checkin_interval_secs: u64,
+    /// No check-in for this long: offline.
+    pub offline_after_secs: u64,
+    pub default_window: MaintenanceWindow,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            checkin_interval_secs: 60,
+            offline_after_secs: 180,
+            default_window: MaintenanceWindow::default(),
+        }
+    }
+}
+
+/// A request to start a rollout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutRequest {
+    pub version: u64,
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub stages: Option<Vec<StagePlan>>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub failure_threshold: Option<f64>,
+    #[serde(default)]
+    pub report_deadline_secs: Option<u64>,
+}
+
+/// A rollout with its live counts, as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutView {
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    pub stage_counts: Vec<StageCounts>,
+    pub failure_rate: f64,
+    pub next_stage_at: Option<Timestamp>,
+}
+
+/// An appliance as the API lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplianceListing {
+    #[serde(flatten)]
+    pub record: ApplianceRecord,
+    pub online: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Fleet {
+    pub releases: BTreeMap<u64, ReleaseRecord>,
+    pub rollouts: BTreeMap<u64, Rollout>,
+    pub appliances: BTreeMap<String, ApplianceRecord>,
+    pub sites: BTreeMap<String, SiteRecord>,
+    pub meta: BTreeMap<String, String>,
+    pub site_bytes: BTreeMap<(String, u64), u64>,
+    audit_next: u64,
+    /// Appliances whose bookkeeping changed since the last flush.
+    dirty: BTreeSet<String>,
+    pub config: FleetConfig,
+}
+
+impl Fleet {
+    pub fn from_snapshot(snapshot: Snapshot, config: FleetConfig) -> Self {
+        Self {
+            releases: snapshot.releases,
+            rollouts: snapshot.rollouts,
+            appliances: snapshot.appliances,
+            sites: snapshot.sites,
+            meta: snapshot.meta,
+            site_bytes: snapshot.site_bytes,
+            audit_next: snapshot.audit_next.max(1),
+            dirty: BTreeSet::new(),
+            config,
+        }
+    }
+
+    fn audit(
+        &mut self,
+        changes: &mut Vec<Change>,
+        now: Timestamp,
+        actor: &str,
+        action: &str,
+        detail: serde_json::Value,
+    ) {
+        let entry = AuditEntry {
+            seq: self.audit_next,
+            at: now,
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            detail,
+        };
+        self.audit_next += 1;
+        changes.push(Change::Audit(entry));
+    }
+
+    pub fn meta_change(&mut self, key: &str, value: String) -> Change {
+        self.meta.insert(key.to_owned(), value.clone());
+        Change::Meta { key: key.to_owned(), value }
+    }
+
+    // ----- releases -----
+
+    pub fn publish(
+        &mut self,
+        record: ReleaseRecord,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        if self.releases.contains_key(&record.version) {
+            return Err(FleetError::Conflict(format!(
+                "release {} is already published",
+                record.version
+            )));
+        }
+        let mut changes = vec![Change::Release(record.clone())];
+        let detail =
+            json!({"version": record.version, "blake3": record.blake3, "size": record.size});
+        self.audit(&mut changes, now, "operator", "release.publish", detail);
+        self.releases.insert(record.version, record);
+        Ok(changes)
+    }
+
+    pub fn deactivate(&mut self, version: u64, now: Timestamp) -> Result<Vec<Change>, FleetError> {
+        let release = self
+            .releases
+            .get_mut(&version)
+            .ok_or_else(|| FleetError::NotFound(format!("release {version}")))?;
+        release.active = false;
+        let mut changes = vec![Change::Release(release.clone())];
+        self.audit(
+            &mut changes,
+            now,
+            "operator",
+            "release.deactivate",
+            json!({"version": version}),
+        );
+        Ok(changes)
+    }
+
+    // ----- rollouts -----
+
+    pub fn create_rollout(
+        &mut self,
+        request: RolloutRequest,
+        now: Timestamp,
+    ) -> Result<(u64, Vec<Change>), FleetError> {
+        let release = self
+            .releases
+            .get(&request.version)
+            .ok_or_else(|| FleetError::NotFound(format!("release {}", request.version)))?;
+        if !release.active {
+            return Err(FleetError::Conflict(format!(
+                "release {} is deactivated",
+                request.version
+            )));
+        }
+        if let Some(running) = self
+            .rollouts
+            .values()
+            .find(|r| matches!(r.state, RolloutState::InProgress | RolloutState::Paused))
+        {
+            return Err(FleetError::Conflict(format!(
+                "rollout {} of release {} is still {}; complete or roll it back first",
+                running.id,
+                running.version,
+                running.state.as_str()
+            )));
+        }
+        let previous_version =
+            self.releases.range(..request.version).rev().find(|(_, r)| r.active).map(|(v, _)| *v);
+        let targets: Vec<String> = self
+            .appliances
+            .values()
+            .filter(|a| {
+                request.groups.is_empty()
+                    || a.group.as_ref().is_some_and(|g| request.groups.contains(g))
+            })
+            .map(|a| a.key.clone())
+            .collect();
+        let id = self.rollouts.keys().next_back().map_or(1, |id| id + 1);
+        let mut rollout = Rollout::new(
+            id,
+            request.version,
+            previous_version,
+            request.strategy,
+            request.stages,
+            request.groups,
+            &targets,
+            now,
+        )
+        .map_err(FleetError::Invalid)?;
+        if let Some(threshold) = request.failure_threshold {
+            if !(0.0..=1.0).contains(&threshold) {
+                return Err(FleetError::Invalid(format!(
+                    "failure_threshold {threshold} is not within 0..1"
+                )));
+            }
+            rollout.failure_threshold = threshold;
+        }
+        if let Some(deadline) = request.report_deadline_secs {
+            rollout.report_deadline_secs = deadline;
+        }
+        let mut changes = vec![Change::Rollout(rollout.clone())];
+        let detail = json!({"rollout": id, "version": rollout.version, "strategy": rollout.strategy, "targets": targets.len()});
+        self.audit(&mut changes, now, "operator", "rollout.create", detail);
+        self.rollouts.insert(id, rollout);
+        Ok((id, changes))
+    }
+
+    pub fn control(
+        &mut self,
+        id: u64,
+        action: &str,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        let rollout = self
+            .rollouts
+            .get_mut(&id)
+            .ok_or_else(|| FleetError::NotFound(format!("rollout {id}")))?;
+        let finished = matches!(rollout.state, RolloutState::Completed | RolloutState::Failed);
+        match action {
+            _ if finished && action != "rollback" => {
+                return Err(FleetError::Conflict(format!(
+                    "rollout {id} is {}",
+                    rollout.state.as_str()
+                )));
+            }
+            "pause" => {
+                rollout.state = RolloutState::Paused;
+                rollout.paused_reason = Some("paused by operator".into());
+            }
+            "resume" => {
+                rollout.state = RolloutState::InProgress;
+                rollout.paused_reason = None;
+            }
+            "advance" => {
+                if rollout.current_stage >= rollout.last_stage() {
+                    return Err(FleetError::Conflict(format!("rollout {id} is at its last stage")));
+                }
+                rollout.current_stage += 1;
+                rollout.stage_started = now;
+                rollout.state = RolloutState::InProgress;
+                rollout.paused_reason = None;
+            }
+            "rollback" => {
+                if rollout.rolled_back {
+                    return Err(FleetError::Conflict(format!(
+                        "rollout {id} is already rolled back"
+                    )));
+                }
+                let previous = rollout.previous_version.ok_or_else(|| {
+                    FleetError::Conflict(format!(
+                        "rollout {id} has no previous release to return to"
+                    ))
+                })?;
+                let floor =
+                    self.releases.get(&rollout.version).and_then(|r| r.rollback_floor).unwrap_or(0);
+                if previous < floor {
+                    return Err(FleetError::Conflict(format!(
+                        "cannot roll back to {previous}: release {} set the rollback floor {floor}",
+                        rollout.version
+                    )));
+                }
+                rollout.state = RolloutState::Failed;
+                rollout.rolled_back = true;
+                rollout.paused_reason = Some(format!("rolled back to {previous} by operator"));
+            }
+            other => return Err(FleetError::Invalid(format!("unknown rollout action {other:?}"))),
+        }
+        let mut changes = vec![Change::Rollout(rollout.clone())];
+        let detail = json!({"rollout": id, "stage": rollout.current_stage, "state": rollout.state});
+        self.audit(&mut changes, now, "operator", &format!("rollout.{action}"), detail);
+        Ok(changes)
+    }
+
+    pub fn rollout_view(&self, rollout: &Rollout, now: Timestamp) -> RolloutView {
+        let views = self.views(rollout, now);
+        RolloutView {
+            rollout: rollout.clone(),
+            stage_counts: rollout.stage_counts(&views),
+            failure_rate: rollout.failure_rate(&views),
+            next_stage_at: rollout.next_stage_at(),
+        }
+    }
+
+    fn views(&self, rollout: &Rollout, now: Timestamp) -> Vec<ApplianceView> {
+        self.appliances
+            .values()
+            .map(|a| {
+                let update = a.update.as_ref().filter(|u| u.version == rollout.version);
+                ApplianceView {
+                    key: a.key.clone(),
+                    group: a.group.clone(),
+                    state: update.map(|u| u.state),
+                    state_since: update.map_or(a.registered, |u| u.since),
+                    online: self.is_online(a, now),
+                }
+            })
+            .collect()
+    }
+
+    pub fn is_online(&self, appliance: &ApplianceRecord, now: Timestamp) -> bool {
+        now.duration_since(appliance.last_checkin)
+            <= SignedDuration::from_secs(self.config.offline_after_secs as i64)
+    }
+
+    /// Runs the engine over every live rollout.
+    pub fn tick(&mut self, now: Timestamp) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let live: Vec<u64> = self
+            .rollouts
+            .values()
+            .filter(|r| matches!(r.state, RolloutState::InProgress | RolloutState::Paused))
+            .map(|r| r.id)
+            .collect();
+        for id in live {
+            let rollout = self.rollouts[&id].clone();
+            let decisions = engine::decide(&rollout, &self.views(&rollout, now), now);
+            if decisions.is_empty() {
+                continue;
+            }
+            let mut updated = rollout;
+            for decision in &decisions {
+                if let Decision::MarkFailed { appliance, reason } = decision
+                    && let Some(record) = self.appliances.get_mut(appliance)
+                    && let Some(update) = record.update.as_mut()
+                {
+                    update.state = UpdateState::Failed;
+                    update.error = Some(reason.clone());
+                    update.since = now;
+                    changes.push(Change::Appliance(Box::new(record.clone())));
+                }
+                updated.apply(decision, now);
+                let detail = json!({"rollout": id, "decision": format!("{decision:?}")});
+                self.audit(&mut changes, now, "system", "rollout.decide", detail);
+            }
+            changes.push(Change::Rollout(updated.clone()));
+            self.rollouts.insert(id, updated);
+        }
+        changes
+    }
+
+    // ----- appliances -----
+
+    /// Registers or refreshes an appliance and says whether an update is due for it.
+    pub fn checkin(
+        &mut self,
+        key: &str,
+        request: CheckinRequest,
+        enrollment_ok: bool,
+        now: Timestamp,
+        public_url: &str,
+    ) -> Result<(CheckinResponse, Vec<Change>, bool), FleetError> {
+        let macs: Vec<String> = request.macs.iter().filter_map(|m| normalize_mac(m)).collect();
+        if macs.len() != request.macs.len() {
+            return Err(FleetError::Invalid(format!(
+                "unreadable MAC address in {:?}",
+                request.macs
+            )));
+        }
+        if request.site.trim().is_empty() {
+            return Err(FleetError::Invalid("site must not be empty".into()));
+        }
+        let mut changes = Vec::new();
+        let registered = !self.appliances.contains_key(key);
+        if registered {
+            if !enrollment_ok {
+                return Err(FleetError::UnknownAppliance(key.to_owned()));
+            }
+            let record = ApplianceRecord {
+                key: key.to_owned(),
+                site: request.site.clone(),
+                name: request.name.clone(),
+                group: request.group.clone(),
+                macs: macs.clone(),
+                platform: request.platform.clone(),
+                installed_version: request.installed_version,
+                active_slot: request.active_slot.clone(),
+                agent_version: request.agent_version.clone(),
+                peer: request.peer.clone(),
+                registered: now,
+                last_checkin: now,
+                pin_version: None,
+                window: None,
+                update: None,
+            };
+            let detail = json!({"appliance": key, "site": request.site, "macs": macs});
+            self.audit(
+                &mut changes,
+                now,
+                &format!("appliance:{key}"),
+                "appliance.register",
+                detail,
+            );
+            self.appliances.insert(key.to_owned(), record);
+        }
+        let record = self.appliances.get_mut(key).expect("registered above");
+        record.site = request.site;
+        record.name = request.name;
+        record.group = request.group;
+        record.macs = macs;
+        record.platform = request.platform;
+        record.installed_version = request.installed_version;
+        record.active_slot = request.active_slot;
+        record.agent_version = request.agent_version;
+        record.peer = request.peer;
+        record.last_checkin = now;
+        let record = record.clone();
+        if registered {
+            changes.push(Change::Appliance(Box::new(record.clone())));
+        } else {
+            self.dirty.insert(key.to_owned());
+        }
+        let response = self.offer(&record, now, public_url);
+        Ok((response, changes, registered))
+    }
+
+    fn offer(
+        &self,
+        appliance: &ApplianceRecord,
+        now: Timestamp,
+        public_url: &str,
+    ) -> CheckinResponse {
+        let site_window = self.sites.get(&appliance.site).map(|s| s.window.clone());
+        let window = appliance
+            .window
+            .clone()
+            .or(site_window)
+            .unwrap_or_else(|| self.config.default_window.clone());
+        let mut response = CheckinResponse {
+            appliance: appliance.key.clone(),
+            update_available: false,
+            intent: None,
+            manifest: None,
+            version: None,
+            rollout: None,
+            origin: None,
+            window: Some(window),
+            site_peers: Vec::new(),
+            checkin_interval_secs: Some(self.config.checkin_interval_secs),
+            server_time: now,
+        };
+        let Some((release, intent, rollout)) = self.due(appliance) else {
+            return response;
+        };
+        response.update_available = true;
+        response.intent = Some(intent);
+        response.manifest = Some(release.manifest.clone());
+        response.version = Some(release.version);
+        response.rollout = rollout;
+        response.origin = Some(OriginUrls {
+            ranges: format!("{public_url}/api/blobs/{}/ranges", release.blake3),
+            image: format!("{public_url}/api/releases/{}/image", release.version),
+        });
+        response.site_peers = self
+            .appliances
+            .values()
+            .filter(|p| {
+                p.site == appliance.site && p.key != appliance.key && self.is_online(p, now)
+            })
+            .map(|p| SitePeer {
+                appliance: p.key.clone(),
+                addresses: p.peer.clone(),
+                installed_version: p.installed_version,
+                state: p.update.as_ref().filter(|u| u.version == release.version).map(|u| u.state),
+            })
+            .collect();
+        response
+    }
+
+    /// The release due for this appliance, if any: a pin first, then a fleet rollback, then the
+    /// rollout's stage.
+    fn due(
+        &self,
+        appliance: &ApplianceRecord,
+    ) -> Option<(&ReleaseRecord, UpdateIntent, Option<u64>)> {
+        let usable = |version: u64| {
+            self.releases.get(&version).filter(|r| {
+                r.active && (r.platforms.is_empty() || r.platforms.contains(&appliance.platform))
+            })
+        };
+        if let Some(pin) = appliance.pin_version {
+            if pin == appliance.installed_version {
+                return None;
+            }
+            let intent = if pin > appliance.installed_version {
+                UpdateIntent::Upgrade
+            } else {
+                UpdateIntent::Rollback
+            };
+            return usable(pin).map(|r| (r, intent, None));
+        }
+        for rollout in self.rollouts.values().rev() {
+            if rollout.rolled_back && appliance.installed_version == rollout.version {
+                let previous = rollout.previous_version?;
+                return usable(previous).map(|r| (r, UpdateIntent::Rollback, Some(rollout.id)));
+            }
+        }
+        let rollout = self.rollouts.values().rev().find(|r| r.state == RolloutState::InProgress)?;
+        if rollout.version <= appliance.installed_version
+            || !rollout.offers_to(&appliance.key, appliance.group.as_deref())
+        {
+            return None;
+        }
+        usable(rollout.version).map(|r| (r, UpdateIntent::Upgrade, Some(rollout.id)))
+    }
+
+    /// Records an appliance's report of its update.
+    pub fn report(
+        &mut self,
+        key: &str,
+        report: ReportRequest,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        let record = self
+            .appliances
+            .get_mut(key)
+            .ok_or_else(|| FleetError::UnknownAppliance(key.to_owned()))?;
+        if report.state == UpdateState::Unknown {
+            return Err(FleetError::Invalid("unknown update state".into()));
+        }
+        let changed_state = record
+            .update
+            .as_ref()
+            .is_none_or(|u| u.state != report.state || u.version != report.version);
+        let started = record
+            .update
+            .as_ref()
+            .filter(|u| u.version == report.version)
+            .map_or(now, |u| u.started);
+        let since =
+            if changed_state { now } else { record.update.as_ref().map_or(now, |u| u.since) };
+        record.update = Some(UpdateRow {
+            state: report.state,
+            version: report.version,
+            previous_version: report.previous_version,
+            rollout: report.rollout,
+            progress: report.progress,
+            bytes_from_origin: report.bytes_from_origin,
+            bytes_from_lan: report.bytes_from_lan,
+            slot: report.slot.clone(),
+            error: report.error.clone(),
+            started,
+            since,
+        });
+        if matches!(report.state, UpdateState::Succeeded) {
+            record.installed_version = report.version;
+            record.active_slot = report.slot.clone().or(record.active_slot.take());
+        }
+        record.last_checkin = now;
+        let mut changes = vec![Change::Appliance(Box::new(record.clone()))];
+        if changed_state {
+            let detail =
+                json!({"version": report.version, "state": report.state, "error": report.error});
+            self.audit(&mut changes, now, &format!("appliance:{key}"), "appliance.report", detail);
+        }
+        Ok(changes)
+    }
+
+    /// Pins an appliance to a version (or unpins it).
+    pub fn pin(
+        &mut self,
+        key: &str,
+        version: Option<u64>,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        if let Some(v) = version
+            && !self.releases.contains_key(&v)
+        {
+            return Err(FleetError::NotFound(format!("release {v}")));
+        }
+        let record = self
+            .appliances
+            .get_mut(key)
+            .ok_or_else(|| FleetError::NotFound(format!("appliance {key}")))?;
+        record.pin_version = version;
+        let mut changes = vec![Change::Appliance(Box::new(record.clone()))];
+        self.audit(
+            &mut changes,
+            now,
+            "operator",
+            "appliance.pin",
+            json!({"appliance": key, "version": version}),
+        );
+        Ok(changes)
+    }
+
+    pub fn set_site_window(
+        &mut self,
+        site: &str,
+        window: MaintenanceWindow,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        window.validate().map_err(|e| FleetError::Invalid(e.to_string()))?;
+        let record = SiteRecord { id: site.to_owned(), window };
+        let mut changes = vec![Change::Site(record.clone())];
+        self.audit(
+            &mut changes,
+            now,
+            "operator",
+            "site.window",
+            json!({"site": site, "window": record.window}),
+        );
+        self.sites.insert(site.to_owned(), record);
+        Ok(changes)
+    }
+
+    /// Origin bytes served to a site for a release.
+    pub fn count_origin_bytes(&mut self, site: &str, version: u64, bytes: u64) -> Change {
+        let total = self.site_bytes.entry((site.to_owned(), version)).or_default();
+        *total += bytes;
+        Change::SiteBytes { site: site.to_owned(), version, total: *total }
+    }
+
+    /// Bookkeeping to flush (non-durably): appliances that only checked in.
+    pub fn take_dirty(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .filter_map(|key| {
+                self.appliances.get(&key).map(|a| Change::Appliance(Box::new(a.clone())))
+            })
+            .collect()
+    }
+
+    pub fn release_by_hash(&self, blake3: &str) -> Option<&ReleaseRecord> {
+        self.releases.values().find(|r| r.blake3 == blake3)
+    }
+}

@@ -1,0 +1,125 @@
+//! Prometheus text exposition of the fleet (checked by `promtool check metrics` in the tests).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use jiff::Timestamp;
+use sitecast_manifest::api::UpdateState;
+
+use crate::engine::RolloutState;
+use crate::fleet::Fleet;
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+pub fn render(fleet: &Fleet, now: Timestamp, checkins: u64) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "sitecast_checkins_total",
+        "counter",
+        "Appliance check-ins received since the coordinator started.",
+    );
+    let _ = writeln!(out, "sitecast_checkins_total {checkins}");
+
+    family(
+        &mut out,
+        "sitecast_appliances",
+        "gauge",
+        "Registered appliances by the state of their current update.",
+    );
+    let mut by_state: BTreeMap<&str, u64> =
+        UpdateState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+    by_state.insert("none", 0);
+    for appliance in fleet.appliances.values() {
+        let state = appliance.update.as_ref().map_or("none", |u| u.state.as_str());
+        *by_state.entry(state).or_default() += 1;
+    }
+    for (state, count) in &by_state {
+        let _ = writeln!(out, "sitecast_appliances{{state=\"{state}\"}} {count}");
+    }
+    family(&mut out, "sitecast_appliances_online", "gauge", "Appliances that checked in recently.");
+    let online = fleet.appliances.values().filter(|a| fleet.is_online(a, now)).count();
+    let _ = writeln!(out, "sitecast_appliances_online {online}");
+
+    family(
+        &mut out,
+        "update_success_rate",
+        "gauge",
+        "Succeeded over finished updates of each rollout's release.",
+    );
+    family_rollouts(&mut out, fleet, now);
+
+    family(
+        &mut out,
+        "sitecast_origin_bytes_served_total",
+        "counter",
+        "Image bytes the origin served, per site and release.",
+    );
+    for ((site, version), bytes) in &fleet.site_bytes {
+        let _ = writeln!(
+            out,
+            "sitecast_origin_bytes_served_total{{site=\"{}\",version=\"{version}\"}} {bytes}",
+            label(site)
+        );
+    }
+    out
+}
+
+fn family_rollouts(out: &mut String, fleet: &Fleet, now: Timestamp) {
+    let mut stage = String::new();
+    let mut state = String::new();
+    for rollout in fleet.rollouts.values() {
+        let view = fleet.rollout_view(rollout, now);
+        let (mut succeeded, mut finished) = (0usize, 0usize);
+        for counts in &view.stage_counts {
+            for (name, n) in &counts.by_state {
+                match name.as_str() {
+                    "succeeded" => {
+                        succeeded += n;
+                        finished += n;
+                    }
+                    "failed" | "rolled_back" => finished += n,
+                    _ => {}
+                }
+            }
+        }
+        let rate = if finished == 0 { 1.0 } else { succeeded as f64 / finished as f64 };
+        let id = rollout.id;
+        let _ = writeln!(
+            out,
+            "update_success_rate{{rollout=\"{id}\",version=\"{}\"}} {rate}",
+            rollout.version
+        );
+        let _ =
+            writeln!(stage, "sitecast_rollout_stage{{rollout=\"{id}\"}} {}", rollout.current_stage);
+        for candidate in [
+            RolloutState::InProgress,
+            RolloutState::Paused,
+            RolloutState::Completed,
+            RolloutState::Failed,
+        ] {
+            let on = u8::from(candidate == rollout.state);
+            let _ = writeln!(
+                state,
+                "sitecast_rollout_state{{rollout=\"{id}\",state=\"{}\"}} {on}",
+                candidate.as_str()
+            );
+        }
+    }
+    family(out, "sitecast_rollout_stage", "gauge", "Current stage of each rollout (0-based).");
+    out.push_str(&stage);
+    family(
+        out,
+        "sitecast_rollout_state",
+        "gauge",
+        "State of each rollout (1 for the current state).",
+    );
+    out.push_str(&state);
+}

@@ -1,0 +1,165 @@
+//! The whole rollout flow over HTTP against a real server and a real redb file.
+
+mod common;
+
+use common::*;
+use jiff::SignedDuration;
+use reqwest::Method;
+use serde_json::json;
+
+/// Publishes v1 and v2 and enrolls `n` appliances on v1 at two sites.
+async fn fleet(server: &TestServer, releases: &Releases, n: usize) -> Vec<Appliance> {
+    for version in [1, 2] {
+        let (_, image) = releases.image(version, 200_000 + version as usize);
+        let response = server.publish(&releases.manifest(version, &image, None, None), image).await;
+        assert_eq!(response.status(), 201, "{:?}", response.text().await);
+    }
+    let mut appliances = Vec::new();
+    for i in 0..n {
+        let appliance =
+            Appliance::new(if i % 2 == 0 { "store-1" } else { "store-2" }, &format!("a{i}"), 1);
+        let response = appliance.checkin(server).await;
+        assert!(!response.update_available);
+        appliances.push(appliance);
+    }
+    appliances
+}
+
+async fn offered(server: &TestServer, appliances: &[Appliance]) -> Vec<usize> {
+    let mut offered = Vec::new();
+    for (i, appliance) in appliances.iter().enumerate() {
+        let response = appliance.checkin(server).await;
+        if response.update_available {
+            assert_eq!(response.version, Some(2));
+            let manifest = response.manifest.expect("manifest with the offer");
+            server
+                .root
+                .verify_release(manifest.as_bytes(), start_time())
+                .expect("the offer verifies");
+            let origin = response.origin.expect("origin URLs");
+            assert!(origin.image.starts_with(&server.url), "{}", origin.image);
+            offered.push(i);
+        }
+    }
+    offered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_rollout_over_http_with_pause_resume_advance_and_rollback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let mut appliances = fleet(&server, &releases, 40).await;
+
+    let (status, rollout) = server
+        .op_json(Method::POST, "/api/rollouts", Some(json!({"version": 2, "strategy": "staged"})))
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let id = rollout["id"].as_u64().expect("id");
+    let stage0 = offered(&server, &appliances).await;
+    assert_eq!(stage0.len(), 2, "5% of 40 in stage 0");
+
+    for &i in &stage0 {
+        for state in ["downloading", "ready", "rebooting", "succeeded"] {
+            appliances[i].report(&server, state, 2).await;
+        }
+    }
+    server.coordinator.tick().expect("tick");
+    assert_eq!(server.rollout(id).await["current_stage"], 0, "the delay has not passed");
+    server.clock.advance(SignedDuration::from_hours(24));
+    server.coordinator.tick().expect("tick");
+    assert_eq!(server.rollout(id).await["current_stage"], 1, "healthy stage advanced after 24 h");
+
+    let stage1: Vec<usize> = offered(&server, &appliances).await;
+    assert_eq!(stage1.len(), 8, "25% of 40 minus the two already on v2");
+    for (n, &i) in stage1.iter().enumerate() {
+        let outcome = if n < 2 { "failed" } else { "succeeded" };
+        appliances[i].report(&server, "downloading", 2).await;
+        appliances[i].report(&server, outcome, 2).await;
+    }
+    server.coordinator.tick().expect("tick");
+    let paused = server.rollout(id).await;
+    assert_eq!(paused["state"], "paused", "2 of 8 failed: {paused}");
+    assert!(paused["paused_reason"].as_str().expect("reason").contains("25%"), "{paused}");
+    assert!(offered(&server, &appliances).await.is_empty(), "a paused rollout offers nothing new");
+
+    let (status, resumed) =
+        server.op_json(Method::POST, &format!("/api/rollouts/{id}/resume"), None).await;
+    assert_eq!((status, resumed["state"].as_str()), (200, Some("in_progress")));
+    let (status, advanced) =
+        server.op_json(Method::POST, &format!("/api/rollouts/{id}/advance"), None).await;
+    assert_eq!((status, advanced["current_stage"].as_u64()), (200, Some(2)));
+    assert_eq!(
+        offered(&server, &appliances).await.len(),
+        32,
+        "all 40 but the 8 on v2: the 2 that failed get it again"
+    );
+
+    let (status, rolled) =
+        server.op_json(Method::POST, &format!("/api/rollouts/{id}/rollback"), None).await;
+    assert_eq!(status, 200, "{rolled}");
+    assert_eq!(
+        (rolled["state"].as_str(), rolled["rolled_back"].as_bool()),
+        (Some("failed"), Some(true))
+    );
+    let on_v2 = &appliances[stage0[0]];
+    let response = on_v2.checkin(&server).await;
+    assert!(response.update_available);
+    assert_eq!(response.version, Some(1));
+    assert_eq!(response.intent, Some(sitecast_manifest::api::UpdateIntent::Rollback));
+
+    let actions = server.audit_actions().await;
+    for action in [
+        "release.publish",
+        "appliance.register",
+        "rollout.create",
+        "appliance.report",
+        "rollout.decide",
+        "rollout.resume",
+        "rollout.advance",
+        "rollout.rollback",
+    ] {
+        assert!(
+            actions.iter().any(|a| a == action),
+            "{action} missing from the audit log: {actions:?}"
+        );
+    }
+
+    // MACs arrived in two spellings and are stored one way.
+    let (_, list) = server.op_json(Method::GET, "/api/appliances", None).await;
+    assert_eq!(list[0]["macs"], json!(["aa:bb:cc:00:11:22", "aa:bb:cc:00:11:33"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_mid_rollout_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let mut appliances = fleet(&server, &releases, 20).await;
+    let (_, rollout) = server
+        .op_json(
+            Method::POST,
+            "/api/rollouts",
+            Some(json!({"version": 2, "strategy": "staged", "stages": [
+            {"percent": 10, "delay_hours": 1}, {"percent": 100, "delay_hours": 0}]})),
+        )
+        .await;
+    let id = rollout["id"].as_u64().expect("id");
+    let stage0 = offered(&server, &appliances).await;
+    assert_eq!(stage0.len(), 2);
+    appliances[stage0[0]].report(&server, "succeeded", 2).await;
+    appliances[stage0[1]].report(&server, "downloading", 2).await;
+    let before = server.rollout(id).await;
+    let audit_before = server.audit_actions().await;
+
+    let server = server.restart().await;
+    let after = server.rollout(id).await;
+    assert_eq!(after, before, "rollout and its counts survive the restart");
+    assert_eq!(server.audit_actions().await, audit_before);
+    assert_eq!(offered(&server, &appliances).await, vec![stage0[1]], "the same stage members");
+
+    appliances[stage0[1]].report(&server, "succeeded", 2).await;
+    server.clock.advance(SignedDuration::from_hours(1));
+    server.coordinator.tick().expect("tick");
+    assert_eq!(server.rollout(id).await["current_stage"], 1, "and it continues");
+}
