@@ -211,11 +211,25 @@ impl Appliance {
         body: &[u8],
     ) -> RequestBuilder {
         let timestamp = server.clock.now().as_second();
+        self.signed_as(server, method, path, body, &self.id(), timestamp)
+    }
+
+    /// A request signed by this appliance's key but claiming identity `claimed` and time
+    /// `timestamp` (to forge requests in tests).
+    pub fn signed_as(
+        &self,
+        server: &TestServer,
+        method: Method,
+        path: &str,
+        body: &[u8],
+        claimed: &str,
+        timestamp: i64,
+    ) -> RequestBuilder {
         let message = api::appliance_signing_bytes(method.as_str(), path, timestamp, body);
         server
             .http
             .request(method, format!("{}{path}", server.url))
-            .header(api::HEADER_APPLIANCE, self.id())
+            .header(api::HEADER_APPLIANCE, claimed)
             .header(api::HEADER_TIMESTAMP, timestamp.to_string())
             .header(api::HEADER_SIGNATURE, self.key.sign(&message).to_hex())
             .header("content-type", "application/json")

@@ -1,0 +1,187 @@
+//! The origin: plain ranged GETs (checked with real curl), verified ranges decoded exactly as
+//! LAN data is, bytes counted per site, and metrics that pass `promtool check metrics`.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::*;
+use reqwest::Method;
+use sitecast_iso::{BlobLayout, CrashDevice, PowerSupply, ResponseDecoder, Slot, SlotWriter};
+use sitecast_manifest::{Blake3Hash, ImageDigest, ImageInfo};
+
+const LEN: usize = 1024 * 1024 + 777;
+
+async fn published(server: &TestServer, releases: &Releases) -> (Vec<u8>, ImageInfo) {
+    let (_, image) = releases.image(1, LEN);
+    let response = server.publish(&releases.manifest(1, &image, None, None), image.clone()).await;
+    assert_eq!(response.status(), 201);
+    let digest = ImageDigest::of_reader(&image[..]).expect("hash");
+    (image, ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 })
+}
+
+fn curl(args: &[&str]) -> Vec<u8> {
+    let output = Command::new("curl").args(args).output().expect("curl is required for this test");
+    assert!(output.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_ranged_downloads_give_exactly_those_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let (image, info) = published(&server, &releases).await;
+    let url = format!("{}/api/releases/1/image", server.url);
+
+    assert_eq!(curl(&["-sf", "-r", "1000-1999", &url]), &image[1000..2000]);
+    assert_eq!(curl(&["-sf", "-r", "-100", &url]), &image[LEN - 100..]);
+    assert_eq!(curl(&["-sf", "-r", "1048000-", &url]), &image[1_048_000..]);
+    assert_eq!(curl(&["-sf", &url]), image);
+
+    let response = server.http.get(&url).header("range", "bytes=10-19").send().await.expect("get");
+    assert_eq!(response.status(), 206);
+    let headers = response.headers().clone();
+    assert_eq!(headers["content-range"], format!("bytes 10-19/{LEN}").as_str());
+    assert_eq!(headers["x-sitecast-sha256"], info.sha256.to_hex().as_str());
+    let etag = headers["etag"].to_str().expect("etag").to_owned();
+    assert_eq!(etag, format!("\"{}\"", info.blake3));
+    assert_eq!(response.bytes().await.expect("body"), &image[10..20]);
+
+    let response = server.http.get(&url).header("if-none-match", &etag).send().await.expect("get");
+    assert_eq!(response.status(), 304);
+    let response =
+        server.http.get(&url).header("range", format!("bytes={LEN}-")).send().await.expect("get");
+    assert_eq!(response.status(), 416);
+    assert_eq!(response.headers()["content-range"], format!("bytes */{LEN}").as_str());
+    let response =
+        server.http.get(format!("{}/api/releases/9/image", server.url)).send().await.expect("get");
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verified_ranges_decode_like_lan_data_and_are_counted_per_site() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let (image, info) = published(&server, &releases).await;
+    let appliance = Appliance::new("store-7", "a1", 0);
+    appliance.checkin(&server).await;
+    let layout = BlobLayout::new(info.blake3, info.size);
+    let groups = layout.groups();
+
+    let power = PowerSupply::new();
+    let mut writer = SlotWriter::open(
+        Slot::B,
+        &info,
+        CrashDevice::new(LEN, power.clone()),
+        CrashDevice::new(4096, power.clone()),
+        CrashDevice::new(64 * 1024, power),
+    )
+    .expect("slot");
+    let mut served = 0;
+    for (start, end) in [(0, 10), (10, 11), (11, groups)] {
+        let path = format!("/api/blobs/{}/ranges?start={start}&end={end}", info.blake3);
+        let response =
+            appliance.signed(&server, Method::GET, &path, b"").send().await.expect("get");
+        assert_eq!(response.status(), 200);
+        let length: u64 =
+            response.headers()["content-length"].to_str().expect("len").parse().expect("number");
+        let body = response.bytes().await.expect("body");
+        assert_eq!(body.len() as u64, length);
+        assert_eq!(length, layout.encoded_len(start..end));
+        served += length;
+        let ranges = layout.chunk_ranges(start..end);
+        let decoder = ResponseDecoder::new(layout, &ranges, &body[..]).expect("header");
+        assert_eq!(writer.ingest(decoder).expect("every group verifies"), end - start);
+    }
+    let slot = writer.finish().expect("complete and read back");
+    assert_eq!(slot.image(), &info);
+
+    // Unsigned requests are served too (legacy agents, humans), but not attributed to a site.
+    let path = format!("{}/api/blobs/{}/ranges?start=0&end=1", server.url, info.blake3);
+    assert_eq!(server.http.get(&path).send().await.expect("get").status(), 200);
+    for bad in [format!("start=5&end=5"), format!("start=0&end={}", groups + 1)] {
+        let path = format!("{}/api/blobs/{}/ranges?{bad}", server.url, info.blake3);
+        assert_eq!(server.http.get(&path).send().await.expect("get").status(), 416, "{bad}");
+    }
+    let unknown = Blake3Hash([7; 32]);
+    let path = format!("{}/api/blobs/{unknown}/ranges?start=0&end=1", server.url);
+    assert_eq!(server.http.get(&path).send().await.expect("get").status(), 404);
+
+    // Counting happens after the body is sent; give the blocking task a moment.
+    let expected =
+        format!("sitecast_origin_bytes_served_total{{site=\"store-7\",version=\"1\"}} {served}");
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = server
+            .http
+            .get(format!("{}/metrics", server.url))
+            .send()
+            .await
+            .expect("get")
+            .text()
+            .await
+            .expect("text");
+        if metrics.contains(&expected) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(metrics.contains(&expected), "{expected} not in\n{metrics}");
+    assert!(metrics.contains("site=\"unattributed\""), "{metrics}");
+    assert!(metrics.contains("sitecast_checkins_total 1"), "{metrics}");
+    let _ = image;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    published(&server, &releases).await;
+    let mut appliance = Appliance::new("store \"quoted\"", "a1", 0);
+    appliance.checkin(&server).await;
+    appliance.report(&server, "failed", 1).await;
+    let (status, _) = server
+        .op_json(
+            Method::POST,
+            "/api/rollouts",
+            Some(serde_json::json!({"version": 1, "strategy": "immediate"})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let metrics = server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("text");
+    for name in [
+        "update_success_rate{",
+        "sitecast_rollout_stage{",
+        "sitecast_rollout_state{",
+        "sitecast_appliances{state=\"failed\"} 1",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is required (apt install prometheus)");
+    promtool.stdin.take().expect("stdin").write_all(metrics.as_bytes()).expect("write");
+    let output = promtool.wait_with_output().expect("promtool");
+    assert!(
+        output.status.success(),
+        "promtool: {}{}\n{metrics}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
