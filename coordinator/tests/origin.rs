@@ -102,7 +102,7 @@ async fn verified_ranges_decode_like_lan_data_and_are_counted_per_site() {
     // Unsigned requests are served too (legacy agents, humans), but not attributed to a site.
     let path = format!("{}/api/blobs/{}/ranges?start=0&end=1", server.url, info.blake3);
     assert_eq!(server.http.get(&path).send().await.expect("get").status(), 200);
-    for bad in [format!("start=5&end=5"), format!("start=0&end={}", groups + 1)] {
+    for bad in ["start=5&end=5".to_owned(), format!("start=0&end={}", groups + 1)] {
         let path = format!("{}/api/blobs/{}/ranges?{bad}", server.url, info.blake3);
         assert_eq!(server.http.get(&path).send().await.expect("get").status(), 416, "{bad}");
     }
