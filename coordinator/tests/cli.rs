@@ -1,0 +1,164 @@
+//! The `sitecast-coordinator` binary: `serve` as a real process, and the operator CLI.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sitecast-coordinator");
+
+struct Served {
+    child: Child,
+    url: String,
+    lines: Vec<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(data_dir: &Path, extra: &[&str]) -> Served {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env_remove("SITECAST_OPERATOR_TOKEN")
+        .env_remove("SITECAST_ENROLLMENT_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the coordinator");
+    let mut lines = Vec::new();
+    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).expect("read") > 0, "server exited early: {lines:?}");
+        lines.push(line.trim().to_owned());
+        if let Some(rest) = line.strip_prefix("listening on ") {
+            let url = rest.split_whitespace().next().expect("url").to_owned();
+            return Served { child, url, lines };
+        }
+    }
+}
+
+fn cli(served: &Served, token: &str, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(BIN)
+        .args(args)
+        .args(["--url", &served.url, "--token", token])
+        .output()
+        .expect("run the CLI");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_operator_cli_drives_a_real_server() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let root_path = dir.path().join("root.json");
+    std::fs::write(&root_path, releases.root.to_bytes()).expect("root");
+    let data = dir.path().join("data");
+    let root_arg = root_path.to_str().expect("utf8");
+    let served = serve(
+        &data,
+        &["--root", root_arg, "--operator-token", OPERATOR, "--enrollment-token", ENROLL],
+    );
+    assert!(
+        !served.lines.iter().any(|l| l.contains("shown once")),
+        "configured tokens are not printed"
+    );
+
+    let (image1, bytes1) = releases.image(1, 300_000);
+    let manifest1 = dir.path().join("m1.json");
+    std::fs::write(&manifest1, releases.manifest(1, &bytes1, None, None)).expect("write");
+    let (ok, out, err) = cli(
+        &served,
+        OPERATOR,
+        &[
+            "release",
+            "publish",
+            "--manifest",
+            manifest1.to_str().expect("p"),
+            "--image",
+            image1.to_str().expect("p"),
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let record: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(record["version"], 1);
+
+    // A file on the server's own disk comes in as a hard link, not a copy.
+    let (image2, bytes2) = releases.image(2, 300_000);
+    let manifest2 = dir.path().join("m2.json");
+    std::fs::write(&manifest2, releases.manifest(2, &bytes2, None, None)).expect("write");
+    let (ok, out, err) = cli(
+        &served,
+        OPERATOR,
+        &[
+            "release",
+            "publish",
+            "--manifest",
+            manifest2.to_str().expect("p"),
+            "--server-path",
+            image2.to_str().expect("p"),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("published release 2"), "{out}");
+    assert_eq!(std::fs::metadata(&image2).expect("stat").nlink(), 2, "imported by hard link");
+
+    let (ok, out, err) =
+        cli(&served, OPERATOR, &["rollout", "create", "--version", "2", "--strategy", "canary"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("rollout 1 of release 2: in_progress (canary), stage 1/2"), "{out}");
+    let (ok, out, _) = cli(&served, OPERATOR, &["rollout", "pause", "1"]);
+    assert!(ok && out.contains("paused"), "{out}");
+    let (ok, out, _) = cli(&served, OPERATOR, &["rollout", "status", "--json"]);
+    assert!(ok);
+    let list: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(list[0]["state"], "paused");
+    let (ok, out, _) = cli(&served, OPERATOR, &["release", "list"]);
+    assert!(ok && out.lines().count() == 2, "{out}");
+    let (ok, out, _) = cli(&served, OPERATOR, &["audit"]);
+    assert!(ok && out.contains("release.publish") && out.contains("rollout.pause"), "{out}");
+    let (ok, out, _) = cli(&served, OPERATOR, &["appliances", "list", "--json"]);
+    assert!(ok && out.trim() == "[]", "{out}");
+
+    let (ok, _, err) = cli(&served, "wrong", &["rollout", "status"]);
+    assert!(!ok && err.contains("403") && err.contains("wrong operator token"), "{err}");
+}
+
+#[test]
+fn first_start_shows_generated_tokens_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let first = serve(&data, &[]);
+    let token = first
+        .lines
+        .iter()
+        .find_map(|l| l.strip_prefix("operator token (shown once, keep it): "))
+        .expect("the operator token is shown on the first start")
+        .to_owned();
+    assert!(first.lines.iter().any(|l| l.starts_with("enrollment token")), "{:?}", first.lines);
+    let (ok, out, err) = cli(&first, &token, &["rollout", "status"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "no rollouts");
+    drop(first);
+
+    let second = serve(&data, &[]);
+    assert!(!second.lines.iter().any(|l| l.contains("shown once")), "{:?}", second.lines);
+    let (ok, _, err) = cli(&second, &token, &["rollout", "status"]);
+    assert!(ok, "the first token still works: {err}");
+}
