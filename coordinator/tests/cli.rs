@@ -36,15 +36,21 @@ fn serve(data_dir: &Path, extra: &[&str]) -> Served {
         .stderr(Stdio::null())
         .spawn()
         .expect("start the coordinator");
-    let mut lines = Vec::new();
-    let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
+    let stdout = child.stdout.take().expect("stdout");
+    // Owned from here on, so the process is killed and reaped whatever happens below.
+    let mut served = Served { child, url: String::new(), lines: Vec::new() };
+    let mut reader = BufReader::new(stdout);
     loop {
         let mut line = String::new();
-        assert!(reader.read_line(&mut line).expect("read") > 0, "server exited early: {lines:?}");
-        lines.push(line.trim().to_owned());
+        assert!(
+            reader.read_line(&mut line).expect("read") > 0,
+            "server exited early: {:?}",
+            served.lines
+        );
+        served.lines.push(line.trim().to_owned());
         if let Some(rest) = line.strip_prefix("listening on ") {
-            let url = rest.split_whitespace().next().expect("url").to_owned();
-            return Served { child, url, lines };
+            served.url = rest.split_whitespace().next().expect("url").to_owned();
+            return served;
         }
     }
 }

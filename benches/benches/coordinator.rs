@@ -1,0 +1,314 @@
+//! The coordinator under load: signed check-ins per second with many concurrent appliances
+//! (against bare HTTP requests to `/healthz` on the same server), and origin throughput
+//! against nginx serving the same file.
+//!
+//! `cargo bench -p sitecast-benches --bench coordinator`
+//! (`SITECAST_BENCH_APPLIANCES`, default 2000; `SITECAST_BENCH_SECONDS`, default 5;
+//! `SITECAST_BENCH_MIB` for the image, default 256). nginx is skipped, loudly, if not installed.
+
+use std::net::TcpListener as StdListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use sitecast_benches::{bench_bytes, write_test_image};
+use sitecast_coordinator::server::{Coordinator, ServerConfig, SystemClock};
+use sitecast_manifest::api;
+use sitecast_manifest::*;
+
+const CONCURRENCY: usize = 64;
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn checkin_body(site: usize, version: u64, enroll: bool) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "site": format!("site-{site}"),
+        "platform": "x86_64-appliance",
+        "installed_version": version,
+        "macs": ["aa:bb:cc:dd:ee:ff"],
+        "enrollment_token": if enroll { Some("bench-enroll") } else { None },
+    }))
+    .expect("json")
+}
+
+fn signed(
+    client: &reqwest::Client,
+    url: &str,
+    key: &SecretKey,
+    body: Vec<u8>,
+) -> reqwest::RequestBuilder {
+    let timestamp = Timestamp::now().as_second();
+    let message = api::appliance_signing_bytes("POST", "/api/appliances/checkin", timestamp, &body);
+    client
+        .post(format!("{url}/api/appliances/checkin"))
+        .header(api::HEADER_APPLIANCE, key.public().to_hex())
+        .header(api::HEADER_TIMESTAMP, timestamp.to_string())
+        .header(api::HEADER_SIGNATURE, key.sign(&message).to_hex())
+        .header("content-type", "application/json")
+        .body(body)
+}
+
+use jiff::Timestamp;
+
+/// Runs `CONCURRENCY` loops of `request` for `seconds`; returns (requests/s, p50, p99).
+async fn load<F, Fut>(seconds: u64, request: F) -> (f64, Duration, Duration)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let request = Arc::new(request);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for worker in 0..CONCURRENCY {
+        let request = Arc::clone(&request);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = worker;
+            while Instant::now() < deadline {
+                let start = Instant::now();
+                request(i).await;
+                latencies.push(start.elapsed());
+                i += CONCURRENCY;
+            }
+            latencies
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("worker"));
+    }
+    let elapsed = started.elapsed();
+    all.sort();
+    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    (all.len() as f64 / elapsed.as_secs_f64(), at(0.50), at(0.99))
+}
+
+fn main() {
+    let appliances = env_number("SITECAST_BENCH_APPLIANCES", 2000) as usize;
+    let seconds = env_number("SITECAST_BENCH_SECONDS", 5);
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // The server gets its own runtime on its own threads, as in production.
+    let (url_tx, url_rx) = std::sync::mpsc::channel();
+    let data_dir = dir.path().join("data");
+    let root_key = SecretKey::generate().expect("rng");
+    let release_key = SecretKey::generate().expect("rng");
+    let root = Root {
+        version: 1,
+        expires: Timestamp::now() + jiff::SignedDuration::from_hours(24),
+        root: RoleKeys { keys: vec![root_key.public()], threshold: 1 },
+        release: RoleKeys { keys: vec![release_key.public()], threshold: 1 },
+    };
+    let root = TrustedRoot::pin(&root.sign(&[&root_key]).to_bytes()).expect("root");
+    let server_root = root.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("rt");
+        runtime.block_on(async move {
+            let mut config = ServerConfig::new(data_dir);
+            config.root = Some(server_root);
+            config.operator_token = Some("bench-operator".into());
+            config.enrollment_token = Some("bench-enroll".into());
+            let (coordinator, _) = Coordinator::open(config, Arc::new(SystemClock)).expect("open");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            url_tx.send(format!("http://{}", listener.local_addr().expect("addr"))).expect("send");
+            coordinator.serve(listener).await.expect("serve");
+        });
+    });
+    let url = url_rx.recv().expect("server url");
+
+    let client_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    client_runtime.block_on(async {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(CONCURRENCY).build().expect("client");
+        let keys: Arc<Vec<SecretKey>> = Arc::new((0..appliances).map(|_| SecretKey::generate().expect("rng")).collect());
+        for (i, key) in keys.iter().enumerate() {
+            let response = signed(&client, &url, key, checkin_body(i % 100, 1, true)).send().await.expect("enroll");
+            assert!(response.status().is_success());
+        }
+
+        let health = {
+            let (client, url) = (client.clone(), url.clone());
+            load(seconds, move |_| {
+                let request = client.get(format!("{url}/healthz"));
+                async move {
+                    let response = request.send().await.expect("healthz");
+                    assert!(response.status().is_success());
+                    response.bytes().await.expect("body");
+                }
+            })
+            .await
+        };
+        let checkins = {
+            let (client, url, keys) = (client.clone(), url.clone(), Arc::clone(&keys));
+            load(seconds, move |i| {
+                let key = &keys[i % keys.len()];
+                let request = signed(&client, &url, key, checkin_body(i % 100, 1, false));
+                async move {
+                    let response = request.send().await.expect("checkin");
+                    assert!(response.status().is_success());
+                    response.bytes().await.expect("body");
+                }
+            })
+            .await
+        };
+        println!("coordinator check-ins: {appliances} appliances, {CONCURRENCY} concurrent, {seconds} s each, client and server on this 2-core machine");
+        let row = |name: &str, (rate, p50, p99): (f64, Duration, Duration)| {
+            println!(
+                "  {name:<40} {rate:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ratio {:.2}",
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3,
+                rate / health.0
+            );
+        };
+        row("baseline: GET /healthz (bare HTTP)", health);
+        row("signed check-in (verify, fleet, answer)", checkins);
+
+        origin(&client, &url, &root, &release_key, dir.path()).await;
+    });
+}
+
+async fn origin(
+    client: &reqwest::Client,
+    url: &str,
+    root: &TrustedRoot,
+    release_key: &SecretKey,
+    dir: &Path,
+) {
+    let len = bench_bytes(256);
+    let image = dir.join("image.raw");
+    write_test_image(&image, len).expect("image");
+    let digest = ImageDigest::of_reader(std::fs::File::open(&image).expect("open")).expect("hash");
+    let now = Timestamp::now();
+    let release = Release {
+        version: 1,
+        version_name: "bench".into(),
+        image: ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 },
+        platforms: vec!["x86_64-appliance".into()],
+        notes: String::new(),
+        created: now,
+        expires: now + jiff::SignedDuration::from_hours(1),
+        rollback_floor: None,
+    };
+    let manifest = String::from_utf8(release.sign(&[release_key]).to_bytes()).expect("utf8");
+    root.verify_release(manifest.as_bytes(), now).expect("verifies");
+    let response = client
+        .post(format!("{url}/api/releases"))
+        .bearer_auth("bench-operator")
+        .json(&serde_json::json!({"manifest": manifest, "image_path": image}))
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(response.status(), 201, "{:?}", response.text().await);
+
+    let fetch = |target: String| {
+        let client = client.clone();
+        async move {
+            let started = Instant::now();
+            let response = client.get(&target).send().await.expect("get");
+            assert!(response.status().is_success(), "{target}: {}", response.status());
+            let mut stream = response.bytes_stream();
+            let mut bytes = 0u64;
+            while let Some(chunk) = stream.next().await {
+                bytes += chunk.expect("chunk").len() as u64;
+            }
+            (bytes, started.elapsed())
+        }
+    };
+    let best = |runs: Vec<(u64, Duration)>| runs.into_iter().min_by_key(|r| r.1).expect("runs");
+    let groups = len.div_ceil(16 * 1024);
+    let mut plain = Vec::new();
+    let mut verified = Vec::new();
+    for _ in 0..3 {
+        plain.push(fetch(format!("{url}/api/releases/1/image")).await);
+        verified.push(
+            fetch(format!("{url}/api/blobs/{}/ranges?start=0&end={groups}", digest.blake3)).await,
+        );
+    }
+    let (plain, verified) = (best(plain), best(verified));
+    let mib_s = |(bytes, time): (u64, Duration)| bytes as f64 / 1048576.0 / time.as_secs_f64();
+
+    println!("origin: {} MiB image, best of 3, one client", len >> 20);
+    let Some(nginx) = nginx(dir, &image) else {
+        println!("  nginx not installed: no baseline (apt install nginx-light)");
+        println!("  ours: plain image                      {:>8.0} MiB/s", mib_s(plain));
+        println!("  ours: verified ranges (all groups)     {:>8.0} MiB/s", mib_s(verified));
+        return;
+    };
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(fetch(format!("{}/image.raw", nginx.url)).await);
+    }
+    let baseline = best(runs);
+    drop(nginx);
+    let row = |name: &str, run: (u64, Duration)| {
+        println!(
+            "  {name:<40} {:>8.0} MiB/s  ratio {:.2}",
+            mib_s(run),
+            mib_s(run) / mib_s(baseline)
+        );
+    };
+    row("baseline: nginx, the same file", baseline);
+    row("ours: plain image (Range-capable)", plain);
+    row("ours: verified ranges (all groups)", verified);
+}
+
+struct Nginx {
+    url: String,
+    child: std::process::Child,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx(dir: &Path, image: &Path) -> Option<Nginx> {
+    let binary =
+        ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| Path::new(p).exists())?;
+    let port = StdListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let root = image.parent()?;
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).ok()?;
+    let config = format!(
+        "daemon off; worker_processes 1; pid {prefix}/nginx.pid; error_log {prefix}/logs/error.log;
+         events {{ worker_connections 64; }}
+         http {{ access_log off; sendfile on; tcp_nopush on;
+                client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
+                fastcgi_temp_path {prefix}/fcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+                server {{ listen 127.0.0.1:{port}; root {root}; }} }}",
+        prefix = prefix.display(),
+        root = root.display()
+    );
+    let config_path = prefix.join("nginx.conf");
+    std::fs::write(&config_path, config).ok()?;
+    let child = Command::new(binary)
+        .arg("-c")
+        .arg(&config_path)
+        .arg("-p")
+        .arg(&prefix)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(Nginx { url: format!("http://127.0.0.1:{port}"), child });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
