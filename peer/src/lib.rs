@@ -2,4 +2,8 @@
 //! (LAN discovery, multi-source verified transfer, origin fallback), apply, reboot in the
 //! maintenance window.
 //!
-//! Not built yet: see the peer issue. Nothing here claims to work.
+//! Built so far: the swarm [`scheduler`] (sans-IO, shared with the simulator) and [`pieces`].
+//! The network shells and the daemon come next (the peer issue); nothing here claims them.
+
+pub mod pieces;
+pub mod scheduler;

@@ -1,0 +1,128 @@
+//! Sets of pieces, sent between peers as compact ranges.
+
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+/// A set of piece indices below `len`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PieceSet {
+    bits: Vec<u64>,
+    len: u64,
+    count: u64,
+}
+
+impl PieceSet {
+    pub fn empty(len: u64) -> Self {
+        Self { bits: vec![0; len.div_ceil(64) as usize], len, count: 0 }
+    }
+
+    pub fn full(len: u64) -> Self {
+        let mut set = Self::empty(len);
+        set.insert_range(0..len);
+        set
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.count == self.len
+    }
+
+    pub fn contains(&self, piece: u64) -> bool {
+        piece < self.len && self.bits[(piece / 64) as usize] & (1 << (piece % 64)) != 0
+    }
+
+    /// Adds `piece`; returns whether it was new.
+    pub fn insert(&mut self, piece: u64) -> bool {
+        if piece >= self.len || self.contains(piece) {
+            return false;
+        }
+        self.bits[(piece / 64) as usize] |= 1 << (piece % 64);
+        self.count += 1;
+        true
+    }
+
+    pub fn insert_range(&mut self, range: Range<u64>) {
+        for piece in range.start..range.end.min(self.len) {
+            self.insert(piece);
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.len).filter(|&p| self.contains(p))
+    }
+
+    /// The set as ascending, non-adjacent ranges: what goes on the wire.
+    pub fn to_ranges(&self) -> Vec<Range<u64>> {
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        for piece in self.iter() {
+            match ranges.last_mut() {
+                Some(last) if last.end == piece => last.end += 1,
+                _ => ranges.push(piece..piece + 1),
+            }
+        }
+        ranges
+    }
+
+    /// Reads ranges from a peer; parts outside `0..len` are ignored.
+    pub fn from_ranges(len: u64, ranges: &[Range<u64>]) -> Self {
+        let mut set = Self::empty(len);
+        for range in ranges {
+            set.insert_range(range.clone());
+        }
+        set
+    }
+}
+
+/// A have-map as it travels: piece count and ranges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveMap {
+    pub pieces: u64,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl From<&PieceSet> for HaveMap {
+    fn from(set: &PieceSet) -> Self {
+        Self {
+            pieces: set.len(),
+            ranges: set.to_ranges().into_iter().map(|r| (r.start, r.end)).collect(),
+        }
+    }
+}
+
+impl HaveMap {
+    pub fn to_set(&self, pieces: u64) -> PieceSet {
+        let ranges: Vec<Range<u64>> = self.ranges.iter().map(|&(s, e)| s..e).collect();
+        PieceSet::from_ranges(pieces, &ranges)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_round_trip() {
+        let mut set = PieceSet::empty(200);
+        for p in [0, 1, 2, 5, 63, 64, 65, 199] {
+            set.insert(p);
+        }
+        assert_eq!(set.to_ranges(), vec![0..3, 5..6, 63..66, 199..200]);
+        assert_eq!(PieceSet::from_ranges(200, &set.to_ranges()), set);
+        assert_eq!(set.count(), 8);
+        let outside = PieceSet::from_ranges(10, &[5..50, 60..70]);
+        assert_eq!(outside.to_ranges(), vec![5..10]);
+        assert!(PieceSet::full(70).is_full());
+    }
+}

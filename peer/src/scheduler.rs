@@ -1,0 +1,529 @@
+//! The swarm scheduler: which piece to fetch from whom, as a plain state machine.
+//!
+//! No sockets, no clock, no async: events go in with the time ([`Scheduler::handle_event`],
+//! [`Scheduler::handle_timeout`]), actions come out ([`Scheduler::poll_action`]), and
+//! [`Scheduler::poll_timeout`] says when to call back. The agent drives it from one task; the
+//! simulator drives the same type on a virtual clock. It is deterministic: the same events at
+//! the same times give the same actions.
+//!
+//! Policy:
+//! - **LAN first, rarest first.** A LAN peer with a free request slot gets the missing piece
+//!   it has that the fewest live peers have (ties broken by a hash of this appliance and the
+//!   piece, so peers spread out). At most `max_requests_per_peer` requests per peer.
+//! - **The origin once per site.** A piece no live LAN peer has comes from the origin only if
+//!   this appliance is the piece's assigned fetcher: the highest rendezvous hash of (piece,
+//!   member) over the site's live members. If the assignee dies it leaves the membership and
+//!   the next one takes over at once; if it stalls, the member ranked `k` in the hash order
+//!   takes over after `k × origin_takeover` without the piece appearing on the LAN.
+//! - **End game.** When every missing piece is in flight, a second request for a piece goes to
+//!   another peer that has it; the first copy to arrive cancels the other.
+//! - **Liars are dropped.** A peer that sent a corrupt group is banned for this release and
+//!   reported; its requests are reissued elsewhere. Stalled requests time out.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Range;
+use std::time::Duration;
+
+use crate::pieces::PieceSet;
+
+/// Peers are named by their 32-byte identity key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PeerId(pub [u8; 32]);
+
+/// Where a piece comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    Peer(PeerId),
+    Origin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Pieces in the release.
+    pub pieces: u64,
+    pub max_requests_per_peer: usize,
+    pub max_origin_requests: usize,
+    /// A request with no answer for this long is given up.
+    pub request_timeout: Duration,
+    /// How long a piece missing from the LAN waits per rank before a non-assigned member
+    /// fetches it from the origin.
+    pub origin_takeover: Duration,
+    /// No origin requests this long after start: the site's membership (and so who is assigned
+    /// which piece) is still being learned.
+    pub discovery_grace: Duration,
+    /// Announcements are coalesced to at most one per this interval (and one when done).
+    pub announce_interval: Duration,
+    /// After a failed request, a peer gets no new requests for this long.
+    pub peer_backoff: Duration,
+    /// First origin backoff after a failure; doubles up to `origin_backoff_max`.
+    pub origin_backoff: Duration,
+    pub origin_backoff_max: Duration,
+}
+
+impl Config {
+    pub fn new(pieces: u64) -> Self {
+        Self {
+            pieces,
+            max_requests_per_peer: 4,
+            max_origin_requests: 4,
+            request_timeout: Duration::from_secs(30),
+            origin_takeover: Duration::from_secs(10),
+            discovery_grace: Duration::from_secs(3),
+            announce_interval: Duration::from_millis(500),
+            peer_backoff: Duration::from_secs(2),
+            origin_backoff: Duration::from_secs(1),
+            origin_backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A site member is alive; `have` may come later with [`Event::PeerHave`].
+    PeerUp { peer: PeerId },
+    /// A site member left (timed out, disconnected, crashed).
+    PeerDown { peer: PeerId },
+    /// A peer announced the pieces it holds (the whole set, not a delta).
+    PeerHave { peer: PeerId, have: PieceSet },
+    /// A request delivered its piece, verified and written.
+    Completed { request: RequestId },
+    /// A request failed without evidence of lying (connection lost, refused, truncated).
+    Failed { request: RequestId },
+    /// A request delivered a group that did not verify.
+    Corrupt { request: RequestId },
+    /// Pieces found intact locally (resume, seeding).
+    HaveLocally { pieces: Vec<Range<u64>> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Request {
+        id: RequestId,
+        piece: u64,
+        source: Source,
+    },
+    Cancel {
+        id: RequestId,
+    },
+    /// Tell the site what we hold now.
+    Announce {
+        have: PieceSet,
+    },
+    /// Drop this peer for the release and report it.
+    Ban {
+        peer: PeerId,
+        reason: String,
+    },
+    /// Every piece is here.
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct PeerState {
+    have: PieceSet,
+    in_flight: usize,
+    backoff_until: Duration,
+    failures: u32,
+}
+
+#[derive(Debug, Clone)]
+struct InFlight {
+    piece: u64,
+    source: Source,
+    started: Duration,
+}
+
+/// Counters the agent reports and the simulator checks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub from_lan: u64,
+    pub from_origin: u64,
+    pub failed: u64,
+    pub corrupt: u64,
+    pub timed_out: u64,
+    pub cancelled: u64,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    me: PeerId,
+    config: Config,
+    have: PieceSet,
+    peers: BTreeMap<PeerId, PeerState>,
+    banned: BTreeSet<PeerId>,
+    in_flight: BTreeMap<RequestId, InFlight>,
+    /// When each piece was first seen missing from every live LAN peer.
+    missing_since: BTreeMap<u64, Duration>,
+    origin_in_flight: usize,
+    origin_backoff_until: Duration,
+    origin_backoff: Duration,
+    next_request: u64,
+    actions: VecDeque<Action>,
+    announce_due: Option<Duration>,
+    last_announce: Option<Duration>,
+    done_sent: bool,
+    /// The time of the first event: the discovery grace counts from here.
+    started: Option<Duration>,
+    now: Duration,
+    stats: Stats,
+}
+
+impl Scheduler {
+    pub fn new(me: PeerId, config: Config) -> Self {
+        let have = PieceSet::empty(config.pieces);
+        let origin_backoff = config.origin_backoff;
+        Self {
+            me,
+            have,
+            config,
+            peers: BTreeMap::new(),
+            banned: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
+            missing_since: BTreeMap::new(),
+            origin_in_flight: 0,
+            origin_backoff_until: Duration::ZERO,
+            origin_backoff,
+            next_request: 0,
+            actions: VecDeque::new(),
+            announce_due: None,
+            last_announce: None,
+            done_sent: false,
+            started: None,
+            now: Duration::ZERO,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn have(&self) -> &PieceSet {
+        &self.have
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.have.is_full()
+    }
+
+    pub fn live_peers(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn handle_event(&mut self, event: Event, now: Duration) {
+        self.now = self.now.max(now);
+        self.started.get_or_insert(now);
+        match event {
+            Event::PeerUp { peer } => {
+                if peer != self.me && !self.banned.contains(&peer) {
+                    self.peers.entry(peer).or_insert_with(|| PeerState {
+                        have: PieceSet::empty(self.config.pieces),
+                        in_flight: 0,
+                        backoff_until: Duration::ZERO,
+                        failures: 0,
+                    });
+                }
+            }
+            Event::PeerDown { peer } => {
+                self.peers.remove(&peer);
+                self.fail_requests_to(peer);
+            }
+            Event::PeerHave { peer, have } => {
+                if peer == self.me
+                    || self.banned.contains(&peer)
+                    || have.len() != self.config.pieces
+                {
+                    return;
+                }
+                self.handle_event(Event::PeerUp { peer }, now);
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.have = have;
+                }
+            }
+            Event::Completed { request } => {
+                let Some(done) = self.in_flight.remove(&request) else { return };
+                self.release_slot(&done);
+                match done.source {
+                    Source::Origin => {
+                        self.stats.from_origin += 1;
+                        self.origin_backoff = self.config.origin_backoff;
+                    }
+                    Source::Peer(peer) => {
+                        self.stats.from_lan += 1;
+                        if let Some(state) = self.peers.get_mut(&peer) {
+                            state.failures = 0;
+                        }
+                    }
+                }
+                if self.have.insert(done.piece) {
+                    self.missing_since.remove(&done.piece);
+                    self.schedule_announce();
+                }
+                // End game: the other copies of this piece are no longer needed.
+                let duplicates: Vec<RequestId> = self
+                    .in_flight
+                    .iter()
+                    .filter(|(_, r)| r.piece == done.piece)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in duplicates {
+                    if let Some(cancelled) = self.in_flight.remove(&id) {
+                        self.release_slot(&cancelled);
+                        self.stats.cancelled += 1;
+                        self.actions.push_back(Action::Cancel { id });
+                    }
+                }
+            }
+            Event::Failed { request } => self.fail(request, false),
+            Event::Corrupt { request } => {
+                let Some(bad) = self.in_flight.get(&request).cloned() else { return };
+                self.stats.corrupt += 1;
+                self.fail(request, true);
+                if let Source::Peer(peer) = bad.source {
+                    self.ban(peer, format!("sent a corrupt group of piece {}", bad.piece));
+                }
+            }
+            Event::HaveLocally { pieces } => {
+                for range in pieces {
+                    for piece in range {
+                        if self.have.insert(piece) {
+                            self.missing_since.remove(&piece);
+                        }
+                    }
+                }
+                self.schedule_announce();
+            }
+        }
+        self.schedule();
+    }
+
+    /// Requests that ran out of time fail; due announcements go out.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        self.now = self.now.max(now);
+        self.started.get_or_insert(now);
+        let expired: Vec<RequestId> = self
+            .in_flight
+            .iter()
+            .filter(|(_, r)| now.saturating_sub(r.started) >= self.config.request_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.stats.timed_out += 1;
+            self.actions.push_back(Action::Cancel { id });
+            self.fail(id, false);
+        }
+        self.schedule();
+    }
+
+    /// When [`Self::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let requests = self.in_flight.values().map(|r| r.started + self.config.request_timeout);
+        let backoffs = self.peers.values().map(|p| p.backoff_until).filter(|&t| t > self.now);
+        let origin = Some(self.origin_backoff_until).filter(|&t| t > self.now);
+        let grace = self.started.map(|s| s + self.config.discovery_grace).filter(|&t| t > self.now);
+        let takeovers =
+            self.missing_since.values().map(|&since| since + self.config.origin_takeover);
+        requests
+            .chain(backoffs)
+            .chain(origin)
+            .chain(grace)
+            .chain(takeovers.filter(|&t| t > self.now))
+            .chain(self.announce_due)
+            .min()
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    fn release_slot(&mut self, request: &InFlight) {
+        match request.source {
+            Source::Origin => self.origin_in_flight -= 1,
+            Source::Peer(peer) => {
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.in_flight = state.in_flight.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, request: RequestId, corrupt: bool) {
+        let Some(failed) = self.in_flight.remove(&request) else { return };
+        self.release_slot(&failed);
+        if !corrupt {
+            self.stats.failed += 1;
+        }
+        match failed.source {
+            Source::Origin => {
+                self.origin_backoff_until = self.now + self.origin_backoff;
+                self.origin_backoff = (self.origin_backoff * 2).min(self.config.origin_backoff_max);
+            }
+            Source::Peer(peer) => {
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.failures += 1;
+                    state.backoff_until =
+                        self.now + self.config.peer_backoff * state.failures.min(8);
+                }
+            }
+        }
+    }
+
+    fn fail_requests_to(&mut self, peer: PeerId) {
+        let requests: Vec<RequestId> = self
+            .in_flight
+            .iter()
+            .filter(|(_, r)| r.source == Source::Peer(peer))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in requests {
+            self.actions.push_back(Action::Cancel { id });
+            self.fail(id, false);
+        }
+    }
+
+    fn ban(&mut self, peer: PeerId, reason: String) {
+        if self.banned.insert(peer) {
+            self.peers.remove(&peer);
+            self.fail_requests_to(peer);
+            self.actions.push_back(Action::Ban { peer, reason });
+        }
+    }
+
+    fn schedule_announce(&mut self) {
+        let earliest =
+            self.last_announce.map_or(self.now, |last| last + self.config.announce_interval);
+        let due = if self.have.is_full() { self.now } else { earliest.max(self.now) };
+        self.announce_due = Some(self.announce_due.map_or(due, |d| d.min(due)));
+    }
+
+    fn issue(&mut self, piece: u64, source: Source) {
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        match source {
+            Source::Origin => self.origin_in_flight += 1,
+            Source::Peer(peer) => {
+                if let Some(state) = self.peers.get_mut(&peer) {
+                    state.in_flight += 1;
+                }
+            }
+        }
+        self.in_flight.insert(id, InFlight { piece, source, started: self.now });
+        self.actions.push_back(Action::Request { id, piece, source });
+    }
+
+    fn copies_in_flight(&self, piece: u64) -> usize {
+        self.in_flight.values().filter(|r| r.piece == piece).count()
+    }
+
+    /// Live peers that hold `piece`.
+    fn holders(&self, piece: u64) -> usize {
+        self.peers.values().filter(|p| p.have.contains(piece)).count()
+    }
+
+    /// This appliance's rank for fetching `piece` from the origin: 0 = assigned fetcher.
+    fn origin_rank(&self, piece: u64) -> usize {
+        let score = |member: &PeerId| {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&piece.to_le_bytes()).update(&member.0);
+            *hasher.finalize().as_bytes()
+        };
+        let mine = score(&self.me);
+        self.peers.keys().filter(|peer| score(peer) > mine).count()
+    }
+
+    fn tie_break(&self, piece: u64) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&self.me.0).update(&piece.to_le_bytes());
+        *hasher.finalize().as_bytes()
+    }
+
+    fn schedule(&mut self) {
+        let now = self.now;
+        if self.have.is_full() && !self.done_sent {
+            self.done_sent = true;
+            self.announce_due = Some(now);
+        }
+        if self.announce_due.is_some_and(|due| due <= now) {
+            self.announce_due = None;
+            self.last_announce = Some(now);
+            self.actions.push_back(Action::Announce { have: self.have.clone() });
+            if self.have.is_full() {
+                self.actions.push_back(Action::Done);
+            }
+        }
+        if self.have.is_full() {
+            return;
+        }
+        let missing: Vec<u64> =
+            (0..self.config.pieces).filter(|&p| !self.have.contains(p)).collect();
+
+        // LAN: fill every free slot with the rarest piece that peer has.
+        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
+        for peer in peers {
+            loop {
+                let state = &self.peers[&peer];
+                if state.in_flight >= self.config.max_requests_per_peer || state.backoff_until > now
+                {
+                    break;
+                }
+                let choice = missing
+                    .iter()
+                    .copied()
+                    .filter(|&p| state.have.contains(p) && self.copies_in_flight(p) == 0)
+                    .min_by_key(|&p| (self.holders(p), self.tie_break(p)));
+                match choice {
+                    Some(piece) => self.issue(piece, Source::Peer(peer)),
+                    None => break,
+                }
+            }
+        }
+
+        // Origin: pieces no live peer has, if this appliance is (or has become) their fetcher.
+        let grace_over = self.started.is_some_and(|s| now >= s + self.config.discovery_grace);
+        for &piece in missing.iter().filter(|_| grace_over) {
+            if self.holders(piece) > 0 {
+                self.missing_since.remove(&piece);
+                continue;
+            }
+            let since = *self.missing_since.entry(piece).or_insert(now);
+            if self.copies_in_flight(piece) > 0
+                || self.origin_in_flight >= self.config.max_origin_requests
+                || self.origin_backoff_until > now
+            {
+                continue;
+            }
+            let rank = self.origin_rank(piece) as u32;
+            if now.saturating_sub(since) >= self.config.origin_takeover * rank {
+                self.issue(piece, Source::Origin);
+            }
+        }
+
+        // End game: everything missing is in flight; ask a second holder for each piece.
+        let all_in_flight = missing.iter().all(|&p| self.copies_in_flight(p) > 0);
+        if all_in_flight {
+            for &piece in &missing {
+                if self.copies_in_flight(piece) >= 2 {
+                    continue;
+                }
+                let asked: Vec<Source> = self
+                    .in_flight
+                    .values()
+                    .filter(|r| r.piece == piece)
+                    .map(|r| r.source)
+                    .collect();
+                let second = self.peers.iter().find(|(id, state)| {
+                    state.have.contains(piece)
+                        && state.in_flight < self.config.max_requests_per_peer
+                        && state.backoff_until <= now
+                        && !asked.contains(&Source::Peer(**id))
+                });
+                if let Some((&peer, _)) = second {
+                    self.issue(piece, Source::Peer(peer));
+                }
+            }
+        }
+    }
+}
