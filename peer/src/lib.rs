@@ -2,8 +2,13 @@
 //! (LAN discovery, multi-source verified transfer, origin fallback), apply, reboot in the
 //! maintenance window.
 //!
-//! Built so far: the swarm [`scheduler`] (sans-IO, shared with the simulator) and [`pieces`].
-//! The network shells and the daemon come next (the peer issue); nothing here claims them.
+//! Built so far: the swarm [`scheduler`] (sans-IO, shared with the simulator), [`pieces`],
+//! configuration, identity and the coordinator client. The LAN data plane and the daemon come
+//! next; nothing here claims them.
 
+pub mod config;
+pub mod coordinator;
+pub mod identity;
 pub mod pieces;
 pub mod scheduler;
+pub mod swarm;
