@@ -6,9 +6,13 @@
 //! configuration, identity and the coordinator client. The LAN data plane and the daemon come
 //! next; nothing here claims them.
 
+pub mod agent;
 pub mod config;
+pub mod control;
 pub mod coordinator;
 pub mod identity;
+pub mod metrics;
 pub mod pieces;
 pub mod scheduler;
+pub mod state;
 pub mod swarm;

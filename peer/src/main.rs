@@ -1,6 +1,189 @@
-//! `sitecast-peer`: the appliance agent (being built).
+//! `sitecast-peer`: the appliance agent (`run`) and its local commands.
 
-fn main() {
-    eprintln!("sitecast-peer: the daemon is not built yet");
-    std::process::exit(2);
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use sitecast_peer::agent::{Agent, EXIT_REBOOT, Exit, Status};
+use sitecast_peer::config::{AgentConfig, BootSlotSource};
+use sitecast_peer::metrics::Metrics;
+
+#[derive(Parser)]
+#[command(name = "sitecast-peer", version, about = "sitecast appliance agent")]
+struct Cli {
+    /// Configuration file (TOML); every option can also be given as a flag.
+    #[arg(long, global = true, default_value = "/etc/sitecast/agent.toml", env = "SITECAST_AGENT_CONFIG")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run(Overrides),
+    /// Ask the running agent to check in now.
+    Check,
+    /// Slots, versions, download progress, peers.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go back to the other slot (if it holds a verified release) and reboot.
+    Rollback,
+    /// Reboot into a ready update without waiting for the maintenance window.
+    SkipWindow,
+}
+
+#[derive(Args, Default)]
+struct Overrides {
+    #[arg(long)]
+    coordinator: Option<String>,
+    #[arg(long)]
+    site: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    platform: Option<String>,
+    #[arg(long, env = "SITECAST_ENROLLMENT_TOKEN", hide_env_values = true)]
+    enrollment_token: Option<String>,
+    #[arg(long)]
+    root: Option<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    slot_a: Option<PathBuf>,
+    #[arg(long)]
+    slot_b: Option<PathBuf>,
+    #[arg(long)]
+    grubenv: Option<PathBuf>,
+    #[arg(long, value_parser = ["cmdline", "simulate-grub"])]
+    boot_slot: Option<String>,
+    /// Reboot command (repeat for arguments); "" to exit with status 75 instead.
+    #[arg(long, num_args = 0..)]
+    reboot_command: Option<Vec<String>>,
+    #[arg(long)]
+    checkin_interval_secs: Option<u64>,
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    #[arg(long)]
+    metrics_listen: Option<String>,
+    #[arg(long)]
+    lan_listen: Option<String>,
+    #[arg(long = "static-peer")]
+    static_peers: Vec<String>,
+}
+
+fn apply(config: &mut AgentConfig, o: Overrides) {
+    macro_rules! set {
+        ($($field:ident),*) => { $(if let Some(v) = o.$field { config.$field = v; })* };
+    }
+    set!(coordinator, site, name, platform, root, state_dir, slot_a, slot_b, grubenv, checkin_interval_secs, control_socket, metrics_listen, lan_listen);
+    if o.enrollment_token.is_some() {
+        config.enrollment_token = o.enrollment_token;
+    }
+    if let Some(source) = o.boot_slot {
+        config.boot_slot = if source == "simulate-grub" { BootSlotSource::SimulateGrub } else { BootSlotSource::Cmdline };
+    }
+    if let Some(command) = o.reboot_command {
+        config.reboot_command = command.into_iter().filter(|a| !a.is_empty()).collect();
+    }
+    if !o.static_peers.is_empty() {
+        config.static_peers = o.static_peers;
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Cli::parse())) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let mut config = AgentConfig::load(&cli.config)?;
+    let command = match cli.command {
+        Command::Run(overrides) => {
+            apply(&mut config, overrides);
+            return daemon(config).await;
+        }
+        Command::Check => "check",
+        Command::Status { json } => {
+            let response = sitecast_peer::control::request(&config.control_socket, "status")
+                .await
+                .with_context(|| format!("is the agent running? ({})", config.control_socket.display()))?;
+            let status = response.status.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Rollback => "rollback",
+        Command::SkipWindow => "skip-window",
+    };
+    let response = sitecast_peer::control::request(&config.control_socket, command)
+        .await
+        .with_context(|| format!("is the agent running? ({})", config.control_socket.display()))?;
+    println!("{}", response.message);
+    Ok(if response.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn print_status(status: &serde_json::Value) {
+    println!("appliance {:.16}… at site {}", status["appliance"].as_str().unwrap_or(""), status["site"].as_str().unwrap_or(""));
+    println!("running slot {}; slots: {}", status["booted_slot"].as_str().unwrap_or("?"), status["slot_versions"]);
+    match status["update"].as_object() {
+        Some(update) => println!(
+            "update to release {}: {} (slot {}){}",
+            update["version"],
+            update["state"].as_str().unwrap_or(""),
+            update["slot"].as_str().unwrap_or(""),
+            update["error"].as_str().map(|e| format!(" - {e}")).unwrap_or_default()
+        ),
+        None => println!("no update"),
+    }
+    if let Some(error) = status["last_error"].as_str() {
+        println!("last error: {error}");
+    }
+}
+
+async fn daemon(config: AgentConfig) -> Result<ExitCode> {
+    let metrics = Arc::new(Metrics::default());
+    let status = Arc::new(Mutex::new(Status::default()));
+    let (commands_tx, commands) = tokio::sync::mpsc::channel(8);
+    if let Some(dir) = config.control_socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let socket = config.control_socket.clone();
+    let control_status = Arc::clone(&status);
+    tokio::spawn(async move {
+        if let Err(error) = sitecast_peer::control::serve(&socket, commands_tx, control_status).await {
+            tracing::error!(%error, "control socket");
+        }
+    });
+    if !config.metrics_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.metrics_listen).await.context("metrics listener")?;
+        tokio::spawn(sitecast_peer::metrics::serve(listener, Arc::clone(&metrics)));
+    }
+    let agent = Agent::new(config, metrics, status, None)?;
+    match agent.run(commands).await? {
+        Exit::Reboot => Ok(ExitCode::from(EXIT_REBOOT as u8)),
+    }
 }

@@ -243,10 +243,10 @@ impl<D: Device + Send + 'static> Swarm<D> {
         bytes: u64,
         result: Result<Vec<DecodedItem>, FetchError>,
     ) -> Result<Event, SwarmError> {
-        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let count = |f: &dyn Fn(&mut TransferStats)| f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
         match result {
             Ok(items) => {
-                match source {
+                count(&|stats| match source {
                     Source::Origin => {
                         stats.bytes_from_origin += bytes;
                         stats.pieces_from_origin += 1;
@@ -255,8 +255,7 @@ impl<D: Device + Send + 'static> Swarm<D> {
                         stats.bytes_from_lan += bytes;
                         stats.pieces_from_lan += 1;
                     }
-                }
-                drop(stats);
+                });
                 let writer = Arc::clone(&self.writer);
                 tokio::task::spawn_blocking(move || {
                     let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -273,12 +272,12 @@ impl<D: Device + Send + 'static> Swarm<D> {
                 Ok(Event::Completed { request })
             }
             Err(FetchError::Corrupt(reason)) => {
-                stats.corrupt += 1;
+                count(&|stats| stats.corrupt += 1);
                 tracing::warn!(?source, %reason, "corrupt response");
                 Ok(Event::Corrupt { request })
             }
             Err(FetchError::Failed(reason)) => {
-                stats.failed += 1;
+                count(&|stats| stats.failed += 1);
                 tracing::debug!(?source, %reason, "fetch failed");
                 Ok(Event::Failed { request })
             }

@@ -1,0 +1,597 @@
+//! The agent's life: check in, verify what is offered, fetch it into the standby slot, wait for
+//! the maintenance window, activate and reboot, and after the reboot run the health gate.
+//! Nothing a coordinator sends can crash it: every problem is logged, reported and retried.
+
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde::Serialize;
+use sitecast_iso::ab::{self, BootOutcome};
+use sitecast_iso::health::{self, ApiReachable, DiskWritable, GateDecision, HealthGate, TimeSynchronized};
+use sitecast_iso::{EnvFile, FileDevice, Slot, SlotPaths, SlotWriter, VerifiedSlot};
+use sitecast_manifest::api::{CheckinRequest, CheckinResponse, PeerAddresses, ReportRequest, UpdateIntent, UpdateState};
+use sitecast_manifest::{ImageInfo, InstallPolicy, Intent, SecretKey, TrustedRoot};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{AgentConfig, BootSlotSource};
+use crate::coordinator::CoordinatorClient;
+use crate::metrics::Metrics;
+use crate::scheduler::PeerId;
+use crate::state::{AgentState, UpdateRecord};
+use crate::swarm::{LanFetcher, PeerNews, Swarm, TransferStats};
+
+/// Exit status that asks the supervisor to start the agent again, as after a reboot.
+pub const EXIT_REBOOT: i32 = 75;
+
+/// Commands from the local control socket.
+#[derive(Debug)]
+pub enum Command {
+    Check,
+    Rollback(oneshot::Sender<Result<String, String>>),
+    SkipWindow,
+}
+
+/// What `status` shows.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub appliance: String,
+    pub site: String,
+    pub booted_slot: String,
+    pub slot_versions: std::collections::BTreeMap<String, u64>,
+    pub update: Option<UpdateRecord>,
+    pub progress: Option<f64>,
+    pub peers: u64,
+    pub last_contact: Option<Timestamp>,
+    pub last_error: Option<String>,
+}
+
+/// Ways the agent stops.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The reboot command ran (or the supervisor should restart us).
+    Reboot,
+}
+
+/// The LAN side the agent plugs into the swarm (discovery news, fetching, announcing).
+pub struct Lan {
+    pub fetcher: Arc<dyn LanFetcher>,
+    /// Starts taking part in a release: returns the news stream and the announce sink.
+    #[allow(clippy::type_complexity)]
+    pub join: Box<dyn Fn(&ImageInfo, PathBuf) -> (mpsc::Receiver<PeerNews>, mpsc::Sender<crate::pieces::PieceSet>) + Send + Sync>,
+    pub addresses: PeerAddresses,
+    /// Peers named by the coordinator for this site.
+    pub site_peers: Box<dyn Fn(&[sitecast_manifest::api::SitePeer]) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Lan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lan").field("addresses", &self.addresses).finish_non_exhaustive()
+    }
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    key: SecretKey,
+    root: TrustedRoot,
+    client: CoordinatorClient,
+    state: AgentState,
+    env: EnvFile,
+    booted: Slot,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<Status>>,
+    lan: Option<Lan>,
+    stats: Arc<Mutex<TransferStats>>,
+    /// The slot read back and checked, waiting for the window.
+    ready: Option<VerifiedSlot<FileDevice>>,
+    download: Option<tokio::task::JoinHandle<Result<VerifiedSlot<FileDevice>, String>>>,
+    download_started: Option<std::time::Instant>,
+    /// The maintenance window from the last check-in.
+    last_window: Option<sitecast_manifest::window::MaintenanceWindow>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("site", &self.config.site).field("booted", &self.booted).finish_non_exhaustive()
+    }
+}
+
+fn system_time(t: Timestamp) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(t.as_second()).unwrap_or(0))
+}
+
+fn state_path(config: &AgentConfig) -> PathBuf {
+    config.state_dir.join("agent.json")
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, metrics: Arc<Metrics>, status: Arc<Mutex<Status>>, lan: Option<Lan>) -> anyhow::Result<Self> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.state_dir)?;
+        let key = crate::identity::load_or_create(&config.state_dir.join("identity.key"))?;
+        let root_bytes = std::fs::read(&config.root)
+            .map_err(|e| anyhow::anyhow!("root of trust {}: {e}", config.root.display()))?;
+        let root = TrustedRoot::pin(&root_bytes)?;
+        let client = CoordinatorClient::new(&config.coordinator, key.clone())?;
+        let state = AgentState::load(&state_path(&config))?;
+        let env = EnvFile::new(&config.grubenv);
+        Ok(Self {
+            config,
+            key,
+            root,
+            client,
+            state,
+            env,
+            booted: Slot::A,
+            metrics,
+            status,
+            lan,
+            stats: Arc::new(Mutex::new(TransferStats::default())),
+            ready: None,
+            download: None,
+            download_started: None,
+            last_window: None,
+        })
+    }
+
+    pub fn key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    fn save(&self) {
+        if let Err(error) = self.state.save(&state_path(&self.config)) {
+            tracing::error!(%error, "saving agent state");
+        }
+        self.publish_status(None);
+    }
+
+    fn publish_status(&self, error: Option<String>) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.appliance = self.key.public().to_hex();
+        status.site = self.config.site.clone();
+        status.booted_slot = self.booted.to_string();
+        status.slot_versions = self.state.slot_versions.clone();
+        status.update = self.state.update.clone();
+        status.last_contact = self.state.last_contact;
+        if error.is_some() {
+            status.last_error = error;
+        }
+    }
+
+    /// Which slot is running; with file-backed slots, apply GRUB's rules first as GRUB would.
+    fn determine_boot_slot(&mut self) -> anyhow::Result<()> {
+        self.booted = match self.config.boot_slot {
+            BootSlotSource::SimulateGrub => {
+                let (mut ab_state, mut vars) = ab::load_state(&self.env)?;
+                let booted = ab_state.grub_model_boot();
+                ab_state.write_to(&mut vars)?;
+                use sitecast_iso::EnvStore;
+                self.env.store(&vars)?;
+                booted
+            }
+            BootSlotSource::Cmdline => {
+                let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+                match cmdline.split_whitespace().find_map(|w| w.strip_prefix("ab.partition=")) {
+                    Some("B") => Slot::B,
+                    _ => Slot::A,
+                }
+            }
+        };
+        // A fresh appliance: its running slot holds whatever it was installed with.
+        self.state.slot_versions.entry(self.booted.to_string()).or_insert(0);
+        Ok(())
+    }
+
+    async fn report(&self, state: UpdateState, error: Option<String>) {
+        let Some(update) = &self.state.update else { return };
+        let stats = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let report = ReportRequest {
+            state,
+            version: update.version,
+            previous_version: Some(update.previous_version),
+            rollout: update.rollout,
+            progress: None,
+            bytes_from_origin: update.bytes_from_origin.max(stats.bytes_from_origin),
+            bytes_from_lan: update.bytes_from_lan.max(stats.bytes_from_lan),
+            slot: Some(if state == UpdateState::Succeeded { update.slot.clone() } else { self.booted.to_string() }),
+            error,
+        };
+        if let Err(error) = self.client.report(&report).await {
+            tracing::warn!(%error, "report not delivered; the next check-in carries the state");
+        }
+    }
+
+    fn set_update_state(&mut self, state: UpdateState, error: Option<String>) {
+        if let Some(update) = self.state.update.as_mut() {
+            update.state = state;
+            update.error = error;
+        }
+        self.save();
+    }
+
+    /// After a (simulated or real) boot: the health gate decides about a trial slot.
+    async fn after_boot(&mut self) -> Option<Exit> {
+        let (mut ab_state, vars) = match ab::load_state(&self.env) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                tracing::error!(%error, "boot state unreadable; staying on the running slot");
+                return None;
+            }
+        };
+        match ab_state.outcome(self.booted) {
+            BootOutcome::Normal => None,
+            BootOutcome::RolledBack { failed } => {
+                let message = format!("slot {failed} used up its tries; back on {}", self.booted);
+                tracing::warn!(%message);
+                ab_state.acknowledge_rollback();
+                let _ = ab::save_state(&mut self.env, &ab_state, vars);
+                self.state.rollbacks += 1;
+                self.metrics.update(|m| m.rollback_count = self.state.rollbacks);
+                self.set_update_state(UpdateState::RolledBack, Some(message.clone()));
+                self.report(UpdateState::RolledBack, Some(message)).await;
+                None
+            }
+            BootOutcome::Trial { slot, .. } => {
+                let started = std::time::Instant::now();
+                let failures = self.health_gate().run();
+                let decision = health::decide(&mut ab_state, slot, failures);
+                match decision {
+                    GateDecision::MarkedGood { slot } => {
+                        if let Err(error) = ab::save_state(&mut self.env, &ab_state, vars) {
+                            tracing::error!(%error, "marking the slot good failed; GRUB will count this boot");
+                            return Some(Exit::Reboot);
+                        }
+                        if let Some(update) = self.state.update.clone() {
+                            self.state.slot_versions.insert(slot.to_string(), update.version);
+                            if let Ok(verified) = self.root.verify_release(update.manifest.as_bytes(), Timestamp::now()) {
+                                let floor = verified.release().rollback_floor.unwrap_or(0);
+                                self.state.rollback_floor = self.state.rollback_floor.max(floor);
+                            }
+                        }
+                        self.state.booted_at = Some(Timestamp::now());
+                        self.metrics.update(|m| m.reboot_seconds = Some(started.elapsed().as_secs_f64()));
+                        self.set_update_state(UpdateState::Succeeded, None);
+                        self.report(UpdateState::Succeeded, None).await;
+                        None
+                    }
+                    GateDecision::RetryBoot { failures, .. } | GateDecision::FallBack { failures } => {
+                        let reasons: Vec<String> = failures.iter().map(|f| format!("{}: {}", f.check, f.reason)).collect();
+                        let message = format!("health gate failed on slot {slot}: {}", reasons.join("; "));
+                        tracing::error!(%message);
+                        self.set_update_state(UpdateState::Rebooting, Some(message.clone()));
+                        self.report(UpdateState::Rebooting, Some(message)).await;
+                        Some(Exit::Reboot)
+                    }
+                    GateDecision::NotOnTrial | GateDecision::RolledBack { .. } => None,
+                }
+            }
+        }
+    }
+
+    fn health_gate(&self) -> HealthGate {
+        let timeout = Duration::from_secs(self.config.health_timeout_secs);
+        let mut gate = HealthGate::new(timeout).with(DiskWritable { dir: self.config.state_dir.clone() });
+        let host_port = self
+            .config
+            .coordinator
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        if let Some(addr) = host_port.to_socket_addrs().ok().and_then(|mut a| a.next()) {
+            gate = gate.with(ApiReachable { addr, timeout });
+        }
+        let not_before = self
+            .state
+            .update
+            .as_ref()
+            .and_then(|u| self.root.verify_release(u.manifest.as_bytes(), Timestamp::now()).ok())
+            .map_or(std::time::SystemTime::UNIX_EPOCH, |v| system_time(v.release().created));
+        gate.with(TimeSynchronized { not_before, now: std::time::SystemTime::now })
+    }
+
+    fn checkin_request(&self) -> CheckinRequest {
+        let macs = if self.config.macs.is_empty() { crate::identity::local_macs() } else { self.config.macs.clone() };
+        CheckinRequest {
+            site: self.config.site.clone(),
+            name: self.config.name.clone(),
+            group: self.config.group.clone(),
+            macs,
+            platform: self.config.platform.clone(),
+            installed_version: self.state.version_of(self.booted),
+            active_slot: Some(self.booted.to_string()),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            enrollment_token: self.config.enrollment_token.clone(),
+            peer: self.lan.as_ref().map(|l| l.addresses.clone()).unwrap_or_default(),
+        }
+    }
+
+    async fn checkin(&mut self) {
+        let response = match self.client.checkin(&self.checkin_request()).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::warn!(%error, "check-in failed");
+                self.metrics.update(|m| m.checkin_errors += 1);
+                self.publish_status(Some(error.to_string()));
+                return;
+            }
+        };
+        self.metrics.update(|m| m.checkins += 1);
+        if response.window.is_some() {
+            self.last_window = response.window.clone();
+        }
+        let now = Timestamp::now();
+        self.state.last_contact = Some(now);
+        if self.state.booted_at.is_some_and(|booted| now >= booted) {
+            // The update is confirmed: the coordinator heard from the new release.
+            self.state.booted_at = None;
+        }
+        if let Some(lan) = &self.lan {
+            (lan.site_peers)(&response.site_peers);
+        }
+        if let Err(message) = self.consider(&response) {
+            tracing::warn!(%message, "offered update refused");
+            self.publish_status(Some(message));
+        }
+        self.save();
+    }
+
+    /// Looks at an offer; starts a download if it is new and verifies.
+    fn consider(&mut self, response: &CheckinResponse) -> Result<(), String> {
+        if !response.update_available {
+            return Ok(());
+        }
+        let (Some(manifest), Some(version)) = (&response.manifest, response.version) else {
+            return Err("the coordinator offered an update without a manifest".into());
+        };
+        if let Some(update) = &self.state.update
+            && update.version == version
+            && !matches!(update.state, UpdateState::Failed | UpdateState::RolledBack)
+        {
+            return Ok(());
+        }
+        if self.download.is_some() {
+            return Ok(());
+        }
+        let installed = self.state.version_of(self.booted);
+        let intent = match response.intent {
+            Some(UpdateIntent::Rollback) => Intent::Rollback,
+            _ => Intent::Upgrade,
+        };
+        let verified = self
+            .root
+            .verify_release(manifest.as_bytes(), Timestamp::now())
+            .and_then(|v| {
+                v.check_install(&InstallPolicy {
+                    platform: self.config.platform.clone(),
+                    installed_version: installed,
+                    rollback_floor: self.state.rollback_floor,
+                    intent,
+                })
+                .map(|()| v)
+            })
+            .map_err(|e| format!("release {version} refused: {e}"))?;
+        let standby = ab::load_state(&self.env).map_err(|e| e.to_string())?.0.standby();
+        let standby = if standby == self.booted { self.booted.other() } else { standby };
+        self.state.update = Some(UpdateRecord {
+            version,
+            manifest: manifest.clone(),
+            state: UpdateState::Downloading,
+            slot: standby.to_string(),
+            previous_version: installed,
+            rollout: response.rollout,
+            intent: response.intent.unwrap_or(UpdateIntent::Upgrade),
+            started: Timestamp::now(),
+            ranges_url: response.origin.as_ref().map(|o| o.ranges.clone()),
+            error: None,
+            bytes_from_origin: 0,
+            bytes_from_lan: 0,
+            download_seconds: None,
+        });
+        self.start_download(verified.release().image.clone(), standby, response.origin.as_ref().map(|o| o.ranges.clone()));
+        Ok(())
+    }
+
+    fn start_download(&mut self, image: ImageInfo, slot: Slot, ranges_url: Option<String>) {
+        let paths = SlotPaths::beside(self.config.slot_path(slot), &self.config.state_dir);
+        let origin = ranges_url.map(|url| (self.client.clone(), url));
+        let me = PeerId(*self.key.public().as_bytes());
+        let stats = Arc::clone(&self.stats);
+        let (lan_fetcher, news, announce) = match &self.lan {
+            Some(lan) => {
+                let (news, announce) = (lan.join)(&image, paths.slot.clone());
+                (Some(Arc::clone(&lan.fetcher)), news, announce)
+            }
+            None => {
+                let (_tx, news) = mpsc::channel(1);
+                let (announce, _rx) = mpsc::channel(1);
+                (None, news, announce)
+            }
+        };
+        self.download_started = Some(std::time::Instant::now());
+        self.download = Some(tokio::spawn(async move {
+            let open_paths = paths.clone();
+            let open_image = image.clone();
+            let writer = tokio::task::spawn_blocking(move || SlotWriter::open_paths(slot, &open_image, &open_paths))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, |_| {});
+            let writer = swarm.run().await.map_err(|e| e.to_string())?;
+            tokio::task::spawn_blocking(move || writer.finish()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+        }));
+    }
+
+    async fn download_finished(&mut self, result: Result<VerifiedSlot<FileDevice>, String>) {
+        self.download = None;
+        let stats = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let seconds = self.download_started.take().map(|s| s.elapsed().as_secs_f64());
+        if let Some(update) = self.state.update.as_mut() {
+            update.bytes_from_origin = stats.bytes_from_origin;
+            update.bytes_from_lan = stats.bytes_from_lan;
+            update.download_seconds = seconds;
+        }
+        self.metrics.update(|m| {
+            m.bytes_from_origin = stats.bytes_from_origin;
+            m.bytes_from_lan = stats.bytes_from_lan;
+            m.download_seconds = seconds;
+        });
+        match result {
+            Ok(verified) => {
+                self.ready = Some(verified);
+                self.set_update_state(UpdateState::Ready, None);
+                self.report(UpdateState::Ready, None).await;
+            }
+            Err(error) => {
+                self.set_update_state(UpdateState::Failed, Some(error.clone()));
+                self.report(UpdateState::Failed, Some(error)).await;
+            }
+        }
+    }
+
+    fn window_open(&self, response_window: Option<&sitecast_manifest::window::MaintenanceWindow>) -> bool {
+        if self.state.skip_window {
+            return true;
+        }
+        match response_window {
+            Some(window) => window.is_open(Timestamp::now()).unwrap_or(false),
+            None => true,
+        }
+    }
+
+    /// Activates the ready slot and reboots into it.
+    async fn activate_and_reboot(&mut self) -> Option<Exit> {
+        let started = std::time::Instant::now();
+        let verified = match self.ready.take() {
+            Some(verified) => verified,
+            None => return None,
+        };
+        match verified.activate(&mut self.env, self.config.boot_tries) {
+            Ok(_) => {
+                self.state.skip_window = false;
+                self.metrics.update(|m| m.apply_seconds = Some(started.elapsed().as_secs_f64()));
+                self.set_update_state(UpdateState::Rebooting, None);
+                self.report(UpdateState::Rebooting, None).await;
+                Some(self.reboot())
+            }
+            Err(error) => {
+                let message = format!("activation failed: {error}");
+                self.set_update_state(UpdateState::Failed, Some(message.clone()));
+                self.report(UpdateState::Failed, Some(message)).await;
+                None
+            }
+        }
+    }
+
+    fn reboot(&self) -> Exit {
+        self.save();
+        if let Some((program, args)) = self.config.reboot_command.split_first() {
+            tracing::info!(?self.config.reboot_command, "rebooting");
+            if let Err(error) = std::process::Command::new(program).args(args).status() {
+                tracing::error!(%error, "reboot command failed");
+            }
+        }
+        Exit::Reboot
+    }
+
+    /// Operator-ordered local rollback: back to the other slot if it holds a verified release.
+    fn local_rollback(&mut self) -> Result<String, String> {
+        let other = self.booted.other();
+        let version = self.state.version_of(other);
+        if version == 0 {
+            return Err(format!("slot {other} holds no known release"));
+        }
+        let (mut ab_state, vars) = ab::load_state(&self.env).map_err(|e| e.to_string())?;
+        if ab_state.active != self.booted {
+            return Err("the running slot is not the active one; finish the current update first".into());
+        }
+        ab_state.revert();
+        ab::save_state(&mut self.env, &ab_state, vars).map_err(|e| e.to_string())?;
+        self.state.rollbacks += 1;
+        self.save();
+        Ok(format!("slot {other} (release {version}) is active; rebooting"))
+    }
+
+    /// Runs until a reboot.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> anyhow::Result<Exit> {
+        self.determine_boot_slot()?;
+        self.publish_status(None);
+        tracing::info!(slot = %self.booted, appliance = %self.key.public(), "agent started");
+        if let Some(exit) = self.after_boot().await {
+            return Ok(self.reboot_after(exit));
+        }
+        // A slot verified before a restart is checked again before it may be activated.
+        if let Some(update) = self.state.update.clone()
+            && update.state == UpdateState::Ready
+        {
+            self.recheck_ready(&update);
+        }
+        let mut next = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {
+                    next = tokio::time::Instant::now() + self.config.checkin_interval();
+                    self.checkin().await;
+                    if let Some(booted) = self.state.booted_at
+                        && health::should_revert_for_connectivity(system_time(booted), self.state.last_contact.map(system_time), std::time::SystemTime::now())
+                    {
+                        tracing::error!("no contact with the coordinator for an hour after the update: reverting");
+                        if self.local_rollback().is_ok() {
+                            return Ok(self.reboot_after(Exit::Reboot));
+                        }
+                    }
+                }
+                command = commands.recv() => match command {
+                    Some(Command::Check) => next = tokio::time::Instant::now(),
+                    Some(Command::SkipWindow) => {
+                        self.state.skip_window = true;
+                        self.save();
+                    }
+                    Some(Command::Rollback(answer)) => {
+                        let result = self.local_rollback();
+                        let ok = result.is_ok();
+                        let _ = answer.send(result);
+                        if ok {
+                            return Ok(self.reboot_after(Exit::Reboot));
+                        }
+                    }
+                    None => {}
+                },
+                result = async { self.download.as_mut().expect("guarded").await }, if self.download.is_some() => {
+                    let result = result.unwrap_or_else(|e| Err(e.to_string()));
+                    self.download_finished(result).await;
+                }
+            }
+            if self.ready.is_some() && self.window_open(self.last_window.as_ref()) {
+                if let Some(exit) = self.activate_and_reboot().await {
+                    return Ok(exit);
+                }
+            }
+        }
+    }
+
+    fn reboot_after(&self, exit: Exit) -> Exit {
+        match exit {
+            Exit::Reboot => self.reboot(),
+        }
+    }
+
+    fn recheck_ready(&mut self, update: &UpdateRecord) {
+        let slot = if update.slot == "B" { Slot::B } else { Slot::A };
+        let Ok(verified) = self.root.verify_release(update.manifest.as_bytes(), Timestamp::now()) else {
+            self.set_update_state(UpdateState::Failed, Some("the manifest no longer verifies".into()));
+            return;
+        };
+        let image = verified.release().image.clone();
+        match FileDevice::open(self.config.slot_path(slot)).map_err(|e| e.to_string()).and_then(|device| {
+            VerifiedSlot::check_existing(slot, &image, device).map_err(|e| e.to_string())
+        }) {
+            Ok(verified) => self.ready = Some(verified),
+            Err(error) => self.set_update_state(UpdateState::Failed, Some(format!("ready slot changed: {error}"))),
+        }
+    }
+}
