@@ -10,9 +10,13 @@ use std::time::Duration;
 use jiff::Timestamp;
 use serde::Serialize;
 use sitecast_iso::ab::{self, BootOutcome};
-use sitecast_iso::health::{self, ApiReachable, DiskWritable, GateDecision, HealthGate, TimeSynchronized};
+use sitecast_iso::health::{
+    self, ApiReachable, DiskWritable, GateDecision, HealthGate, TimeSynchronized,
+};
 use sitecast_iso::{EnvFile, FileDevice, Slot, SlotPaths, SlotWriter, VerifiedSlot};
-use sitecast_manifest::api::{CheckinRequest, CheckinResponse, PeerAddresses, ReportRequest, UpdateIntent, UpdateState};
+use sitecast_manifest::api::{
+    CheckinRequest, CheckinResponse, PeerAddresses, ReportRequest, UpdateIntent, UpdateState,
+};
 use sitecast_manifest::{ImageInfo, InstallPolicy, Intent, SecretKey, TrustedRoot};
 use tokio::sync::{mpsc, oneshot};
 
@@ -60,7 +64,14 @@ pub struct Lan {
     pub fetcher: Arc<dyn LanFetcher>,
     /// Starts taking part in a release: returns the news stream and the announce sink.
     #[allow(clippy::type_complexity)]
-    pub join: Box<dyn Fn(&ImageInfo, PathBuf) -> (mpsc::Receiver<PeerNews>, mpsc::Sender<crate::pieces::PieceSet>) + Send + Sync>,
+    pub join: Box<
+        dyn Fn(
+                &ImageInfo,
+                PathBuf,
+            ) -> (mpsc::Receiver<PeerNews>, mpsc::Sender<crate::pieces::PieceSet>)
+            + Send
+            + Sync,
+    >,
     pub addresses: PeerAddresses,
     /// Peers named by the coordinator for this site.
     pub site_peers: Box<dyn Fn(&[sitecast_manifest::api::SitePeer]) + Send + Sync>,
@@ -94,7 +105,10 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("site", &self.config.site).field("booted", &self.booted).finish_non_exhaustive()
+        f.debug_struct("Agent")
+            .field("site", &self.config.site)
+            .field("booted", &self.booted)
+            .finish_non_exhaustive()
     }
 }
 
@@ -107,7 +121,12 @@ fn state_path(config: &AgentConfig) -> PathBuf {
 }
 
 impl Agent {
-    pub fn new(config: AgentConfig, metrics: Arc<Metrics>, status: Arc<Mutex<Status>>, lan: Option<Lan>) -> anyhow::Result<Self> {
+    pub fn new(
+        config: AgentConfig,
+        metrics: Arc<Metrics>,
+        status: Arc<Mutex<Status>>,
+        lan: Option<Lan>,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
         std::fs::create_dir_all(&config.state_dir)?;
         let key = crate::identity::load_or_create(&config.state_dir.join("identity.key"))?;
@@ -195,7 +214,11 @@ impl Agent {
             progress: None,
             bytes_from_origin: update.bytes_from_origin.max(stats.bytes_from_origin),
             bytes_from_lan: update.bytes_from_lan.max(stats.bytes_from_lan),
-            slot: Some(if state == UpdateState::Succeeded { update.slot.clone() } else { self.booted.to_string() }),
+            slot: Some(if state == UpdateState::Succeeded {
+                update.slot.clone()
+            } else {
+                self.booted.to_string()
+            }),
             error,
         };
         if let Err(error) = self.client.report(&report).await {
@@ -245,20 +268,27 @@ impl Agent {
                         }
                         if let Some(update) = self.state.update.clone() {
                             self.state.slot_versions.insert(slot.to_string(), update.version);
-                            if let Ok(verified) = self.root.verify_release(update.manifest.as_bytes(), Timestamp::now()) {
+                            if let Ok(verified) = self
+                                .root
+                                .verify_release(update.manifest.as_bytes(), Timestamp::now())
+                            {
                                 let floor = verified.release().rollback_floor.unwrap_or(0);
                                 self.state.rollback_floor = self.state.rollback_floor.max(floor);
                             }
                         }
                         self.state.booted_at = Some(Timestamp::now());
-                        self.metrics.update(|m| m.reboot_seconds = Some(started.elapsed().as_secs_f64()));
+                        self.metrics
+                            .update(|m| m.reboot_seconds = Some(started.elapsed().as_secs_f64()));
                         self.set_update_state(UpdateState::Succeeded, None);
                         self.report(UpdateState::Succeeded, None).await;
                         None
                     }
-                    GateDecision::RetryBoot { failures, .. } | GateDecision::FallBack { failures } => {
-                        let reasons: Vec<String> = failures.iter().map(|f| format!("{}: {}", f.check, f.reason)).collect();
-                        let message = format!("health gate failed on slot {slot}: {}", reasons.join("; "));
+                    GateDecision::RetryBoot { failures, .. }
+                    | GateDecision::FallBack { failures } => {
+                        let reasons: Vec<String> =
+                            failures.iter().map(|f| format!("{}: {}", f.check, f.reason)).collect();
+                        let message =
+                            format!("health gate failed on slot {slot}: {}", reasons.join("; "));
                         tracing::error!(%message);
                         self.set_update_state(UpdateState::Rebooting, Some(message.clone()));
                         self.report(UpdateState::Rebooting, Some(message)).await;
@@ -272,7 +302,8 @@ impl Agent {
 
     fn health_gate(&self) -> HealthGate {
         let timeout = Duration::from_secs(self.config.health_timeout_secs);
-        let mut gate = HealthGate::new(timeout).with(DiskWritable { dir: self.config.state_dir.clone() });
+        let mut gate =
+            HealthGate::new(timeout).with(DiskWritable { dir: self.config.state_dir.clone() });
         let host_port = self
             .config
             .coordinator
@@ -295,7 +326,11 @@ impl Agent {
     }
 
     fn checkin_request(&self) -> CheckinRequest {
-        let macs = if self.config.macs.is_empty() { crate::identity::local_macs() } else { self.config.macs.clone() };
+        let macs = if self.config.macs.is_empty() {
+            crate::identity::local_macs()
+        } else {
+            self.config.macs.clone()
+        };
         CheckinRequest {
             site: self.config.site.clone(),
             name: self.config.name.clone(),
@@ -392,7 +427,11 @@ impl Agent {
             bytes_from_lan: 0,
             download_seconds: None,
         });
-        self.start_download(verified.release().image.clone(), standby, response.origin.as_ref().map(|o| o.ranges.clone()));
+        self.start_download(
+            verified.release().image.clone(),
+            standby,
+            response.origin.as_ref().map(|o| o.ranges.clone()),
+        );
         Ok(())
     }
 
@@ -416,13 +455,18 @@ impl Agent {
         self.download = Some(tokio::spawn(async move {
             let open_paths = paths.clone();
             let open_image = image.clone();
-            let writer = tokio::task::spawn_blocking(move || SlotWriter::open_paths(slot, &open_image, &open_paths))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            let writer = tokio::task::spawn_blocking(move || {
+                SlotWriter::open_paths(slot, &open_image, &open_paths)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
             let swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, |_| {});
             let writer = swarm.run().await.map_err(|e| e.to_string())?;
-            tokio::task::spawn_blocking(move || writer.finish()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+            tokio::task::spawn_blocking(move || writer.finish())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
         }));
     }
 
@@ -453,7 +497,10 @@ impl Agent {
         }
     }
 
-    fn window_open(&self, response_window: Option<&sitecast_manifest::window::MaintenanceWindow>) -> bool {
+    fn window_open(
+        &self,
+        response_window: Option<&sitecast_manifest::window::MaintenanceWindow>,
+    ) -> bool {
         if self.state.skip_window {
             return true;
         }
@@ -507,7 +554,9 @@ impl Agent {
         }
         let (mut ab_state, vars) = ab::load_state(&self.env).map_err(|e| e.to_string())?;
         if ab_state.active != self.booted {
-            return Err("the running slot is not the active one; finish the current update first".into());
+            return Err(
+                "the running slot is not the active one; finish the current update first".into()
+            );
         }
         ab_state.revert();
         ab::save_state(&mut self.env, &ab_state, vars).map_err(|e| e.to_string())?;
@@ -582,16 +631,23 @@ impl Agent {
 
     fn recheck_ready(&mut self, update: &UpdateRecord) {
         let slot = if update.slot == "B" { Slot::B } else { Slot::A };
-        let Ok(verified) = self.root.verify_release(update.manifest.as_bytes(), Timestamp::now()) else {
-            self.set_update_state(UpdateState::Failed, Some("the manifest no longer verifies".into()));
+        let Ok(verified) = self.root.verify_release(update.manifest.as_bytes(), Timestamp::now())
+        else {
+            self.set_update_state(
+                UpdateState::Failed,
+                Some("the manifest no longer verifies".into()),
+            );
             return;
         };
         let image = verified.release().image.clone();
-        match FileDevice::open(self.config.slot_path(slot)).map_err(|e| e.to_string()).and_then(|device| {
-            VerifiedSlot::check_existing(slot, &image, device).map_err(|e| e.to_string())
-        }) {
+        match FileDevice::open(self.config.slot_path(slot)).map_err(|e| e.to_string()).and_then(
+            |device| VerifiedSlot::check_existing(slot, &image, device).map_err(|e| e.to_string()),
+        ) {
             Ok(verified) => self.ready = Some(verified),
-            Err(error) => self.set_update_state(UpdateState::Failed, Some(format!("ready slot changed: {error}"))),
+            Err(error) => self.set_update_state(
+                UpdateState::Failed,
+                Some(format!("ready slot changed: {error}")),
+            ),
         }
     }
 }

@@ -107,10 +107,13 @@ impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default());
+            }
             Err(error) => return Err(ConfigError::Read { path: path.to_owned(), error }),
         };
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), error: e.to_string() })
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), error: e.to_string() })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -118,7 +121,10 @@ impl AgentConfig {
             return Err(ConfigError::Invalid("site must not be empty".into()));
         }
         if !(1..=sitecast_iso::ab::MAX_TRIES).contains(&self.boot_tries) {
-            return Err(ConfigError::Invalid(format!("boot_tries must be 1..={}", sitecast_iso::ab::MAX_TRIES)));
+            return Err(ConfigError::Invalid(format!(
+                "boot_tries must be 1..={}",
+                sitecast_iso::ab::MAX_TRIES
+            )));
         }
         if self.slot_a == self.slot_b {
             return Err(ConfigError::Invalid("slot_a and slot_b are the same path".into()));
@@ -144,7 +150,8 @@ mod tests {
 
     #[test]
     fn a_partial_file_keeps_the_other_defaults() {
-        let config: AgentConfig = toml::from_str("site = \"store-9\"\nboot_slot = \"simulate-grub\"\n").expect("toml");
+        let config: AgentConfig =
+            toml::from_str("site = \"store-9\"\nboot_slot = \"simulate-grub\"\n").expect("toml");
         assert_eq!(config.site, "store-9");
         assert_eq!(config.boot_slot, BootSlotSource::SimulateGrub);
         assert_eq!(config.checkin_interval_secs, 60);

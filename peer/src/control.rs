@@ -26,7 +26,11 @@ pub struct Response {
 }
 
 /// Serves the socket until the agent stops.
-pub async fn serve(path: &Path, commands: mpsc::Sender<Command>, status: Arc<Mutex<Status>>) -> std::io::Result<()> {
+pub async fn serve(
+    path: &Path,
+    commands: mpsc::Sender<Command>,
+    status: Arc<Mutex<Status>>,
+) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
@@ -42,19 +46,32 @@ pub async fn serve(path: &Path, commands: mpsc::Sender<Command>, status: Arc<Mut
     }
 }
 
-async fn answer(stream: UnixStream, commands: mpsc::Sender<Command>, status: Arc<Mutex<Status>>) -> std::io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    commands: mpsc::Sender<Command>,
+    status: Arc<Mutex<Status>>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
     let response = match serde_json::from_str::<Request>(&line) {
-        Err(error) => Response { ok: false, message: format!("malformed request: {error}"), status: None },
+        Err(error) => {
+            Response { ok: false, message: format!("malformed request: {error}"), status: None }
+        }
         Ok(request) => match request.command.as_str() {
             "status" => {
                 let status = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                Response { ok: true, message: String::new(), status: serde_json::to_value(status).ok() }
+                Response {
+                    ok: true,
+                    message: String::new(),
+                    status: serde_json::to_value(status).ok(),
+                }
             }
             "check" => sent(commands.send(Command::Check).await.is_ok(), "check-in requested"),
-            "skip-window" => sent(commands.send(Command::SkipWindow).await.is_ok(), "the next reboot will not wait for the window"),
+            "skip-window" => sent(
+                commands.send(Command::SkipWindow).await.is_ok(),
+                "the next reboot will not wait for the window",
+            ),
             "rollback" => {
                 let (tx, rx) = oneshot::channel();
                 if commands.send(Command::Rollback(tx)).await.is_err() {
@@ -67,7 +84,9 @@ async fn answer(stream: UnixStream, commands: mpsc::Sender<Command>, status: Arc
                     }
                 }
             }
-            other => Response { ok: false, message: format!("unknown command {other:?}"), status: None },
+            other => {
+                Response { ok: false, message: format!("unknown command {other:?}"), status: None }
+            }
         },
     };
     let mut text = serde_json::to_string(&response).expect("plain data");

@@ -83,7 +83,12 @@ impl CoordinatorClient {
 
     /// The origin's verified ranges for groups `start..end` (whole body: one piece at a time
     /// keeps memory bounded by the piece size times the origin requests in flight).
-    pub async fn fetch_ranges(&self, ranges_url: &str, start: u64, end: u64) -> Result<Bytes, ClientError> {
+    pub async fn fetch_ranges(
+        &self,
+        ranges_url: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, ClientError> {
         let url = format!("{ranges_url}?start={start}&end={end}");
         self.send(self.signed(reqwest::Method::GET, &url, Vec::new())).await
     }

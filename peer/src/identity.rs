@@ -21,14 +21,17 @@ pub enum IdentityError {
 pub fn load_or_create(path: &Path) -> Result<SecretKey, IdentityError> {
     let shown = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => SecretKey::from_file_text(&text).map_err(|e| IdentityError::Corrupt { path: shown, error: e.to_string() }),
+        Ok(text) => SecretKey::from_file_text(&text)
+            .map_err(|e| IdentityError::Corrupt { path: shown, error: e.to_string() }),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let key = SecretKey::generate().map_err(|e| IdentityError::Random(e.to_string()))?;
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|error| IdentityError::Io { path: shown.clone(), error })?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|error| IdentityError::Io { path: shown.clone(), error })?;
             }
             let write = || -> std::io::Result<()> {
-                let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+                let mut file =
+                    OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
                 file.write_all(key.to_file_text().as_bytes())?;
                 file.sync_all()
             };

@@ -14,7 +14,12 @@ use sitecast_peer::metrics::Metrics;
 #[command(name = "sitecast-peer", version, about = "sitecast appliance agent")]
 struct Cli {
     /// Configuration file (TOML); every option can also be given as a flag.
-    #[arg(long, global = true, default_value = "/etc/sitecast/agent.toml", env = "SITECAST_AGENT_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/etc/sitecast/agent.toml",
+        env = "SITECAST_AGENT_CONFIG"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -80,12 +85,30 @@ fn apply(config: &mut AgentConfig, o: Overrides) {
     macro_rules! set {
         ($($field:ident),*) => { $(if let Some(v) = o.$field { config.$field = v; })* };
     }
-    set!(coordinator, site, name, platform, root, state_dir, slot_a, slot_b, grubenv, checkin_interval_secs, control_socket, metrics_listen, lan_listen);
+    set!(
+        coordinator,
+        site,
+        name,
+        platform,
+        root,
+        state_dir,
+        slot_a,
+        slot_b,
+        grubenv,
+        checkin_interval_secs,
+        control_socket,
+        metrics_listen,
+        lan_listen
+    );
     if o.enrollment_token.is_some() {
         config.enrollment_token = o.enrollment_token;
     }
     if let Some(source) = o.boot_slot {
-        config.boot_slot = if source == "simulate-grub" { BootSlotSource::SimulateGrub } else { BootSlotSource::Cmdline };
+        config.boot_slot = if source == "simulate-grub" {
+            BootSlotSource::SimulateGrub
+        } else {
+            BootSlotSource::Cmdline
+        };
     }
     if let Some(command) = o.reboot_command {
         config.reboot_command = command.into_iter().filter(|a| !a.is_empty()).collect();
@@ -97,7 +120,9 @@ fn apply(config: &mut AgentConfig, o: Overrides) {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -127,7 +152,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { json } => {
             let response = sitecast_peer::control::request(&config.control_socket, "status")
                 .await
-                .with_context(|| format!("is the agent running? ({})", config.control_socket.display()))?;
+                .with_context(|| {
+                    format!("is the agent running? ({})", config.control_socket.display())
+                })?;
             let status = response.status.unwrap_or_default();
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
@@ -147,8 +174,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn print_status(status: &serde_json::Value) {
-    println!("appliance {:.16}… at site {}", status["appliance"].as_str().unwrap_or(""), status["site"].as_str().unwrap_or(""));
-    println!("running slot {}; slots: {}", status["booted_slot"].as_str().unwrap_or("?"), status["slot_versions"]);
+    println!(
+        "appliance {:.16}… at site {}",
+        status["appliance"].as_str().unwrap_or(""),
+        status["site"].as_str().unwrap_or("")
+    );
+    println!(
+        "running slot {}; slots: {}",
+        status["booted_slot"].as_str().unwrap_or("?"),
+        status["slot_versions"]
+    );
     match status["update"].as_object() {
         Some(update) => println!(
             "update to release {}: {} (slot {}){}",
@@ -174,12 +209,16 @@ async fn daemon(config: AgentConfig) -> Result<ExitCode> {
     let socket = config.control_socket.clone();
     let control_status = Arc::clone(&status);
     tokio::spawn(async move {
-        if let Err(error) = sitecast_peer::control::serve(&socket, commands_tx, control_status).await {
+        if let Err(error) =
+            sitecast_peer::control::serve(&socket, commands_tx, control_status).await
+        {
             tracing::error!(%error, "control socket");
         }
     });
     if !config.metrics_listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&config.metrics_listen).await.context("metrics listener")?;
+        let listener = tokio::net::TcpListener::bind(&config.metrics_listen)
+            .await
+            .context("metrics listener")?;
         tokio::spawn(sitecast_peer::metrics::serve(listener, Arc::clone(&metrics)));
     }
     let agent = Agent::new(config, metrics, status, None)?;

@@ -40,16 +40,66 @@ impl Metrics {
                 let _ = writeln!(out, "{name} {value}");
             }
         };
-        family("update_download_seconds", "gauge", "Time the last update took to download and verify.", m.download_seconds);
-        family("update_apply_seconds", "gauge", "Time the last update took to read back and activate.", m.apply_seconds);
-        family("update_reboot_seconds", "gauge", "Time from reboot to the health gate's verdict.", m.reboot_seconds);
-        family("update_rollback_count", "counter", "Updates that ended on the old slot.", Some(m.rollback_count as f64));
-        family("sitecast_bytes_from_origin_total", "counter", "Release bytes fetched from the origin.", Some(m.bytes_from_origin as f64));
-        family("sitecast_bytes_from_lan_total", "counter", "Release bytes fetched from LAN peers.", Some(m.bytes_from_lan as f64));
-        family("sitecast_bytes_uploaded_total", "counter", "Release bytes served to LAN peers.", Some(m.bytes_uploaded as f64));
-        family("sitecast_peers", "gauge", "LAN peers known for the current release.", Some(m.peers as f64));
-        family("sitecast_checkins_total", "counter", "Successful check-ins.", Some(m.checkins as f64));
-        family("sitecast_checkin_errors_total", "counter", "Failed check-ins.", Some(m.checkin_errors as f64));
+        family(
+            "update_download_seconds",
+            "gauge",
+            "Time the last update took to download and verify.",
+            m.download_seconds,
+        );
+        family(
+            "update_apply_seconds",
+            "gauge",
+            "Time the last update took to read back and activate.",
+            m.apply_seconds,
+        );
+        family(
+            "update_reboot_seconds",
+            "gauge",
+            "Time from reboot to the health gate's verdict.",
+            m.reboot_seconds,
+        );
+        family(
+            "update_rollback_count",
+            "counter",
+            "Updates that ended on the old slot.",
+            Some(m.rollback_count as f64),
+        );
+        family(
+            "sitecast_bytes_from_origin_total",
+            "counter",
+            "Release bytes fetched from the origin.",
+            Some(m.bytes_from_origin as f64),
+        );
+        family(
+            "sitecast_bytes_from_lan_total",
+            "counter",
+            "Release bytes fetched from LAN peers.",
+            Some(m.bytes_from_lan as f64),
+        );
+        family(
+            "sitecast_bytes_uploaded_total",
+            "counter",
+            "Release bytes served to LAN peers.",
+            Some(m.bytes_uploaded as f64),
+        );
+        family(
+            "sitecast_peers",
+            "gauge",
+            "LAN peers known for the current release.",
+            Some(m.peers as f64),
+        );
+        family(
+            "sitecast_checkins_total",
+            "counter",
+            "Successful check-ins.",
+            Some(m.checkins as f64),
+        );
+        family(
+            "sitecast_checkin_errors_total",
+            "counter",
+            "Failed check-ins.",
+            Some(m.checkin_errors as f64),
+        );
         out
     }
 }

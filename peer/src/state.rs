@@ -66,7 +66,8 @@ pub struct StateError {
 impl AgentState {
     pub fn load(path: &Path) -> Result<Self, StateError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StateError { path: path.to_owned(), error: e.to_string() }),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StateError { path: path.to_owned(), error: e.to_string() }),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
             Err(error) => Err(StateError { path: path.to_owned(), error: error.to_string() }),
         }
@@ -74,7 +75,8 @@ impl AgentState {
 
     /// Writes a temporary file, syncs it and renames it over the old one.
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        let fail = |error: std::io::Error| StateError { path: path.to_owned(), error: error.to_string() };
+        let fail =
+            |error: std::io::Error| StateError { path: path.to_owned(), error: error.to_string() };
         let temp = path.with_extension("json.new");
         let mut file = std::fs::File::create(&temp).map_err(fail)?;
         file.write_all(&serde_json::to_vec_pretty(self).expect("plain data")).map_err(fail)?;

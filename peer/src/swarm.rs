@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use sitecast_iso::{BlobLayout, DecodedItem, Device, ResponseDecoder, ResponseError, SlotError, SlotWriter};
+use sitecast_iso::{
+    BlobLayout, DecodedItem, Device, ResponseDecoder, ResponseError, SlotError, SlotWriter,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -161,7 +163,9 @@ impl<D: Device + Send + 'static> Swarm<D> {
                     Action::Done => {
                         fetches.abort_all();
                         let writer = Arc::try_unwrap(self.writer)
-                            .map_err(|_| SwarmError::Stopped("a fetch still holds the writer".into()))?
+                            .map_err(|_| {
+                                SwarmError::Stopped("a fetch still holds the writer".into())
+                            })?
                             .into_inner()
                             .unwrap_or_else(|p| p.into_inner());
                         return Ok(writer);
@@ -206,7 +210,12 @@ impl<D: Device + Send + 'static> Swarm<D> {
 
     /// Fetches and verifies one piece (verification happens off the executor); the writer is
     /// not touched until every group of the piece has verified.
-    fn fetch(&self, id: RequestId, piece: u64, source: Source) -> impl std::future::Future<Output = FetchOutcome> + Send + 'static {
+    fn fetch(
+        &self,
+        id: RequestId,
+        piece: u64,
+        source: Source,
+    ) -> impl std::future::Future<Output = FetchOutcome> + Send + 'static {
         let groups = piece_groups(&self.layout, piece);
         let layout = self.layout;
         let origin = self.origin.clone();
@@ -227,9 +236,11 @@ impl<D: Device + Send + 'static> Swarm<D> {
             };
             let bytes = response.as_ref().map_or(0, |b| b.len() as u64);
             let verified = match response {
-                Ok(body) => tokio::task::spawn_blocking(move || decode(layout, groups, &body, source))
-                    .await
-                    .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string()))),
+                Ok(body) => {
+                    tokio::task::spawn_blocking(move || decode(layout, groups, &body, source))
+                        .await
+                        .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))
+                }
                 Err(error) => Err(error),
             };
             (id, source, bytes, verified)
@@ -243,7 +254,9 @@ impl<D: Device + Send + 'static> Swarm<D> {
         bytes: u64,
         result: Result<Vec<DecodedItem>, FetchError>,
     ) -> Result<Event, SwarmError> {
-        let count = |f: &dyn Fn(&mut TransferStats)| f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()));
+        let count = |f: &dyn Fn(&mut TransferStats)| {
+            f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()))
+        };
         match result {
             Ok(items) => {
                 count(&|stats| match source {
@@ -286,7 +299,12 @@ impl<D: Device + Send + 'static> Swarm<D> {
 }
 
 /// Verifies a whole response for `groups`; nothing is kept unless everything verifies.
-fn decode(layout: BlobLayout, groups: std::ops::Range<u64>, body: &[u8], source: Source) -> Result<Vec<DecodedItem>, FetchError> {
+fn decode(
+    layout: BlobLayout,
+    groups: std::ops::Range<u64>,
+    body: &[u8],
+    source: Source,
+) -> Result<Vec<DecodedItem>, FetchError> {
     let ranges = layout.chunk_ranges(groups.clone());
     let decoder = ResponseDecoder::new(layout, &ranges, body).map_err(|e| classify(e, source))?;
     let mut items = Vec::new();
@@ -308,7 +326,9 @@ fn decode(layout: BlobLayout, groups: std::ops::Range<u64>, body: &[u8], source:
 /// origin's connection, though, may just have been cut.
 fn classify(error: ResponseError, source: Source) -> FetchError {
     match (&error, source) {
-        (ResponseError::Io(_), _) | (ResponseError::Truncated, Source::Origin) => FetchError::Failed(error.to_string()),
+        (ResponseError::Io(_), _) | (ResponseError::Truncated, Source::Origin) => {
+            FetchError::Failed(error.to_string())
+        }
         _ => FetchError::Corrupt(error.to_string()),
     }
 }

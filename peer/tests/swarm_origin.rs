@@ -40,7 +40,8 @@ async fn a_lone_appliance_fills_its_slot_from_the_origin() {
 
     let slot = dir.path().join("slot-b.img");
     std::fs::File::create(&slot).expect("slot").set_len(image.size + 4096).expect("size");
-    let writer = SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, dir.path())).expect("writer");
+    let writer = SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, dir.path()))
+        .expect("writer");
     let (_news_tx, news) = tokio::sync::mpsc::channel(8);
     let (announce, _announced) = tokio::sync::mpsc::channel(8);
     let stats = Arc::new(Mutex::new(TransferStats::default()));

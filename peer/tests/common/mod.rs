@@ -41,18 +41,29 @@ impl Origin {
         config.operator_token = Some(OPERATOR.into());
         config.enrollment_token = Some(ENROLL.into());
         config.tick = Duration::from_millis(200);
-        let (coordinator, _) = Coordinator::open(config, Arc::new(SystemClock)).expect("coordinator");
+        let (coordinator, _) =
+            Coordinator::open(config, Arc::new(SystemClock)).expect("coordinator");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let server = tokio::spawn(coordinator.serve(listener));
-        Self { url, root, root_path, release_key, http: reqwest::Client::new(), dir: dir.to_owned(), _server: server }
+        Self {
+            url,
+            root,
+            root_path,
+            release_key,
+            http: reqwest::Client::new(),
+            dir: dir.to_owned(),
+            _server: server,
+        }
     }
 
     /// Generates, signs and publishes release `version` of `len` bytes; returns the image.
     pub async fn publish(&self, version: u64, len: u64) -> (PathBuf, ImageInfo) {
         let path = self.dir.join(format!("image-v{version}.raw"));
-        sitecast_iso::generate::write_image(&path, len, &format!("test image {version}")).expect("image");
-        let digest = ImageDigest::of_reader(std::fs::File::open(&path).expect("open")).expect("hash");
+        sitecast_iso::generate::write_image(&path, len, &format!("test image {version}"))
+            .expect("image");
+        let digest =
+            ImageDigest::of_reader(std::fs::File::open(&path).expect("open")).expect("hash");
         let image = ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 };
         let now = Timestamp::now();
         let release = Release {
@@ -65,7 +76,8 @@ impl Origin {
             expires: now + (24 * 30).hours(),
             rollback_floor: None,
         };
-        let manifest = String::from_utf8(release.sign(&[&self.release_key]).to_bytes()).expect("utf8");
+        let manifest =
+            String::from_utf8(release.sign(&[&self.release_key]).to_bytes()).expect("utf8");
         let response = self
             .http
             .post(format!("{}/api/releases", self.url))
@@ -92,8 +104,17 @@ impl Origin {
 
     /// Origin bytes served to `site` for `version`, from the metrics.
     pub async fn origin_bytes(&self, site: &str, version: u64) -> u64 {
-        let text = self.http.get(format!("{}/metrics", self.url)).send().await.expect("metrics").text().await.expect("text");
-        let prefix = format!("sitecast_origin_bytes_served_total{{site=\"{site}\",version=\"{version}\"}} ");
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let prefix =
+            format!("sitecast_origin_bytes_served_total{{site=\"{site}\",version=\"{version}\"}} ");
         text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |n| n.parse().expect("number"))
     }
 }
