@@ -59,28 +59,22 @@ pub enum Exit {
     Reboot,
 }
 
-/// The LAN side the agent plugs into the swarm (discovery news, fetching, announcing).
-pub struct Lan {
-    pub fetcher: Arc<dyn LanFetcher>,
-    /// Starts taking part in a release: returns the news stream and the announce sink.
-    #[allow(clippy::type_complexity)]
-    pub join: Box<
-        dyn Fn(
-                &ImageInfo,
-                PathBuf,
-            ) -> (mpsc::Receiver<PeerNews>, mpsc::Sender<crate::pieces::PieceSet>)
-            + Send
-            + Sync,
-    >,
-    pub addresses: PeerAddresses,
-    /// Peers named by the coordinator for this site.
-    pub site_peers: Box<dyn Fn(&[sitecast_manifest::api::SitePeer]) + Send + Sync>,
-}
-
-impl std::fmt::Debug for Lan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lan").field("addresses", &self.addresses).finish_non_exhaustive()
-    }
+/// The LAN side the agent plugs into the swarm: discovery news, fetching, announcing,
+/// serving.
+pub trait Lan: Send + Sync {
+    fn fetcher(&self) -> Arc<dyn LanFetcher>;
+    /// Starts taking part in the release in `slot`: news of site peers come in, have-maps go
+    /// out, and verified groups of the slot are served to peers.
+    fn join(
+        &self,
+        image: &ImageInfo,
+        slot: PathBuf,
+        state_dir: PathBuf,
+    ) -> (mpsc::Receiver<PeerNews>, mpsc::Sender<crate::pieces::PieceSet>);
+    /// How site peers reach this appliance.
+    fn addresses(&self) -> PeerAddresses;
+    /// Peers the coordinator named for this site (for networks without multicast).
+    fn site_peers(&self, peers: &[sitecast_manifest::api::SitePeer]);
 }
 
 pub struct Agent {
@@ -93,7 +87,7 @@ pub struct Agent {
     booted: Slot,
     metrics: Arc<Metrics>,
     status: Arc<Mutex<Status>>,
-    lan: Option<Lan>,
+    lan: Option<Arc<dyn Lan>>,
     stats: Arc<Mutex<TransferStats>>,
     /// The slot read back and checked, waiting for the window.
     ready: Option<VerifiedSlot<FileDevice>>,
@@ -125,7 +119,7 @@ impl Agent {
         config: AgentConfig,
         metrics: Arc<Metrics>,
         status: Arc<Mutex<Status>>,
-        lan: Option<Lan>,
+        lan: Option<Arc<dyn Lan>>,
     ) -> anyhow::Result<Self> {
         config.validate()?;
         std::fs::create_dir_all(&config.state_dir)?;
@@ -341,7 +335,7 @@ impl Agent {
             active_slot: Some(self.booted.to_string()),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             enrollment_token: self.config.enrollment_token.clone(),
-            peer: self.lan.as_ref().map(|l| l.addresses.clone()).unwrap_or_default(),
+            peer: self.lan.as_ref().map(|l| l.addresses()).unwrap_or_default(),
         }
     }
 
@@ -366,7 +360,7 @@ impl Agent {
             self.state.booted_at = None;
         }
         if let Some(lan) = &self.lan {
-            (lan.site_peers)(&response.site_peers);
+            lan.site_peers(&response.site_peers);
         }
         if let Err(message) = self.consider(&response) {
             tracing::warn!(%message, "offered update refused");
@@ -442,8 +436,9 @@ impl Agent {
         let stats = Arc::clone(&self.stats);
         let (lan_fetcher, news, announce) = match &self.lan {
             Some(lan) => {
-                let (news, announce) = (lan.join)(&image, paths.slot.clone());
-                (Some(Arc::clone(&lan.fetcher)), news, announce)
+                let (news, announce) =
+                    lan.join(&image, paths.slot.clone(), self.config.state_dir.clone());
+                (Some(lan.fetcher()), news, announce)
             }
             None => {
                 let (_tx, news) = mpsc::channel(1);
@@ -615,10 +610,11 @@ impl Agent {
                     self.download_finished(result).await;
                 }
             }
-            if self.ready.is_some() && self.window_open(self.last_window.as_ref()) {
-                if let Some(exit) = self.activate_and_reboot().await {
-                    return Ok(exit);
-                }
+            if self.ready.is_some()
+                && self.window_open(self.last_window.as_ref())
+                && let Some(exit) = self.activate_and_reboot().await
+            {
+                return Ok(exit);
             }
         }
     }

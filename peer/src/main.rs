@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent.
-    Run(Overrides),
+    Run(Box<Overrides>),
     /// Ask the running agent to check in now.
     Check,
     /// Slots, versions, download progress, peers.
@@ -145,7 +145,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let mut config = AgentConfig::load(&cli.config)?;
     let command = match cli.command {
         Command::Run(overrides) => {
-            apply(&mut config, overrides);
+            apply(&mut config, *overrides);
             return daemon(config).await;
         }
         Command::Check => "check",
