@@ -89,6 +89,7 @@ where
 }
 
 fn main() {
+    sitecast_coordinator::install_tls_provider();
     let appliances = env_number("SITECAST_BENCH_APPLIANCES", 2000) as usize;
     let seconds = env_number("SITECAST_BENCH_SECONDS", 5);
     let dir = tempfile::tempdir().expect("tempdir");

@@ -169,6 +169,7 @@ enum AppliancesCommand {
 }
 
 fn main() -> ExitCode {
+    sitecast_coordinator::install_tls_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

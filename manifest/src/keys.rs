@@ -194,6 +194,12 @@ impl SecretKey {
         PublicKey(self.0.verifying_key().to_bytes())
     }
 
+    /// The 32-byte seed, for deriving the same identity in a transport (iroh, libp2p) that
+    /// takes raw ed25519 seeds. Never log or print it.
+    pub fn seed(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
     /// Signs `message` as it is (RFC 8032 Ed25519, no prehash, no context).
     pub fn sign(&self, message: &[u8]) -> Signature {
         Signature(self.0.sign(message).to_bytes())

@@ -71,6 +71,9 @@ pub trait Lan: Send + Sync {
         slot: PathBuf,
         state_dir: PathBuf,
     ) -> (mpsc::Receiver<PeerNews>, mpsc::Sender<crate::pieces::PieceSet>);
+    /// Keeps serving a release this appliance holds complete (its running slot), so later
+    /// waves of a rollout fetch it from the LAN. Every group is still re-verified as it is sent.
+    fn serve_installed(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf);
     /// How site peers reach this appliance.
     fn addresses(&self) -> PeerAddresses;
     /// Peers the coordinator named for this site (for networks without multicast).
@@ -482,6 +485,7 @@ impl Agent {
         match result {
             Ok(verified) => {
                 self.ready = Some(verified);
+                self.serve_running_release();
                 self.set_update_state(UpdateState::Ready, None);
                 self.report(UpdateState::Ready, None).await;
             }
@@ -568,6 +572,7 @@ impl Agent {
         if let Some(exit) = self.after_boot().await {
             return Ok(self.reboot_after(exit));
         }
+        self.serve_running_release();
         // A slot verified before a restart is checked again before it may be activated.
         if let Some(update) = self.state.update.clone()
             && update.state == UpdateState::Ready
@@ -616,6 +621,23 @@ impl Agent {
             {
                 return Ok(exit);
             }
+        }
+    }
+
+    fn serve_running_release(&self) {
+        let (Some(lan), Some(update)) = (&self.lan, &self.state.update) else { return };
+        let holds_it = update.state == UpdateState::Succeeded || update.state == UpdateState::Ready;
+        let slot = if update.slot == "B" { Slot::B } else { Slot::A };
+        if !holds_it {
+            return;
+        }
+        if let Ok(verified) = self.root.verify_release(update.manifest.as_bytes(), Timestamp::now())
+        {
+            lan.serve_installed(
+                &verified.release().image,
+                self.config.slot_path(slot).to_owned(),
+                self.config.state_dir.clone(),
+            );
         }
     }
 

@@ -27,6 +27,9 @@ pub struct CoordinatorClient {
 
 impl CoordinatorClient {
     pub fn new(base: &str, key: SecretKey) -> Result<Self, ClientError> {
+        // See `sitecast_coordinator::install_tls_provider`: the same reqwest build needs a
+        // process-wide rustls provider before a client is built.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(120))

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod coordinator;
 pub mod identity;
+pub mod lan;
 pub mod metrics;
 pub mod pieces;
 pub mod scheduler;

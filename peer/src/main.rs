@@ -199,6 +199,25 @@ fn print_status(status: &serde_json::Value) {
     }
 }
 
+/// The LAN node shares the appliance's identity key (it is also its iroh endpoint id).
+async fn bind_lan(config: &AgentConfig) -> Result<Arc<dyn sitecast_peer::agent::Lan>> {
+    let key = sitecast_peer::identity::load_or_create(&config.state_dir.join("identity.key"))?;
+    let listen =
+        config.lan_listen.parse().with_context(|| format!("lan_listen {:?}", config.lan_listen))?;
+    let node = sitecast_peer::lan::LanNode::bind(
+        &key,
+        listen,
+        config.max_upload_peers,
+        config.upload_limit_bytes_per_sec,
+    )
+    .await?;
+    for peer in &config.static_peers {
+        node.add_static_peer(peer).map_err(anyhow::Error::msg)?;
+    }
+    tracing::info!(id = %hex::encode(node.id().0), addrs = ?node.direct_addrs(), "LAN endpoint bound");
+    Ok(Arc::new(sitecast_peer::lan::LanNodeForAgent::new(node)))
+}
+
 async fn daemon(config: AgentConfig) -> Result<ExitCode> {
     let metrics = Arc::new(Metrics::default());
     let status = Arc::new(Mutex::new(Status::default()));
@@ -221,7 +240,8 @@ async fn daemon(config: AgentConfig) -> Result<ExitCode> {
             .context("metrics listener")?;
         tokio::spawn(sitecast_peer::metrics::serve(listener, Arc::clone(&metrics)));
     }
-    let agent = Agent::new(config, metrics, status, None)?;
+    let lan = bind_lan(&config).await?;
+    let agent = Agent::new(config, metrics, status, Some(lan))?;
     match agent.run(commands).await? {
         Exit::Reboot => Ok(ExitCode::from(EXIT_REBOOT as u8)),
     }

@@ -3,127 +3,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 use sitecast_iso::ab::load_state;
 use sitecast_iso::{EnvFile, Slot};
-
-const BIN: &str = env!("CARGO_BIN_EXE_sitecast-peer");
-
-struct AgentProcess {
-    dir: PathBuf,
-    args: Vec<String>,
-    child: Option<Child>,
-}
-
-impl AgentProcess {
-    fn new(dir: &Path, origin: &Origin, site: &str, name: &str, slot_len: u64) -> Self {
-        std::fs::create_dir_all(dir).expect("dir");
-        for slot in ["slot-a.img", "slot-b.img"] {
-            std::fs::File::create(dir.join(slot)).expect("slot").set_len(slot_len).expect("size");
-        }
-        let p = |name: &str| dir.join(name).display().to_string();
-        let args = vec![
-            "--config".into(),
-            p("agent.toml"),
-            "run".into(),
-            "--coordinator".into(),
-            origin.url.clone(),
-            "--site".into(),
-            site.into(),
-            "--name".into(),
-            name.into(),
-            "--platform".into(),
-            PLATFORM.into(),
-            "--enrollment-token".into(),
-            ENROLL.into(),
-            "--root".into(),
-            origin.root_path.display().to_string(),
-            "--state-dir".into(),
-            p("state"),
-            "--slot-a".into(),
-            p("slot-a.img"),
-            "--slot-b".into(),
-            p("slot-b.img"),
-            "--grubenv".into(),
-            p("grubenv"),
-            "--boot-slot".into(),
-            "simulate-grub".into(),
-            "--reboot-command".into(),
-            "".into(),
-            "--checkin-interval-secs".into(),
-            "1".into(),
-            "--control-socket".into(),
-            p("state/control.sock"),
-        ];
-        Self { dir: dir.to_owned(), args, child: None }
-    }
-
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .expect("log");
-        let child = Command::new(BIN)
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start sitecast-peer");
-        self.child = Some(child);
-    }
-
-    /// The exit status if the agent exited ("rebooted").
-    fn exited(&mut self) -> Option<i32> {
-        let child = self.child.as_mut()?;
-        match child.try_wait().expect("wait") {
-            Some(status) => {
-                self.child = None;
-                Some(status.code().unwrap_or(-1))
-            }
-            None => None,
-        }
-    }
-
-    fn control(&self, command: &str) -> String {
-        let output = Command::new(BIN)
-            .args(["--config", &self.dir.join("agent.toml").display().to_string(), command])
-            .env("SITECAST_AGENT_CONFIG", self.dir.join("agent.toml"))
-            .output()
-            .expect("control");
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-async fn appliances(origin: &Origin) -> Vec<Value> {
-    let response = origin
-        .http
-        .get(format!("{}/api/appliances", origin.url))
-        .bearer_auth(OPERATOR)
-        .send()
-        .await
-        .expect("list");
-    response.json().await.expect("json")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_updates_reboots_and_passes_its_health_gate() {

@@ -102,6 +102,7 @@ impl TestServer {
         root: &TrustedRoot,
         clock: Arc<ManualClock>,
     ) -> anyhow::Result<Self> {
+        sitecast_coordinator::install_tls_provider();
         let mut config = ServerConfig::new(data_dir.to_owned());
         config.root = Some(root.clone());
         config.operator_token = Some(OPERATOR.into());

@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ pub struct Origin {
 
 impl Origin {
     pub async fn start(dir: &Path) -> Self {
+        sitecast_coordinator::install_tls_provider();
         let root_key = SecretKey::generate().expect("rng");
         let release_key = SecretKey::generate().expect("rng");
         let root = Root {
@@ -117,4 +119,120 @@ impl Origin {
             format!("sitecast_origin_bytes_served_total{{site=\"{site}\",version=\"{version}\"}} ");
         text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |n| n.parse().expect("number"))
     }
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sitecast-peer");
+
+pub struct AgentProcess {
+    pub name: String,
+    pub dir: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl AgentProcess {
+    pub fn new(dir: &Path, origin: &Origin, site: &str, name: &str, slot_len: u64) -> Self {
+        std::fs::create_dir_all(dir).expect("dir");
+        for slot in ["slot-a.img", "slot-b.img"] {
+            std::fs::File::create(dir.join(slot)).expect("slot").set_len(slot_len).expect("size");
+        }
+        let p = |name: &str| dir.join(name).display().to_string();
+        let args = vec![
+            "--config".into(),
+            p("agent.toml"),
+            "run".into(),
+            "--coordinator".into(),
+            origin.url.clone(),
+            "--site".into(),
+            site.into(),
+            "--name".into(),
+            name.into(),
+            "--platform".into(),
+            PLATFORM.into(),
+            "--enrollment-token".into(),
+            ENROLL.into(),
+            "--root".into(),
+            origin.root_path.display().to_string(),
+            "--state-dir".into(),
+            p("state"),
+            "--slot-a".into(),
+            p("slot-a.img"),
+            "--slot-b".into(),
+            p("slot-b.img"),
+            "--grubenv".into(),
+            p("grubenv"),
+            "--boot-slot".into(),
+            "simulate-grub".into(),
+            "--reboot-command".into(),
+            "".into(),
+            "--checkin-interval-secs".into(),
+            "1".into(),
+            "--control-socket".into(),
+            p("state/control.sock"),
+            "--lan-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        Self { name: name.into(), dir: dir.to_owned(), args, child: None }
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("log");
+        let child = Command::new(BIN)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start sitecast-peer");
+        self.child = Some(child);
+    }
+
+    /// The exit status if the agent exited ("rebooted").
+    pub fn exited(&mut self) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        match child.try_wait().expect("wait") {
+            Some(status) => {
+                self.child = None;
+                Some(status.code().unwrap_or(-1))
+            }
+            None => None,
+        }
+    }
+
+    pub fn control(&self, command: &str) -> String {
+        let output = Command::new(BIN)
+            .args(["--config", &self.dir.join("agent.toml").display().to_string(), command])
+            .env("SITECAST_AGENT_CONFIG", self.dir.join("agent.toml"))
+            .output()
+            .expect("control");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub async fn appliances(origin: &Origin) -> Vec<serde_json::Value> {
+    let response = origin
+        .http
+        .get(format!("{}/api/appliances", origin.url))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .expect("list");
+    response.json().await.expect("json")
 }

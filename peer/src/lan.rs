@@ -1,0 +1,460 @@
+//! The LAN data plane: iroh QUIC with direct addresses only (no relay, no internet).
+//!
+//! Data uses the iroh-blobs protocol as it is on the wire (ALPN `/iroh-bytes/4`, a
+//! postcard `Request::Get` with the blob's chunk ranges, answered with `[size][bao encoding]`),
+//! so any iroh-blobs client or provider interoperates. This node serves it from the slot
+//! itself and its outboard rather than from an iroh-blobs store: the slot is where the
+//! verified bytes already are (no second copy of a multi-GiB image), its progress record
+//! survives a kill -9, and every group is re-verified as it is sent.
+//!
+//! Have-maps go over a small protocol of our own (ALPN `sitecast/have/1`): ask for a blob's
+//! hash, get the pieces held. Peers come from the coordinator's site peer list and static
+//! configuration.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use iroh::endpoint::Connection;
+use iroh::{Endpoint, EndpointAddr, RelayMode};
+use iroh_blobs::protocol::{GetRequest, Request};
+use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, SlotPaths};
+use sitecast_manifest::api::{PeerAddresses, SitePeer};
+use sitecast_manifest::{ImageInfo, SecretKey};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::pieces::{HaveMap, PieceSet};
+use crate::scheduler::PeerId;
+use crate::swarm::{FetchError, GROUPS_PER_PIECE, LanFetcher, PeerNews, piece_count};
+
+pub const HAVE_ALPN: &[u8] = b"sitecast/have/1";
+/// A stalled peer must not stall the site.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+const HAVE_POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LanError {
+    #[error("LAN endpoint: {0}")]
+    Bind(String),
+}
+
+#[derive(Debug, Clone)]
+struct Served {
+    layout: BlobLayout,
+    paths: SlotPaths,
+    have: PieceSet,
+}
+
+#[derive(Debug)]
+struct Shared {
+    served: Mutex<BTreeMap<[u8; 32], Served>>,
+    book: Mutex<BTreeMap<PeerId, EndpointAddr>>,
+    connections: tokio::sync::Mutex<BTreeMap<PeerId, Connection>>,
+    upload_slots: Semaphore,
+    /// Bytes per second for all uploads together; 0: no limit.
+    upload_limit: u64,
+    uploaded: AtomicU64,
+}
+
+/// This appliance on the LAN: serves what it holds, fetches from peers.
+#[derive(Debug, Clone)]
+pub struct LanNode {
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LanNode {
+    /// Binds the endpoint (the iroh identity is the appliance's own key) and starts serving.
+    pub async fn bind(
+        key: &SecretKey,
+        listen: SocketAddr,
+        max_upload_peers: usize,
+        upload_limit: u64,
+    ) -> Result<Self, LanError> {
+        let endpoint = Endpoint::builder(iroh::endpoint::presets::Minimal)
+            .secret_key(iroh::SecretKey::from_bytes(&key.seed()))
+            .alpns(vec![iroh_blobs::ALPN.to_vec(), HAVE_ALPN.to_vec()])
+            .relay_mode(RelayMode::Disabled)
+            .clear_ip_transports()
+            .bind_addr(listen)
+            .map_err(|e| LanError::Bind(e.to_string()))?
+            .bind()
+            .await
+            .map_err(|e| LanError::Bind(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            served: Mutex::new(BTreeMap::new()),
+            book: Mutex::new(BTreeMap::new()),
+            connections: tokio::sync::Mutex::new(BTreeMap::new()),
+            upload_slots: Semaphore::new(max_upload_peers.max(1)),
+            upload_limit,
+            uploaded: AtomicU64::new(0),
+        });
+        let node = Self { endpoint, shared };
+        tokio::spawn(node.clone().accept_loop());
+        Ok(node)
+    }
+
+    pub fn id(&self) -> PeerId {
+        PeerId(*self.endpoint.id().as_bytes())
+    }
+
+    pub fn uploaded(&self) -> u64 {
+        self.shared.uploaded.load(Ordering::Relaxed)
+    }
+
+    pub fn direct_addrs(&self) -> Vec<SocketAddr> {
+        self.endpoint.bound_sockets()
+    }
+
+    /// Adds a peer by id and socket addresses.
+    pub fn add_peer(&self, id: [u8; 32], addrs: &[SocketAddr]) {
+        let Ok(key) = iroh::PublicKey::from_bytes(&id) else { return };
+        if PeerId(id) == self.id() {
+            return;
+        }
+        let mut addr = EndpointAddr::new(key);
+        for socket in addrs {
+            addr = addr.with_ip_addr(*socket);
+        }
+        lock(&self.shared.book).insert(PeerId(id), addr);
+    }
+
+    /// Parses `<id hex>@<ip:port>` (static configuration).
+    pub fn add_static_peer(&self, text: &str) -> Result<(), String> {
+        let (id, addr) =
+            text.split_once('@').ok_or_else(|| format!("{text:?}: expected <id>@<ip:port>"))?;
+        let id = sitecast_manifest::decode_hex::<32>(id).map_err(|e| e.to_string())?;
+        let addr: SocketAddr = addr.parse().map_err(|e| format!("{text:?}: {e}"))?;
+        self.add_peer(id, &[addr]);
+        Ok(())
+    }
+
+    /// Serves `image` from `paths`, restricted to the pieces in `have`.
+    pub fn serve(&self, image: &ImageInfo, paths: SlotPaths, have: PieceSet) {
+        let layout = BlobLayout::new(image.blake3, image.size);
+        lock(&self.shared.served).insert(*image.blake3.as_bytes(), Served { layout, paths, have });
+    }
+
+    fn update_have(&self, blake3: [u8; 32], have: PieceSet) {
+        if let Some(served) = lock(&self.shared.served).get_mut(&blake3) {
+            served.have = have;
+        }
+    }
+
+    async fn accept_loop(self) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let node = self.clone();
+            tokio::spawn(async move {
+                let Ok(connection) = incoming.await else { return };
+                let alpn = connection.alpn().to_vec();
+                let result = if alpn == iroh_blobs::ALPN {
+                    node.serve_blobs(connection).await
+                } else if alpn == HAVE_ALPN {
+                    node.serve_have(connection).await
+                } else {
+                    Ok(())
+                };
+                if let Err(error) = result {
+                    tracing::debug!(%error, "LAN connection ended");
+                }
+            });
+        }
+    }
+
+    async fn serve_have(&self, connection: Connection) -> anyhow::Result<()> {
+        loop {
+            let (mut send, mut recv) = connection.accept_bi().await?;
+            let request = recv.read_to_end(64).await?;
+            let hash: [u8; 32] = request.as_slice().try_into()?;
+            let have = lock(&self.shared.served).get(&hash).map(|s| HaveMap::from(&s.have));
+            send.write_all(&serde_json::to_vec(&have)?).await?;
+            send.finish()?;
+        }
+    }
+
+    async fn serve_blobs(&self, connection: Connection) -> anyhow::Result<()> {
+        let _slot = self.shared.upload_slots.acquire().await?;
+        loop {
+            let (mut send, mut recv) = connection.accept_bi().await?;
+            let bytes = recv.read_to_end(iroh_blobs::protocol::MAX_MESSAGE_SIZE).await?;
+            let Ok(Request::Get(request)) = postcard::from_bytes::<Request>(&bytes) else {
+                send.reset(iroh_blobs::protocol::ERR_PERMISSION)?;
+                continue;
+            };
+            let served = lock(&self.shared.served).get(request.hash.as_bytes()).cloned();
+            let groups = served.as_ref().and_then(|s| requested_groups(&request, s));
+            let (Some(served), Some(groups)) = (served, groups) else {
+                // Not ours to give: end the stream without data, as an iroh-blobs provider
+                // does for a blob it lacks.
+                send.reset(iroh_blobs::protocol::ERR_PERMISSION)?;
+                continue;
+            };
+            let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+            let encode = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let data = FileDevice::open(&served.paths.slot)?;
+                let outboard =
+                    OutboardStore::new(served.layout, FileDevice::open(&served.paths.outboard)?);
+                let mut writer = ChannelWriter(tx);
+                outboard.encode_groups(&data, groups, &mut writer)
+            });
+            let started = tokio::time::Instant::now();
+            let mut sent = 0u64;
+            while let Some(chunk) = rx.recv().await {
+                send.write_all(&chunk).await?;
+                sent += chunk.len() as u64;
+                self.shared.uploaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                if self.shared.upload_limit > 0 {
+                    // Pace this stream to the configured total rate.
+                    let due =
+                        Duration::from_secs_f64(sent as f64 / self.shared.upload_limit as f64);
+                    tokio::time::sleep_until(started + due).await;
+                }
+            }
+            match encode.await? {
+                Ok(()) => send.finish()?,
+                Err(error) => {
+                    tracing::error!(%error, "serving a range failed; the stream is reset");
+                    send.reset(iroh_blobs::protocol::ERR_INTERNAL)?;
+                }
+            }
+        }
+    }
+
+    async fn connection(&self, peer: PeerId, alpn: &[u8]) -> Result<Connection, FetchError> {
+        let addr = lock(&self.shared.book)
+            .get(&peer)
+            .cloned()
+            .ok_or_else(|| FetchError::Failed("unknown peer".into()))?;
+        if alpn == iroh_blobs::ALPN {
+            let mut cache = self.shared.connections.lock().await;
+            if let Some(connection) = cache.get(&peer)
+                && connection.close_reason().is_none()
+            {
+                return Ok(connection.clone());
+            }
+            let connection = self
+                .endpoint
+                .connect(addr, alpn)
+                .await
+                .map_err(|e| FetchError::Failed(e.to_string()))?;
+            cache.insert(peer, connection.clone());
+            return Ok(connection);
+        }
+        self.endpoint.connect(addr, alpn).await.map_err(|e| FetchError::Failed(e.to_string()))
+    }
+
+    async fn fetch_groups(
+        &self,
+        peer: PeerId,
+        hash: [u8; 32],
+        layout: BlobLayout,
+        groups: std::ops::Range<u64>,
+    ) -> Result<Bytes, FetchError> {
+        let failed = |e: &dyn std::fmt::Display| FetchError::Failed(e.to_string());
+        let connection = self.connection(peer, iroh_blobs::ALPN).await?;
+        let ranges = layout.chunk_ranges(groups.clone());
+        let request =
+            Request::Get(GetRequest::blob_ranges(iroh_blobs::Hash::from_bytes(hash), ranges));
+        let bytes = postcard::to_stdvec(&request).map_err(|e| failed(&e))?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(&e))?;
+        send.write_all(&bytes).await.map_err(|e| failed(&e))?;
+        send.finish().map_err(|e| failed(&e))?;
+        let limit = layout.encoded_len(groups) as usize + 1;
+        let body = recv.read_to_end(limit).await.map_err(|e| failed(&e))?;
+        Ok(Bytes::from(body))
+    }
+
+    async fn fetch_have(
+        &self,
+        peer: PeerId,
+        hash: [u8; 32],
+    ) -> Result<Option<HaveMap>, FetchError> {
+        let failed = |e: &dyn std::fmt::Display| FetchError::Failed(e.to_string());
+        let connection = self.connection(peer, HAVE_ALPN).await?;
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(&e))?;
+        send.write_all(&hash).await.map_err(|e| failed(&e))?;
+        send.finish().map_err(|e| failed(&e))?;
+        let body = recv.read_to_end(1 << 20).await.map_err(|e| failed(&e))?;
+        connection.close(0u32.into(), b"done");
+        serde_json::from_slice(&body).map_err(|e| failed(&e))
+    }
+}
+
+/// The group range of a request, if it asks for whole groups this node holds.
+fn requested_groups(request: &GetRequest, served: &Served) -> Option<std::ops::Range<u64>> {
+    let (0, ranges) = request.ranges.as_single()? else { return None };
+    let boundaries = ranges.boundaries();
+    let (start, end) = match boundaries {
+        [start] => (start.0, served.layout.tree().chunks().0),
+        [start, end] => (start.0, end.0.min(served.layout.tree().chunks().0)),
+        _ => return None,
+    };
+    let chunks_per_group = sitecast_iso::GROUP_BYTES / 1024;
+    if start % chunks_per_group != 0 {
+        return None;
+    }
+    let groups =
+        start / chunks_per_group..end.div_ceil(chunks_per_group).min(served.layout.groups());
+    let pieces = groups.start / GROUPS_PER_PIECE..groups.end.div_ceil(GROUPS_PER_PIECE);
+    (groups.start < groups.end && pieces.clone().all(|p| served.have.contains(p))).then_some(groups)
+}
+
+struct ChannelWriter(mpsc::Sender<Bytes>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(Bytes::copy_from_slice(buf))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "peer went away"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The swarm's view of the LAN for one release.
+#[derive(Debug, Clone)]
+pub struct ReleaseFetcher {
+    node: LanNode,
+    hash: Arc<Mutex<Option<([u8; 32], BlobLayout)>>>,
+}
+
+impl LanFetcher for ReleaseFetcher {
+    fn fetch(
+        &self,
+        peer: PeerId,
+        groups: std::ops::Range<u64>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, FetchError>> + Send>>
+    {
+        let node = self.node.clone();
+        let current = *lock(&self.hash);
+        Box::pin(async move {
+            let Some((hash, layout)) = current else {
+                return Err(FetchError::Failed("no release joined".into()));
+            };
+            match tokio::time::timeout(FETCH_TIMEOUT, node.fetch_groups(peer, hash, layout, groups))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(FetchError::Failed("peer stalled".into())),
+            }
+        })
+    }
+}
+
+impl crate::agent::Lan for LanNodeForAgent {
+    fn fetcher(&self) -> Arc<dyn LanFetcher> {
+        Arc::new(self.fetcher.clone())
+    }
+
+    fn join(
+        &self,
+        image: &ImageInfo,
+        slot: PathBuf,
+        state_dir: PathBuf,
+    ) -> (mpsc::Receiver<PeerNews>, mpsc::Sender<PieceSet>) {
+        let layout = BlobLayout::new(image.blake3, image.size);
+        let hash = *image.blake3.as_bytes();
+        *lock(&self.fetcher.hash) = Some((hash, layout));
+        let pieces = piece_count(&layout);
+        let paths = SlotPaths::beside(&slot, &state_dir);
+        self.node.serve(image, paths, PieceSet::empty(pieces));
+        let (news_tx, news) = mpsc::channel(64);
+        let (announce, mut announced) = mpsc::channel::<PieceSet>(16);
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            while let Some(have) = announced.recv().await {
+                node.update_have(hash, have);
+            }
+        });
+        let node = self.node.clone();
+        tokio::spawn(async move {
+            // Poll known peers for their have-maps while the swarm listens.
+            let mut up: BTreeMap<PeerId, u32> = BTreeMap::new();
+            loop {
+                let peers: Vec<PeerId> = lock(&node.shared.book).keys().copied().collect();
+                for peer in peers {
+                    let answer =
+                        tokio::time::timeout(Duration::from_secs(5), node.fetch_have(peer, hash))
+                            .await;
+                    let news = match answer {
+                        Ok(Ok(Some(map))) => {
+                            up.insert(peer, 0);
+                            vec![PeerNews::Up(peer), PeerNews::Have(peer, map.to_set(pieces))]
+                        }
+                        Ok(Ok(None)) => {
+                            up.insert(peer, 0);
+                            vec![PeerNews::Up(peer)]
+                        }
+                        _ => {
+                            let misses = up.entry(peer).or_insert(0);
+                            *misses += 1;
+                            if *misses == 3 { vec![PeerNews::Down(peer)] } else { vec![] }
+                        }
+                    };
+                    for item in news {
+                        if news_tx.send(item).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(HAVE_POLL).await;
+            }
+        });
+        (news, announce)
+    }
+
+    fn serve_installed(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) {
+        let layout = BlobLayout::new(image.blake3, image.size);
+        let paths = SlotPaths::beside(&slot, &state_dir);
+        self.node.serve(image, paths, PieceSet::full(piece_count(&layout)));
+    }
+
+    fn addresses(&self) -> PeerAddresses {
+        PeerAddresses {
+            libp2p: Vec::new(),
+            iroh_id: Some(hex::encode(self.node.id().0)),
+            iroh_addrs: self.node.direct_addrs().iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn site_peers(&self, peers: &[SitePeer]) {
+        for peer in peers {
+            let Some(id) = peer
+                .addresses
+                .iroh_id
+                .as_deref()
+                .and_then(|id| sitecast_manifest::decode_hex::<32>(id).ok())
+            else {
+                continue;
+            };
+            let addrs: Vec<SocketAddr> =
+                peer.addresses.iroh_addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            self.node.add_peer(id, &addrs);
+        }
+    }
+}
+
+/// What the agent holds: the node and the fetcher of the current release.
+#[derive(Debug, Clone)]
+pub struct LanNodeForAgent {
+    pub node: LanNode,
+    fetcher: ReleaseFetcher,
+}
+
+impl LanNodeForAgent {
+    pub fn new(node: LanNode) -> Self {
+        let fetcher = ReleaseFetcher { node: node.clone(), hash: Arc::new(Mutex::new(None)) };
+        Self { node, fetcher }
+    }
+}
