@@ -322,11 +322,14 @@ impl std::io::Write for ChannelWriter {
     }
 }
 
+/// The release being fetched: its hash and layout.
+type Joined = Option<([u8; 32], BlobLayout)>;
+
 /// The swarm's view of the LAN for one release.
 #[derive(Debug, Clone)]
 pub struct ReleaseFetcher {
     node: LanNode,
-    hash: Arc<Mutex<Option<([u8; 32], BlobLayout)>>>,
+    hash: Arc<Mutex<Joined>>,
 }
 
 impl LanFetcher for ReleaseFetcher {

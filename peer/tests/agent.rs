@@ -6,7 +6,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 use sitecast_iso::ab::load_state;
 use sitecast_iso::{EnvFile, Slot};
 
