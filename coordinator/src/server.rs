@@ -21,7 +21,9 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use crate::blobs::{BlobStore, ImportError};
 use crate::fleet::{Fleet, FleetConfig, FleetError, RolloutRequest};
+use crate::session::{self, SessionError, Sessions};
 use crate::store::{Change, ReleaseRecord, Store, StoreError};
+use crate::web;
 
 /// JSON bodies larger than this are refused (413) before they are parsed.
 pub const MAX_JSON_BYTES: usize = 1024 * 1024;
@@ -78,6 +80,8 @@ pub struct ServerConfig {
     /// How often the rollout engine runs.
     pub tick: Duration,
     pub max_upload_bytes: u64,
+    /// How long a Fleet Updates sign-in lasts.
+    pub session_ttl: jiff::SignedDuration,
 }
 
 impl ServerConfig {
@@ -91,6 +95,7 @@ impl ServerConfig {
             fleet: FleetConfig::default(),
             tick: Duration::from_secs(5),
             max_upload_bytes: 64 << 30,
+            session_ttl: session::DEFAULT_TTL,
         }
     }
 }
@@ -111,6 +116,8 @@ struct AppState {
     clock: Arc<dyn Clock>,
     public_url: Option<String>,
     checkins: AtomicU64,
+    /// Browser sign-ins; in memory only, so a restart signs everyone out.
+    sessions: Mutex<Sessions>,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -176,6 +183,7 @@ impl Coordinator {
             clock,
             public_url: config.public_url,
             checkins: AtomicU64::new(0),
+            sessions: Mutex::new(Sessions::new(config.session_ttl)),
         };
         Ok((
             Self { state: Arc::new(state), tick: config.tick, max_upload: config.max_upload_bytes },
@@ -202,8 +210,13 @@ impl Coordinator {
             .route("/api/appliances/checkin", post(checkin))
             .route("/api/appliances/report", post(report))
             .route("/api/appliances/{key}/pin", post(pin))
+            .route("/api/sites", get(sites))
             .route("/api/sites/{site}/window", put(site_window))
             .route("/api/audit", get(audit))
+            .route("/api/session", get(session_status).post(sign_in).delete(sign_out))
+            .route(web::PAGE.path, get(|| async { page_asset(&web::PAGE) }))
+            .route(web::SCRIPT.path, get(|| async { page_asset(&web::SCRIPT) }))
+            .route(web::STYLE.path, get(|| async { page_asset(&web::STYLE) }))
             .layer(json_limit)
             .with_state(Arc::clone(&self.state))
     }
@@ -314,6 +327,22 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<SessionError> for ApiError {
+    fn from(error: SessionError) -> Self {
+        match error {
+            SessionError::Unknown => {
+                Self::new(StatusCode::UNAUTHORIZED, "session_expired", error.to_string())
+            }
+            SessionError::Csrf => Self::new(StatusCode::FORBIDDEN, "csrf", error.to_string()),
+            SessionError::Random(_) => Self::internal(error),
+        }
+    }
+}
+
+fn session_id(headers: &HeaderMap) -> Option<&str> {
+    session::session_cookie(headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()))
+}
+
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("malformed_json", format!("malformed JSON: {e}")))
@@ -326,22 +355,47 @@ impl AppState {
         lock(&self.fleet).meta.get(meta_key).is_some_and(|hash| *hash == token_hash(token))
     }
 
-    fn operator(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match token {
-            None => Err(ApiError::new(
+    /// Admits the operator: the bearer token (CLI, scripts) or a session cookie from the
+    /// Fleet Updates page. A cookie is sent by the browser on its own, so with a cookie every
+    /// method but GET/HEAD also needs the session's CSRF token; a bearer token is never sent
+    /// implicitly and needs none. A request with an `Authorization` header is judged by it alone.
+    fn operator(&self, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+        if let Some(value) = headers.get(header::AUTHORIZATION) {
+            return match value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
+                None => Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "operator token required (Authorization: Bearer …)",
+                )),
+                Some(token) if self.token_matches(OPERATOR_TOKEN, token) => Ok(()),
+                Some(_) => {
+                    Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong operator token"))
+                }
+            };
+        }
+        let Some(id) = session_id(headers) else {
+            return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "operator token required (Authorization: Bearer …)",
-            )),
-            Some(token) if self.token_matches(OPERATOR_TOKEN, token) => Ok(()),
-            Some(_) => {
-                Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong operator token"))
-            }
-        }
+                "operator token required (Authorization: Bearer …), or sign in at /fleet-updates",
+            ));
+        };
+        let changes_state = !matches!(*method, Method::GET | Method::HEAD);
+        let csrf = headers.get(session::CSRF_HEADER).and_then(|v| v.to_str().ok());
+        lock(&self.sessions)
+            .check(id, changes_state, csrf, self.clock.now())
+            .map(drop)
+            .map_err(ApiError::from)
+    }
+
+    /// Whether the browser reached us over HTTPS (directly or through a TLS proxy), so the
+    /// session cookie may be `Secure`.
+    fn https(&self, headers: &HeaderMap) -> bool {
+        self.public_url.as_deref().is_some_and(|u| u.starts_with("https://"))
+            || headers
+                .get("x-forwarded-proto")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case("https"))
     }
 
     /// Checks an appliance's signed request; returns its key.
@@ -415,10 +469,11 @@ struct PublishPath {
 
 async fn publish(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
     request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
     let root = state.root.clone().ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
@@ -560,19 +615,21 @@ async fn receive_upload(
 
 async fn list_releases(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
     let releases: Vec<ReleaseRecord> = lock(&state.fleet).releases.values().cloned().collect();
     Ok(Json(releases).into_response())
 }
 
 async fn deactivate(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
     Path(version): Path<u64>,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
     mutate(&state, move |fleet, now| Ok(((), fleet.deactivate(version, now)?))).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -754,10 +811,11 @@ impl Write for ChannelWriter {
 
 async fn create_rollout(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
     let request: RolloutRequest = parse_json(&body)?;
     let view = mutate(&state, move |fleet, now| {
         let (id, changes) = fleet.create_rollout(request, now)?;
@@ -769,9 +827,10 @@ async fn create_rollout(
 
 async fn list_rollouts(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
     let fleet = lock(&state.fleet);
     let now = state.clock.now();
     let views: Vec<_> = fleet.rollouts.values().map(|r| fleet.rollout_view(r, now)).collect();
@@ -780,10 +839,11 @@ async fn list_rollouts(
 
 async fn show_rollout(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
     let fleet = lock(&state.fleet);
     let rollout = fleet
         .rollouts
@@ -794,10 +854,11 @@ async fn show_rollout(
 
 async fn control_rollout(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
     Path((id, action)): Path<(u64, String)>,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
     let view = mutate(&state, move |fleet, now| {
         let changes = fleet.control(id, &action, now)?;
         Ok((fleet.rollout_view(&fleet.rollouts[&id], now), changes))
@@ -854,9 +915,10 @@ async fn report(
 
 async fn list_appliances(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
     let fleet = lock(&state.fleet);
     let now = state.clock.now();
     let list: Vec<crate::fleet::ApplianceListing> = fleet
@@ -877,11 +939,12 @@ struct PinRequest {
 
 async fn pin(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
     Path(key): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
     let request: PinRequest = parse_json(&body)?;
     mutate(&state, move |fleet, now| Ok(((), fleet.pin(&key, request.version, now)?))).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -889,11 +952,12 @@ async fn pin(
 
 async fn site_window(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
     Path(site): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
     let window: MaintenanceWindow = parse_json(&body)?;
     mutate(&state, move |fleet, now| Ok(((), fleet.set_site_window(&site, window, now)?))).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -903,6 +967,9 @@ async fn site_window(
 struct AuditQuery {
     #[serde(default)]
     after: u64,
+    /// The newest `tail` entries instead (the page starts with these, then follows `after`).
+    #[serde(default)]
+    tail: Option<usize>,
     #[serde(default = "default_audit_limit")]
     limit: usize,
 }
@@ -913,16 +980,148 @@ fn default_audit_limit() -> usize {
 
 async fn audit(
     State(state): State<Arc<AppState>>,
+    method: Method,
     headers: HeaderMap,
     Query(query): Query<AuditQuery>,
 ) -> Result<Response, ApiError> {
-    state.operator(&headers)?;
+    state.operator(&method, &headers)?;
+    let (after, limit) = match query.tail {
+        Some(tail) => {
+            let next = lock(&state.fleet).next_audit_seq();
+            (next.saturating_sub(tail as u64 + 1), tail)
+        }
+        None => (query.after, query.limit),
+    };
     let store = Arc::clone(&state.store);
-    let entries =
-        tokio::task::spawn_blocking(move || store.audit(query.after, query.limit.min(5000)))
-            .await
-            .map_err(ApiError::internal)??;
+    let entries = tokio::task::spawn_blocking(move || store.audit(after, limit.min(5000)))
+        .await
+        .map_err(ApiError::internal)??;
     Ok(Json(entries).into_response())
+}
+
+// ----- Fleet Updates page -----
+
+fn page_asset(asset: &web::Asset) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, asset.content_type),
+            (header::CONTENT_SECURITY_POLICY, web::CONTENT_SECURITY_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            // Compiled in: a new coordinator brings a new page, so always revalidate.
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        asset.body,
+    )
+        .into_response()
+}
+
+async fn sites(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.operator(&method, &headers)?;
+    let overview = lock(&state.fleet).sites_overview(state.clock.now());
+    Ok(Json(overview).into_response())
+}
+
+#[derive(Deserialize)]
+struct SignInRequest {
+    token: String,
+}
+
+/// What the page learns about its session. Always 200, signed in or not: the page asks on
+/// every load, and a 401 there would be an error in the browser console.
+#[derive(serde::Serialize)]
+struct SessionBody {
+    signed_in: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    csrf_token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires: Option<Timestamp>,
+}
+
+fn session_response(status: StatusCode, cookie: Option<String>, body: SessionBody) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(value) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        headers.insert(header::SET_COOKIE, value);
+    }
+    response
+}
+
+/// `POST /api/session {"token"}`: the operator token buys a session cookie and a CSRF token.
+async fn sign_in(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let request: SignInRequest = parse_json(&body)?;
+    if !state.token_matches(OPERATOR_TOKEN, &request.token) {
+        tracing::warn!("refused a Fleet Updates sign-in: wrong operator token");
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong operator token"));
+    }
+    let now = state.clock.now();
+    let new = lock(&state.sessions).create(now)?;
+    let (tag, expires) = (new.tag.clone(), new.expires);
+    let audited =
+        mutate(&state, move |fleet, now| Ok(((), fleet.session_opened(&tag, expires, now)))).await;
+    if let Err(error) = audited {
+        // A sign-in that is not in the audit log does not happen.
+        lock(&state.sessions).remove(&new.id);
+        return Err(error);
+    }
+    let max_age = now.duration_until(expires);
+    let cookie = session::set_cookie(&new.id, max_age, state.https(&headers));
+    let body =
+        SessionBody { signed_in: true, csrf_token: Some(new.csrf_token), expires: Some(expires) };
+    Ok(session_response(StatusCode::OK, Some(cookie), body))
+}
+
+/// `GET /api/session`: whether the cookie is a live session, and its CSRF token (the page
+/// forgets it on reload; only a same-origin script can read this answer).
+async fn session_status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let now = state.clock.now();
+    let live =
+        session_id(&headers).and_then(|id| lock(&state.sessions).check(id, false, None, now).ok());
+    let body = match live {
+        Some(info) => SessionBody {
+            signed_in: true,
+            csrf_token: Some(info.csrf_token),
+            expires: Some(info.expires),
+        },
+        None => SessionBody { signed_in: false, csrf_token: None, expires: None },
+    };
+    session_response(StatusCode::OK, None, body)
+}
+
+/// `DELETE /api/session`: signs out (needs the CSRF token, so another site cannot do it).
+async fn sign_out(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let clear = Some(session::clear_cookie(state.https(&headers)));
+    let gone = SessionBody { signed_in: false, csrf_token: None, expires: None };
+    let Some(id) = session_id(&headers) else {
+        return Ok(session_response(StatusCode::OK, clear, gone));
+    };
+    let csrf = headers.get(session::CSRF_HEADER).and_then(|v| v.to_str().ok());
+    let now = state.clock.now();
+    let checked = lock(&state.sessions).check(id, true, csrf, now);
+    match checked {
+        Ok(_) => {
+            let tag = lock(&state.sessions).remove(id);
+            if let Some(tag) = tag {
+                mutate(&state, move |fleet, now| Ok(((), fleet.session_closed(&tag, now)))).await?;
+            }
+        }
+        Err(SessionError::Unknown) => {}
+        Err(error) => return Err(error.into()),
+    }
+    Ok(session_response(StatusCode::OK, clear, gone))
 }
 
 // ----- metrics -----
