@@ -1,92 +1,396 @@
-//! The local demo: what a fresh machine runs first.
+//! The local demo, the README's first command: a coordinator and several appliances as
+//! processes on loopback with file-backed A/B slots, a signed release published and rolled
+//! out in two waves, live progress, and the origin offload at the end.
 //!
-//! Today it shows the release flow up to a verified, signed manifest: keys, a root of trust, a
-//! generated image, the signature and the checks an appliance makes. The site swarm part
-//! (coordinator, appliances, origin offload) is not built yet and the demo says so.
+//! The processes are this same binary started with hidden subcommands (`coordinator`,
+//! `agent`), so the demo needs nothing but `cargo run`. Agents "reboot" by exiting with
+//! status 75; the demo restarts them, as systemd would after a reboot.
 
-use std::fs::{self, File};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result, bail};
 use jiff::{Timestamp, ToSpan};
-use sitecast_manifest::{
-    ImageDigest, ImageInfo, InstallPolicy, Intent, Release, RoleKeys, Root, SecretKey, TrustedRoot,
-    VerifyError,
-};
+use serde_json::{Value, json};
+use sitecast_manifest::{ImageDigest, ImageInfo, Release, RoleKeys, Root, SecretKey, TrustedRoot};
+use sitecast_peer::config::{AgentConfig, BootSlotSource};
 
-/// What the demo made and measured.
-#[derive(Debug)]
-pub struct DemoReport {
+const OPERATOR: &str = "demo-operator-token";
+const ENROLL: &str = "demo-enrollment-token";
+const SITE: &str = "demo-store";
+const PLATFORM: &str = "x86_64-appliance";
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
     pub work_dir: PathBuf,
-    pub image_bytes: u64,
-    pub manifest: PathBuf,
-    pub hash_seconds: f64,
+    pub appliances: usize,
+    pub image_mib: u64,
+    /// This binary (started again for the coordinator and agent processes).
+    pub exe: PathBuf,
+    pub time_limit: Duration,
 }
 
-/// Runs the release flow in `work_dir`, narrating to `out`.
-pub fn run(work_dir: &Path, image_mib: u64, out: &mut impl Write) -> anyhow::Result<DemoReport> {
-    fs::create_dir_all(work_dir)?;
-    let now = Timestamp::now();
-    writeln!(out, "sitecast demo in {}", work_dir.display())?;
+/// What the demo measured.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    pub appliances: Vec<(String, u64, String, String)>,
+    pub image_bytes: u64,
+    pub origin_bytes: u64,
+    pub lan_bytes: u64,
+    pub seconds: f64,
+    pub coordinator: String,
+}
 
+impl DemoReport {
+    pub fn all_updated(&self, version: u64) -> bool {
+        self.appliances.iter().all(|(_, v, _, state)| *v == version && state == "succeeded")
+    }
+}
+
+struct Processes {
+    children: Vec<(String, Child)>,
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))?)
+}
+
+/// Runs the demo, narrating to `out`.
+pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result<DemoReport> {
+    sitecast_coordinator::install_tls_provider();
+    let work = &options.work_dir;
+    if work.exists() {
+        std::fs::remove_dir_all(work).with_context(|| format!("clearing {}", work.display()))?;
+    }
+    std::fs::create_dir_all(work.join("logs"))?;
+    let logs = work.join("logs");
+    let started = Instant::now();
+    writeln!(
+        out,
+        "sitecast demo: {} appliances, {} MiB image, work dir {}",
+        options.appliances,
+        options.image_mib,
+        work.display()
+    )?;
+
+    // 1. Keys and the root of trust (offline, as an operator would).
     let root_key = SecretKey::generate()?;
-    let release_keys = [SecretKey::generate()?, SecretKey::generate()?];
+    let release_key = SecretKey::generate()?;
+    let now = Timestamp::now();
     let root = Root {
         version: 1,
         expires: now + (24 * 365).hours(),
         root: RoleKeys { keys: vec![root_key.public()], threshold: 1 },
-        release: RoleKeys {
-            keys: release_keys.iter().map(SecretKey::public).collect(),
-            threshold: 2,
-        },
+        release: RoleKeys { keys: vec![release_key.public()], threshold: 1 },
     };
     let root_bytes = root.sign(&[&root_key]).to_bytes();
-    fs::write(work_dir.join("root.json"), &root_bytes)?;
-    let trusted = TrustedRoot::pin(&root_bytes)?;
-    writeln!(out, "1. root of trust: 1 root key, 2-of-2 release keys -> root.json")?;
+    TrustedRoot::pin(&root_bytes)?;
+    let root_path = work.join("root.json");
+    std::fs::write(&root_path, &root_bytes)?;
 
-    let image = work_dir.join("image-v2.raw");
-    let image_bytes = image_mib * 1024 * 1024;
-    sitecast_iso::generate::write_image(&image, image_bytes, "sitecast demo image")?;
-    let started = Instant::now();
-    let digest = ImageDigest::of_reader(File::open(&image)?)?;
-    let hash_seconds = started.elapsed().as_secs_f64();
-    writeln!(
-        out,
-        "2. image: {image_mib} MiB, BLAKE3 {} ({:.0} MiB/s with SHA-256 alongside)",
-        digest.blake3,
-        image_mib as f64 / hash_seconds
-    )?;
-
+    // 2. Images: release 1 is on every appliance's slot A, release 2 is new.
+    let image_bytes = options.image_mib * 1024 * 1024;
+    let v1 = work.join("release-1.img");
+    let v2 = work.join("release-2.img");
+    sitecast_iso::generate::write_image(&v1, image_bytes, "sitecast demo release 1")?;
+    sitecast_iso::generate::write_image(&v2, image_bytes, "sitecast demo release 2")?;
+    let digest = ImageDigest::of_reader(std::fs::File::open(&v2)?)?;
+    let image = ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 };
     let release = Release {
         version: 2,
         version_name: "2026.11.2".into(),
-        image: ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 },
-        platforms: vec!["x86_64-appliance".into()],
+        image: image.clone(),
+        platforms: vec![PLATFORM.into()],
         notes: "demo release".into(),
         created: now,
         expires: now + (24 * 30).hours(),
         rollback_floor: Some(1),
     };
-    let manifest_bytes = release.sign(&[&release_keys[0], &release_keys[1]]).to_bytes();
-    let manifest = work_dir.join("manifest-v2.json");
-    fs::write(&manifest, &manifest_bytes)?;
-    writeln!(out, "3. signed by both release keys -> {}", manifest.display())?;
+    let manifest = String::from_utf8(release.sign(&[&release_key]).to_bytes())?;
+    writeln!(out, "1. signed release 2 offline: {} bytes, BLAKE3 {}", image.size, image.blake3)?;
 
-    let verified = trusted.verify_release(&manifest_bytes, Timestamp::now())?;
-    let appliance = InstallPolicy {
-        platform: "x86_64-appliance".into(),
-        installed_version: 1,
-        rollback_floor: 0,
-        intent: Intent::Upgrade,
+    // 3. Central Command.
+    let mut processes = Processes { children: Vec::new() };
+    let mut coordinator = Command::new(&options.exe)
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(work.join("coordinator"))
+        .arg("--root")
+        .arg(&root_path)
+        .stdout(Stdio::piped())
+        .stderr(log_file(&logs, "coordinator")?)
+        .spawn()
+        .context("starting the coordinator")?;
+    let stdout = coordinator.stdout.take().context("coordinator stdout")?;
+    processes.children.push(("coordinator".into(), coordinator));
+    let url = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        lines.find_map(|l| {
+            l.ok()?
+                .strip_prefix("listening on ")
+                .map(|s| s.split_whitespace().next().unwrap_or("").to_owned())
+        })
+    })
+    .await?
+    .context("the coordinator did not start")?;
+    writeln!(out, "2. Central Command at {url}")?;
+    let http = reqwest::Client::new();
+    let api = Api { http: http.clone(), url: url.clone() };
+    api.post("/api/releases", json!({"manifest": manifest, "image_path": v2})).await?;
+    let window = json!({"start": "00:00", "end": "23:59", "timezone": "UTC",
+        "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]});
+    api.put(&format!("/api/sites/{SITE}/window"), window).await?;
+    writeln!(
+        out,
+        "3. published release 2 (the coordinator verified manifest and image); window open all day"
+    )?;
+
+    // 4. Appliances, each with slots A and B in files and release 1 running from A.
+    let mut agents = BTreeMap::new();
+    for i in 1..=options.appliances {
+        let name = format!("appliance-{i}");
+        let dir = work.join(&name);
+        std::fs::create_dir_all(dir.join("state"))?;
+        std::fs::copy(&v1, dir.join("slot-a.img"))?;
+        std::fs::File::create(dir.join("slot-b.img"))?.set_len(image_bytes)?;
+        // The factory install: release 1 in slot A.
+        std::fs::write(
+            dir.join("state/agent.json"),
+            json!({"slot_versions": {"A": 1}}).to_string(),
+        )?;
+        let config = AgentConfig {
+            coordinator: url.clone(),
+            site: SITE.into(),
+            name: name.clone(),
+            platform: PLATFORM.into(),
+            enrollment_token: Some(ENROLL.into()),
+            root: root_path.clone(),
+            state_dir: dir.join("state"),
+            slot_a: dir.join("slot-a.img"),
+            slot_b: dir.join("slot-b.img"),
+            grubenv: dir.join("grubenv"),
+            boot_slot: BootSlotSource::SimulateGrub,
+            reboot_command: Vec::new(),
+            checkin_interval_secs: 1,
+            lan_listen: "127.0.0.1:0".into(),
+            control_socket: dir.join("state/control.sock"),
+            ..AgentConfig::default()
+        };
+        let config_path = dir.join("agent.toml");
+        std::fs::write(&config_path, toml::to_string(&config)?)?;
+        agents.insert(name, config_path);
+    }
+    let start_agent = |name: &str, config: &Path| -> Result<Child> {
+        Ok(Command::new(&options.exe)
+            .arg("agent")
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log_file(&logs, name)?)
+            .spawn()?)
     };
-    verified.check_install(&appliance)?;
-    ImageDigest::check(File::open(&image)?, &verified.release().image)?;
-    writeln!(out, "4. an appliance on version 1 verifies manifest and image: OK")?;
+    for (name, config) in &agents {
+        processes.children.push((name.clone(), start_agent(name, config)?));
+    }
+    let deadline = Instant::now() + options.time_limit;
+    while api.get("/api/appliances").await?.as_array().map_or(0, Vec::len) < options.appliances {
+        if Instant::now() > deadline {
+            bail!("appliances did not enroll; see {}", logs.display());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    writeln!(
+        out,
+        "4. {} appliances enrolled (site {SITE}), each running release 1 from slot A",
+        options.appliances
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let replay = InstallPolicy { installed_version: 2, ..appliance };
-    let refused: VerifyError = verified.check_install(&replay).expect_err("replay is refused");
-    writeln!(out, "5. the same manifest replayed to an appliance on version 2: {refused}")?;
-    Ok(DemoReport { work_dir: work_dir.to_owned(), image_bytes, manifest, hash_seconds })
+    // 5. A staged rollout: a first wave, then everyone.
+    let first = (100 / options.appliances.max(1)).clamp(1, 50) as u8;
+    let rollout = api
+        .post(
+            "/api/rollouts",
+            json!({"version": 2, "strategy": "staged",
+            "stages": [{"percent": first, "delay_hours": 0}, {"percent": 100, "delay_hours": 0}]}),
+        )
+        .await?;
+    let id = rollout["id"].as_u64().unwrap_or(1);
+    writeln!(out, "5. rollout {id}: wave 1 ({first}%), then wave 2 (100%) when wave 1 is healthy")?;
+
+    let mut last_line = String::new();
+    loop {
+        for (name, child) in &mut processes.children {
+            if let Some(status) = child.try_wait()? {
+                match status.code() {
+                    Some(75) => {
+                        writeln!(out, "   {name} reboots into its new slot")?;
+                        *child = start_agent(name, &agents[name.as_str()])?;
+                    }
+                    code => bail!(
+                        "{name} stopped ({code:?}); see {}",
+                        logs.join(format!("{name}.log")).display()
+                    ),
+                }
+            }
+        }
+        let view = api.get(&format!("/api/rollouts/{id}")).await?;
+        let list = api.get("/api/appliances").await?;
+        let states: Vec<String> = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| a["update"]["state"].as_str().unwrap_or("waiting").to_owned())
+            .collect();
+        let origin = origin_bytes(&api).await?;
+        let line = format!(
+            "stage {}/2 {}: {} | origin {:.2} × image",
+            view["current_stage"].as_u64().unwrap_or(0) + 1,
+            view["state"].as_str().unwrap_or(""),
+            summarize(&states),
+            origin as f64 / image_bytes as f64
+        );
+        if line != last_line {
+            writeln!(out, "   [{:5.1}s] {line}", started.elapsed().as_secs_f64())?;
+            last_line = line;
+        }
+        if view["state"] == "completed" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the rollout did not complete in {:?}; logs in {}",
+                options.time_limit,
+                logs.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // 6. Summary.
+    let list = api.get("/api/appliances").await?;
+    let appliances: Vec<(String, u64, String, String)> = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            (
+                a["name"].as_str().unwrap_or("").to_owned(),
+                a["installed_version"].as_u64().unwrap_or(0),
+                a["active_slot"].as_str().unwrap_or("?").to_owned(),
+                a["update"]["state"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let lan_bytes: u64 = list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a["update"]["bytes_from_lan"].as_u64().unwrap_or(0))
+        .sum();
+    let report = DemoReport {
+        appliances,
+        image_bytes,
+        origin_bytes: origin_bytes(&api).await?,
+        lan_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        coordinator: url.clone(),
+    };
+    writeln!(out, "\nsummary")?;
+    for (name, version, slot, state) in &report.appliances {
+        writeln!(out, "  {name:<14} release {version}  slot {slot}  {state}")?;
+    }
+    writeln!(
+        out,
+        "  origin sent {:.3} × the image to the site ({} bytes); LAN peers sent {} bytes; plain HTTP would have sent {} × \n  {:.1} s in all",
+        report.origin_bytes as f64 / image_bytes as f64,
+        report.origin_bytes,
+        report.lan_bytes,
+        options.appliances,
+        report.seconds
+    )?;
+    writeln!(
+        out,
+        "  coordinator was at {url} (Fleet Updates page: {url}/fleet-updates); logs and slots in {}",
+        work.display()
+    )?;
+    Ok(report)
+}
+
+fn summarize(states: &[String]) -> String {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for state in states {
+        *counts.entry(state.as_str()).or_default() += 1;
+    }
+    counts.iter().map(|(s, n)| format!("{n} {s}")).collect::<Vec<_>>().join(", ")
+}
+
+async fn origin_bytes(api: &Api) -> Result<u64> {
+    let text = api.http.get(format!("{}/metrics", api.url)).send().await?.text().await?;
+    let prefix = format!("sitecast_origin_bytes_served_total{{site=\"{SITE}\",version=\"2\"}} ");
+    Ok(text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|n| n.parse().ok()).unwrap_or(0))
+}
+
+struct Api {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Api {
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value> {
+        let response = request.bearer_auth(OPERATOR).send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("{status}: {text}");
+        }
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        self.send(self.http.get(format!("{}{path}", self.url))).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Result<Value> {
+        self.send(self.http.post(format!("{}{path}", self.url)).json(&body)).await
+    }
+
+    async fn put(&self, path: &str, body: Value) -> Result<Value> {
+        self.send(self.http.put(format!("{}{path}", self.url)).json(&body)).await
+    }
+}
+
+/// The `coordinator` subcommand: Central Command with the demo's tokens.
+pub async fn coordinator_process(listen: &str, data_dir: PathBuf, root: &Path) -> Result<()> {
+    sitecast_coordinator::install_tls_provider();
+    let mut config = sitecast_coordinator::server::ServerConfig::new(data_dir);
+    config.root = Some(TrustedRoot::pin(&std::fs::read(root)?)?);
+    config.operator_token = Some(OPERATOR.into());
+    config.enrollment_token = Some(ENROLL.into());
+    config.tick = Duration::from_secs(1);
+    config.fleet.checkin_interval_secs = 1;
+    config.fleet.offline_after_secs = 10;
+    let (coordinator, _) = sitecast_coordinator::server::Coordinator::open(
+        config,
+        std::sync::Arc::new(sitecast_coordinator::server::SystemClock),
+    )?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    coordinator.serve(listener).await?;
+    Ok(())
 }

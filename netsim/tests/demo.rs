@@ -1,22 +1,23 @@
-//! The README's first command, run as a library call on a small image.
+//! The README's first command, small: it completes and reports every appliance updated.
 
-use sitecast_manifest::{ImageDigest, TrustedRoot};
-
-#[test]
-fn demo_signs_and_verifies_a_release() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_updates_every_appliance_with_about_one_origin_copy() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let options = sitecast_netsim::demo::DemoOptions {
+        work_dir: dir.path().join("demo"),
+        appliances: 3,
+        image_mib: 4,
+        exe: env!("CARGO_BIN_EXE_sitecast-netsim").into(),
+        time_limit: std::time::Duration::from_secs(180),
+    };
     let mut narration = Vec::new();
-    let report = sitecast_netsim::demo::run(dir.path(), 4, &mut narration).expect("demo runs");
-    let text = String::from_utf8(narration).expect("utf8");
-    assert!(text.contains("verifies manifest and image: OK"), "{text}");
-    assert!(text.contains("not newer than the installed version 2"), "{text}");
-
-    // What the demo left behind verifies independently of the demo's own checks.
-    let root = TrustedRoot::pin(&std::fs::read(dir.path().join("root.json")).expect("root"))
-        .expect("root pins");
-    let manifest = std::fs::read(&report.manifest).expect("manifest");
-    let verified = root.verify_release(&manifest, jiff::Timestamp::now()).expect("verifies");
-    let image = std::fs::File::open(dir.path().join("image-v2.raw")).expect("image");
-    ImageDigest::check(image, &verified.release().image).expect("image matches");
-    assert_eq!(report.image_bytes, 4 * 1024 * 1024);
+    let report = sitecast_netsim::demo::run(&options, &mut narration)
+        .await
+        .unwrap_or_else(|e| panic!("demo failed: {e:#}\n{}", String::from_utf8_lossy(&narration)));
+    let text = String::from_utf8_lossy(&narration);
+    assert!(report.all_updated(2), "{text}");
+    assert!(report.appliances.iter().all(|(_, _, slot, _)| slot == "B"), "{text}");
+    let ratio = report.origin_bytes as f64 / report.image_bytes as f64;
+    assert!(ratio <= 1.1, "origin sent {ratio:.2} copies:\n{text}");
+    assert!(text.contains("summary"), "{text}");
 }

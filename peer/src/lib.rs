@@ -2,14 +2,19 @@
 //! (LAN discovery, multi-source verified transfer, origin fallback), apply, reboot in the
 //! maintenance window.
 //!
-//! Built so far: the swarm [`scheduler`] (sans-IO, shared with the simulator), [`pieces`],
-//! configuration, identity and the coordinator client. The LAN data plane and the daemon come
-//! next; nothing here claims them.
+//! - [`scheduler`]: the swarm scheduler, sans-IO, shared with the simulator;
+//! - [`swarm`]: its async shell (origin over HTTP, LAN peers over [`lan`], verify then write);
+//! - [`lan`]: iroh QUIC with the iroh-blobs wire protocol, served from the slot;
+//! - [`agent`]: the update lifecycle; [`daemon`] wires it with the control socket and metrics.
+//!
+//! Not built yet: LAN discovery by libp2p mDNS and have-map gossip (peers come from the
+//! coordinator's site list and static configuration, have-maps are polled over iroh).
 
 pub mod agent;
 pub mod config;
 pub mod control;
 pub mod coordinator;
+pub mod daemon;
 pub mod identity;
 pub mod lan;
 pub mod metrics;

@@ -2,13 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use sitecast_peer::agent::{Agent, EXIT_REBOOT, Exit, Status};
+use sitecast_peer::agent::{EXIT_REBOOT, Exit};
 use sitecast_peer::config::{AgentConfig, BootSlotSource};
-use sitecast_peer::metrics::Metrics;
 
 #[derive(Parser)]
 #[command(name = "sitecast-peer", version, about = "sitecast appliance agent")]
@@ -146,7 +144,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let command = match cli.command {
         Command::Run(overrides) => {
             apply(&mut config, *overrides);
-            return daemon(config).await;
+            return Ok(match sitecast_peer::daemon::run(config).await? {
+                Exit::Reboot => ExitCode::from(EXIT_REBOOT as u8),
+            });
         }
         Command::Check => "check",
         Command::Status { json } => {
@@ -196,53 +196,5 @@ fn print_status(status: &serde_json::Value) {
     }
     if let Some(error) = status["last_error"].as_str() {
         println!("last error: {error}");
-    }
-}
-
-/// The LAN node shares the appliance's identity key (it is also its iroh endpoint id).
-async fn bind_lan(config: &AgentConfig) -> Result<Arc<dyn sitecast_peer::agent::Lan>> {
-    let key = sitecast_peer::identity::load_or_create(&config.state_dir.join("identity.key"))?;
-    let listen =
-        config.lan_listen.parse().with_context(|| format!("lan_listen {:?}", config.lan_listen))?;
-    let node = sitecast_peer::lan::LanNode::bind(
-        &key,
-        listen,
-        config.max_upload_peers,
-        config.upload_limit_bytes_per_sec,
-    )
-    .await?;
-    for peer in &config.static_peers {
-        node.add_static_peer(peer).map_err(anyhow::Error::msg)?;
-    }
-    tracing::info!(id = %hex::encode(node.id().0), addrs = ?node.direct_addrs(), "LAN endpoint bound");
-    Ok(Arc::new(sitecast_peer::lan::LanNodeForAgent::new(node)))
-}
-
-async fn daemon(config: AgentConfig) -> Result<ExitCode> {
-    let metrics = Arc::new(Metrics::default());
-    let status = Arc::new(Mutex::new(Status::default()));
-    let (commands_tx, commands) = tokio::sync::mpsc::channel(8);
-    if let Some(dir) = config.control_socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let socket = config.control_socket.clone();
-    let control_status = Arc::clone(&status);
-    tokio::spawn(async move {
-        if let Err(error) =
-            sitecast_peer::control::serve(&socket, commands_tx, control_status).await
-        {
-            tracing::error!(%error, "control socket");
-        }
-    });
-    if !config.metrics_listen.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&config.metrics_listen)
-            .await
-            .context("metrics listener")?;
-        tokio::spawn(sitecast_peer::metrics::serve(listener, Arc::clone(&metrics)));
-    }
-    let lan = bind_lan(&config).await?;
-    let agent = Agent::new(config, metrics, status, Some(lan))?;
-    match agent.run(commands).await? {
-        Exit::Reboot => Ok(ExitCode::from(EXIT_REBOOT as u8)),
     }
 }

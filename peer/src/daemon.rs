@@ -1,0 +1,55 @@
+//! The agent daemon as a library call: control socket, metrics listener, LAN node, agent.
+//! `sitecast-peer run` and the demo's agent processes both use it.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+
+use crate::agent::{Agent, Exit, Status};
+use crate::config::AgentConfig;
+use crate::metrics::Metrics;
+
+/// The LAN node shares the appliance's identity key (it is also its iroh endpoint id).
+pub async fn bind_lan(config: &AgentConfig) -> Result<Arc<dyn crate::agent::Lan>> {
+    let key = crate::identity::load_or_create(&config.state_dir.join("identity.key"))?;
+    let listen =
+        config.lan_listen.parse().with_context(|| format!("lan_listen {:?}", config.lan_listen))?;
+    let node = crate::lan::LanNode::bind(
+        &key,
+        listen,
+        config.max_upload_peers,
+        config.upload_limit_bytes_per_sec,
+    )
+    .await?;
+    for peer in &config.static_peers {
+        node.add_static_peer(peer).map_err(anyhow::Error::msg)?;
+    }
+    tracing::info!(id = %hex::encode(node.id().0), addrs = ?node.direct_addrs(), "LAN endpoint bound");
+    Ok(Arc::new(crate::lan::LanNodeForAgent::new(node)))
+}
+
+/// Runs the agent until it reboots (or asks its supervisor to restart it).
+pub async fn run(config: AgentConfig) -> Result<Exit> {
+    let metrics = Arc::new(Metrics::default());
+    let status = Arc::new(Mutex::new(Status::default()));
+    let (commands_tx, commands) = tokio::sync::mpsc::channel(8);
+    if let Some(dir) = config.control_socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let socket = config.control_socket.clone();
+    let control_status = Arc::clone(&status);
+    tokio::spawn(async move {
+        if let Err(error) = crate::control::serve(&socket, commands_tx, control_status).await {
+            tracing::error!(%error, "control socket");
+        }
+    });
+    if !config.metrics_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.metrics_listen)
+            .await
+            .context("metrics listener")?;
+        tokio::spawn(crate::metrics::serve(listener, Arc::clone(&metrics)));
+    }
+    let lan = bind_lan(&config).await?;
+    let agent = Agent::new(config, metrics, status, Some(lan))?;
+    agent.run(commands).await
+}
