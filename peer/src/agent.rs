@@ -380,13 +380,17 @@ impl Agent {
         let (Some(manifest), Some(version)) = (&response.manifest, response.version) else {
             return Err("the coordinator offered an update without a manifest".into());
         };
-        if let Some(update) = &self.state.update
-            && update.version == version
-            && !matches!(update.state, UpdateState::Failed | UpdateState::RolledBack)
-        {
+        if self.download.is_some() {
             return Ok(());
         }
-        if self.download.is_some() {
+        // Downloading after a restart: start again, the writer resumes from its records.
+        if let Some(update) = &self.state.update
+            && update.version == version
+            && matches!(
+                update.state,
+                UpdateState::Ready | UpdateState::Rebooting | UpdateState::Succeeded
+            )
+        {
             return Ok(());
         }
         let installed = self.state.version_of(self.booted);
