@@ -1,0 +1,170 @@
+//! Site peers that lie: one serves flipped bits, one claims pieces it does not have and stops
+//! early. Both are detected at the first bad group and dropped; the honest agents finish with
+//! slots equal to the image, and nothing unverified is written.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bao_tree::io::outboard::PreOrderMemOutboard;
+use common::*;
+use iroh_blobs::protocol::Request;
+use sitecast_iso::{BLOCK_SIZE, BlobLayout};
+use sitecast_manifest::api::{CheckinRequest, PeerAddresses};
+use sitecast_manifest::{ImageInfo, SecretKey};
+use sitecast_peer::coordinator::CoordinatorClient;
+use sitecast_peer::lan::HAVE_ALPN;
+use sitecast_peer::pieces::{HaveMap, PieceSet};
+use sitecast_peer::swarm::piece_count;
+
+#[derive(Clone, Copy)]
+enum Lie {
+    /// Every group with one bit flipped.
+    FlippedBits,
+    /// Claims everything, sends the first half of what is asked and stops.
+    Truncates,
+}
+
+/// A fake appliance of the site that checks in like the others and serves lies over the
+/// iroh-blobs protocol (with `encode_ranges`, which does not check what it sends).
+async fn liar(
+    origin: &Origin,
+    image: &[u8],
+    info: &ImageInfo,
+    lie: Lie,
+) -> tokio::task::JoinHandle<()> {
+    let key = SecretKey::generate().expect("rng");
+    let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+        .secret_key(iroh::SecretKey::from_bytes(&key.seed()))
+        .alpns(vec![iroh_blobs::ALPN.to_vec(), HAVE_ALPN.to_vec()])
+        .relay_mode(iroh::RelayMode::Disabled)
+        .clear_ip_transports()
+        .bind_addr("127.0.0.1:0".parse::<SocketAddr>().expect("addr"))
+        .expect("bind addr")
+        .bind()
+        .await
+        .expect("bind");
+    let addrs: Vec<String> = endpoint.bound_sockets().iter().map(ToString::to_string).collect();
+    let client = CoordinatorClient::new(&origin.url, key.clone()).expect("client");
+    let request = CheckinRequest {
+        site: "store-1".into(),
+        name: "liar".into(),
+        group: None,
+        macs: vec![],
+        platform: PLATFORM.into(),
+        installed_version: 2,
+        active_slot: Some("B".into()),
+        agent_version: "liar".into(),
+        enrollment_token: Some(ENROLL.into()),
+        peer: PeerAddresses {
+            libp2p: vec![],
+            iroh_id: Some(key.public().to_hex()),
+            iroh_addrs: addrs,
+        },
+    };
+    client.checkin(&request).await.expect("the liar enrolls");
+    let mut data = image.to_vec();
+    if matches!(lie, Lie::FlippedBits) {
+        for byte in data.iter_mut().step_by(16 * 1024) {
+            *byte ^= 1;
+        }
+    }
+    let outboard = PreOrderMemOutboard::create(image, BLOCK_SIZE);
+    let layout = BlobLayout::new(info.blake3, info.size);
+    tokio::spawn(async move {
+        let _keep_checking_in = tokio::spawn(async move {
+            loop {
+                let _ = client.checkin(&request).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        while let Some(incoming) = endpoint.accept().await {
+            let Ok(connection) = incoming.await else { continue };
+            let (data, outboard) = (data.clone(), outboard.clone());
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+                    let Ok(request) = recv.read_to_end(1 << 20).await else { return };
+                    if connection.alpn() == HAVE_ALPN {
+                        let have = HaveMap::from(&PieceSet::full(piece_count(&layout)));
+                        let _ =
+                            send.write_all(&serde_json::to_vec(&Some(have)).expect("json")).await;
+                        let _ = send.finish();
+                        continue;
+                    }
+                    let Ok(Request::Get(get)) = postcard::from_bytes::<Request>(&request) else {
+                        return;
+                    };
+                    let Some((_, ranges)) = get.ranges.as_single() else { return };
+                    let mut body = info_size_header(&layout);
+                    bao_tree::io::sync::encode_ranges(&data[..], &outboard, ranges, &mut body)
+                        .expect("encode");
+                    if matches!(lie, Lie::Truncates) {
+                        body.truncate(body.len() / 2);
+                    }
+                    let _ = send.write_all(&body).await;
+                    let _ = send.finish();
+                }
+            });
+        }
+    })
+}
+
+fn info_size_header(layout: &BlobLayout) -> Vec<u8> {
+    layout.size.to_le_bytes().to_vec()
+}
+
+async fn honest_site_finishes_despite(lie: Lie) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    let (image_path, info) = origin.publish(2, 6 * 1024 * 1024 + 333).await;
+    let image = std::fs::read(&image_path).expect("image");
+    let _liar = liar(&origin, &image, &info, lie).await;
+    let mut agents: Vec<AgentProcess> = (0..2)
+        .map(|i| {
+            AgentProcess::new(
+                &dir.path().join(format!("a{i}")),
+                &origin,
+                "store-1",
+                &format!("a{i}"),
+                info.size,
+            )
+        })
+        .collect();
+    for agent in &mut agents {
+        agent.start();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while appliances(&origin).await.len() < 3 {
+        assert!(Instant::now() < deadline, "{}", agents[0].log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    origin.rollout(2).await;
+    loop {
+        let list = appliances(&origin).await;
+        let honest: Vec<_> = list.iter().filter(|a| a["name"] != "liar").collect();
+        if honest.iter().all(|a| a["update"]["state"] == "ready") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready: {honest:?}\n{}", agents[0].log());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for agent in &agents {
+        let slot = std::fs::read(agent.dir.join("slot-b.img")).expect("slot");
+        assert!(slot == image, "{}: slot B differs from the image", agent.name);
+    }
+    let dropped =
+        agents.iter().filter(|a| a.log().contains("peer dropped for this release")).count();
+    assert!(dropped >= 1, "the liar was never dropped:\n{}", agents[0].log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sending_flipped_bits_is_dropped() {
+    honest_site_finishes_despite(Lie::FlippedBits).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_what_it_lacks_is_dropped() {
+    honest_site_finishes_despite(Lie::Truncates).await;
+}
