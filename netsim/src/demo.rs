@@ -297,6 +297,8 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
             )
         })
         .collect();
+    let mut appliances = appliances;
+    appliances.sort();
     let lan_bytes: u64 = list
         .as_array()
         .into_iter()
@@ -317,11 +319,11 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
     }
     writeln!(
         out,
-        "  origin sent {:.3} × the image to the site ({} bytes); LAN peers sent {} bytes; plain HTTP would have sent {} × \n  {:.1} s in all",
+        "  the origin sent {:.3} × the image to the site ({} bytes; plain HTTP: {} ×); LAN peers sent {} bytes\n  {:.1} s in all",
         report.origin_bytes as f64 / image_bytes as f64,
         report.origin_bytes,
-        report.lan_bytes,
         options.appliances,
+        report.lan_bytes,
         report.seconds
     )?;
     writeln!(

@@ -365,11 +365,33 @@ impl Agent {
         if let Some(lan) = &self.lan {
             lan.site_peers(&response.site_peers);
         }
+        let downloading = self.download.is_some();
         if let Err(message) = self.consider(&response) {
             tracing::warn!(%message, "offered update refused");
-            self.publish_status(Some(message));
+            self.publish_status(Some(message.clone()));
+            // Tell the coordinator, so a bad release shows up in the rollout instead of
+            // silently never installing.
+            if let Some(version) = response.version {
+                let report = ReportRequest {
+                    state: UpdateState::Failed,
+                    version,
+                    previous_version: Some(self.state.version_of(self.booted)),
+                    rollout: response.rollout,
+                    progress: None,
+                    bytes_from_origin: 0,
+                    bytes_from_lan: 0,
+                    slot: Some(self.booted.to_string()),
+                    error: Some(message),
+                };
+                if let Err(error) = self.client.report(&report).await {
+                    tracing::warn!(%error, "report not delivered");
+                }
+            }
         }
         self.save();
+        if !downloading && self.download.is_some() {
+            self.report(UpdateState::Downloading, None).await;
+        }
     }
 
     /// Looks at an offer; starts a download if it is new and verifies.

@@ -395,15 +395,19 @@ impl crate::agent::Lan for LanNodeForAgent {
                             up.insert(peer, 0);
                             vec![PeerNews::Up(peer), PeerNews::Have(peer, map.to_set(pieces))]
                         }
-                        Ok(Ok(None)) => {
-                            up.insert(peer, 0);
-                            vec![PeerNews::Up(peer)]
-                        }
-                        _ => {
-                            let misses = up.entry(peer).or_insert(0);
-                            *misses += 1;
-                            if *misses == 3 { vec![PeerNews::Down(peer)] } else { vec![] }
-                        }
+                        // Not taking part in this release (e.g. a later wave): not a member,
+                        // so it is never assigned pieces to fetch from the origin.
+                        Ok(Ok(None)) => match up.remove(&peer) {
+                            Some(_) => vec![PeerNews::Down(peer)],
+                            None => vec![],
+                        },
+                        _ => match up.get_mut(&peer) {
+                            Some(misses) => {
+                                *misses += 1;
+                                if *misses == 3 { vec![PeerNews::Down(peer)] } else { vec![] }
+                            }
+                            None => vec![],
+                        },
                     };
                     for item in news {
                         if news_tx.send(item).await.is_err() {
