@@ -5,3 +5,4 @@
 //! image. The simulator, the lab and the swarm part of the demo come with the netsim issue.
 
 pub mod demo;
+pub mod sim;

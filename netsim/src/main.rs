@@ -29,8 +29,26 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         time_limit_secs: u64,
     },
-    /// The discrete-event fleet simulator (not built yet).
-    Sim,
+    /// The discrete-event fleet simulator: sites of appliances running the peer's scheduler.
+    Sim {
+        #[arg(long, default_value_t = 1)]
+        sites: usize,
+        #[arg(long, default_value_t = 8)]
+        appliances: usize,
+        #[arg(long, default_value_t = 64)]
+        image_mib: u64,
+        /// Origin → site rate.
+        #[arg(long, default_value_t = 50.0)]
+        wan_mbit: f64,
+        /// Each appliance's LAN rate, up and down.
+        #[arg(long, default_value_t = 500.0)]
+        lan_mbit: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Appliances (by index, in every site) that serve corrupt data.
+        #[arg(long = "corrupt")]
+        corrupt: Vec<usize>,
+    },
     /// The network-namespace lab (not built yet).
     Lab,
     /// (internal) Central Command for the demo.
@@ -87,8 +105,58 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let report = sitecast_netsim::demo::run(&options, &mut std::io::stdout()).await?;
             Ok(if report.all_updated(2) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Sim | Command::Lab => {
-            anyhow::bail!("not built yet: the simulator and the lab come with the netsim issue")
+        Command::Sim { sites, appliances, image_mib, wan_mbit, lan_mbit, seed, corrupt } => {
+            let mut spec = sitecast_netsim::sim::SiteSpec::uniform(
+                appliances,
+                image_mib << 20,
+                wan_mbit,
+                lan_mbit,
+                seed,
+            );
+            spec.corrupt = corrupt.into_iter().collect();
+            let started = std::time::Instant::now();
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let results = sitecast_netsim::sim::simulate_sites(&spec, sites, threads);
+            let wall = started.elapsed().as_secs_f64();
+            let worst = results.iter().map(|r| r.origin_bytes).max().unwrap_or(0);
+            let seconds = results.iter().map(|r| r.seconds).fold(0.0, f64::max);
+            let intact = results.iter().all(|r| r.intact);
+            println!(
+                "{sites} site(s) × {appliances} appliances, {image_mib} MiB, WAN {wan_mbit} Mbit/s, LAN {lan_mbit} Mbit/s, seed {seed}"
+            );
+            println!(
+                "  slowest site {seconds:.2} s (bound {:.2} s, ×{:.2}); worst origin bytes per site {:.3} × image; intact: {intact}; simulated in {wall:.2} s",
+                spec.bound_seconds(),
+                seconds / spec.bound_seconds(),
+                worst as f64 / spec.image_bytes as f64
+            );
+            if !intact {
+                let seeds: Vec<u64> = results
+                    .iter()
+                    .zip(0..)
+                    .filter(|(r, _)| !r.intact)
+                    .map(|(_, k)| seed + k)
+                    .collect();
+                println!("  sites not intact: seeds {seeds:?}");
+            }
+            let summary = serde_json::json!({
+                "appliances": appliances * sites,
+                "sites": sites,
+                "image_bytes": spec.image_bytes,
+                "origin_bytes": results.iter().map(|r| r.origin_bytes).sum::<u64>(),
+                "origin_bytes_per_site_max": worst,
+                "lan_bytes": results.iter().map(|r| r.lan_bytes).sum::<u64>(),
+                "seconds": seconds,
+                "bound_seconds": spec.bound_seconds(),
+                "intact": intact,
+                "seed": seed,
+                "wall_seconds": wall,
+            });
+            println!("{summary}");
+            Ok(if intact { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Lab => {
+            anyhow::bail!("not built yet: the namespace lab comes with the netsim issue")
         }
         Command::Coordinator { listen, data_dir, root } => {
             sitecast_netsim::demo::coordinator_process(&listen, data_dir, &root).await?;

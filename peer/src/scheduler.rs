@@ -13,8 +13,10 @@
 //! - **The origin once per site.** A piece no live LAN peer has comes from the origin only if
 //!   this appliance is the piece's assigned fetcher: the highest rendezvous hash of (piece,
 //!   member) over the site's live members. If the assignee dies it leaves the membership and
-//!   the next one takes over at once; if it stalls, the member ranked `k` in the hash order
-//!   takes over after `k × origin_takeover` without the piece appearing on the LAN.
+//!   the next one takes over at once; if it stalls (its have-map has not grown for
+//!   `max(origin_takeover, 4 × this appliance's own time per origin piece)`), the next member
+//!   in the hash order that is not stalled takes over. Measuring against our own origin
+//!   transfers keeps a slow but busy WAN from looking like a stall.
 //! - **End game.** When every missing piece is in flight, a second request for a piece goes to
 //!   another peer that has it; the first copy to arrive cancels the other.
 //! - **Liars are dropped.** A peer that sent a corrupt group is banned for this release and
@@ -155,8 +157,11 @@ pub struct Scheduler {
     peers: BTreeMap<PeerId, PeerState>,
     banned: BTreeSet<PeerId>,
     in_flight: BTreeMap<RequestId, InFlight>,
-    /// When each piece was first seen missing from every live LAN peer.
-    missing_since: BTreeMap<u64, Duration>,
+    /// When each peer's have-map last grew (or it appeared): a peer silent for too long is
+    /// stalled and loses its origin assignments.
+    progress: BTreeMap<PeerId, Duration>,
+    /// Smoothed time an origin request of ours takes.
+    origin_piece_time: Option<Duration>,
     origin_in_flight: usize,
     origin_backoff_until: Duration,
     origin_backoff: Duration,
@@ -182,7 +187,8 @@ impl Scheduler {
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
             in_flight: BTreeMap::new(),
-            missing_since: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            origin_piece_time: None,
             origin_in_flight: 0,
             origin_backoff_until: Duration::ZERO,
             origin_backoff,
@@ -219,6 +225,7 @@ impl Scheduler {
         match event {
             Event::PeerUp { peer } => {
                 if peer != self.me && !self.banned.contains(&peer) {
+                    self.progress.entry(peer).or_insert(now);
                     self.peers.entry(peer).or_insert_with(|| PeerState {
                         have: PieceSet::empty(self.config.pieces),
                         in_flight: 0,
@@ -229,6 +236,7 @@ impl Scheduler {
             }
             Event::PeerDown { peer } => {
                 self.peers.remove(&peer);
+                self.progress.remove(&peer);
                 self.fail_requests_to(peer);
             }
             Event::PeerHave { peer, have } => {
@@ -240,6 +248,9 @@ impl Scheduler {
                 }
                 self.handle_event(Event::PeerUp { peer }, now);
                 if let Some(state) = self.peers.get_mut(&peer) {
+                    if have.count() > state.have.count() {
+                        self.progress.insert(peer, now);
+                    }
                     state.have = have;
                 }
             }
@@ -250,6 +261,11 @@ impl Scheduler {
                     Source::Origin => {
                         self.stats.from_origin += 1;
                         self.origin_backoff = self.config.origin_backoff;
+                        let took = now.saturating_sub(done.started);
+                        self.origin_piece_time = Some(match self.origin_piece_time {
+                            Some(avg) => (avg * 3 + took) / 4,
+                            None => took,
+                        });
                     }
                     Source::Peer(peer) => {
                         self.stats.from_lan += 1;
@@ -259,7 +275,6 @@ impl Scheduler {
                     }
                 }
                 if self.have.insert(done.piece) {
-                    self.missing_since.remove(&done.piece);
                     self.schedule_announce();
                 }
                 // End game: the other copies of this piece are no longer needed.
@@ -289,9 +304,7 @@ impl Scheduler {
             Event::HaveLocally { pieces } => {
                 for range in pieces {
                     for piece in range {
-                        if self.have.insert(piece) {
-                            self.missing_since.remove(&piece);
-                        }
+                        self.have.insert(piece);
                     }
                 }
                 self.schedule_announce();
@@ -324,8 +337,8 @@ impl Scheduler {
         let backoffs = self.peers.values().map(|p| p.backoff_until).filter(|&t| t > self.now);
         let origin = Some(self.origin_backoff_until).filter(|&t| t > self.now);
         let grace = self.started.map(|s| s + self.config.discovery_grace).filter(|&t| t > self.now);
-        let takeovers =
-            self.missing_since.values().map(|&since| since + self.config.origin_takeover);
+        let stall_after = self.stall_after();
+        let takeovers = self.progress.values().map(|&last| last + stall_after);
         requests
             .chain(backoffs)
             .chain(origin)
@@ -423,15 +436,31 @@ impl Scheduler {
         self.peers.values().filter(|p| p.have.contains(piece)).count()
     }
 
-    /// This appliance's rank for fetching `piece` from the origin: 0 = assigned fetcher.
-    fn origin_rank(&self, piece: u64) -> usize {
+    /// How long a peer's have-map may stand still before its origin pieces are taken over.
+    fn stall_after(&self) -> Duration {
+        let busy = self.origin_piece_time.map_or(Duration::ZERO, |t| t * 4);
+        self.config.origin_takeover.max(busy)
+    }
+
+    /// Whether this appliance should fetch `piece` from the origin: it is the first member in
+    /// the piece's rendezvous order that is not stalled.
+    fn fetches_from_origin(&self, piece: u64) -> bool {
         let score = |member: &PeerId| {
             let mut hasher = blake3::Hasher::new();
             hasher.update(&piece.to_le_bytes()).update(&member.0);
             *hasher.finalize().as_bytes()
         };
         let mine = score(&self.me);
-        self.peers.keys().filter(|peer| score(peer) > mine).count()
+        let stall_after = self.stall_after();
+        let now = self.now;
+        // Anyone ranked above us who is still making progress will fetch it.
+        !self.peers.keys().any(|peer| {
+            score(peer) > mine
+                && self
+                    .progress
+                    .get(peer)
+                    .is_some_and(|&last| now.saturating_sub(last) < stall_after)
+        })
     }
 
     fn tie_break(&self, piece: u64) -> [u8; 32] {
@@ -484,19 +513,14 @@ impl Scheduler {
         // Origin: pieces no live peer has, if this appliance is (or has become) their fetcher.
         let grace_over = self.started.is_some_and(|s| now >= s + self.config.discovery_grace);
         for &piece in missing.iter().filter(|_| grace_over) {
-            if self.holders(piece) > 0 {
-                self.missing_since.remove(&piece);
-                continue;
-            }
-            let since = *self.missing_since.entry(piece).or_insert(now);
-            if self.copies_in_flight(piece) > 0
+            if self.holders(piece) > 0
+                || self.copies_in_flight(piece) > 0
                 || self.origin_in_flight >= self.config.max_origin_requests
                 || self.origin_backoff_until > now
             {
                 continue;
             }
-            let rank = self.origin_rank(piece) as u32;
-            if now.saturating_sub(since) >= self.config.origin_takeover * rank {
+            if self.fetches_from_origin(piece) {
                 self.issue(piece, Source::Origin);
             }
         }

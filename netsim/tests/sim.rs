@@ -1,0 +1,87 @@
+//! The simulator with the peer's own scheduler: offload, speed against the Kumar–Ross bound,
+//! liars, determinism.
+
+use std::time::Duration;
+
+use sitecast_netsim::sim::{SiteSpec, simulate_site};
+
+const MIB: u64 = 1024 * 1024;
+
+fn reference(seed: u64) -> SiteSpec {
+    SiteSpec::uniform(8, 64 * MIB, 50.0, 500.0, seed)
+}
+
+fn check(spec: &SiteSpec) -> sitecast_netsim::sim::SiteResult {
+    let result = simulate_site(spec);
+    eprintln!("seed {}: {result:?}", spec.seed);
+    result
+}
+
+#[test]
+fn eight_appliances_pull_one_copy_near_the_bound() {
+    let result = check(&reference(1));
+    assert!(result.intact, "seed 1: {result:?}");
+    let offload = result.origin_bytes as f64 / result.image_bytes as f64;
+    assert!(offload <= 1.05, "seed 1: origin sent {offload:.3} copies");
+    let slowdown = result.seconds / result.bound_seconds;
+    assert!(
+        slowdown <= 1.2,
+        "seed 1: {:.1} s is {slowdown:.2} × the bound {:.1} s",
+        result.seconds,
+        result.bound_seconds
+    );
+}
+
+#[test]
+fn a_corrupt_peer_does_not_stop_the_site() {
+    let mut spec = reference(2);
+    spec.corrupt.insert(3);
+    let result = check(&spec);
+    assert!(result.intact, "seed 2: {result:?}");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace() {
+    let a = simulate_site(&reference(7));
+    let b = simulate_site(&reference(7));
+    assert_eq!(a, b);
+    let c = simulate_site(&reference(8));
+    assert_ne!(a.trace_digest, c.trace_digest, "another seed, another run");
+}
+
+#[test]
+fn scenarios_finish_intact() {
+    let mut lone = SiteSpec::uniform(1, 16 * MIB, 50.0, 500.0, 3);
+    lone.corrupt.clear();
+    let late = {
+        let mut s = reference(4);
+        s.join_at[5] = Duration::from_secs(8);
+        s.join_at[6] = Duration::from_secs(20);
+        s
+    };
+    let crashing = {
+        let mut s = reference(5);
+        s.crashes.push((2, Duration::from_secs(3), Duration::from_secs(9)));
+        s
+    };
+    let asymmetric = {
+        let mut s = reference(6);
+        for (i, up) in s.lan_up_bps.iter_mut().enumerate() {
+            *up = if i % 2 == 0 { 20e6 } else { 500e6 };
+        }
+        s
+    };
+    let saturated_wan = SiteSpec::uniform(8, 32 * MIB, 5.0, 500.0, 9);
+    for (name, spec) in [
+        ("lone", lone),
+        ("late", late),
+        ("crashing", crashing),
+        ("asymmetric", asymmetric),
+        ("saturated", saturated_wan),
+    ] {
+        let result = simulate_site(&spec);
+        assert!(result.intact, "{name} (seed {}): {result:?}", spec.seed);
+        let offload = result.origin_bytes as f64 / result.image_bytes as f64;
+        assert!(offload <= 1.2, "{name} (seed {}): origin sent {offload:.3} copies", spec.seed);
+    }
+}
