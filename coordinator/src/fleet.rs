@@ -557,8 +557,38 @@ impl Fleet {
         response
     }
 
-    /// The release due for this appliance, if any: a pin first, then a fleet rollback, then the
-    /// rollout's stage.
+    /// The version a group is pinned to (kept as a meta entry `pin.group.<name>`).
+    pub fn group_pin(&self, group: &str) -> Option<u64> {
+        self.meta.get(&format!("pin.group.{group}")).and_then(|v| v.parse().ok())
+    }
+
+    /// Pins every appliance of `group` to a version (or unpins the group); an appliance's own
+    /// pin wins over its group's.
+    pub fn pin_group(
+        &mut self,
+        group: &str,
+        version: Option<u64>,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        if let Some(v) = version
+            && !self.releases.contains_key(&v)
+        {
+            return Err(FleetError::NotFound(format!("release {v}")));
+        }
+        let value = version.map(|v| v.to_string()).unwrap_or_default();
+        let mut changes = vec![self.meta_change(&format!("pin.group.{group}"), value)];
+        self.audit(
+            &mut changes,
+            now,
+            "operator",
+            "group.pin",
+            json!({"group": group, "version": version}),
+        );
+        Ok(changes)
+    }
+
+    /// The release due for this appliance, if any: a pin (the appliance's, else its group's)
+    /// first, then a fleet rollback, then the rollout's stage.
     fn due(
         &self,
         appliance: &ApplianceRecord,
@@ -568,7 +598,8 @@ impl Fleet {
                 r.active && (r.platforms.is_empty() || r.platforms.contains(&appliance.platform))
             })
         };
-        if let Some(pin) = appliance.pin_version {
+        let group_pin = appliance.group.as_deref().and_then(|g| self.group_pin(g));
+        if let Some(pin) = appliance.pin_version.or(group_pin) {
             if pin == appliance.installed_version {
                 return None;
             }

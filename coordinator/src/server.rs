@@ -210,6 +210,7 @@ impl Coordinator {
             .route("/api/appliances/checkin", post(checkin))
             .route("/api/appliances/report", post(report))
             .route("/api/appliances/{key}/pin", post(pin))
+            .route("/api/groups/{group}/pin", post(pin_group))
             .route("/api/sites", get(sites))
             .route("/api/sites/{site}/window", put(site_window))
             .route("/api/audit", get(audit))
@@ -947,6 +948,20 @@ async fn pin(
     state.operator(&method, &headers)?;
     let request: PinRequest = parse_json(&body)?;
     mutate(&state, move |fleet, now| Ok(((), fleet.pin(&key, request.version, now)?))).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn pin_group(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(group): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    state.operator(&method, &headers)?;
+    let request: PinRequest = parse_json(&body)?;
+    mutate(&state, move |fleet, now| Ok(((), fleet.pin_group(&group, request.version, now)?)))
+        .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -163,3 +163,51 @@ async fn a_restart_mid_rollout_loses_nothing() {
     server.coordinator.tick().expect("tick");
     assert_eq!(server.rollout(id).await["current_stage"], 1, "and it continues");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pins_hold_appliances_and_groups_on_a_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let appliances = fleet(&server, &releases, 3).await;
+    // An appliance pinned to 2 gets it without any rollout; unpinned ones do not.
+    let (status, _) = server
+        .op_json(
+            Method::POST,
+            &format!("/api/appliances/{}/pin", appliances[0].id()),
+            Some(json!({"version": 2})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(offered(&server, &appliances).await, vec![0]);
+    // A group pin applies to the appliances of the group.
+    let grouped = Appliance::new("store-1", "grouped", 1);
+    let body =
+        serde_json::to_vec(&json!({"site": "store-1", "group": "kiosks", "platform": PLATFORM,
+        "installed_version": 1, "enrollment_token": ENROLL}))
+        .expect("json");
+    let response = grouped
+        .signed(&server, Method::POST, "/api/appliances/checkin", &body)
+        .send()
+        .await
+        .expect("send");
+    let answer: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(answer["update_available"], false);
+    let (status, _) =
+        server.op_json(Method::POST, "/api/groups/kiosks/pin", Some(json!({"version": 2}))).await;
+    assert_eq!(status, 204);
+    let response = grouped
+        .signed(&server, Method::POST, "/api/appliances/checkin", &body)
+        .send()
+        .await
+        .expect("send");
+    let answer: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(
+        (answer["update_available"].as_bool(), answer["version"].as_u64()),
+        (Some(true), Some(2))
+    );
+    let (status, _) =
+        server.op_json(Method::POST, "/api/groups/kiosks/pin", Some(json!({"version": 9}))).await;
+    assert_eq!(status, 404);
+    assert!(server.audit_actions().await.iter().any(|a| a == "group.pin"));
+}
