@@ -147,6 +147,8 @@ pub struct Fleet {
     /// Appliances whose bookkeeping changed since the last flush.
     dirty: BTreeSet<String>,
     pub config: FleetConfig,
+    /// The coordinator's iroh-blobs provider addresses, handed to appliances.
+    pub iroh_addresses: Vec<String>,
 }
 
 impl Fleet {
@@ -161,6 +163,7 @@ impl Fleet {
             audit_next: snapshot.audit_next.max(1),
             dirty: BTreeSet::new(),
             config,
+            iroh_addresses: Vec::new(),
         }
     }
 
@@ -540,6 +543,7 @@ impl Fleet {
         response.origin = Some(OriginUrls {
             ranges: format!("{public_url}/api/blobs/{}/ranges", release.blake3),
             image: format!("{public_url}/api/releases/{}/image", release.version),
+            iroh: self.iroh_addresses.clone(),
         });
         response.site_peers = self
             .appliances

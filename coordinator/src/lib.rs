@@ -7,6 +7,7 @@
 pub mod blobs;
 pub mod engine;
 pub mod fleet;
+pub mod iroh_origin;
 pub mod metrics;
 pub mod server;
 pub mod session;

@@ -63,6 +63,9 @@ struct ServeArgs {
     /// URL appliances reach this server at (default: from each request's Host header).
     #[arg(long)]
     public_url: Option<String>,
+    /// Also serve the images over iroh-blobs (QUIC) on this address, e.g. 0.0.0.0:4434.
+    #[arg(long)]
+    iroh_listen: Option<SocketAddr>,
     #[arg(long, default_value_t = 5)]
     tick_secs: u64,
     #[arg(long, default_value_t = 60)]
@@ -260,6 +263,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     if let Some(token) = first_run.enrollment {
         println!("enrollment token for appliances (shown once): {token}");
+    }
+    if let Some(listen) = args.iroh_listen {
+        for address in coordinator.enable_iroh(listen).await? {
+            println!("iroh-blobs origin at {address}");
+        }
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -118,6 +118,7 @@ struct AppState {
     checkins: AtomicU64,
     /// Browser sign-ins; in memory only, so a restart signs everyone out.
     sessions: Mutex<Sessions>,
+    iroh: std::sync::OnceLock<crate::iroh_origin::IrohOrigin>,
 }
 
 impl std::fmt::Debug for dyn Store {
@@ -130,6 +131,7 @@ impl std::fmt::Debug for dyn Store {
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     state: Arc<AppState>,
+    data_dir: PathBuf,
     tick: Duration,
     max_upload: u64,
 }
@@ -183,10 +185,17 @@ impl Coordinator {
             clock,
             public_url: config.public_url,
             checkins: AtomicU64::new(0),
+            iroh: std::sync::OnceLock::new(),
             sessions: Mutex::new(Sessions::new(config.session_ttl)),
         };
+        let data_dir = config.data_dir.clone();
         Ok((
-            Self { state: Arc::new(state), tick: config.tick, max_upload: config.max_upload_bytes },
+            Self {
+                state: Arc::new(state),
+                data_dir,
+                tick: config.tick,
+                max_upload: config.max_upload_bytes,
+            },
             first_run,
         ))
     }
@@ -220,6 +229,22 @@ impl Coordinator {
             .route(web::STYLE.path, get(|| async { page_asset(&web::STYLE) }))
             .layer(json_limit)
             .with_state(Arc::clone(&self.state))
+    }
+
+    /// Also serves every release over iroh-blobs on `listen` (images imported by reference).
+    pub async fn enable_iroh(&self, listen: std::net::SocketAddr) -> anyhow::Result<Vec<String>> {
+        let dir = self.data_dir.join("iroh");
+        let origin = crate::iroh_origin::IrohOrigin::start(&dir, listen).await?;
+        let hashes: Vec<String> =
+            lock(&self.state.fleet).releases.values().map(|r| r.blake3.clone()).collect();
+        for hash in hashes {
+            let hash = sitecast_manifest::Blake3Hash::from_hex(&hash)?;
+            origin.add(&self.state.blobs.data_path(&hash)).await?;
+        }
+        let addresses = origin.addresses();
+        lock(&self.state.fleet).iroh_addresses = addresses.clone();
+        let _ = self.state.iroh.set(origin);
+        Ok(addresses)
     }
 
     /// Runs the rollout engine once (the server also does it every `tick`).
@@ -531,6 +556,9 @@ async fn publish(
         rollback_floor: release.rollback_floor,
         manifest: String::from_utf8_lossy(&verified.to_bytes()).into_owned(),
     };
+    if let Some(iroh) = state.iroh.get() {
+        iroh.add(&state.blobs.data_path(&image.blake3)).await.map_err(ApiError::internal)?;
+    }
     let shown = record.clone();
     mutate(&state, move |fleet, now| Ok(((), fleet.publish(record, now)?))).await?;
     Ok((StatusCode::CREATED, Json(shown)).into_response())

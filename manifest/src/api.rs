@@ -149,6 +149,9 @@ pub struct OriginUrls {
     pub ranges: String,
     /// The plain image, `Range` supported.
     pub image: String,
+    /// The coordinator's iroh-blobs provider, `<endpoint id hex>@<ip:port>`, if it runs one.
+    #[serde(default)]
+    pub iroh: Vec<String>,
 }
 
 /// A site peer that holds or fetches the release.

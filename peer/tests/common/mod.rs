@@ -21,6 +21,8 @@ pub struct Origin {
     pub release_key: SecretKey,
     pub http: reqwest::Client,
     pub dir: PathBuf,
+    /// The coordinator's iroh-blobs provider, `<id>@<addr>`.
+    pub iroh: Vec<String>,
     _server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
@@ -45,6 +47,10 @@ impl Origin {
         config.tick = Duration::from_millis(200);
         let (coordinator, _) =
             Coordinator::open(config, Arc::new(SystemClock)).expect("coordinator");
+        let iroh = coordinator
+            .enable_iroh("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("iroh origin");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let server = tokio::spawn(coordinator.serve(listener));
@@ -55,6 +61,7 @@ impl Origin {
             release_key,
             http: reqwest::Client::new(),
             dir: dir.to_owned(),
+            iroh,
             _server: server,
         }
     }
