@@ -709,6 +709,32 @@ impl Fleet {
         Ok(changes)
     }
 
+    /// Overrides (or with `None`, clears) the maintenance window of one appliance.
+    pub fn set_appliance_window(
+        &mut self,
+        key: &str,
+        window: Option<MaintenanceWindow>,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        if let Some(window) = &window {
+            window.validate().map_err(|e| FleetError::Invalid(e.to_string()))?;
+        }
+        let record = self
+            .appliances
+            .get_mut(key)
+            .ok_or_else(|| FleetError::NotFound(format!("appliance {key}")))?;
+        record.window = window.clone();
+        let mut changes = vec![Change::Appliance(Box::new(record.clone()))];
+        self.audit(
+            &mut changes,
+            now,
+            "operator",
+            "appliance.window",
+            json!({"appliance": key, "window": window}),
+        );
+        Ok(changes)
+    }
+
     pub fn set_site_window(
         &mut self,
         site: &str,

@@ -220,6 +220,7 @@ impl Coordinator {
             .route("/api/appliances/report", post(report))
             .route("/api/appliances/{key}/pin", post(pin))
             .route("/api/groups/{group}/pin", post(pin_group))
+            .route("/api/appliances/{key}/window", put(appliance_window))
             .route("/api/sites", get(sites))
             .route("/api/sites/{site}/window", put(site_window))
             .route("/api/audit", get(audit))
@@ -989,6 +990,20 @@ async fn pin_group(
     state.operator(&method, &headers)?;
     let request: PinRequest = parse_json(&body)?;
     mutate(&state, move |fleet, now| Ok(((), fleet.pin_group(&group, request.version, now)?)))
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn appliance_window(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    state.operator(&method, &headers)?;
+    let window: Option<MaintenanceWindow> = parse_json(&body)?;
+    mutate(&state, move |fleet, now| Ok(((), fleet.set_appliance_window(&key, window, now)?)))
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

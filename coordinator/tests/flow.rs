@@ -211,3 +211,41 @@ async fn pins_hold_appliances_and_groups_on_a_version() {
     assert_eq!(status, 404);
     assert!(server.audit_actions().await.iter().any(|a| a == "group.pin"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_windows_come_from_the_site_unless_the_appliance_overrides_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let appliances = fleet(&server, &releases, 2).await;
+    let default = appliances[0].checkin(&server).await.window.expect("a window");
+    assert_eq!(
+        (default.start.as_str(), default.end.as_str()),
+        ("02:00", "05:00"),
+        "the default window"
+    );
+    let site =
+        json!({"start": "01:00", "end": "03:00", "timezone": "Europe/Berlin", "days": ["sun"]});
+    let (status, _) = server.op_json(Method::PUT, "/api/sites/store-1/window", Some(site)).await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        appliances[0].checkin(&server).await.window.expect("window").timezone,
+        "Europe/Berlin"
+    );
+    let own =
+        json!({"start": "22:00", "end": "23:00", "timezone": "America/New_York", "days": ["mon"]});
+    let path = format!("/api/appliances/{}/window", appliances[0].id());
+    let (status, _) = server.op_json(Method::PUT, &path, Some(own)).await;
+    assert_eq!(status, 204);
+    assert_eq!(appliances[0].checkin(&server).await.window.expect("window").start, "22:00");
+    let bad = json!({"start": "25:00", "end": "23:00", "timezone": "UTC", "days": []});
+    let (status, _) = server.op_json(Method::PUT, &path, Some(bad)).await;
+    assert_eq!(status, 400);
+    let (status, _) = server.op_json(Method::PUT, &path, Some(serde_json::Value::Null)).await;
+    assert_eq!(status, 204);
+    assert_eq!(
+        appliances[0].checkin(&server).await.window.expect("window").timezone,
+        "Europe/Berlin",
+        "back to the site's"
+    );
+}
