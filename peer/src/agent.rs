@@ -171,6 +171,9 @@ impl Agent {
         status.slot_versions = self.state.slot_versions.clone();
         status.update = self.state.update.clone();
         status.last_contact = self.state.last_contact;
+        let stats = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        status.progress = (self.download.is_some() && stats.pieces_total > 0)
+            .then(|| stats.pieces_done as f64 / stats.pieces_total as f64);
         if error.is_some() {
             status.last_error = error;
         }
@@ -606,8 +609,10 @@ impl Agent {
             self.recheck_ready(&update);
         }
         let mut next = tokio::time::Instant::now();
+        let mut progress = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
+                _ = progress.tick(), if self.download.is_some() => self.publish_status(None),
                 () = tokio::time::sleep_until(next) => {
                     next = tokio::time::Instant::now() + self.config.checkin_interval();
                     self.checkin().await;

@@ -33,6 +33,9 @@ enum Command {
     Status {
         #[arg(long)]
         json: bool,
+        /// Keep showing a progress bar while a download runs.
+        #[arg(long)]
+        watch: bool,
     },
     /// Go back to the other slot (if it holds a verified release) and reboot.
     Rollback,
@@ -149,7 +152,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             });
         }
         Command::Check => "check",
-        Command::Status { json } => {
+        Command::Status { json, watch } if watch && !json => {
+            // A live bar on the terminal until the download ends.
+            loop {
+                let response = sitecast_peer::control::request(&config.control_socket, "status")
+                    .await
+                    .with_context(|| {
+                        format!("is the agent running? ({})", config.control_socket.display())
+                    })?;
+                let status = response.status.unwrap_or_default();
+                let Some(progress) = status["progress"].as_f64() else {
+                    println!();
+                    print_status(&status);
+                    return Ok(ExitCode::SUCCESS);
+                };
+                print!("\r{}", progress_bar(progress, 40));
+                std::io::Write::flush(&mut std::io::stdout())?;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+        Command::Status { json, .. } => {
             let response = sitecast_peer::control::request(&config.control_socket, "status")
                 .await
                 .with_context(|| {
@@ -173,6 +195,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(if response.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// `[##########..........]  50%`
+fn progress_bar(fraction: f64, width: usize) -> String {
+    let fraction = fraction.clamp(0.0, 1.0);
+    let filled = (fraction * width as f64).round() as usize;
+    format!("[{}{}] {:3.0}%", "#".repeat(filled), ".".repeat(width - filled), fraction * 100.0)
+}
+
 fn print_status(status: &serde_json::Value) {
     println!(
         "appliance {:.16}… at site {}",
@@ -193,6 +222,9 @@ fn print_status(status: &serde_json::Value) {
             update["error"].as_str().map(|e| format!(" - {e}")).unwrap_or_default()
         ),
         None => println!("no update"),
+    }
+    if let Some(progress) = status["progress"].as_f64() {
+        println!("{}", progress_bar(progress, 40));
     }
     if let Some(error) = status["last_error"].as_str() {
         println!("last error: {error}");

@@ -67,6 +67,9 @@ pub struct TransferStats {
     pub pieces_from_lan: u64,
     pub corrupt: u64,
     pub failed: u64,
+    /// Pieces held (verified and written), of `pieces_total`.
+    pub pieces_done: u64,
+    pub pieces_total: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +124,11 @@ impl<D: Device + Send + 'static> Swarm<D> {
             }
         }
         scheduler.handle_event(Event::HaveLocally { pieces: have }, Duration::ZERO);
+        {
+            let mut stats = stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.pieces_total = piece_count(&layout);
+            stats.pieces_done = scheduler.have().count();
+        }
         Self {
             scheduler,
             layout,
@@ -186,6 +194,8 @@ impl<D: Device + Send + 'static> Swarm<D> {
                     let event = self.apply(id, source, bytes, result).await?;
                     let now = self.now();
                     self.scheduler.handle_event(event, now);
+                    let done = self.scheduler.have().count();
+                    self.stats.lock().unwrap_or_else(|p| p.into_inner()).pieces_done = done;
                 }
                 news = self.news.recv() => {
                     let now = self.now();
