@@ -157,6 +157,10 @@ pub struct Scheduler {
     peers: BTreeMap<PeerId, PeerState>,
     banned: BTreeSet<PeerId>,
     in_flight: BTreeMap<RequestId, InFlight>,
+    /// Requests in flight per piece, and live peers holding each piece: kept up to date so
+    /// that scheduling does not rescan every request and peer for every piece.
+    copies: Vec<u16>,
+    holder_count: Vec<u32>,
     /// When each peer's have-map last grew (or it appeared): a peer silent for too long is
     /// stalled and loses its origin assignments.
     progress: BTreeMap<PeerId, Duration>,
@@ -179,6 +183,7 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(me: PeerId, config: Config) -> Self {
         let have = PieceSet::empty(config.pieces);
+        let pieces = config.pieces as usize;
         let origin_backoff = config.origin_backoff;
         Self {
             me,
@@ -187,6 +192,8 @@ impl Scheduler {
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
             in_flight: BTreeMap::new(),
+            copies: vec![0; pieces],
+            holder_count: vec![0; pieces],
             progress: BTreeMap::new(),
             origin_piece_time: None,
             origin_in_flight: 0,
@@ -235,7 +242,7 @@ impl Scheduler {
                 }
             }
             Event::PeerDown { peer } => {
-                self.peers.remove(&peer);
+                self.forget_peer(peer);
                 self.progress.remove(&peer);
                 self.fail_requests_to(peer);
             }
@@ -251,11 +258,19 @@ impl Scheduler {
                     if have.count() > state.have.count() {
                         self.progress.insert(peer, now);
                     }
+                    for piece in 0..self.config.pieces {
+                        match (state.have.contains(piece), have.contains(piece)) {
+                            (false, true) => self.holder_count[piece as usize] += 1,
+                            (true, false) => self.holder_count[piece as usize] -= 1,
+                            _ => {}
+                        }
+                    }
                     state.have = have;
                 }
             }
             Event::Completed { request } => {
                 let Some(done) = self.in_flight.remove(&request) else { return };
+                self.copies[done.piece as usize] -= 1;
                 self.release_slot(&done);
                 match done.source {
                     Source::Origin => {
@@ -286,6 +301,7 @@ impl Scheduler {
                     .collect();
                 for id in duplicates {
                     if let Some(cancelled) = self.in_flight.remove(&id) {
+                        self.copies[cancelled.piece as usize] -= 1;
                         self.release_slot(&cancelled);
                         self.stats.cancelled += 1;
                         self.actions.push_back(Action::Cancel { id });
@@ -365,6 +381,7 @@ impl Scheduler {
 
     fn fail(&mut self, request: RequestId, corrupt: bool) {
         let Some(failed) = self.in_flight.remove(&request) else { return };
+        self.copies[failed.piece as usize] -= 1;
         self.release_slot(&failed);
         if !corrupt {
             self.stats.failed += 1;
@@ -399,7 +416,7 @@ impl Scheduler {
 
     fn ban(&mut self, peer: PeerId, reason: String) {
         if self.banned.insert(peer) {
-            self.peers.remove(&peer);
+            self.forget_peer(peer);
             self.fail_requests_to(peer);
             self.actions.push_back(Action::Ban { peer, reason });
         }
@@ -424,16 +441,26 @@ impl Scheduler {
             }
         }
         self.in_flight.insert(id, InFlight { piece, source, started: self.now });
+        self.copies[piece as usize] += 1;
         self.actions.push_back(Action::Request { id, piece, source });
     }
 
     fn copies_in_flight(&self, piece: u64) -> usize {
-        self.in_flight.values().filter(|r| r.piece == piece).count()
+        usize::from(self.copies[piece as usize])
     }
 
     /// Live peers that hold `piece`.
     fn holders(&self, piece: u64) -> usize {
-        self.peers.values().filter(|p| p.have.contains(piece)).count()
+        self.holder_count[piece as usize] as usize
+    }
+
+    /// Removes a peer and what it held from the counts.
+    fn forget_peer(&mut self, peer: PeerId) {
+        if let Some(state) = self.peers.remove(&peer) {
+            for piece in state.have.iter() {
+                self.holder_count[piece as usize] -= 1;
+            }
+        }
     }
 
     /// How long a peer's have-map may stand still before its origin pieces are taken over.
