@@ -28,6 +28,19 @@ use std::time::Duration;
 
 use crate::pieces::PieceSet;
 
+/// The first 8 bytes (big-endian) of BLAKE3 over `a ‖ b`: enough to order pieces and members.
+fn hash64(a: &[u8], b: &[u8]) -> u64 {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(a).update(b);
+    let bytes = hasher.finalize();
+    u64::from_be_bytes(bytes.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// A member's rendezvous score for every piece.
+fn rendezvous_scores(member: &PeerId, pieces: u64) -> Vec<u64> {
+    (0..pieces).map(|p| hash64(&p.to_le_bytes(), &member.0)).collect()
+}
+
 /// Peers are named by their 32-byte identity key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerId(pub [u8; 32]);
@@ -161,6 +174,11 @@ pub struct Scheduler {
     /// that scheduling does not rescan every request and peer for every piece.
     copies: Vec<u16>,
     holder_count: Vec<u32>,
+    /// Per-piece hashes, computed once: this appliance's tie-break order, and each member's
+    /// rendezvous score (the highest score fetches the piece from the origin).
+    tie_breaks: Vec<u64>,
+    my_scores: Vec<u64>,
+    peer_scores: BTreeMap<PeerId, Vec<u64>>,
     /// When each peer's have-map last grew (or it appeared): a peer silent for too long is
     /// stalled and loses its origin assignments.
     progress: BTreeMap<PeerId, Duration>,
@@ -194,6 +212,9 @@ impl Scheduler {
             in_flight: BTreeMap::new(),
             copies: vec![0; pieces],
             holder_count: vec![0; pieces],
+            tie_breaks: (0..pieces as u64).map(|p| hash64(&me.0, &p.to_le_bytes())).collect(),
+            my_scores: rendezvous_scores(&me, pieces as u64),
+            peer_scores: BTreeMap::new(),
             progress: BTreeMap::new(),
             origin_piece_time: None,
             origin_in_flight: 0,
@@ -233,6 +254,10 @@ impl Scheduler {
             Event::PeerUp { peer } => {
                 if peer != self.me && !self.banned.contains(&peer) {
                     self.progress.entry(peer).or_insert(now);
+                    let pieces = self.config.pieces;
+                    self.peer_scores
+                        .entry(peer)
+                        .or_insert_with(|| rendezvous_scores(&peer, pieces));
                     self.peers.entry(peer).or_insert_with(|| PeerState {
                         have: PieceSet::empty(self.config.pieces),
                         in_flight: 0,
@@ -472,17 +497,12 @@ impl Scheduler {
     /// Whether this appliance should fetch `piece` from the origin: it is the first member in
     /// the piece's rendezvous order that is not stalled.
     fn fetches_from_origin(&self, piece: u64) -> bool {
-        let score = |member: &PeerId| {
-            let mut hasher = blake3::Hasher::new();
-            hasher.update(&piece.to_le_bytes()).update(&member.0);
-            *hasher.finalize().as_bytes()
-        };
-        let mine = score(&self.me);
+        let mine = self.my_scores[piece as usize];
         let stall_after = self.stall_after();
         let now = self.now;
         // Anyone ranked above us who is still making progress will fetch it.
         !self.peers.keys().any(|peer| {
-            score(peer) > mine
+            self.peer_scores.get(peer).is_some_and(|scores| scores[piece as usize] > mine)
                 && self
                     .progress
                     .get(peer)
@@ -490,10 +510,8 @@ impl Scheduler {
         })
     }
 
-    fn tie_break(&self, piece: u64) -> [u8; 32] {
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&self.me.0).update(&piece.to_le_bytes());
-        *hasher.finalize().as_bytes()
+    fn tie_break(&self, piece: u64) -> u64 {
+        self.tie_breaks[piece as usize]
     }
 
     fn schedule(&mut self) {
