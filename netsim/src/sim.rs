@@ -129,6 +129,8 @@ struct Sim<'a> {
     alive: Vec<bool>,
     joined: Vec<bool>,
     flows: BTreeMap<u64, Flow>,
+    /// The flow set changed since rates were last shared out.
+    flows_changed: bool,
     next_flow: u64,
     deliveries: BTreeMap<(Duration, u64), Delivery>,
     seq: u64,
@@ -170,6 +172,7 @@ impl<'a> Sim<'a> {
             alive: vec![false; spec.appliances],
             joined: vec![false; spec.appliances],
             flows: BTreeMap::new(),
+            flows_changed: false,
             next_flow: 0,
             deliveries: BTreeMap::new(),
             seq: 0,
@@ -226,6 +229,7 @@ impl<'a> Sim<'a> {
             .collect();
         for id in lost {
             let flow = self.flows.remove(&id).expect("present");
+            self.flows_changed = true;
             if flow.to != i {
                 let at = self.now + self.spec.lan_latency;
                 self.deliver(at, flow.to, Event::Failed { request: flow.request });
@@ -267,6 +271,7 @@ impl<'a> Sim<'a> {
                         continue;
                     }
                     self.next_flow += 1;
+                    self.flows_changed = true;
                     self.flows.insert(
                         self.next_flow,
                         Flow { to: i, from: source, request: id, remaining: wire, rate: 0.0, wire },
@@ -280,6 +285,7 @@ impl<'a> Sim<'a> {
                         .map(|(k, _)| *k);
                     if let Some(flow) = flow {
                         let flow = self.flows.remove(&flow).expect("present");
+                        self.flows_changed = true;
                         // What was sent before the cancel still crossed the links.
                         let sent = flow.wire - flow.remaining;
                         match flow.from {
@@ -333,16 +339,17 @@ impl<'a> Sim<'a> {
                 users.entry(link).or_default().push(*id);
             }
         }
+        // Unfixed flows per link, kept as counts so each round is one pass over the links.
+        let mut unfixed: BTreeMap<Link, usize> = users.iter().map(|(l, f)| (*l, f.len())).collect();
         let mut fixed: BTreeMap<u64, f64> = BTreeMap::new();
         while fixed.len() < self.flows.len() {
             // The link with the smallest fair share sets the rate of all its unfixed flows.
             let mut best: Option<(f64, Link)> = None;
-            for (link, flows) in &users {
-                let unfixed = flows.iter().filter(|f| !fixed.contains_key(f)).count();
-                if unfixed == 0 {
+            for (link, &count) in &unfixed {
+                if count == 0 {
                     continue;
                 }
-                let share = capacity[link] / unfixed as f64;
+                let share = capacity[link] / count as f64;
                 if best.is_none_or(|(s, _)| share < s) {
                     best = Some((share, *link));
                 }
@@ -356,6 +363,9 @@ impl<'a> Sim<'a> {
                 for other in links(&self.flows[&id]) {
                     if let Some(cap) = capacity.get_mut(&other) {
                         *cap = (*cap - share).max(0.0);
+                    }
+                    if let Some(count) = unfixed.get_mut(&other) {
+                        *count -= 1;
                     }
                 }
             }
@@ -391,7 +401,10 @@ impl<'a> Sim<'a> {
             if self.now > limit {
                 break;
             }
-            self.allocate();
+            if self.flows_changed {
+                self.allocate();
+                self.flows_changed = false;
+            }
             let flow_done = self
                 .flows
                 .iter()
@@ -446,6 +459,7 @@ impl<'a> Sim<'a> {
                 && t == next
             {
                 let flow = self.flows.remove(&id).expect("present");
+                self.flows_changed = true;
                 let corrupt = matches!(flow.from, Source::Peer(p) if self.index_of(p).is_some_and(|j| self.spec.corrupt.contains(&j)));
                 match flow.from {
                     Source::Origin => self.origin_bytes += flow.wire,
