@@ -6,9 +6,7 @@
 //! (`SITECAST_BENCH_APPLIANCES`, default 2000; `SITECAST_BENCH_SECONDS`, default 5;
 //! `SITECAST_BENCH_MIB` for the image, default 256). nginx is skipped, loudly, if not installed.
 
-use std::net::TcpListener as StdListener;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -241,7 +239,7 @@ async fn origin(
     let mib_s = |(bytes, time): (u64, Duration)| bytes as f64 / 1048576.0 / time.as_secs_f64();
 
     println!("origin: {} MiB image, best of 3, one client", len >> 20);
-    let Some(nginx) = nginx(dir, &image) else {
+    let Some(nginx) = sitecast_benches::nginx(dir, &image) else {
         println!("  nginx not installed: no baseline (apt install nginx-light)");
         println!("  ours: plain image                      {:>8.0} MiB/s", mib_s(plain));
         println!("  ours: verified ranges (all groups)     {:>8.0} MiB/s", mib_s(verified));
@@ -263,53 +261,4 @@ async fn origin(
     row("baseline: nginx, the same file", baseline);
     row("ours: plain image (Range-capable)", plain);
     row("ours: verified ranges (all groups)", verified);
-}
-
-struct Nginx {
-    url: String,
-    child: std::process::Child,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn nginx(dir: &Path, image: &Path) -> Option<Nginx> {
-    let binary =
-        ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| Path::new(p).exists())?;
-    let port = StdListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
-    let root = image.parent()?;
-    let prefix = dir.join("nginx");
-    std::fs::create_dir_all(prefix.join("logs")).ok()?;
-    let config = format!(
-        "daemon off; worker_processes 1; pid {prefix}/nginx.pid; error_log {prefix}/logs/error.log;
-         events {{ worker_connections 64; }}
-         http {{ access_log off; sendfile on; tcp_nopush on;
-                client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
-                fastcgi_temp_path {prefix}/fcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
-                server {{ listen 127.0.0.1:{port}; root {root}; }} }}",
-        prefix = prefix.display(),
-        root = root.display()
-    );
-    let config_path = prefix.join("nginx.conf");
-    std::fs::write(&config_path, config).ok()?;
-    let child = Command::new(binary)
-        .arg("-c")
-        .arg(&config_path)
-        .arg("-p")
-        .arg(&prefix)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some(Nginx { url: format!("http://127.0.0.1:{port}"), child });
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
 }

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Bytes to use, from `SITECAST_BENCH_MIB` (default `default_mib`).
@@ -47,4 +48,55 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// nginx serving one directory on a free loopback port (a baseline; `None` if not installed).
+#[derive(Debug)]
+pub struct Nginx {
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn nginx(dir: &Path, image: &Path) -> Option<Nginx> {
+    let binary =
+        ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| Path::new(p).exists())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let root = image.parent()?;
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).ok()?;
+    let config = format!(
+        "daemon off; worker_processes 1; pid {prefix}/nginx.pid; error_log {prefix}/logs/error.log;
+         events {{ worker_connections 64; }}
+         http {{ access_log off; sendfile on; tcp_nopush on;
+                client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy;
+                fastcgi_temp_path {prefix}/fcgi; uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+                server {{ listen 127.0.0.1:{port}; root {root}; }} }}",
+        prefix = prefix.display(),
+        root = root.display()
+    );
+    let config_path = prefix.join("nginx.conf");
+    std::fs::write(&config_path, config).ok()?;
+    let child = Command::new(binary)
+        .arg("-c")
+        .arg(&config_path)
+        .arg("-p")
+        .arg(&prefix)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(Nginx { url: format!("http://127.0.0.1:{port}"), child });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
