@@ -54,9 +54,13 @@ struct Shared {
     served: Mutex<BTreeMap<[u8; 32], Served>>,
     book: Mutex<BTreeMap<PeerId, EndpointAddr>>,
     connections: tokio::sync::Mutex<BTreeMap<PeerId, Connection>>,
-    upload_slots: Semaphore,
+    /// Uploads (streams) served at once, over all peers.
+    upload_slots: Arc<Semaphore>,
     /// Bytes per second for all uploads together; 0: no limit.
     upload_limit: u64,
+    /// When the upload budget is free again: every chunk of every stream reserves its share,
+    /// so the limit holds for all uploads together.
+    upload_free_at: Mutex<tokio::time::Instant>,
     uploaded: AtomicU64,
 }
 
@@ -93,8 +97,9 @@ impl LanNode {
             served: Mutex::new(BTreeMap::new()),
             book: Mutex::new(BTreeMap::new()),
             connections: tokio::sync::Mutex::new(BTreeMap::new()),
-            upload_slots: Semaphore::new(max_upload_peers.max(1)),
+            upload_slots: Arc::new(Semaphore::new(max_upload_peers.max(1))),
             upload_limit,
+            upload_free_at: Mutex::new(tokio::time::Instant::now()),
             uploaded: AtomicU64::new(0),
         });
         let node = Self { endpoint, shared };
@@ -181,51 +186,71 @@ impl LanNode {
     }
 
     async fn serve_blobs(&self, connection: Connection) -> anyhow::Result<()> {
-        let _slot = self.shared.upload_slots.acquire().await?;
+        // Each request on its own task, so one peer's parallel requests are not queued
+        // behind each other; the semaphore bounds uploads over all peers.
         loop {
-            let (mut send, mut recv) = connection.accept_bi().await?;
-            let bytes = recv.read_to_end(iroh_blobs::protocol::MAX_MESSAGE_SIZE).await?;
-            let Ok(Request::Get(request)) = postcard::from_bytes::<Request>(&bytes) else {
-                send.reset(iroh_blobs::protocol::ERR_PERMISSION)?;
-                continue;
-            };
-            let served = lock(&self.shared.served).get(request.hash.as_bytes()).cloned();
-            let groups = served.as_ref().and_then(|s| requested_groups(&request, s));
-            let (Some(served), Some(groups)) = (served, groups) else {
-                // Not ours to give: end the stream without data, as an iroh-blobs provider
-                // does for a blob it lacks.
-                send.reset(iroh_blobs::protocol::ERR_PERMISSION)?;
-                continue;
-            };
-            let (tx, mut rx) = mpsc::channel::<Bytes>(8);
-            let encode = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                let data = FileDevice::open(&served.paths.slot)?;
-                let outboard =
-                    OutboardStore::new(served.layout, FileDevice::open(&served.paths.outboard)?);
-                let mut writer = ChannelWriter(tx);
-                outboard.encode_groups(&data, groups, &mut writer)
+            let (send, recv) = connection.accept_bi().await?;
+            let permit = Arc::clone(&self.shared.upload_slots).acquire_owned().await?;
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Err(error) = node.serve_request(send, recv).await {
+                    tracing::debug!(%error, "upload ended");
+                }
+                drop(permit);
             });
-            let started = tokio::time::Instant::now();
-            let mut sent = 0u64;
-            while let Some(chunk) = rx.recv().await {
-                send.write_all(&chunk).await?;
-                sent += chunk.len() as u64;
-                self.shared.uploaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                if self.shared.upload_limit > 0 {
-                    // Pace this stream to the configured total rate.
-                    let due =
-                        Duration::from_secs_f64(sent as f64 / self.shared.upload_limit as f64);
-                    tokio::time::sleep_until(started + due).await;
-                }
+        }
+    }
+
+    async fn serve_request(
+        &self,
+        mut send: iroh::endpoint::SendStream,
+        mut recv: iroh::endpoint::RecvStream,
+    ) -> anyhow::Result<()> {
+        let bytes = recv.read_to_end(iroh_blobs::protocol::MAX_MESSAGE_SIZE).await?;
+        let Ok(Request::Get(request)) = postcard::from_bytes::<Request>(&bytes) else {
+            send.reset(iroh_blobs::protocol::ERR_PERMISSION)?;
+            return Ok(());
+        };
+        let served = lock(&self.shared.served).get(request.hash.as_bytes()).cloned();
+        let groups = served.as_ref().and_then(|s| requested_groups(&request, s));
+        let (Some(served), Some(groups)) = (served, groups) else {
+            // Not ours to give: end the stream without data, as an iroh-blobs provider
+            // does for a blob it lacks.
+            send.reset(iroh_blobs::protocol::ERR_PERMISSION)?;
+            return Ok(());
+        };
+        let (tx, mut rx) = mpsc::channel::<Bytes>(8);
+        let encode = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let data = FileDevice::open(&served.paths.slot)?;
+            let outboard =
+                OutboardStore::new(served.layout, FileDevice::open(&served.paths.outboard)?);
+            let mut writer = ChannelWriter(tx);
+            outboard.encode_groups(&data, groups, &mut writer)
+        });
+        while let Some(chunk) = rx.recv().await {
+            if self.shared.upload_limit > 0 {
+                let start = {
+                    let mut free_at = lock(&self.shared.upload_free_at);
+                    let start = (*free_at).max(tokio::time::Instant::now());
+                    *free_at = start
+                        + Duration::from_secs_f64(
+                            chunk.len() as f64 / self.shared.upload_limit as f64,
+                        );
+                    start
+                };
+                tokio::time::sleep_until(start).await;
             }
-            match encode.await? {
-                Ok(()) => send.finish()?,
-                Err(error) => {
-                    tracing::error!(%error, "serving a range failed; the stream is reset");
-                    send.reset(iroh_blobs::protocol::ERR_INTERNAL)?;
-                }
+            send.write_all(&chunk).await?;
+            self.shared.uploaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        match encode.await? {
+            Ok(()) => send.finish()?,
+            Err(error) => {
+                tracing::error!(%error, "serving a range failed; the stream is reset");
+                send.reset(iroh_blobs::protocol::ERR_INTERNAL)?;
             }
         }
+        Ok(())
     }
 
     async fn connection(&self, peer: PeerId, alpn: &[u8]) -> Result<Connection, FetchError> {

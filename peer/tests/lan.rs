@@ -1,0 +1,94 @@
+//! The LAN node on its own: serving a held release, refusing what it does not hold, and the
+//! total upload cap.
+
+use std::time::{Duration, Instant};
+
+use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, ResponseDecoder, SlotPaths};
+use sitecast_manifest::{ImageDigest, ImageInfo, SecretKey};
+use sitecast_peer::agent::Lan;
+use sitecast_peer::lan::{LanNode, LanNodeForAgent};
+use sitecast_peer::swarm::{FetchError, GROUPS_PER_PIECE};
+
+async fn serving(dir: &std::path::Path, len: u64, limit: u64) -> (LanNode, ImageInfo) {
+    let image = dir.join("image.raw");
+    sitecast_iso::generate::write_image(&image, len, "lan test").expect("image");
+    let digest = ImageDigest::of_reader(std::fs::File::open(&image).expect("open")).expect("hash");
+    let info = ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 };
+    let paths = SlotPaths::beside(&image, dir);
+    OutboardStore::new(
+        BlobLayout::new(info.blake3, info.size),
+        FileDevice::open_or_create(&paths.outboard).expect("ob"),
+    )
+    .compute_from(std::fs::File::open(&image).expect("open"))
+    .expect("outboard");
+    let node = LanNode::bind(
+        &SecretKey::generate().expect("rng"),
+        "127.0.0.1:0".parse().expect("addr"),
+        8,
+        limit,
+    )
+    .await
+    .expect("bind");
+    LanNodeForAgent::new(node.clone()).serve_installed(&info, image, dir.to_owned());
+    (node, info)
+}
+
+async fn client(server: &LanNode, info: &ImageInfo, dir: &std::path::Path) -> LanNodeForAgent {
+    let node = LanNode::bind(
+        &SecretKey::generate().expect("rng"),
+        "127.0.0.1:0".parse().expect("addr"),
+        8,
+        0,
+    )
+    .await
+    .expect("bind");
+    node.add_peer(server.id().0, &server.direct_addrs());
+    let agent = LanNodeForAgent::new(node);
+    let slot = dir.join("other-slot.img");
+    std::fs::File::create(&slot).expect("slot").set_len(info.size).expect("size");
+    let _ = agent.join(info, slot, dir.to_owned());
+    agent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_serves_verified_pieces_and_caps_its_uploads() {
+    sitecast_coordinator::install_tls_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let len = 4 * 1024 * 1024;
+    let limit = 8 * 1024 * 1024; // bytes per second, for all uploads together
+    let (server, info) = serving(dir.path(), len, limit).await;
+    let agent = client(&server, &info, dir.path()).await;
+    let fetcher = agent.fetcher();
+    let layout = BlobLayout::new(info.blake3, info.size);
+    let pieces = layout.groups().div_ceil(GROUPS_PER_PIECE);
+
+    let started = Instant::now();
+    let fetches: Vec<_> = (0..pieces)
+        .map(|p| {
+            fetcher.fetch(
+                server.id(),
+                p * GROUPS_PER_PIECE..((p + 1) * GROUPS_PER_PIECE).min(layout.groups()),
+            )
+        })
+        .collect();
+    let mut total = 0;
+    for (p, fetch) in fetches.into_iter().enumerate() {
+        let body = fetch.await.expect("served");
+        let groups =
+            p as u64 * GROUPS_PER_PIECE..((p as u64 + 1) * GROUPS_PER_PIECE).min(layout.groups());
+        let ranges = layout.chunk_ranges(groups);
+        for item in ResponseDecoder::new(layout, &ranges, &body[..]).expect("header") {
+            item.expect("every group verifies");
+        }
+        total += body.len() as u64;
+    }
+    let elapsed = started.elapsed();
+    // Four pieces fetched in parallel still share one budget: at least total / limit seconds.
+    let floor = Duration::from_secs_f64(total as f64 / limit as f64 * 0.9);
+    assert!(elapsed >= floor, "{total} bytes in {elapsed:?}: the cap of {limit} B/s was not kept");
+    assert_eq!(server.uploaded(), total);
+
+    // Groups beyond the image are refused, not invented.
+    let beyond = fetcher.fetch(server.id(), layout.groups()..layout.groups() + 1).await;
+    assert!(matches!(beyond, Err(FetchError::Failed(_))), "{beyond:?}");
+}
