@@ -244,7 +244,17 @@ impl Agent {
             }
         };
         match ab_state.outcome(self.booted) {
-            BootOutcome::Normal => None,
+            BootOutcome::Normal => {
+                // Marked good, but the agent stopped before recording it: finish the bookkeeping.
+                if let Some(update) = self.state.update.clone()
+                    && update.state == UpdateState::Rebooting
+                    && update.slot == self.booted.to_string()
+                    && ab_state.active == self.booted
+                {
+                    self.record_success(self.booted).await;
+                }
+                None
+            }
             BootOutcome::RolledBack { failed } => {
                 let message = format!("slot {failed} used up its tries; back on {}", self.booted);
                 tracing::warn!(%message);
@@ -266,21 +276,9 @@ impl Agent {
                             tracing::error!(%error, "marking the slot good failed; GRUB will count this boot");
                             return Some(Exit::Reboot);
                         }
-                        if let Some(update) = self.state.update.clone() {
-                            self.state.slot_versions.insert(slot.to_string(), update.version);
-                            if let Ok(verified) = self
-                                .root
-                                .verify_release(update.manifest.as_bytes(), Timestamp::now())
-                            {
-                                let floor = verified.release().rollback_floor.unwrap_or(0);
-                                self.state.rollback_floor = self.state.rollback_floor.max(floor);
-                            }
-                        }
-                        self.state.booted_at = Some(Timestamp::now());
                         self.metrics
                             .update(|m| m.reboot_seconds = Some(started.elapsed().as_secs_f64()));
-                        self.set_update_state(UpdateState::Succeeded, None);
-                        self.report(UpdateState::Succeeded, None).await;
+                        self.record_success(slot).await;
                         None
                     }
                     GateDecision::RetryBoot { failures, .. }
@@ -298,6 +296,22 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// The new slot is good: remember its release and floor, then report success.
+    async fn record_success(&mut self, slot: Slot) {
+        if let Some(update) = self.state.update.clone() {
+            self.state.slot_versions.insert(slot.to_string(), update.version);
+            if let Ok(verified) =
+                self.root.verify_release(update.manifest.as_bytes(), Timestamp::now())
+            {
+                let floor = verified.release().rollback_floor.unwrap_or(0);
+                self.state.rollback_floor = self.state.rollback_floor.max(floor);
+            }
+        }
+        self.state.booted_at = Some(Timestamp::now());
+        self.set_update_state(UpdateState::Succeeded, None);
+        self.report(UpdateState::Succeeded, None).await;
     }
 
     fn health_gate(&self) -> HealthGate {
@@ -453,6 +467,10 @@ impl Agent {
             bytes_from_lan: 0,
             download_seconds: None,
         });
+        // The standby slot is about to be overwritten: whatever it held is neither ready to
+        // activate nor a release to roll back to any more.
+        self.ready = None;
+        self.state.slot_versions.remove(&standby.to_string());
         self.start_download(
             verified.release().image.clone(),
             standby,
@@ -575,6 +593,9 @@ impl Agent {
 
     /// Operator-ordered local rollback: back to the other slot if it holds a verified release.
     fn local_rollback(&mut self) -> Result<String, String> {
+        if self.download.is_some() {
+            return Err("a download is writing the other slot; wait for it to finish".into());
+        }
         let other = self.booted.other();
         let version = self.state.version_of(other);
         if version == 0 {

@@ -145,7 +145,10 @@ impl LanNode {
     /// Serves `image` from `paths`, restricted to the pieces in `have`.
     pub fn serve(&self, image: &ImageInfo, paths: SlotPaths, have: PieceSet) {
         let layout = BlobLayout::new(image.blake3, image.size);
-        lock(&self.shared.served).insert(*image.blake3.as_bytes(), Served { layout, paths, have });
+        let mut served = lock(&self.shared.served);
+        // A slot holds one release: whatever it served before is being overwritten.
+        served.retain(|_, s| s.paths.slot != paths.slot);
+        served.insert(*image.blake3.as_bytes(), Served { layout, paths, have });
     }
 
     fn update_have(&self, blake3: [u8; 32], have: PieceSet) {
@@ -219,6 +222,7 @@ impl LanNode {
             send.reset(iroh_blobs::protocol::ERR_PERMISSION)?;
             return Ok(());
         };
+        let withdrawn = groups.start / GROUPS_PER_PIECE..groups.end.div_ceil(GROUPS_PER_PIECE);
         let (tx, mut rx) = mpsc::channel::<Bytes>(8);
         let encode = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let data = FileDevice::open(&served.paths.slot)?;
@@ -246,7 +250,16 @@ impl LanNode {
         match encode.await? {
             Ok(()) => send.finish()?,
             Err(error) => {
-                tracing::error!(%error, "serving a range failed; the stream is reset");
+                // The slot no longer verifies there (rot, or it is being overwritten): stop
+                // announcing those pieces so peers fetch them elsewhere or from the origin.
+                tracing::error!(%error, "serving a range failed; its pieces are withdrawn");
+                if let Some(served) = lock(&self.shared.served).get_mut(request.hash.as_bytes()) {
+                    let mut have = PieceSet::empty(served.have.len());
+                    for piece in served.have.iter().filter(|p| !withdrawn.contains(p)) {
+                        have.insert(piece);
+                    }
+                    served.have = have;
+                }
                 send.reset(iroh_blobs::protocol::ERR_INTERNAL)?;
             }
         }
@@ -259,18 +272,22 @@ impl LanNode {
             .cloned()
             .ok_or_else(|| FetchError::Failed("unknown peer".into()))?;
         if alpn == iroh_blobs::ALPN {
-            let mut cache = self.shared.connections.lock().await;
-            if let Some(connection) = cache.get(&peer)
-                && connection.close_reason().is_none()
             {
-                return Ok(connection.clone());
+                let cache = self.shared.connections.lock().await;
+                if let Some(connection) = cache.get(&peer)
+                    && connection.close_reason().is_none()
+                {
+                    return Ok(connection.clone());
+                }
             }
+            // Connect without holding the cache: one unreachable peer must not hold up the
+            // fetches from all the others.
             let connection = self
                 .endpoint
                 .connect(addr, alpn)
                 .await
                 .map_err(|e| FetchError::Failed(e.to_string()))?;
-            cache.insert(peer, connection.clone());
+            self.shared.connections.lock().await.insert(peer, connection.clone());
             return Ok(connection);
         }
         self.endpoint.connect(addr, alpn).await.map_err(|e| FetchError::Failed(e.to_string()))
@@ -410,6 +427,10 @@ impl crate::agent::Lan for LanNodeForAgent {
             // Poll known peers for their have-maps while the swarm listens.
             let mut up: BTreeMap<PeerId, u32> = BTreeMap::new();
             loop {
+                // The swarm is gone (download finished or restarted): stop polling.
+                if news_tx.is_closed() {
+                    return;
+                }
                 let peers: Vec<PeerId> = lock(&node.shared.book).keys().copied().collect();
                 for peer in peers {
                     let answer =

@@ -150,6 +150,7 @@ impl<D: Device + Send + 'static> Swarm<D> {
     pub async fn run(mut self) -> Result<SlotWriter<D>, SwarmError> {
         let mut fetches: JoinSet<FetchOutcome> = JoinSet::new();
         let mut handles: BTreeMap<RequestId, tokio::task::AbortHandle> = BTreeMap::new();
+        let mut news_open = true;
         loop {
             while let Some(action) = self.scheduler.poll_action() {
                 match action {
@@ -197,17 +198,14 @@ impl<D: Device + Send + 'static> Swarm<D> {
                     let done = self.scheduler.have().count();
                     self.stats.lock().unwrap_or_else(|p| p.into_inner()).pieces_done = done;
                 }
-                news = self.news.recv() => {
+                news = self.news.recv(), if news_open => {
                     let now = self.now();
                     match news {
                         Some(PeerNews::Up(peer)) => self.scheduler.handle_event(Event::PeerUp { peer }, now),
                         Some(PeerNews::Down(peer)) => self.scheduler.handle_event(Event::PeerDown { peer }, now),
                         Some(PeerNews::Have(peer, have)) => self.scheduler.handle_event(Event::PeerHave { peer, have }, now),
-                        None => {
-                            // Discovery ended: carry on with what we have (the origin at least).
-                            let (_, never) = mpsc::channel(1);
-                            self.news = never;
-                        }
+                        // Discovery ended: carry on with what we have (the origin at least).
+                        None => news_open = false,
                     }
                 }
                 () = sleep => {
