@@ -149,11 +149,18 @@ pub struct Fleet {
     pub config: FleetConfig,
     /// The coordinator's iroh-blobs provider addresses, handed to appliances.
     pub iroh_addresses: Vec<String>,
+    /// Appliance keys by site: a check-in lists its site's peers without scanning the fleet.
+    members: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Fleet {
     pub fn from_snapshot(snapshot: Snapshot, config: FleetConfig) -> Self {
+        let mut members: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for appliance in snapshot.appliances.values() {
+            members.entry(appliance.site.clone()).or_default().insert(appliance.key.clone());
+        }
         Self {
+            members,
             releases: snapshot.releases,
             rollouts: snapshot.rollouts,
             appliances: snapshot.appliances,
@@ -379,11 +386,11 @@ impl Fleet {
         self.appliances
             .values()
             .map(|a| {
-                let update = a.update.as_ref().filter(|u| u.version == rollout.version);
+                let update = a.update.as_ref().filter(|u| u.report.version == rollout.version);
                 ApplianceView {
                     key: a.key.clone(),
                     group: a.group.clone(),
-                    state: update.map(|u| u.state),
+                    state: update.map(|u| u.report.state),
                     state_since: update.map_or(a.registered, |u| u.since),
                     online: self.is_online(a, now),
                 }
@@ -417,8 +424,8 @@ impl Fleet {
                     && let Some(record) = self.appliances.get_mut(appliance)
                     && let Some(update) = record.update.as_mut()
                 {
-                    update.state = UpdateState::Failed;
-                    update.error = Some(reason.clone());
+                    update.report.state = UpdateState::Failed;
+                    update.report.error = Some(reason.clone());
                     update.since = now;
                     changes.push(Change::Appliance(Box::new(record.clone())));
                 }
@@ -454,28 +461,12 @@ impl Fleet {
             return Err(FleetError::Invalid("site must not be empty".into()));
         }
         let mut changes = Vec::new();
-        let registered = !self.appliances.contains_key(key);
+        let previous_site = self.appliances.get(key).map(|a| a.site.clone());
+        let registered = previous_site.is_none();
         if registered {
             if !enrollment_ok {
                 return Err(FleetError::UnknownAppliance(key.to_owned()));
             }
-            let record = ApplianceRecord {
-                key: key.to_owned(),
-                site: request.site.clone(),
-                name: request.name.clone(),
-                group: request.group.clone(),
-                macs: macs.clone(),
-                platform: request.platform.clone(),
-                installed_version: request.installed_version,
-                active_slot: request.active_slot.clone(),
-                agent_version: request.agent_version.clone(),
-                peer: request.peer.clone(),
-                registered: now,
-                last_checkin: now,
-                pin_version: None,
-                window: None,
-                update: None,
-            };
             let detail = json!({"appliance": key, "site": request.site, "macs": macs});
             self.audit(
                 &mut changes,
@@ -484,7 +475,19 @@ impl Fleet {
                 "appliance.register",
                 detail,
             );
+            // Everything else is filled in below, as on every check-in.
+            let record = ApplianceRecord {
+                key: key.to_owned(),
+                registered: now,
+                ..ApplianceRecord::default()
+            };
             self.appliances.insert(key.to_owned(), record);
+        }
+        if previous_site.as_deref() != Some(request.site.as_str()) {
+            if let Some(previous) = previous_site.and_then(|site| self.members.get_mut(&site)) {
+                previous.remove(key);
+            }
+            self.members.entry(request.site.clone()).or_default().insert(key.to_owned());
         }
         let record = self.appliances.get_mut(key).expect("registered above");
         record.site = request.site;
@@ -546,16 +549,21 @@ impl Fleet {
             iroh: self.iroh_addresses.clone(),
         });
         response.site_peers = self
-            .appliances
-            .values()
-            .filter(|p| {
-                p.site == appliance.site && p.key != appliance.key && self.is_online(p, now)
-            })
+            .members
+            .get(&appliance.site)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.appliances.get(key))
+            .filter(|p| p.key != appliance.key && self.is_online(p, now))
             .map(|p| SitePeer {
                 appliance: p.key.clone(),
                 addresses: p.peer.clone(),
                 installed_version: p.installed_version,
-                state: p.update.as_ref().filter(|u| u.version == release.version).map(|u| u.state),
+                state: p
+                    .update
+                    .as_ref()
+                    .filter(|u| u.report.version == release.version)
+                    .map(|u| u.report.state),
             })
             .collect();
         response
@@ -646,36 +654,25 @@ impl Fleet {
         let changed_state = record
             .update
             .as_ref()
-            .is_none_or(|u| u.state != report.state || u.version != report.version);
+            .is_none_or(|u| u.report.state != report.state || u.report.version != report.version);
         let started = record
             .update
             .as_ref()
-            .filter(|u| u.version == report.version)
+            .filter(|u| u.report.version == report.version)
             .map_or(now, |u| u.started);
         let since =
             if changed_state { now } else { record.update.as_ref().map_or(now, |u| u.since) };
-        record.update = Some(UpdateRow {
-            state: report.state,
-            version: report.version,
-            previous_version: report.previous_version,
-            rollout: report.rollout,
-            progress: report.progress,
-            bytes_from_origin: report.bytes_from_origin,
-            bytes_from_lan: report.bytes_from_lan,
-            slot: report.slot.clone(),
-            error: report.error.clone(),
-            started,
-            since,
-        });
         if matches!(report.state, UpdateState::Succeeded) {
             record.installed_version = report.version;
             record.active_slot = report.slot.clone().or(record.active_slot.take());
         }
+        let detail = changed_state.then(
+            || json!({"version": report.version, "state": report.state, "error": report.error}),
+        );
+        record.update = Some(UpdateRow { report, started, since });
         record.last_checkin = now;
         let mut changes = vec![Change::Appliance(Box::new(record.clone()))];
-        if changed_state {
-            let detail =
-                json!({"version": report.version, "state": report.state, "error": report.error});
+        if let Some(detail) = detail {
             self.audit(&mut changes, now, &format!("appliance:{key}"), "appliance.report", detail);
         }
         Ok(changes)
@@ -831,8 +828,8 @@ impl Fleet {
                 let lan_bytes = members
                     .iter()
                     .filter_map(|a| a.update.as_ref())
-                    .filter(|u| Some(u.version) == version)
-                    .map(|u| u.bytes_from_lan)
+                    .filter(|u| Some(u.report.version) == version)
+                    .map(|u| u.report.bytes_from_lan)
                     .sum();
                 SiteSummary {
                     site: site.to_owned(),

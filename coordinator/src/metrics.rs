@@ -38,7 +38,7 @@ pub fn render(fleet: &Fleet, now: Timestamp, checkins: u64) -> String {
         UpdateState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
     by_state.insert("none", 0);
     for appliance in fleet.appliances.values() {
-        let state = appliance.update.as_ref().map_or("none", |u| u.state.as_str());
+        let state = appliance.update.as_ref().map_or("none", |u| u.report.state.as_str());
         *by_state.entry(state).or_default() += 1;
     }
     for (state, count) in &by_state {

@@ -11,7 +11,7 @@ use std::path::Path;
 use jiff::Timestamp;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use sitecast_manifest::api::{PeerAddresses, UpdateState};
+use sitecast_manifest::api::{PeerAddresses, ReportRequest};
 use sitecast_manifest::window::MaintenanceWindow;
 
 use crate::engine::Rollout;
@@ -50,31 +50,18 @@ pub struct ReleaseRecord {
     pub manifest: String,
 }
 
-/// An appliance's current update, as it last reported it.
+/// An appliance's current update: its last report, and when the update and its state began.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpdateRow {
-    pub state: UpdateState,
-    pub version: u64,
-    #[serde(default)]
-    pub previous_version: Option<u64>,
-    #[serde(default)]
-    pub rollout: Option<u64>,
-    #[serde(default)]
-    pub progress: Option<f64>,
-    #[serde(default)]
-    pub bytes_from_origin: u64,
-    #[serde(default)]
-    pub bytes_from_lan: u64,
-    #[serde(default)]
-    pub slot: Option<String>,
-    #[serde(default)]
-    pub error: Option<String>,
+    /// Flattened, so the stored JSON keeps the report's fields at the top level.
+    #[serde(flatten)]
+    pub report: ReportRequest,
     pub started: Timestamp,
     /// When `state` was entered (deadlines count from here).
     pub since: Timestamp,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ApplianceRecord {
     /// The appliance's ed25519 public key (hex): its identity.
     pub key: String,
