@@ -25,10 +25,7 @@ async fn an_agent_updates_reboots_and_passes_its_health_gate() {
     agent.start();
 
     let deadline = Instant::now() + Duration::from_secs(60);
-    while appliances(&origin).await.is_empty() {
-        assert!(Instant::now() < deadline, "never enrolled:\n{}", agent.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_enrolled(&origin, 1, deadline, &agent).await;
     origin.rollout(2).await;
 
     // It downloads, verifies, and waits for the window (02:00–05:00 by default) unless told.

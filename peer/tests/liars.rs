@@ -120,25 +120,9 @@ async fn honest_site_finishes_despite(lie: Lie) {
     let (image_path, info) = origin.publish(2, 6 * 1024 * 1024 + 333).await;
     let image = std::fs::read(&image_path).expect("image");
     let _liar = liar(&origin, &image, &info, lie).await;
-    let mut agents: Vec<AgentProcess> = (0..2)
-        .map(|i| {
-            AgentProcess::new(
-                &dir.path().join(format!("a{i}")),
-                &origin,
-                "store-1",
-                &format!("a{i}"),
-                info.size,
-            )
-        })
-        .collect();
-    for agent in &mut agents {
-        agent.start();
-    }
+    let agents = start_agents(&origin, dir.path(), 2, info.size);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while appliances(&origin).await.len() < 3 {
-        assert!(Instant::now() < deadline, "{}", agents[0].log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_enrolled(&origin, 3, deadline, &agents[0]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     origin.rollout(2).await;
     loop {

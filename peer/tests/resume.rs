@@ -21,10 +21,7 @@ async fn a_killed_agent_resumes_without_refetching_verified_groups() {
     let mut agent = AgentProcess::new(&dir.path().join("a1"), &origin, "store-1", "a1", image.size);
     agent.start();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while appliances(&origin).await.is_empty() {
-        assert!(Instant::now() < deadline, "{}", agent.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_enrolled(&origin, 1, deadline, &agent).await;
     origin.rollout(2).await;
 
     let progress = dir.path().join("a1/state/slot-b.img.progress");

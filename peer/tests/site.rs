@@ -13,25 +13,9 @@ async fn three_agents_share_one_origin_copy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path()).await;
     let (image_path, image) = origin.publish(2, 12 * 1024 * 1024 + 777).await;
-    let mut agents: Vec<AgentProcess> = (0..3)
-        .map(|i| {
-            AgentProcess::new(
-                &dir.path().join(format!("a{i}")),
-                &origin,
-                "store-1",
-                &format!("a{i}"),
-                image.size,
-            )
-        })
-        .collect();
-    for agent in &mut agents {
-        agent.start();
-    }
+    let mut agents = start_agents(&origin, dir.path(), 3, image.size);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while appliances(&origin).await.len() < 3 {
-        assert!(Instant::now() < deadline, "not all enrolled:\n{}", agents[0].log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_enrolled(&origin, 3, deadline, &agents[0]).await;
     // Let every agent learn the others' LAN addresses from a check-in or two.
     tokio::time::sleep(Duration::from_secs(2)).await;
     origin.rollout(2).await;

@@ -251,3 +251,28 @@ pub async fn appliances(origin: &Origin) -> Vec<serde_json::Value> {
         .expect("list");
     response.json().await.expect("json")
 }
+
+/// Starts `n` agents named `a0`, `a1`, … at site `store-1`, each with slots of `slot_len` bytes.
+pub fn start_agents(origin: &Origin, dir: &Path, n: usize, slot_len: u64) -> Vec<AgentProcess> {
+    (0..n)
+        .map(|i| {
+            let name = format!("a{i}");
+            let mut agent = AgentProcess::new(&dir.join(&name), origin, "store-1", &name, slot_len);
+            agent.start();
+            agent
+        })
+        .collect()
+}
+
+/// Waits until `count` appliances are enrolled; on timeout shows `watched`'s log.
+pub async fn wait_enrolled(
+    origin: &Origin,
+    count: usize,
+    deadline: std::time::Instant,
+    watched: &AgentProcess,
+) {
+    while appliances(origin).await.len() < count {
+        assert!(std::time::Instant::now() < deadline, "not all enrolled:\n{}", watched.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
