@@ -13,7 +13,7 @@ use sitecast_benches::{bench_bytes, mib_per_s, peak_rss_bytes, write_test_image}
 use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, Slot, SlotPaths, SlotWriter};
 use sitecast_manifest::{ImageDigest, ImageInfo, SecretKey};
 use sitecast_peer::agent::Lan;
-use sitecast_peer::lan::{LanNode, LanNodeForAgent};
+use sitecast_peer::lan::LanNodeForAgent;
 use sitecast_peer::scheduler::PeerId;
 use sitecast_peer::swarm::{Swarm, TransferStats};
 
@@ -49,22 +49,15 @@ fn main() {
         .build()
         .expect("runtime");
     let (ours, rss) = runtime.block_on(async {
-        let server = LanNode::bind(
-            &SecretKey::generate().expect("rng"),
-            "127.0.0.1:0".parse().expect("addr"),
-            8,
-            0,
-        )
-        .await
-        .expect("bind");
-        let serving = LanNodeForAgent::new(server.clone());
+        let serving = LanNodeForAgent::bind_loopback(&SecretKey::generate().expect("rng"), "s", 0)
+            .await
+            .expect("bind");
         serving.serve_installed(&info, image_path.clone(), serving_dir.clone());
 
         let key = SecretKey::generate().expect("rng");
-        let client =
-            LanNode::bind(&key, "127.0.0.1:0".parse().expect("addr"), 8, 0).await.expect("bind");
-        client.add_peer(server.id().0, &server.direct_addrs());
-        let fetching = LanNodeForAgent::new(client.clone());
+        let fetching = LanNodeForAgent::bind_loopback(&key, "s", 0).await.expect("bind");
+        // The server's announcements (have-map, iroh address) come over the control plane.
+        fetching.site.dial(&serving.site.addresses()[0]).expect("dial");
         let slot = dir.path().join("slot-b.img");
         // A slot is a partition whose blocks exist: fill the file with zeros first.
         write_zeros(&slot, len);

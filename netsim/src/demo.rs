@@ -188,6 +188,9 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
             reboot_command: Vec::new(),
             checkin_interval_secs: 1,
             lan_listen: "127.0.0.1:0".into(),
+            // Loopback has no multicast: peers come from the coordinator's site list.
+            libp2p_listen: "/ip4/127.0.0.1/tcp/0".into(),
+            mdns: false,
             control_socket: dir.join("state/control.sock"),
             ..AgentConfig::default()
         };

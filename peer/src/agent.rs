@@ -48,6 +48,7 @@ pub struct Status {
     pub update: Option<UpdateRecord>,
     pub progress: Option<f64>,
     pub peers: u64,
+    pub discovery: crate::site::Discovery,
     pub last_contact: Option<Timestamp>,
     pub last_error: Option<String>,
 }
@@ -78,6 +79,8 @@ pub trait Lan: Send + Sync {
     fn addresses(&self) -> PeerAddresses;
     /// Peers the coordinator named for this site (for networks without multicast).
     fn site_peers(&self, peers: &[sitecast_manifest::api::SitePeer]);
+    /// Site peers connected and how they were found.
+    fn discovery(&self) -> crate::site::Discovery;
 }
 
 pub struct Agent {
@@ -176,6 +179,14 @@ impl Agent {
             .then(|| stats.pieces_done as f64 / stats.pieces_total as f64);
         if error.is_some() {
             status.last_error = error;
+        }
+        if let Some(lan) = &self.lan {
+            status.discovery = lan.discovery();
+            status.peers = status.discovery.connected;
+            self.metrics.update(|m| {
+                m.peers = status.discovery.connected;
+                m.peers_found_by_mdns = status.discovery.found_by_mdns;
+            });
         }
     }
 

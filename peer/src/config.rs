@@ -55,7 +55,15 @@ pub struct AgentConfig {
     pub checkin_interval_secs: u64,
     /// Where the agent's LAN data plane listens (iroh, QUIC/UDP).
     pub lan_listen: String,
-    /// Static LAN peers (`<iroh id hex>@<ip:port>`), for networks where discovery cannot work.
+    /// Where the site control plane listens (libp2p TCP multiaddress): discovery and have-maps.
+    pub libp2p_listen: String,
+    /// Find site peers by multicast DNS (off where multicast is blocked, and on loopback, where
+    /// it cannot work).
+    pub mdns: bool,
+    /// Dial the site peers the coordinator lists in its check-in answers.
+    pub coordinator_peers: bool,
+    /// Static site peers (`/ip4/<ip>/tcp/<port>/p2p/<peer id>`), for networks where discovery
+    /// cannot work.
     pub static_peers: Vec<String>,
     /// Upload cap for serving peers, bytes per second in total (0: none).
     pub upload_limit_bytes_per_sec: u64,
@@ -92,6 +100,9 @@ impl Default for AgentConfig {
             macs: Vec::new(),
             checkin_interval_secs: 60,
             lan_listen: "0.0.0.0:4433".into(),
+            libp2p_listen: "/ip4/0.0.0.0/tcp/4434".into(),
+            mdns: true,
+            coordinator_peers: true,
             static_peers: Vec::new(),
             upload_limit_bytes_per_sec: 0,
             max_upload_peers: 8,
@@ -124,6 +135,12 @@ impl AgentConfig {
             return Err(ConfigError::Invalid(format!(
                 "boot_tries must be 1..={}",
                 sitecast_iso::ab::MAX_TRIES
+            )));
+        }
+        if self.libp2p_listen.parse::<libp2p::Multiaddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "libp2p_listen {:?} is not a multiaddress",
+                self.libp2p_listen
             )));
         }
         if self.slot_a == self.slot_b {

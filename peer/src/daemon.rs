@@ -21,11 +21,22 @@ pub async fn bind_lan(config: &AgentConfig) -> Result<Arc<dyn crate::agent::Lan>
         config.upload_limit_bytes_per_sec,
     )
     .await?;
+    tracing::info!(id = %hex::encode(node.id().0), addrs = ?node.advertised_addrs(), "LAN endpoint bound");
+    let site = crate::site::SiteControl::start(
+        &key,
+        crate::site::SiteConfig {
+            site: config.site.clone(),
+            listen: config.libp2p_listen.clone(),
+            mdns: config.mdns,
+            heartbeat: std::time::Duration::from_secs(1),
+        },
+    )
+    .await?;
     for peer in &config.static_peers {
-        node.add_static_peer(peer).map_err(anyhow::Error::msg)?;
+        site.dial(peer).with_context(|| format!("static peer {peer:?}"))?;
     }
-    tracing::info!(id = %hex::encode(node.id().0), addrs = ?node.direct_addrs(), "LAN endpoint bound");
-    Ok(Arc::new(crate::lan::LanNodeForAgent::new(node)))
+    tracing::info!(addrs = ?site.addresses(), mdns = config.mdns, "site control plane listening");
+    Ok(Arc::new(crate::lan::LanNodeForAgent::new(node, site, config.coordinator_peers)))
 }
 
 /// Runs the agent until it reboots (or asks its supervisor to restart it).

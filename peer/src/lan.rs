@@ -7,9 +7,8 @@
 //! verified bytes already are (no second copy of a multi-GiB image), its progress record
 //! survives a kill -9, and every group is re-verified as it is sent.
 //!
-//! Have-maps go over a small protocol of our own (ALPN `sitecast/have/1`): ask for a blob's
-//! hash, get the pieces held. Peers come from the coordinator's site peer list and static
-//! configuration.
+//! Which peer holds what, and where its endpoint is, comes from the site control plane
+//! ([`crate::site`]): peers' announcements add them to this node's address book.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -29,17 +28,18 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::pieces::{HaveMap, PieceSet};
 use crate::scheduler::PeerId;
+use crate::site::{Heard, SiteControl};
 use crate::swarm::{FetchError, GROUPS_PER_PIECE, LanFetcher, PeerNews, piece_count};
 
-pub const HAVE_ALPN: &[u8] = b"sitecast/have/1";
 /// A stalled peer must not stall the site.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
-const HAVE_POLL: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LanError {
     #[error("LAN endpoint: {0}")]
     Bind(String),
+    #[error(transparent)]
+    Site(#[from] crate::site::SiteError),
 }
 
 #[derive(Debug, Clone)]
@@ -85,7 +85,7 @@ impl LanNode {
     ) -> Result<Self, LanError> {
         let endpoint = Endpoint::builder(iroh::endpoint::presets::Minimal)
             .secret_key(iroh::SecretKey::from_bytes(&key.seed()))
-            .alpns(vec![iroh_blobs::ALPN.to_vec(), HAVE_ALPN.to_vec()])
+            .alpns(vec![iroh_blobs::ALPN.to_vec()])
             .relay_mode(RelayMode::Disabled)
             .clear_ip_transports()
             .bind_addr(listen)
@@ -119,6 +119,17 @@ impl LanNode {
         self.endpoint.bound_sockets()
     }
 
+    /// Where peers reach this endpoint: the bound socket, or for a wildcard bind every
+    /// interface's address with the bound port.
+    pub fn advertised_addrs(&self) -> Vec<SocketAddr> {
+        let bound = self.endpoint.bound_sockets();
+        if bound.iter().all(|a| !a.ip().is_unspecified()) {
+            return bound;
+        }
+        let interfaces: Vec<SocketAddr> = self.endpoint.addr().ip_addrs().copied().collect();
+        if interfaces.is_empty() { bound } else { interfaces }
+    }
+
     /// Adds a peer by id and socket addresses.
     pub fn add_peer(&self, id: [u8; 32], addrs: &[SocketAddr]) {
         let Ok(key) = iroh::PublicKey::from_bytes(&id) else { return };
@@ -132,23 +143,22 @@ impl LanNode {
         lock(&self.shared.book).insert(PeerId(id), addr);
     }
 
-    /// Parses `<id hex>@<ip:port>` (static configuration).
-    pub fn add_static_peer(&self, text: &str) -> Result<(), String> {
-        let (id, addr) =
-            text.split_once('@').ok_or_else(|| format!("{text:?}: expected <id>@<ip:port>"))?;
-        let id = sitecast_manifest::decode_hex::<32>(id).map_err(|e| e.to_string())?;
-        let addr: SocketAddr = addr.parse().map_err(|e| format!("{text:?}: {e}"))?;
-        self.add_peer(id, &[addr]);
-        Ok(())
-    }
-
-    /// Serves `image` from `paths`, restricted to the pieces in `have`.
-    pub fn serve(&self, image: &ImageInfo, paths: SlotPaths, have: PieceSet) {
+    /// Serves `image` from `paths`, restricted to the pieces in `have`; returns the blobs
+    /// served from that slot until now (they are being overwritten).
+    pub fn serve(&self, image: &ImageInfo, paths: SlotPaths, have: PieceSet) -> Vec<[u8; 32]> {
         let layout = BlobLayout::new(image.blake3, image.size);
+        let hash = *image.blake3.as_bytes();
         let mut served = lock(&self.shared.served);
-        // A slot holds one release: whatever it served before is being overwritten.
-        served.retain(|_, s| s.paths.slot != paths.slot);
-        served.insert(*image.blake3.as_bytes(), Served { layout, paths, have });
+        let replaced: Vec<[u8; 32]> = served
+            .iter()
+            .filter(|(blob, s)| s.paths.slot == paths.slot && **blob != hash)
+            .map(|(blob, _)| *blob)
+            .collect();
+        for blob in &replaced {
+            served.remove(blob);
+        }
+        served.insert(hash, Served { layout, paths, have });
+        replaced
     }
 
     fn update_have(&self, blake3: [u8; 32], have: PieceSet) {
@@ -165,8 +175,6 @@ impl LanNode {
                 let alpn = connection.alpn().to_vec();
                 let result = if alpn == iroh_blobs::ALPN {
                     node.serve_blobs(connection).await
-                } else if alpn == HAVE_ALPN {
-                    node.serve_have(connection).await
                 } else {
                     Ok(())
                 };
@@ -174,17 +182,6 @@ impl LanNode {
                     tracing::debug!(%error, "LAN connection ended");
                 }
             });
-        }
-    }
-
-    async fn serve_have(&self, connection: Connection) -> anyhow::Result<()> {
-        loop {
-            let (mut send, mut recv) = connection.accept_bi().await?;
-            let request = recv.read_to_end(64).await?;
-            let hash: [u8; 32] = request.as_slice().try_into()?;
-            let have = lock(&self.shared.served).get(&hash).map(|s| HaveMap::from(&s.have));
-            send.write_all(&serde_json::to_vec(&have)?).await?;
-            send.finish()?;
         }
     }
 
@@ -266,31 +263,28 @@ impl LanNode {
         Ok(())
     }
 
-    async fn connection(&self, peer: PeerId, alpn: &[u8]) -> Result<Connection, FetchError> {
+    async fn connection(&self, peer: PeerId) -> Result<Connection, FetchError> {
         let addr = lock(&self.shared.book)
             .get(&peer)
             .cloned()
             .ok_or_else(|| FetchError::Failed("unknown peer".into()))?;
-        if alpn == iroh_blobs::ALPN {
+        {
+            let cache = self.shared.connections.lock().await;
+            if let Some(connection) = cache.get(&peer)
+                && connection.close_reason().is_none()
             {
-                let cache = self.shared.connections.lock().await;
-                if let Some(connection) = cache.get(&peer)
-                    && connection.close_reason().is_none()
-                {
-                    return Ok(connection.clone());
-                }
+                return Ok(connection.clone());
             }
-            // Connect without holding the cache: one unreachable peer must not hold up the
-            // fetches from all the others.
-            let connection = self
-                .endpoint
-                .connect(addr, alpn)
-                .await
-                .map_err(|e| FetchError::Failed(e.to_string()))?;
-            self.shared.connections.lock().await.insert(peer, connection.clone());
-            return Ok(connection);
         }
-        self.endpoint.connect(addr, alpn).await.map_err(|e| FetchError::Failed(e.to_string()))
+        // Connect without holding the cache: one unreachable peer must not hold up the
+        // fetches from all the others.
+        let connection = self
+            .endpoint
+            .connect(addr, iroh_blobs::ALPN)
+            .await
+            .map_err(|e| FetchError::Failed(e.to_string()))?;
+        self.shared.connections.lock().await.insert(peer, connection.clone());
+        Ok(connection)
     }
 
     async fn fetch_groups(
@@ -301,7 +295,7 @@ impl LanNode {
         groups: std::ops::Range<u64>,
     ) -> Result<Bytes, FetchError> {
         let failed = |e: &dyn std::fmt::Display| FetchError::Failed(e.to_string());
-        let connection = self.connection(peer, iroh_blobs::ALPN).await?;
+        let connection = self.connection(peer).await?;
         let ranges = layout.chunk_ranges(groups.clone());
         let request =
             Request::Get(GetRequest::blob_ranges(iroh_blobs::Hash::from_bytes(hash), ranges));
@@ -312,21 +306,6 @@ impl LanNode {
         let limit = layout.encoded_len(groups) as usize + 1;
         let body = recv.read_to_end(limit).await.map_err(|e| failed(&e))?;
         Ok(Bytes::from(body))
-    }
-
-    async fn fetch_have(
-        &self,
-        peer: PeerId,
-        hash: [u8; 32],
-    ) -> Result<Option<HaveMap>, FetchError> {
-        let failed = |e: &dyn std::fmt::Display| FetchError::Failed(e.to_string());
-        let connection = self.connection(peer, HAVE_ALPN).await?;
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(&e))?;
-        send.write_all(&hash).await.map_err(|e| failed(&e))?;
-        send.finish().map_err(|e| failed(&e))?;
-        let body = recv.read_to_end(1 << 20).await.map_err(|e| failed(&e))?;
-        connection.close(0u32.into(), b"done");
-        serde_json::from_slice(&body).map_err(|e| failed(&e))
     }
 }
 
@@ -413,55 +392,56 @@ impl crate::agent::Lan for LanNodeForAgent {
         *lock(&self.fetcher.hash) = Some((hash, layout));
         let pieces = piece_count(&layout);
         let paths = SlotPaths::beside(&slot, &state_dir);
-        self.node.serve(image, paths, PieceSet::empty(pieces));
-        let (news_tx, news) = mpsc::channel(64);
+        for replaced in self.node.serve(image, paths, PieceSet::empty(pieces)) {
+            self.site.stop(replaced);
+        }
+        let addrs = self.node.advertised_addrs();
+        // Announce at once, holding nothing yet: the site counts us as a member (origin
+        // pieces are assigned over members) from the start.
+        self.site.announce(hash, HaveMap::from(&PieceSet::empty(pieces)), addrs.clone());
+        let (news_tx, news) = mpsc::channel(256);
         let (announce, mut announced) = mpsc::channel::<PieceSet>(16);
-        let node = self.node.clone();
+        let (node, site) = (self.node.clone(), self.site.clone());
         tokio::spawn(async move {
             while let Some(have) = announced.recv().await {
+                site.announce(hash, HaveMap::from(&have), addrs.clone());
                 node.update_have(hash, have);
             }
         });
+        let mut heard = self.site.listen(hash);
         let node = self.node.clone();
         tokio::spawn(async move {
-            // Poll known peers for their have-maps while the swarm listens.
-            let mut up: BTreeMap<PeerId, u32> = BTreeMap::new();
+            let mut up = std::collections::BTreeSet::new();
             loop {
-                // The swarm is gone (download finished or restarted): stop polling.
-                if news_tx.is_closed() {
-                    return;
-                }
-                let peers: Vec<PeerId> = lock(&node.shared.book).keys().copied().collect();
-                for peer in peers {
-                    let answer =
-                        tokio::time::timeout(Duration::from_secs(5), node.fetch_have(peer, hash))
-                            .await;
-                    let news = match answer {
-                        Ok(Ok(Some(map))) => {
-                            up.insert(peer, 0);
-                            vec![PeerNews::Up(peer), PeerNews::Have(peer, map.to_set(pieces))]
-                        }
-                        // Not taking part in this release (e.g. a later wave): not a member,
-                        // so it is never assigned pieces to fetch from the origin.
-                        Ok(Ok(None)) => match up.remove(&peer) {
-                            Some(_) => vec![PeerNews::Down(peer)],
-                            None => vec![],
-                        },
-                        _ => match up.get_mut(&peer) {
-                            Some(misses) => {
-                                *misses += 1;
-                                if *misses == 3 { vec![PeerNews::Down(peer)] } else { vec![] }
-                            }
-                            None => vec![],
-                        },
-                    };
-                    for item in news {
-                        if news_tx.send(item).await.is_err() {
-                            return;
+                let item = tokio::select! {
+                    item = heard.recv() => item,
+                    // The swarm is gone (download finished or restarted): stop listening.
+                    () = news_tx.closed() => return,
+                };
+                let news = match item {
+                    None => return,
+                    Some(Heard::Announced { peer, announcement }) => {
+                        node.add_peer(peer, &announcement.iroh_addrs);
+                        let have = PeerNews::Have(PeerId(peer), announcement.have.to_set(pieces));
+                        if up.insert(peer) {
+                            vec![PeerNews::Up(PeerId(peer)), have]
+                        } else {
+                            vec![have]
                         }
                     }
+                    Some(Heard::Gone { peer }) => {
+                        if up.remove(&peer) {
+                            vec![PeerNews::Down(PeerId(peer))]
+                        } else {
+                            vec![]
+                        }
+                    }
+                };
+                for item in news {
+                    if news_tx.send(item).await.is_err() {
+                        return;
+                    }
                 }
-                tokio::time::sleep(HAVE_POLL).await;
             }
         });
         (news, announce)
@@ -470,44 +450,72 @@ impl crate::agent::Lan for LanNodeForAgent {
     fn serve_installed(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) {
         let layout = BlobLayout::new(image.blake3, image.size);
         let paths = SlotPaths::beside(&slot, &state_dir);
-        self.node.serve(image, paths, PieceSet::full(piece_count(&layout)));
+        let full = PieceSet::full(piece_count(&layout));
+        for replaced in self.node.serve(image, paths, full.clone()) {
+            self.site.stop(replaced);
+        }
+        self.site.announce(
+            *image.blake3.as_bytes(),
+            HaveMap::from(&full),
+            self.node.advertised_addrs(),
+        );
     }
 
     fn addresses(&self) -> PeerAddresses {
         PeerAddresses {
-            libp2p: Vec::new(),
+            libp2p: self.site.addresses(),
             iroh_id: Some(hex::encode(self.node.id().0)),
-            iroh_addrs: self.node.direct_addrs().iter().map(ToString::to_string).collect(),
+            iroh_addrs: self.node.advertised_addrs().iter().map(ToString::to_string).collect(),
         }
     }
 
+    fn discovery(&self) -> crate::site::Discovery {
+        self.site.discovered.snapshot()
+    }
+
     fn site_peers(&self, peers: &[SitePeer]) {
-        for peer in peers {
-            let Some(id) = peer
-                .addresses
-                .iroh_id
-                .as_deref()
-                .and_then(|id| sitecast_manifest::decode_hex::<32>(id).ok())
-            else {
-                continue;
-            };
-            let addrs: Vec<SocketAddr> =
-                peer.addresses.iroh_addrs.iter().filter_map(|a| a.parse().ok()).collect();
-            self.node.add_peer(id, &addrs);
+        if !self.coordinator_peers {
+            return;
+        }
+        for addr in peers.iter().flat_map(|p| &p.addresses.libp2p) {
+            if let Err(error) = self.site.dial(addr) {
+                tracing::debug!(%error, "a site peer address from the coordinator");
+            }
         }
     }
 }
 
-/// What the agent holds: the node and the fetcher of the current release.
+/// What the agent holds: the data plane, the control plane and the current release's fetcher.
 #[derive(Debug, Clone)]
 pub struct LanNodeForAgent {
     pub node: LanNode,
+    pub site: SiteControl,
+    /// Dial the peers the coordinator lists.
+    coordinator_peers: bool,
     fetcher: ReleaseFetcher,
 }
 
 impl LanNodeForAgent {
-    pub fn new(node: LanNode) -> Self {
+    pub fn new(node: LanNode, site: SiteControl, coordinator_peers: bool) -> Self {
         let fetcher = ReleaseFetcher { node: node.clone(), hash: Arc::new(Mutex::new(None)) };
-        Self { node, fetcher }
+        Self { node, site, coordinator_peers, fetcher }
+    }
+
+    /// Both planes on 127.0.0.1 with ports chosen by the OS and no mDNS (which cannot work
+    /// on loopback): for tests and benchmarks.
+    pub async fn bind_loopback(
+        key: &SecretKey,
+        site: &str,
+        upload_limit: u64,
+    ) -> Result<Self, LanError> {
+        let node = LanNode::bind(key, ([127, 0, 0, 1], 0).into(), 8, upload_limit).await?;
+        let config = crate::site::SiteConfig {
+            site: site.into(),
+            listen: "/ip4/127.0.0.1/tcp/0".into(),
+            mdns: false,
+            heartbeat: Duration::from_secs(1),
+        };
+        let site = SiteControl::start(key, config).await?;
+        Ok(Self::new(node, site, true))
     }
 }

@@ -5,10 +5,8 @@
 //! - [`scheduler`]: the swarm scheduler, sans-IO, shared with the simulator;
 //! - [`swarm`]: its async shell (origin over HTTP, LAN peers over [`lan`], verify then write);
 //! - [`lan`]: iroh QUIC with the iroh-blobs wire protocol, served from the slot;
+//! - [`site`]: the control plane on libp2p: mDNS discovery, have-maps by gossipsub;
 //! - [`agent`]: the update lifecycle; [`daemon`] wires it with the control socket and metrics.
-//!
-//! Not built yet: LAN discovery by libp2p mDNS and have-map gossip (peers come from the
-//! coordinator's site list and static configuration, have-maps are polled over iroh).
 
 pub mod agent;
 pub mod config;
@@ -20,5 +18,6 @@ pub mod lan;
 pub mod metrics;
 pub mod pieces;
 pub mod scheduler;
+pub mod site;
 pub mod state;
 pub mod swarm;

@@ -78,6 +78,14 @@ struct Overrides {
     metrics_listen: Option<String>,
     #[arg(long)]
     lan_listen: Option<String>,
+    #[arg(long)]
+    libp2p_listen: Option<String>,
+    /// Turn multicast DNS discovery on or off.
+    #[arg(long)]
+    mdns: Option<bool>,
+    /// Dial the site peers the coordinator lists (on or off).
+    #[arg(long)]
+    coordinator_peers: Option<bool>,
     #[arg(long = "static-peer")]
     static_peers: Vec<String>,
 }
@@ -99,7 +107,10 @@ fn apply(config: &mut AgentConfig, o: Overrides) {
         checkin_interval_secs,
         control_socket,
         metrics_listen,
-        lan_listen
+        lan_listen,
+        libp2p_listen,
+        mdns,
+        coordinator_peers
     );
     if o.enrollment_token.is_some() {
         config.enrollment_token = o.enrollment_token;

@@ -15,6 +15,7 @@ pub struct AgentMetrics {
     pub bytes_from_lan: u64,
     pub bytes_uploaded: u64,
     pub peers: u64,
+    pub peers_found_by_mdns: u64,
     pub checkins: u64,
     pub checkin_errors: u64,
 }
@@ -85,8 +86,14 @@ impl Metrics {
         family(
             "sitecast_peers",
             "gauge",
-            "LAN peers known for the current release.",
+            "Site peers connected on the control plane.",
             Some(m.peers as f64),
+        );
+        family(
+            "sitecast_peers_found_by_mdns_total",
+            "counter",
+            "Site peers found by multicast DNS.",
+            Some(m.peers_found_by_mdns as f64),
         );
         family(
             "sitecast_checkins_total",

@@ -21,29 +21,18 @@ async fn serving(dir: &std::path::Path, len: u64, limit: u64) -> (LanNode, Image
     )
     .compute_from(std::fs::File::open(&image).expect("open"))
     .expect("outboard");
-    let node = LanNode::bind(
-        &SecretKey::generate().expect("rng"),
-        "127.0.0.1:0".parse().expect("addr"),
-        8,
-        limit,
-    )
-    .await
-    .expect("bind");
-    LanNodeForAgent::new(node.clone()).serve_installed(&info, image, dir.to_owned());
-    (node, info)
+    let agent = LanNodeForAgent::bind_loopback(&SecretKey::generate().expect("rng"), "s", limit)
+        .await
+        .expect("bind");
+    agent.serve_installed(&info, image, dir.to_owned());
+    (agent.node, info)
 }
 
 async fn client(server: &LanNode, info: &ImageInfo, dir: &std::path::Path) -> LanNodeForAgent {
-    let node = LanNode::bind(
-        &SecretKey::generate().expect("rng"),
-        "127.0.0.1:0".parse().expect("addr"),
-        8,
-        0,
-    )
-    .await
-    .expect("bind");
-    node.add_peer(server.id().0, &server.direct_addrs());
-    let agent = LanNodeForAgent::new(node);
+    let agent = LanNodeForAgent::bind_loopback(&SecretKey::generate().expect("rng"), "s", 0)
+        .await
+        .expect("bind");
+    agent.node.add_peer(server.id().0, &server.direct_addrs());
     let slot = dir.join("other-slot.img");
     std::fs::File::create(&slot).expect("slot").set_len(info.size).expect("size");
     let _ = agent.join(info, slot, dir.to_owned());

@@ -14,8 +14,8 @@ use sitecast_iso::{BLOCK_SIZE, BlobLayout};
 use sitecast_manifest::api::{CheckinRequest, PeerAddresses};
 use sitecast_manifest::{ImageInfo, SecretKey};
 use sitecast_peer::coordinator::CoordinatorClient;
-use sitecast_peer::lan::HAVE_ALPN;
 use sitecast_peer::pieces::{HaveMap, PieceSet};
+use sitecast_peer::site::{SiteConfig, SiteControl};
 use sitecast_peer::swarm::piece_count;
 
 #[derive(Clone, Copy)]
@@ -26,8 +26,9 @@ enum Lie {
     Truncates,
 }
 
-/// A fake appliance of the site that checks in like the others and serves lies over the
-/// iroh-blobs protocol (with `encode_ranges`, which does not check what it sends).
+/// A fake appliance of the site that checks in like the others, announces on the site's
+/// control plane that it holds the whole release, and serves lies over the iroh-blobs
+/// protocol (with `encode_ranges`, which does not check what it sends).
 async fn liar(
     origin: &Origin,
     image: &[u8],
@@ -37,7 +38,7 @@ async fn liar(
     let key = SecretKey::generate().expect("rng");
     let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
         .secret_key(iroh::SecretKey::from_bytes(&key.seed()))
-        .alpns(vec![iroh_blobs::ALPN.to_vec(), HAVE_ALPN.to_vec()])
+        .alpns(vec![iroh_blobs::ALPN.to_vec()])
         .relay_mode(iroh::RelayMode::Disabled)
         .clear_ip_transports()
         .bind_addr("127.0.0.1:0".parse::<SocketAddr>().expect("addr"))
@@ -45,7 +46,22 @@ async fn liar(
         .bind()
         .await
         .expect("bind");
-    let addrs: Vec<String> = endpoint.bound_sockets().iter().map(ToString::to_string).collect();
+    let sockets = endpoint.bound_sockets();
+    let addrs: Vec<String> = sockets.iter().map(ToString::to_string).collect();
+    let site = SiteControl::start(
+        &key,
+        SiteConfig {
+            site: "store-1".into(),
+            listen: "/ip4/127.0.0.1/tcp/0".into(),
+            mdns: false,
+            heartbeat: Duration::from_secs(1),
+        },
+    )
+    .await
+    .expect("control plane");
+    let layout = BlobLayout::new(info.blake3, info.size);
+    let everything = HaveMap::from(&PieceSet::full(piece_count(&layout)));
+    site.announce(*info.blake3.as_bytes(), everything, sockets);
     let client = CoordinatorClient::new(&origin.url, key.clone()).expect("client");
     let request = CheckinRequest {
         site: "store-1".into(),
@@ -58,7 +74,7 @@ async fn liar(
         agent_version: "liar".into(),
         enrollment_token: Some(ENROLL.into()),
         peer: PeerAddresses {
-            libp2p: vec![],
+            libp2p: site.addresses(),
             iroh_id: Some(key.public().to_hex()),
             iroh_addrs: addrs,
         },
@@ -71,8 +87,8 @@ async fn liar(
         }
     }
     let outboard = PreOrderMemOutboard::create(image, BLOCK_SIZE);
-    let layout = BlobLayout::new(info.blake3, info.size);
     tokio::spawn(async move {
+        let _keep_announcing = site;
         let _keep_checking_in = tokio::spawn(async move {
             loop {
                 let _ = client.checkin(&request).await;
@@ -85,13 +101,6 @@ async fn liar(
             tokio::spawn(async move {
                 while let Ok((mut send, mut recv)) = connection.accept_bi().await {
                     let Ok(request) = recv.read_to_end(1 << 20).await else { return };
-                    if connection.alpn() == HAVE_ALPN {
-                        let have = HaveMap::from(&PieceSet::full(piece_count(&layout)));
-                        let _ =
-                            send.write_all(&serde_json::to_vec(&Some(have)).expect("json")).await;
-                        let _ = send.finish();
-                        continue;
-                    }
                     let Ok(Request::Get(get)) = postcard::from_bytes::<Request>(&request) else {
                         return;
                     };

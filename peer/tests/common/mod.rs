@@ -178,6 +178,11 @@ impl AgentProcess {
             p("state/control.sock"),
             "--lan-listen".into(),
             "127.0.0.1:0".into(),
+            "--libp2p-listen".into(),
+            "/ip4/127.0.0.1/tcp/0".into(),
+            // mDNS cannot work on loopback; the coordinator's site list stands in.
+            "--mdns".into(),
+            "false".into(),
         ];
         Self { name: name.into(), dir: dir.to_owned(), args, child: None }
     }

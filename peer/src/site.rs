@@ -1,0 +1,571 @@
+//! The site's control plane on libp2p (TCP + noise + yamux): appliances of a site find each
+//! other by mDNS with no configuration (or are dialled from static configuration and the
+//! coordinator's site peer list where multicast cannot work), and each publishes, on a gossipsub
+//! topic per site and release blob, an announcement: the pieces it holds (compact ranges) and
+//! the addresses of its iroh endpoint, where the bytes are fetched.
+//!
+//! Announcements repeat every heartbeat, so a peer that stops announcing (or whose last
+//! connection closes) is reported gone and its pieces are no longer counted on. The libp2p key
+//! is the appliance's identity key, the same as its iroh endpoint id, so a signed gossip message
+//! names the iroh peer it describes: nobody can announce pieces in another's name.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::futures::StreamExt;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, SwarmBuilder, gossipsub, identify, mdns, noise, tcp, yamux};
+use serde::{Deserialize, Serialize};
+use sitecast_manifest::SecretKey;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::pieces::HaveMap;
+
+/// Announcements are coalesced to at most one per blob in this time while a download runs.
+const COALESCE: Duration = Duration::from_millis(100);
+/// Configured peers that are not connected are dialled again every this many ticks (2 s).
+const REDIAL_TICKS: u64 = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error("libp2p: {0}")]
+    Libp2p(String),
+    #[error("libp2p listen address {0:?}: {1}")]
+    Listen(String, String),
+}
+
+/// How this appliance takes part in its site's control plane.
+#[derive(Debug, Clone)]
+pub struct SiteConfig {
+    pub site: String,
+    /// Where the control plane listens, e.g. `/ip4/0.0.0.0/tcp/4434`.
+    pub listen: String,
+    /// Find site peers by multicast DNS.
+    pub mdns: bool,
+    /// Announcements repeat this often; a peer silent for three of them is gone.
+    pub heartbeat: Duration,
+}
+
+/// One appliance's word on a release, as published on the release's topic.
+///
+/// Unknown fields are ignored, so newer agents can add some without breaking older ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// The release blob (BLAKE3 hex) the pieces are of.
+    pub blob: String,
+    pub have: HaveMap,
+    /// The iroh endpoint's direct addresses.
+    pub iroh_addrs: Vec<SocketAddr>,
+}
+
+/// What the control plane heard about one release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// A peer (its 32-byte identity key) announced what it holds.
+    Announced { peer: [u8; 32], announcement: Announcement },
+    /// A peer stopped announcing or its last connection closed.
+    Gone { peer: [u8; 32] },
+}
+
+/// How peers were found and how many are connected, for `status` and metrics.
+#[derive(Debug, Default)]
+pub struct DiscoveryCounts {
+    mdns: AtomicU64,
+    configured: AtomicU64,
+    connected: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Discovery {
+    /// Site peers connected now.
+    pub connected: u64,
+    /// Peers found by mDNS (counted once per discovery that led to a dial).
+    pub found_by_mdns: u64,
+    /// Peers named by configuration or the coordinator.
+    pub configured: u64,
+}
+
+impl DiscoveryCounts {
+    pub fn snapshot(&self) -> Discovery {
+        Discovery {
+            connected: self.connected.load(Ordering::Relaxed),
+            found_by_mdns: self.mdns.load(Ordering::Relaxed),
+            configured: self.configured.load(Ordering::Relaxed),
+        }
+    }
+}
+
+enum Command {
+    Dial(Multiaddr),
+    Announce { blob: [u8; 32], announcement: Announcement },
+    Listen { blob: [u8; 32], heard: mpsc::Sender<Heard> },
+    Stop { blob: [u8; 32] },
+}
+
+/// A handle on the control plane task; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SiteControl {
+    commands: mpsc::UnboundedSender<Command>,
+    peer_id: PeerId,
+    listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
+    pub discovered: Arc<DiscoveryCounts>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dial(addr) => write!(f, "Dial({addr})"),
+            Self::Announce { blob, .. } => write!(f, "Announce({})", hex::encode(blob)),
+            Self::Listen { blob, .. } => write!(f, "Listen({})", hex::encode(blob)),
+            Self::Stop { blob } => write!(f, "Stop({})", hex::encode(blob)),
+        }
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct SiteBehaviour {
+    gossipsub: gossipsub::Behaviour,
+    mdns: libp2p::swarm::behaviour::toggle::Toggle<mdns::tokio::Behaviour>,
+    identify: identify::Behaviour,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The 32-byte ed25519 key inside a libp2p peer id (ours are identity multihashes of it).
+pub fn peer_key(peer: &PeerId) -> Option<[u8; 32]> {
+    let multihash = peer.as_ref();
+    if multihash.code() != 0 {
+        return None;
+    }
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(multihash.digest()).ok()?;
+    Some(key.try_into_ed25519().ok()?.to_bytes())
+}
+
+fn topic(site: &str, blob: &[u8; 32]) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(format!("sitecast/1/{site}/{}", hex::encode(blob)))
+}
+
+impl SiteControl {
+    /// Starts the control plane with the appliance's identity key; returns once it listens.
+    pub async fn start(key: &SecretKey, config: SiteConfig) -> Result<Self, SiteError> {
+        let libp2p_error = |e: &dyn std::fmt::Display| SiteError::Libp2p(e.to_string());
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.seed())
+            .map_err(|e| libp2p_error(&e))?;
+        let listen: Multiaddr = config.listen.parse().map_err(|e: libp2p::multiaddr::Error| {
+            SiteError::Listen(config.listen.clone(), e.to_string())
+        })?;
+        let heartbeat = config.heartbeat;
+        let mdns_on = config.mdns;
+        let mut swarm = SwarmBuilder::with_existing_identity(keypair)
+            .with_tokio()
+            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+            .map_err(|e| libp2p_error(&e))?
+            .with_behaviour(
+                |key| -> Result<SiteBehaviour, Box<dyn std::error::Error + Send + Sync>> {
+                    // gossipsub's build() does not check the default mesh sizes: keep
+                    // outbound_min ≤ n_low ≤ n ≤ n_high and 2·outbound_min ≤ n by hand.
+                    let gossip = gossipsub::ConfigBuilder::default()
+                        .mesh_n_low(2)
+                        .mesh_n(4)
+                        .mesh_n_high(8)
+                        .mesh_outbound_min(1)
+                        .heartbeat_interval(Duration::from_secs(1))
+                        .max_transmit_size(1 << 20)
+                        .build()?;
+                    let mdns = if mdns_on {
+                        let config = mdns::Config {
+                            query_interval: Duration::from_secs(10),
+                            ..Default::default()
+                        };
+                        Some(mdns::tokio::Behaviour::new(config, key.public().to_peer_id())?)
+                    } else {
+                        None
+                    };
+                    Ok(SiteBehaviour {
+                        gossipsub: gossipsub::Behaviour::new(
+                            gossipsub::MessageAuthenticity::Signed(key.clone()),
+                            gossip,
+                        )?,
+                        mdns: mdns.into(),
+                        identify: identify::Behaviour::new(
+                            identify::Config::new("/sitecast/1.0.0".into(), key.public())
+                                .with_agent_version(format!(
+                                    "sitecast/{}",
+                                    env!("CARGO_PKG_VERSION")
+                                )),
+                        ),
+                    })
+                },
+            )
+            .map_err(|e| libp2p_error(&e))?
+            // gossipsub keeps a connection open only while the peer is in its mesh; mDNS and
+            // identify never do. Site peers stay connected for the whole rollout.
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+            .build();
+        swarm
+            .listen_on(listen.clone())
+            .map_err(|e| SiteError::Listen(config.listen.clone(), e.to_string()))?;
+        let peer_id = *swarm.local_peer_id();
+        // The first listen address, so the caller can publish where it listens.
+        let first = loop {
+            match tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some()).await {
+                Ok(SwarmEvent::NewListenAddr { address, .. }) => break address,
+                Ok(SwarmEvent::ListenerError { error, .. }) => {
+                    return Err(SiteError::Listen(config.listen, error.to_string()));
+                }
+                Ok(SwarmEvent::ListenerClosed { reason, .. }) => {
+                    return Err(SiteError::Listen(config.listen, format!("{reason:?}")));
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(SiteError::Listen(config.listen, "no address in 10 s".into()));
+                }
+            }
+        };
+        let listen_addrs = Arc::new(Mutex::new(vec![first]));
+        let discovered = Arc::new(DiscoveryCounts::default());
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let task = Task {
+            swarm,
+            site: config.site,
+            heartbeat,
+            listen_addrs: Arc::clone(&listen_addrs),
+            discovered: Arc::clone(&discovered),
+            announcing: BTreeMap::new(),
+            listening: BTreeMap::new(),
+            wanted: BTreeMap::new(),
+            ticks: 0,
+        };
+        tokio::spawn(task.run(receiver));
+        Ok(Self { commands, peer_id, listen_addrs, discovered })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Where site peers can dial this appliance (each ends in `/p2p/<peer id>`).
+    pub fn addresses(&self) -> Vec<String> {
+        lock(&self.listen_addrs)
+            .iter()
+            .map(|a| a.clone().with_p2p(self.peer_id).unwrap_or_else(|a| a).to_string())
+            .collect()
+    }
+
+    /// Connects to a site peer by address (`/ip4/…/tcp/…/p2p/<peer id>`); the static
+    /// configuration and the coordinator's site peer list come in here.
+    pub fn dial(&self, addr: &str) -> Result<(), SiteError> {
+        let addr: Multiaddr = addr
+            .parse()
+            .map_err(|e: libp2p::multiaddr::Error| SiteError::Listen(addr.into(), e.to_string()))?;
+        if !addr.iter().any(|p| matches!(p, Protocol::P2p(_))) {
+            return Err(SiteError::Listen(
+                addr.to_string(),
+                "expected a /p2p/<peer id> suffix".into(),
+            ));
+        }
+        let _ = self.commands.send(Command::Dial(addr));
+        Ok(())
+    }
+
+    /// Publishes what this appliance holds of `blob` now and at every heartbeat until
+    /// [`SiteControl::stop`].
+    pub fn announce(&self, blob: [u8; 32], have: HaveMap, iroh_addrs: Vec<SocketAddr>) {
+        let announcement = Announcement { blob: hex::encode(blob), have, iroh_addrs };
+        let _ = self.commands.send(Command::Announce { blob, announcement });
+    }
+
+    /// What site peers announce about `blob`, until the receiver is dropped.
+    pub fn listen(&self, blob: [u8; 32]) -> mpsc::Receiver<Heard> {
+        let (heard, receiver) = mpsc::channel(256);
+        let _ = self.commands.send(Command::Listen { blob, heard });
+        receiver
+    }
+
+    /// Stops announcing `blob` (its slot is being overwritten).
+    pub fn stop(&self, blob: [u8; 32]) {
+        let _ = self.commands.send(Command::Stop { blob });
+    }
+}
+
+struct Announcing {
+    topic: gossipsub::IdentTopic,
+    message: Vec<u8>,
+    published: Option<Instant>,
+    dirty: bool,
+}
+
+struct Listening {
+    heard: mpsc::Sender<Heard>,
+    /// When each peer last announced.
+    seen: BTreeMap<PeerId, Instant>,
+}
+
+struct Task {
+    swarm: libp2p::Swarm<SiteBehaviour>,
+    site: String,
+    heartbeat: Duration,
+    listen_addrs: Arc<Mutex<Vec<Multiaddr>>>,
+    discovered: Arc<DiscoveryCounts>,
+    announcing: BTreeMap<[u8; 32], Announcing>,
+    listening: BTreeMap<[u8; 32], Listening>,
+    /// Peers from configuration and the coordinator, kept connected.
+    wanted: BTreeMap<PeerId, Multiaddr>,
+    ticks: u64,
+}
+
+impl Task {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut tick = tokio::time::interval(COALESCE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    // Every handle is gone: the agent is shutting down.
+                    None => return,
+                },
+                event = self.swarm.select_next_some() => self.event(event),
+                _ = tick.tick() => self.tick(),
+            }
+        }
+    }
+
+    fn subscribe(&mut self, blob: &[u8; 32]) {
+        if let Err(error) = self.swarm.behaviour_mut().gossipsub.subscribe(&topic(&self.site, blob))
+        {
+            tracing::warn!(%error, "gossipsub subscribe");
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Dial(addr) => {
+                let Some(Protocol::P2p(peer)) = addr.iter().last() else { return };
+                if peer == *self.swarm.local_peer_id() {
+                    return;
+                }
+                if self.wanted.insert(peer, addr).is_none() {
+                    self.discovered.configured.fetch_add(1, Ordering::Relaxed);
+                }
+                self.dial_wanted(peer);
+            }
+            Command::Announce { blob, announcement } => {
+                let message = serde_json::to_vec(&announcement).expect("an announcement encodes");
+                if !self.announcing.contains_key(&blob) && !self.listening.contains_key(&blob) {
+                    self.subscribe(&blob);
+                }
+                let entry = self.announcing.entry(blob).or_insert_with(|| Announcing {
+                    topic: topic(&self.site, &blob),
+                    message: Vec::new(),
+                    published: None,
+                    dirty: true,
+                });
+                entry.message = message;
+                entry.dirty = true;
+                self.flush(false);
+            }
+            Command::Listen { blob, heard } => {
+                if !self.announcing.contains_key(&blob) && !self.listening.contains_key(&blob) {
+                    self.subscribe(&blob);
+                }
+                self.listening.insert(blob, Listening { heard, seen: BTreeMap::new() });
+            }
+            Command::Stop { blob } => {
+                self.announcing.remove(&blob);
+                if !self.listening.contains_key(&blob) {
+                    let _ =
+                        self.swarm.behaviour_mut().gossipsub.unsubscribe(&topic(&self.site, &blob));
+                }
+            }
+        }
+    }
+
+    /// Configured peers are dialled again while they are not connected: they may start later
+    /// than we do, or restart.
+    fn dial_wanted(&mut self, peer: PeerId) {
+        let Some(addr) = self.wanted.get(&peer).cloned() else { return };
+        if self.swarm.is_connected(&peer) {
+            return;
+        }
+        let options = DialOpts::peer_id(peer)
+            .addresses(vec![addr])
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(error) = self.swarm.dial(options) {
+            tracing::debug!(%error, "dial");
+        }
+    }
+
+    /// Publishes what changed (coalesced), and everything once a heartbeat.
+    fn flush(&mut self, heartbeat_only: bool) {
+        let now = Instant::now();
+        let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+        for entry in self.announcing.values_mut() {
+            let due = match entry.published {
+                None => true,
+                Some(at) => {
+                    let since = now.duration_since(at);
+                    (!heartbeat_only && entry.dirty && since >= COALESCE) || since >= self.heartbeat
+                }
+            };
+            if !due {
+                continue;
+            }
+            match gossipsub.publish(entry.topic.clone(), entry.message.clone()) {
+                Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                Err(error) => tracing::debug!(%error, "gossipsub publish"),
+            }
+            entry.published = Some(now);
+            entry.dirty = false;
+        }
+    }
+
+    fn tick(&mut self) {
+        self.flush(false);
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(REDIAL_TICKS) {
+            let peers: Vec<PeerId> = self.wanted.keys().copied().collect();
+            for peer in peers {
+                self.dial_wanted(peer);
+            }
+        }
+        // Peers silent for three heartbeats are gone.
+        let now = Instant::now();
+        let silence = self.heartbeat * 3;
+        for listening in self.listening.values_mut() {
+            let gone: Vec<PeerId> = listening
+                .seen
+                .iter()
+                .filter(|(_, at)| now.duration_since(**at) > silence)
+                .map(|(peer, _)| *peer)
+                .collect();
+            for peer in gone {
+                listening.seen.remove(&peer);
+                if let Some(key) = peer_key(&peer) {
+                    let _ = listening.heard.try_send(Heard::Gone { peer: key });
+                }
+            }
+        }
+        self.listening.retain(|blob, listening| {
+            let open = !listening.heard.is_closed();
+            if !open && !self.announcing.contains_key(blob) {
+                let _ = self.swarm.behaviour_mut().gossipsub.unsubscribe(&topic(&self.site, blob));
+            }
+            open
+        });
+    }
+
+    fn event(&mut self, event: SwarmEvent<SiteBehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let mut addrs = lock(&self.listen_addrs);
+                if !addrs.contains(&address) {
+                    addrs.push(address);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                lock(&self.listen_addrs).retain(|a| *a != address);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. }
+                if num_established.get() == 1 =>
+            {
+                self.discovered.connected.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer_id, "site peer connected");
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                tracing::debug!(%peer_id, "site peer disconnected");
+                self.discovered.connected.fetch_sub(1, Ordering::Relaxed);
+                let Some(key) = peer_key(&peer_id) else { return };
+                for listening in self.listening.values_mut() {
+                    if listening.seen.remove(&peer_id).is_some() {
+                        let _ = listening.heard.try_send(Heard::Gone { peer: key });
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(SiteBehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
+                let mut dialled = BTreeSet::new();
+                for (peer, addr) in list {
+                    if self.swarm.is_connected(&peer) || !dialled.insert(peer) {
+                        continue;
+                    }
+                    self.discovered.mdns.fetch_add(1, Ordering::Relaxed);
+                    // mDNS handed the swarm the peer's addresses: dial by id.
+                    let options = DialOpts::peer_id(peer)
+                        .addresses(vec![addr])
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(error) = self.swarm.dial(options) {
+                        tracing::debug!(%error, "dial");
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(SiteBehaviourEvent::Gossipsub(
+                gossipsub::Event::Subscribed { topic, .. },
+            )) => {
+                // A peer joined a release we announce: tell it now rather than at the next
+                // heartbeat.
+                for entry in self.announcing.values_mut() {
+                    if entry.topic.hash() == topic {
+                        entry.published = None;
+                    }
+                }
+                self.flush(true);
+            }
+            SwarmEvent::Behaviour(SiteBehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                message,
+                ..
+            })) => self.message(message),
+            _ => {}
+        }
+    }
+
+    fn message(&mut self, message: gossipsub::Message) {
+        // Strict validation checked the signature: the source is the signer.
+        let Some(source) = message.source else { return };
+        let Some(key) = peer_key(&source) else { return };
+        let announcement: Announcement = match serde_json::from_slice(&message.data) {
+            Ok(announcement) => announcement,
+            Err(error) => {
+                tracing::debug!(%error, peer = %source, "an announcement that does not parse");
+                return;
+            }
+        };
+        let Ok(blob) = sitecast_manifest::decode_hex::<32>(&announcement.blob) else { return };
+        // An announcement belongs to the topic it came on.
+        if topic(&self.site, &blob).hash() != message.topic {
+            return;
+        }
+        let Some(listening) = self.listening.get_mut(&blob) else { return };
+        listening.seen.insert(source, Instant::now());
+        let _ = listening.heard.try_send(Heard::Announced { peer: key, announcement });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_from_newer_agents_are_understood() {
+        let json = r#"{"blob":"ab","have":{"pieces":4,"ranges":[[0,2]]},"iroh_addrs":["10.0.0.2:4433"],"relay":"x","load":0.5}"#;
+        let announcement: Announcement =
+            serde_json::from_str(json).expect("unknown fields are ignored");
+        assert_eq!(announcement.have.to_set(4).count(), 2);
+    }
+
+    #[test]
+    fn a_peer_id_names_the_identity_key() {
+        let key = SecretKey::from_seed([9; 32]);
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.seed()).expect("key");
+        assert_eq!(peer_key(&keypair.public().to_peer_id()), Some(*key.public().as_bytes()));
+    }
+}
