@@ -19,9 +19,9 @@ use sitecast_manifest::{ImageDigest, ImageInfo, Release, RoleKeys, Root, SecretK
 use sitecast_peer::config::{AgentConfig, BootSlotSource};
 
 const OPERATOR: &str = "demo-operator-token";
-const ENROLL: &str = "demo-enrollment-token";
+pub(crate) const ENROLL: &str = "demo-enrollment-token";
 const SITE: &str = "demo-store";
-const PLATFORM: &str = "x86_64-appliance";
+pub(crate) const PLATFORM: &str = "x86_64-appliance";
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -50,8 +50,8 @@ impl DemoReport {
     }
 }
 
-struct Processes {
-    children: Vec<(String, Child)>,
+pub(crate) struct Processes {
+    pub children: Vec<(String, Child)>,
 }
 
 impl Drop for Processes {
@@ -63,11 +63,71 @@ impl Drop for Processes {
     }
 }
 
-fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
+pub(crate) fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
     Ok(std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join(format!("{name}.log")))?)
+}
+
+/// Keys, root of trust, two images and release 2 signed, as an operator prepares them offline.
+#[derive(Debug)]
+pub(crate) struct Fixture {
+    pub root_path: PathBuf,
+    /// Release 1: what the appliances run from slot A.
+    pub v1: PathBuf,
+    /// Release 2: what is rolled out.
+    pub v2: PathBuf,
+    pub image: ImageInfo,
+    pub manifest: String,
+}
+
+impl Fixture {
+    pub(crate) fn create(work: &Path, image_bytes: u64, label: &str) -> Result<Self> {
+        let root_key = SecretKey::generate()?;
+        let release_key = SecretKey::generate()?;
+        let now = Timestamp::now();
+        let root = Root {
+            version: 1,
+            expires: now + (24 * 365).hours(),
+            root: RoleKeys { keys: vec![root_key.public()], threshold: 1 },
+            release: RoleKeys { keys: vec![release_key.public()], threshold: 1 },
+        };
+        let root_bytes = root.sign(&[&root_key]).to_bytes();
+        TrustedRoot::pin(&root_bytes)?;
+        let root_path = work.join("root.json");
+        std::fs::write(&root_path, &root_bytes)?;
+        let v1 = work.join("release-1.img");
+        let v2 = work.join("release-2.img");
+        sitecast_iso::generate::write_image(&v1, image_bytes, &format!("{label} release 1"))?;
+        sitecast_iso::generate::write_image(&v2, image_bytes, &format!("{label} release 2"))?;
+        let digest = ImageDigest::of_reader(std::fs::File::open(&v2)?)?;
+        let image = ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 };
+        let release = Release {
+            version: 2,
+            version_name: "2026.11.2".into(),
+            image: image.clone(),
+            platforms: vec![PLATFORM.into()],
+            notes: format!("{label} release"),
+            created: now,
+            expires: now + (24 * 30).hours(),
+            rollback_floor: Some(1),
+        };
+        let manifest = String::from_utf8(release.sign(&[&release_key]).to_bytes())?;
+        Ok(Self { root_path, v1, v2, image, manifest })
+    }
+
+    /// An appliance's directory as from the factory: release 1 in slot A, an empty slot B.
+    pub(crate) fn install_appliance(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir.join("state"))?;
+        std::fs::copy(&self.v1, dir.join("slot-a.img"))?;
+        std::fs::File::create(dir.join("slot-b.img"))?.set_len(self.image.size)?;
+        std::fs::write(
+            dir.join("state/agent.json"),
+            json!({"slot_versions": {"A": 1}}).to_string(),
+        )?;
+        Ok(())
+    }
 }
 
 /// Runs the demo, narrating to `out`.
@@ -88,40 +148,10 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
         work.display()
     )?;
 
-    // 1. Keys and the root of trust (offline, as an operator would).
-    let root_key = SecretKey::generate()?;
-    let release_key = SecretKey::generate()?;
-    let now = Timestamp::now();
-    let root = Root {
-        version: 1,
-        expires: now + (24 * 365).hours(),
-        root: RoleKeys { keys: vec![root_key.public()], threshold: 1 },
-        release: RoleKeys { keys: vec![release_key.public()], threshold: 1 },
-    };
-    let root_bytes = root.sign(&[&root_key]).to_bytes();
-    TrustedRoot::pin(&root_bytes)?;
-    let root_path = work.join("root.json");
-    std::fs::write(&root_path, &root_bytes)?;
-
-    // 2. Images: release 1 is on every appliance's slot A, release 2 is new.
     let image_bytes = options.image_mib * 1024 * 1024;
-    let v1 = work.join("release-1.img");
-    let v2 = work.join("release-2.img");
-    sitecast_iso::generate::write_image(&v1, image_bytes, "sitecast demo release 1")?;
-    sitecast_iso::generate::write_image(&v2, image_bytes, "sitecast demo release 2")?;
-    let digest = ImageDigest::of_reader(std::fs::File::open(&v2)?)?;
-    let image = ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 };
-    let release = Release {
-        version: 2,
-        version_name: "2026.11.2".into(),
-        image: image.clone(),
-        platforms: vec![PLATFORM.into()],
-        notes: "demo release".into(),
-        created: now,
-        expires: now + (24 * 30).hours(),
-        rollback_floor: Some(1),
-    };
-    let manifest = String::from_utf8(release.sign(&[&release_key]).to_bytes())?;
+    let fixture = Fixture::create(work, image_bytes, "sitecast demo")?;
+    let (root_path, v2, image, manifest) =
+        (&fixture.root_path, &fixture.v2, &fixture.image, &fixture.manifest);
     writeln!(out, "1. signed release 2 offline: {} bytes, BLAKE3 {}", image.size, image.blake3)?;
 
     // 3. Central Command.
@@ -130,7 +160,7 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
         .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(work.join("coordinator"))
         .arg("--root")
-        .arg(&root_path)
+        .arg(root_path)
         .stdout(Stdio::piped())
         .stderr(log_file(&logs, "coordinator")?)
         .spawn()
@@ -165,14 +195,7 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
     for i in 1..=options.appliances {
         let name = format!("appliance-{i}");
         let dir = work.join(&name);
-        std::fs::create_dir_all(dir.join("state"))?;
-        std::fs::copy(&v1, dir.join("slot-a.img"))?;
-        std::fs::File::create(dir.join("slot-b.img"))?.set_len(image_bytes)?;
-        // The factory install: release 1 in slot A.
-        std::fs::write(
-            dir.join("state/agent.json"),
-            json!({"slot_versions": {"A": 1}}).to_string(),
-        )?;
+        fixture.install_appliance(&dir)?;
         let config = AgentConfig {
             coordinator: url.clone(),
             site: SITE.into(),
@@ -260,7 +283,7 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
             .flatten()
             .map(|a| a["update"]["state"].as_str().unwrap_or("waiting").to_owned())
             .collect();
-        let origin = origin_bytes(&api).await?;
+        let origin = origin_bytes(&api, SITE).await?;
         let line = format!(
             "stage {}/2 {}: {} | origin {:.2} × image",
             view["current_stage"].as_u64().unwrap_or(0) + 1,
@@ -311,7 +334,7 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
     let report = DemoReport {
         appliances,
         image_bytes,
-        origin_bytes: origin_bytes(&api).await?,
+        origin_bytes: origin_bytes(&api, SITE).await?,
         lan_bytes,
         seconds: started.elapsed().as_secs_f64(),
         coordinator: url.clone(),
@@ -337,7 +360,7 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
     Ok(report)
 }
 
-fn summarize(states: &[String]) -> String {
+pub(crate) fn summarize(states: &[String]) -> String {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for state in states {
         *counts.entry(state.as_str()).or_default() += 1;
@@ -345,15 +368,15 @@ fn summarize(states: &[String]) -> String {
     counts.iter().map(|(s, n)| format!("{n} {s}")).collect::<Vec<_>>().join(", ")
 }
 
-async fn origin_bytes(api: &Api) -> Result<u64> {
+pub(crate) async fn origin_bytes(api: &Api, site: &str) -> Result<u64> {
     let text = api.http.get(format!("{}/metrics", api.url)).send().await?.text().await?;
-    let prefix = format!("sitecast_origin_bytes_served_total{{site=\"{SITE}\",version=\"2\"}} ");
+    let prefix = format!("sitecast_origin_bytes_served_total{{site=\"{site}\",version=\"2\"}} ");
     Ok(text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|n| n.parse().ok()).unwrap_or(0))
 }
 
-struct Api {
-    http: reqwest::Client,
-    url: String,
+pub(crate) struct Api {
+    pub http: reqwest::Client,
+    pub url: String,
 }
 
 impl Api {
@@ -367,15 +390,15 @@ impl Api {
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    async fn get(&self, path: &str) -> Result<Value> {
+    pub(crate) async fn get(&self, path: &str) -> Result<Value> {
         self.send(self.http.get(format!("{}{path}", self.url))).await
     }
 
-    async fn post(&self, path: &str, body: Value) -> Result<Value> {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> Result<Value> {
         self.send(self.http.post(format!("{}{path}", self.url)).json(&body)).await
     }
 
-    async fn put(&self, path: &str, body: Value) -> Result<Value> {
+    pub(crate) async fn put(&self, path: &str, body: Value) -> Result<Value> {
         self.send(self.http.put(format!("{}{path}", self.url)).json(&body)).await
     }
 }

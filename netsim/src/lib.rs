@@ -1,8 +1,10 @@
-//! Simulations of fleets (a discrete-event simulator running the peer's own scheduler, and a
-//! lab of real processes in network namespaces) and the local demo.
-//!
-//! Today only the demo's first part exists: the release signing round trip on a generated
-//! image. The simulator, the lab and the swarm part of the demo come with the netsim issue.
+//! Simulations of fleets and the local demo:
+//! - [`sim`]: the discrete-event simulator, running the peer crate's own scheduler on a virtual
+//!   clock for whole fleets;
+//! - [`lab`]: real coordinator and agent processes in Linux network namespaces with shaped
+//!   links (root);
+//! - [`demo`]: the README's first command, processes on loopback.
 
 pub mod demo;
+pub mod lab;
 pub mod sim;

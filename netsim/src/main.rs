@@ -49,8 +49,20 @@ enum Command {
         #[arg(long = "corrupt")]
         corrupt: Vec<usize>,
     },
-    /// The network-namespace lab (not built yet).
-    Lab,
+    /// The network-namespace lab (root): real coordinator and agents in namespaces, shaped
+    /// links, mDNS discovery; removes everything it created when it ends.
+    Lab {
+        #[command(flatten)]
+        shape: LabShape,
+    },
+    /// (internal) The lab's controller, run inside the lab's switch namespace.
+    #[command(hide = true)]
+    LabRun {
+        #[arg(long)]
+        prefix: String,
+        #[command(flatten)]
+        shape: LabShape,
+    },
     /// (internal) Central Command for the demo.
     #[command(hide = true)]
     Coordinator {
@@ -67,6 +79,50 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+}
+
+#[derive(clap::Args, Clone)]
+struct LabShape {
+    #[arg(long, default_value_t = 4)]
+    appliances: usize,
+    #[arg(long, default_value_t = 16)]
+    image_mib: u64,
+    /// The origin's upload (the site's WAN).
+    #[arg(long, default_value_t = 50.0)]
+    wan_mbit: f64,
+    /// Each appliance's LAN rate, up and down.
+    #[arg(long, default_value_t = 500.0)]
+    lan_mbit: f64,
+    /// One-way delay on every shaped link.
+    #[arg(long, default_value_t = 0.0)]
+    delay_ms: f64,
+    /// Packet loss on every shaped link.
+    #[arg(long, default_value_t = 0.0)]
+    loss_percent: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where keys, images, slots and logs go (kept after the run).
+    #[arg(long, default_value = "target/sitecast-lab")]
+    work_dir: PathBuf,
+    #[arg(long, default_value_t = 300)]
+    time_limit_secs: u64,
+}
+
+impl LabShape {
+    fn options(&self) -> sitecast_netsim::lab::LabOptions {
+        sitecast_netsim::lab::LabOptions {
+            appliances: self.appliances,
+            image_mib: self.image_mib,
+            wan_mbit: self.wan_mbit,
+            lan_mbit: self.lan_mbit,
+            delay_ms: self.delay_ms,
+            loss_percent: self.loss_percent,
+            seed: self.seed,
+            // The controller runs from another working directory's view of the same files.
+            work_dir: std::path::absolute(&self.work_dir).unwrap_or_else(|_| self.work_dir.clone()),
+            time_limit: Duration::from_secs(self.time_limit_secs),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -155,9 +211,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("{summary}");
             Ok(if intact { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Lab => {
-            anyhow::bail!("not built yet: the namespace lab comes with the netsim issue")
+        Command::Lab { shape } => {
+            let code =
+                sitecast_netsim::lab::run(&shape.options(), &std::env::current_exe()?).await?;
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
+        Command::LabRun { prefix, shape } => lab_run(&prefix, &shape.options()).await,
         Command::Coordinator { listen, data_dir, root } => {
             sitecast_netsim::demo::coordinator_process(&listen, data_dir, &root).await?;
             Ok(ExitCode::SUCCESS)
@@ -172,4 +231,58 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
     }
+}
+
+/// The lab's controller: runs the release, prints a summary and the JSON line.
+async fn lab_run(prefix: &str, options: &sitecast_netsim::lab::LabOptions) -> Result<ExitCode> {
+    let mut stdout = std::io::stdout();
+    let started = std::time::Instant::now();
+    let report =
+        sitecast_netsim::lab::controller(options, prefix, &std::env::current_exe()?, &mut stdout)
+            .await?;
+    let spec = sitecast_netsim::sim::SiteSpec::uniform(
+        options.appliances,
+        report.image_bytes,
+        options.wan_mbit,
+        options.lan_mbit,
+        options.seed,
+    );
+    let bound = spec.bound_seconds();
+    // The simulator's prediction for the same site, for the fidelity comparison.
+    let simulated = sitecast_netsim::sim::simulate_site(&spec);
+    let f = report.image_bytes as f64;
+    println!(
+        "{} appliances, {} MiB, WAN {} Mbit/s, LAN {} Mbit/s: every slot verified in {:.2} s (bound {bound:.2} s, ×{:.2}), rollout done in {:.2} s; origin sent {:.3} × the image (plain HTTP: {} ×); intact: {}",
+        options.appliances,
+        options.image_mib,
+        options.wan_mbit,
+        options.lan_mbit,
+        report.seconds,
+        report.seconds / bound,
+        report.total_seconds,
+        report.origin_bytes as f64 / f,
+        options.appliances,
+        report.intact
+    );
+    println!(
+        "  the simulator predicts {:.2} s and {:.3} × the image for this site",
+        simulated.seconds,
+        simulated.origin_bytes as f64 / f
+    );
+    let summary = serde_json::json!({
+        "appliances": options.appliances,
+        "image_bytes": report.image_bytes,
+        "origin_bytes": report.origin_bytes,
+        "seconds": report.seconds,
+        "bound_seconds": bound,
+        "intact": report.intact,
+        "total_seconds": report.total_seconds,
+        "found_by_mdns_min": report.found_by_mdns_min,
+        "sim_seconds": simulated.seconds,
+        "sim_origin_bytes": simulated.origin_bytes,
+        "seed": options.seed,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+    });
+    println!("{summary}");
+    Ok(if report.intact { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

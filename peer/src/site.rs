@@ -85,7 +85,7 @@ pub struct DiscoveryCounts {
 pub struct Discovery {
     /// Site peers connected now.
     pub connected: u64,
-    /// Peers found by mDNS (counted once per discovery that led to a dial).
+    /// Distinct peers found by mDNS.
     pub found_by_mdns: u64,
     /// Peers named by configuration or the coordinator.
     pub configured: u64,
@@ -242,6 +242,7 @@ impl SiteControl {
             announcing: BTreeMap::new(),
             listening: BTreeMap::new(),
             wanted: BTreeMap::new(),
+            found_by_mdns: BTreeSet::new(),
             ticks: 0,
         };
         tokio::spawn(task.run(receiver));
@@ -319,6 +320,7 @@ struct Task {
     listening: BTreeMap<[u8; 32], Listening>,
     /// Peers from configuration and the coordinator, kept connected.
     wanted: BTreeMap<PeerId, Multiaddr>,
+    found_by_mdns: BTreeSet<PeerId>,
     ticks: u64,
 }
 
@@ -494,10 +496,12 @@ impl Task {
             SwarmEvent::Behaviour(SiteBehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 let mut dialled = BTreeSet::new();
                 for (peer, addr) in list {
+                    if self.found_by_mdns.insert(peer) {
+                        self.discovered.mdns.fetch_add(1, Ordering::Relaxed);
+                    }
                     if self.swarm.is_connected(&peer) || !dialled.insert(peer) {
                         continue;
                     }
-                    self.discovered.mdns.fetch_add(1, Ordering::Relaxed);
                     // mDNS handed the swarm the peer's addresses: dial by id.
                     let options = DialOpts::peer_id(peer)
                         .addresses(vec![addr])

@@ -1,0 +1,108 @@
+//! The namespace lab (root): a site of real processes in network namespaces with shaped links
+//! and mDNS discovery updates intact with about one origin copy, and the lab removes what it
+//! created, also when interrupted.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sitecast-netsim");
+
+/// Not root: say so loudly (the lab runs in CI, where it is root).
+fn root_or_loud_skip(test: &str) -> bool {
+    if sitecast_netsim::lab::is_root() {
+        return true;
+    }
+    eprintln!(
+        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+         !! SKIPPED {test}: the namespace lab needs root (ip netns, tc).\n\
+         !! Run the tests as root to exercise it; CI does.\n\
+         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+    );
+    false
+}
+
+fn lab_namespaces(pid: u32) -> Vec<String> {
+    let output = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let prefix = format!("{}{pid}-", sitecast_netsim::lab::PREFIX);
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn four_appliances_in_namespaces_update_with_one_origin_copy() {
+    if !root_or_loud_skip("four_appliances_in_namespaces_update_with_one_origin_copy") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = Command::new(BIN)
+        .args(["lab", "--appliances", "4", "--image-mib", "16", "--wan-mbit", "50"])
+        .args(["--lan-mbit", "500", "--seed", "3", "--time-limit-secs", "240", "--work-dir"])
+        .arg(dir.path().join("lab"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the lab");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("lab");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let context = format!("stdout:\n{stdout}\nstderr (tail):\n{}", tail(&stderr));
+    assert!(output.status.success(), "the lab failed\n{context}");
+    let last = stdout.lines().last().unwrap_or("");
+    let summary: serde_json::Value = serde_json::from_str(last).expect("a JSON last line");
+    assert_eq!(summary["appliances"], 4, "{context}");
+    assert_eq!(summary["intact"], true, "{context}");
+    let ratio = summary["origin_bytes"].as_f64().expect("origin_bytes")
+        / summary["image_bytes"].as_f64().expect("image_bytes");
+    assert!(ratio <= 1.1, "the origin sent {ratio:.3} copies\n{context}");
+    assert_eq!(summary["found_by_mdns_min"], 3, "every appliance found its 3 peers by mDNS");
+    assert!(
+        summary["seconds"].as_f64().expect("seconds")
+            >= summary["bound_seconds"].as_f64().expect("bound")
+    );
+    assert!(lab_namespaces(pid).is_empty(), "namespaces left behind: {:?}", lab_namespaces(pid));
+}
+
+#[test]
+fn an_interrupted_lab_removes_its_namespaces_and_processes() {
+    if !root_or_loud_skip("an_interrupted_lab_removes_its_namespaces_and_processes") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Slow enough that it is still running when interrupted.
+    let mut child = Command::new(BIN)
+        .args(["lab", "--appliances", "2", "--image-mib", "64", "--wan-mbit", "5"])
+        .args(["--time-limit-secs", "240", "--work-dir"])
+        .arg(dir.path().join("lab"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the lab");
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lab_namespaces(pid).len() < 4 {
+        assert!(Instant::now() < deadline, "the lab never built its namespaces");
+        assert!(child.try_wait().expect("wait").is_none(), "the lab ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Let the controller start its processes.
+    std::thread::sleep(Duration::from_secs(3));
+    let ns = lab_namespaces(pid);
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &format!("{}{pid}-o", sitecast_netsim::lab::PREFIX)])
+        .output()
+        .expect("pids");
+    assert!(!pids.stdout.is_empty(), "the coordinator runs in the origin namespace: {ns:?}");
+    Command::new("kill").args(["-INT", &pid.to_string()]).status().expect("kill -INT");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "interrupted");
+    assert!(lab_namespaces(pid).is_empty(), "namespaces left behind: {:?}", lab_namespaces(pid));
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
