@@ -288,8 +288,28 @@ pub struct LabReport {
     /// Until every appliance ran the release after its reboot and health gate.
     pub total_seconds: f64,
     pub intact: bool,
-    /// The fewest site peers any appliance found by mDNS.
+    /// The fewest site peers any appliance was connected to before the rollout (with
+    /// coordinator peers off, only mDNS brings them).
+    pub connected_min: u64,
+    /// The fewest site peers any appliance found by its own mDNS answers at the end (peers
+    /// that dialled it first may never need to be found).
     pub found_by_mdns_min: u64,
+}
+
+/// The fewest connected peers and the fewest peers found by mDNS over the appliances.
+async fn discovery(agents: &BTreeMap<String, (PathBuf, PathBuf)>) -> (u64, u64) {
+    let (mut connected_min, mut found_min) = (u64::MAX, u64::MAX);
+    for (_, dir) in agents.values() {
+        let status = sitecast_peer::control::request(&dir.join("state/control.sock"), "status")
+            .await
+            .ok()
+            .and_then(|r| r.status);
+        let discovery = status.as_ref().map(|s| &s["discovery"]);
+        let field = |f: &str| discovery.and_then(|d| d[f].as_u64()).unwrap_or(0);
+        connected_min = connected_min.min(field("connected"));
+        found_min = found_min.min(field("found_by_mdns"));
+    }
+    (connected_min, found_min)
 }
 
 fn agent_config(dir: &Path, root: &Path, name: &str) -> AgentConfig {
@@ -405,23 +425,11 @@ pub async fn controller(
     let n = options.appliances;
 
     // Enrolled, and every appliance connected to every other, found by mDNS alone.
-    let mut found_by_mdns_min;
-    loop {
+    let connected_min = loop {
         let enrolled = api.get("/api/appliances").await?.as_array().map_or(0, Vec::len);
-        let mut connected_min = u64::MAX;
-        found_by_mdns_min = u64::MAX;
-        for (_, dir) in agents.values() {
-            let status = sitecast_peer::control::request(&dir.join("state/control.sock"), "status")
-                .await
-                .ok()
-                .and_then(|r| r.status);
-            let discovery = status.as_ref().map(|s| &s["discovery"]);
-            let field = |f: &str| discovery.and_then(|d| d[f].as_u64()).unwrap_or(0);
-            connected_min = connected_min.min(field("connected"));
-            found_by_mdns_min = found_by_mdns_min.min(field("found_by_mdns"));
-        }
+        let (connected_min, _) = discovery(&agents).await;
         if enrolled == n && connected_min + 1 >= n as u64 {
-            break;
+            break connected_min;
         }
         if Instant::now() > deadline {
             bail!(
@@ -431,8 +439,12 @@ pub async fn controller(
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    writeln!(out, "lab: {n} appliances enrolled; each found its {} site peers by mDNS", n - 1)?;
+    };
+    writeln!(
+        out,
+        "lab: {n} appliances enrolled; each connected to its {} site peers, found by mDNS",
+        n - 1
+    )?;
 
     let rollout = api.post("/api/rollouts", json!({"version": 2, "strategy": "immediate"})).await?;
     let id = rollout["id"].as_u64().unwrap_or(1);
@@ -487,6 +499,7 @@ pub async fn controller(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let total_seconds = started.elapsed().as_secs_f64();
+    let (_, found_by_mdns_min) = discovery(&agents).await;
     let mut intact = true;
     for (name, (_, dir)) in &agents {
         let (size, hash) = hash_file(&dir.join("slot-b.img"))?;
@@ -502,6 +515,7 @@ pub async fn controller(
         seconds: downloaded.unwrap_or(total_seconds),
         total_seconds,
         intact,
+        connected_min,
         found_by_mdns_min,
     })
 }

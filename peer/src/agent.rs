@@ -517,7 +517,12 @@ impl Agent {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-            let swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, |_| {});
+            let swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, |c| {
+                // Site peers are connected before a release arrives and announce as soon as
+                // they join: half a second is enough to learn who takes part.
+                c.discovery_grace = Duration::from_millis(500);
+                c.announce_interval = Duration::from_millis(100);
+            });
             let writer = swarm.run().await.map_err(|e| e.to_string())?;
             tokio::task::spawn_blocking(move || writer.finish())
                 .await

@@ -161,6 +161,14 @@ impl LanNode {
         replaced
     }
 
+    /// Closes the cached connection to a peer that went away: a restarted peer gets a new
+    /// one, rather than requests that hang on the old one until its idle timeout.
+    async fn forget_connection(&self, peer: PeerId) {
+        if let Some(connection) = self.shared.connections.lock().await.remove(&peer) {
+            connection.close(0u32.into(), b"gone");
+        }
+    }
+
     fn update_have(&self, blake3: [u8; 32], have: PieceSet) {
         if let Some(served) = lock(&self.shared.served).get_mut(&blake3) {
             served.have = have;
@@ -430,11 +438,8 @@ impl crate::agent::Lan for LanNodeForAgent {
                         }
                     }
                     Some(Heard::Gone { peer }) => {
-                        if up.remove(&peer) {
-                            vec![PeerNews::Down(PeerId(peer))]
-                        } else {
-                            vec![]
-                        }
+                        node.forget_connection(PeerId(peer)).await;
+                        if up.remove(&peer) { vec![PeerNews::Down(PeerId(peer))] } else { vec![] }
                     }
                 };
                 for item in news {

@@ -242,6 +242,7 @@ impl SiteControl {
             announcing: BTreeMap::new(),
             listening: BTreeMap::new(),
             wanted: BTreeMap::new(),
+            configured: BTreeSet::new(),
             found_by_mdns: BTreeSet::new(),
             ticks: 0,
         };
@@ -318,8 +319,10 @@ struct Task {
     discovered: Arc<DiscoveryCounts>,
     announcing: BTreeMap<[u8; 32], Announcing>,
     listening: BTreeMap<[u8; 32], Listening>,
-    /// Peers from configuration and the coordinator, kept connected.
+    /// Peers from configuration, the coordinator and mDNS, kept connected.
     wanted: BTreeMap<PeerId, Multiaddr>,
+    /// Peers named by configuration or the coordinator.
+    configured: BTreeSet<PeerId>,
     found_by_mdns: BTreeSet<PeerId>,
     ticks: u64,
 }
@@ -355,9 +358,10 @@ impl Task {
                 if peer == *self.swarm.local_peer_id() {
                     return;
                 }
-                if self.wanted.insert(peer, addr).is_none() {
+                if self.configured.insert(peer) {
                     self.discovered.configured.fetch_add(1, Ordering::Relaxed);
                 }
+                self.wanted.insert(peer, addr);
                 self.dial_wanted(peer);
             }
             Command::Announce { blob, announcement } => {
@@ -391,8 +395,8 @@ impl Task {
         }
     }
 
-    /// Configured peers are dialled again while they are not connected: they may start later
-    /// than we do, or restart.
+    /// Known peers are dialled again while they are not connected: they may start later than
+    /// we do, restart, or a dial may have failed.
     fn dial_wanted(&mut self, peer: PeerId) {
         let Some(addr) = self.wanted.get(&peer).cloned() else { return };
         if self.swarm.is_connected(&peer) {
@@ -494,21 +498,25 @@ impl Task {
                 }
             }
             SwarmEvent::Behaviour(SiteBehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
-                let mut dialled = BTreeSet::new();
                 for (peer, addr) in list {
                     if self.found_by_mdns.insert(peer) {
                         self.discovered.mdns.fetch_add(1, Ordering::Relaxed);
                     }
-                    if self.swarm.is_connected(&peer) || !dialled.insert(peer) {
-                        continue;
+                    // Both sides find each other at once; two simultaneous dials can both
+                    // fail, so only the lower id dials now. The other one's redial (every
+                    // two seconds while not connected) covers a dial that failed.
+                    self.wanted.entry(peer).or_insert(addr);
+                    if *self.swarm.local_peer_id() < peer {
+                        self.dial_wanted(peer);
                     }
-                    // mDNS handed the swarm the peer's addresses: dial by id.
-                    let options = DialOpts::peer_id(peer)
-                        .addresses(vec![addr])
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .build();
-                    if let Err(error) = self.swarm.dial(options) {
-                        tracing::debug!(%error, "dial");
+                }
+            }
+            SwarmEvent::Behaviour(SiteBehaviourEvent::Mdns(mdns::Event::Expired(list))) => {
+                // Gone from the LAN (or silent past the record's lifetime): stop redialling
+                // unless configuration or the coordinator named it.
+                for (peer, _) in list {
+                    if !self.configured.contains(&peer) {
+                        self.wanted.remove(&peer);
                     }
                 }
             }
