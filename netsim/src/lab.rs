@@ -44,6 +44,9 @@ pub struct LabOptions {
     pub seed: u64,
     pub work_dir: PathBuf,
     pub time_limit: Duration,
+    /// Afterwards, every appliance downloads the image by plain HTTP at once (curl), as the
+    /// fleet without sitecast would: the baseline on the same links.
+    pub http_baseline: bool,
 }
 
 impl LabOptions {
@@ -59,6 +62,7 @@ impl LabOptions {
             format!("--seed={}", self.seed),
             format!("--work-dir={}", self.work_dir.display()),
             format!("--time-limit-secs={}", self.time_limit.as_secs()),
+            format!("--http-baseline={}", self.http_baseline),
         ]
     }
 }
@@ -291,14 +295,17 @@ pub struct LabReport {
     /// The fewest site peers any appliance was connected to before the rollout (with
     /// coordinator peers off, only mDNS brings them).
     pub connected_min: u64,
-    /// The fewest site peers any appliance found by its own mDNS answers at the end (peers
-    /// that dialled it first may never need to be found).
-    pub found_by_mdns_min: u64,
+    /// Site peers found by mDNS, summed over the appliances, at the end (a peer that was
+    /// dialled first may never need to find the dialler itself).
+    pub found_by_mdns: u64,
+    /// Every appliance downloading the image by plain HTTP at once: seconds until the last
+    /// finished (with `http_baseline`).
+    pub http_seconds: Option<f64>,
 }
 
-/// The fewest connected peers and the fewest peers found by mDNS over the appliances.
+/// The fewest connected peers and the peers found by mDNS over all appliances.
 async fn discovery(agents: &BTreeMap<String, (PathBuf, PathBuf)>) -> (u64, u64) {
-    let (mut connected_min, mut found_min) = (u64::MAX, u64::MAX);
+    let (mut connected_min, mut found) = (u64::MAX, 0);
     for (_, dir) in agents.values() {
         let status = sitecast_peer::control::request(&dir.join("state/control.sock"), "status")
             .await
@@ -307,9 +314,9 @@ async fn discovery(agents: &BTreeMap<String, (PathBuf, PathBuf)>) -> (u64, u64) 
         let discovery = status.as_ref().map(|s| &s["discovery"]);
         let field = |f: &str| discovery.and_then(|d| d[f].as_u64()).unwrap_or(0);
         connected_min = connected_min.min(field("connected"));
-        found_min = found_min.min(field("found_by_mdns"));
+        found += field("found_by_mdns");
     }
-    (connected_min, found_min)
+    (connected_min, found)
 }
 
 fn agent_config(dir: &Path, root: &Path, name: &str) -> AgentConfig {
@@ -499,7 +506,40 @@ pub async fn controller(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let total_seconds = started.elapsed().as_secs_f64();
-    let (_, found_by_mdns_min) = discovery(&agents).await;
+    let (_, found_by_mdns) = discovery(&agents).await;
+    let origin_bytes = crate::demo::origin_bytes(&api, SITE).await?;
+    let http_seconds = if options.http_baseline {
+        let url = format!("http://{COORDINATOR}/api/releases/2/image");
+        let started = Instant::now();
+        let curls: Vec<Child> = (1..=n)
+            .map(|i| {
+                Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &ns(&format!("a{i}")),
+                        "curl",
+                        "-sf",
+                        "-o",
+                        "/dev/null",
+                        &url,
+                    ])
+                    .spawn()
+                    .context("curl (the plain HTTP baseline)")
+            })
+            .collect::<Result<_>>()?;
+        for mut curl in curls {
+            let status = tokio::task::spawn_blocking(move || curl.wait()).await??;
+            if !status.success() {
+                bail!("the plain HTTP download failed: {status}");
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        writeln!(out, "lab: plain HTTP, every appliance at once: {seconds:.2} s")?;
+        Some(seconds)
+    } else {
+        None
+    };
     let mut intact = true;
     for (name, (_, dir)) in &agents {
         let (size, hash) = hash_file(&dir.join("slot-b.img"))?;
@@ -511,11 +551,12 @@ pub async fn controller(
     }
     Ok(LabReport {
         image_bytes,
-        origin_bytes: crate::demo::origin_bytes(&api, SITE).await?,
+        origin_bytes,
         seconds: downloaded.unwrap_or(total_seconds),
         total_seconds,
         intact,
         connected_min,
-        found_by_mdns_min,
+        found_by_mdns,
+        http_seconds,
     })
 }

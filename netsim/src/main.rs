@@ -106,6 +106,9 @@ struct LabShape {
     work_dir: PathBuf,
     #[arg(long, default_value_t = 300)]
     time_limit_secs: u64,
+    /// Then time every appliance downloading the image by plain HTTP at once.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    http_baseline: bool,
 }
 
 impl LabShape {
@@ -121,6 +124,7 @@ impl LabShape {
             // The controller runs from another working directory's view of the same files.
             work_dir: std::path::absolute(&self.work_dir).unwrap_or_else(|_| self.work_dir.clone()),
             time_limit: Duration::from_secs(self.time_limit_secs),
+            http_baseline: self.http_baseline,
         }
     }
 }
@@ -278,7 +282,8 @@ async fn lab_run(prefix: &str, options: &sitecast_netsim::lab::LabOptions) -> Re
         "intact": report.intact,
         "total_seconds": report.total_seconds,
         "connected_min": report.connected_min,
-        "found_by_mdns_min": report.found_by_mdns_min,
+        "found_by_mdns": report.found_by_mdns,
+        "http_seconds": report.http_seconds,
         "sim_seconds": simulated.seconds,
         "sim_origin_bytes": simulated.origin_bytes,
         "seed": options.seed,

@@ -507,6 +507,7 @@ impl Agent {
                 (None, news, announce)
             }
         };
+        tracing::info!(%slot, size = image.size, blake3 = %image.blake3, "download started");
         self.download_started = Some(std::time::Instant::now());
         self.download = Some(tokio::spawn(async move {
             let open_paths = paths.clone();
@@ -519,11 +520,12 @@ impl Agent {
             .map_err(|e| e.to_string())?;
             let swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, |c| {
                 // Site peers are connected before a release arrives and announce as soon as
-                // they join: half a second is enough to learn who takes part.
-                c.discovery_grace = Duration::from_millis(500);
-                c.announce_interval = Duration::from_millis(100);
+                // they join: a fifth of a second is enough to learn who takes part.
+                c.discovery_grace = Duration::from_millis(200);
+                c.announce_interval = Duration::from_millis(50);
             });
             let writer = swarm.run().await.map_err(|e| e.to_string())?;
+            tracing::info!("every piece verified and written; reading the slot back");
             tokio::task::spawn_blocking(move || writer.finish())
                 .await
                 .map_err(|e| e.to_string())?
@@ -545,6 +547,13 @@ impl Agent {
             m.bytes_from_lan = stats.bytes_from_lan;
             m.download_seconds = seconds;
         });
+        tracing::info!(
+            seconds = seconds.unwrap_or(0.0),
+            bytes_from_origin = stats.bytes_from_origin,
+            bytes_from_lan = stats.bytes_from_lan,
+            ok = result.is_ok(),
+            "download finished"
+        );
         match result {
             Ok(verified) => {
                 self.ready = Some(verified);

@@ -28,9 +28,9 @@ use tokio::time::Instant;
 use crate::pieces::HaveMap;
 
 /// Announcements are coalesced to at most one per blob in this time while a download runs.
-const COALESCE: Duration = Duration::from_millis(100);
-/// Configured peers that are not connected are dialled again every this many ticks (2 s).
-const REDIAL_TICKS: u64 = 20;
+const COALESCE: Duration = Duration::from_millis(50);
+/// Known peers that are not connected are dialled again every this many ticks (2 s).
+const REDIAL_TICKS: u64 = 40;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
