@@ -281,3 +281,128 @@ pub async fn wait_enrolled(
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// A TCP relay in front of the coordinator that a test can cut (every connection dropped,
+/// new ones refused) and restore: the origin going away and coming back, over real sockets.
+/// Answers are paced to `rate` bytes per second per connection, so a download takes long
+/// enough to be cut in the middle.
+pub struct CuttableRelay {
+    pub url: String,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl CuttableRelay {
+    pub async fn start(upstream: &str, rate: u64) -> Self {
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (cut, watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else { return };
+                if *watch.borrow() {
+                    continue; // dropped: the origin is away
+                }
+                let mut watch = watch.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = relay(inbound, outbound, rate) => {}
+                        _ = watch.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self { url, cut }
+    }
+
+    pub fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+
+    pub fn restore(&self) {
+        let _ = self.cut.send(false);
+    }
+}
+
+async fn relay(inbound: tokio::net::TcpStream, outbound: tokio::net::TcpStream, rate: u64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut in_read, mut in_write) = inbound.into_split();
+    let (mut out_read, mut out_write) = outbound.into_split();
+    let requests = async {
+        let _ = tokio::io::copy(&mut in_read, &mut out_write).await;
+        let _ = out_write.shutdown().await;
+    };
+    let answers = async {
+        let mut buffer = vec![0u8; 16 * 1024];
+        while let Ok(n) = out_read.read(&mut buffer).await {
+            if n == 0 || in_write.write_all(&buffer[..n]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
+        }
+        let _ = in_write.shutdown().await;
+    };
+    tokio::join!(requests, answers);
+}
+
+impl AgentProcess {
+    /// Talks to the coordinator at `url` instead (e.g. through a [`CuttableRelay`]).
+    pub fn set_coordinator(&mut self, url: &str) {
+        let at = self.args.iter().position(|a| a == "--coordinator").expect("--coordinator") + 1;
+        self.args[at] = url.to_owned();
+    }
+
+    /// Writes `agent.toml` (settings the flags do not cover).
+    pub fn configure(&self, toml: &str) {
+        std::fs::write(self.dir.join("agent.toml"), toml).expect("agent.toml");
+    }
+
+    /// The agent's own status (control socket).
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        sitecast_peer::control::request(&self.dir.join("state/control.sock"), "status")
+            .await
+            .ok()
+            .and_then(|r| r.status)
+    }
+}
+
+/// Waits until `agent` reports at least `fraction` of its download done.
+pub async fn wait_progress(agent: &AgentProcess, fraction: f64, deadline: std::time::Instant) {
+    loop {
+        let progress = agent.status().await.and_then(|s| s["progress"].as_f64()).unwrap_or(0.0);
+        if progress >= fraction {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} made no progress:\n{}",
+            agent.name,
+            agent.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every appliance named in `names` reports `state`.
+pub async fn wait_state(
+    origin: &Origin,
+    names: &[&str],
+    state: &str,
+    deadline: std::time::Instant,
+) {
+    loop {
+        let list = appliances(origin).await;
+        let done = names
+            .iter()
+            .all(|name| list.iter().any(|a| a["name"] == *name && a["update"]["state"] == state));
+        if done {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "not {state}: {list:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
