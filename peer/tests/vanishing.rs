@@ -134,9 +134,8 @@ async fn when_the_origin_goes_away_alone_an_agent_waits_and_resumes() {
     relay.restore();
     wait_local_state(&mut agent, "ready", deadline).await;
     assert_slot_is(&agent, &image);
-    assert!(
-        agent.log().contains("fetch failed") || agent.log().contains("download"),
-        "{}",
-        agent.log()
-    );
+    // Verified groups were kept across the cut: about one copy from the origin in all
+    // (plus what was in flight when the connections were cut).
+    let served = origin.origin_bytes("store-1", 2).await as f64 / info.size as f64;
+    assert!(served <= 1.3, "the origin served {served:.2} copies");
 }
