@@ -98,6 +98,8 @@ pub struct Agent {
     /// The slot read back and checked, waiting for the window.
     ready: Option<VerifiedSlot<FileDevice>>,
     download: Option<tokio::task::JoinHandle<Result<VerifiedSlot<FileDevice>, String>>>,
+    /// Stops the running download (a newer offer replaces it).
+    download_stop: Option<tokio::sync::oneshot::Sender<()>>,
     download_started: Option<std::time::Instant>,
     /// The maintenance window from the last check-in.
     last_window: Option<sitecast_manifest::window::MaintenanceWindow>,
@@ -150,6 +152,7 @@ impl Agent {
             stats: Arc::new(Mutex::new(TransferStats::default())),
             ready: None,
             download: None,
+            download_stop: None,
             download_started: None,
             last_window: None,
         })
@@ -393,6 +396,10 @@ impl Agent {
         if let Some(lan) = &self.lan {
             lan.site_peers(&response.site_peers);
         }
+        if self.download_superseded(&response) {
+            tracing::info!(version = ?response.version, "a newer offer replaces the running download");
+            self.stop_download().await;
+        }
         let downloading = self.download.is_some();
         if let Err(message) = self.consider(&response) {
             tracing::warn!(%message, "offered update refused");
@@ -420,6 +427,32 @@ impl Agent {
         if !downloading && self.download.is_some() {
             self.report(UpdateState::Downloading, None).await;
         }
+    }
+
+    /// Whether the running download is not what the coordinator offers any more: another
+    /// release, or the same one from another origin address.
+    fn download_superseded(&self, response: &CheckinResponse) -> bool {
+        let (Some(_), Some(update), Some(version)) =
+            (&self.download, &self.state.update, response.version)
+        else {
+            return false;
+        };
+        let ranges = response.origin.as_ref().map(|o| &o.ranges);
+        response.update_available
+            && response.manifest.is_some()
+            && (version != update.version || ranges != update.ranges_url.as_ref())
+    }
+
+    /// Stops the running download and waits until it has let go of the slot; what it
+    /// verified and wrote stays recorded for a download of the same release.
+    async fn stop_download(&mut self) {
+        if let Some(stop) = self.download_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(download) = self.download.take() {
+            let _ = download.await;
+        }
+        self.download_started = None;
     }
 
     /// Looks at an offer; starts a download if it is new and verifies.
@@ -509,6 +542,8 @@ impl Agent {
         };
         tracing::info!(%slot, size = image.size, blake3 = %image.blake3, "download started");
         self.download_started = Some(std::time::Instant::now());
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        self.download_stop = Some(stop);
         self.download = Some(tokio::spawn(async move {
             let open_paths = paths.clone();
             let open_image = image.clone();
@@ -523,7 +558,8 @@ impl Agent {
                 // they join: a fifth of a second is enough to learn who takes part.
                 c.discovery_grace = Duration::from_millis(200);
                 c.announce_interval = Duration::from_millis(50);
-            });
+            })
+            .stop_on(stopped);
             let writer = swarm.run().await.map_err(|e| e.to_string())?;
             tracing::info!("every piece verified and written; reading the slot back");
             tokio::task::spawn_blocking(move || writer.finish())
@@ -535,6 +571,7 @@ impl Agent {
 
     async fn download_finished(&mut self, result: Result<VerifiedSlot<FileDevice>, String>) {
         self.download = None;
+        self.download_stop = None;
         let stats = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let seconds = self.download_started.take().map(|s| s.elapsed().as_secs_f64());
         if let Some(update) = self.state.update.as_mut() {

@@ -78,6 +78,8 @@ pub enum SwarmError {
     Slot(#[from] SlotError),
     #[error("the swarm stopped: {0}")]
     Stopped(String),
+    #[error("the download was replaced by a newer one")]
+    Replaced,
 }
 
 pub struct Swarm<D: Device + Send + 'static> {
@@ -90,6 +92,7 @@ pub struct Swarm<D: Device + Send + 'static> {
     announce: mpsc::Sender<PieceSet>,
     stats: Arc<Mutex<TransferStats>>,
     started: Instant,
+    stop: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl<D: Device + Send + 'static> std::fmt::Debug for Swarm<D> {
@@ -139,7 +142,16 @@ impl<D: Device + Send + 'static> Swarm<D> {
             announce,
             stats,
             started: Instant::now(),
+            stop: None,
         }
+    }
+
+    /// Stops the swarm when `stop` fires (or its sender is dropped): a newer offer replaces
+    /// this download. `run` then returns [`SwarmError::Replaced`] once no write is under way,
+    /// with what was written checkpointed, so the slot can be handed to another writer.
+    pub fn stop_on(mut self, stop: tokio::sync::oneshot::Receiver<()>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     fn now(&self) -> Duration {
@@ -151,6 +163,7 @@ impl<D: Device + Send + 'static> Swarm<D> {
         let mut fetches: JoinSet<FetchOutcome> = JoinSet::new();
         let mut handles: BTreeMap<RequestId, tokio::task::AbortHandle> = BTreeMap::new();
         let mut news_open = true;
+        let mut stop = self.stop.take();
         loop {
             while let Some(action) = self.scheduler.poll_action() {
                 match action {
@@ -188,7 +201,27 @@ impl<D: Device + Send + 'static> Swarm<D> {
                     None => std::future::pending().await,
                 }
             };
+            let stopped = async {
+                match stop.as_mut() {
+                    Some(stop) => {
+                        let _ = stop.await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                // Writes happen in `apply`, awaited in the other arms: none is under way here.
+                () = stopped => {
+                    fetches.abort_all();
+                    while fetches.join_next().await.is_some() {}
+                    let writer = Arc::clone(&self.writer);
+                    tokio::task::spawn_blocking(move || {
+                        writer.lock().unwrap_or_else(|p| p.into_inner()).checkpoint()
+                    })
+                    .await
+                    .map_err(|e| SwarmError::Stopped(e.to_string()))??;
+                    return Err(SwarmError::Replaced);
+                }
                 Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
                     let Ok((id, source, bytes, result)) = joined else { continue };
                     handles.remove(&id);
