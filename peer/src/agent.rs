@@ -81,6 +81,8 @@ pub trait Lan: Send + Sync {
     fn site_peers(&self, peers: &[sitecast_manifest::api::SitePeer]);
     /// Site peers connected and how they were found.
     fn discovery(&self) -> crate::site::Discovery;
+    /// Closes the connections gracefully (before a reboot), so peers see them end at once.
+    fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
 }
 
 pub struct Agent {

@@ -61,6 +61,8 @@ pub async fn run(config: AgentConfig) -> Result<Exit> {
         tokio::spawn(crate::metrics::serve(listener, Arc::clone(&metrics)));
     }
     let lan = bind_lan(&config).await?;
-    let agent = Agent::new(config, metrics, status, Some(lan))?;
-    agent.run(commands).await
+    let agent = Agent::new(config, metrics, status, Some(Arc::clone(&lan)))?;
+    let exit = agent.run(commands).await;
+    lan.close().await;
+    exit
 }

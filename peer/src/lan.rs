@@ -474,6 +474,13 @@ impl crate::agent::Lan for LanNodeForAgent {
         }
     }
 
+    fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            // close() waits for the peers' acknowledgements; a reboot does not wait long.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.node.endpoint.close()).await;
+        })
+    }
+
     fn discovery(&self) -> crate::site::Discovery {
         self.site.discovered.snapshot()
     }
