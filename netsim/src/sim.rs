@@ -99,21 +99,68 @@ pub struct SiteResult {
     pub trace_digest: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Link {
-    Wan,
-    Up(usize),
-    Down(usize),
-}
+/// A flow's links are numbered: the site's WAN link is 0, appliance `j`'s LAN uplink `1 + j`
+/// and its downlink `1 + n + j`. Ascending numbers are the order the rate sharing visits
+/// links in (ties between equally loaded links go to the lower number).
+const WAN: usize = 0;
 
 #[derive(Debug)]
 struct Flow {
+    id: u64,
     to: usize,
     from: Source,
+    /// The links it crosses: the WAN or the sender's uplink, and the receiver's downlink.
+    links: [usize; 2],
     request: RequestId,
-    remaining: f64,
-    rate: f64,
     wire: f64,
+}
+
+/// The flows in flight, in the order they started, with their progress and rates kept in
+/// their own arrays: every step of the clock moves all of them forward.
+#[derive(Debug, Default)]
+struct Flows {
+    flows: Vec<Flow>,
+    remaining: Vec<f64>,
+    rate: Vec<f64>,
+}
+
+impl Flows {
+    fn push(&mut self, flow: Flow) {
+        self.remaining.push(flow.wire);
+        self.rate.push(0.0);
+        self.flows.push(flow);
+    }
+
+    /// Removes the flow at `k`; returns it with what it had left to send.
+    fn remove(&mut self, k: usize) -> (Flow, f64) {
+        self.rate.remove(k);
+        (self.flows.remove(k), self.remaining.remove(k))
+    }
+
+    fn position(&self, id: u64) -> Option<usize> {
+        self.flows.binary_search_by_key(&id, |f| f.id).ok()
+    }
+
+    fn advance(&mut self, dt: f64) {
+        for (remaining, rate) in self.remaining.iter_mut().zip(&self.rate) {
+            *remaining = (*remaining - rate * dt).max(0.0);
+        }
+    }
+
+    /// The first flow to finish, `after` from now: the shortest time to finish over the flows
+    /// that move, ties (to the nanosecond) going to the flow that started first.
+    fn next_done(&self) -> Option<(Duration, u64)> {
+        let left = |k: usize| self.remaining[k] / self.rate[k];
+        let moving = || (0..self.flows.len()).filter(|&k| self.rate[k] > 0.0);
+        let soonest = moving().map(left).min_by(f64::total_cmp)?;
+        let after = Duration::from_secs_f64(soonest);
+        // Rounding to nanoseconds is monotonic, so only flows within a hair of the soonest
+        // can round to the same time.
+        let first = moving()
+            .find(|&k| left(k) <= soonest + 1e-6 && Duration::from_secs_f64(left(k)) == after)
+            .expect("the soonest flow rounds to its own time");
+        Some((after, self.flows[first].id))
+    }
 }
 
 #[derive(Debug)]
@@ -121,16 +168,44 @@ enum Delivery {
     Event { to: usize, event: Event },
 }
 
+/// Scratch space for sharing link rates, kept between calls to save allocations.
+#[derive(Debug, Default)]
+struct Sharing {
+    capacity: Vec<f64>,
+    /// Flows (by position) on each link, and how many of them have no rate yet.
+    users: Vec<Vec<usize>>,
+    unfixed: Vec<usize>,
+    /// Links with flows, ascending.
+    used: Vec<usize>,
+    fixed: Vec<bool>,
+}
+
+/// Feeds formatted text to the trace hash without building a string first.
+struct TraceWriter<'a>(&'a mut blake3::Hasher);
+
+impl std::fmt::Write for TraceWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.update(s.as_bytes());
+        Ok(())
+    }
+}
+
 struct Sim<'a> {
     spec: &'a SiteSpec,
     ids: Vec<PeerId>,
     index: BTreeMap<PeerId, usize>,
     nodes: Vec<Scheduler>,
+    /// Each appliance's `poll_timeout`, asked again only after the appliance handled something.
+    timers: Vec<Option<Duration>>,
     alive: Vec<bool>,
     joined: Vec<bool>,
-    flows: BTreeMap<u64, Flow>,
+    honest: Vec<bool>,
+    flows: Flows,
     /// The flow set changed since rates were last shared out.
     flows_changed: bool,
+    /// The next flow to finish, while neither the flows nor the clock moved.
+    next_done: Option<Option<(Duration, u64)>>,
+    sharing: Sharing,
     next_flow: u64,
     deliveries: BTreeMap<(Duration, u64), Delivery>,
     seq: u64,
@@ -151,28 +226,33 @@ fn peer_id(seed: u64, index: usize) -> PeerId {
     PeerId(*blake3::hash(&id).as_bytes())
 }
 
+fn config(spec: &SiteSpec) -> Config {
+    let mut config = Config::new(spec.pieces());
+    config.discovery_grace = Duration::from_millis(500);
+    config.request_timeout = Duration::from_secs(600);
+    config.announce_interval = Duration::from_millis(100);
+    config
+}
+
 impl<'a> Sim<'a> {
     fn new(spec: &'a SiteSpec) -> Self {
-        let nodes = (0..spec.appliances)
-            .map(|i| {
-                let mut config = Config::new(spec.pieces());
-                config.discovery_grace = Duration::from_millis(500);
-                config.request_timeout = Duration::from_secs(600);
-                config.announce_interval = Duration::from_millis(100);
-                Scheduler::new(peer_id(spec.seed, i), config)
-            })
-            .collect();
         let ids: Vec<PeerId> = (0..spec.appliances).map(|i| peer_id(spec.seed, i)).collect();
+        let nodes: Vec<Scheduler> =
+            ids.iter().map(|&id| Scheduler::new(id, config(spec))).collect();
         let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         Self {
             spec,
+            timers: nodes.iter().map(Scheduler::poll_timeout).collect(),
             ids,
             index,
             nodes,
             alive: vec![false; spec.appliances],
             joined: vec![false; spec.appliances],
-            flows: BTreeMap::new(),
+            honest: (0..spec.appliances).map(|i| !spec.corrupt.contains(&i)).collect(),
+            flows: Flows::default(),
             flows_changed: false,
+            next_done: None,
+            sharing: Sharing::default(),
             next_flow: 0,
             deliveries: BTreeMap::new(),
             seq: 0,
@@ -194,9 +274,28 @@ impl<'a> Sim<'a> {
         self.deliveries.insert((at, self.seq), Delivery::Event { to, event });
     }
 
+    /// Hands `event` to appliance `i`.
+    fn handle(&mut self, i: usize, event: Event) {
+        self.nodes[i].handle_event(event, self.now);
+        self.timers[i] = self.nodes[i].poll_timeout();
+    }
+
+    fn handle_timeout(&mut self, i: usize) {
+        self.nodes[i].handle_timeout(self.now);
+        self.timers[i] = self.nodes[i].poll_timeout();
+    }
+
     fn record(&mut self, what: std::fmt::Arguments<'_>) {
+        use std::fmt::Write;
         self.events += 1;
-        self.trace.update(format!("{:?} {what}\n", self.now).as_bytes());
+        let now = self.now;
+        write!(TraceWriter(&mut self.trace), "{now:?} {what}\n").expect("hashing cannot fail");
+    }
+
+    /// Flows changed: rates must be shared out again.
+    fn flows_touched(&mut self) {
+        self.flows_changed = true;
+        self.next_done = None;
     }
 
     fn join(&mut self, i: usize) {
@@ -205,31 +304,29 @@ impl<'a> Sim<'a> {
         self.record(format_args!("join {i}"));
         for j in 0..self.spec.appliances {
             if j != i && self.alive[j] {
-                let now = self.now;
                 let (have_i, have_j) = (self.nodes[i].have().clone(), self.nodes[j].have().clone());
-                self.nodes[i].handle_event(Event::PeerUp { peer: self.ids[j] }, now);
-                self.nodes[i]
-                    .handle_event(Event::PeerHave { peer: self.ids[j], have: have_j }, now);
-                self.nodes[j].handle_event(Event::PeerUp { peer: self.ids[i] }, now);
-                self.nodes[j]
-                    .handle_event(Event::PeerHave { peer: self.ids[i], have: have_i }, now);
+                self.handle(i, Event::PeerUp { peer: self.ids[j] });
+                self.handle(i, Event::PeerHave { peer: self.ids[j], have: have_j });
+                self.handle(j, Event::PeerUp { peer: self.ids[i] });
+                self.handle(j, Event::PeerHave { peer: self.ids[i], have: have_i });
             }
         }
-        self.nodes[i].handle_timeout(self.now);
+        self.handle_timeout(i);
     }
 
     fn crash(&mut self, i: usize) {
         self.alive[i] = false;
         self.record(format_args!("crash {i}"));
-        let lost: Vec<u64> = self
-            .flows
-            .iter()
-            .filter(|(_, f)| f.to == i || f.from == Source::Peer(self.ids[i]))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in lost {
-            let flow = self.flows.remove(&id).expect("present");
-            self.flows_changed = true;
+        let from_i = Source::Peer(self.ids[i]);
+        let mut k = 0;
+        while k < self.flows.flows.len() {
+            let flow = &self.flows.flows[k];
+            if flow.to != i && flow.from != from_i {
+                k += 1;
+                continue;
+            }
+            let (flow, _) = self.flows.remove(k);
+            self.flows_touched();
             if flow.to != i {
                 let at = self.now + self.spec.lan_latency;
                 self.deliver(at, flow.to, Event::Failed { request: flow.request });
@@ -237,7 +334,7 @@ impl<'a> Sim<'a> {
         }
         for j in 0..self.spec.appliances {
             if j != i && self.alive[j] {
-                self.nodes[j].handle_event(Event::PeerDown { peer: self.ids[i] }, self.now);
+                self.handle(j, Event::PeerDown { peer: self.ids[i] });
             }
         }
     }
@@ -245,13 +342,9 @@ impl<'a> Sim<'a> {
     /// Restarts a crashed appliance: its verified pieces survived (resume), its requests not.
     fn recover(&mut self, i: usize) {
         let have = self.nodes[i].have().clone();
-        let mut config = Config::new(self.spec.pieces());
-        config.discovery_grace = Duration::from_millis(500);
-        config.request_timeout = Duration::from_secs(600);
-        config.announce_interval = Duration::from_millis(100);
-        self.nodes[i] = Scheduler::new(self.ids[i], config);
+        self.nodes[i] = Scheduler::new(self.ids[i], config(self.spec));
         let pieces: Vec<std::ops::Range<u64>> = have.to_ranges();
-        self.nodes[i].handle_event(Event::HaveLocally { pieces }, self.now);
+        self.handle(i, Event::HaveLocally { pieces });
         self.join(i);
     }
 
@@ -261,33 +354,36 @@ impl<'a> Sim<'a> {
                 Action::Request { id, piece, source } => {
                     let wire = self.spec.piece_wire_bytes(piece);
                     self.record(format_args!("request {i} {piece} {source:?}"));
-                    let sender_alive = match source {
-                        Source::Origin => true,
-                        Source::Peer(peer) => self.index_of(peer).is_some_and(|j| self.alive[j]),
+                    let sender = match source {
+                        Source::Origin => Some(WAN),
+                        Source::Peer(peer) => {
+                            self.index_of(peer).filter(|&j| self.alive[j]).map(|j| 1 + j)
+                        }
                     };
-                    if !sender_alive {
+                    let Some(sender) = sender else {
                         let at = self.now + self.spec.lan_latency;
                         self.deliver(at, i, Event::Failed { request: id });
                         continue;
-                    }
+                    };
                     self.next_flow += 1;
-                    self.flows_changed = true;
-                    self.flows.insert(
-                        self.next_flow,
-                        Flow { to: i, from: source, request: id, remaining: wire, rate: 0.0, wire },
-                    );
+                    self.flows_touched();
+                    let down = 1 + self.spec.appliances + i;
+                    self.flows.push(Flow {
+                        id: self.next_flow,
+                        to: i,
+                        from: source,
+                        links: [sender, down],
+                        request: id,
+                        wire,
+                    });
                 }
                 Action::Cancel { id } => {
-                    let flow = self
-                        .flows
-                        .iter()
-                        .find(|(_, f)| f.to == i && f.request == id)
-                        .map(|(k, _)| *k);
-                    if let Some(flow) = flow {
-                        let flow = self.flows.remove(&flow).expect("present");
-                        self.flows_changed = true;
+                    let flow = self.flows.flows.iter().position(|f| f.to == i && f.request == id);
+                    if let Some(k) = flow {
+                        let (flow, remaining) = self.flows.remove(k);
+                        self.flows_touched();
                         // What was sent before the cancel still crossed the links.
-                        let sent = flow.wire - flow.remaining;
+                        let sent = flow.wire - remaining;
                         match flow.from {
                             Source::Origin => self.origin_bytes += sent,
                             Source::Peer(_) => self.lan_bytes += sent,
@@ -315,70 +411,73 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Max-min fair rates by progressive filling over the links each flow crosses.
+    /// Max-min fair rates by progressive filling over the links each flow crosses: the link
+    /// with the smallest fair share sets the rate of all its flows that have none yet, which
+    /// leaves less for the other links those flows cross.
     fn allocate(&mut self) {
-        let links = |flow: &Flow| -> [Link; 2] {
-            match flow.from {
-                Source::Origin => [Link::Wan, Link::Down(flow.to)],
-                Source::Peer(peer) => {
-                    let j = self.index.get(&peer).copied().unwrap_or(0);
-                    [Link::Up(j), Link::Down(flow.to)]
+        let n = self.spec.appliances;
+        let flows = &self.flows.flows;
+        let rates = &mut self.flows.rate;
+        let Sharing { capacity, users, unfixed, used, fixed } = &mut self.sharing;
+        if capacity.is_empty() {
+            capacity.resize(1 + 2 * n, 0.0);
+            users.resize(1 + 2 * n, Vec::new());
+            unfixed.resize(1 + 2 * n, 0);
+        }
+        for &link in used.iter() {
+            users[link].clear();
+        }
+        used.clear();
+        for (k, flow) in flows.iter().enumerate() {
+            for link in flow.links {
+                if users[link].is_empty() {
+                    used.push(link);
+                    capacity[link] = match link {
+                        WAN => self.spec.wan_bps / 8.0,
+                        up if up <= n => self.spec.lan_up_bps[up - 1] / 8.0,
+                        down => self.spec.lan_down_bps[down - 1 - n] / 8.0,
+                    };
                 }
-            }
-        };
-        let mut capacity: BTreeMap<Link, f64> = BTreeMap::new();
-        let mut users: BTreeMap<Link, Vec<u64>> = BTreeMap::new();
-        for (id, flow) in &self.flows {
-            for link in links(flow) {
-                let cap = match link {
-                    Link::Wan => self.spec.wan_bps / 8.0,
-                    Link::Up(j) => self.spec.lan_up_bps[j] / 8.0,
-                    Link::Down(j) => self.spec.lan_down_bps[j] / 8.0,
-                };
-                capacity.entry(link).or_insert(cap);
-                users.entry(link).or_default().push(*id);
+                users[link].push(k);
             }
         }
-        // Unfixed flows per link, kept as counts so each round is one pass over the links.
-        let mut unfixed: BTreeMap<Link, usize> = users.iter().map(|(l, f)| (*l, f.len())).collect();
-        let mut fixed: BTreeMap<u64, f64> = BTreeMap::new();
-        while fixed.len() < self.flows.len() {
-            // The link with the smallest fair share sets the rate of all its unfixed flows.
-            let mut best: Option<(f64, Link)> = None;
-            for (link, &count) in &unfixed {
-                if count == 0 {
+        used.sort_unstable();
+        for &link in used.iter() {
+            unfixed[link] = users[link].len();
+        }
+        fixed.clear();
+        fixed.resize(flows.len(), false);
+        rates.iter_mut().for_each(|r| *r = 0.0);
+        let mut left = flows.len();
+        while left > 0 {
+            let mut best: Option<(f64, usize)> = None;
+            for &link in used.iter() {
+                if unfixed[link] == 0 {
                     continue;
                 }
-                let share = capacity[link] / count as f64;
+                let share = capacity[link] / unfixed[link] as f64;
                 if best.is_none_or(|(s, _)| share < s) {
-                    best = Some((share, *link));
+                    best = Some((share, link));
                 }
             }
             let Some((share, link)) = best else { break };
-            for id in users[&link].clone() {
-                if fixed.contains_key(&id) {
+            for &k in &users[link] {
+                if fixed[k] {
                     continue;
                 }
-                fixed.insert(id, share);
-                for other in links(&self.flows[&id]) {
-                    if let Some(cap) = capacity.get_mut(&other) {
-                        *cap = (*cap - share).max(0.0);
-                    }
-                    if let Some(count) = unfixed.get_mut(&other) {
-                        *count -= 1;
-                    }
+                fixed[k] = true;
+                left -= 1;
+                rates[k] = share;
+                for other in flows[k].links {
+                    capacity[other] = (capacity[other] - share).max(0.0);
+                    unfixed[other] -= 1;
                 }
             }
-        }
-        for (id, flow) in &mut self.flows {
-            flow.rate = fixed.get(id).copied().unwrap_or(0.0);
         }
     }
 
     fn honest_done(&self) -> bool {
-        (0..self.spec.appliances)
-            .filter(|i| !self.spec.corrupt.contains(i))
-            .all(|i| self.nodes[i].is_done())
+        (0..self.spec.appliances).filter(|&i| self.honest[i]).all(|i| self.nodes[i].is_done())
     }
 
     fn run(mut self) -> SiteResult {
@@ -405,15 +504,18 @@ impl<'a> Sim<'a> {
                 self.allocate();
                 self.flows_changed = false;
             }
-            let flow_done = self
-                .flows
-                .iter()
-                .filter(|(_, f)| f.rate > 0.0)
-                .map(|(id, f)| (self.now + Duration::from_secs_f64(f.remaining / f.rate), *id))
-                .min();
+            let flow_done = match self.next_done {
+                Some(done) => done,
+                None => {
+                    let done = self.flows.next_done().map(|(after, id)| (self.now + after, id));
+                    self.next_done = Some(done);
+                    done
+                }
+            };
+            let now = self.now;
             let timer = (0..self.spec.appliances)
                 .filter(|&i| self.alive[i])
-                .filter_map(|i| self.nodes[i].poll_timeout().map(|t| (t.max(self.now), i)))
+                .filter_map(|i| self.timers[i].map(|t| (t.max(now), i)))
                 .min();
             let delivery = self.deliveries.keys().next().copied();
             let join = joins.first().copied();
@@ -430,9 +532,9 @@ impl<'a> Sim<'a> {
             .min();
             let Some(next) = next else { break };
             // Move every flow forward to `next`.
-            let dt = next.saturating_sub(self.now).as_secs_f64();
-            for flow in self.flows.values_mut() {
-                flow.remaining = (flow.remaining - flow.rate * dt).max(0.0);
+            if next > self.now {
+                self.flows.advance((next - self.now).as_secs_f64());
+                self.next_done = None;
             }
             self.now = next;
             if let Some((t, i)) = join
@@ -458,8 +560,9 @@ impl<'a> Sim<'a> {
             if let Some((t, id)) = flow_done
                 && t == next
             {
-                let flow = self.flows.remove(&id).expect("present");
-                self.flows_changed = true;
+                let k = self.flows.position(id).expect("present");
+                let (flow, _) = self.flows.remove(k);
+                self.flows_touched();
                 let corrupt = matches!(flow.from, Source::Peer(p) if self.index_of(p).is_some_and(|j| self.spec.corrupt.contains(&j)));
                 match flow.from {
                     Source::Origin => self.origin_bytes += flow.wire,
@@ -489,18 +592,17 @@ impl<'a> Sim<'a> {
                     if let Event::Completed { .. } = event {
                         self.record(format_args!("completed {to}"));
                     }
-                    self.nodes[to].handle_event(event, self.now);
+                    self.handle(to, event);
                     self.drain(to);
                 }
                 continue;
             }
             if let Some((_, i)) = timer {
-                self.nodes[i].handle_timeout(self.now);
+                self.handle_timeout(i);
                 self.drain(i);
             }
         }
-        let honest: Vec<usize> =
-            (0..self.spec.appliances).filter(|i| !self.spec.corrupt.contains(i)).collect();
+        let honest: Vec<usize> = (0..self.spec.appliances).filter(|&i| self.honest[i]).collect();
         let intact = !self.accepted_corrupt && honest.iter().all(|&i| self.nodes[i].is_done());
         SiteResult {
             appliances: self.spec.appliances,
