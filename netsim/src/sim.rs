@@ -115,36 +115,115 @@ struct Flow {
     wire: f64,
 }
 
-/// The flows in flight, in the order they started, with their progress and rates kept in
-/// their own arrays: every step of the clock moves all of them forward.
+/// The flows in flight in the order they started (ids ascending), with their progress and
+/// rates in arrays of their own: every step of the clock moves all of them forward. A flow
+/// that ends leaves a hole (no rate, nothing left) until holes are half the arrays, so that
+/// ending one does not shift all the others.
 #[derive(Debug, Default)]
 struct Flows {
-    flows: Vec<Flow>,
+    ids: Vec<u64>,
+    flows: Vec<Option<Flow>>,
     remaining: Vec<f64>,
     rate: Vec<f64>,
+    live: usize,
+    /// Flows on each link.
+    on_link: Vec<usize>,
+    /// At most the least any flow has left to send; `None` when it must be looked up again.
+    least_remaining: Option<f64>,
 }
 
 impl Flows {
     fn push(&mut self, flow: Flow) {
+        self.least_remaining = self.least_remaining.map(|least| least.min(flow.wire));
+        self.ids.push(flow.id);
         self.remaining.push(flow.wire);
         self.rate.push(0.0);
-        self.flows.push(flow);
+        for link in flow.links {
+            if self.on_link.len() <= link {
+                self.on_link.resize(link + 1, 0);
+            }
+            self.on_link[link] += 1;
+        }
+        self.flows.push(Some(flow));
+        self.live += 1;
     }
 
-    /// Removes the flow at `k`; returns it with what it had left to send.
-    fn remove(&mut self, k: usize) -> (Flow, f64) {
-        self.rate.remove(k);
-        (self.flows.remove(k), self.remaining.remove(k))
+    /// The flows in flight with their positions in the arrays.
+    fn iter(&self) -> impl Iterator<Item = (usize, &Flow)> {
+        self.flows.iter().enumerate().filter_map(|(k, flow)| Some((k, flow.as_ref()?)))
     }
 
     fn position(&self, id: u64) -> Option<usize> {
-        self.flows.binary_search_by_key(&id, |f| f.id).ok()
+        let k = self.ids.binary_search(&id).ok()?;
+        self.flows[k].is_some().then_some(k)
+    }
+
+    /// Ends the flow with this id; returns it with what it had left to send.
+    fn remove(&mut self, id: u64) -> Option<(Flow, f64)> {
+        let k = self.position(id)?;
+        let flow = self.flows[k].take()?;
+        let remaining = std::mem::take(&mut self.remaining[k]);
+        self.rate[k] = 0.0;
+        self.live -= 1;
+        for link in flow.links {
+            self.on_link[link] -= 1;
+        }
+        if self.least_remaining.is_some_and(|least| remaining <= least) {
+            self.least_remaining = None;
+        }
+        if self.live * 2 < self.flows.len() {
+            let keep: Vec<bool> = self.flows.iter().map(Option::is_some).collect();
+            retain_by(&mut self.ids, &keep);
+            retain_by(&mut self.remaining, &keep);
+            retain_by(&mut self.rate, &keep);
+            self.flows.retain(Option::is_some);
+        }
+        Some((flow, remaining))
     }
 
     fn advance(&mut self, dt: f64) {
         for (remaining, rate) in self.remaining.iter_mut().zip(&self.rate) {
             *remaining = (*remaining - rate * dt).max(0.0);
         }
+        self.least_remaining = None;
+    }
+
+    /// Whether a flow has less than `bytes` left to send.
+    fn any_below(&mut self, bytes: f64) -> bool {
+        let least = match self.least_remaining {
+            Some(least) => least,
+            None => {
+                let left = self.iter().map(|(k, _)| self.remaining[k]);
+                let least = left.fold(f64::INFINITY, f64::min);
+                self.least_remaining = Some(least);
+                least
+            }
+        };
+        least < bytes
+    }
+
+    /// A flow that ends now whatever rates are shared out, if there is one and it comes first:
+    /// with `capacity` the links' rates (bytes per second) and `fastest` the highest of them.
+    ///
+    /// When several flows end at one instant, each one that ends changes the others' rates,
+    /// but not whether they end now: sharing the rates out again for each is wasted. A flow
+    /// ends now if its time left rounds to zero nanoseconds. Only flows with less than
+    /// `fastest` × 2 ns left can, and of those the first started comes first; it surely ends
+    /// now if it does at half the rate max-min fairness guarantees it (at least its links'
+    /// capacity divided by the flows on them).
+    fn ending_now(&mut self, capacity: impl Fn(usize) -> f64, fastest: f64) -> Option<u64> {
+        let close = fastest * 2e-9;
+        if !self.any_below(close) {
+            return None;
+        }
+        let (k, flow) = self.iter().find(|&(k, _)| self.remaining[k] < close)?;
+        let guaranteed = flow
+            .links
+            .iter()
+            .map(|&l| capacity(l) / self.on_link[l] as f64)
+            .fold(f64::INFINITY, f64::min);
+        let left = Duration::from_secs_f64(self.remaining[k] / (guaranteed / 2.0));
+        (left == Duration::ZERO).then_some(flow.id)
     }
 
     /// The first flow to finish, `after` from now: the shortest time to finish over the flows
@@ -159,8 +238,14 @@ impl Flows {
         let first = moving()
             .find(|&k| left(k) <= soonest + 1e-6 && Duration::from_secs_f64(left(k)) == after)
             .expect("the soonest flow rounds to its own time");
-        Some((after, self.flows[first].id))
+        Some((after, self.ids[first]))
     }
+}
+
+/// Keeps the items whose flag is set (`retain` visits items once, in order).
+fn retain_by<T>(items: &mut Vec<T>, keep: &[bool]) {
+    let mut keep = keep.iter();
+    items.retain(|_| *keep.next().expect("a flag per item"));
 }
 
 #[derive(Debug)]
@@ -206,6 +291,8 @@ struct Sim<'a> {
     /// The next flow to finish, while neither the flows nor the clock moved.
     next_done: Option<Option<(Duration, u64)>>,
     sharing: Sharing,
+    /// The highest link rate (bytes per second): no flow moves faster.
+    fastest_link: f64,
     next_flow: u64,
     deliveries: BTreeMap<(Duration, u64), Delivery>,
     seq: u64,
@@ -253,6 +340,11 @@ impl<'a> Sim<'a> {
             flows_changed: false,
             next_done: None,
             sharing: Sharing::default(),
+            fastest_link: [spec.wan_bps]
+                .iter()
+                .chain(&spec.lan_up_bps)
+                .chain(&spec.lan_down_bps)
+                .fold(0.0, |a, &b| f64::max(a, b / 8.0)),
             next_flow: 0,
             deliveries: BTreeMap::new(),
             seq: 0,
@@ -318,14 +410,14 @@ impl<'a> Sim<'a> {
         self.alive[i] = false;
         self.record(format_args!("crash {i}"));
         let from_i = Source::Peer(self.ids[i]);
-        let mut k = 0;
-        while k < self.flows.flows.len() {
-            let flow = &self.flows.flows[k];
-            if flow.to != i && flow.from != from_i {
-                k += 1;
-                continue;
-            }
-            let (flow, _) = self.flows.remove(k);
+        let lost: Vec<u64> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| f.to == i || f.from == from_i)
+            .map(|(_, f)| f.id)
+            .collect();
+        for id in lost {
+            let (flow, _) = self.flows.remove(id).expect("present");
             self.flows_touched();
             if flow.to != i {
                 let at = self.now + self.spec.lan_latency;
@@ -378,9 +470,9 @@ impl<'a> Sim<'a> {
                     });
                 }
                 Action::Cancel { id } => {
-                    let flow = self.flows.flows.iter().position(|f| f.to == i && f.request == id);
-                    if let Some(k) = flow {
-                        let (flow, remaining) = self.flows.remove(k);
+                    let flow = self.flows.iter().find(|(_, f)| f.to == i && f.request == id);
+                    if let Some((_, flow)) = flow {
+                        let (flow, remaining) = self.flows.remove(flow.id).expect("present");
                         self.flows_touched();
                         // What was sent before the cancel still crossed the links.
                         let sent = flow.wire - remaining;
@@ -411,13 +503,22 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// A link's rate in bytes per second.
+    fn capacity(spec: &SiteSpec, link: usize) -> f64 {
+        let n = spec.appliances;
+        match link {
+            WAN => spec.wan_bps / 8.0,
+            up if up <= n => spec.lan_up_bps[up - 1] / 8.0,
+            down => spec.lan_down_bps[down - 1 - n] / 8.0,
+        }
+    }
+
     /// Max-min fair rates by progressive filling over the links each flow crosses: the link
     /// with the smallest fair share sets the rate of all its flows that have none yet, which
     /// leaves less for the other links those flows cross.
     fn allocate(&mut self) {
         let n = self.spec.appliances;
-        let flows = &self.flows.flows;
-        let rates = &mut self.flows.rate;
+        let Flows { flows, rate: rates, live, .. } = &mut self.flows;
         let Sharing { capacity, users, unfixed, used, fixed } = &mut self.sharing;
         if capacity.is_empty() {
             capacity.resize(1 + 2 * n, 0.0);
@@ -429,14 +530,11 @@ impl<'a> Sim<'a> {
         }
         used.clear();
         for (k, flow) in flows.iter().enumerate() {
+            let Some(flow) = flow else { continue };
             for link in flow.links {
                 if users[link].is_empty() {
                     used.push(link);
-                    capacity[link] = match link {
-                        WAN => self.spec.wan_bps / 8.0,
-                        up if up <= n => self.spec.lan_up_bps[up - 1] / 8.0,
-                        down => self.spec.lan_down_bps[down - 1 - n] / 8.0,
-                    };
+                    capacity[link] = Self::capacity(self.spec, link);
                 }
                 users[link].push(k);
             }
@@ -448,7 +546,7 @@ impl<'a> Sim<'a> {
         fixed.clear();
         fixed.resize(flows.len(), false);
         rates.iter_mut().for_each(|r| *r = 0.0);
-        let mut left = flows.len();
+        let mut left = *live;
         while left > 0 {
             let mut best: Option<(f64, usize)> = None;
             for &link in used.iter() {
@@ -468,7 +566,7 @@ impl<'a> Sim<'a> {
                 fixed[k] = true;
                 left -= 1;
                 rates[k] = share;
-                for other in flows[k].links {
+                for other in flows[k].as_ref().expect("in flight").links {
                     capacity[other] = (capacity[other] - share).max(0.0);
                     unfixed[other] -= 1;
                 }
@@ -500,18 +598,6 @@ impl<'a> Sim<'a> {
             if self.now > limit {
                 break;
             }
-            if self.flows_changed {
-                self.allocate();
-                self.flows_changed = false;
-            }
-            let flow_done = match self.next_done {
-                Some(done) => done,
-                None => {
-                    let done = self.flows.next_done().map(|(after, id)| (self.now + after, id));
-                    self.next_done = Some(done);
-                    done
-                }
-            };
             let now = self.now;
             let timer = (0..self.spec.appliances)
                 .filter(|&i| self.alive[i])
@@ -520,8 +606,7 @@ impl<'a> Sim<'a> {
             let delivery = self.deliveries.keys().next().copied();
             let join = joins.first().copied();
             let crash = crashes.first().copied();
-            let next = [
-                flow_done.map(|(t, _)| t),
+            let other = [
                 timer.map(|(t, _)| t),
                 delivery.map(|(t, _)| t),
                 join.map(|(t, _)| t),
@@ -530,6 +615,36 @@ impl<'a> Sim<'a> {
             .into_iter()
             .flatten()
             .min();
+            // Events come in bursts at one instant, and each flow that starts or ends in a burst
+            // changes the rates. Sharing them out once the burst is over is enough while what
+            // happens next does not depend on them: a flow ends now at any rate, or the next
+            // event is now anyway and no flow can be within a nanosecond of its end.
+            let spec = self.spec;
+            let flow_done = if self.flows_changed
+                && let Some(id) =
+                    self.flows.ending_now(|link| Self::capacity(spec, link), self.fastest_link)
+            {
+                Some((now, id))
+            } else if self.flows_changed
+                && other == Some(now)
+                && !self.flows.any_below(self.fastest_link * 2e-9)
+            {
+                None
+            } else {
+                if self.flows_changed {
+                    self.allocate();
+                    self.flows_changed = false;
+                }
+                match self.next_done {
+                    Some(done) => done,
+                    None => {
+                        let done = self.flows.next_done().map(|(after, id)| (now + after, id));
+                        self.next_done = Some(done);
+                        done
+                    }
+                }
+            };
+            let next = [flow_done.map(|(t, _)| t), other].into_iter().flatten().min();
             let Some(next) = next else { break };
             // Move every flow forward to `next`.
             if next > self.now {
@@ -560,8 +675,7 @@ impl<'a> Sim<'a> {
             if let Some((t, id)) = flow_done
                 && t == next
             {
-                let k = self.flows.position(id).expect("present");
-                let (flow, _) = self.flows.remove(k);
+                let (flow, _) = self.flows.remove(id).expect("present");
                 self.flows_touched();
                 let corrupt = matches!(flow.from, Source::Peer(p) if self.index_of(p).is_some_and(|j| self.spec.corrupt.contains(&j)));
                 match flow.from {
