@@ -24,6 +24,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::pieces::{PieceSet, pieces_in};
@@ -36,9 +37,29 @@ fn hash64(a: &[u8], b: &[u8]) -> u64 {
     u64::from_be_bytes(bytes.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
-/// A member's rendezvous score for every piece.
-fn rendezvous_scores(member: &PeerId, pieces: u64) -> Vec<u64> {
-    (0..pieces).map(|p| hash64(&p.to_le_bytes(), &member.0)).collect()
+/// Members' rendezvous scores for every piece, computed once per member. The scores depend
+/// only on the member and the piece, so the schedulers of one site may share a table (the
+/// simulator runs a whole site on one: it saves each appliance hashing every piece for every
+/// member again).
+#[derive(Debug)]
+pub struct Rendezvous {
+    pieces: u64,
+    scores: Mutex<BTreeMap<PeerId, Arc<[u64]>>>,
+}
+
+impl Rendezvous {
+    pub fn new(pieces: u64) -> Self {
+        Self { pieces, scores: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// `member`'s score for every piece.
+    fn scores(&self, member: &PeerId) -> Arc<[u64]> {
+        let mut scores = self.scores.lock().unwrap_or_else(|p| p.into_inner());
+        let scores = scores.entry(*member).or_insert_with(|| {
+            (0..self.pieces).map(|p| hash64(&p.to_le_bytes(), &member.0)).collect()
+        });
+        Arc::clone(scores)
+    }
 }
 
 /// Peers are named by their 32-byte identity key.
@@ -149,7 +170,10 @@ struct Peer {
     backoff_until: Duration,
     failures: u32,
     /// Its rendezvous score for every piece (the highest score fetches a piece from the origin).
-    scores: Vec<u64>,
+    scores: Arc<[u64]>,
+    /// The last look at its have-map found nothing to ask it for: no need to look again until
+    /// it gains pieces or one of our requests fails (and its piece is wanted again).
+    nothing_to_ask: bool,
     /// When its have-map last grew (or it came up): a peer silent for too long is stalled and
     /// loses its origin assignments. `None` once it went down.
     progress: Option<Duration>,
@@ -201,7 +225,12 @@ pub struct Scheduler {
     /// Per-piece hashes, computed once: this appliance's tie-break order, and its rendezvous
     /// score (the highest score fetches the piece from the origin).
     tie_breaks: Vec<u64>,
-    my_scores: Vec<u64>,
+    my_scores: Arc<[u64]>,
+    rendezvous: Arc<Rendezvous>,
+    /// The pieces this appliance fetches from the origin (no contender scores higher), and the
+    /// contenders (live peers that are not stalled) that was worked out for.
+    assigned: PieceSet,
+    contenders: Option<Vec<usize>>,
     /// Smoothed time an origin request of ours takes.
     origin_piece_time: Option<Duration>,
     origin_in_flight: usize,
@@ -220,6 +249,13 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(me: PeerId, config: Config) -> Self {
+        let rendezvous = Arc::new(Rendezvous::new(config.pieces));
+        Self::with_rendezvous(me, config, rendezvous)
+    }
+
+    /// A scheduler that takes members' rendezvous scores from a shared table.
+    pub fn with_rendezvous(me: PeerId, config: Config, rendezvous: Arc<Rendezvous>) -> Self {
+        assert_eq!(rendezvous.pieces, config.pieces, "a table for this release");
         let have = PieceSet::empty(config.pieces);
         let pieces = config.pieces as usize;
         let origin_backoff = config.origin_backoff;
@@ -235,7 +271,10 @@ impl Scheduler {
             holder_count: vec![0; pieces],
             held: PieceSet::empty(config.pieces),
             tie_breaks: (0..pieces as u64).map(|p| hash64(&me.0, &p.to_le_bytes())).collect(),
-            my_scores: rendezvous_scores(&me, pieces as u64),
+            my_scores: rendezvous.scores(&me),
+            rendezvous,
+            assigned: PieceSet::empty(config.pieces),
+            contenders: None,
             config,
             origin_piece_time: None,
             origin_in_flight: 0,
@@ -295,6 +334,7 @@ impl Scheduler {
                     if have.count() > state.have.count() {
                         state.progress = Some(now);
                     }
+                    state.nothing_to_ask = false;
                     let old = std::mem::replace(&mut state.have, have);
                     count_holders(
                         &mut self.holder_count,
@@ -424,7 +464,8 @@ impl Scheduler {
                     in_flight: 0,
                     backoff_until: Duration::ZERO,
                     failures: 0,
-                    scores: rendezvous_scores(&peer, self.config.pieces),
+                    scores: self.rendezvous.scores(&peer),
+                    nothing_to_ask: false,
                     progress: None,
                 });
                 self.peers.len() - 1
@@ -442,6 +483,7 @@ impl Scheduler {
             state.in_flight = 0;
             state.backoff_until = Duration::ZERO;
             state.failures = 0;
+            state.nothing_to_ask = false;
             let peers = &self.peers;
             let at = self.live.partition_point(|&j| peers[j].id < peer);
             self.live.insert(at, i);
@@ -476,6 +518,11 @@ impl Scheduler {
     fn fail(&mut self, request: RequestId, corrupt: bool) {
         let Some(failed) = self.in_flight.remove(&request) else { return };
         self.finish(&failed);
+        if !self.requested.contains(failed.piece) && !self.have.contains(failed.piece) {
+            for peer in &mut self.peers {
+                peer.nothing_to_ask = false;
+            }
+        }
         if !corrupt {
             self.stats.failed += 1;
         }
@@ -563,18 +610,29 @@ impl Scheduler {
         self.config.origin_takeover.max(busy)
     }
 
-    /// Whether this appliance should fetch `piece` from the origin: it is the first member in
-    /// the piece's rendezvous order that is not stalled.
-    fn fetches_from_origin(&self, piece: u64) -> bool {
-        let mine = self.my_scores[piece as usize];
+    /// Works out again which pieces this appliance fetches from the origin if the contenders
+    /// changed: it fetches a piece if it is the first member in the piece's rendezvous order
+    /// that is not stalled. Anyone ranked above us who is still making progress will fetch it.
+    fn update_assignment(&mut self) {
         let stall_after = self.stall_after();
         let now = self.now;
-        // Anyone ranked above us who is still making progress will fetch it.
-        !self.live.iter().any(|&i| {
-            let peer = &self.peers[i];
-            peer.scores[piece as usize] > mine
-                && peer.progress.is_some_and(|last| now.saturating_sub(last) < stall_after)
-        })
+        let contenders: Vec<usize> = (self.live.iter().copied())
+            .filter(|&i| {
+                let last = self.peers[i].progress;
+                last.is_some_and(|last| now.saturating_sub(last) < stall_after)
+            })
+            .collect();
+        if self.contenders.as_ref() == Some(&contenders) {
+            return;
+        }
+        self.assigned = PieceSet::empty(self.config.pieces);
+        for piece in 0..self.config.pieces {
+            let mine = self.my_scores[piece as usize];
+            if contenders.iter().all(|&i| self.peers[i].scores[piece as usize] <= mine) {
+                self.assigned.insert(piece);
+            }
+        }
+        self.contenders = Some(contenders);
     }
 
     fn tie_break(&self, piece: u64) -> u64 {
@@ -622,32 +680,38 @@ impl Scheduler {
             let peer = self.live[k];
             loop {
                 let state = &self.peers[peer];
-                if state.in_flight >= self.config.max_requests_per_peer || state.backoff_until > now
+                if state.in_flight >= self.config.max_requests_per_peer
+                    || state.backoff_until > now
+                    || state.nothing_to_ask
                 {
                     break;
                 }
                 match self.rarest_from(peer) {
                     Some(piece) => self.issue(piece, Sender::Peer(peer)),
-                    None => break,
+                    None => {
+                        self.peers[peer].nothing_to_ask = true;
+                        break;
+                    }
                 }
             }
         }
 
         // Origin: pieces no live peer has, if this appliance is (or has become) their fetcher.
         let grace_over = self.started.is_some_and(|s| now >= s + self.config.discovery_grace);
-        if grace_over {
+        let origin_free = self.origin_in_flight < self.config.max_origin_requests
+            && self.origin_backoff_until <= now;
+        if grace_over && origin_free {
+            self.update_assignment();
             'origin: for w in 0..words {
-                let unheld =
-                    self.have.missing_word(w) & !self.held.words()[w] & !self.requested.words()[w];
+                let unheld = self.have.missing_word(w)
+                    & !self.held.words()[w]
+                    & !self.requested.words()[w]
+                    & self.assigned.words()[w];
                 for piece in pieces_in(w, unheld) {
-                    if self.origin_in_flight >= self.config.max_origin_requests
-                        || self.origin_backoff_until > now
-                    {
+                    if self.origin_in_flight >= self.config.max_origin_requests {
                         break 'origin;
                     }
-                    if self.fetches_from_origin(piece) {
-                        self.issue(piece, Sender::Origin);
-                    }
+                    self.issue(piece, Sender::Origin);
                 }
             }
         }
