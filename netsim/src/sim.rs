@@ -8,10 +8,13 @@
 //! origin's own upload limit across sites (each site has its own WAN link).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use sitecast_peer::scheduler::{Action, Config, Event, PeerId, RequestId, Scheduler, Source};
+use sitecast_peer::scheduler::{
+    Action, Config, Event, PeerId, Rendezvous, RequestId, Scheduler, Source,
+};
 
 /// One site's shape and what happens to it.
 #[derive(Debug, Clone)]
@@ -280,6 +283,8 @@ struct Sim<'a> {
     ids: Vec<PeerId>,
     index: BTreeMap<PeerId, usize>,
     nodes: Vec<Scheduler>,
+    /// The site's rendezvous scores, worked out once for all its appliances.
+    rendezvous: Arc<Rendezvous>,
     /// Each appliance's `poll_timeout`, asked again only after the appliance handled something.
     timers: Vec<Option<Duration>>,
     alive: Vec<bool>,
@@ -324,8 +329,10 @@ fn config(spec: &SiteSpec) -> Config {
 impl<'a> Sim<'a> {
     fn new(spec: &'a SiteSpec) -> Self {
         let ids: Vec<PeerId> = (0..spec.appliances).map(|i| peer_id(spec.seed, i)).collect();
-        let nodes: Vec<Scheduler> =
-            ids.iter().map(|&id| Scheduler::new(id, config(spec))).collect();
+        let rendezvous = Arc::new(Rendezvous::new(spec.pieces()));
+        let nodes: Vec<Scheduler> = (ids.iter())
+            .map(|&id| Scheduler::with_rendezvous(id, config(spec), Arc::clone(&rendezvous)))
+            .collect();
         let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         Self {
             spec,
@@ -333,6 +340,7 @@ impl<'a> Sim<'a> {
             ids,
             index,
             nodes,
+            rendezvous,
             alive: vec![false; spec.appliances],
             joined: vec![false; spec.appliances],
             honest: (0..spec.appliances).map(|i| !spec.corrupt.contains(&i)).collect(),
@@ -434,7 +442,8 @@ impl<'a> Sim<'a> {
     /// Restarts a crashed appliance: its verified pieces survived (resume), its requests not.
     fn recover(&mut self, i: usize) {
         let have = self.nodes[i].have().clone();
-        self.nodes[i] = Scheduler::new(self.ids[i], config(self.spec));
+        let rendezvous = Arc::clone(&self.rendezvous);
+        self.nodes[i] = Scheduler::with_rendezvous(self.ids[i], config(self.spec), rendezvous);
         let pieces: Vec<std::ops::Range<u64>> = have.to_ranges();
         self.handle(i, Event::HaveLocally { pieces });
         self.join(i);
