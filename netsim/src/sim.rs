@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -268,13 +269,21 @@ struct Sharing {
     fixed: Vec<bool>,
 }
 
-/// Feeds formatted text to the trace hash without building a string first.
-struct TraceWriter<'a>(&'a mut blake3::Hasher);
+/// The event trace, hashed line by line as it is written: equal traces, equal digests.
+#[derive(Default)]
+struct Trace {
+    hasher: blake3::Hasher,
+    line: String,
+    events: u64,
+}
 
-impl std::fmt::Write for TraceWriter<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.update(s.as_bytes());
-        Ok(())
+impl Trace {
+    fn record(&mut self, now: Duration, what: std::fmt::Arguments<'_>) {
+        use std::fmt::Write;
+        self.events += 1;
+        self.line.clear();
+        writeln!(self.line, "{now:?} {what}").expect("writing to a String");
+        self.hasher.update(self.line.as_bytes());
     }
 }
 
@@ -305,8 +314,10 @@ struct Sim<'a> {
     origin_bytes: f64,
     lan_bytes: f64,
     accepted_corrupt: bool,
-    trace: blake3::Hasher,
-    events: u64,
+    trace: Trace,
+    /// How the trace writes each source (`Debug`), appliances by index, then the origin:
+    /// formatted once, as 32 bytes in decimal take a while.
+    source_names: Vec<String>,
 }
 
 /// Appliance identities derive from the seed, so the seed decides the rendezvous order (who
@@ -334,6 +345,10 @@ impl<'a> Sim<'a> {
             .map(|&id| Scheduler::with_rendezvous(id, config(spec), Arc::clone(&rendezvous)))
             .collect();
         let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let source_names = (ids.iter().map(|&id| Source::Peer(id)))
+            .chain([Source::Origin])
+            .map(|source| format!("{source:?}"))
+            .collect();
         Self {
             spec,
             timers: nodes.iter().map(Scheduler::poll_timeout).collect(),
@@ -360,8 +375,8 @@ impl<'a> Sim<'a> {
             origin_bytes: 0.0,
             lan_bytes: 0.0,
             accepted_corrupt: false,
-            trace: blake3::Hasher::new(),
-            events: 0,
+            trace: Trace::default(),
+            source_names,
         }
     }
 
@@ -386,10 +401,7 @@ impl<'a> Sim<'a> {
     }
 
     fn record(&mut self, what: std::fmt::Arguments<'_>) {
-        use std::fmt::Write;
-        self.events += 1;
-        let now = self.now;
-        write!(TraceWriter(&mut self.trace), "{now:?} {what}\n").expect("hashing cannot fail");
+        self.trace.record(self.now, what);
     }
 
     /// Flows changed: rates must be shared out again.
@@ -454,7 +466,13 @@ impl<'a> Sim<'a> {
             match action {
                 Action::Request { id, piece, source } => {
                     let wire = self.spec.piece_wire_bytes(piece);
-                    self.record(format_args!("request {i} {piece} {source:?}"));
+                    let name = match source {
+                        Source::Origin => self.spec.appliances,
+                        Source::Peer(peer) => self.index_of(peer).expect("a site appliance"),
+                    };
+                    let now = self.now;
+                    let name = &self.source_names[name];
+                    self.trace.record(now, format_args!("request {i} {piece} {name}"));
                     let sender = match source {
                         Source::Origin => Some(WAN),
                         Source::Peer(peer) => {
@@ -735,8 +753,8 @@ impl<'a> Sim<'a> {
             seconds: finished_at.unwrap_or(self.now).as_secs_f64(),
             bound_seconds: self.spec.bound_seconds(),
             intact,
-            events: self.events,
-            trace_digest: self.trace.finalize().to_hex().to_string(),
+            events: self.trace.events,
+            trace_digest: self.trace.hasher.finalize().to_hex().to_string(),
         }
     }
 
@@ -761,18 +779,28 @@ pub fn simulate_site(spec: &SiteSpec) -> SiteResult {
 /// Several sites (seeds `seed`, `seed + 1`, …), simulated on `threads` threads; results in
 /// site order, so the output does not depend on the thread count.
 pub fn simulate_sites(template: &SiteSpec, sites: usize, threads: usize) -> Vec<SiteResult> {
-    let specs: Vec<SiteSpec> = (0..sites)
-        .map(|k| SiteSpec { seed: template.seed.wrapping_add(k as u64), ..template.clone() })
-        .collect();
+    // Each thread takes the next site when it is free, so a thread on a busy core does not
+    // hold the others up with a fixed share of the sites.
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            if k >= sites {
+                return done;
+            }
+            let spec = SiteSpec { seed: template.seed.wrapping_add(k as u64), ..template.clone() };
+            done.push((k, simulate_site(&spec)));
+        }
+    };
     let mut results: Vec<Option<SiteResult>> = vec![None; sites];
-    let chunk = sites.div_ceil(threads.max(1)).max(1);
     std::thread::scope(|scope| {
-        for (specs, slots) in specs.chunks(chunk).zip(results.chunks_mut(chunk)) {
-            scope.spawn(move || {
-                for (spec, slot) in specs.iter().zip(slots.iter_mut()) {
-                    *slot = Some(simulate_site(spec));
-                }
-            });
+        let workers: Vec<_> =
+            (0..threads.clamp(1, sites.max(1))).map(|_| scope.spawn(work)).collect();
+        for worker in workers {
+            for (k, result) in worker.join().expect("a site's simulation panicked") {
+                results[k] = Some(result);
+            }
         }
     });
     results.into_iter().map(|r| r.expect("every site simulated")).collect()
