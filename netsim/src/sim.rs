@@ -121,8 +121,8 @@ struct Flow {
 
 /// The flows in flight in the order they started (ids ascending), with their progress and
 /// rates in arrays of their own: every step of the clock moves all of them forward. A flow
-/// that ends leaves a hole (no rate, nothing left) until holes are half the arrays, so that
-/// ending one does not shift all the others.
+/// that ends leaves a hole (no rate, infinitely much left, so it never ends again) until
+/// holes are half the arrays, so that ending one does not shift all the others.
 #[derive(Debug, Default)]
 struct Flows {
     ids: Vec<u64>,
@@ -166,7 +166,7 @@ impl Flows {
     fn remove(&mut self, id: u64) -> Option<(Flow, f64)> {
         let k = self.position(id)?;
         let flow = self.flows[k].take()?;
-        let remaining = std::mem::take(&mut self.remaining[k]);
+        let remaining = std::mem::replace(&mut self.remaining[k], f64::INFINITY);
         self.rate[k] = 0.0;
         self.live -= 1;
         for link in flow.links {
@@ -197,8 +197,7 @@ impl Flows {
         let least = match self.least_remaining {
             Some(least) => least,
             None => {
-                let left = self.iter().map(|(k, _)| self.remaining[k]);
-                let least = left.fold(f64::INFINITY, f64::min);
+                let least = self.remaining.iter().copied().fold(f64::INFINITY, f64::min);
                 self.least_remaining = Some(least);
                 least
             }
@@ -220,7 +219,8 @@ impl Flows {
         if !self.any_below(close) {
             return None;
         }
-        let (k, flow) = self.iter().find(|&(k, _)| self.remaining[k] < close)?;
+        let k = self.remaining.iter().position(|&left| left < close)?;
+        let flow = self.flows[k].as_ref().expect("holes have infinitely much left");
         let guaranteed = flow
             .links
             .iter()
