@@ -123,7 +123,7 @@ struct Flow {
 /// rates in arrays of their own: every step of the clock moves all of them forward. A flow
 /// that ends leaves a hole (no rate, infinitely much left, so it never ends again) until
 /// holes are half the arrays, so that ending one does not shift all the others.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Flows {
     ids: Vec<u64>,
     flows: Vec<Option<Flow>>,
@@ -132,13 +132,33 @@ struct Flows {
     live: usize,
     /// Flows on each link.
     on_link: Vec<usize>,
-    /// At most the least any flow has left to send; `None` when it must be looked up again.
-    least_remaining: Option<f64>,
+    /// A flow with less than this left could end within a nanosecond at the fastest link's
+    /// rate; no other flow can.
+    close: f64,
+    /// The flows (by id, in the order they started) with less than `close` left; `None` when
+    /// they must be looked up again (the clock moved).
+    closing: Option<Vec<u64>>,
 }
 
 impl Flows {
+    /// No flow for links of at most `fastest` bytes per second.
+    fn new(fastest: f64) -> Self {
+        Self {
+            ids: Vec::new(),
+            flows: Vec::new(),
+            remaining: Vec::new(),
+            rate: Vec::new(),
+            live: 0,
+            on_link: Vec::new(),
+            close: fastest * 2e-9,
+            closing: None,
+        }
+    }
+
     fn push(&mut self, flow: Flow) {
-        self.least_remaining = self.least_remaining.map(|least| least.min(flow.wire));
+        if flow.wire < self.close {
+            self.closing = None;
+        }
         self.ids.push(flow.id);
         self.remaining.push(flow.wire);
         self.rate.push(0.0);
@@ -172,8 +192,8 @@ impl Flows {
         for link in flow.links {
             self.on_link[link] -= 1;
         }
-        if self.least_remaining.is_some_and(|least| remaining <= least) {
-            self.least_remaining = None;
+        if let Some(closing) = &mut self.closing {
+            closing.retain(|&other| other != id);
         }
         if self.live * 2 < self.flows.len() {
             let keep: Vec<bool> = self.flows.iter().map(Option::is_some).collect();
@@ -189,38 +209,31 @@ impl Flows {
         for (remaining, rate) in self.remaining.iter_mut().zip(&self.rate) {
             *remaining = (*remaining - rate * dt).max(0.0);
         }
-        self.least_remaining = None;
+        self.closing = None;
     }
 
-    /// Whether a flow has less than `bytes` left to send.
-    fn any_below(&mut self, bytes: f64) -> bool {
-        let least = match self.least_remaining {
-            Some(least) => least,
-            None => {
-                let least = self.remaining.iter().copied().fold(f64::INFINITY, f64::min);
-                self.least_remaining = Some(least);
-                least
-            }
-        };
-        least < bytes
+    /// The flows that could end within a nanosecond, in the order they started.
+    fn closing(&mut self) -> &[u64] {
+        let Self { ids, remaining, close, .. } = self;
+        self.closing.get_or_insert_with(|| {
+            let close_ones = remaining.iter().zip(ids.iter()).filter(|&(left, _)| left < close);
+            close_ones.map(|(_, &id)| id).collect()
+        })
     }
 
-    /// A flow that ends now whatever rates are shared out, if there is one and it comes first:
-    /// with `capacity` the links' rates (bytes per second) and `fastest` the highest of them.
+    /// A flow that ends now whatever rates are shared out, if there is one and it comes first,
+    /// with `capacity` the links' rates (bytes per second).
     ///
     /// When several flows end at one instant, each one that ends changes the others' rates,
     /// but not whether they end now: sharing the rates out again for each is wasted. A flow
-    /// ends now if its time left rounds to zero nanoseconds. Only flows with less than
-    /// `fastest` × 2 ns left can, and of those the first started comes first; it surely ends
-    /// now if it does at half the rate max-min fairness guarantees it (at least its links'
-    /// capacity divided by the flows on them).
-    fn ending_now(&mut self, capacity: impl Fn(usize) -> f64, fastest: f64) -> Option<u64> {
-        let close = fastest * 2e-9;
-        if !self.any_below(close) {
-            return None;
-        }
-        let k = self.remaining.iter().position(|&left| left < close)?;
-        let flow = self.flows[k].as_ref().expect("holes have infinitely much left");
+    /// ends now if its time left rounds to zero nanoseconds. Only the closing flows can, and
+    /// of those the first started comes first; it surely ends now if it does at half the
+    /// rate max-min fairness guarantees it (at least its links' capacity divided by the flows
+    /// on them).
+    fn ending_now(&mut self, capacity: impl Fn(usize) -> f64) -> Option<u64> {
+        let &id = self.closing().first()?;
+        let k = self.position(id).expect("closing flows are in flight");
+        let flow = self.flows[k].as_ref().expect("in flight");
         let guaranteed = flow
             .links
             .iter()
@@ -305,8 +318,6 @@ struct Sim<'a> {
     /// The next flow to finish, while neither the flows nor the clock moved.
     next_done: Option<Option<(Duration, u64)>>,
     sharing: Sharing,
-    /// The highest link rate (bytes per second): no flow moves faster.
-    fastest_link: f64,
     next_flow: u64,
     deliveries: BTreeMap<(Duration, u64), Delivery>,
     seq: u64,
@@ -345,6 +356,12 @@ impl<'a> Sim<'a> {
             .map(|&id| Scheduler::with_rendezvous(id, config(spec), Arc::clone(&rendezvous)))
             .collect();
         let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        // No flow moves faster than the fastest link (bytes per second).
+        let fastest_link = [spec.wan_bps]
+            .iter()
+            .chain(&spec.lan_up_bps)
+            .chain(&spec.lan_down_bps)
+            .fold(0.0, |a, &b| f64::max(a, b / 8.0));
         let source_names = (ids.iter().map(|&id| Source::Peer(id)))
             .chain([Source::Origin])
             .map(|source| format!("{source:?}"))
@@ -359,15 +376,10 @@ impl<'a> Sim<'a> {
             alive: vec![false; spec.appliances],
             joined: vec![false; spec.appliances],
             honest: (0..spec.appliances).map(|i| !spec.corrupt.contains(&i)).collect(),
-            flows: Flows::default(),
+            flows: Flows::new(fastest_link),
             flows_changed: false,
             next_done: None,
             sharing: Sharing::default(),
-            fastest_link: [spec.wan_bps]
-                .iter()
-                .chain(&spec.lan_up_bps)
-                .chain(&spec.lan_down_bps)
-                .fold(0.0, |a, &b| f64::max(a, b / 8.0)),
             next_flow: 0,
             deliveries: BTreeMap::new(),
             seq: 0,
@@ -648,14 +660,10 @@ impl<'a> Sim<'a> {
             // event is now anyway and no flow can be within a nanosecond of its end.
             let spec = self.spec;
             let flow_done = if self.flows_changed
-                && let Some(id) =
-                    self.flows.ending_now(|link| Self::capacity(spec, link), self.fastest_link)
+                && let Some(id) = self.flows.ending_now(|link| Self::capacity(spec, link))
             {
                 Some((now, id))
-            } else if self.flows_changed
-                && other == Some(now)
-                && !self.flows.any_below(self.fastest_link * 2e-9)
-            {
+            } else if self.flows_changed && other == Some(now) && self.flows.closing().is_empty() {
                 None
             } else {
                 if self.flows_changed {
