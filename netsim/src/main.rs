@@ -129,6 +129,16 @@ impl LabShape {
     }
 }
 
+/// One digest for a run of sites: BLAKE3 over the sites' trace digests in site order, so two
+/// runs (or two builds) can be compared from the command line.
+fn trace_digest(results: &[sitecast_netsim::sim::SiteResult]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for result in results {
+        hasher.update(result.trace_digest.as_bytes());
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -210,6 +220,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 "bound_seconds": spec.bound_seconds(),
                 "intact": intact,
                 "seed": seed,
+                "events": results.iter().map(|r| r.events).sum::<u64>(),
+                "trace_digest": trace_digest(&results),
                 "wall_seconds": wall,
             });
             println!("{summary}");

@@ -8,10 +8,14 @@
 //! origin's own upload limit across sites (each site has its own WAN link).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use sitecast_peer::scheduler::{Action, Config, Event, PeerId, RequestId, Scheduler, Source};
+use sitecast_peer::scheduler::{
+    Action, Config, Event, PeerId, Rendezvous, RequestId, Scheduler, Source,
+};
 
 /// One site's shape and what happens to it.
 #[derive(Debug, Clone)]
@@ -99,21 +103,166 @@ pub struct SiteResult {
     pub trace_digest: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Link {
-    Wan,
-    Up(usize),
-    Down(usize),
-}
+/// A flow's links are numbered: the site's WAN link is 0, appliance `j`'s LAN uplink `1 + j`
+/// and its downlink `1 + n + j`. Ascending numbers are the order the rate sharing visits
+/// links in (ties between equally loaded links go to the lower number).
+const WAN: usize = 0;
 
 #[derive(Debug)]
 struct Flow {
+    id: u64,
     to: usize,
     from: Source,
+    /// The links it crosses: the WAN or the sender's uplink, and the receiver's downlink.
+    links: [usize; 2],
     request: RequestId,
-    remaining: f64,
-    rate: f64,
     wire: f64,
+}
+
+/// The flows in flight in the order they started (ids ascending), with their progress and
+/// rates in arrays of their own: every step of the clock moves all of them forward. A flow
+/// that ends leaves a hole (no rate, infinitely much left, so it never ends again) until
+/// holes are half the arrays, so that ending one does not shift all the others.
+#[derive(Debug)]
+struct Flows {
+    ids: Vec<u64>,
+    flows: Vec<Option<Flow>>,
+    remaining: Vec<f64>,
+    rate: Vec<f64>,
+    live: usize,
+    /// Flows on each link.
+    on_link: Vec<usize>,
+    /// A flow with less than this left could end within a nanosecond at the fastest link's
+    /// rate; no other flow can.
+    close: f64,
+    /// The flows (by id, in the order they started) with less than `close` left; `None` when
+    /// they must be looked up again (the clock moved).
+    closing: Option<Vec<u64>>,
+}
+
+impl Flows {
+    /// No flow for links of at most `fastest` bytes per second.
+    fn new(fastest: f64) -> Self {
+        Self {
+            ids: Vec::new(),
+            flows: Vec::new(),
+            remaining: Vec::new(),
+            rate: Vec::new(),
+            live: 0,
+            on_link: Vec::new(),
+            close: fastest * 2e-9,
+            closing: None,
+        }
+    }
+
+    fn push(&mut self, flow: Flow) {
+        if flow.wire < self.close {
+            self.closing = None;
+        }
+        self.ids.push(flow.id);
+        self.remaining.push(flow.wire);
+        self.rate.push(0.0);
+        for link in flow.links {
+            if self.on_link.len() <= link {
+                self.on_link.resize(link + 1, 0);
+            }
+            self.on_link[link] += 1;
+        }
+        self.flows.push(Some(flow));
+        self.live += 1;
+    }
+
+    /// The flows in flight with their positions in the arrays.
+    fn iter(&self) -> impl Iterator<Item = (usize, &Flow)> {
+        self.flows.iter().enumerate().filter_map(|(k, flow)| Some((k, flow.as_ref()?)))
+    }
+
+    fn position(&self, id: u64) -> Option<usize> {
+        let k = self.ids.binary_search(&id).ok()?;
+        self.flows[k].is_some().then_some(k)
+    }
+
+    /// Ends the flow with this id; returns it with what it had left to send.
+    fn remove(&mut self, id: u64) -> Option<(Flow, f64)> {
+        let k = self.position(id)?;
+        let flow = self.flows[k].take()?;
+        let remaining = std::mem::replace(&mut self.remaining[k], f64::INFINITY);
+        self.rate[k] = 0.0;
+        self.live -= 1;
+        for link in flow.links {
+            self.on_link[link] -= 1;
+        }
+        if let Some(closing) = &mut self.closing {
+            closing.retain(|&other| other != id);
+        }
+        if self.live * 2 < self.flows.len() {
+            let keep: Vec<bool> = self.flows.iter().map(Option::is_some).collect();
+            retain_by(&mut self.ids, &keep);
+            retain_by(&mut self.remaining, &keep);
+            retain_by(&mut self.rate, &keep);
+            self.flows.retain(Option::is_some);
+        }
+        Some((flow, remaining))
+    }
+
+    fn advance(&mut self, dt: f64) {
+        for (remaining, rate) in self.remaining.iter_mut().zip(&self.rate) {
+            *remaining = (*remaining - rate * dt).max(0.0);
+        }
+        self.closing = None;
+    }
+
+    /// The flows that could end within a nanosecond, in the order they started.
+    fn closing(&mut self) -> &[u64] {
+        let Self { ids, remaining, close, .. } = self;
+        self.closing.get_or_insert_with(|| {
+            let close_ones = remaining.iter().zip(ids.iter()).filter(|&(left, _)| left < close);
+            close_ones.map(|(_, &id)| id).collect()
+        })
+    }
+
+    /// A flow that ends now whatever rates are shared out, if there is one and it comes first,
+    /// with `capacity` the links' rates (bytes per second).
+    ///
+    /// When several flows end at one instant, each one that ends changes the others' rates,
+    /// but not whether they end now: sharing the rates out again for each is wasted. A flow
+    /// ends now if its time left rounds to zero nanoseconds. Only the closing flows can, and
+    /// of those the first started comes first; it surely ends now if it does at half the
+    /// rate max-min fairness guarantees it (at least its links' capacity divided by the flows
+    /// on them).
+    fn ending_now(&mut self, capacity: impl Fn(usize) -> f64) -> Option<u64> {
+        let &id = self.closing().first()?;
+        let k = self.position(id).expect("closing flows are in flight");
+        let flow = self.flows[k].as_ref().expect("in flight");
+        let guaranteed = flow
+            .links
+            .iter()
+            .map(|&l| capacity(l) / self.on_link[l] as f64)
+            .fold(f64::INFINITY, f64::min);
+        let left = Duration::from_secs_f64(self.remaining[k] / (guaranteed / 2.0));
+        (left == Duration::ZERO).then_some(flow.id)
+    }
+
+    /// The first flow to finish, `after` from now: the shortest time to finish over the flows
+    /// that move, ties (to the nanosecond) going to the flow that started first.
+    fn next_done(&self) -> Option<(Duration, u64)> {
+        let left = |k: usize| self.remaining[k] / self.rate[k];
+        let moving = || (0..self.flows.len()).filter(|&k| self.rate[k] > 0.0);
+        let soonest = moving().map(left).min_by(f64::total_cmp)?;
+        let after = Duration::from_secs_f64(soonest);
+        // Rounding to nanoseconds is monotonic, so only flows within a hair of the soonest
+        // can round to the same time.
+        let first = moving()
+            .find(|&k| left(k) <= soonest + 1e-6 && Duration::from_secs_f64(left(k)) == after)
+            .expect("the soonest flow rounds to its own time");
+        Some((after, self.ids[first]))
+    }
+}
+
+/// Keeps the items whose flag is set (`retain` visits items once, in order).
+fn retain_by<T>(items: &mut Vec<T>, keep: &[bool]) {
+    let mut keep = keep.iter();
+    items.retain(|_| *keep.next().expect("a flag per item"));
 }
 
 #[derive(Debug)]
@@ -121,16 +270,54 @@ enum Delivery {
     Event { to: usize, event: Event },
 }
 
+/// Scratch space for sharing link rates, kept between calls to save allocations.
+#[derive(Debug, Default)]
+struct Sharing {
+    capacity: Vec<f64>,
+    /// Flows (by position) on each link, and how many of them have no rate yet.
+    users: Vec<Vec<usize>>,
+    unfixed: Vec<usize>,
+    /// Links with flows, ascending.
+    used: Vec<usize>,
+    fixed: Vec<bool>,
+}
+
+/// The event trace, hashed line by line as it is written: equal traces, equal digests.
+#[derive(Default)]
+struct Trace {
+    hasher: blake3::Hasher,
+    line: String,
+    events: u64,
+}
+
+impl Trace {
+    fn record(&mut self, now: Duration, what: std::fmt::Arguments<'_>) {
+        use std::fmt::Write;
+        self.events += 1;
+        self.line.clear();
+        writeln!(self.line, "{now:?} {what}").expect("writing to a String");
+        self.hasher.update(self.line.as_bytes());
+    }
+}
+
 struct Sim<'a> {
     spec: &'a SiteSpec,
     ids: Vec<PeerId>,
     index: BTreeMap<PeerId, usize>,
     nodes: Vec<Scheduler>,
+    /// The site's rendezvous scores, worked out once for all its appliances.
+    rendezvous: Arc<Rendezvous>,
+    /// Each appliance's `poll_timeout`, asked again only after the appliance handled something.
+    timers: Vec<Option<Duration>>,
     alive: Vec<bool>,
     joined: Vec<bool>,
-    flows: BTreeMap<u64, Flow>,
+    honest: Vec<bool>,
+    flows: Flows,
     /// The flow set changed since rates were last shared out.
     flows_changed: bool,
+    /// The next flow to finish, while neither the flows nor the clock moved.
+    next_done: Option<Option<(Duration, u64)>>,
+    sharing: Sharing,
     next_flow: u64,
     deliveries: BTreeMap<(Duration, u64), Delivery>,
     seq: u64,
@@ -138,8 +325,10 @@ struct Sim<'a> {
     origin_bytes: f64,
     lan_bytes: f64,
     accepted_corrupt: bool,
-    trace: blake3::Hasher,
-    events: u64,
+    trace: Trace,
+    /// How the trace writes each source (`Debug`), appliances by index, then the origin:
+    /// formatted once, as 32 bytes in decimal take a while.
+    source_names: Vec<String>,
 }
 
 /// Appliance identities derive from the seed, so the seed decides the rendezvous order (who
@@ -151,28 +340,46 @@ fn peer_id(seed: u64, index: usize) -> PeerId {
     PeerId(*blake3::hash(&id).as_bytes())
 }
 
+fn config(spec: &SiteSpec) -> Config {
+    let mut config = Config::new(spec.pieces());
+    config.discovery_grace = Duration::from_millis(500);
+    config.request_timeout = Duration::from_secs(600);
+    config.announce_interval = Duration::from_millis(100);
+    config
+}
+
 impl<'a> Sim<'a> {
     fn new(spec: &'a SiteSpec) -> Self {
-        let nodes = (0..spec.appliances)
-            .map(|i| {
-                let mut config = Config::new(spec.pieces());
-                config.discovery_grace = Duration::from_millis(500);
-                config.request_timeout = Duration::from_secs(600);
-                config.announce_interval = Duration::from_millis(100);
-                Scheduler::new(peer_id(spec.seed, i), config)
-            })
-            .collect();
         let ids: Vec<PeerId> = (0..spec.appliances).map(|i| peer_id(spec.seed, i)).collect();
+        let rendezvous = Arc::new(Rendezvous::new(spec.pieces()));
+        let nodes: Vec<Scheduler> = (ids.iter())
+            .map(|&id| Scheduler::with_rendezvous(id, config(spec), Arc::clone(&rendezvous)))
+            .collect();
         let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        // No flow moves faster than the fastest link (bytes per second).
+        let fastest_link = [spec.wan_bps]
+            .iter()
+            .chain(&spec.lan_up_bps)
+            .chain(&spec.lan_down_bps)
+            .fold(0.0, |a, &b| f64::max(a, b / 8.0));
+        let source_names = (ids.iter().map(|&id| Source::Peer(id)))
+            .chain([Source::Origin])
+            .map(|source| format!("{source:?}"))
+            .collect();
         Self {
             spec,
+            timers: nodes.iter().map(Scheduler::poll_timeout).collect(),
             ids,
             index,
             nodes,
+            rendezvous,
             alive: vec![false; spec.appliances],
             joined: vec![false; spec.appliances],
-            flows: BTreeMap::new(),
+            honest: (0..spec.appliances).map(|i| !spec.corrupt.contains(&i)).collect(),
+            flows: Flows::new(fastest_link),
             flows_changed: false,
+            next_done: None,
+            sharing: Sharing::default(),
             next_flow: 0,
             deliveries: BTreeMap::new(),
             seq: 0,
@@ -180,8 +387,8 @@ impl<'a> Sim<'a> {
             origin_bytes: 0.0,
             lan_bytes: 0.0,
             accepted_corrupt: false,
-            trace: blake3::Hasher::new(),
-            events: 0,
+            trace: Trace::default(),
+            source_names,
         }
     }
 
@@ -194,9 +401,25 @@ impl<'a> Sim<'a> {
         self.deliveries.insert((at, self.seq), Delivery::Event { to, event });
     }
 
+    /// Hands `event` to appliance `i`.
+    fn handle(&mut self, i: usize, event: Event) {
+        self.nodes[i].handle_event(event, self.now);
+        self.timers[i] = self.nodes[i].poll_timeout();
+    }
+
+    fn handle_timeout(&mut self, i: usize) {
+        self.nodes[i].handle_timeout(self.now);
+        self.timers[i] = self.nodes[i].poll_timeout();
+    }
+
     fn record(&mut self, what: std::fmt::Arguments<'_>) {
-        self.events += 1;
-        self.trace.update(format!("{:?} {what}\n", self.now).as_bytes());
+        self.trace.record(self.now, what);
+    }
+
+    /// Flows changed: rates must be shared out again.
+    fn flows_touched(&mut self) {
+        self.flows_changed = true;
+        self.next_done = None;
     }
 
     fn join(&mut self, i: usize) {
@@ -205,31 +428,29 @@ impl<'a> Sim<'a> {
         self.record(format_args!("join {i}"));
         for j in 0..self.spec.appliances {
             if j != i && self.alive[j] {
-                let now = self.now;
                 let (have_i, have_j) = (self.nodes[i].have().clone(), self.nodes[j].have().clone());
-                self.nodes[i].handle_event(Event::PeerUp { peer: self.ids[j] }, now);
-                self.nodes[i]
-                    .handle_event(Event::PeerHave { peer: self.ids[j], have: have_j }, now);
-                self.nodes[j].handle_event(Event::PeerUp { peer: self.ids[i] }, now);
-                self.nodes[j]
-                    .handle_event(Event::PeerHave { peer: self.ids[i], have: have_i }, now);
+                self.handle(i, Event::PeerUp { peer: self.ids[j] });
+                self.handle(i, Event::PeerHave { peer: self.ids[j], have: have_j });
+                self.handle(j, Event::PeerUp { peer: self.ids[i] });
+                self.handle(j, Event::PeerHave { peer: self.ids[i], have: have_i });
             }
         }
-        self.nodes[i].handle_timeout(self.now);
+        self.handle_timeout(i);
     }
 
     fn crash(&mut self, i: usize) {
         self.alive[i] = false;
         self.record(format_args!("crash {i}"));
+        let from_i = Source::Peer(self.ids[i]);
         let lost: Vec<u64> = self
             .flows
             .iter()
-            .filter(|(_, f)| f.to == i || f.from == Source::Peer(self.ids[i]))
-            .map(|(id, _)| *id)
+            .filter(|(_, f)| f.to == i || f.from == from_i)
+            .map(|(_, f)| f.id)
             .collect();
         for id in lost {
-            let flow = self.flows.remove(&id).expect("present");
-            self.flows_changed = true;
+            let (flow, _) = self.flows.remove(id).expect("present");
+            self.flows_touched();
             if flow.to != i {
                 let at = self.now + self.spec.lan_latency;
                 self.deliver(at, flow.to, Event::Failed { request: flow.request });
@@ -237,7 +458,7 @@ impl<'a> Sim<'a> {
         }
         for j in 0..self.spec.appliances {
             if j != i && self.alive[j] {
-                self.nodes[j].handle_event(Event::PeerDown { peer: self.ids[i] }, self.now);
+                self.handle(j, Event::PeerDown { peer: self.ids[i] });
             }
         }
     }
@@ -245,13 +466,10 @@ impl<'a> Sim<'a> {
     /// Restarts a crashed appliance: its verified pieces survived (resume), its requests not.
     fn recover(&mut self, i: usize) {
         let have = self.nodes[i].have().clone();
-        let mut config = Config::new(self.spec.pieces());
-        config.discovery_grace = Duration::from_millis(500);
-        config.request_timeout = Duration::from_secs(600);
-        config.announce_interval = Duration::from_millis(100);
-        self.nodes[i] = Scheduler::new(self.ids[i], config);
+        let rendezvous = Arc::clone(&self.rendezvous);
+        self.nodes[i] = Scheduler::with_rendezvous(self.ids[i], config(self.spec), rendezvous);
         let pieces: Vec<std::ops::Range<u64>> = have.to_ranges();
-        self.nodes[i].handle_event(Event::HaveLocally { pieces }, self.now);
+        self.handle(i, Event::HaveLocally { pieces });
         self.join(i);
     }
 
@@ -260,34 +478,43 @@ impl<'a> Sim<'a> {
             match action {
                 Action::Request { id, piece, source } => {
                     let wire = self.spec.piece_wire_bytes(piece);
-                    self.record(format_args!("request {i} {piece} {source:?}"));
-                    let sender_alive = match source {
-                        Source::Origin => true,
-                        Source::Peer(peer) => self.index_of(peer).is_some_and(|j| self.alive[j]),
+                    let name = match source {
+                        Source::Origin => self.spec.appliances,
+                        Source::Peer(peer) => self.index_of(peer).expect("a site appliance"),
                     };
-                    if !sender_alive {
+                    let now = self.now;
+                    let name = &self.source_names[name];
+                    self.trace.record(now, format_args!("request {i} {piece} {name}"));
+                    let sender = match source {
+                        Source::Origin => Some(WAN),
+                        Source::Peer(peer) => {
+                            self.index_of(peer).filter(|&j| self.alive[j]).map(|j| 1 + j)
+                        }
+                    };
+                    let Some(sender) = sender else {
                         let at = self.now + self.spec.lan_latency;
                         self.deliver(at, i, Event::Failed { request: id });
                         continue;
-                    }
+                    };
                     self.next_flow += 1;
-                    self.flows_changed = true;
-                    self.flows.insert(
-                        self.next_flow,
-                        Flow { to: i, from: source, request: id, remaining: wire, rate: 0.0, wire },
-                    );
+                    self.flows_touched();
+                    let down = 1 + self.spec.appliances + i;
+                    self.flows.push(Flow {
+                        id: self.next_flow,
+                        to: i,
+                        from: source,
+                        links: [sender, down],
+                        request: id,
+                        wire,
+                    });
                 }
                 Action::Cancel { id } => {
-                    let flow = self
-                        .flows
-                        .iter()
-                        .find(|(_, f)| f.to == i && f.request == id)
-                        .map(|(k, _)| *k);
-                    if let Some(flow) = flow {
-                        let flow = self.flows.remove(&flow).expect("present");
-                        self.flows_changed = true;
+                    let flow = self.flows.iter().find(|(_, f)| f.to == i && f.request == id);
+                    if let Some((_, flow)) = flow {
+                        let (flow, remaining) = self.flows.remove(flow.id).expect("present");
+                        self.flows_touched();
                         // What was sent before the cancel still crossed the links.
-                        let sent = flow.wire - flow.remaining;
+                        let sent = flow.wire - remaining;
                         match flow.from {
                             Source::Origin => self.origin_bytes += sent,
                             Source::Peer(_) => self.lan_bytes += sent,
@@ -315,70 +542,79 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Max-min fair rates by progressive filling over the links each flow crosses.
+    /// A link's rate in bytes per second.
+    fn capacity(spec: &SiteSpec, link: usize) -> f64 {
+        let n = spec.appliances;
+        match link {
+            WAN => spec.wan_bps / 8.0,
+            up if up <= n => spec.lan_up_bps[up - 1] / 8.0,
+            down => spec.lan_down_bps[down - 1 - n] / 8.0,
+        }
+    }
+
+    /// Max-min fair rates by progressive filling over the links each flow crosses: the link
+    /// with the smallest fair share sets the rate of all its flows that have none yet, which
+    /// leaves less for the other links those flows cross.
     fn allocate(&mut self) {
-        let links = |flow: &Flow| -> [Link; 2] {
-            match flow.from {
-                Source::Origin => [Link::Wan, Link::Down(flow.to)],
-                Source::Peer(peer) => {
-                    let j = self.index.get(&peer).copied().unwrap_or(0);
-                    [Link::Up(j), Link::Down(flow.to)]
+        let n = self.spec.appliances;
+        let Flows { flows, rate: rates, live, .. } = &mut self.flows;
+        let Sharing { capacity, users, unfixed, used, fixed } = &mut self.sharing;
+        if capacity.is_empty() {
+            capacity.resize(1 + 2 * n, 0.0);
+            users.resize(1 + 2 * n, Vec::new());
+            unfixed.resize(1 + 2 * n, 0);
+        }
+        for &link in used.iter() {
+            users[link].clear();
+        }
+        used.clear();
+        for (k, flow) in flows.iter().enumerate() {
+            let Some(flow) = flow else { continue };
+            for link in flow.links {
+                if users[link].is_empty() {
+                    used.push(link);
+                    capacity[link] = Self::capacity(self.spec, link);
                 }
-            }
-        };
-        let mut capacity: BTreeMap<Link, f64> = BTreeMap::new();
-        let mut users: BTreeMap<Link, Vec<u64>> = BTreeMap::new();
-        for (id, flow) in &self.flows {
-            for link in links(flow) {
-                let cap = match link {
-                    Link::Wan => self.spec.wan_bps / 8.0,
-                    Link::Up(j) => self.spec.lan_up_bps[j] / 8.0,
-                    Link::Down(j) => self.spec.lan_down_bps[j] / 8.0,
-                };
-                capacity.entry(link).or_insert(cap);
-                users.entry(link).or_default().push(*id);
+                users[link].push(k);
             }
         }
-        // Unfixed flows per link, kept as counts so each round is one pass over the links.
-        let mut unfixed: BTreeMap<Link, usize> = users.iter().map(|(l, f)| (*l, f.len())).collect();
-        let mut fixed: BTreeMap<u64, f64> = BTreeMap::new();
-        while fixed.len() < self.flows.len() {
-            // The link with the smallest fair share sets the rate of all its unfixed flows.
-            let mut best: Option<(f64, Link)> = None;
-            for (link, &count) in &unfixed {
-                if count == 0 {
+        used.sort_unstable();
+        for &link in used.iter() {
+            unfixed[link] = users[link].len();
+        }
+        fixed.clear();
+        fixed.resize(flows.len(), false);
+        rates.iter_mut().for_each(|r| *r = 0.0);
+        let mut left = *live;
+        while left > 0 {
+            let mut best: Option<(f64, usize)> = None;
+            for &link in used.iter() {
+                if unfixed[link] == 0 {
                     continue;
                 }
-                let share = capacity[link] / count as f64;
+                let share = capacity[link] / unfixed[link] as f64;
                 if best.is_none_or(|(s, _)| share < s) {
-                    best = Some((share, *link));
+                    best = Some((share, link));
                 }
             }
             let Some((share, link)) = best else { break };
-            for id in users[&link].clone() {
-                if fixed.contains_key(&id) {
+            for &k in &users[link] {
+                if fixed[k] {
                     continue;
                 }
-                fixed.insert(id, share);
-                for other in links(&self.flows[&id]) {
-                    if let Some(cap) = capacity.get_mut(&other) {
-                        *cap = (*cap - share).max(0.0);
-                    }
-                    if let Some(count) = unfixed.get_mut(&other) {
-                        *count -= 1;
-                    }
+                fixed[k] = true;
+                left -= 1;
+                rates[k] = share;
+                for other in flows[k].as_ref().expect("in flight").links {
+                    capacity[other] = (capacity[other] - share).max(0.0);
+                    unfixed[other] -= 1;
                 }
             }
-        }
-        for (id, flow) in &mut self.flows {
-            flow.rate = fixed.get(id).copied().unwrap_or(0.0);
         }
     }
 
     fn honest_done(&self) -> bool {
-        (0..self.spec.appliances)
-            .filter(|i| !self.spec.corrupt.contains(i))
-            .all(|i| self.nodes[i].is_done())
+        (0..self.spec.appliances).filter(|&i| self.honest[i]).all(|i| self.nodes[i].is_done())
     }
 
     fn run(mut self) -> SiteResult {
@@ -401,25 +637,15 @@ impl<'a> Sim<'a> {
             if self.now > limit {
                 break;
             }
-            if self.flows_changed {
-                self.allocate();
-                self.flows_changed = false;
-            }
-            let flow_done = self
-                .flows
-                .iter()
-                .filter(|(_, f)| f.rate > 0.0)
-                .map(|(id, f)| (self.now + Duration::from_secs_f64(f.remaining / f.rate), *id))
-                .min();
+            let now = self.now;
             let timer = (0..self.spec.appliances)
                 .filter(|&i| self.alive[i])
-                .filter_map(|i| self.nodes[i].poll_timeout().map(|t| (t.max(self.now), i)))
+                .filter_map(|i| self.timers[i].map(|t| (t.max(now), i)))
                 .min();
             let delivery = self.deliveries.keys().next().copied();
             let join = joins.first().copied();
             let crash = crashes.first().copied();
-            let next = [
-                flow_done.map(|(t, _)| t),
+            let other = [
                 timer.map(|(t, _)| t),
                 delivery.map(|(t, _)| t),
                 join.map(|(t, _)| t),
@@ -428,11 +654,37 @@ impl<'a> Sim<'a> {
             .into_iter()
             .flatten()
             .min();
+            // Events come in bursts at one instant, and each flow that starts or ends in a burst
+            // changes the rates. Sharing them out once the burst is over is enough while what
+            // happens next does not depend on them: a flow ends now at any rate, or the next
+            // event is now anyway and no flow can be within a nanosecond of its end.
+            let spec = self.spec;
+            let flow_done = if self.flows_changed
+                && let Some(id) = self.flows.ending_now(|link| Self::capacity(spec, link))
+            {
+                Some((now, id))
+            } else if self.flows_changed && other == Some(now) && self.flows.closing().is_empty() {
+                None
+            } else {
+                if self.flows_changed {
+                    self.allocate();
+                    self.flows_changed = false;
+                }
+                match self.next_done {
+                    Some(done) => done,
+                    None => {
+                        let done = self.flows.next_done().map(|(after, id)| (now + after, id));
+                        self.next_done = Some(done);
+                        done
+                    }
+                }
+            };
+            let next = [flow_done.map(|(t, _)| t), other].into_iter().flatten().min();
             let Some(next) = next else { break };
             // Move every flow forward to `next`.
-            let dt = next.saturating_sub(self.now).as_secs_f64();
-            for flow in self.flows.values_mut() {
-                flow.remaining = (flow.remaining - flow.rate * dt).max(0.0);
+            if next > self.now {
+                self.flows.advance((next - self.now).as_secs_f64());
+                self.next_done = None;
             }
             self.now = next;
             if let Some((t, i)) = join
@@ -458,8 +710,8 @@ impl<'a> Sim<'a> {
             if let Some((t, id)) = flow_done
                 && t == next
             {
-                let flow = self.flows.remove(&id).expect("present");
-                self.flows_changed = true;
+                let (flow, _) = self.flows.remove(id).expect("present");
+                self.flows_touched();
                 let corrupt = matches!(flow.from, Source::Peer(p) if self.index_of(p).is_some_and(|j| self.spec.corrupt.contains(&j)));
                 match flow.from {
                     Source::Origin => self.origin_bytes += flow.wire,
@@ -489,18 +741,17 @@ impl<'a> Sim<'a> {
                     if let Event::Completed { .. } = event {
                         self.record(format_args!("completed {to}"));
                     }
-                    self.nodes[to].handle_event(event, self.now);
+                    self.handle(to, event);
                     self.drain(to);
                 }
                 continue;
             }
             if let Some((_, i)) = timer {
-                self.nodes[i].handle_timeout(self.now);
+                self.handle_timeout(i);
                 self.drain(i);
             }
         }
-        let honest: Vec<usize> =
-            (0..self.spec.appliances).filter(|i| !self.spec.corrupt.contains(i)).collect();
+        let honest: Vec<usize> = (0..self.spec.appliances).filter(|&i| self.honest[i]).collect();
         let intact = !self.accepted_corrupt && honest.iter().all(|&i| self.nodes[i].is_done());
         SiteResult {
             appliances: self.spec.appliances,
@@ -510,8 +761,8 @@ impl<'a> Sim<'a> {
             seconds: finished_at.unwrap_or(self.now).as_secs_f64(),
             bound_seconds: self.spec.bound_seconds(),
             intact,
-            events: self.events,
-            trace_digest: self.trace.finalize().to_hex().to_string(),
+            events: self.trace.events,
+            trace_digest: self.trace.hasher.finalize().to_hex().to_string(),
         }
     }
 
@@ -536,18 +787,28 @@ pub fn simulate_site(spec: &SiteSpec) -> SiteResult {
 /// Several sites (seeds `seed`, `seed + 1`, …), simulated on `threads` threads; results in
 /// site order, so the output does not depend on the thread count.
 pub fn simulate_sites(template: &SiteSpec, sites: usize, threads: usize) -> Vec<SiteResult> {
-    let specs: Vec<SiteSpec> = (0..sites)
-        .map(|k| SiteSpec { seed: template.seed.wrapping_add(k as u64), ..template.clone() })
-        .collect();
+    // Each thread takes the next site when it is free, so a thread on a busy core does not
+    // hold the others up with a fixed share of the sites.
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            if k >= sites {
+                return done;
+            }
+            let spec = SiteSpec { seed: template.seed.wrapping_add(k as u64), ..template.clone() };
+            done.push((k, simulate_site(&spec)));
+        }
+    };
     let mut results: Vec<Option<SiteResult>> = vec![None; sites];
-    let chunk = sites.div_ceil(threads.max(1)).max(1);
     std::thread::scope(|scope| {
-        for (specs, slots) in specs.chunks(chunk).zip(results.chunks_mut(chunk)) {
-            scope.spawn(move || {
-                for (spec, slot) in specs.iter().zip(slots.iter_mut()) {
-                    *slot = Some(simulate_site(spec));
-                }
-            });
+        let workers: Vec<_> =
+            (0..threads.clamp(1, sites.max(1))).map(|_| scope.spawn(work)).collect();
+        for worker in workers {
+            for (k, result) in worker.join().expect("a site's simulation panicked") {
+                results[k] = Some(result);
+            }
         }
     });
     results.into_iter().map(|r| r.expect("every site simulated")).collect()

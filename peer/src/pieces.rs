@@ -53,6 +53,16 @@ impl PieceSet {
         true
     }
 
+    /// Removes `piece`; returns whether it was there.
+    pub fn remove(&mut self, piece: u64) -> bool {
+        if !self.contains(piece) {
+            return false;
+        }
+        self.bits[(piece / 64) as usize] &= !(1 << (piece % 64));
+        self.count -= 1;
+        true
+    }
+
     pub fn insert_range(&mut self, range: Range<u64>) {
         for piece in range.start..range.end.min(self.len) {
             self.insert(piece);
@@ -60,7 +70,20 @@ impl PieceSet {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        (0..self.len).filter(|&p| self.contains(p))
+        self.bits.iter().enumerate().flat_map(|(w, &word)| pieces_in(w, word))
+    }
+
+    /// The set as bits, 64 pieces to a word, piece `64·w + b` at bit `b` of word `w`; bits at
+    /// and past `len` are zero. Schedulers combine sets a word at a time.
+    pub fn words(&self) -> &[u64] {
+        &self.bits
+    }
+
+    /// Word `w` of the complement: the pieces below `len` that are not in the set.
+    pub fn missing_word(&self, w: usize) -> u64 {
+        let tail = self.len - 64 * w as u64;
+        let valid = if tail >= 64 { !0 } else { (1 << tail) - 1 };
+        !self.bits[w] & valid
     }
 
     /// The set as ascending, non-adjacent ranges: what goes on the wire.
@@ -83,6 +106,18 @@ impl PieceSet {
         }
         set
     }
+}
+
+/// The pieces whose bits are set in `word`, word `w` of a set, in ascending order.
+pub fn pieces_in(w: usize, mut word: u64) -> impl Iterator<Item = u64> {
+    std::iter::from_fn(move || {
+        if word == 0 {
+            return None;
+        }
+        let bit = word.trailing_zeros();
+        word &= word - 1;
+        Some(64 * w as u64 + u64::from(bit))
+    })
 }
 
 /// A have-map as it travels: piece count and ranges.
@@ -124,5 +159,9 @@ mod tests {
         let outside = PieceSet::from_ranges(10, &[5..50, 60..70]);
         assert_eq!(outside.to_ranges(), vec![5..10]);
         assert!(PieceSet::full(70).is_full());
+        assert_eq!(set.missing_word(3), 0x7f, "192..199 missing, 199 held, 200.. past the end");
+        assert!(set.remove(64) && !set.remove(64));
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 1, 2, 5, 63, 65, 199]);
+        assert_eq!(set.count(), 7);
     }
 }

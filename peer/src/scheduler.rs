@@ -22,11 +22,12 @@
 //! - **Liars are dropped.** A peer that sent a corrupt group is banned for this release and
 //!   reported; its requests are reissued elsewhere. Stalled requests time out.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::pieces::PieceSet;
+use crate::pieces::{PieceSet, pieces_in};
 
 /// The first 8 bytes (big-endian) of BLAKE3 over `a ‖ b`: enough to order pieces and members.
 fn hash64(a: &[u8], b: &[u8]) -> u64 {
@@ -36,9 +37,29 @@ fn hash64(a: &[u8], b: &[u8]) -> u64 {
     u64::from_be_bytes(bytes.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
-/// A member's rendezvous score for every piece.
-fn rendezvous_scores(member: &PeerId, pieces: u64) -> Vec<u64> {
-    (0..pieces).map(|p| hash64(&p.to_le_bytes(), &member.0)).collect()
+/// Members' rendezvous scores for every piece, computed once per member. The scores depend
+/// only on the member and the piece, so the schedulers of one site may share a table (the
+/// simulator runs a whole site on one: it saves each appliance hashing every piece for every
+/// member again).
+#[derive(Debug)]
+pub struct Rendezvous {
+    pieces: u64,
+    scores: Mutex<BTreeMap<PeerId, Arc<[u64]>>>,
+}
+
+impl Rendezvous {
+    pub fn new(pieces: u64) -> Self {
+        Self { pieces, scores: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// `member`'s score for every piece.
+    fn scores(&self, member: &PeerId) -> Arc<[u64]> {
+        let mut scores = self.scores.lock().unwrap_or_else(|p| p.into_inner());
+        let scores = scores.entry(*member).or_insert_with(|| {
+            (0..self.pieces).map(|p| hash64(&p.to_le_bytes(), &member.0)).collect()
+        });
+        Arc::clone(scores)
+    }
 }
 
 /// Peers are named by their 32-byte identity key.
@@ -136,18 +157,39 @@ pub enum Action {
     Done,
 }
 
+/// A peer this appliance has heard of. Peers get dense indices on first sight and keep them
+/// (through crashes and bans), so per-peer state is found without comparing 32-byte keys.
 #[derive(Debug, Clone)]
-struct PeerState {
+struct Peer {
+    id: PeerId,
+    /// Up and not banned: a member that can be asked for pieces.
+    live: bool,
+    banned: bool,
     have: PieceSet,
     in_flight: usize,
     backoff_until: Duration,
     failures: u32,
+    /// Its rendezvous score for every piece (the highest score fetches a piece from the origin).
+    scores: Arc<[u64]>,
+    /// The last look at its have-map found nothing to ask it for: no need to look again until
+    /// it gains pieces or one of our requests fails (and its piece is wanted again).
+    nothing_to_ask: bool,
+    /// When its have-map last grew (or it came up): a peer silent for too long is stalled and
+    /// loses its origin assignments. `None` once it went down.
+    progress: Option<Duration>,
+}
+
+/// Where a request went: the origin or a peer, by index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sender {
+    Origin,
+    Peer(usize),
 }
 
 #[derive(Debug, Clone)]
 struct InFlight {
     piece: u64,
-    source: Source,
+    from: Sender,
     started: Duration,
 }
 
@@ -167,21 +209,28 @@ pub struct Scheduler {
     me: PeerId,
     config: Config,
     have: PieceSet,
-    peers: BTreeMap<PeerId, PeerState>,
-    banned: BTreeSet<PeerId>,
+    index: BTreeMap<PeerId, usize>,
+    peers: Vec<Peer>,
+    /// Indices of the live peers in identity order: the order free slots are filled in.
+    live: Vec<usize>,
+    /// Request ids grow with the time they were issued, so the oldest request comes first.
     in_flight: BTreeMap<RequestId, InFlight>,
-    /// Requests in flight per piece, and live peers holding each piece: kept up to date so
-    /// that scheduling does not rescan every request and peer for every piece.
+    /// Requests in flight per piece, and live peers holding each piece, with the pieces where
+    /// each is non-zero as sets: kept up to date so that scheduling combines sets a word at a
+    /// time instead of rescanning every request and peer for every piece.
     copies: Vec<u16>,
+    requested: PieceSet,
     holder_count: Vec<u32>,
-    /// Per-piece hashes, computed once: this appliance's tie-break order, and each member's
-    /// rendezvous score (the highest score fetches the piece from the origin).
+    held: PieceSet,
+    /// Per-piece hashes, computed once: this appliance's tie-break order, and its rendezvous
+    /// score (the highest score fetches the piece from the origin).
     tie_breaks: Vec<u64>,
-    my_scores: Vec<u64>,
-    peer_scores: BTreeMap<PeerId, Vec<u64>>,
-    /// When each peer's have-map last grew (or it appeared): a peer silent for too long is
-    /// stalled and loses its origin assignments.
-    progress: BTreeMap<PeerId, Duration>,
+    my_scores: Arc<[u64]>,
+    rendezvous: Arc<Rendezvous>,
+    /// The pieces this appliance fetches from the origin (no contender scores higher), and the
+    /// contenders (live peers that are not stalled) that was worked out for.
+    assigned: PieceSet,
+    contenders: Option<Vec<usize>>,
     /// Smoothed time an origin request of ours takes.
     origin_piece_time: Option<Duration>,
     origin_in_flight: usize,
@@ -200,22 +249,33 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(me: PeerId, config: Config) -> Self {
+        let rendezvous = Arc::new(Rendezvous::new(config.pieces));
+        Self::with_rendezvous(me, config, rendezvous)
+    }
+
+    /// A scheduler that takes members' rendezvous scores from a shared table.
+    pub fn with_rendezvous(me: PeerId, config: Config, rendezvous: Arc<Rendezvous>) -> Self {
+        assert_eq!(rendezvous.pieces, config.pieces, "a table for this release");
         let have = PieceSet::empty(config.pieces);
         let pieces = config.pieces as usize;
         let origin_backoff = config.origin_backoff;
         Self {
             me,
             have,
-            config,
-            peers: BTreeMap::new(),
-            banned: BTreeSet::new(),
+            index: BTreeMap::new(),
+            peers: Vec::new(),
+            live: Vec::new(),
             in_flight: BTreeMap::new(),
             copies: vec![0; pieces],
+            requested: PieceSet::empty(config.pieces),
             holder_count: vec![0; pieces],
+            held: PieceSet::empty(config.pieces),
             tie_breaks: (0..pieces as u64).map(|p| hash64(&me.0, &p.to_le_bytes())).collect(),
-            my_scores: rendezvous_scores(&me, pieces as u64),
-            peer_scores: BTreeMap::new(),
-            progress: BTreeMap::new(),
+            my_scores: rendezvous.scores(&me),
+            rendezvous,
+            assigned: PieceSet::empty(config.pieces),
+            contenders: None,
+            config,
             origin_piece_time: None,
             origin_in_flight: 0,
             origin_backoff_until: Duration::ZERO,
@@ -244,61 +304,51 @@ impl Scheduler {
     }
 
     pub fn live_peers(&self) -> usize {
-        self.peers.len()
+        self.live.len()
     }
 
     pub fn handle_event(&mut self, event: Event, now: Duration) {
         self.now = self.now.max(now);
         self.started.get_or_insert(now);
         match event {
-            Event::PeerUp { peer } => {
-                if peer != self.me && !self.banned.contains(&peer) {
-                    self.progress.entry(peer).or_insert(now);
-                    let pieces = self.config.pieces;
-                    self.peer_scores
-                        .entry(peer)
-                        .or_insert_with(|| rendezvous_scores(&peer, pieces));
-                    self.peers.entry(peer).or_insert_with(|| PeerState {
-                        have: PieceSet::empty(self.config.pieces),
-                        in_flight: 0,
-                        backoff_until: Duration::ZERO,
-                        failures: 0,
-                    });
-                }
-            }
+            Event::PeerUp { peer } => self.peer_up(peer, now),
             Event::PeerDown { peer } => {
-                self.forget_peer(peer);
-                self.progress.remove(&peer);
-                self.fail_requests_to(peer);
+                if let Some(&i) = self.index.get(&peer) {
+                    self.forget_peer(i);
+                    self.peers[i].progress = None;
+                    self.fail_requests_to(i);
+                }
             }
             Event::PeerHave { peer, have } => {
-                if peer == self.me
-                    || self.banned.contains(&peer)
-                    || have.len() != self.config.pieces
-                {
+                let banned = self.index.get(&peer).is_some_and(|&i| self.peers[i].banned);
+                if peer == self.me || banned || have.len() != self.config.pieces {
                     return;
                 }
-                self.handle_event(Event::PeerUp { peer }, now);
-                if let Some(state) = self.peers.get_mut(&peer) {
+                // Scheduling once as for `PeerUp` (with the old have-map) and once more below
+                // keeps the actions those two steps have always produced.
+                self.peer_up(peer, now);
+                self.schedule();
+                let i = self.index[&peer];
+                let state = &mut self.peers[i];
+                if state.live {
                     if have.count() > state.have.count() {
-                        self.progress.insert(peer, now);
+                        state.progress = Some(now);
                     }
-                    for piece in 0..self.config.pieces {
-                        match (state.have.contains(piece), have.contains(piece)) {
-                            (false, true) => self.holder_count[piece as usize] += 1,
-                            (true, false) => self.holder_count[piece as usize] -= 1,
-                            _ => {}
-                        }
-                    }
-                    state.have = have;
+                    state.nothing_to_ask = false;
+                    let old = std::mem::replace(&mut state.have, have);
+                    count_holders(
+                        &mut self.holder_count,
+                        &mut self.held,
+                        &old,
+                        &self.peers[i].have,
+                    );
                 }
             }
             Event::Completed { request } => {
                 let Some(done) = self.in_flight.remove(&request) else { return };
-                self.copies[done.piece as usize] -= 1;
-                self.release_slot(&done);
-                match done.source {
-                    Source::Origin => {
+                self.finish(&done);
+                match done.from {
+                    Sender::Origin => {
                         self.stats.from_origin += 1;
                         self.origin_backoff = self.config.origin_backoff;
                         let took = now.saturating_sub(done.started);
@@ -307,10 +357,10 @@ impl Scheduler {
                             None => took,
                         });
                     }
-                    Source::Peer(peer) => {
+                    Sender::Peer(i) => {
                         self.stats.from_lan += 1;
-                        if let Some(state) = self.peers.get_mut(&peer) {
-                            state.failures = 0;
+                        if self.peers[i].live {
+                            self.peers[i].failures = 0;
                         }
                     }
                 }
@@ -318,18 +368,19 @@ impl Scheduler {
                     self.schedule_announce();
                 }
                 // End game: the other copies of this piece are no longer needed.
-                let duplicates: Vec<RequestId> = self
-                    .in_flight
-                    .iter()
-                    .filter(|(_, r)| r.piece == done.piece)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in duplicates {
-                    if let Some(cancelled) = self.in_flight.remove(&id) {
-                        self.copies[cancelled.piece as usize] -= 1;
-                        self.release_slot(&cancelled);
-                        self.stats.cancelled += 1;
-                        self.actions.push_back(Action::Cancel { id });
+                if self.copies[done.piece as usize] > 0 {
+                    let duplicates: Vec<RequestId> = self
+                        .in_flight
+                        .iter()
+                        .filter(|(_, r)| r.piece == done.piece)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in duplicates {
+                        if let Some(cancelled) = self.in_flight.remove(&id) {
+                            self.finish(&cancelled);
+                            self.stats.cancelled += 1;
+                            self.actions.push_back(Action::Cancel { id });
+                        }
                     }
                 }
             }
@@ -338,8 +389,8 @@ impl Scheduler {
                 let Some(bad) = self.in_flight.get(&request).cloned() else { return };
                 self.stats.corrupt += 1;
                 self.fail(request, true);
-                if let Source::Peer(peer) = bad.source {
-                    self.ban(peer, format!("sent a corrupt group of piece {}", bad.piece));
+                if let Sender::Peer(i) = bad.from {
+                    self.ban(i, format!("sent a corrupt group of piece {}", bad.piece));
                 }
             }
             Event::HaveLocally { pieces } => {
@@ -358,10 +409,11 @@ impl Scheduler {
     pub fn handle_timeout(&mut self, now: Duration) {
         self.now = self.now.max(now);
         self.started.get_or_insert(now);
+        // Oldest first, so the expired requests are a prefix.
         let expired: Vec<RequestId> = self
             .in_flight
             .iter()
-            .filter(|(_, r)| now.saturating_sub(r.started) >= self.config.request_timeout)
+            .take_while(|(_, r)| now.saturating_sub(r.started) >= self.config.request_timeout)
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
@@ -374,13 +426,16 @@ impl Scheduler {
 
     /// When [`Self::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let requests = self.in_flight.values().map(|r| r.started + self.config.request_timeout);
-        let backoffs = self.peers.values().map(|p| p.backoff_until).filter(|&t| t > self.now);
+        let oldest = self.in_flight.values().next();
+        let requests = oldest.map(|r| r.started + self.config.request_timeout);
+        let live = self.live.iter().map(|&i| &self.peers[i]);
+        let backoffs = live.map(|p| p.backoff_until).filter(|&t| t > self.now);
         let origin = Some(self.origin_backoff_until).filter(|&t| t > self.now);
         let grace = self.started.map(|s| s + self.config.discovery_grace).filter(|&t| t > self.now);
         let stall_after = self.stall_after();
-        let takeovers = self.progress.values().map(|&last| last + stall_after);
+        let takeovers = self.peers.iter().filter_map(|p| p.progress).map(|last| last + stall_after);
         requests
+            .into_iter()
             .chain(backoffs)
             .chain(origin)
             .chain(grace)
@@ -393,11 +448,67 @@ impl Scheduler {
         self.actions.pop_front()
     }
 
-    fn release_slot(&mut self, request: &InFlight) {
-        match request.source {
-            Source::Origin => self.origin_in_flight -= 1,
-            Source::Peer(peer) => {
-                if let Some(state) = self.peers.get_mut(&peer) {
+    fn peer_up(&mut self, peer: PeerId, now: Duration) {
+        if peer == self.me {
+            return;
+        }
+        let i = match self.index.get(&peer) {
+            Some(&i) => i,
+            None => {
+                self.index.insert(peer, self.peers.len());
+                self.peers.push(Peer {
+                    id: peer,
+                    live: false,
+                    banned: false,
+                    have: PieceSet::empty(self.config.pieces),
+                    in_flight: 0,
+                    backoff_until: Duration::ZERO,
+                    failures: 0,
+                    scores: self.rendezvous.scores(&peer),
+                    nothing_to_ask: false,
+                    progress: None,
+                });
+                self.peers.len() - 1
+            }
+        };
+        let state = &mut self.peers[i];
+        if state.banned {
+            return;
+        }
+        state.progress.get_or_insert(now);
+        if !state.live {
+            // A peer that went down comes back with a clean slate (its have-map was dropped
+            // when it left).
+            state.live = true;
+            state.in_flight = 0;
+            state.backoff_until = Duration::ZERO;
+            state.failures = 0;
+            state.nothing_to_ask = false;
+            let peers = &self.peers;
+            let at = self.live.partition_point(|&j| peers[j].id < peer);
+            self.live.insert(at, i);
+        }
+    }
+
+    fn source(&self, from: Sender) -> Source {
+        match from {
+            Sender::Origin => Source::Origin,
+            Sender::Peer(i) => Source::Peer(self.peers[i].id),
+        }
+    }
+
+    /// A request is no longer in flight: its piece's copy and its sender's slot are free.
+    fn finish(&mut self, request: &InFlight) {
+        let copies = &mut self.copies[request.piece as usize];
+        *copies -= 1;
+        if *copies == 0 {
+            self.requested.remove(request.piece);
+        }
+        match request.from {
+            Sender::Origin => self.origin_in_flight -= 1,
+            Sender::Peer(i) => {
+                let state = &mut self.peers[i];
+                if state.live {
                     state.in_flight = state.in_flight.saturating_sub(1);
                 }
             }
@@ -406,18 +517,23 @@ impl Scheduler {
 
     fn fail(&mut self, request: RequestId, corrupt: bool) {
         let Some(failed) = self.in_flight.remove(&request) else { return };
-        self.copies[failed.piece as usize] -= 1;
-        self.release_slot(&failed);
+        self.finish(&failed);
+        if !self.requested.contains(failed.piece) && !self.have.contains(failed.piece) {
+            for peer in &mut self.peers {
+                peer.nothing_to_ask = false;
+            }
+        }
         if !corrupt {
             self.stats.failed += 1;
         }
-        match failed.source {
-            Source::Origin => {
+        match failed.from {
+            Sender::Origin => {
                 self.origin_backoff_until = self.now + self.origin_backoff;
                 self.origin_backoff = (self.origin_backoff * 2).min(self.config.origin_backoff_max);
             }
-            Source::Peer(peer) => {
-                if let Some(state) = self.peers.get_mut(&peer) {
+            Sender::Peer(i) => {
+                let state = &mut self.peers[i];
+                if state.live {
                     state.failures += 1;
                     state.backoff_until =
                         self.now + self.config.peer_backoff * state.failures.min(8);
@@ -426,11 +542,11 @@ impl Scheduler {
         }
     }
 
-    fn fail_requests_to(&mut self, peer: PeerId) {
+    fn fail_requests_to(&mut self, peer: usize) {
         let requests: Vec<RequestId> = self
             .in_flight
             .iter()
-            .filter(|(_, r)| r.source == Source::Peer(peer))
+            .filter(|(_, r)| r.from == Sender::Peer(peer))
             .map(|(id, _)| *id)
             .collect();
         for id in requests {
@@ -439,11 +555,12 @@ impl Scheduler {
         }
     }
 
-    fn ban(&mut self, peer: PeerId, reason: String) {
-        if self.banned.insert(peer) {
+    fn ban(&mut self, peer: usize, reason: String) {
+        if !self.peers[peer].banned {
+            self.peers[peer].banned = true;
             self.forget_peer(peer);
             self.fail_requests_to(peer);
-            self.actions.push_back(Action::Ban { peer, reason });
+            self.actions.push_back(Action::Ban { peer: self.peers[peer].id, reason });
         }
     }
 
@@ -454,20 +571,17 @@ impl Scheduler {
         self.announce_due = Some(self.announce_due.map_or(due, |d| d.min(due)));
     }
 
-    fn issue(&mut self, piece: u64, source: Source) {
+    fn issue(&mut self, piece: u64, from: Sender) {
         let id = RequestId(self.next_request);
         self.next_request += 1;
-        match source {
-            Source::Origin => self.origin_in_flight += 1,
-            Source::Peer(peer) => {
-                if let Some(state) = self.peers.get_mut(&peer) {
-                    state.in_flight += 1;
-                }
-            }
+        match from {
+            Sender::Origin => self.origin_in_flight += 1,
+            Sender::Peer(i) => self.peers[i].in_flight += 1,
         }
-        self.in_flight.insert(id, InFlight { piece, source, started: self.now });
+        self.in_flight.insert(id, InFlight { piece, from, started: self.now });
         self.copies[piece as usize] += 1;
-        self.actions.push_back(Action::Request { id, piece, source });
+        self.requested.insert(piece);
+        self.actions.push_back(Action::Request { id, piece, source: self.source(from) });
     }
 
     fn copies_in_flight(&self, piece: u64) -> usize {
@@ -480,11 +594,13 @@ impl Scheduler {
     }
 
     /// Removes a peer and what it held from the counts.
-    fn forget_peer(&mut self, peer: PeerId) {
-        if let Some(state) = self.peers.remove(&peer) {
-            for piece in state.have.iter() {
-                self.holder_count[piece as usize] -= 1;
-            }
+    fn forget_peer(&mut self, peer: usize) {
+        let state = &mut self.peers[peer];
+        if state.live {
+            state.live = false;
+            let old = std::mem::replace(&mut state.have, PieceSet::empty(self.config.pieces));
+            count_holders(&mut self.holder_count, &mut self.held, &old, &self.peers[peer].have);
+            self.live.retain(|&j| j != peer);
         }
     }
 
@@ -494,24 +610,50 @@ impl Scheduler {
         self.config.origin_takeover.max(busy)
     }
 
-    /// Whether this appliance should fetch `piece` from the origin: it is the first member in
-    /// the piece's rendezvous order that is not stalled.
-    fn fetches_from_origin(&self, piece: u64) -> bool {
-        let mine = self.my_scores[piece as usize];
+    /// Works out again which pieces this appliance fetches from the origin if the contenders
+    /// changed: it fetches a piece if it is the first member in the piece's rendezvous order
+    /// that is not stalled. Anyone ranked above us who is still making progress will fetch it.
+    fn update_assignment(&mut self) {
         let stall_after = self.stall_after();
         let now = self.now;
-        // Anyone ranked above us who is still making progress will fetch it.
-        !self.peers.keys().any(|peer| {
-            self.peer_scores.get(peer).is_some_and(|scores| scores[piece as usize] > mine)
-                && self
-                    .progress
-                    .get(peer)
-                    .is_some_and(|&last| now.saturating_sub(last) < stall_after)
-        })
+        let contenders: Vec<usize> = (self.live.iter().copied())
+            .filter(|&i| {
+                let last = self.peers[i].progress;
+                last.is_some_and(|last| now.saturating_sub(last) < stall_after)
+            })
+            .collect();
+        if self.contenders.as_ref() == Some(&contenders) {
+            return;
+        }
+        self.assigned = PieceSet::empty(self.config.pieces);
+        for piece in 0..self.config.pieces {
+            let mine = self.my_scores[piece as usize];
+            if contenders.iter().all(|&i| self.peers[i].scores[piece as usize] <= mine) {
+                self.assigned.insert(piece);
+            }
+        }
+        self.contenders = Some(contenders);
     }
 
     fn tie_break(&self, piece: u64) -> u64 {
         self.tie_breaks[piece as usize]
+    }
+
+    /// The rarest piece `peer` has that we lack and have not asked anyone for (ties go to the
+    /// lowest tie-break, then the lowest piece).
+    fn rarest_from(&self, peer: usize) -> Option<u64> {
+        let theirs = self.peers[peer].have.words();
+        let mut best: Option<((usize, u64), u64)> = None;
+        for (w, &word) in theirs.iter().enumerate() {
+            let wanted = word & self.have.missing_word(w) & !self.requested.words()[w];
+            for piece in pieces_in(w, wanted) {
+                let key = (self.holders(piece), self.tie_break(piece));
+                if best.is_none_or(|(k, _)| key < k) {
+                    best = Some((key, piece));
+                }
+            }
+        }
+        best.map(|(_, piece)| piece)
     }
 
     fn schedule(&mut self) {
@@ -531,67 +673,90 @@ impl Scheduler {
         if self.have.is_full() {
             return;
         }
-        let missing: Vec<u64> =
-            (0..self.config.pieces).filter(|&p| !self.have.contains(p)).collect();
+        let words = self.have.words().len();
 
         // LAN: fill every free slot with the rarest piece that peer has.
-        let peers: Vec<PeerId> = self.peers.keys().copied().collect();
-        for peer in peers {
+        for k in 0..self.live.len() {
+            let peer = self.live[k];
             loop {
-                let state = &self.peers[&peer];
-                if state.in_flight >= self.config.max_requests_per_peer || state.backoff_until > now
+                let state = &self.peers[peer];
+                if state.in_flight >= self.config.max_requests_per_peer
+                    || state.backoff_until > now
+                    || state.nothing_to_ask
                 {
                     break;
                 }
-                let choice = missing
-                    .iter()
-                    .copied()
-                    .filter(|&p| state.have.contains(p) && self.copies_in_flight(p) == 0)
-                    .min_by_key(|&p| (self.holders(p), self.tie_break(p)));
-                match choice {
-                    Some(piece) => self.issue(piece, Source::Peer(peer)),
-                    None => break,
+                match self.rarest_from(peer) {
+                    Some(piece) => self.issue(piece, Sender::Peer(peer)),
+                    None => {
+                        self.peers[peer].nothing_to_ask = true;
+                        break;
+                    }
                 }
             }
         }
 
         // Origin: pieces no live peer has, if this appliance is (or has become) their fetcher.
         let grace_over = self.started.is_some_and(|s| now >= s + self.config.discovery_grace);
-        for &piece in missing.iter().filter(|_| grace_over) {
-            if self.holders(piece) > 0
-                || self.copies_in_flight(piece) > 0
-                || self.origin_in_flight >= self.config.max_origin_requests
-                || self.origin_backoff_until > now
-            {
-                continue;
-            }
-            if self.fetches_from_origin(piece) {
-                self.issue(piece, Source::Origin);
+        let origin_free = self.origin_in_flight < self.config.max_origin_requests
+            && self.origin_backoff_until <= now;
+        if grace_over && origin_free {
+            self.update_assignment();
+            'origin: for w in 0..words {
+                let unheld = self.have.missing_word(w)
+                    & !self.held.words()[w]
+                    & !self.requested.words()[w]
+                    & self.assigned.words()[w];
+                for piece in pieces_in(w, unheld) {
+                    if self.origin_in_flight >= self.config.max_origin_requests {
+                        break 'origin;
+                    }
+                    self.issue(piece, Sender::Origin);
+                }
             }
         }
 
         // End game: everything missing is in flight; ask a second holder for each piece.
-        let all_in_flight = missing.iter().all(|&p| self.copies_in_flight(p) > 0);
+        let all_in_flight =
+            (0..words).all(|w| self.have.missing_word(w) & !self.requested.words()[w] == 0);
         if all_in_flight {
-            for &piece in &missing {
+            let missing: Vec<u64> =
+                (0..words).flat_map(|w| pieces_in(w, self.have.missing_word(w))).collect();
+            for piece in missing {
                 if self.copies_in_flight(piece) >= 2 {
                     continue;
                 }
-                let asked: Vec<Source> = self
-                    .in_flight
-                    .values()
-                    .filter(|r| r.piece == piece)
-                    .map(|r| r.source)
-                    .collect();
-                let second = self.peers.iter().find(|(id, state)| {
+                let second = self.live.iter().copied().find(|&i| {
+                    let state = &self.peers[i];
                     state.have.contains(piece)
                         && state.in_flight < self.config.max_requests_per_peer
                         && state.backoff_until <= now
-                        && !asked.contains(&Source::Peer(**id))
+                        && !self
+                            .in_flight
+                            .values()
+                            .any(|r| r.piece == piece && r.from == Sender::Peer(i))
                 });
-                if let Some((&peer, _)) = second {
-                    self.issue(piece, Source::Peer(peer));
+                if let Some(peer) = second {
+                    self.issue(piece, Sender::Peer(peer));
                 }
+            }
+        }
+    }
+}
+
+/// Moves a peer's have-map from `old` to `new` in the per-piece holder counts.
+fn count_holders(counts: &mut [u32], held: &mut PieceSet, old: &PieceSet, new: &PieceSet) {
+    for (w, (&was, &is)) in old.words().iter().zip(new.words()).enumerate() {
+        for piece in pieces_in(w, is & !was) {
+            counts[piece as usize] += 1;
+            if counts[piece as usize] == 1 {
+                held.insert(piece);
+            }
+        }
+        for piece in pieces_in(w, was & !is) {
+            counts[piece as usize] -= 1;
+            if counts[piece as usize] == 0 {
+                held.remove(piece);
             }
         }
     }

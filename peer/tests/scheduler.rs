@@ -2,6 +2,7 @@
 //! request after a fixed latency, to check the policy (not throughput: that is the simulator's).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest};
@@ -42,11 +43,16 @@ struct Site {
 
 impl Site {
     fn new(n: usize, pieces: u64) -> Self {
+        Self::with(n, pieces, Scheduler::new)
+    }
+
+    /// A site whose schedulers `make` builds.
+    fn with(n: usize, pieces: u64, make: impl Fn(PeerId, Config) -> Scheduler) -> Self {
         let nodes: Vec<Scheduler> = (0..n)
             .map(|i| {
                 let mut config = Config::new(pieces);
                 config.origin_takeover = Duration::from_secs(5);
-                Scheduler::new(peer(i as u8), config)
+                make(peer(i as u8), config)
             })
             .collect();
         let mut site = Self {
@@ -226,6 +232,22 @@ fn a_fetcher_that_stalls_is_replaced_after_the_takeover_delay() {
     site.run(Duration::from_secs(600));
     assert!(site.nodes[1].is_done() && site.nodes[2].is_done());
     assert!(site.now >= Duration::from_secs(5), "the takeover waited for the assignee");
+}
+
+#[test]
+fn schedulers_sharing_a_rendezvous_table_act_as_with_their_own() {
+    let mut own = Site::new(6, 48);
+    own.kill(2);
+    own.run(Duration::from_secs(600));
+    let table = Arc::new(Rendezvous::new(48));
+    let mut shared =
+        Site::with(6, 48, |me, config| Scheduler::with_rendezvous(me, config, Arc::clone(&table)));
+    shared.kill(2);
+    shared.run(Duration::from_secs(600));
+    assert_eq!(own.now, shared.now);
+    assert_eq!(own.origin_requests, shared.origin_requests);
+    let stats = |site: &Site| site.nodes.iter().map(Scheduler::stats).collect::<Vec<_>>();
+    assert_eq!(stats(&own), stats(&shared));
 }
 
 proptest! {
