@@ -555,13 +555,8 @@ impl Agent {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-            let swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, |c| {
-                // Site peers are connected before a release arrives and announce as soon as
-                // they join: a fifth of a second is enough to learn who takes part.
-                c.discovery_grace = Duration::from_millis(200);
-                c.announce_interval = Duration::from_millis(50);
-            })
-            .stop_on(stopped);
+            let swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, |_| {})
+                .stop_on(stopped);
             let writer = swarm.run().await.map_err(|e| e.to_string())?;
             tracing::info!("every piece verified and written; reading the slot back");
             tokio::task::spawn_blocking(move || writer.finish())

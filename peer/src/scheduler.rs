@@ -107,8 +107,10 @@ impl Config {
             max_origin_requests: 4,
             request_timeout: Duration::from_secs(30),
             origin_takeover: Duration::from_secs(10),
-            discovery_grace: Duration::from_secs(3),
-            announce_interval: Duration::from_millis(500),
+            // Site peers are connected before a release arrives and announce the moment they
+            // join (gossip pushes), so a fifth of a second is enough to learn who takes part.
+            discovery_grace: Duration::from_millis(200),
+            announce_interval: Duration::from_millis(50),
             peer_backoff: Duration::from_secs(2),
             origin_backoff: Duration::from_secs(1),
             origin_backoff_max: Duration::from_secs(60),
