@@ -44,10 +44,7 @@ pub fn mib_per_s(bytes: u64, time: Duration) -> f64 {
 
 /// Peak resident memory of this process so far (`VmHWM`), in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    sitecast_peer::metrics::peak_rss_bytes()
 }
 
 /// nginx serving one directory on a free loopback port (a baseline; `None` if not installed).

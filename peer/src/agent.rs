@@ -585,6 +585,7 @@ impl Agent {
             seconds = seconds.unwrap_or(0.0),
             bytes_from_origin = stats.bytes_from_origin,
             bytes_from_lan = stats.bytes_from_lan,
+            peak_rss_mib = crate::metrics::peak_rss_bytes().unwrap_or(0) >> 20,
             ok = result.is_ok(),
             "download finished"
         );

@@ -39,8 +39,22 @@ pub async fn bind_lan(config: &AgentConfig) -> Result<Arc<dyn crate::agent::Lan>
     Ok(Arc::new(crate::lan::LanNodeForAgent::new(node, site, config.coordinator_peers)))
 }
 
+/// glibc gives each thread that contends for the heap an arena of its own (up to eight per
+/// core), and memory freed in an arena stays there: with the transfer's blocking threads
+/// (decode, write, serve) the agent's peak RSS grew with the image, to 72 MiB for 4 GiB;
+/// with two arenas it stays near 52 MiB.
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter, and glibc takes its own lock for it.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Runs the agent until it reboots (or asks its supervisor to restart it).
 pub async fn run(config: AgentConfig) -> Result<Exit> {
+    limit_malloc_arenas();
     let metrics = Arc::new(Metrics::default());
     let status = Arc::new(Mutex::new(Status::default()));
     let (commands_tx, commands) = tokio::sync::mpsc::channel(8);
