@@ -54,6 +54,32 @@ pub(crate) struct Processes {
     pub children: Vec<(String, Child)>,
 }
 
+impl Processes {
+    /// Starts again every agent that exited with status 75 (its "reboot", as a supervisor
+    /// would) and returns their names; any other exit is an error pointing at its log.
+    pub(crate) fn restart_rebooted(
+        &mut self,
+        logs: &Path,
+        start: impl Fn(&str) -> Result<Child>,
+    ) -> Result<Vec<String>> {
+        let mut rebooted = Vec::new();
+        for (name, child) in &mut self.children {
+            let Some(status) = child.try_wait()? else { continue };
+            match status.code() {
+                Some(75) => {
+                    *child = start(name)?;
+                    rebooted.push(name.clone());
+                }
+                code => bail!(
+                    "{name} stopped ({code:?}); see {}",
+                    logs.join(format!("{name}.log")).display()
+                ),
+            }
+        }
+        Ok(rebooted)
+    }
+}
+
 impl Drop for Processes {
     fn drop(&mut self) {
         for (_, child) in &mut self.children {
@@ -115,6 +141,34 @@ impl Fixture {
         };
         let manifest = String::from_utf8(release.sign(&[&release_key]).to_bytes())?;
         Ok(Self { root_path, v1, v2, image, manifest })
+    }
+
+    /// An appliance's agent with file-backed slots in `dir`, checking in every second, GRUB's
+    /// rules applied by the agent itself, and "reboots" by exiting with status 75.
+    pub(crate) fn agent_config(
+        &self,
+        dir: &Path,
+        coordinator: &str,
+        site: &str,
+        name: &str,
+    ) -> AgentConfig {
+        AgentConfig {
+            coordinator: coordinator.into(),
+            site: site.into(),
+            name: name.into(),
+            platform: PLATFORM.into(),
+            enrollment_token: Some(ENROLL.into()),
+            root: self.root_path.clone(),
+            state_dir: dir.join("state"),
+            slot_a: dir.join("slot-a.img"),
+            slot_b: dir.join("slot-b.img"),
+            grubenv: dir.join("grubenv"),
+            boot_slot: BootSlotSource::SimulateGrub,
+            reboot_command: Vec::new(),
+            checkin_interval_secs: 1,
+            control_socket: dir.join("state/control.sock"),
+            ..AgentConfig::default()
+        }
     }
 
     /// An appliance's directory as from the factory: release 1 in slot A, an empty slot B.
@@ -197,25 +251,11 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
         let dir = work.join(&name);
         fixture.install_appliance(&dir)?;
         let config = AgentConfig {
-            coordinator: url.clone(),
-            site: SITE.into(),
-            name: name.clone(),
-            platform: PLATFORM.into(),
-            enrollment_token: Some(ENROLL.into()),
-            root: root_path.clone(),
-            state_dir: dir.join("state"),
-            slot_a: dir.join("slot-a.img"),
-            slot_b: dir.join("slot-b.img"),
-            grubenv: dir.join("grubenv"),
-            boot_slot: BootSlotSource::SimulateGrub,
-            reboot_command: Vec::new(),
-            checkin_interval_secs: 1,
             lan_listen: "127.0.0.1:0".into(),
             // Loopback has no multicast: peers come from the coordinator's site list.
             libp2p_listen: "/ip4/127.0.0.1/tcp/0".into(),
             mdns: false,
-            control_socket: dir.join("state/control.sock"),
-            ..AgentConfig::default()
+            ..fixture.agent_config(&dir, &url, SITE, &name)
         };
         let config_path = dir.join("agent.toml");
         std::fs::write(&config_path, toml::to_string(&config)?)?;
@@ -261,19 +301,8 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
 
     let mut last_line = String::new();
     loop {
-        for (name, child) in &mut processes.children {
-            if let Some(status) = child.try_wait()? {
-                match status.code() {
-                    Some(75) => {
-                        writeln!(out, "   {name} reboots into its new slot")?;
-                        *child = start_agent(name, &agents[name.as_str()])?;
-                    }
-                    code => bail!(
-                        "{name} stopped ({code:?}); see {}",
-                        logs.join(format!("{name}.log")).display()
-                    ),
-                }
-            }
+        for name in processes.restart_rebooted(&logs, |name| start_agent(name, &agents[name]))? {
+            writeln!(out, "   {name} reboots into its new slot")?;
         }
         let view = api.get(&format!("/api/rollouts/{id}")).await?;
         let list = api.get("/api/appliances").await?;

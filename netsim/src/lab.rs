@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
-use sitecast_peer::config::{AgentConfig, BootSlotSource};
+use sitecast_peer::config::AgentConfig;
 
 use crate::demo::{Api, Fixture, Processes, log_file};
 
@@ -319,31 +319,6 @@ async fn discovery(agents: &BTreeMap<String, (PathBuf, PathBuf)>) -> (u64, u64) 
     (connected_min, found)
 }
 
-fn agent_config(dir: &Path, root: &Path, name: &str) -> AgentConfig {
-    AgentConfig {
-        coordinator: format!("http://{COORDINATOR}"),
-        site: SITE.into(),
-        name: name.into(),
-        platform: crate::demo::PLATFORM.into(),
-        enrollment_token: Some(crate::demo::ENROLL.into()),
-        root: root.to_owned(),
-        state_dir: dir.join("state"),
-        slot_a: dir.join("slot-a.img"),
-        slot_b: dir.join("slot-b.img"),
-        grubenv: dir.join("grubenv"),
-        boot_slot: BootSlotSource::SimulateGrub,
-        reboot_command: Vec::new(),
-        checkin_interval_secs: 1,
-        lan_listen: "0.0.0.0:4433".into(),
-        libp2p_listen: "/ip4/0.0.0.0/tcp/4434".into(),
-        mdns: true,
-        // Discovery is by mDNS only, so the lab shows that it works.
-        coordinator_peers: false,
-        control_socket: dir.join("state/control.sock"),
-        ..AgentConfig::default()
-    }
-}
-
 fn hash_file(path: &Path) -> Result<(u64, blake3::Hash)> {
     let mut hasher = blake3::Hasher::new();
     let size = std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
@@ -408,7 +383,14 @@ pub async fn controller(
         let name = format!("appliance-{i}");
         let dir = work.join(&name);
         fixture.install_appliance(&dir)?;
-        let config = agent_config(&dir, &fixture.root_path, &name);
+        let config = AgentConfig {
+            lan_listen: "0.0.0.0:4433".into(),
+            libp2p_listen: "/ip4/0.0.0.0/tcp/4434".into(),
+            mdns: true,
+            // Discovery is by mDNS only, so the lab shows that it works.
+            coordinator_peers: false,
+            ..fixture.agent_config(&dir, &format!("http://{COORDINATOR}"), SITE, &name)
+        };
         let path = dir.join("agent.toml");
         std::fs::write(&path, toml::to_string(&config)?)?;
         agents.insert(name, (path, dir));
@@ -463,17 +445,7 @@ pub async fn controller(
     let mut downloaded: Option<f64> = None;
     let mut last_line = String::new();
     loop {
-        for (name, child) in &mut processes.children {
-            if let Some(status) = child.try_wait()? {
-                match status.code() {
-                    Some(75) => *child = start_agent(name, &agents[name.as_str()].0)?,
-                    code => bail!(
-                        "{name} stopped ({code:?}); see {}",
-                        logs.join(format!("{name}.log")).display()
-                    ),
-                }
-            }
-        }
+        processes.restart_rebooted(&logs, |name| start_agent(name, &agents[name].0))?;
         let list = api.get("/api/appliances").await?;
         let states: Vec<String> = list
             .as_array()
