@@ -89,6 +89,27 @@ impl Drop for Processes {
     }
 }
 
+/// Marks a work directory as ours, so a later run may clear it.
+const WORK_MARKER: &str = ".sitecast-work";
+
+/// Empties `work` for a new run, but only if an earlier run made it (or it is empty): a
+/// mistyped `--work-dir` must not delete someone's files.
+pub(crate) fn fresh_work_dir(work: &Path) -> Result<()> {
+    if work.exists() {
+        let empty = std::fs::read_dir(work)?.next().is_none();
+        if !empty && !work.join(WORK_MARKER).exists() {
+            bail!(
+                "{} exists and was not made by sitecast (no {WORK_MARKER}); choose another --work-dir",
+                work.display()
+            );
+        }
+        std::fs::remove_dir_all(work).with_context(|| format!("clearing {}", work.display()))?;
+    }
+    std::fs::create_dir_all(work)?;
+    std::fs::write(work.join(WORK_MARKER), "made by sitecast-netsim; cleared on the next run\n")?;
+    Ok(())
+}
+
 pub(crate) fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
     Ok(std::fs::OpenOptions::new()
         .create(true)
@@ -188,9 +209,7 @@ impl Fixture {
 pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result<DemoReport> {
     sitecast_coordinator::install_tls_provider();
     let work = &options.work_dir;
-    if work.exists() {
-        std::fs::remove_dir_all(work).with_context(|| format!("clearing {}", work.display()))?;
-    }
+    fresh_work_dir(work)?;
     std::fs::create_dir_all(work.join("logs"))?;
     let logs = work.join("logs");
     let started = Instant::now();

@@ -1,17 +1,19 @@
 //! The namespace lab: a site built from Linux network namespaces, with the real coordinator and
-//! real agents as processes, links shaped by `tc netem`, and discovery by mDNS for real.
+//! real agents as processes, link rates shaped by `tc tbf` (delay and loss by netem beneath it,
+//! where the kernel has it), and discovery by mDNS for real.
 //!
 //! ```text
 //!   <p>-o (origin, 10.77.0.1)        <p>-a1 … <p>-aN (appliances, 10.77.0.11 …)
-//!        eth0: netem rate W (WAN)          eth0: netem rate L (LAN upload)
+//!        eth0: tbf rate W (WAN)            eth0: tbf rate L (LAN upload)
 //!          │                                 │
-//!   <p>-sw: br0 (10.77.0.254) ── ports: netem rate L toward each appliance (LAN download)
+//!   <p>-sw: br0 (10.77.0.254) ── ports: tbf rate L toward each appliance (LAN download)
 //! ```
 //!
 //! `sitecast-netsim lab` (the outer process, root) builds the namespaces and links, runs the
 //! lab's controller (`lab-run`, hidden) inside the switch namespace, and always removes every
-//! namespace and kills every process in them afterwards: on success, failure, a panic or
-//! Ctrl-C. Nothing of the lab reaches the host's own network namespace.
+//! namespace and kills every process in them afterwards: on success, failure, a panic, Ctrl-C
+//! or SIGTERM. A lab killed with -9 (or interrupted while building its namespaces) is cleaned
+//! up by the next one. Nothing of the lab reaches the host's own network namespace.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -29,6 +31,8 @@ const SITE: &str = "lab-site";
 const COORDINATOR: &str = "10.77.0.1:8080";
 /// Namespace names start with this and the outer process's pid.
 pub const PREFIX: &str = "sclab";
+/// Appliances get 10.77.0.11 and up; the switch is .254.
+const MAX_APPLIANCES: usize = 200;
 
 /// The site's shape.
 #[derive(Debug, Clone)]
@@ -252,6 +256,11 @@ pub async fn run(options: &LabOptions, exe: &Path) -> Result<i32> {
     if !is_root() {
         bail!("the lab needs root (network namespaces and tc); try sudo, or `sitecast-netsim sim`");
     }
+    if !(1..=MAX_APPLIANCES).contains(&options.appliances) {
+        bail!("--appliances must be 1..={MAX_APPLIANCES} (one /24 for the site)");
+    }
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("SIGTERM handler")?;
     for tool in ["ip", "tc"] {
         if Command::new(tool).arg("-V").output().is_err() {
             bail!("the lab needs `{tool}` (iproute2)");
@@ -276,6 +285,10 @@ pub async fn run(options: &LabOptions, exe: &Path) -> Result<i32> {
         _ = tokio::signal::ctrl_c() => {
             eprintln!("lab: interrupted; removing namespaces {}-*", network.prefix);
             130
+        }
+        _ = terminate.recv() => {
+            eprintln!("lab: terminated; removing namespaces {}-*", network.prefix);
+            143
         }
     };
     network.remove();
@@ -335,9 +348,7 @@ pub async fn controller(
     sitecast_coordinator::install_tls_provider();
     let ns = |suffix: &str| format!("{prefix}-{suffix}");
     let work = &options.work_dir;
-    if work.exists() {
-        std::fs::remove_dir_all(work).with_context(|| format!("clearing {}", work.display()))?;
-    }
+    crate::demo::fresh_work_dir(work)?;
     let logs = work.join("logs");
     std::fs::create_dir_all(&logs)?;
     let image_bytes = options.image_mib << 20;

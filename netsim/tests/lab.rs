@@ -90,18 +90,38 @@ fn an_interrupted_lab_removes_its_namespaces_and_processes() {
         assert!(child.try_wait().expect("wait").is_none(), "the lab ended early");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Let the controller start its processes.
-    std::thread::sleep(Duration::from_secs(3));
-    let ns = lab_namespaces(pid);
-    let pids = Command::new("ip")
-        .args(["netns", "pids", &format!("{}{pid}-o", sitecast_netsim::lab::PREFIX)])
-        .output()
-        .expect("pids");
-    assert!(!pids.stdout.is_empty(), "the coordinator runs in the origin namespace: {ns:?}");
+    // Wait for the coordinator and an agent to run inside the lab.
+    let processes_in = |ns: &str| -> Vec<String> {
+        let output = Command::new("ip").args(["netns", "pids", ns]).output().expect("pids");
+        String::from_utf8_lossy(&output.stdout).split_whitespace().map(str::to_owned).collect()
+    };
+    let (origin, appliance) = (
+        format!("{}{pid}-o", sitecast_netsim::lab::PREFIX),
+        format!("{}{pid}-a1", sitecast_netsim::lab::PREFIX),
+    );
+    let running = loop {
+        let running: Vec<String> =
+            processes_in(&origin).into_iter().chain(processes_in(&appliance)).collect();
+        if !processes_in(&origin).is_empty() && !processes_in(&appliance).is_empty() {
+            break running;
+        }
+        assert!(Instant::now() < deadline, "no coordinator and agent in the lab");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     Command::new("kill").args(["-INT", &pid.to_string()]).status().expect("kill -INT");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(130), "interrupted");
     assert!(lab_namespaces(pid).is_empty(), "namespaces left behind: {:?}", lab_namespaces(pid));
+    // Nothing of the lab runs any more (a killed process may linger as a zombie until its
+    // new parent reaps it: that is not running).
+    let running_now = |pid: &String| {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+            status.lines().any(|l| l.starts_with("State:") && !l.contains("Z (zombie)"))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let alive: Vec<&String> = running.iter().filter(|p| running_now(p)).collect();
+    assert!(alive.is_empty(), "processes of the lab still running: {alive:?}");
 }
 
 fn tail(text: &str) -> String {

@@ -81,7 +81,7 @@ pub trait Lan: Send + Sync {
     fn site_peers(&self, peers: &[sitecast_manifest::api::SitePeer]);
     /// Site peers connected and how they were found.
     fn discovery(&self) -> crate::site::Discovery;
-    /// Closes the connections gracefully (before a reboot), so peers see them end at once.
+    /// Closes the connections gracefully as the agent exits, so peers see them end at once.
     fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
 }
 
@@ -440,9 +440,19 @@ impl Agent {
             return false;
         };
         let ranges = response.origin.as_ref().map(|o| &o.ranges);
-        response.update_available
-            && response.manifest.is_some()
-            && (version != update.version || ranges != update.ranges_url.as_ref())
+        let Some(manifest) = &response.manifest else { return false };
+        let different = version != update.version || ranges != update.ranges_url.as_ref();
+        if !response.update_available || !different {
+            return false;
+        }
+        // A refused offer must not cost the download that runs.
+        match self.verify_offer(response, manifest, version) {
+            Ok(_) => true,
+            Err(message) => {
+                tracing::warn!(%message, "offered update refused; the running download goes on");
+                false
+            }
+        }
     }
 
     /// Stops the running download and waits until it has let go of the slot; what it
@@ -455,6 +465,31 @@ impl Agent {
             let _ = download.await;
         }
         self.download_started = None;
+    }
+
+    /// The offered manifest, verified against the root and this appliance's install policy.
+    fn verify_offer(
+        &self,
+        response: &CheckinResponse,
+        manifest: &str,
+        version: u64,
+    ) -> Result<sitecast_manifest::VerifiedRelease, String> {
+        let intent = match response.intent {
+            Some(UpdateIntent::Rollback) => Intent::Rollback,
+            _ => Intent::Upgrade,
+        };
+        self.root
+            .verify_release(manifest.as_bytes(), Timestamp::now())
+            .and_then(|v| {
+                v.check_install(&InstallPolicy {
+                    platform: self.config.platform.clone(),
+                    installed_version: self.state.version_of(self.booted),
+                    rollback_floor: self.state.rollback_floor,
+                    intent,
+                })
+                .map(|()| v)
+            })
+            .map_err(|e| format!("release {version} refused: {e}"))
     }
 
     /// Looks at an offer; starts a download if it is new and verifies.
@@ -479,23 +514,7 @@ impl Agent {
             return Ok(());
         }
         let installed = self.state.version_of(self.booted);
-        let intent = match response.intent {
-            Some(UpdateIntent::Rollback) => Intent::Rollback,
-            _ => Intent::Upgrade,
-        };
-        let verified = self
-            .root
-            .verify_release(manifest.as_bytes(), Timestamp::now())
-            .and_then(|v| {
-                v.check_install(&InstallPolicy {
-                    platform: self.config.platform.clone(),
-                    installed_version: installed,
-                    rollback_floor: self.state.rollback_floor,
-                    intent,
-                })
-                .map(|()| v)
-            })
-            .map_err(|e| format!("release {version} refused: {e}"))?;
+        let verified = self.verify_offer(response, manifest, version)?;
         let standby = ab::load_state(&self.env).map_err(|e| e.to_string())?.0.standby();
         let standby = if standby == self.booted { self.booted.other() } else { standby };
         self.state.update = Some(UpdateRecord {

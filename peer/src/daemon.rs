@@ -33,7 +33,11 @@ pub async fn bind_lan(config: &AgentConfig) -> Result<Arc<dyn crate::agent::Lan>
     )
     .await?;
     for peer in &config.static_peers {
-        site.dial(peer).with_context(|| format!("static peer {peer:?}"))?;
+        // A bad entry (e.g. the old `<id>@<ip:port>` form) must not keep the agent from
+        // starting: that would turn a config mistake into failed boots.
+        if let Err(error) = site.dial(peer) {
+            tracing::error!(%error, "static peer {peer:?} ignored");
+        }
     }
     tracing::info!(addrs = ?site.addresses(), mdns = config.mdns, "site control plane listening");
     Ok(Arc::new(crate::lan::LanNodeForAgent::new(node, site, config.coordinator_peers)))
@@ -77,6 +81,8 @@ pub async fn run(config: AgentConfig) -> Result<Exit> {
     let lan = bind_lan(&config).await?;
     let agent = Agent::new(config, metrics, status, Some(Arc::clone(&lan)))?;
     let exit = agent.run(commands).await;
+    // The reboot command has run (or the supervisor restarts us): end the connections
+    // cleanly so peers see them close at once.
     lan.close().await;
     exit
 }

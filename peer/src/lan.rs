@@ -169,9 +169,15 @@ impl LanNode {
         }
     }
 
-    fn update_have(&self, blake3: [u8; 32], have: PieceSet) {
-        if let Some(served) = lock(&self.shared.served).get_mut(&blake3) {
-            served.have = have;
+    /// Records what is held of `blake3`; false if it is not served any more (its slot was
+    /// handed to another release).
+    fn update_have(&self, blake3: [u8; 32], have: PieceSet) -> bool {
+        match lock(&self.shared.served).get_mut(&blake3) {
+            Some(served) => {
+                served.have = have;
+                true
+            }
+            None => false,
         }
     }
 
@@ -412,8 +418,11 @@ impl crate::agent::Lan for LanNodeForAgent {
         let (node, site) = (self.node.clone(), self.site.clone());
         tokio::spawn(async move {
             while let Some(have) = announced.recv().await {
-                site.announce(hash, HaveMap::from(&have), addrs.clone());
-                node.update_have(hash, have);
+                let map = HaveMap::from(&have);
+                // A replaced release is not announced again.
+                if node.update_have(hash, have) {
+                    site.announce(hash, map, addrs.clone());
+                }
             }
         });
         let mut heard = self.site.listen(hash);

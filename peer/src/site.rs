@@ -83,7 +83,7 @@ pub struct DiscoveryCounts {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Discovery {
-    /// Site peers connected now.
+    /// Peers connected on the control plane now.
     pub connected: u64,
     /// Distinct peers found by mDNS.
     pub found_by_mdns: u64,
@@ -254,10 +254,18 @@ impl SiteControl {
         self.peer_id
     }
 
-    /// Where site peers can dial this appliance (each ends in `/p2p/<peer id>`).
+    /// Where site peers can dial this appliance (each ends in `/p2p/<peer id>`): loopback
+    /// only when there is nothing else (tests on one host).
     pub fn addresses(&self) -> Vec<String> {
-        lock(&self.listen_addrs)
-            .iter()
+        let addrs = lock(&self.listen_addrs);
+        let is_loopback = |a: &Multiaddr| {
+            a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_loopback()))
+                || a.iter().any(|p| matches!(p, Protocol::Ip6(ip) if ip.is_loopback()))
+        };
+        let reachable: Vec<&Multiaddr> = addrs.iter().filter(|a| !is_loopback(a)).collect();
+        let chosen = if reachable.is_empty() { addrs.iter().collect() } else { reachable };
+        chosen
+            .into_iter()
             .map(|a| a.clone().with_p2p(self.peer_id).unwrap_or_else(|a| a).to_string())
             .collect()
     }
@@ -320,7 +328,7 @@ struct Task {
     announcing: BTreeMap<[u8; 32], Announcing>,
     listening: BTreeMap<[u8; 32], Listening>,
     /// Peers from configuration, the coordinator and mDNS, kept connected.
-    wanted: BTreeMap<PeerId, Multiaddr>,
+    wanted: BTreeMap<PeerId, BTreeSet<Multiaddr>>,
     /// Peers named by configuration or the coordinator.
     configured: BTreeSet<PeerId>,
     found_by_mdns: BTreeSet<PeerId>,
@@ -361,7 +369,7 @@ impl Task {
                 if self.configured.insert(peer) {
                     self.discovered.configured.fetch_add(1, Ordering::Relaxed);
                 }
-                self.wanted.insert(peer, addr);
+                self.wanted.entry(peer).or_default().insert(addr);
                 self.dial_wanted(peer);
             }
             Command::Announce { blob, announcement } => {
@@ -398,12 +406,12 @@ impl Task {
     /// Known peers are dialled again while they are not connected: they may start later than
     /// we do, restart, or a dial may have failed.
     fn dial_wanted(&mut self, peer: PeerId) {
-        let Some(addr) = self.wanted.get(&peer).cloned() else { return };
-        if self.swarm.is_connected(&peer) {
+        let Some(addrs) = self.wanted.get(&peer) else { return };
+        if addrs.is_empty() || self.swarm.is_connected(&peer) {
             return;
         }
         let options = DialOpts::peer_id(peer)
-            .addresses(vec![addr])
+            .addresses(addrs.iter().cloned().collect())
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
         if let Err(error) = self.swarm.dial(options) {
@@ -455,9 +463,14 @@ impl Task {
                 .map(|(peer, _)| *peer)
                 .collect();
             for peer in gone {
-                listening.seen.remove(&peer);
-                if let Some(key) = peer_key(&peer) {
-                    let _ = listening.heard.try_send(Heard::Gone { peer: key });
+                let Some(key) = peer_key(&peer) else {
+                    listening.seen.remove(&peer);
+                    continue;
+                };
+                // A full channel gets the news at the next tick: a lost "gone" would leave
+                // a dead peer counted on for good.
+                if listening.heard.try_send(Heard::Gone { peer: key }).is_ok() {
+                    listening.seen.remove(&peer);
                 }
             }
         }
@@ -490,12 +503,17 @@ impl Task {
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 tracing::debug!(%peer_id, "site peer disconnected");
                 self.discovered.connected.fetch_sub(1, Ordering::Relaxed);
-                let Some(key) = peer_key(&peer_id) else { return };
+                // Gone now: the next tick tells the listeners (and retries while their
+                // channel is full).
+                let long_ago = Instant::now().checked_sub(self.heartbeat * 4);
                 for listening in self.listening.values_mut() {
-                    if listening.seen.remove(&peer_id).is_some() {
-                        let _ = listening.heard.try_send(Heard::Gone { peer: key });
+                    if let (Some(seen), Some(long_ago)) =
+                        (listening.seen.get_mut(&peer_id), long_ago)
+                    {
+                        *seen = long_ago;
                     }
                 }
+                self.tick();
             }
             SwarmEvent::Behaviour(SiteBehaviourEvent::Mdns(mdns::Event::Discovered(list))) => {
                 for (peer, addr) in list {
@@ -505,7 +523,7 @@ impl Task {
                     // Both sides find each other at once; two simultaneous dials can both
                     // fail, so only the lower id dials now. The other one's redial (every
                     // two seconds while not connected) covers a dial that failed.
-                    self.wanted.entry(peer).or_insert(addr);
+                    self.wanted.entry(peer).or_default().insert(addr);
                     if *self.swarm.local_peer_id() < peer {
                         self.dial_wanted(peer);
                     }
@@ -514,9 +532,15 @@ impl Task {
             SwarmEvent::Behaviour(SiteBehaviourEvent::Mdns(mdns::Event::Expired(list))) => {
                 // Gone from the LAN (or silent past the record's lifetime): stop redialling
                 // unless configuration or the coordinator named it.
-                for (peer, _) in list {
-                    if !self.configured.contains(&peer) {
-                        self.wanted.remove(&peer);
+                for (peer, addr) in list {
+                    if self.configured.contains(&peer) {
+                        continue;
+                    }
+                    if let Some(addrs) = self.wanted.get_mut(&peer) {
+                        addrs.remove(&addr);
+                        if addrs.is_empty() {
+                            self.wanted.remove(&peer);
+                        }
                     }
                 }
             }

@@ -71,6 +71,28 @@ async fn announcements_reach_the_site_and_silence_means_gone() {
     // Another site is connected to a but its topic differs: it hears nothing of store-1.
     assert_eq!(next(&mut heard_other, Duration::from_secs(2)).await, None);
 
+    // a stops announcing the release but stays connected: silent for three heartbeats, it
+    // is gone for this release; then it announces again and is back.
+    a.stop(blob);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match next(&mut heard_b, Duration::from_secs(10)).await {
+            Some(Heard::Gone { peer }) => {
+                assert_eq!(peer, *key_a.public().as_bytes());
+                break;
+            }
+            Some(Heard::Announced { .. }) => {
+                assert!(tokio::time::Instant::now() < deadline, "a never went quiet")
+            }
+            None => panic!("b was never told that a went silent"),
+        }
+    }
+    a.announce(blob, HaveMap::from(&have), iroh.clone());
+    assert!(
+        matches!(next(&mut heard_b, Duration::from_secs(10)).await, Some(Heard::Announced { .. })),
+        "a is back"
+    );
+
     // a goes away: b hears that it is gone (its connection closes).
     drop(a);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);

@@ -99,6 +99,10 @@ async fn when_the_origin_goes_away_the_site_finishes_from_its_peers() {
 
     agents[1].start();
     agents[2].start();
+    // Both have their offer (they download) before the origin goes away.
+    for agent in &mut agents[1..] {
+        wait_local_state(agent, "downloading", deadline).await;
+    }
     wait_progress(&agents[1], 0.05, deadline).await;
     relay.cut();
     for agent in &mut agents[1..] {
