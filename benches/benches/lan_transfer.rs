@@ -49,13 +49,18 @@ fn main() {
         .build()
         .expect("runtime");
     let (ours, rss) = runtime.block_on(async {
-        let serving = LanNodeForAgent::bind_loopback(&SecretKey::generate().expect("rng"), "s", 0)
-            .await
-            .expect("bind");
+        let serving = LanNodeForAgent::bind_loopback(
+            &SecretKey::generate().expect("rng"),
+            "s",
+            Default::default(),
+        )
+        .await
+        .expect("bind");
         serving.serve_installed(&info, image_path.clone(), serving_dir.clone());
 
         let key = SecretKey::generate().expect("rng");
-        let fetching = LanNodeForAgent::bind_loopback(&key, "s", 0).await.expect("bind");
+        let fetching =
+            LanNodeForAgent::bind_loopback(&key, "s", Default::default()).await.expect("bind");
         // The server's announcements (have-map, iroh address) come over the control plane.
         fetching.site.dial(&serving.site.addresses()[0]).expect("dial");
         let slot = dir.path().join("slot-b.img");

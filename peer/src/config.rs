@@ -67,6 +67,8 @@ pub struct AgentConfig {
     pub static_peers: Vec<String>,
     /// Upload cap for serving peers, bytes per second in total (0: none).
     pub upload_limit_bytes_per_sec: u64,
+    /// Upload cap to any one peer, bytes per second (0: none).
+    pub upload_limit_per_peer_bytes_per_sec: u64,
     /// Concurrent peers served at most.
     pub max_upload_peers: usize,
     /// Local control socket (`check`, `status`, `rollback`, `skip-window`).
@@ -105,6 +107,7 @@ impl Default for AgentConfig {
             coordinator_peers: true,
             static_peers: Vec::new(),
             upload_limit_bytes_per_sec: 0,
+            upload_limit_per_peer_bytes_per_sec: 0,
             max_upload_peers: 8,
             metrics_listen: String::new(),
             boot_tries: sitecast_iso::DEFAULT_TRIES,

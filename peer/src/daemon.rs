@@ -14,13 +14,12 @@ pub async fn bind_lan(config: &AgentConfig) -> Result<Arc<dyn crate::agent::Lan>
     let key = crate::identity::load_or_create(&config.state_dir.join("identity.key"))?;
     let listen =
         config.lan_listen.parse().with_context(|| format!("lan_listen {:?}", config.lan_listen))?;
-    let node = crate::lan::LanNode::bind(
-        &key,
-        listen,
-        config.max_upload_peers,
-        config.upload_limit_bytes_per_sec,
-    )
-    .await?;
+    let limits = crate::lan::UploadLimits {
+        streams: config.max_upload_peers,
+        total_bytes_per_sec: config.upload_limit_bytes_per_sec,
+        per_peer_bytes_per_sec: config.upload_limit_per_peer_bytes_per_sec,
+    };
+    let node = crate::lan::LanNode::bind(&key, listen, limits).await?;
     tracing::info!(id = %hex::encode(node.id().0), addrs = ?node.advertised_addrs(), "LAN endpoint bound");
     let site = crate::site::SiteControl::start(
         &key,

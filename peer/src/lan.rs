@@ -49,6 +49,31 @@ struct Served {
     have: PieceSet,
 }
 
+/// How much this node uploads to its site peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadLimits {
+    /// Uploads (streams) served at once, over all peers.
+    pub streams: usize,
+    /// Bytes per second for all uploads together; 0: no limit.
+    pub total_bytes_per_sec: u64,
+    /// Bytes per second to any one peer; 0: no limit.
+    pub per_peer_bytes_per_sec: u64,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self { streams: 8, total_bytes_per_sec: 0, per_peer_bytes_per_sec: 0 }
+    }
+}
+
+/// When a budget of `rate` bytes per second that is free again at `free_at` can send `len`
+/// more bytes; reserves them.
+fn reserve(free_at: &mut tokio::time::Instant, len: usize, rate: u64) -> tokio::time::Instant {
+    let start = (*free_at).max(tokio::time::Instant::now());
+    *free_at = start + Duration::from_secs_f64(len as f64 / rate as f64);
+    start
+}
+
 #[derive(Debug)]
 struct Shared {
     served: Mutex<BTreeMap<[u8; 32], Served>>,
@@ -56,11 +81,12 @@ struct Shared {
     connections: tokio::sync::Mutex<BTreeMap<PeerId, Connection>>,
     /// Uploads (streams) served at once, over all peers.
     upload_slots: Arc<Semaphore>,
-    /// Bytes per second for all uploads together; 0: no limit.
-    upload_limit: u64,
-    /// When the upload budget is free again: every chunk of every stream reserves its share,
-    /// so the limit holds for all uploads together.
+    limits: UploadLimits,
+    /// When the total upload budget is free again: every chunk of every stream reserves its
+    /// share, so the limit holds for all uploads together.
     upload_free_at: Mutex<tokio::time::Instant>,
+    /// The same per peer.
+    peer_free_at: Mutex<BTreeMap<PeerId, tokio::time::Instant>>,
     uploaded: AtomicU64,
 }
 
@@ -80,8 +106,7 @@ impl LanNode {
     pub async fn bind(
         key: &SecretKey,
         listen: SocketAddr,
-        max_upload_peers: usize,
-        upload_limit: u64,
+        limits: UploadLimits,
     ) -> Result<Self, LanError> {
         let endpoint = Endpoint::builder(iroh::endpoint::presets::Minimal)
             .secret_key(iroh::SecretKey::from_bytes(&key.seed()))
@@ -97,9 +122,10 @@ impl LanNode {
             served: Mutex::new(BTreeMap::new()),
             book: Mutex::new(BTreeMap::new()),
             connections: tokio::sync::Mutex::new(BTreeMap::new()),
-            upload_slots: Arc::new(Semaphore::new(max_upload_peers.max(1))),
-            upload_limit,
+            upload_slots: Arc::new(Semaphore::new(limits.streams.max(1))),
+            limits,
             upload_free_at: Mutex::new(tokio::time::Instant::now()),
+            peer_free_at: Mutex::new(BTreeMap::new()),
             uploaded: AtomicU64::new(0),
         });
         let node = Self { endpoint, shared };
@@ -202,12 +228,13 @@ impl LanNode {
     async fn serve_blobs(&self, connection: Connection) -> anyhow::Result<()> {
         // Each request on its own task, so one peer's parallel requests are not queued
         // behind each other; the semaphore bounds uploads over all peers.
+        let peer = PeerId(*connection.remote_id().as_bytes());
         loop {
             let (send, recv) = connection.accept_bi().await?;
             let permit = Arc::clone(&self.shared.upload_slots).acquire_owned().await?;
             let node = self.clone();
             tokio::spawn(async move {
-                if let Err(error) = node.serve_request(send, recv).await {
+                if let Err(error) = node.serve_request(peer, send, recv).await {
                     tracing::debug!(%error, "upload ended");
                 }
                 drop(permit);
@@ -217,6 +244,7 @@ impl LanNode {
 
     async fn serve_request(
         &self,
+        peer: PeerId,
         mut send: iroh::endpoint::SendStream,
         mut recv: iroh::endpoint::RecvStream,
     ) -> anyhow::Result<()> {
@@ -243,18 +271,18 @@ impl LanNode {
             outboard.encode_groups(&data, groups, &mut writer)
         });
         while let Some(chunk) = rx.recv().await {
-            if self.shared.upload_limit > 0 {
-                let start = {
-                    let mut free_at = lock(&self.shared.upload_free_at);
-                    let start = (*free_at).max(tokio::time::Instant::now());
-                    *free_at = start
-                        + Duration::from_secs_f64(
-                            chunk.len() as f64 / self.shared.upload_limit as f64,
-                        );
-                    start
-                };
-                tokio::time::sleep_until(start).await;
+            let limits = self.shared.limits;
+            let mut start = tokio::time::Instant::now();
+            if limits.total_bytes_per_sec > 0 {
+                let mut free_at = lock(&self.shared.upload_free_at);
+                start = start.max(reserve(&mut free_at, chunk.len(), limits.total_bytes_per_sec));
             }
+            if limits.per_peer_bytes_per_sec > 0 {
+                let mut peers = lock(&self.shared.peer_free_at);
+                let free_at = peers.entry(peer).or_insert_with(tokio::time::Instant::now);
+                start = start.max(reserve(free_at, chunk.len(), limits.per_peer_bytes_per_sec));
+            }
+            tokio::time::sleep_until(start).await;
             send.write_all(&chunk).await?;
             self.shared.uploaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
@@ -527,9 +555,9 @@ impl LanNodeForAgent {
     pub async fn bind_loopback(
         key: &SecretKey,
         site: &str,
-        upload_limit: u64,
+        limits: UploadLimits,
     ) -> Result<Self, LanError> {
-        let node = LanNode::bind(key, ([127, 0, 0, 1], 0).into(), 8, upload_limit).await?;
+        let node = LanNode::bind(key, ([127, 0, 0, 1], 0).into(), limits).await?;
         let config = crate::site::SiteConfig {
             site: site.into(),
             listen: "/ip4/127.0.0.1/tcp/0".into(),

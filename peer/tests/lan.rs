@@ -1,15 +1,15 @@
 //! The LAN node on its own: serving a held release, refusing what it does not hold, and the
-//! total upload cap.
+//! upload caps (in total and per peer).
 
 use std::time::{Duration, Instant};
 
 use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, ResponseDecoder, SlotPaths};
 use sitecast_manifest::{ImageDigest, ImageInfo, SecretKey};
 use sitecast_peer::agent::Lan;
-use sitecast_peer::lan::{LanNode, LanNodeForAgent};
+use sitecast_peer::lan::{LanNode, LanNodeForAgent, UploadLimits};
 use sitecast_peer::swarm::{FetchError, GROUPS_PER_PIECE};
 
-async fn serving(dir: &std::path::Path, len: u64, limit: u64) -> (LanNode, ImageInfo) {
+async fn serving(dir: &std::path::Path, len: u64, limits: UploadLimits) -> (LanNode, ImageInfo) {
     let image = dir.join("image.raw");
     sitecast_iso::generate::write_image(&image, len, "lan test").expect("image");
     let digest = ImageDigest::of_reader(std::fs::File::open(&image).expect("open")).expect("hash");
@@ -21,7 +21,7 @@ async fn serving(dir: &std::path::Path, len: u64, limit: u64) -> (LanNode, Image
     )
     .compute_from(std::fs::File::open(&image).expect("open"))
     .expect("outboard");
-    let agent = LanNodeForAgent::bind_loopback(&SecretKey::generate().expect("rng"), "s", limit)
+    let agent = LanNodeForAgent::bind_loopback(&SecretKey::generate().expect("rng"), "s", limits)
         .await
         .expect("bind");
     agent.serve_installed(&info, image, dir.to_owned());
@@ -29,11 +29,15 @@ async fn serving(dir: &std::path::Path, len: u64, limit: u64) -> (LanNode, Image
 }
 
 async fn client(server: &LanNode, info: &ImageInfo, dir: &std::path::Path) -> LanNodeForAgent {
-    let agent = LanNodeForAgent::bind_loopback(&SecretKey::generate().expect("rng"), "s", 0)
-        .await
-        .expect("bind");
+    let agent = LanNodeForAgent::bind_loopback(
+        &SecretKey::generate().expect("rng"),
+        "s",
+        UploadLimits::default(),
+    )
+    .await
+    .expect("bind");
     agent.node.add_peer(server.id().0, &server.direct_addrs());
-    let slot = dir.join("other-slot.img");
+    let slot = dir.join(format!("slot-of-{}.img", hex::encode(&agent.node.id().0[..4])));
     std::fs::File::create(&slot).expect("slot").set_len(info.size).expect("size");
     let _ = agent.join(info, slot, dir.to_owned());
     agent
@@ -45,7 +49,8 @@ async fn a_node_serves_verified_pieces_and_caps_its_uploads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let len = 4 * 1024 * 1024;
     let limit = 8 * 1024 * 1024; // bytes per second, for all uploads together
-    let (server, info) = serving(dir.path(), len, limit).await;
+    let limits = UploadLimits { total_bytes_per_sec: limit, ..UploadLimits::default() };
+    let (server, info) = serving(dir.path(), len, limits).await;
     let agent = client(&server, &info, dir.path()).await;
     let fetcher = agent.fetcher();
     let layout = BlobLayout::new(info.blake3, info.size);
@@ -80,4 +85,45 @@ async fn a_node_serves_verified_pieces_and_caps_its_uploads() {
     // Groups beyond the image are refused, not invented.
     let beyond = fetcher.fetch(server.id(), layout.groups()..layout.groups() + 1).await;
     assert!(matches!(beyond, Err(FetchError::Failed(_))), "{beyond:?}");
+}
+
+/// Fetches every piece of the image from `server`; returns the time it took.
+async fn fetch_all(agent: &LanNodeForAgent, server: &LanNode, info: &ImageInfo) -> Duration {
+    let fetcher = agent.fetcher();
+    let layout = BlobLayout::new(info.blake3, info.size);
+    let started = Instant::now();
+    let fetches: Vec<_> = (0..layout.groups().div_ceil(GROUPS_PER_PIECE))
+        .map(|p| {
+            let groups = p * GROUPS_PER_PIECE..((p + 1) * GROUPS_PER_PIECE).min(layout.groups());
+            fetcher.fetch(server.id(), groups)
+        })
+        .collect();
+    for fetch in fetches {
+        fetch.await.expect("served");
+    }
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_peer_cap_holds_for_each_peer_not_for_all() {
+    sitecast_coordinator::install_tls_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let len = 8 * 1024 * 1024;
+    let per_peer = 4 * 1024 * 1024; // bytes per second to any one peer
+    let limits = UploadLimits { per_peer_bytes_per_sec: per_peer, ..UploadLimits::default() };
+    let (server, info) = serving(dir.path(), len, limits).await;
+    let (a, b) =
+        (client(&server, &info, dir.path()).await, client(&server, &info, dir.path()).await);
+    let started = Instant::now();
+    let (took_a, took_b) =
+        tokio::join!(fetch_all(&a, &server, &info), fetch_all(&b, &server, &info));
+    let both = started.elapsed();
+    // Each peer gets at most its cap: 8 MiB at 4 MiB/s is 2 s (less the first burst).
+    let least = Duration::from_secs_f64(len as f64 / per_peer as f64 * 0.8);
+    assert!(took_a >= least && took_b >= least, "a {took_a:?}, b {took_b:?}: the cap did not hold");
+    // Two peers are served side by side: a total cap of 4 MiB/s would need 4 s for both.
+    assert!(
+        both < Duration::from_secs_f64(3.5),
+        "{both:?}: the peers were served one after the other"
+    );
 }
