@@ -22,6 +22,23 @@ async fn next(heard: &mut tokio::sync::mpsc::Receiver<Heard>, within: Duration) 
     tokio::time::timeout(within, heard.recv()).await.ok().flatten()
 }
 
+/// Waits until `heard` says the peer of `key` is gone (announcements before that are fine).
+async fn wait_gone(heard: &mut tokio::sync::mpsc::Receiver<Heard>, key: &SecretKey, why: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match next(heard, Duration::from_secs(15)).await {
+            Some(Heard::Gone { peer }) => {
+                assert_eq!(peer, *key.public().as_bytes());
+                return;
+            }
+            Some(Heard::Announced { .. }) => {
+                assert!(tokio::time::Instant::now() < deadline, "never told that it {why}")
+            }
+            None => panic!("never told that the peer {why}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn announcements_reach_the_site_and_silence_means_gone() {
     let (key_a, key_b, key_c) = (
@@ -74,19 +91,7 @@ async fn announcements_reach_the_site_and_silence_means_gone() {
     // a stops announcing the release but stays connected: silent for three heartbeats, it
     // is gone for this release; then it announces again and is back.
     a.stop(blob);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match next(&mut heard_b, Duration::from_secs(10)).await {
-            Some(Heard::Gone { peer }) => {
-                assert_eq!(peer, *key_a.public().as_bytes());
-                break;
-            }
-            Some(Heard::Announced { .. }) => {
-                assert!(tokio::time::Instant::now() < deadline, "a never went quiet")
-            }
-            None => panic!("b was never told that a went silent"),
-        }
-    }
+    wait_gone(&mut heard_b, &key_a, "went silent").await;
     a.announce(blob, HaveMap::from(&have), iroh.clone());
     assert!(
         matches!(next(&mut heard_b, Duration::from_secs(10)).await, Some(Heard::Announced { .. })),
@@ -95,17 +100,5 @@ async fn announcements_reach_the_site_and_silence_means_gone() {
 
     // a goes away: b hears that it is gone (its connection closes).
     drop(a);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        match next(&mut heard_b, Duration::from_secs(15)).await {
-            Some(Heard::Gone { peer }) => {
-                assert_eq!(peer, *key_a.public().as_bytes());
-                break;
-            }
-            Some(Heard::Announced { .. }) => {
-                assert!(tokio::time::Instant::now() < deadline, "a never went quiet")
-            }
-            None => panic!("b was never told that a is gone"),
-        }
-    }
+    wait_gone(&mut heard_b, &key_a, "went away").await;
 }
