@@ -219,6 +219,12 @@ impl Fleet {
         Ok(changes)
     }
 
+    fn release(&self, version: u64) -> Result<&ReleaseRecord, FleetError> {
+        self.releases
+            .get(&version)
+            .ok_or_else(|| FleetError::NotFound(format!("release {version}")))
+    }
+
     pub fn deactivate(&mut self, version: u64, now: Timestamp) -> Result<Vec<Change>, FleetError> {
         let release = self
             .releases
@@ -243,10 +249,7 @@ impl Fleet {
         request: RolloutRequest,
         now: Timestamp,
     ) -> Result<(u64, Vec<Change>), FleetError> {
-        let release = self
-            .releases
-            .get(&request.version)
-            .ok_or_else(|| FleetError::NotFound(format!("release {}", request.version)))?;
+        let release = self.release(request.version)?;
         if !release.active {
             return Err(FleetError::Conflict(format!(
                 "release {} is deactivated",
@@ -582,10 +585,8 @@ impl Fleet {
         version: Option<u64>,
         now: Timestamp,
     ) -> Result<Vec<Change>, FleetError> {
-        if let Some(v) = version
-            && !self.releases.contains_key(&v)
-        {
-            return Err(FleetError::NotFound(format!("release {v}")));
+        if let Some(v) = version {
+            self.release(v)?;
         }
         let value = version.map(|v| v.to_string()).unwrap_or_default();
         let mut changes = vec![self.meta_change(&format!("pin.group.{group}"), value)];
@@ -685,10 +686,8 @@ impl Fleet {
         version: Option<u64>,
         now: Timestamp,
     ) -> Result<Vec<Change>, FleetError> {
-        if let Some(v) = version
-            && !self.releases.contains_key(&v)
-        {
-            return Err(FleetError::NotFound(format!("release {v}")));
+        if let Some(v) = version {
+            self.release(v)?;
         }
         let record = self
             .appliances

@@ -166,12 +166,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { json, watch } if watch && !json => {
             // A live bar on the terminal until the download ends.
             loop {
-                let response = sitecast_peer::control::request(&config.control_socket, "status")
-                    .await
-                    .with_context(|| {
-                        format!("is the agent running? ({})", config.control_socket.display())
-                    })?;
-                let status = response.status.unwrap_or_default();
+                let status = agent_status(&config.control_socket).await?;
                 let Some(progress) = status["progress"].as_f64() else {
                     println!();
                     print_status(&status);
@@ -183,12 +178,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Status { json, .. } => {
-            let response = sitecast_peer::control::request(&config.control_socket, "status")
-                .await
-                .with_context(|| {
-                    format!("is the agent running? ({})", config.control_socket.display())
-                })?;
-            let status = response.status.unwrap_or_default();
+            let status = agent_status(&config.control_socket).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -207,6 +197,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `[##########..........]  50%`
+/// The running agent's status, from its control socket.
+async fn agent_status(socket: &std::path::Path) -> Result<serde_json::Value> {
+    let response = sitecast_peer::control::request(socket, "status")
+        .await
+        .with_context(|| format!("is the agent running? ({})", socket.display()))?;
+    Ok(response.status.unwrap_or_default())
+}
+
 fn progress_bar(fraction: f64, width: usize) -> String {
     let fraction = fraction.clamp(0.0, 1.0);
     let filled = (fraction * width as f64).round() as usize;
