@@ -325,12 +325,7 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
         }
         let view = api.get(&format!("/api/rollouts/{id}")).await?;
         let list = api.get("/api/appliances").await?;
-        let states: Vec<String> = list
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|a| a["update"]["state"].as_str().unwrap_or("waiting").to_owned())
-            .collect();
+        let states = update_states(&list);
         let origin = origin_bytes(&api, SITE).await?;
         let line = format!(
             "stage {}/2 {}: {} | origin {:.2} × image",
@@ -346,13 +341,7 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
         if view["state"] == "completed" {
             break;
         }
-        if Instant::now() > deadline {
-            bail!(
-                "the rollout did not complete in {:?}; logs in {}",
-                options.time_limit,
-                logs.display()
-            );
-        }
+        rollout_deadline(deadline, options.time_limit, &logs)?;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
@@ -406,6 +395,23 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
         work.display()
     )?;
     Ok(report)
+}
+
+/// Each appliance's update state in an `/api/appliances` answer ("waiting" before it has one).
+pub(crate) fn update_states(list: &Value) -> Vec<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a["update"]["state"].as_str().unwrap_or("waiting").to_owned())
+        .collect()
+}
+
+/// An error once a rollout has run past `deadline`.
+pub(crate) fn rollout_deadline(deadline: Instant, limit: Duration, logs: &Path) -> Result<()> {
+    if Instant::now() > deadline {
+        bail!("the rollout did not complete in {limit:?}; logs in {}", logs.display());
+    }
+    Ok(())
 }
 
 pub(crate) fn summarize(states: &[String]) -> String {

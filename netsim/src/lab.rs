@@ -458,12 +458,7 @@ pub async fn controller(
     loop {
         processes.restart_rebooted(&logs, |name| start_agent(name, &agents[name].0))?;
         let list = api.get("/api/appliances").await?;
-        let states: Vec<String> = list
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|a| a["update"]["state"].as_str().unwrap_or("waiting").to_owned())
-            .collect();
+        let states = crate::demo::update_states(&list);
         if downloaded.is_none()
             && states.len() == n
             && states.iter().all(|s| ["ready", "rebooting", "succeeded"].contains(&s.as_str()))
@@ -479,13 +474,7 @@ pub async fn controller(
         if view["state"] == "completed" {
             break;
         }
-        if Instant::now() > deadline {
-            bail!(
-                "the rollout did not complete in {:?}; logs in {}",
-                options.time_limit,
-                logs.display()
-            );
-        }
+        crate::demo::rollout_deadline(deadline, options.time_limit, &logs)?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let total_seconds = started.elapsed().as_secs_f64();
