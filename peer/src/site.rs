@@ -352,10 +352,18 @@ impl Task {
         }
     }
 
+    /// Subscribes to `blob`'s topic (gossipsub ignores a second subscription).
     fn subscribe(&mut self, blob: &[u8; 32]) {
         if let Err(error) = self.swarm.behaviour_mut().gossipsub.subscribe(&topic(&self.site, blob))
         {
             tracing::warn!(%error, "gossipsub subscribe");
+        }
+    }
+
+    /// Leaves `blob`'s topic once nothing announces or listens there.
+    fn unsubscribe_if_unused(&mut self, blob: &[u8; 32]) {
+        if !self.announcing.contains_key(blob) && !self.listening.contains_key(blob) {
+            let _ = self.swarm.behaviour_mut().gossipsub.unsubscribe(&topic(&self.site, blob));
         }
     }
 
@@ -374,9 +382,7 @@ impl Task {
             }
             Command::Announce { blob, announcement } => {
                 let message = serde_json::to_vec(&announcement).expect("an announcement encodes");
-                if !self.announcing.contains_key(&blob) && !self.listening.contains_key(&blob) {
-                    self.subscribe(&blob);
-                }
+                self.subscribe(&blob);
                 let entry = self.announcing.entry(blob).or_insert_with(|| Announcing {
                     topic: topic(&self.site, &blob),
                     message: Vec::new(),
@@ -388,17 +394,12 @@ impl Task {
                 self.flush(false);
             }
             Command::Listen { blob, heard } => {
-                if !self.announcing.contains_key(&blob) && !self.listening.contains_key(&blob) {
-                    self.subscribe(&blob);
-                }
+                self.subscribe(&blob);
                 self.listening.insert(blob, Listening { heard, seen: BTreeMap::new() });
             }
             Command::Stop { blob } => {
                 self.announcing.remove(&blob);
-                if !self.listening.contains_key(&blob) {
-                    let _ =
-                        self.swarm.behaviour_mut().gossipsub.unsubscribe(&topic(&self.site, &blob));
-                }
+                self.unsubscribe_if_unused(&blob);
             }
         }
     }
@@ -474,13 +475,12 @@ impl Task {
                 }
             }
         }
-        self.listening.retain(|blob, listening| {
-            let open = !listening.heard.is_closed();
-            if !open && !self.announcing.contains_key(blob) {
-                let _ = self.swarm.behaviour_mut().gossipsub.unsubscribe(&topic(&self.site, blob));
-            }
-            open
-        });
+        let closed: Vec<[u8; 32]> =
+            self.listening.iter().filter(|(_, l)| l.heard.is_closed()).map(|(b, _)| *b).collect();
+        for blob in closed {
+            self.listening.remove(&blob);
+            self.unsubscribe_if_unused(&blob);
+        }
     }
 
     fn event(&mut self, event: SwarmEvent<SiteBehaviourEvent>) {
