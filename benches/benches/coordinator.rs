@@ -27,7 +27,6 @@ fn checkin_body(site: usize, version: u64, enroll: bool) -> Vec<u8> {
         "site": format!("site-{site}"),
         "platform": "x86_64-appliance",
         "installed_version": version,
-        "macs": ["aa:bb:cc:dd:ee:ff"],
         "enrollment_token": if enroll { Some("bench-enroll") } else { None },
     }))
     .expect("json")
@@ -116,6 +115,8 @@ fn main() {
             config.root = Some(server_root);
             config.operator_token = Some("bench-operator".into());
             config.enrollment_token = Some("bench-enroll".into());
+            // The bench enrolls its whole fleet at once.
+            config.enroll_burst = u32::MAX;
             let (coordinator, _) = Coordinator::open(config, Arc::new(SystemClock)).expect("open");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             url_tx.send(format!("http://{}", listener.local_addr().expect("addr"))).expect("send");
@@ -174,17 +175,121 @@ fn main() {
         row("baseline: GET /healthz (bare HTTP)", health);
         row("signed check-in (verify, fleet, answer)", checkins);
 
-        origin(&client, &url, &root, &release_key, dir.path()).await;
+        let blake3 = origin(&client, &url, &root, &release_key, dir.path()).await;
+        under_attack(&client, &url, &keys, &blake3, seconds, checkins).await;
     });
 }
 
+/// A raw connection from `source` (a loopback address of its own, so the per-client limit
+/// applies to the attackers and not to the fleet) that sends `head` and `body` and then
+/// neither reads nor writes.
+async fn stall(
+    source: std::net::Ipv4Addr,
+    server: std::net::SocketAddr,
+    head: String,
+    body: usize,
+) -> Option<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket.bind((source, 0).into()).ok()?;
+    let mut stream = socket.connect(server).await.ok()?;
+    stream.write_all(head.as_bytes()).await.ok()?;
+    stream.write_all(&vec![b' '; body]).await.ok()?;
+    Some(stream)
+}
+
+/// Check-ins while 500 clients hold verified-range streams they never read and 400 send all
+/// but the last byte of a body: the attacks of issue 12, against the same check-in load.
+async fn under_attack(
+    client: &reqwest::Client,
+    url: &str,
+    keys: &Arc<Vec<SecretKey>>,
+    blake3: &str,
+    seconds: u64,
+    calm: (f64, Duration, Duration),
+) {
+    let server: std::net::SocketAddr = url.trim_start_matches("http://").parse().expect("addr");
+    let rss = || {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("VmRSS:")
+                        .map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+                })
+            })
+            .flatten()
+            .map_or(0, |kb| kb / 1024)
+    };
+    let before = rss();
+    let key = &keys[0];
+    let signed_head = |method: &str, path: &str, extra: &str| {
+        let timestamp = Timestamp::now().as_second();
+        let message = api::appliance_signing_bytes(method, path, timestamp, b"");
+        format!(
+            "{method} {path} HTTP/1.1\r\nhost: {server}\r\n{}: {}\r\n{}: {timestamp}\r\n{}: {}\r\n{extra}\r\n",
+            api::HEADER_APPLIANCE,
+            key.public().to_hex(),
+            api::HEADER_TIMESTAMP,
+            api::HEADER_SIGNATURE,
+            key.sign(&message).to_hex()
+        )
+    };
+    let mut held = Vec::new();
+    let range_path = format!("/api/blobs/{blake3}/ranges?start=0&end=1024");
+    for i in 0..500u32 {
+        let source = std::net::Ipv4Addr::new(127, 1, (i / 200) as u8, 1);
+        held.extend(stall(source, server, signed_head("GET", &range_path, ""), 0).await);
+    }
+    for i in 0..400u32 {
+        let source = std::net::Ipv4Addr::new(127, 2, (i / 200) as u8, 1);
+        let head = signed_head(
+            "POST",
+            "/api/appliances/report",
+            "content-type: application/json\r\ncontent-length: 61440\r\n",
+        );
+        held.extend(stall(source, server, head, 61439).await);
+    }
+    let attackers = held.len();
+    let attacked = {
+        let (client, url, keys) = (client.clone(), url.to_owned(), Arc::clone(keys));
+        load(seconds, move |i| {
+            let key = &keys[1 + i % (keys.len() - 1)];
+            let request = signed(&client, &url, key, checkin_body(i % 100, 1, false));
+            async move {
+                let response = request.send().await.expect("checkin");
+                assert!(response.status().is_success(), "{}", response.status());
+                response.bytes().await.expect("body");
+            }
+        })
+        .await
+    };
+    let during = rss();
+    drop(held);
+    println!(
+        "check-ins under attack: {attackers} attacking connections (500 stalled range readers, 400 unfinished bodies) from other addresses"
+    );
+    let row = |name: &str, (rate, p50, p99): (f64, Duration, Duration)| {
+        println!(
+            "  {name:<40} {rate:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms  p99 ratio {:.2}",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            p99.as_secs_f64() / calm.2.as_secs_f64()
+        );
+    };
+    row("baseline: signed check-in, no attack", calm);
+    row("signed check-in during the attack", attacked);
+    println!("  process RSS (server and clients): {before} MiB before, {during} MiB during");
+}
+
+/// Returns the published image's BLAKE3 (hex).
 async fn origin(
     client: &reqwest::Client,
     url: &str,
     root: &TrustedRoot,
     release_key: &SecretKey,
     dir: &Path,
-) {
+) -> String {
     let len = bench_bytes(256);
     let image = dir.join("image.raw");
     write_test_image(&image, len).expect("image");
@@ -215,7 +320,9 @@ async fn origin(
         let client = client.clone();
         async move {
             let started = Instant::now();
-            let response = client.get(&target).send().await.expect("get");
+            // Images are for the fleet: ours are fetched as the operator (nginx ignores it).
+            let response =
+                client.get(&target).bearer_auth("bench-operator").send().await.expect("get");
             assert!(response.status().is_success(), "{target}: {}", response.status());
             let mut stream = response.bytes_stream();
             let mut bytes = 0u64;
@@ -243,7 +350,7 @@ async fn origin(
         println!("  nginx not installed: no baseline (apt install nginx-light)");
         println!("  ours: plain image                      {:>8.0} MiB/s", mib_s(plain));
         println!("  ours: verified ranges (all groups)     {:>8.0} MiB/s", mib_s(verified));
-        return;
+        return digest.blake3.to_hex();
     };
     let mut runs = Vec::new();
     for _ in 0..3 {
@@ -261,4 +368,5 @@ async fn origin(
     row("baseline: nginx, the same file", baseline);
     row("ours: plain image (Range-capable)", plain);
     row("ours: verified ranges (all groups)", verified);
+    digest.blake3.to_hex()
 }

@@ -23,8 +23,19 @@ pub struct BlobStore {
 }
 
 impl BlobStore {
+    /// Opens the store, removing what an interrupted upload or import left behind (the
+    /// caller holds the data directory's database lock, so no other process is importing).
     pub fn open(dir: &Path) -> io::Result<Self> {
         fs::create_dir_all(dir.join("incoming"))?;
+        for entry in fs::read_dir(dir.join("incoming"))? {
+            fs::remove_file(entry?.path())?;
+        }
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "partial") {
+                fs::remove_file(path)?;
+            }
+        }
         Ok(Self { dir: dir.to_owned() })
     }
 
@@ -81,12 +92,15 @@ impl BlobStore {
         Ok(())
     }
 
-    /// Brings a file already on this server in without copying it where the filesystem allows
-    /// (a hard link), then imports it like an upload.
+    /// Copies a file already on this server in, then imports it like an upload. A copy, not
+    /// a link: the operator's file may be rewritten later, and the origin must go on serving
+    /// the bytes that verified under this release's ETag.
     pub fn import_path(&self, source: &Path, image: &ImageInfo) -> Result<(), ImportError> {
         let incoming = self.incoming_path();
-        if fs::hard_link(source, &incoming).is_err() {
-            fs::copy(source, &incoming)?;
+        let copied = fs::copy(source, &incoming).and_then(|_| File::open(&incoming)?.sync_all());
+        if let Err(error) = copied {
+            let _ = fs::remove_file(&incoming);
+            return Err(error.into());
         }
         self.import(&incoming, image)
     }

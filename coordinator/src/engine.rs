@@ -4,7 +4,10 @@
 //! Policy:
 //! - stage membership is fixed when the rollout is created: the targeted appliances are ordered
 //!   by a hash of (rollout id, appliance key) and each stage takes the next share, so the same
-//!   appliance is always in the same stage; appliances that join later belong to the last stage;
+//!   appliance is always in the same stage. Only members count and only members are offered
+//!   the release: an appliance enrolled later, or whose platform the release does not list,
+//!   is not part of this rollout (so keys enrolled after the fact cannot dilute its failure
+//!   rate; they get the release from the next rollout or a pin);
 //! - a stage advances after its delay when every online member of it has succeeded (canary
 //!   rollouts wait for the operator after the canary stage);
 //! - the rollout pauses when the failure rate among the current stage's members that finished
@@ -169,20 +172,24 @@ impl Rollout {
         self.stages.len() - 1
     }
 
-    /// The stage of an appliance; appliances unknown at creation are in the last stage.
-    pub fn stage_of(&self, key: &str) -> usize {
-        self.members.get(key).copied().unwrap_or(self.last_stage())
+    /// The stage of a member; `None` for an appliance that is not part of this rollout.
+    pub fn stage_of(&self, key: &str) -> Option<usize> {
+        self.members.get(key).copied()
     }
 
+    /// Whether an appliance of `group` falls within the rollout's groups (at creation).
     pub fn targets(&self, group: Option<&str>) -> bool {
         self.groups.is_empty() || group.is_some_and(|g| self.groups.iter().any(|t| t == g))
     }
 
+    /// Has this appliance's stage been reached (whatever the rollout's state)?
+    pub fn reached(&self, key: &str) -> bool {
+        self.stage_of(key).is_some_and(|stage| stage <= self.current_stage)
+    }
+
     /// May this appliance be offered the release now?
-    pub fn offers_to(&self, key: &str, group: Option<&str>) -> bool {
-        self.state == RolloutState::InProgress
-            && self.targets(group)
-            && self.stage_of(key) <= self.current_stage
+    pub fn offers_to(&self, key: &str) -> bool {
+        self.state == RolloutState::InProgress && self.reached(key)
     }
 
     /// When the current stage may advance (its delay has passed).
@@ -213,8 +220,9 @@ impl Rollout {
     /// Counts per stage of the appliances targeted.
     pub fn stage_counts(&self, fleet: &[ApplianceView]) -> Vec<StageCounts> {
         let mut counts = vec![StageCounts::default(); self.stages.len()];
-        for appliance in fleet.iter().filter(|a| self.targets(a.group.as_deref())) {
-            let stage = &mut counts[self.stage_of(&appliance.key)];
+        for appliance in fleet {
+            let Some(stage) = self.stage_of(&appliance.key) else { continue };
+            let stage = &mut counts[stage];
             stage.members += 1;
             let state = appliance.state.map_or("not_started", UpdateState::as_str);
             *stage.by_state.entry(state.to_owned()).or_default() += 1;
@@ -238,9 +246,7 @@ impl Rollout {
         &'a self,
         fleet: &'a [ApplianceView],
     ) -> impl Iterator<Item = &'a ApplianceView> {
-        fleet.iter().filter(|a| {
-            self.targets(a.group.as_deref()) && self.stage_of(&a.key) == self.current_stage
-        })
+        fleet.iter().filter(|a| self.stage_of(&a.key) == Some(self.current_stage))
     }
 }
 
@@ -305,10 +311,10 @@ pub fn decide(rollout: &Rollout, fleet: &[ApplianceView], now: Timestamp) -> Vec
     }
     let deadline = SignedDuration::from_secs(rollout.report_deadline_secs as i64);
     let mut fleet: Vec<ApplianceView> = fleet.to_vec();
-    for appliance in fleet.iter_mut().filter(|a| rollout.targets(a.group.as_deref())) {
+    for appliance in fleet.iter_mut().filter(|a| rollout.reached(&a.key)) {
         let overdue = appliance.state == Some(UpdateState::Rebooting)
             && now.duration_since(appliance.state_since) > deadline;
-        if overdue && rollout.stage_of(&appliance.key) <= rollout.current_stage {
+        if overdue {
             decisions.push(Decision::MarkFailed {
                 appliance: appliance.key.clone(),
                 reason: format!(

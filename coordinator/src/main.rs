@@ -96,7 +96,7 @@ enum ReleaseCommand {
         manifest: PathBuf,
         #[arg(long, conflicts_with = "server_path")]
         image: Option<PathBuf>,
-        /// A path on the coordinator's own disk, imported without copying where possible.
+        /// A path on the coordinator's own disk; it is copied in, so the file may change later.
         #[arg(long)]
         server_path: Option<PathBuf>,
     },

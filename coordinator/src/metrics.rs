@@ -72,6 +72,50 @@ pub fn render(fleet: &Fleet, now: Timestamp, checkins: u64) -> String {
     out
 }
 
+/// The server's own health: its connections and what it cut off, whether the store is
+/// closed, enrollments turned away.
+pub fn render_server(
+    out: &mut String,
+    listener: &crate::listener::StatsSnapshot,
+    store_closed: bool,
+    enrollments_refused: u64,
+) {
+    family(out, "sitecast_connections_open", "gauge", "HTTP connections being served.");
+    let _ = writeln!(out, "sitecast_connections_open {}", listener.open);
+    family(
+        out,
+        "sitecast_connections_total",
+        "counter",
+        "HTTP connections by outcome: admitted, refused over the total or per-client limit, cut for a slow head, body or reader, closed idle.",
+    );
+    for (outcome, n) in [
+        ("accepted", listener.accepted),
+        ("refused_total_limit", listener.refused_over_total),
+        ("refused_client_limit", listener.refused_over_per_ip),
+        ("header_timeout", listener.header_timeouts),
+        ("body_timeout", listener.body_timeouts),
+        ("write_stall", listener.write_stalls),
+        ("idle", listener.idle_closes),
+        ("accept_error", listener.accept_errors),
+    ] {
+        let _ = writeln!(out, "sitecast_connections_total{{outcome=\"{outcome}\"}} {n}");
+    }
+    family(
+        out,
+        "sitecast_store_closed",
+        "gauge",
+        "1 while the store is closed after a failed commit (writes are refused).",
+    );
+    let _ = writeln!(out, "sitecast_store_closed {}", u8::from(store_closed));
+    family(
+        out,
+        "sitecast_enrollments_refused_total",
+        "counter",
+        "Enrollments turned away by the rate limit.",
+    );
+    let _ = writeln!(out, "sitecast_enrollments_refused_total {enrollments_refused}");
+}
+
 fn family_rollouts(out: &mut String, fleet: &Fleet, now: Timestamp) {
     let mut stage = String::new();
     let mut state = String::new();

@@ -1,6 +1,10 @@
 //! Durable state behind one narrow interface: load everything at start, commit batches of
-//! changes atomically, page through the audit log. [`RedbStore`] keeps it in one redb file; a
-//! PostgreSQL backend would implement the same three methods for fleets beyond one server.
+//! changes atomically, page through the audit log, reopen after a failure. [`RedbStore`] keeps
+//! it in one redb file.
+//!
+//! A failed commit leaves nothing half-written (redb transactions are atomic) and the server
+//! applies nothing it did not commit; redb refuses every later write after an I/O error
+//! ("previous I/O error occurred"), so [`Store::reopen`] starts from what is on disk.
 //!
 //! Values are JSON, so records stay readable across versions by the same tolerance rules as
 //! the HTTP API (unknown fields ignored, new fields defaulted).
@@ -8,10 +12,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use std::sync::{RwLock, RwLockReadGuard};
+
 use jiff::Timestamp;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use sitecast_manifest::api::{PeerAddresses, ReportRequest};
+use sitecast_manifest::api::{PeerAddresses, ReportRequest, UpdateIntent};
 use sitecast_manifest::window::MaintenanceWindow;
 
 use crate::engine::Rollout;
@@ -22,6 +28,8 @@ pub enum StoreError {
     Database(String),
     #[error("stored record {table}/{key} is unreadable: {error}")]
     Corrupt { table: &'static str, key: String, error: String },
+    #[error("the store is closed after a failure and could not be reopened: {0}")]
+    Closed(String),
 }
 
 fn db_error<E: std::fmt::Display>(error: E) -> StoreError {
@@ -89,6 +97,32 @@ pub struct ApplianceRecord {
     pub window: Option<MaintenanceWindow>,
     #[serde(default)]
     pub update: Option<UpdateRow>,
+    /// The last release offered to it; reports about any other are refused.
+    #[serde(default)]
+    pub offer: Option<OfferRecord>,
+    /// The highest report sequence number accepted (replays and reordering are refused).
+    #[serde(default)]
+    pub report_seq: u64,
+    /// For agents that send no sequence number: the last accepted report's signed timestamp
+    /// and a digest of its signature.
+    #[serde(default)]
+    pub last_report_at: Option<i64>,
+    #[serde(default)]
+    pub last_report_signature: Option<String>,
+    /// An installed version the appliance claims that no published release explains; it is
+    /// shown, not believed (`installed_version` keeps the last believable one).
+    #[serde(default)]
+    pub claimed_version: Option<u64>,
+}
+
+/// A release offered to an appliance in a check-in answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfferRecord {
+    /// The rollout that offered it; `None` for a pin.
+    pub rollout: Option<u64>,
+    pub version: u64,
+    pub intent: UpdateIntent,
+    pub at: Timestamp,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,16 +149,20 @@ pub enum Change {
     Release(ReleaseRecord),
     Rollout(Rollout),
     Appliance(Box<ApplianceRecord>),
+    /// Removed by an operator.
+    ApplianceRemoved {
+        key: String,
+    },
     Site(SiteRecord),
     Meta {
         key: String,
         value: String,
     },
-    /// Total origin bytes served to a site for a release.
+    /// Origin bytes served to a site for a release, added to its total.
     SiteBytes {
         site: String,
         version: u64,
-        total: u64,
+        add: u64,
     },
     /// Appended; entries are never rewritten or removed.
     Audit(AuditEntry),
@@ -150,6 +188,8 @@ pub trait Store: Send + Sync {
     fn commit(&self, changes: &[Change], durable: bool) -> Result<(), StoreError>;
     /// Audit entries with `seq > after`, oldest first, at most `limit`.
     fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Closes and opens the store again after a failed commit, from what is durable.
+    fn reopen(&self) -> Result<(), StoreError>;
 }
 
 const RELEASES: TableDefinition<u64, &str> = TableDefinition::new("releases");
@@ -163,11 +203,18 @@ const AUDIT: TableDefinition<u64, &str> = TableDefinition::new("audit");
 /// The embedded store: one redb file.
 #[derive(Debug)]
 pub struct RedbStore {
-    db: Database,
+    path: std::path::PathBuf,
+    /// `None` only while being reopened, or after a reopen failed.
+    db: RwLock<Option<Database>>,
 }
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Self::open_db(path)?;
+        Ok(Self { path: path.to_owned(), db: RwLock::new(Some(db)) })
+    }
+
+    fn open_db(path: &Path) -> Result<Database, StoreError> {
         let db = Database::create(path).map_err(db_error)?;
         let txn = db.begin_write().map_err(db_error)?;
         {
@@ -180,7 +227,25 @@ impl RedbStore {
             txn.open_table(AUDIT).map_err(db_error)?;
         }
         txn.commit().map_err(db_error)?;
-        Ok(Self { db })
+        Ok(db)
+    }
+
+    fn db(&self) -> Result<DbGuard<'_>, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            return Err(StoreError::Closed(self.path.display().to_string()));
+        }
+        Ok(DbGuard(guard))
+    }
+}
+
+struct DbGuard<'a>(RwLockReadGuard<'a, Option<Database>>);
+
+impl std::ops::Deref for DbGuard<'_> {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        self.0.as_ref().expect("checked when taken")
     }
 }
 
@@ -198,7 +263,7 @@ fn parse<T: for<'de> Deserialize<'de>>(
 
 impl Store for RedbStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let txn = self.db()?.begin_read().map_err(db_error)?;
         let mut snapshot = Snapshot::default();
         for row in txn.open_table(RELEASES).map_err(db_error)?.iter().map_err(db_error)? {
             let (k, v) = row.map_err(db_error)?;
@@ -237,7 +302,8 @@ impl Store for RedbStore {
     }
 
     fn commit(&self, changes: &[Change], durable: bool) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(db_error)?;
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(db_error)?;
         if !durable {
             txn.set_durability(Durability::None).map_err(db_error)?;
         }
@@ -260,8 +326,11 @@ impl Store for RedbStore {
                     Change::Meta { key, value } => {
                         meta.insert(key.as_str(), value.as_str()).map(drop)
                     }
-                    Change::SiteBytes { site, version, total } => {
-                        site_bytes.insert((site.as_str(), *version), *total).map(drop)
+                    Change::ApplianceRemoved { key } => appliances.remove(key.as_str()).map(drop),
+                    Change::SiteBytes { site, version, add } => {
+                        let key = (site.as_str(), *version);
+                        let total = site_bytes.get(key).map_err(db_error)?.map_or(0, |v| v.value());
+                        site_bytes.insert(key, total + add).map(drop)
                     }
                     Change::Audit(entry) => {
                         if audit.get(entry.seq).map_err(db_error)?.is_some() {
@@ -280,7 +349,7 @@ impl Store for RedbStore {
     }
 
     fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        let txn = self.db.begin_read().map_err(db_error)?;
+        let txn = self.db()?.begin_read().map_err(db_error)?;
         let table = txn.open_table(AUDIT).map_err(db_error)?;
         let mut entries = Vec::new();
         for row in table.range(after.saturating_add(1)..).map_err(db_error)?.take(limit) {
@@ -288,5 +357,13 @@ impl Store for RedbStore {
             entries.push(parse("audit", k.value().to_string(), v.value())?);
         }
         Ok(entries)
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // The file lock must be released before the file is opened again.
+        drop(slot.take());
+        *slot = Some(Self::open_db(&self.path)?);
+        Ok(())
     }
 }

@@ -123,7 +123,16 @@ fn the_operator_cli_drives_a_real_server() {
     );
     assert!(ok, "{err}");
     assert!(out.contains("published release 2"), "{out}");
-    assert_eq!(std::fs::metadata(&image2).expect("stat").nlink(), 2, "imported by hard link");
+    // Copied, not linked: rewriting the operator's file later changes nothing served.
+    assert_eq!(std::fs::metadata(&image2).expect("stat").nlink(), 1, "imported as a copy");
+    std::fs::write(&image2, vec![0u8; bytes2.len()]).expect("rewrite the operator's file");
+    let served_image = std::process::Command::new("curl")
+        .args(["-sf", "-H", &format!("Authorization: Bearer {OPERATOR}")])
+        .arg(format!("{}/api/releases/2/image", served.url))
+        .output()
+        .expect("curl");
+    assert!(served_image.status.success());
+    assert_eq!(served_image.stdout, bytes2, "the origin serves what verified at publish");
 
     let (ok, out, err) =
         cli(&served, OPERATOR, &["rollout", "create", "--version", "2", "--strategy", "canary"]);

@@ -26,7 +26,7 @@ fn fleet(
         .map(|k| ApplianceView {
             key: k.clone(),
             group: None,
-            state: state(rollout.stage_of(k), k),
+            state: state(rollout.stage_of(k).expect("member"), k),
             state_since: t0(),
             online: true,
         })
@@ -45,7 +45,7 @@ fn default_staged_rollout_is_5_25_100() {
     let (rollout, keys) = staged(200);
     let counts = rollout.stage_counts(&fleet(&rollout, &keys, |_, _| None));
     assert_eq!(counts.iter().map(|c| c.members).collect::<Vec<_>>(), vec![10, 40, 150]);
-    let offered = keys.iter().filter(|k| rollout.offers_to(k, None)).count();
+    let offered = keys.iter().filter(|k| rollout.offers_to(k)).count();
     assert_eq!(offered, 10, "only 5% get the update in stage 0");
 }
 
@@ -163,7 +163,7 @@ proptest! {
             let view: Vec<ApplianceView> = keys.iter().enumerate().map(|(i, k)| ApplianceView {
                 key: k.clone(),
                 group: None,
-                state: (rollout.stage_of(k) <= rollout.current_stage).then(|| match outcomes[i] {
+                state: rollout.reached(k).then(|| match outcomes[i] {
                     0 => UpdateState::Failed,
                     1 => UpdateState::Downloading,
                     _ => UpdateState::Succeeded,
@@ -188,11 +188,33 @@ proptest! {
                 rollout.apply(&decision, now);
             }
             for key in &keys {
-                if rollout.offers_to(key, None) {
-                    prop_assert!(rollout.stage_of(key) <= rollout.current_stage);
+                if rollout.offers_to(key) {
+                    prop_assert!(rollout.stage_of(key).is_some_and(|s| s <= rollout.current_stage));
                 }
             }
             now += hours(step_hours);
         }
     }
+}
+
+#[test]
+fn appliances_outside_the_rollout_neither_count_nor_hold_it_up() {
+    let (rollout, keys) = staged(20);
+    let stage0: Vec<String> =
+        keys.iter().filter(|k| rollout.stage_of(k) == Some(0)).cloned().collect();
+    let mut view = fleet(&rollout, &keys, |stage, _| (stage == 0).then_some(UpdateState::Failed));
+    // Keys enrolled after creation report success in bulk: not members, not counted.
+    view.extend((0..100).map(|i| ApplianceView {
+        key: format!("late-{i}"),
+        group: None,
+        state: Some(UpdateState::Succeeded),
+        state_since: t0(),
+        online: true,
+    }));
+    assert!(rollout.stage_of("late-0").is_none());
+    assert!(!rollout.offers_to("late-0"));
+    assert_eq!(rollout.failure_rate(&view), 1.0, "{} failed in stage 0", stage0.len());
+    assert!(matches!(decide(&rollout, &view, t0())[..], [Decision::Pause { .. }]));
+    let counted: usize = rollout.stage_counts(&view).iter().map(|c| c.members).sum();
+    assert_eq!(counted, 20);
 }

@@ -21,8 +21,13 @@ async fn published(server: &TestServer, releases: &Releases) -> (Vec<u8>, ImageI
     (image, ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 })
 }
 
+/// Real curl, as the operator (images are for the fleet and its operators only).
 fn curl(args: &[&str]) -> Vec<u8> {
-    let output = Command::new("curl").args(args).output().expect("curl is required for this test");
+    let output = Command::new("curl")
+        .args(["-H", &format!("Authorization: Bearer {OPERATOR}")])
+        .args(args)
+        .output()
+        .expect("curl is required for this test");
     assert!(output.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     output.stdout
 }
@@ -40,7 +45,12 @@ async fn plain_ranged_downloads_give_exactly_those_bytes() {
     assert_eq!(curl(&["-sf", "-r", "1048000-", &url]), &image[1_048_000..]);
     assert_eq!(curl(&["-sf", &url]), image);
 
-    let response = server.http.get(&url).header("range", "bytes=10-19").send().await.expect("get");
+    let response = server
+        .op(Method::GET, "/api/releases/1/image")
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .expect("get");
     assert_eq!(response.status(), 206);
     let headers = response.headers().clone();
     assert_eq!(headers["content-range"], format!("bytes 10-19/{LEN}").as_str());
@@ -49,14 +59,22 @@ async fn plain_ranged_downloads_give_exactly_those_bytes() {
     assert_eq!(etag, format!("\"{}\"", info.blake3));
     assert_eq!(response.bytes().await.expect("body"), &image[10..20]);
 
-    let response = server.http.get(&url).header("if-none-match", &etag).send().await.expect("get");
+    let response = server
+        .op(Method::GET, "/api/releases/1/image")
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .expect("get");
     assert_eq!(response.status(), 304);
-    let response =
-        server.http.get(&url).header("range", format!("bytes={LEN}-")).send().await.expect("get");
+    let response = server
+        .op(Method::GET, "/api/releases/1/image")
+        .header("range", format!("bytes={LEN}-"))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(response.status(), 416);
     assert_eq!(response.headers()["content-range"], format!("bytes */{LEN}").as_str());
-    let response =
-        server.http.get(format!("{}/api/releases/9/image", server.url)).send().await.expect("get");
+    let response = server.op(Method::GET, "/api/releases/9/image").send().await.expect("get");
     assert_eq!(response.status(), 404);
 }
 
@@ -99,16 +117,18 @@ async fn verified_ranges_decode_like_lan_data_and_are_counted_per_site() {
     let slot = writer.finish().expect("complete and read back");
     assert_eq!(slot.image(), &info);
 
-    // Unsigned requests are served too (legacy agents, humans), but not attributed to a site.
-    let path = format!("{}/api/blobs/{}/ranges?start=0&end=1", server.url, info.blake3);
-    assert_eq!(server.http.get(&path).send().await.expect("get").status(), 200);
+    // The operator's requests are served too, but not attributed to a site; anyone else's not.
+    let path = format!("/api/blobs/{}/ranges?start=0&end=1", info.blake3);
+    assert_eq!(server.op(Method::GET, &path).send().await.expect("get").status(), 200);
+    let anyone = server.http.get(format!("{}{path}", server.url)).send().await.expect("get");
+    assert_eq!(anyone.status(), 401);
     for bad in ["start=5&end=5".to_owned(), format!("start=0&end={}", groups + 1)] {
-        let path = format!("{}/api/blobs/{}/ranges?{bad}", server.url, info.blake3);
-        assert_eq!(server.http.get(&path).send().await.expect("get").status(), 416, "{bad}");
+        let path = format!("/api/blobs/{}/ranges?{bad}", info.blake3);
+        assert_eq!(server.op(Method::GET, &path).send().await.expect("get").status(), 416, "{bad}");
     }
     let unknown = Blake3Hash([7; 32]);
-    let path = format!("{}/api/blobs/{unknown}/ranges?start=0&end=1", server.url);
-    assert_eq!(server.http.get(&path).send().await.expect("get").status(), 404);
+    let path = format!("/api/blobs/{unknown}/ranges?start=0&end=1");
+    assert_eq!(server.op(Method::GET, &path).send().await.expect("get").status(), 404);
 
     // Counting happens after the body is sent; give the blocking task a moment.
     let expected =
@@ -143,7 +163,6 @@ async fn metrics_pass_promtool() {
     published(&server, &releases).await;
     let mut appliance = Appliance::new("store \"quoted\"", "a1", 0);
     appliance.checkin(&server).await;
-    appliance.report(&server, "failed", 1).await;
     let (status, _) = server
         .op_json(
             Method::POST,
@@ -152,6 +171,8 @@ async fn metrics_pass_promtool() {
         )
         .await;
     assert_eq!(status, 201);
+    assert_eq!(appliance.checkin(&server).await.version, Some(1));
+    appliance.report(&server, "failed", 1).await;
     let metrics = server
         .http
         .get(format!("{}/metrics", server.url))

@@ -344,10 +344,11 @@ async fn sessions_need_csrf_for_changes_and_expire() {
     assert_eq!(error_of(made_up.await.expect("get")).await.1, "session_expired");
 
     // The newest audit entries, as the page first asks for them.
-    let (_, tail) = server.op_json(Method::GET, "/api/audit?tail=3", None).await;
+    let (_, tail) = server.op_json(Method::GET, "/api/audit?tail=4", None).await;
     let actions: Vec<&str> =
         tail.as_array().expect("list").iter().filter_map(|e| e["action"].as_str()).collect();
-    assert_eq!(actions, ["session.open", "rollout.pause", "rollout.resume"]);
+    // The wrong bearer token above is in the log too.
+    assert_eq!(actions, ["session.open", "rollout.pause", "rollout.resume", "auth.refused"]);
 
     // Signing out needs the CSRF token too, and ends the session.
     let out = http.delete(url("/api/session")).header("cookie", &cookie).send().await;

@@ -29,16 +29,27 @@ pub fn appliance_signing_bytes(method: &str, path: &str, timestamp: i64, body: &
 }
 
 /// Normalizes a MAC address given as `aa:bb:cc:dd:ee:ff`, `AA-BB-CC-DD-EE-FF`,
-/// `aabb.ccdd.eeff` or `aabbccddeeff` to `aa:bb:cc:dd:ee:ff`.
+/// `aabb.ccdd.eeff` or `aabbccddeeff` to `aa:bb:cc:dd:ee:ff`. Separators must be one of those
+/// spellings throughout: `aa:bb-cc…` or `a:a:b:b:…` is not a MAC address.
 pub fn normalize_mac(text: &str) -> Option<String> {
-    let digits: String = text
-        .chars()
-        .filter(|c| !matches!(c, ':' | '-' | '.'))
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    if digits.len() != 12 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
+    let hex =
+        |part: &str, len: usize| part.len() == len && part.bytes().all(|b| b.is_ascii_hexdigit());
+    let digits: String = if text.len() == 12 && hex(text, 12) {
+        text.to_owned()
+    } else if let Some(sep) = [':', '-'].into_iter().find(|s| text.contains(*s)) {
+        let parts: Vec<&str> = text.split(sep).collect();
+        if parts.len() != 6 || !parts.iter().all(|p| hex(p, 2)) {
+            return None;
+        }
+        parts.concat()
+    } else {
+        let parts: Vec<&str> = text.split('.').collect();
+        if parts.len() != 3 || !parts.iter().all(|p| hex(p, 4)) {
+            return None;
+        }
+        parts.concat()
+    };
+    let digits = digits.to_ascii_lowercase();
     let pairs: Vec<&str> = (0..6).map(|i| &digits[2 * i..2 * i + 2]).collect();
     Some(pairs.join(":"))
 }
@@ -189,6 +200,16 @@ pub struct CheckinResponse {
     #[serde(default)]
     pub checkin_interval_secs: Option<u64>,
     pub server_time: Timestamp,
+    /// Identity keys (hex) of every appliance Central Command lists as a member of this
+    /// appliance's site, this one included. The LAN data plane and the site's gossip admit only
+    /// these. `None` from a coordinator that does not say: the agent then admits any peer, as
+    /// before membership existed (integrity never depended on it: every group is verified).
+    #[serde(default)]
+    pub site_members: Option<Vec<String>>,
+    /// The highest report sequence number the coordinator has accepted from this appliance,
+    /// so an agent that lost its own count continues above it.
+    #[serde(default)]
+    pub report_seq: Option<u64>,
 }
 
 /// `POST /api/appliances/report`: a state change of an update, signed by the appliance.
@@ -212,6 +233,11 @@ pub struct ReportRequest {
     pub slot: Option<String>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Increases with every report this appliance sends (persisted by the agent); the
+    /// coordinator refuses a report whose number is not above the last one it accepted, so a
+    /// captured report cannot be replayed or reordered.
+    #[serde(default)]
+    pub seq: Option<u64>,
 }
 
 /// Every error body: a message for humans and a stable code for programs.
@@ -231,7 +257,17 @@ mod tests {
         {
             assert_eq!(normalize_mac(spelling).as_deref(), Some("aa:bb:cc:0d:ee:ff"), "{spelling}");
         }
-        for bad in ["", "aa:bb:cc:dd:ee", "gg:bb:cc:dd:ee:ff", "aa:bb:cc:dd:ee:ff:00"] {
+        for bad in [
+            "",
+            "aa:bb:cc:dd:ee",
+            "gg:bb:cc:dd:ee:ff",
+            "aa:bb:cc:dd:ee:ff:00",
+            "aa:bb-cc:dd:ee:ff",
+            "a:a:b:b:c:c:d:d:e:e:f:f",
+            "aabb.ccdd.eeff.",
+            "aa::bbccddeeff",
+            "+abbccddeeff",
+        ] {
             assert_eq!(normalize_mac(bad), None, "{bad}");
         }
     }

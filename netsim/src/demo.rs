@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use sitecast_manifest::{ImageDigest, ImageInfo, Release, RoleKeys, Root, SecretKey, TrustedRoot};
 use sitecast_peer::config::{AgentConfig, BootSlotSource};
 
-const OPERATOR: &str = "demo-operator-token";
+pub(crate) const OPERATOR: &str = "demo-operator-token";
 pub(crate) const ENROLL: &str = "demo-enrollment-token";
 const SITE: &str = "demo-store";
 pub(crate) const PLATFORM: &str = "x86_64-appliance";
@@ -110,6 +110,13 @@ pub(crate) fn fresh_work_dir(work: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A locally administered unicast MAC address derived from an appliance's name.
+pub(crate) fn local_mac(name: &str) -> String {
+    let hash = blake3::hash(name.as_bytes());
+    let b = hash.as_bytes();
+    format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4])
+}
+
 pub(crate) fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
     Ok(std::fs::OpenOptions::new()
         .create(true)
@@ -188,6 +195,9 @@ impl Fixture {
             reboot_command: Vec::new(),
             checkin_interval_secs: 1,
             control_socket: dir.join("state/control.sock"),
+            // Agents on one host would all report the host's MACs, and a MAC belongs to one
+            // appliance: each gets its own locally administered address.
+            macs: vec![local_mac(name)],
             ..AgentConfig::default()
         }
     }

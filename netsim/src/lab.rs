@@ -482,6 +482,8 @@ pub async fn controller(
     let origin_bytes = crate::demo::origin_bytes(&api, SITE).await?;
     let http_seconds = if options.http_baseline {
         let url = format!("http://{COORDINATOR}/api/releases/2/image");
+        // Images are for the fleet: the baseline downloads as the operator would.
+        let auth = format!("Authorization: Bearer {}", crate::demo::OPERATOR);
         let started = Instant::now();
         let curls: Vec<Child> = (1..=n)
             .map(|i| {
@@ -492,6 +494,8 @@ pub async fn controller(
                         &ns(&format!("a{i}")),
                         "curl",
                         "-sf",
+                        "-H",
+                        &auth,
                         "-o",
                         "/dev/null",
                         &url,

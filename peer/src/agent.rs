@@ -21,7 +21,8 @@ use sitecast_manifest::{ImageInfo, InstallPolicy, Intent, SecretKey, TrustedRoot
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{AgentConfig, BootSlotSource};
-use crate::coordinator::CoordinatorClient;
+use crate::coordinator::{ClientError, CoordinatorClient, STALE_REPORT, UNKNOWN_APPLIANCE};
+use crate::membership::{Membership, MembershipStatus};
 use crate::metrics::Metrics;
 use crate::scheduler::PeerId;
 use crate::state::{AgentState, UpdateRecord};
@@ -29,6 +30,9 @@ use crate::swarm::{LanFetcher, PeerNews, Swarm, TransferStats};
 
 /// Exit status that asks the supervisor to start the agent again, as after a reboot.
 pub const EXIT_REBOOT: i32 = 75;
+/// A non-member on the LAN may be an appliance enrolled since the last check-in: the agent
+/// checks in early to learn it, but not more often than this, whatever a stranger does.
+pub const EARLY_CHECKIN_GAP: Duration = Duration::from_secs(5);
 
 /// Commands from the local control socket.
 #[derive(Debug)]
@@ -49,8 +53,17 @@ pub struct Status {
     pub progress: Option<f64>,
     pub peers: u64,
     pub discovery: crate::site::Discovery,
+    /// Where site peers reach this appliance.
+    pub addresses: PeerAddresses,
     pub last_contact: Option<Timestamp>,
     pub last_error: Option<String>,
+    /// Keys of the configuration file this agent does not know, ignored.
+    pub config_unknown_keys: Vec<String>,
+    pub membership: MembershipStatus,
+    /// Whether the coordinator has accepted a check-in (the enrollment token is not sent).
+    pub enrolled: bool,
+    /// The last report sequence number used.
+    pub report_seq: u64,
 }
 
 /// Ways the agent stops.
@@ -81,6 +94,8 @@ pub trait Lan: Send + Sync {
     fn site_peers(&self, peers: &[sitecast_manifest::api::SitePeer]);
     /// Site peers connected and how they were found.
     fn discovery(&self) -> crate::site::Discovery;
+    /// Whom the LAN serves and hears; the agent sets it from check-in answers.
+    fn membership(&self) -> Membership;
     /// Closes the connections gracefully as the agent exits, so peers see them end at once.
     fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>;
 }
@@ -105,6 +120,7 @@ pub struct Agent {
     download_started: Option<std::time::Instant>,
     /// The maintenance window from the last check-in.
     last_window: Option<sitecast_manifest::window::MaintenanceWindow>,
+    membership: Membership,
 }
 
 impl std::fmt::Debug for Agent {
@@ -140,6 +156,9 @@ impl Agent {
         let client = CoordinatorClient::new(&config.coordinator, key.clone())?;
         let state = AgentState::load(&state_path(&config))?;
         let env = EnvFile::new(&config.grubenv);
+        let membership = lan.as_ref().map(|lan| lan.membership()).unwrap_or_default();
+        // Before anything is served: a restart without the coordinator keeps the last word.
+        membership.set(state.site_members.as_deref().map(crate::membership::parse_members));
         Ok(Self {
             config,
             key,
@@ -157,6 +176,7 @@ impl Agent {
             download_stop: None,
             download_started: None,
             last_window: None,
+            membership,
         })
     }
 
@@ -185,7 +205,16 @@ impl Agent {
         if error.is_some() {
             status.last_error = error;
         }
+        status.config_unknown_keys = self.config.unknown_keys.clone();
+        status.membership = self.membership.status();
+        status.enrolled = self.state.enrolled;
+        status.report_seq = self.state.report_seq;
+        self.metrics.update(|m| {
+            m.lan_refused = status.membership.lan_refused;
+            m.announcements_ignored = status.membership.announcements_ignored;
+        });
         if let Some(lan) = &self.lan {
+            status.addresses = lan.addresses();
             status.discovery = lan.discovery();
             status.peers = status.discovery.connected;
             self.metrics.update(|m| {
@@ -219,7 +248,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn report(&self, state: UpdateState, error: Option<String>) {
+    async fn report(&mut self, state: UpdateState, error: Option<String>) {
         let Some(update) = &self.state.update else { return };
         let stats = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let report = ReportRequest {
@@ -236,9 +265,56 @@ impl Agent {
                 self.booted.to_string()
             }),
             error,
+            seq: None,
         };
-        if let Err(error) = self.client.report(&report).await {
-            tracing::warn!(%error, "report not delivered; the next check-in carries the state");
+        self.send_report(report).await;
+    }
+
+    /// Numbers and sends a report. A number the coordinator finds stale (this agent's count
+    /// is behind: its state was lost or restored from an old copy) is replaced once by one
+    /// above the coordinator's, learnt from a check-in.
+    async fn send_report(&mut self, mut report: ReportRequest) {
+        report.seq = Some(self.take_report_seq());
+        let mut result = self.client.report(&report).await;
+        if let Err(error) = &result
+            && error.is_refusal(STALE_REPORT.0, STALE_REPORT.1)
+        {
+            tracing::warn!(seq = ?report.seq, "report number refused as stale; learning the coordinator's");
+            // The answer's offer is left to the regular check-in.
+            match self.exchange_checkin().await {
+                Ok(response) => self.learn(&response),
+                Err(error) => tracing::warn!(%error, "check-in for the report number failed"),
+            }
+            report.seq = Some(self.take_report_seq());
+            result = self.client.report(&report).await;
+        }
+        match result {
+            Ok(()) => {}
+            Err(error) => {
+                if error.is_refusal(UNKNOWN_APPLIANCE.0, UNKNOWN_APPLIANCE.1) {
+                    self.forget_enrollment();
+                }
+                tracing::warn!(%error, "report not delivered; the next check-in carries the state");
+            }
+        }
+    }
+
+    /// The next report number, saved before the report carrying it leaves.
+    fn take_report_seq(&mut self) -> u64 {
+        let seq = self.state.next_report_seq();
+        self.save();
+        seq
+    }
+
+    /// The coordinator does not know this appliance (an operator removed it): the next
+    /// check-in carries the enrollment token again.
+    fn forget_enrollment(&mut self) {
+        if self.state.enrolled {
+            tracing::warn!(
+                "the coordinator does not know this appliance any more; enrolling again"
+            );
+            self.state.enrolled = false;
+            self.save();
         }
     }
 
@@ -370,13 +446,58 @@ impl Agent {
             installed_version: self.state.version_of(self.booted),
             active_slot: Some(self.booted.to_string()),
             agent_version: env!("CARGO_PKG_VERSION").into(),
-            enrollment_token: self.config.enrollment_token.clone(),
+            // A fleet-wide secret: it goes over the wire only until the coordinator knows us.
+            enrollment_token: if self.state.enrolled {
+                None
+            } else {
+                self.config.enrollment_token.clone()
+            },
             peer: self.lan.as_ref().map(|l| l.addresses()).unwrap_or_default(),
         }
     }
 
+    /// One check-in request; an appliance the coordinator does not know (any more) asks
+    /// again at once with the enrollment token.
+    async fn exchange_checkin(&mut self) -> Result<CheckinResponse, ClientError> {
+        match self.client.checkin(&self.checkin_request()).await {
+            Err(error)
+                if self.state.enrolled
+                    && error.is_refusal(UNKNOWN_APPLIANCE.0, UNKNOWN_APPLIANCE.1) =>
+            {
+                self.forget_enrollment();
+                self.client.checkin(&self.checkin_request()).await
+            }
+            result => result,
+        }
+    }
+
+    /// What every check-in answer settles, whatever it offers: this appliance is enrolled,
+    /// the coordinator's report count, the site's members. The caller saves the state.
+    fn learn(&mut self, response: &CheckinResponse) {
+        self.state.enrolled = true;
+        if let Some(accepted) = response.report_seq
+            && self.state.raise_report_seq(accepted)
+        {
+            tracing::warn!(
+                accepted,
+                "the coordinator accepted more reports than this agent counted; continuing above"
+            );
+        }
+        // In one order, so a list that only comes in another order is not a change.
+        let members = response.site_members.clone().map(|mut members| {
+            members.sort();
+            members.dedup();
+            members
+        });
+        if self.state.site_members != members {
+            tracing::info!(members = ?members.as_ref().map(Vec::len), "site membership changed");
+            self.membership.set(members.as_deref().map(crate::membership::parse_members));
+            self.state.site_members = members;
+        }
+    }
+
     async fn checkin(&mut self) {
-        let response = match self.client.checkin(&self.checkin_request()).await {
+        let response = match self.exchange_checkin().await {
             Ok(response) => response,
             Err(error) => {
                 tracing::warn!(%error, "check-in failed");
@@ -385,6 +506,7 @@ impl Agent {
                 return;
             }
         };
+        self.learn(&response);
         self.metrics.update(|m| m.checkins += 1);
         if response.window.is_some() {
             self.last_window = response.window.clone();
@@ -419,10 +541,9 @@ impl Agent {
                     bytes_from_lan: 0,
                     slot: Some(self.booted.to_string()),
                     error: Some(message),
+                    seq: None,
                 };
-                if let Err(error) = self.client.report(&report).await {
-                    tracing::warn!(%error, "report not delivered");
-                }
+                self.send_report(report).await;
             }
         }
         self.save();
@@ -698,6 +819,12 @@ impl Agent {
         self.determine_boot_slot()?;
         self.publish_status(None);
         tracing::info!(slot = %self.booted, appliance = %self.key.public(), "agent started");
+        if !self.config.unknown_keys.is_empty() {
+            tracing::warn!(
+                keys = ?self.config.unknown_keys,
+                "configuration keys this agent does not know are ignored (written for a newer agent, or typos; `sitecast-peer config check` lists them)"
+            );
+        }
         if let Some(exit) = self.after_boot().await {
             return Ok(self.reboot_after(exit));
         }
@@ -709,12 +836,22 @@ impl Agent {
             self.recheck_ready(&update);
         }
         let mut next = tokio::time::Instant::now();
+        let mut last_checkin: Option<tokio::time::Instant> = None;
         let mut progress = tokio::time::interval(Duration::from_millis(500));
+        let membership = self.membership.clone();
         loop {
             tokio::select! {
                 _ = progress.tick(), if self.download.is_some() => self.publish_status(None),
+                () = membership.stranger_seen() => {
+                    let now = tokio::time::Instant::now();
+                    let earliest = last_checkin.map_or(now, |at| (at + EARLY_CHECKIN_GAP).max(now));
+                    next = next.min(earliest);
+                    self.publish_status(None);
+                }
                 () = tokio::time::sleep_until(next) => {
-                    next = tokio::time::Instant::now() + self.config.checkin_interval();
+                    let now = tokio::time::Instant::now();
+                    last_checkin = Some(now);
+                    next = now + self.config.checkin_interval();
                     self.checkin().await;
                     if let Some(booted) = self.state.booted_at
                         && health::should_revert_for_connectivity(system_time(booted), self.state.last_contact.map(system_time), std::time::SystemTime::now())

@@ -1,5 +1,11 @@
 //! The agent's configuration: one TOML file with documented defaults; every option can also be
 //! given as a flag (`main.rs`).
+//!
+//! Keys this agent does not know are never fatal: a file written for a newer agent is exactly
+//! what an appliance holds after rolling back to an older release, and an agent that refused
+//! it could not be managed at all. They are collected in [`AgentConfig::unknown_keys`], logged
+//! at start and shown by `status`; `config check` ([`AgentConfig::check`]) is the strict
+//! reading a person asks for to catch typos.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,6 +20,9 @@ pub enum ConfigError {
     Parse { path: PathBuf, error: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// Only from the strict [`AgentConfig::check`]: the agent itself ignores such keys.
+    #[error("unknown key `{0}`")]
+    UnknownKey(String),
 }
 
 /// How the agent learns which slot it booted.
@@ -28,7 +37,7 @@ pub enum BootSlotSource {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct AgentConfig {
     /// Coordinator base URL.
     pub coordinator: String,
@@ -79,6 +88,10 @@ pub struct AgentConfig {
     pub boot_tries: u8,
     /// Health-gate check timeout.
     pub health_timeout_secs: u64,
+    /// Keys of the file this agent does not know (dotted paths, in file order): ignored, not
+    /// read from or written to a file.
+    #[serde(skip)]
+    pub unknown_keys: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -112,22 +125,61 @@ impl Default for AgentConfig {
             metrics_listen: String::new(),
             boot_tries: sitecast_iso::DEFAULT_TRIES,
             health_timeout_secs: 30,
+            unknown_keys: Vec::new(),
         }
     }
 }
 
 impl AgentConfig {
-    /// Reads `path`; a missing file means all defaults.
+    /// Reads `path`; a missing file means all defaults. Unknown keys are kept in
+    /// [`AgentConfig::unknown_keys`], not refused.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text)
+                .map_err(|error| ConfigError::Parse { path: path.to_owned(), error }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(error) => Err(ConfigError::Read { path: path.to_owned(), error }),
+        }
+    }
+
+    /// Reads a configuration text, collecting the keys it does not know at any depth.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let document = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
+        let mut unknown = Vec::new();
+        let mut config: Self =
+            serde_ignored::deserialize(document, |path| unknown.push(path.to_string()))
+                .map_err(|e| e.to_string())?;
+        config.unknown_keys = unknown;
+        Ok(config)
+    }
+
+    /// The strict reading for `config check`: every unknown key and what fails validation;
+    /// empty when the file is fine. A missing file is a problem here (a mistyped path).
+    pub fn check(path: &Path) -> Vec<ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Self::default());
-            }
-            Err(error) => return Err(ConfigError::Read { path: path.to_owned(), error }),
+            Err(error) => return vec![ConfigError::Read { path: path.to_owned(), error }],
         };
-        toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), error: e.to_string() })
+        Self::check_text(&text)
+            .into_iter()
+            .map(|problem| match problem {
+                ConfigError::Parse { error, .. } => {
+                    ConfigError::Parse { path: path.to_owned(), error }
+                }
+                other => other,
+            })
+            .collect()
+    }
+
+    fn check_text(text: &str) -> Vec<ConfigError> {
+        let config = match Self::parse(text) {
+            Ok(config) => config,
+            Err(error) => return vec![ConfigError::Parse { path: PathBuf::new(), error }],
+        };
+        let mut problems: Vec<ConfigError> =
+            config.unknown_keys.iter().cloned().map(ConfigError::UnknownKey).collect();
+        problems.extend(config.validate().err());
+        problems
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -170,11 +222,44 @@ mod tests {
 
     #[test]
     fn a_partial_file_keeps_the_other_defaults() {
-        let config: AgentConfig =
-            toml::from_str("site = \"store-9\"\nboot_slot = \"simulate-grub\"\n").expect("toml");
+        let config = AgentConfig::parse("site = \"store-9\"\nboot_slot = \"simulate-grub\"\n")
+            .expect("toml");
         assert_eq!(config.site, "store-9");
         assert_eq!(config.boot_slot, BootSlotSource::SimulateGrub);
         assert_eq!(config.checkin_interval_secs, 60);
-        assert!(toml::from_str::<AgentConfig>("sight = \"typo\"").is_err(), "typos are caught");
+        assert!(config.unknown_keys.is_empty());
+        assert!(AgentConfig::check_text("site = \"store-9\"\n").is_empty());
+        let problems = AgentConfig::check_text("sight = \"typo\"");
+        assert!(
+            matches!(&problems[..], [ConfigError::UnknownKey(key)] if key == "sight"),
+            "typos are caught by the strict check: {problems:?}"
+        );
+    }
+
+    #[test]
+    fn keys_of_a_newer_agent_are_collected_not_fatal() {
+        let text =
+            "future_option = 1\nsite = \"store-9\"\n\n[future_table]\ndeep = { deeper = true }\n";
+        let config = AgentConfig::parse(text).expect("an older agent still reads the file");
+        assert_eq!(config.site, "store-9");
+        assert_eq!(config.unknown_keys, ["future_option", "future_table"]);
+        let problems: Vec<String> =
+            AgentConfig::check_text(text).iter().map(ToString::to_string).collect();
+        assert_eq!(problems, ["unknown key `future_option`", "unknown key `future_table`"]);
+    }
+
+    #[test]
+    fn the_strict_check_reports_validation_and_type_errors_too() {
+        let problems = AgentConfig::check_text("boot_tries = 0\nfuture = 1\n");
+        assert!(
+            matches!(&problems[..], [ConfigError::UnknownKey(_), ConfigError::Invalid(_)]),
+            "{problems:?}"
+        );
+        // A wrong type is not an unknown key: even the agent refuses it.
+        assert!(AgentConfig::parse("checkin_interval_secs = \"soon\"").is_err());
+        assert!(matches!(
+            &AgentConfig::check_text("checkin_interval_secs = \"soon\"")[..],
+            [ConfigError::Parse { .. }]
+        ));
     }
 }

@@ -11,11 +11,24 @@ use sitecast_manifest::api::{self, CheckinRequest, CheckinResponse, ErrorBody, R
 pub enum ClientError {
     #[error("coordinator unreachable: {0}")]
     Unreachable(String),
-    #[error("coordinator refused the request ({status}): {message}")]
-    Refused { status: u16, message: String },
+    /// `code` is the stable [`ErrorBody::code`] (empty if the body was not one).
+    #[error("coordinator refused the request ({status} {code}): {message}")]
+    Refused { status: u16, code: String, message: String },
     #[error("coordinator answered something this agent cannot read: {0}")]
     Unreadable(String),
 }
+
+impl ClientError {
+    /// Whether the coordinator refused with this status and error code.
+    pub fn is_refusal(&self, status: u16, code: &str) -> bool {
+        matches!(self, Self::Refused { status: s, code: c, .. } if *s == status && c == code)
+    }
+}
+
+/// The coordinator does not know this appliance (never enrolled, or removed by an operator).
+pub const UNKNOWN_APPLIANCE: (u16, &str) = (403, "unknown_appliance");
+/// A report whose sequence number is not above the last one the coordinator accepted.
+pub const STALE_REPORT: (u16, &str) = (409, "stale_report");
 
 /// A client signing every request with the appliance key.
 #[derive(Debug, Clone)]
@@ -63,10 +76,13 @@ impl CoordinatorClient {
         let status = response.status();
         let body = response.bytes().await.map_err(|e| ClientError::Unreachable(e.to_string()))?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).chars().take(200).collect());
-            return Err(ClientError::Refused { status: status.as_u16(), message });
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(error) => (error.code, error.error),
+                Err(_) => {
+                    (String::new(), String::from_utf8_lossy(&body).chars().take(200).collect())
+                }
+            };
+            return Err(ClientError::Refused { status: status.as_u16(), code, message });
         }
         Ok(body)
     }

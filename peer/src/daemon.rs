@@ -9,7 +9,8 @@ use crate::agent::{Agent, Exit, Status};
 use crate::config::AgentConfig;
 use crate::metrics::Metrics;
 
-/// The LAN node shares the appliance's identity key (it is also its iroh endpoint id).
+/// The LAN node shares the appliance's identity key (it is also its iroh endpoint id), and
+/// both planes one membership, which the agent sets from its check-ins.
 pub async fn bind_lan(config: &AgentConfig) -> Result<Arc<dyn crate::agent::Lan>> {
     let key = crate::identity::load_or_create(&config.state_dir.join("identity.key"))?;
     let listen =
@@ -19,7 +20,8 @@ pub async fn bind_lan(config: &AgentConfig) -> Result<Arc<dyn crate::agent::Lan>
         total_bytes_per_sec: config.upload_limit_bytes_per_sec,
         per_peer_bytes_per_sec: config.upload_limit_per_peer_bytes_per_sec,
     };
-    let node = crate::lan::LanNode::bind(&key, listen, limits).await?;
+    let membership = crate::membership::Membership::default();
+    let node = crate::lan::LanNode::bind(&key, listen, limits, membership.clone()).await?;
     tracing::info!(id = %hex::encode(node.id().0), addrs = ?node.advertised_addrs(), "LAN endpoint bound");
     let site = crate::site::SiteControl::start(
         &key,
@@ -28,6 +30,7 @@ pub async fn bind_lan(config: &AgentConfig) -> Result<Arc<dyn crate::agent::Lan>
             listen: config.libp2p_listen.clone(),
             mdns: config.mdns,
             heartbeat: std::time::Duration::from_secs(1),
+            membership,
         },
     )
     .await?;

@@ -9,6 +9,9 @@
 //!
 //! Which peer holds what, and where its endpoint is, comes from the site control plane
 //! ([`crate::site`]): peers' announcements add them to this node's address book.
+//!
+//! Only site members ([`crate::membership`]) are served: a non-member's connection is closed
+//! as soon as its handshake names it, before it can ask for anything.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +29,7 @@ use sitecast_manifest::api::{PeerAddresses, SitePeer};
 use sitecast_manifest::{ImageInfo, SecretKey};
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::membership::{Membership, Refusal};
 use crate::pieces::{HaveMap, PieceSet};
 use crate::scheduler::PeerId;
 use crate::site::{Heard, SiteControl};
@@ -33,6 +37,8 @@ use crate::swarm::{FetchError, GROUPS_PER_PIECE, LanFetcher, PeerNews, piece_cou
 
 /// A stalled peer must not stall the site.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The QUIC close code for a peer that is not a member of this site.
+const NOT_A_MEMBER: u32 = 403;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LanError {
@@ -88,6 +94,7 @@ struct Shared {
     /// The same per peer.
     peer_free_at: Mutex<BTreeMap<PeerId, tokio::time::Instant>>,
     uploaded: AtomicU64,
+    membership: Membership,
 }
 
 /// This appliance on the LAN: serves what it holds, fetches from peers.
@@ -102,11 +109,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl LanNode {
-    /// Binds the endpoint (the iroh identity is the appliance's own key) and starts serving.
+    /// Binds the endpoint (the iroh identity is the appliance's own key) and starts serving
+    /// the peers `membership` admits.
     pub async fn bind(
         key: &SecretKey,
         listen: SocketAddr,
         limits: UploadLimits,
+        membership: Membership,
     ) -> Result<Self, LanError> {
         let endpoint = Endpoint::builder(iroh::endpoint::presets::Minimal)
             .secret_key(iroh::SecretKey::from_bytes(&key.seed()))
@@ -127,6 +136,7 @@ impl LanNode {
             upload_free_at: Mutex::new(tokio::time::Instant::now()),
             peer_free_at: Mutex::new(BTreeMap::new()),
             uploaded: AtomicU64::new(0),
+            membership,
         });
         let node = Self { endpoint, shared };
         tokio::spawn(node.clone().accept_loop());
@@ -139,6 +149,21 @@ impl LanNode {
 
     pub fn uploaded(&self) -> u64 {
         self.shared.uploaded.load(Ordering::Relaxed)
+    }
+
+    pub fn membership(&self) -> &Membership {
+        &self.shared.membership
+    }
+
+    /// Whether `peer` may be served; counts the refusal (and so asks for an early check-in)
+    /// if not.
+    fn admit(&self, peer: PeerId) -> bool {
+        let admitted = self.shared.membership.admits(&peer.0);
+        if !admitted {
+            tracing::debug!(peer = %hex::encode(peer.0), "LAN request of a non-member refused");
+            self.shared.membership.refused(Refusal::Lan);
+        }
+        admitted
     }
 
     pub fn direct_addrs(&self) -> Vec<SocketAddr> {
@@ -212,6 +237,10 @@ impl LanNode {
             let node = self.clone();
             tokio::spawn(async move {
                 let Ok(connection) = incoming.await else { return };
+                if !node.admit(PeerId(*connection.remote_id().as_bytes())) {
+                    connection.close(NOT_A_MEMBER.into(), b"not a member of this site");
+                    return;
+                }
                 let alpn = connection.alpn().to_vec();
                 let result = if alpn == iroh_blobs::ALPN {
                     node.serve_blobs(connection).await
@@ -230,7 +259,13 @@ impl LanNode {
         // behind each other; the semaphore bounds uploads over all peers.
         let peer = PeerId(*connection.remote_id().as_bytes());
         loop {
-            let (send, recv) = connection.accept_bi().await?;
+            let (mut send, recv) = connection.accept_bi().await?;
+            // Membership can change while a connection lasts (the operator moved the peer).
+            if !self.admit(peer) {
+                send.reset(iroh_blobs::protocol::ERR_PERMISSION)?;
+                connection.close(NOT_A_MEMBER.into(), b"not a member of this site");
+                return Ok(());
+            }
             let permit = Arc::clone(&self.shared.upload_slots).acquire_owned().await?;
             let node = self.clone();
             tokio::spawn(async move {
@@ -408,6 +443,11 @@ impl LanFetcher for ReleaseFetcher {
             let Some((hash, layout)) = current else {
                 return Err(FetchError::Failed("no release joined".into()));
             };
+            // Announcements of non-members never reach the swarm, but one that was a member
+            // when it announced may not be any more.
+            if !node.shared.membership.admits(&peer.0) {
+                return Err(FetchError::Failed("not a site member".into()));
+            }
             match tokio::time::timeout(FETCH_TIMEOUT, node.fetch_groups(peer, hash, layout, groups))
                 .await
             {
@@ -522,6 +562,10 @@ impl crate::agent::Lan for LanNodeForAgent {
         self.site.discovered.snapshot()
     }
 
+    fn membership(&self) -> Membership {
+        self.node.membership().clone()
+    }
+
     fn site_peers(&self, peers: &[SitePeer]) {
         if !self.coordinator_peers {
             return;
@@ -551,18 +595,22 @@ impl LanNodeForAgent {
     }
 
     /// Both planes on 127.0.0.1 with ports chosen by the OS and no mDNS (which cannot work
-    /// on loopback): for tests and benchmarks.
+    /// on loopback), sharing one membership that admits everyone until it is set: for tests
+    /// and benchmarks.
     pub async fn bind_loopback(
         key: &SecretKey,
         site: &str,
         limits: UploadLimits,
     ) -> Result<Self, LanError> {
-        let node = LanNode::bind(key, ([127, 0, 0, 1], 0).into(), limits).await?;
+        let membership = Membership::default();
+        let node =
+            LanNode::bind(key, ([127, 0, 0, 1], 0).into(), limits, membership.clone()).await?;
         let config = crate::site::SiteConfig {
             site: site.into(),
             listen: "/ip4/127.0.0.1/tcp/0".into(),
             mdns: false,
             heartbeat: Duration::from_secs(1),
+            membership,
         };
         let site = SiteControl::start(key, config).await?;
         Ok(Self::new(node, site, true))

@@ -15,6 +15,7 @@ pub mod coordinator;
 pub mod daemon;
 pub mod identity;
 pub mod lan;
+pub mod membership;
 pub mod metrics;
 pub mod pieces;
 pub mod scheduler;

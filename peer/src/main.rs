@@ -41,6 +41,16 @@ enum Command {
     Rollback,
     /// Reboot into a ready update without waiting for the maintenance window.
     SkipWindow,
+    /// The configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Strict reading: fails naming every key this agent does not know (the agent itself only
+    /// warns about them) and every invalid setting.
+    Check,
 }
 
 #[derive(Args, Default)]
@@ -88,6 +98,10 @@ struct Overrides {
     coordinator_peers: Option<bool>,
     #[arg(long = "static-peer")]
     static_peers: Vec<String>,
+    /// MAC address to report (repeat for more); none given: the configuration's, or those
+    /// read from /sys/class/net.
+    #[arg(long = "mac")]
+    macs: Vec<String>,
 }
 
 fn apply(config: &mut AgentConfig, o: Overrides) {
@@ -128,6 +142,9 @@ fn apply(config: &mut AgentConfig, o: Overrides) {
     if !o.static_peers.is_empty() {
         config.static_peers = o.static_peers;
     }
+    if !o.macs.is_empty() {
+        config.macs = o.macs;
+    }
 }
 
 fn main() -> ExitCode {
@@ -154,6 +171,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Config(ConfigCommand::Check) = cli.command {
+        return Ok(check_config(&cli.config));
+    }
     let mut config = AgentConfig::load(&cli.config)?;
     let command = match cli.command {
         Command::Run(overrides) => {
@@ -188,6 +208,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Rollback => "rollback",
         Command::SkipWindow => "skip-window",
+        Command::Config(_) => unreachable!("answered above"),
     };
     let response = sitecast_peer::control::request(&config.control_socket, command)
         .await
@@ -196,7 +217,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(if response.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// `[##########..........]  50%`
+fn check_config(path: &std::path::Path) -> ExitCode {
+    let problems = AgentConfig::check(path);
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
+    }
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
+    eprintln!("{}: {} problem(s)", path.display(), problems.len());
+    ExitCode::FAILURE
+}
+
 /// The running agent's status, from its control socket.
 async fn agent_status(socket: &std::path::Path) -> Result<serde_json::Value> {
     let response = sitecast_peer::control::request(socket, "status")
@@ -205,6 +238,7 @@ async fn agent_status(socket: &std::path::Path) -> Result<serde_json::Value> {
     Ok(response.status.unwrap_or_default())
 }
 
+/// `[##########..........]  50%`
 fn progress_bar(fraction: f64, width: usize) -> String {
     let fraction = fraction.clamp(0.0, 1.0);
     let filled = (fraction * width as f64).round() as usize;
@@ -237,5 +271,18 @@ fn print_status(status: &serde_json::Value) {
     }
     if let Some(error) = status["last_error"].as_str() {
         println!("last error: {error}");
+    }
+    if let Some(members) = status["membership"]["members"].as_u64() {
+        println!(
+            "site members: {members}; refused on the LAN: {}, announcements ignored: {}",
+            status["membership"]["lan_refused"], status["membership"]["announcements_ignored"]
+        );
+    }
+    let unknown: Vec<&str> = status["config_unknown_keys"]
+        .as_array()
+        .map(|keys| keys.iter().filter_map(|k| k.as_str()).collect())
+        .unwrap_or_default();
+    if !unknown.is_empty() {
+        println!("configuration keys ignored (unknown to this agent): {}", unknown.join(", "));
     }
 }

@@ -26,6 +26,8 @@ pub struct AgentMetrics {
     pub peers_found_by_mdns: u64,
     pub checkins: u64,
     pub checkin_errors: u64,
+    pub lan_refused: u64,
+    pub announcements_ignored: u64,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +117,18 @@ impl Metrics {
             "Failed check-ins.",
             Some(m.checkin_errors as f64),
         );
+        family(
+            "sitecast_lan_refused_total",
+            "counter",
+            "LAN connections and requests refused to appliances that are not site members.",
+            Some(m.lan_refused as f64),
+        );
+        family(
+            "sitecast_announcements_ignored_total",
+            "counter",
+            "Site announcements of appliances that are not site members, ignored.",
+            Some(m.announcements_ignored as f64),
+        );
         out
     }
 }
@@ -135,5 +149,22 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: std::sync::Arc<Me
             let _ = stream.write_all(head.as_bytes()).await;
             let _ = stream.write_all(body.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_of_non_members_are_exported() {
+        let metrics = Metrics::default();
+        metrics.update(|m| {
+            m.lan_refused = 3;
+            m.announcements_ignored = 5;
+        });
+        let text = metrics.render();
+        assert!(text.contains("\nsitecast_lan_refused_total 3\n"), "{text}");
+        assert!(text.contains("\nsitecast_announcements_ignored_total 5\n"), "{text}");
     }
 }

@@ -7,7 +7,9 @@
 //! Announcements repeat every heartbeat, so a peer that stops announcing (or whose last
 //! connection closes) is reported gone and its pieces are no longer counted on. The libp2p key
 //! is the appliance's identity key, the same as its iroh endpoint id, so a signed gossip message
-//! names the iroh peer it describes: nobody can announce pieces in another's name.
+//! names the iroh peer it describes: nobody can announce pieces in another's name. That is also
+//! what lets announcements of appliances that are not site members ([`crate::membership`]) be
+//! ignored: the swarm never counts on them as sources.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -25,6 +27,7 @@ use sitecast_manifest::SecretKey;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::membership::{Membership, Refusal};
 use crate::pieces::HaveMap;
 
 /// Announcements are coalesced to at most one per blob in this time while a download runs.
@@ -50,6 +53,8 @@ pub struct SiteConfig {
     pub mdns: bool,
     /// Announcements repeat this often; a peer silent for three of them is gone.
     pub heartbeat: Duration,
+    /// Whose announcements are heard (shared with the data plane).
+    pub membership: Membership,
 }
 
 /// One appliance's word on a release, as published on the release's topic.
@@ -164,6 +169,7 @@ impl SiteControl {
         })?;
         let heartbeat = config.heartbeat;
         let mdns_on = config.mdns;
+        let membership = config.membership.clone();
         let mut swarm = SwarmBuilder::with_existing_identity(keypair)
             .with_tokio()
             .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
@@ -245,6 +251,7 @@ impl SiteControl {
             configured: BTreeSet::new(),
             found_by_mdns: BTreeSet::new(),
             ticks: 0,
+            membership,
         };
         tokio::spawn(task.run(receiver));
         Ok(Self { commands, peer_id, listen_addrs, discovered })
@@ -333,6 +340,7 @@ struct Task {
     configured: BTreeSet<PeerId>,
     found_by_mdns: BTreeSet<PeerId>,
     ticks: u64,
+    membership: Membership,
 }
 
 impl Task {
@@ -453,14 +461,19 @@ impl Task {
                 self.dial_wanted(peer);
             }
         }
-        // Peers silent for three heartbeats are gone.
+        // Peers silent for three heartbeats are gone, and so are those that stopped being
+        // members (their announcements are ignored from now on).
         let now = Instant::now();
         let silence = self.heartbeat * 3;
+        let membership = &self.membership;
         for listening in self.listening.values_mut() {
             let gone: Vec<PeerId> = listening
                 .seen
                 .iter()
-                .filter(|(_, at)| now.duration_since(**at) > silence)
+                .filter(|(peer, at)| {
+                    now.duration_since(**at) > silence
+                        || peer_key(peer).is_some_and(|key| !membership.admits(&key))
+                })
                 .map(|(peer, _)| *peer)
                 .collect();
             for peer in gone {
@@ -568,6 +581,11 @@ impl Task {
         // Strict validation checked the signature: the source is the signer.
         let Some(source) = message.source else { return };
         let Some(key) = peer_key(&source) else { return };
+        if !self.membership.admits(&key) {
+            tracing::debug!(peer = %source, "an announcement of a non-member ignored");
+            self.membership.refused(Refusal::Announcement);
+            return;
+        }
         let announcement: Announcement = match serde_json::from_slice(&message.data) {
             Ok(announcement) => announcement,
             Err(error) => {

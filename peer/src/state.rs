@@ -1,4 +1,7 @@
 //! What the agent remembers across restarts and reboots, in one JSON file replaced atomically.
+//!
+//! Every field is defaulted and unknown fields are ignored, both ways: an agent reads the file
+//! an older agent wrote, and an agent rolled back to an older release reads a newer one's.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -54,6 +57,18 @@ pub struct AgentState {
     pub skip_window: bool,
     #[serde(default)]
     pub rollbacks: u64,
+    /// A check-in has succeeded: the coordinator knows this appliance, so the enrollment token
+    /// (a fleet-wide secret) is not sent again until it says it does not.
+    #[serde(default)]
+    pub enrolled: bool,
+    /// The highest report sequence number used. Saved before the report carrying it is sent,
+    /// so a crash never reuses a number.
+    #[serde(default)]
+    pub report_seq: u64,
+    /// The site's members (hex identity keys) from the last check-in answer that named them,
+    /// so a restart without the coordinator still knows whom the LAN serves.
+    #[serde(default)]
+    pub site_members: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,5 +105,56 @@ impl AgentState {
 
     pub fn version_of(&self, slot: sitecast_iso::Slot) -> u64 {
         self.slot_versions.get(&slot.to_string()).copied().unwrap_or(0)
+    }
+
+    /// Takes the next report sequence number; save the state before sending the report.
+    pub fn next_report_seq(&mut self) -> u64 {
+        self.report_seq += 1;
+        self.report_seq
+    }
+
+    /// The coordinator has accepted reports up to `accepted`: continue above it (an agent
+    /// whose state was lost or restored from an old copy would otherwise be refused).
+    /// Returns whether the count moved.
+    pub fn raise_report_seq(&mut self, accepted: u64) -> bool {
+        let raised = accepted > self.report_seq;
+        self.report_seq = self.report_seq.max(accepted);
+        raised
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_state_file_reads_with_the_new_fields_defaulted() {
+        let old = r#"{"slot_versions":{"A":1},"rollback_floor":0,"update":null,
+            "last_contact":null,"booted_at":null,"skip_window":false,"rollbacks":0}"#;
+        let state: AgentState = serde_json::from_str(old).expect("old file");
+        assert!(!state.enrolled, "the token goes out once more, then never");
+        assert_eq!((state.report_seq, state.site_members.as_ref()), (0, None));
+        let newer = r#"{"report_seq":7,"enrolled":true,"quorum":{"epoch":3}}"#;
+        let state: AgentState = serde_json::from_str(newer).expect("newer file");
+        assert_eq!((state.report_seq, state.enrolled), (7, true));
+    }
+
+    #[test]
+    fn report_numbers_only_go_up_and_survive_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.json");
+        let mut state = AgentState::default();
+        assert_eq!(state.next_report_seq(), 1);
+        state.save(&path).expect("save");
+        let mut state = AgentState::load(&path).expect("load");
+        assert_eq!(state.next_report_seq(), 2, "a restart continues the count");
+        // The coordinator accepted more than this copy remembers (state restored from an old
+        // backup, or lost): continue above the coordinator's number.
+        assert!(state.raise_report_seq(40));
+        assert_eq!(state.next_report_seq(), 41);
+        // A lower or equal number never lowers the count.
+        assert!(!state.raise_report_seq(12));
+        assert!(!state.raise_report_seq(41));
+        assert_eq!(state.next_report_seq(), 42);
     }
 }

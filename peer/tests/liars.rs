@@ -55,6 +55,7 @@ async fn liar(
             listen: "/ip4/127.0.0.1/tcp/0".into(),
             mdns: false,
             heartbeat: Duration::from_secs(1),
+            membership: Default::default(),
         },
     )
     .await

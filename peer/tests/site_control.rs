@@ -14,6 +14,7 @@ async fn control(key: &SecretKey, site: &str) -> SiteControl {
         listen: "/ip4/127.0.0.1/tcp/0".into(),
         mdns: false,
         heartbeat: Duration::from_millis(300),
+        membership: Default::default(),
     };
     SiteControl::start(key, config).await.expect("control plane")
 }

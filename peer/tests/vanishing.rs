@@ -50,13 +50,15 @@ async fn an_agent_whose_peers_vanish_finishes_from_the_origin() {
         server.start();
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    wait_enrolled(&origin, 2, deadline, &servers[0]).await;
+    // Off when the rollout begins, so it comes late.
+    let mut late =
+        AgentProcess::new(&dir.path().join("late"), &origin, "store-1", "late", info.size);
+    enroll_then_stop(&origin, &mut late, deadline).await;
+    wait_enrolled(&origin, 3, deadline, &servers[0]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     origin.rollout(2).await;
     wait_state(&origin, &["a0", "a1"], "ready", deadline).await;
 
-    let mut late =
-        AgentProcess::new(&dir.path().join("late"), &origin, "store-1", "late", info.size);
     late.start();
     wait_progress(&late, 0.1, deadline).await;
     for server in &mut servers {
@@ -93,7 +95,11 @@ async fn when_the_origin_goes_away_the_site_finishes_from_its_peers() {
         .collect();
     agents[0].start();
     let deadline = Instant::now() + Duration::from_secs(120);
-    wait_enrolled(&origin, 1, deadline, &agents[0]).await;
+    // Off when the rollout begins.
+    for agent in &mut agents[1..] {
+        enroll_then_stop(&origin, agent, deadline).await;
+    }
+    wait_enrolled(&origin, 3, deadline, &agents[0]).await;
     origin.rollout(2).await;
     wait_state(&origin, &["a0"], "ready", deadline).await;
 

@@ -10,6 +10,7 @@ use jiff::{Timestamp, ToSpan};
 use reqwest::{Method, RequestBuilder, Response};
 use serde_json::{Value, json};
 use sitecast_coordinator::server::{Clock, Coordinator, ManualClock, ServerConfig};
+use sitecast_coordinator::store::{AuditEntry, Change, RedbStore, Snapshot, Store, StoreError};
 use sitecast_manifest::api::{self, CheckinResponse};
 use sitecast_manifest::*;
 
@@ -81,7 +82,62 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     pub root: TrustedRoot,
     pub http: reqwest::Client,
+    /// Set when the server runs on a [`FaultyStore`].
+    pub faulty: Option<Arc<FaultyStore>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// The real redb store, whose commits (and reopens) fail while `failing` is set, as a full
+/// disk would make them: the failure comes before anything is written.
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: RedbStore,
+    pub failing: std::sync::atomic::AtomicBool,
+    pub commits_refused: std::sync::atomic::AtomicU64,
+}
+
+impl FaultyStore {
+    pub fn open(path: &Path) -> Self {
+        Self {
+            inner: RedbStore::open(path).expect("open store"),
+            failing: false.into(),
+            commits_refused: 0.into(),
+        }
+    }
+
+    pub fn fail(&self, on: bool) {
+        self.failing.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            self.commits_refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(StoreError::Database(
+                "injected: No space left on device (os error 28)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Store for FaultyStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.inner.load()
+    }
+
+    fn commit(&self, changes: &[Change], durable: bool) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.commit(changes, durable)
+    }
+
+    fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit(after, limit)
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.reopen()
+    }
 }
 
 impl TestServer {
@@ -97,10 +153,50 @@ impl TestServer {
         Self::try_start(data_dir, root, clock).await.expect("open coordinator")
     }
 
+    /// A server on a store whose commits fail on demand.
+    pub async fn start_faulty(data_dir: &Path, root: &TrustedRoot) -> Self {
+        Self::start_configured(
+            data_dir,
+            root,
+            Arc::new(ManualClock::new(start_time())),
+            true,
+            |_| {},
+        )
+        .await
+        .expect("open coordinator")
+    }
+
+    /// A server with the test configuration changed by `adjust`.
+    pub async fn start_with(
+        data_dir: &Path,
+        root: &TrustedRoot,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> Self {
+        Self::start_configured(
+            data_dir,
+            root,
+            Arc::new(ManualClock::new(start_time())),
+            false,
+            adjust,
+        )
+        .await
+        .expect("open coordinator")
+    }
+
     async fn try_start(
         data_dir: &Path,
         root: &TrustedRoot,
         clock: Arc<ManualClock>,
+    ) -> anyhow::Result<Self> {
+        Self::start_configured(data_dir, root, clock, false, |_| {}).await
+    }
+
+    async fn start_configured(
+        data_dir: &Path,
+        root: &TrustedRoot,
+        clock: Arc<ManualClock>,
+        faulty: bool,
+        adjust: impl FnOnce(&mut ServerConfig),
     ) -> anyhow::Result<Self> {
         sitecast_coordinator::install_tls_provider();
         let mut config = ServerConfig::new(data_dir.to_owned());
@@ -109,7 +205,15 @@ impl TestServer {
         config.enrollment_token = Some(ENROLL.into());
         // The tests run the engine themselves (`coordinator.tick()`), at times they choose.
         config.tick = Duration::from_secs(3600);
-        let (coordinator, _) = Coordinator::open(config, clock.clone())?;
+        adjust(&mut config);
+        let faulty = faulty.then(|| {
+            std::fs::create_dir_all(data_dir).expect("data dir");
+            Arc::new(FaultyStore::open(&data_dir.join("state.redb")))
+        });
+        let (coordinator, _) = match &faulty {
+            Some(store) => Coordinator::open_with_store(config, clock.clone(), store.clone())?,
+            None => Coordinator::open(config, clock.clone())?,
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let task = tokio::spawn(coordinator.clone().serve(listener));
@@ -121,6 +225,7 @@ impl TestServer {
             data_dir: data_dir.to_owned(),
             root: root.clone(),
             http,
+            faulty,
             task,
         })
     }
@@ -128,14 +233,23 @@ impl TestServer {
     /// Stops the server (as a crash would: no shutdown step) and starts it again on the same
     /// data directory, keeping the clock.
     pub async fn restart(self) -> Self {
-        let Self { task, clock, data_dir, root, coordinator, http, .. } = self;
+        self.restart_with(|_| {}).await
+    }
+
+    /// As [`TestServer::restart`], with the configuration changed by `adjust` (always on the
+    /// plain redb store).
+    pub async fn restart_with(self, adjust: impl Fn(&mut ServerConfig)) -> Self {
+        let Self { task, clock, data_dir, root, coordinator, http, faulty, .. } = self;
         task.abort();
         let _ = task.await;
         // Closing the client's connections ends the connection tasks that still hold state.
         drop(http);
         drop(coordinator);
+        drop(faulty);
         for _ in 0..100 {
-            if let Ok(server) = Self::try_start(&data_dir, &root, clock.clone()).await {
+            if let Ok(server) =
+                Self::start_configured(&data_dir, &root, clock.clone(), false, &adjust).await
+            {
                 return server;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -188,15 +302,28 @@ pub struct Appliance {
     pub site: String,
     pub name: String,
     pub installed_version: u64,
+    /// The last report sequence number sent.
+    pub seq: u64,
+    /// MAC addresses it reports (distinct per appliance: a MAC belongs to one appliance).
+    pub macs: Vec<String>,
+    pub platform: String,
 }
 
 impl Appliance {
     pub fn new(site: &str, name: &str, installed_version: u64) -> Self {
+        let key = SecretKey::generate().expect("rng");
+        // Locally administered unicast addresses from the key, in two of the spellings.
+        let b = *key.public().as_bytes();
+        let dashed = format!("02-{:02X}-{:02X}-{:02X}-{:02X}-11", b[0], b[1], b[2], b[3]);
+        let dotted = format!("02{:02x}.{:02x}{:02x}.{:02x}22", b[0], b[1], b[2], b[3]);
         Self {
-            key: SecretKey::generate().expect("rng"),
+            key,
             site: site.into(),
             name: name.into(),
             installed_version,
+            seq: 0,
+            macs: vec![dashed, dotted],
+            platform: PLATFORM.into(),
         }
     }
 
@@ -241,8 +368,8 @@ impl Appliance {
         let body = json!({
             "site": self.site,
             "name": self.name,
-            "macs": ["AA-BB-CC-00-11-22", "aabb.cc00.1133"],
-            "platform": PLATFORM,
+            "macs": self.macs,
+            "platform": self.platform,
             "installed_version": self.installed_version,
             "agent_version": "test",
             "enrollment_token": if enroll { Some(ENROLL) } else { None },
@@ -262,7 +389,9 @@ impl Appliance {
         response.json().await.expect("check-in response")
     }
 
-    pub async fn report(&mut self, server: &TestServer, state: &str, version: u64) {
+    /// Sends a report with the next sequence number and returns the answer as it is.
+    pub async fn report_raw(&mut self, server: &TestServer, state: &str, version: u64) -> Response {
+        self.seq += 1;
         let body = serde_json::to_vec(&json!({
             "state": state,
             "version": version,
@@ -270,13 +399,17 @@ impl Appliance {
             "bytes_from_origin": 10,
             "bytes_from_lan": 90,
             "slot": "B",
+            "seq": self.seq,
         }))
         .expect("json");
-        let response = self
-            .signed(server, Method::POST, "/api/appliances/report", &body)
+        self.signed(server, Method::POST, "/api/appliances/report", &body)
             .send()
             .await
-            .expect("report");
+            .expect("report")
+    }
+
+    pub async fn report(&mut self, server: &TestServer, state: &str, version: u64) {
+        let response = self.report_raw(server, state, version).await;
         assert_eq!(response.status(), 204, "{:?}", response.text().await);
         if state == "succeeded" {
             self.installed_version = version;

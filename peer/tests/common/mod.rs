@@ -38,6 +38,7 @@ impl Origin {
             release: RoleKeys { keys: vec![release_key.public()], threshold: 1 },
         };
         let root = TrustedRoot::pin(&root.sign(&[&root_key]).to_bytes()).expect("root");
+        std::fs::create_dir_all(dir).expect("dir");
         let root_path = dir.join("root.json");
         std::fs::write(&root_path, root.to_bytes()).expect("write root");
         let mut config = ServerConfig::new(dir.join("coordinator"));
@@ -130,6 +131,16 @@ impl Origin {
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sitecast-peer");
 
+/// A locally administered MAC address of its own for the agent in `dir`.
+fn mac_of(dir: &Path) -> String {
+    let hash = blake3::hash(dir.as_os_str().as_encoded_bytes());
+    let bytes = &hash.as_bytes()[..5];
+    format!(
+        "02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        bytes[0], bytes[1], bytes[2], bytes[3], bytes[4]
+    )
+}
+
 pub struct AgentProcess {
     pub name: String,
     pub dir: PathBuf,
@@ -183,6 +194,9 @@ impl AgentProcess {
             // mDNS cannot work on loopback; the coordinator's site list stands in.
             "--mdns".into(),
             "false".into(),
+            // Agents on one host would all report its MACs; appliances each have their own.
+            "--mac".into(),
+            mac_of(dir),
         ];
         Self { name: name.into(), dir: dir.to_owned(), args, child: None }
     }
@@ -246,6 +260,33 @@ impl Drop for AgentProcess {
     }
 }
 
+impl Origin {
+    /// The operator removes the appliance of identity `key` (hex) from the fleet.
+    pub async fn remove_appliance(&self, key: &str) {
+        let response = self
+            .http
+            .delete(format!("{}/api/appliances/{key}", self.url))
+            .bearer_auth(OPERATOR)
+            .send()
+            .await
+            .expect("remove");
+        assert!(response.status().is_success(), "{:?}", response.text().await);
+    }
+
+    /// The operator pins the appliance of identity `key` (hex) to release `version`.
+    pub async fn pin(&self, key: &str, version: u64) {
+        let response = self
+            .http
+            .post(format!("{}/api/appliances/{key}/pin", self.url))
+            .bearer_auth(OPERATOR)
+            .json(&serde_json::json!({"version": version}))
+            .send()
+            .await
+            .expect("pin");
+        assert!(response.status().is_success(), "{:?}", response.text().await);
+    }
+}
+
 pub async fn appliances(origin: &Origin) -> Vec<serde_json::Value> {
     let response = origin
         .http
@@ -280,6 +321,27 @@ pub async fn wait_enrolled(
         assert!(std::time::Instant::now() < deadline, "not all enrolled:\n{}", watched.log());
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Starts `agent` until the coordinator lists it, then stops it: an appliance that was off
+/// when a rollout began. (A rollout's appliances are fixed when it is created: one enrolled
+/// later is not offered its release.)
+pub async fn enroll_then_stop(
+    origin: &Origin,
+    agent: &mut AgentProcess,
+    deadline: std::time::Instant,
+) {
+    agent.start();
+    while !appliances(origin).await.iter().any(|a| a["name"] == agent.name.as_str()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never enrolled:\n{}",
+            agent.name,
+            agent.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    agent.kill();
 }
 
 /// A TCP relay in front of the coordinator that a test can cut (every connection dropped,
@@ -405,4 +467,198 @@ pub async fn wait_state(
         assert!(std::time::Instant::now() < deadline, "not {state}: {list:#?}");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// One request as the agent sent it.
+#[derive(Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Recorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} {}", self.method, self.path, String::from_utf8_lossy(&self.body))
+    }
+}
+
+impl Recorded {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_default()
+    }
+}
+
+/// An HTTP/1.1 relay in front of a coordinator that records every request (method, path, body)
+/// before passing it on: what the agent really sent, seen from outside the agent. It can
+/// hold back the requests to one path (recorded, never delivered: the agent waits for an
+/// answer).
+pub struct RecordingRelay {
+    pub url: String,
+    recorded: Arc<std::sync::Mutex<Vec<Recorded>>>,
+    held: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl RecordingRelay {
+    pub async fn start(upstream: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = Arc::new(std::sync::Mutex::new(None));
+        let (log, hold) = (Arc::clone(&recorded), Arc::clone(&held));
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else { return };
+                let (log, hold) = (Arc::clone(&log), Arc::clone(&hold));
+                tokio::spawn(relay_recording(inbound, upstream.clone(), log, hold));
+            }
+        });
+        Self { url, recorded, held }
+    }
+
+    /// Requests to `path` are recorded but not delivered, until [`RecordingRelay::release`].
+    pub fn hold(&self, path: &str) {
+        *self.held.lock().expect("lock") = Some(path.to_owned());
+    }
+
+    pub fn release(&self) {
+        *self.held.lock().expect("lock") = None;
+    }
+
+    /// Requests to `path` so far, in the order they were sent.
+    pub fn requests(&self, path: &str) -> Vec<Recorded> {
+        self.recorded.lock().expect("lock").iter().filter(|r| r.path == path).cloned().collect()
+    }
+
+    /// Every request so far, in the order they were sent.
+    pub fn all(&self) -> Vec<Recorded> {
+        self.recorded.lock().expect("lock").clone()
+    }
+}
+
+async fn relay_recording(
+    inbound: tokio::net::TcpStream,
+    upstream: String,
+    log: Arc<std::sync::Mutex<Vec<Recorded>>>,
+    hold: Arc<std::sync::Mutex<Option<String>>>,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else { return };
+    let (in_read, mut in_write) = inbound.into_split();
+    let (mut out_read, mut out_write) = outbound.into_split();
+    let answers = async {
+        let _ = tokio::io::copy(&mut out_read, &mut in_write).await;
+        let _ = in_write.shutdown().await;
+    };
+    let requests = async {
+        let mut reader = tokio::io::BufReader::new(in_read);
+        loop {
+            let mut head = Vec::new();
+            loop {
+                let mut line = Vec::new();
+                if reader.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                    let _ = out_write.shutdown().await;
+                    return;
+                }
+                head.extend_from_slice(&line);
+                if line == b"\r\n" {
+                    break;
+                }
+            }
+            let text = String::from_utf8_lossy(&head).into_owned();
+            assert!(
+                !text.to_ascii_lowercase().contains("transfer-encoding"),
+                "the relay reads bodies by content-length only:\n{text}"
+            );
+            let mut words = text.split_whitespace();
+            let method = words.next().unwrap_or_default().to_owned();
+            let target = words.next().unwrap_or_default();
+            let path = target.split('?').next().unwrap_or_default().to_owned();
+            let length = text
+                .lines()
+                .filter_map(|line| line.split_once(':'))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, value)| value.trim().parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let held = hold.lock().expect("lock").as_deref() == Some(path.as_str());
+            log.lock().expect("lock").push(Recorded { method, path, body: body.clone() });
+            if held {
+                // Never delivered: the agent waits for an answer that does not come.
+                std::future::pending::<()>().await;
+            }
+            if out_write.write_all(&head).await.is_err()
+                || out_write.write_all(&body).await.is_err()
+            {
+                return;
+            }
+        }
+    };
+    tokio::join!(requests, answers);
+}
+
+impl AgentProcess {
+    /// Sets flag `flag` of `run` to `value` (replacing it if given; repeatable flags such as
+    /// `--static-peer` are added once more).
+    pub fn set_arg(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(at) if flag != "--static-peer" => self.args[at + 1] = value.to_owned(),
+            _ => self.args.extend([flag.to_owned(), value.to_owned()]),
+        }
+    }
+
+    /// Runs `sitecast-peer --config <agent.toml> <args>`: (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let output = Command::new(BIN)
+            .arg("--config")
+            .arg(self.dir.join("agent.toml"))
+            .args(args)
+            .output()
+            .expect("sitecast-peer");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// The agent's state file.
+    pub fn state_file(&self) -> serde_json::Value {
+        let text = std::fs::read(self.dir.join("state/agent.json")).expect("agent.json");
+        serde_json::from_slice(&text).expect("json")
+    }
+
+    /// Rewrites the agent's state file (while it is stopped).
+    pub fn edit_state(&self, edit: impl FnOnce(&mut serde_json::Value)) {
+        let mut state = self.state_file();
+        edit(&mut state);
+        std::fs::write(self.dir.join("state/agent.json"), state.to_string()).expect("agent.json");
+    }
+}
+
+/// Waits until `agent` exits asking to be started again, as after a reboot.
+pub async fn wait_reboot(agent: &mut AgentProcess, deadline: std::time::Instant) {
+    loop {
+        if let Some(code) = agent.exited() {
+            assert_eq!(code, sitecast_peer::agent::EXIT_REBOOT, "{}", agent.log());
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never rebooted:\n{}",
+            agent.name,
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The state the agent itself shows (it does not need the coordinator for that).
+pub async fn local_state(agent: &AgentProcess) -> String {
+    let status = agent.status().await.unwrap_or_default();
+    status["update"]["state"].as_str().unwrap_or("").to_owned()
 }

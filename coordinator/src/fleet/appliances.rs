@@ -1,0 +1,438 @@
+//! Appliances: check-ins (enrollment, identity, the offer), reports, pins and windows.
+//!
+//! A report counts only for an offer the appliance was actually given: the offer is stored
+//! (durably, before the answer that carries it) and a report about any other release is
+//! refused. Reports carry a sequence number that must rise, so a captured report cannot be
+//! sent again or out of order.
+
+use jiff::Timestamp;
+use serde_json::json;
+use sitecast_manifest::api::{
+    CheckinRequest, CheckinResponse, OriginUrls, ReportRequest, SitePeer, UpdateIntent, UpdateState,
+};
+use sitecast_manifest::window::MaintenanceWindow;
+
+use super::rollouts::runs_on;
+use super::validate::{self, CheckedIdentity};
+use super::{Batch, Fleet, FleetError};
+use crate::engine::RolloutState;
+use crate::store::{ApplianceRecord, Change, OfferRecord, ReleaseRecord, UpdateRow};
+
+/// What a check-in needs stored before it is answered, and the answer.
+#[derive(Debug)]
+pub struct CheckinPlan {
+    /// To commit durably, then apply: registration, identity changes, a new offer.
+    pub durable: Vec<Change>,
+    /// The record with this check-in's bookkeeping (last seen, addresses), applied after.
+    pub seen: ApplianceRecord,
+    pub response: CheckinResponse,
+    pub registered: bool,
+}
+
+/// Whether a check-in from an unknown key may enroll it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enrollment {
+    /// The fleet's enrollment token came with it.
+    Token,
+    None,
+}
+
+/// What authenticated a report, for refusing replays from agents that send no sequence number.
+#[derive(Debug, Clone)]
+pub struct ReportAuth {
+    /// The signed request's timestamp (seconds).
+    pub timestamp: i64,
+    /// A digest of the request's signature.
+    pub signature: String,
+}
+
+impl Fleet {
+    /// Registers or refreshes an appliance and says whether an update is due for it.
+    pub fn checkin(
+        &self,
+        key: &str,
+        request: CheckinRequest,
+        enrollment: Enrollment,
+        now: Timestamp,
+        public_url: &str,
+    ) -> Result<CheckinPlan, FleetError> {
+        let identity = validate::checkin(&request)?;
+        let existing = self.appliances.get(key);
+        if existing.is_none() && enrollment != Enrollment::Token {
+            return Err(FleetError::UnknownAppliance(key.to_owned()));
+        }
+        self.check_identity_is_free(key, &identity)?;
+        let mut record = existing.cloned().unwrap_or_else(|| ApplianceRecord {
+            key: key.to_owned(),
+            registered: now,
+            ..ApplianceRecord::default()
+        });
+        let before = record.clone();
+        self.set_identity(&mut record, identity, request.installed_version);
+        record.active_slot = request.active_slot;
+        record.agent_version = validate::clip(&request.agent_version, validate::MAX_TEXT);
+        record.peer = validate::peer_addresses(request.peer);
+        record.last_checkin = now;
+
+        let mut batch = Batch::new(self);
+        let actor = format!("appliance:{key}");
+        let offer = self.due(&record);
+        let offered = offer.as_ref().map(|(release, intent, rollout)| OfferRecord {
+            rollout: *rollout,
+            version: release.version,
+            intent: *intent,
+            at: now,
+        });
+        let new_offer = offered.as_ref().is_some_and(|o| {
+            record
+                .offer
+                .as_ref()
+                .is_none_or(|old| (old.rollout, old.version) != (o.rollout, o.version))
+        });
+        if new_offer {
+            record.offer = offered.clone();
+        }
+        let registered = existing.is_none();
+        let changed = identity_changes(&before, &record);
+        if registered {
+            let detail = json!({"appliance": key, "site": record.site, "name": record.name,
+                "group": record.group, "macs": record.macs, "platform": record.platform});
+            batch.audit(now, &actor, "appliance.register", detail);
+        } else if !changed.is_empty() {
+            batch.audit(now, &actor, "appliance.update", json!(changed));
+        }
+        if let Some(claim) = record.claimed_version.filter(|c| before.claimed_version != Some(*c)) {
+            let detail = json!({"claimed": claim, "recorded": record.installed_version});
+            batch.audit(now, &actor, "appliance.version_unverified", detail);
+        }
+        if new_offer && let Some(o) = &offered {
+            let detail = json!({"version": o.version, "rollout": o.rollout, "intent": o.intent});
+            batch.audit(now, &actor, "appliance.offer", detail);
+        }
+        if registered
+            || !changed.is_empty()
+            || new_offer
+            || record.claimed_version != before.claimed_version
+        {
+            batch.push(Change::Appliance(Box::new(record.clone())));
+        }
+        let response = self.answer(&record, offer, now, public_url);
+        Ok(CheckinPlan { durable: batch.finish(), seen: record, response, registered })
+    }
+
+    /// Applies check-in bookkeeping that needs no durable commit.
+    pub fn note_seen(&mut self, record: ApplianceRecord) {
+        let key = record.key.clone();
+        self.put_appliance(record);
+        self.dirty.insert(key);
+    }
+
+    fn check_identity_is_free(
+        &self,
+        key: &str,
+        identity: &CheckedIdentity,
+    ) -> Result<(), FleetError> {
+        let name = (!identity.name.is_empty())
+            .then(|| (format!("name:{}", identity.name), format!("name {:?}", identity.name)));
+        let macs = identity.macs.iter().map(|m| (format!("mac:{m}"), format!("MAC address {m}")));
+        for (owned, what) in macs.chain(name) {
+            if let Some(owner) = self.owners.get(&owned).filter(|owner| *owner != key) {
+                return Err(FleetError::IdentityTaken { what, owner: owner.clone() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes what the appliance says about itself; an installed version that no release
+    /// explains is kept apart as a claim, not recorded as installed.
+    fn set_identity(&self, record: &mut ApplianceRecord, identity: CheckedIdentity, claim: u64) {
+        record.site = identity.site;
+        record.name = identity.name;
+        record.group = identity.group;
+        record.macs = identity.macs;
+        record.platform = identity.platform;
+        // A version we published, one older than the newest (a factory image that was never
+        // published here), or the one already recorded: believable. Anything else is a claim.
+        let newest = self.releases.keys().next_back().copied();
+        let believable = self.releases.contains_key(&claim)
+            || newest.is_some_and(|n| claim <= n)
+            || claim == record.installed_version;
+        if believable {
+            record.installed_version = claim;
+            record.claimed_version = None;
+        } else {
+            record.claimed_version = Some(claim);
+        }
+    }
+
+    /// The check-in answer for `appliance`, given what is due for it.
+    fn answer(
+        &self,
+        appliance: &ApplianceRecord,
+        due: Option<(&ReleaseRecord, UpdateIntent, Option<u64>)>,
+        now: Timestamp,
+        public_url: &str,
+    ) -> CheckinResponse {
+        let site_window = self.sites.get(&appliance.site).map(|s| s.window.clone());
+        let window = appliance
+            .window
+            .clone()
+            .or(site_window)
+            .unwrap_or_else(|| self.config.default_window.clone());
+        let mut site_members: Vec<String> =
+            self.members.get(&appliance.site).into_iter().flatten().cloned().collect();
+        if !site_members.contains(&appliance.key) {
+            site_members.push(appliance.key.clone());
+        }
+        let mut response = CheckinResponse {
+            appliance: appliance.key.clone(),
+            update_available: false,
+            intent: None,
+            manifest: None,
+            version: None,
+            rollout: None,
+            origin: None,
+            window: Some(window),
+            site_peers: Vec::new(),
+            checkin_interval_secs: Some(self.config.checkin_interval_secs),
+            server_time: now,
+            site_members: Some(site_members),
+            report_seq: Some(appliance.report_seq),
+        };
+        let Some((release, intent, rollout)) = due else {
+            return response;
+        };
+        response.update_available = true;
+        response.intent = Some(intent);
+        response.manifest = Some(release.manifest.clone());
+        response.version = Some(release.version);
+        response.rollout = rollout;
+        response.origin = Some(OriginUrls {
+            ranges: format!("{public_url}/api/blobs/{}/ranges", release.blake3),
+            image: format!("{public_url}/api/releases/{}/image", release.version),
+            iroh: self.iroh_addresses.clone(),
+        });
+        response.site_peers = self
+            .members
+            .get(&appliance.site)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.appliances.get(key))
+            .filter(|p| p.key != appliance.key && self.is_online(p, now))
+            .map(|p| SitePeer {
+                appliance: p.key.clone(),
+                addresses: p.peer.clone(),
+                installed_version: p.installed_version,
+                state: p
+                    .update
+                    .as_ref()
+                    .filter(|u| u.report.version == release.version)
+                    .map(|u| u.report.state),
+            })
+            .collect();
+        response
+    }
+
+    /// The release due for this appliance, if any: a pin (the appliance's, else its group's)
+    /// first, then a fleet rollback, then the rollout's stage.
+    fn due<'a>(
+        &'a self,
+        appliance: &ApplianceRecord,
+    ) -> Option<(&'a ReleaseRecord, UpdateIntent, Option<u64>)> {
+        let usable = |version: u64| {
+            self.releases.get(&version).filter(|r| r.active && runs_on(r, appliance))
+        };
+        let group_pin = appliance.group.as_deref().and_then(|g| self.group_pin(g));
+        if let Some(pin) = appliance.pin_version.or(group_pin) {
+            if pin == appliance.installed_version {
+                return None;
+            }
+            let intent = if pin > appliance.installed_version {
+                UpdateIntent::Upgrade
+            } else {
+                UpdateIntent::Rollback
+            };
+            return usable(pin).map(|r| (r, intent, None));
+        }
+        for rollout in self.rollouts.values().rev() {
+            if rollout.rolled_back && appliance.installed_version == rollout.version {
+                let previous = rollout.previous_version?;
+                return usable(previous).map(|r| (r, UpdateIntent::Rollback, Some(rollout.id)));
+            }
+        }
+        let rollout = self.rollouts.values().rev().find(|r| r.state == RolloutState::InProgress)?;
+        if rollout.version <= appliance.installed_version || !rollout.offers_to(&appliance.key) {
+            return None;
+        }
+        usable(rollout.version).map(|r| (r, UpdateIntent::Upgrade, Some(rollout.id)))
+    }
+
+    /// Records an appliance's report of its update.
+    pub fn report(
+        &self,
+        key: &str,
+        report: ReportRequest,
+        auth: &ReportAuth,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        let existing =
+            self.appliances.get(key).ok_or_else(|| FleetError::UnknownAppliance(key.to_owned()))?;
+        if report.state == UpdateState::Unknown {
+            return Err(FleetError::Invalid("unknown update state".into()));
+        }
+        let mut record = existing.clone();
+        check_fresh(&mut record, &report, auth)?;
+        let offered = record.offer.as_ref().is_some_and(|o| {
+            o.version == report.version && report.rollout.is_none_or(|r| o.rollout == Some(r))
+        });
+        // Records from before offers were stored: the update already under way still counts.
+        let under_way = record.offer.is_none()
+            && record.update.as_ref().is_some_and(|u| u.report.version == report.version);
+        if !offered && !under_way {
+            return Err(FleetError::NotOffered(format!(
+                "appliance {key} was not offered release {}{}",
+                report.version,
+                report.rollout.map(|r| format!(" by rollout {r}")).unwrap_or_default()
+            )));
+        }
+        let changed_state = record
+            .update
+            .as_ref()
+            .is_none_or(|u| u.report.state != report.state || u.report.version != report.version);
+        let started = record
+            .update
+            .as_ref()
+            .filter(|u| u.report.version == report.version)
+            .map_or(now, |u| u.started);
+        let since =
+            if changed_state { now } else { record.update.as_ref().map_or(now, |u| u.since) };
+        if matches!(report.state, UpdateState::Succeeded) {
+            record.installed_version = report.version;
+            record.claimed_version = None;
+            record.active_slot = report.slot.clone().or(record.active_slot.take());
+        }
+        let detail = changed_state.then(
+            || json!({"version": report.version, "state": report.state, "error": report.error}),
+        );
+        let mut report = report;
+        report.error = report.error.map(|e| validate::clip(&e, validate::MAX_ERROR));
+        record.update = Some(UpdateRow { report, started, since });
+        record.last_checkin = now;
+        let mut batch = Batch::new(self);
+        batch.push(Change::Appliance(Box::new(record)));
+        if let Some(detail) = detail {
+            batch.audit(now, &format!("appliance:{key}"), "appliance.report", detail);
+        }
+        Ok(batch.finish())
+    }
+
+    /// Pins an appliance to a version (or unpins it).
+    pub fn pin(
+        &self,
+        key: &str,
+        version: Option<u64>,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        if let Some(v) = version {
+            self.release(v)?;
+        }
+        let mut record = self.appliance(key)?.clone();
+        record.pin_version = version;
+        let mut batch = Batch::new(self);
+        batch.push(Change::Appliance(Box::new(record)));
+        batch.audit(
+            now,
+            "operator",
+            "appliance.pin",
+            json!({"appliance": key, "version": version}),
+        );
+        Ok(batch.finish())
+    }
+
+    /// Overrides (or with `None`, clears) the maintenance window of one appliance.
+    pub fn set_appliance_window(
+        &self,
+        key: &str,
+        window: Option<MaintenanceWindow>,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        if let Some(window) = &window {
+            window.validate().map_err(|e| FleetError::Invalid(e.to_string()))?;
+        }
+        let mut record = self.appliance(key)?.clone();
+        record.window = window.clone();
+        let mut batch = Batch::new(self);
+        batch.push(Change::Appliance(Box::new(record)));
+        let detail = json!({"appliance": key, "window": window});
+        batch.audit(now, "operator", "appliance.window", detail);
+        Ok(batch.finish())
+    }
+
+    /// Removes an appliance (replaced, stolen, decommissioned): its key can no longer check
+    /// in without the enrollment token, and its name and MACs are free for a new identity.
+    pub fn remove_appliance(&self, key: &str, now: Timestamp) -> Result<Vec<Change>, FleetError> {
+        let record = self.appliance(key)?;
+        let mut batch = Batch::new(self);
+        batch.push(Change::ApplianceRemoved { key: key.to_owned() });
+        let detail = json!({"appliance": key, "site": record.site, "name": record.name, "macs": record.macs});
+        batch.audit(now, "operator", "appliance.remove", detail);
+        Ok(batch.finish())
+    }
+
+    fn appliance(&self, key: &str) -> Result<&ApplianceRecord, FleetError> {
+        self.appliances.get(key).ok_or_else(|| FleetError::NotFound(format!("appliance {key}")))
+    }
+}
+
+/// Refuses a replayed or reordered report and records this one as the newest.
+fn check_fresh(
+    record: &mut ApplianceRecord,
+    report: &ReportRequest,
+    auth: &ReportAuth,
+) -> Result<(), FleetError> {
+    match report.seq {
+        Some(seq) if seq <= record.report_seq => Err(FleetError::StaleReport(format!(
+            "sequence number {seq} is not above {}, the last accepted",
+            record.report_seq
+        ))),
+        Some(seq) => {
+            record.report_seq = seq;
+            Ok(())
+        }
+        // Agents from before sequence numbers: the signed timestamp must move on (or, within
+        // the same second, the request must be another one).
+        None => {
+            let last = record.last_report_at.unwrap_or(i64::MIN);
+            let same_request = record.last_report_signature.as_deref() == Some(&auth.signature);
+            if auth.timestamp < last || (auth.timestamp == last && same_request) {
+                return Err(FleetError::StaleReport(format!(
+                    "signed at {}, not after the last accepted report ({last})",
+                    auth.timestamp
+                )));
+            }
+            record.last_report_at = Some(auth.timestamp);
+            record.last_report_signature = Some(auth.signature.clone());
+            Ok(())
+        }
+    }
+}
+
+/// The identity fields that differ, as `{field: [before, after]}`.
+fn identity_changes(
+    before: &ApplianceRecord,
+    after: &ApplianceRecord,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut changed = serde_json::Map::new();
+    let mut compare = |field: &str, a: serde_json::Value, b: serde_json::Value| {
+        if a != b {
+            changed.insert(field.to_owned(), json!([a, b]));
+        }
+    };
+    compare("site", json!(before.site), json!(after.site));
+    compare("name", json!(before.name), json!(after.name));
+    compare("group", json!(before.group), json!(after.group));
+    compare("macs", json!(before.macs), json!(after.macs));
+    compare("platform", json!(before.platform), json!(after.platform));
+    compare("installed_version", json!(before.installed_version), json!(after.installed_version));
+    changed
+}

@@ -1,0 +1,331 @@
+//! Releases, rollouts and the engine's tick: each computes its changes from the fleet as it is.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sitecast_manifest::api::UpdateState;
+
+use super::{Batch, Fleet, FleetError};
+use crate::engine::{self, Decision, Rollout, RolloutState, StageCounts, StagePlan, Strategy};
+use crate::store::{ApplianceRecord, Change, ReleaseRecord};
+
+/// A request to start a rollout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutRequest {
+    pub version: u64,
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub stages: Option<Vec<StagePlan>>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub failure_threshold: Option<f64>,
+    #[serde(default)]
+    pub report_deadline_secs: Option<u64>,
+}
+
+/// What an operator can do to a running rollout (`POST /api/rollouts/{id}/{action}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    Advance,
+    Rollback,
+}
+
+impl std::str::FromStr for RolloutAction {
+    type Err = FleetError;
+
+    fn from_str(text: &str) -> Result<Self, FleetError> {
+        match text {
+            "pause" => Ok(Self::Pause),
+            "resume" => Ok(Self::Resume),
+            "advance" => Ok(Self::Advance),
+            "rollback" => Ok(Self::Rollback),
+            other => Err(FleetError::Invalid(format!("unknown rollout action {other:?}"))),
+        }
+    }
+}
+
+impl RolloutAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Advance => "advance",
+            Self::Rollback => "rollback",
+        }
+    }
+}
+
+/// A rollout with its live counts, as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutView {
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    pub stage_counts: Vec<StageCounts>,
+    pub failure_rate: f64,
+    pub next_stage_at: Option<Timestamp>,
+    /// Appliances of the targeted groups whose platform the release does not list: not part
+    /// of the rollout, and not waited for.
+    #[serde(default)]
+    pub not_applicable: usize,
+}
+
+/// Whether `release` runs on `appliance`'s hardware (a release that lists none runs on all).
+pub(super) fn runs_on(release: &ReleaseRecord, appliance: &ApplianceRecord) -> bool {
+    release.platforms.is_empty() || release.platforms.contains(&appliance.platform)
+}
+
+impl Fleet {
+    pub fn publish(
+        &self,
+        record: ReleaseRecord,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        if self.releases.contains_key(&record.version) {
+            return Err(FleetError::Conflict(format!(
+                "release {} is already published",
+                record.version
+            )));
+        }
+        let detail =
+            json!({"version": record.version, "blake3": record.blake3, "size": record.size});
+        let mut batch = Batch::new(self);
+        batch.push(Change::Release(record));
+        batch.audit(now, "operator", "release.publish", detail);
+        Ok(batch.finish())
+    }
+
+    pub fn deactivate(&self, version: u64, now: Timestamp) -> Result<Vec<Change>, FleetError> {
+        let mut release = self.release(version)?.clone();
+        release.active = false;
+        let mut batch = Batch::new(self);
+        batch.push(Change::Release(release));
+        batch.audit(now, "operator", "release.deactivate", json!({"version": version}));
+        Ok(batch.finish())
+    }
+
+    /// The id the next rollout gets.
+    pub fn next_rollout_id(&self) -> u64 {
+        self.rollouts.keys().next_back().map_or(1, |id| id + 1)
+    }
+
+    /// A new rollout over the appliances of its groups whose platform the release lists.
+    pub fn create_rollout(
+        &self,
+        request: RolloutRequest,
+        now: Timestamp,
+    ) -> Result<(u64, Vec<Change>), FleetError> {
+        let release = self.release(request.version)?;
+        if !release.active {
+            return Err(FleetError::Conflict(format!(
+                "release {} is deactivated",
+                request.version
+            )));
+        }
+        if let Some(running) = self
+            .rollouts
+            .values()
+            .find(|r| matches!(r.state, RolloutState::InProgress | RolloutState::Paused))
+        {
+            return Err(FleetError::Conflict(format!(
+                "rollout {} of release {} is still {}; complete or roll it back first",
+                running.id,
+                running.version,
+                running.state.as_str()
+            )));
+        }
+        if let Some(threshold) = request.failure_threshold
+            && !(0.0..=1.0).contains(&threshold)
+        {
+            return Err(FleetError::Invalid(format!(
+                "failure_threshold {threshold} is not within 0..1"
+            )));
+        }
+        let previous_version =
+            self.releases.range(..request.version).rev().find(|(_, r)| r.active).map(|(v, _)| *v);
+        let in_groups = |a: &&ApplianceRecord| {
+            request.groups.is_empty()
+                || a.group.as_ref().is_some_and(|g| request.groups.contains(g))
+        };
+        let (targets, not_applicable): (Vec<&ApplianceRecord>, Vec<&ApplianceRecord>) =
+            self.appliances.values().filter(in_groups).partition(|a| runs_on(release, a));
+        let targets: Vec<String> = targets.into_iter().map(|a| a.key.clone()).collect();
+        let id = self.next_rollout_id();
+        let mut rollout = Rollout::new(
+            id,
+            request.version,
+            previous_version,
+            request.strategy,
+            request.stages,
+            request.groups,
+            &targets,
+            now,
+        )
+        .map_err(FleetError::Invalid)?;
+        if let Some(threshold) = request.failure_threshold {
+            rollout.failure_threshold = threshold;
+        }
+        if let Some(deadline) = request.report_deadline_secs {
+            rollout.report_deadline_secs = deadline;
+        }
+        let detail = json!({"rollout": id, "version": rollout.version, "strategy": rollout.strategy,
+            "targets": targets.len(), "not_applicable": not_applicable.len()});
+        let mut batch = Batch::new(self);
+        batch.push(Change::Rollout(rollout));
+        batch.audit(now, "operator", "rollout.create", detail);
+        Ok((id, batch.finish()))
+    }
+
+    pub fn control(
+        &self,
+        id: u64,
+        action: RolloutAction,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        let mut rollout = self
+            .rollouts
+            .get(&id)
+            .ok_or_else(|| FleetError::NotFound(format!("rollout {id}")))?
+            .clone();
+        let finished = matches!(rollout.state, RolloutState::Completed | RolloutState::Failed);
+        match action {
+            _ if finished && action != RolloutAction::Rollback => {
+                return Err(FleetError::Conflict(format!(
+                    "rollout {id} is {}",
+                    rollout.state.as_str()
+                )));
+            }
+            RolloutAction::Pause => {
+                rollout.state = RolloutState::Paused;
+                rollout.paused_reason = Some("paused by operator".into());
+            }
+            RolloutAction::Resume => {
+                rollout.state = RolloutState::InProgress;
+                rollout.paused_reason = None;
+            }
+            RolloutAction::Advance => {
+                if rollout.current_stage >= rollout.last_stage() {
+                    return Err(FleetError::Conflict(format!("rollout {id} is at its last stage")));
+                }
+                rollout.current_stage += 1;
+                rollout.stage_started = now;
+                rollout.state = RolloutState::InProgress;
+                rollout.paused_reason = None;
+            }
+            RolloutAction::Rollback => {
+                if rollout.rolled_back {
+                    return Err(FleetError::Conflict(format!(
+                        "rollout {id} is already rolled back"
+                    )));
+                }
+                let previous = rollout.previous_version.ok_or_else(|| {
+                    FleetError::Conflict(format!(
+                        "rollout {id} has no previous release to return to"
+                    ))
+                })?;
+                let floor =
+                    self.releases.get(&rollout.version).and_then(|r| r.rollback_floor).unwrap_or(0);
+                if previous < floor {
+                    return Err(FleetError::Conflict(format!(
+                        "cannot roll back to {previous}: release {} set the rollback floor {floor}",
+                        rollout.version
+                    )));
+                }
+                rollout.state = RolloutState::Failed;
+                rollout.rolled_back = true;
+                rollout.paused_reason = Some(format!("rolled back to {previous} by operator"));
+            }
+        }
+        let detail = json!({"rollout": id, "stage": rollout.current_stage, "state": rollout.state});
+        let mut batch = Batch::new(self);
+        batch.push(Change::Rollout(rollout));
+        batch.audit(now, "operator", &format!("rollout.{}", action.as_str()), detail);
+        Ok(batch.finish())
+    }
+
+    pub fn rollout_view(&self, rollout: &Rollout, now: Timestamp) -> RolloutView {
+        let views = self.views(rollout, now);
+        let not_applicable = self.releases.get(&rollout.version).map_or(0, |release| {
+            self.appliances
+                .values()
+                .filter(|a| rollout.targets(a.group.as_deref()) && !runs_on(release, a))
+                .count()
+        });
+        RolloutView {
+            rollout: rollout.clone(),
+            stage_counts: rollout.stage_counts(&views),
+            failure_rate: rollout.failure_rate(&views),
+            next_stage_at: rollout.next_stage_at(),
+            not_applicable,
+        }
+    }
+
+    /// Runs the engine over every live rollout.
+    pub fn tick(&self, now: Timestamp) -> Vec<Change> {
+        let mut batch = Batch::new(self);
+        let live = self
+            .rollouts
+            .values()
+            .filter(|r| matches!(r.state, RolloutState::InProgress | RolloutState::Paused));
+        for rollout in live {
+            let decisions = engine::decide(rollout, &self.views(rollout, now), now);
+            if decisions.is_empty() {
+                continue;
+            }
+            let mut updated = rollout.clone();
+            for decision in &decisions {
+                if let Decision::MarkFailed { appliance, reason } = decision
+                    && let Some(record) = self.appliances.get(appliance)
+                    && let Some(update) = &record.update
+                {
+                    let mut record = record.clone();
+                    let mut update = update.clone();
+                    update.report.state = UpdateState::Failed;
+                    update.report.error = Some(reason.clone());
+                    update.since = now;
+                    record.update = Some(update);
+                    batch.push(Change::Appliance(Box::new(record)));
+                }
+                updated.apply(decision, now);
+                let detail = json!({"rollout": rollout.id, "decision": format!("{decision:?}")});
+                batch.audit(now, "system", "rollout.decide", detail);
+            }
+            batch.push(Change::Rollout(updated));
+        }
+        batch.finish()
+    }
+
+    /// The version a group is pinned to (kept as a meta entry `pin.group.<name>`).
+    pub fn group_pin(&self, group: &str) -> Option<u64> {
+        self.meta.get(&format!("pin.group.{group}")).and_then(|v| v.parse().ok())
+    }
+
+    /// Pins every appliance of `group` to a version (or unpins the group); an appliance's own
+    /// pin wins over its group's.
+    pub fn pin_group(
+        &self,
+        group: &str,
+        version: Option<u64>,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        if let Some(v) = version {
+            self.release(v)?;
+        }
+        let value = version.map(|v| v.to_string()).unwrap_or_default();
+        let mut batch = Batch::new(self);
+        batch.push(Self::meta_change(&format!("pin.group.{group}"), value));
+        batch.audit(now, "operator", "group.pin", json!({"group": group, "version": version}));
+        Ok(batch.finish())
+    }
+
+    /// The release the fleet is on its way to: the newest rollout's, else the newest active
+    /// release.
+    pub fn current_release(&self) -> Option<&ReleaseRecord> {
+        match self.rollouts.values().next_back() {
+            Some(rollout) => self.releases.get(&rollout.version),
+            None => self.releases.values().rev().find(|r| r.active),
+        }
+    }
+}

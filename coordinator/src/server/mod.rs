@@ -1,0 +1,543 @@
+//! The HTTP server: thin axum handlers over [`Fleet`], the store and the image store.
+//!
+//! Every state change goes through [`mutate`]: compute the changes from the fleet as it is,
+//! commit them, and only then apply them, all under the fleet lock. A commit that fails closes
+//! the store: writes are refused (503) and `/healthz` says so until the store is reopened and
+//! the fleet reloaded from what is durable, so nothing answered as done is ever lost and
+//! nothing unstored is ever served.
+
+mod appliances;
+mod auth;
+mod operator;
+mod origin;
+mod releases;
+mod session_api;
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use jiff::Timestamp;
+use serde::Deserialize;
+use sitecast_manifest::TrustedRoot;
+use sitecast_manifest::api::ErrorBody;
+
+use crate::blobs::BlobStore;
+use crate::fleet::{Fleet, FleetConfig, FleetError};
+use crate::session::{self, SessionError, Sessions};
+use crate::store::{Change, Store, StoreError};
+use crate::web;
+
+pub use self::auth::{OPERATOR_TOKEN, URL_SECRET};
+
+/// JSON bodies larger than this are refused (413) before they are parsed.
+pub const MAX_JSON_BYTES: usize = 1024 * 1024;
+/// The largest body an appliance may send (a check-in with every field at its bound is under
+/// 16 KiB), so unauthenticated clients cannot make the server hold much memory each.
+pub const MAX_APPLIANCE_BYTES: usize = 64 * 1024;
+/// The largest sign-in body (`{"token": …}`), read before anyone is known.
+const MAX_SIGN_IN_BYTES: usize = 4 * 1024;
+
+/// Where "now" comes from: the system clock, or a clock tests move by hand.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    fn now(&self) -> Timestamp;
+}
+
+#[derive(Debug)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Debug)]
+pub struct ManualClock(Mutex<Timestamp>);
+
+impl ManualClock {
+    pub fn new(start: Timestamp) -> Self {
+        Self(Mutex::new(start))
+    }
+
+    pub fn advance(&self, by: jiff::SignedDuration) {
+        let mut now = lock(&self.0);
+        *now = now.checked_add(by).expect("test clock stays in range");
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        *lock(&self.0)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// The root of trust releases must verify against; without it publishing is refused.
+    pub root: Option<TrustedRoot>,
+    pub operator_token: Option<String>,
+    pub enrollment_token: Option<String>,
+    /// Base URL appliances reach this server at; by default taken from each request's `Host`.
+    pub public_url: Option<String>,
+    pub fleet: FleetConfig,
+    /// How often the rollout engine runs.
+    pub tick: Duration,
+    pub max_upload_bytes: u64,
+    /// How long a Fleet Updates sign-in lasts.
+    pub session_ttl: jiff::SignedDuration,
+    /// New appliances enrolled per second at most, after a burst of `enroll_burst`.
+    pub enroll_per_sec: f64,
+    pub enroll_burst: u32,
+    /// Verified-range responses being encoded at once; more wait briefly, then get 503.
+    pub max_range_streams: usize,
+    /// How long an image download URL handed out in an offer stays valid.
+    pub image_url_ttl: jiff::SignedDuration,
+    /// Connection, header, body and write bounds of the listener.
+    pub limits: crate::listener::Limits,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            root: None,
+            operator_token: None,
+            enrollment_token: None,
+            public_url: None,
+            fleet: FleetConfig::default(),
+            tick: Duration::from_secs(5),
+            max_upload_bytes: 64 << 30,
+            session_ttl: session::DEFAULT_TTL,
+            enroll_per_sec: 20.0,
+            enroll_burst: 200,
+            max_range_streams: 64,
+            image_url_ttl: jiff::SignedDuration::from_hours(24),
+            limits: crate::listener::Limits::default(),
+        }
+    }
+}
+
+/// Tokens generated on the first start, to be shown to the operator once.
+#[derive(Debug, Clone)]
+pub struct FirstRunTokens {
+    pub operator: Option<String>,
+    pub enrollment: Option<String>,
+}
+
+#[derive(Debug)]
+struct AppState {
+    fleet: Mutex<Fleet>,
+    store: Arc<dyn Store>,
+    /// Why the store is closed, if a commit failed and it has not been reopened since.
+    store_failure: Mutex<Option<String>>,
+    blobs: BlobStore,
+    root: Option<TrustedRoot>,
+    clock: Arc<dyn Clock>,
+    public_url: Option<String>,
+    checkins: AtomicU64,
+    /// Browser sign-ins; in memory only, so a restart signs everyone out.
+    sessions: Mutex<Sessions>,
+    iroh: std::sync::OnceLock<crate::iroh_origin::IrohOrigin>,
+    enrollments: Mutex<auth::RateLimit>,
+    refusals: Mutex<auth::RateLimit>,
+    range_streams: Arc<tokio::sync::Semaphore>,
+    image_url_ttl: jiff::SignedDuration,
+    listener_stats: crate::listener::Stats,
+}
+
+impl std::fmt::Debug for dyn Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+/// A running coordinator's state and routes.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    state: Arc<AppState>,
+    data_dir: PathBuf,
+    tick: Duration,
+    max_upload: u64,
+    limits: crate::listener::Limits,
+}
+
+impl Coordinator {
+    /// Opens (or creates) the data directory: `state.redb` and `blobs/`.
+    pub fn open(
+        config: ServerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<(Self, FirstRunTokens)> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store: Arc<dyn Store> =
+            Arc::new(crate::store::RedbStore::open(&config.data_dir.join("state.redb"))?);
+        Self::open_with_store(config, clock, store)
+    }
+
+    /// As [`Coordinator::open`], on a store of the caller's (tests use one that fails on
+    /// demand).
+    pub fn open_with_store(
+        config: ServerConfig,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<(Self, FirstRunTokens)> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let blobs = BlobStore::open(&config.data_dir.join("blobs"))?;
+        let mut fleet = Fleet::from_snapshot(store.load()?, config.fleet.clone());
+        let (changes, first_run) = auth::initial_tokens(&fleet, &config, clock.now())?;
+        store.commit(&changes, true)?;
+        fleet.apply(&changes);
+        let state = AppState {
+            fleet: Mutex::new(fleet),
+            store,
+            store_failure: Mutex::new(None),
+            blobs,
+            root: config.root,
+            clock,
+            public_url: config.public_url,
+            checkins: AtomicU64::new(0),
+            iroh: std::sync::OnceLock::new(),
+            sessions: Mutex::new(Sessions::new(config.session_ttl)),
+            enrollments: Mutex::new(auth::RateLimit::new(
+                config.enroll_per_sec,
+                config.enroll_burst,
+            )),
+            refusals: Mutex::new(auth::RateLimit::new(1.0, 20)),
+            range_streams: Arc::new(tokio::sync::Semaphore::new(config.max_range_streams.max(1))),
+            image_url_ttl: config.image_url_ttl,
+            listener_stats: crate::listener::Stats::default(),
+        };
+        let data_dir = config.data_dir.clone();
+        Ok((
+            Self {
+                state: Arc::new(state),
+                data_dir,
+                tick: config.tick,
+                max_upload: config.max_upload_bytes,
+                limits: config.limits,
+            },
+            first_run,
+        ))
+    }
+
+    pub fn router(&self) -> Router {
+        let json_limit = DefaultBodyLimit::max(MAX_JSON_BYTES);
+        let upload_limit =
+            DefaultBodyLimit::max(usize::try_from(self.max_upload).unwrap_or(usize::MAX));
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route("/metrics", get(session_api::metrics))
+            .route("/api/releases", post(releases::publish).layer(upload_limit).get(releases::list))
+            .route("/api/releases/{version}/deactivate", post(releases::deactivate))
+            .route("/api/releases/{version}/manifest", get(releases::manifest))
+            .route("/api/releases/{version}/image", get(origin::image))
+            .route("/api/blobs/{hash}/ranges", get(origin::blob_ranges))
+            .route("/api/rollouts", post(operator::create_rollout).get(operator::list_rollouts))
+            .route("/api/rollouts/{id}", get(operator::show_rollout))
+            .route("/api/rollouts/{id}/{action}", post(operator::control_rollout))
+            .route("/api/appliances", get(appliances::list))
+            .route("/api/appliances/checkin", post(appliances::checkin))
+            .route("/api/appliances/report", post(appliances::report))
+            .route("/api/appliances/{key}", axum::routing::delete(appliances::remove))
+            .route("/api/appliances/{key}/pin", post(operator::pin))
+            .route("/api/groups/{group}/pin", post(operator::pin_group))
+            .route("/api/appliances/{key}/window", put(operator::appliance_window))
+            .route("/api/sites", get(operator::sites))
+            .route("/api/sites/{site}/window", put(operator::site_window))
+            .route("/api/audit", get(operator::audit))
+            .route(
+                "/api/session",
+                get(session_api::status)
+                    .post(session_api::sign_in)
+                    .layer(DefaultBodyLimit::max(MAX_SIGN_IN_BYTES))
+                    .delete(session_api::sign_out),
+            )
+            .route(web::PAGE.path, get(|| async { session_api::page_asset(&web::PAGE) }))
+            .route(web::SCRIPT.path, get(|| async { session_api::page_asset(&web::SCRIPT) }))
+            .route(web::STYLE.path, get(|| async { session_api::page_asset(&web::STYLE) }))
+            .layer(json_limit)
+            .with_state(Arc::clone(&self.state))
+    }
+
+    /// Also serves every release over iroh-blobs on `listen` (images imported by reference).
+    pub async fn enable_iroh(&self, listen: std::net::SocketAddr) -> anyhow::Result<Vec<String>> {
+        let dir = self.data_dir.join("iroh");
+        let origin = crate::iroh_origin::IrohOrigin::start(&dir, listen).await?;
+        let hashes: Vec<String> =
+            lock(&self.state.fleet).releases.values().map(|r| r.blake3.clone()).collect();
+        for hash in hashes {
+            let hash = sitecast_manifest::Blake3Hash::from_hex(&hash)?;
+            origin.add(&self.state.blobs.data_path(&hash)).await?;
+        }
+        let addresses = origin.addresses();
+        lock(&self.state.fleet).iroh_addresses = addresses.clone();
+        let _ = self.state.iroh.set(origin);
+        Ok(addresses)
+    }
+
+    /// Runs the rollout engine once (the server also does it every `tick`).
+    pub fn tick(&self) -> Result<(), StoreError> {
+        let state = &self.state;
+        let mut fleet = state.writable()?;
+        let changes = fleet.tick(state.clock.now());
+        state.commit_and_apply(&mut fleet, &changes, true)
+    }
+
+    /// Writes check-in bookkeeping (last seen, addresses) to the store.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let state = &self.state;
+        let mut fleet = state.writable()?;
+        let changes = fleet.take_dirty();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        // Under the fleet lock, so a newer durable record is never overwritten by this one.
+        let result = state.store.commit(&changes, false);
+        if let Err(error) = &result {
+            fleet.mark_dirty(&changes);
+            state.closed_by(error);
+        }
+        result
+    }
+
+    /// Why the store is closed, if it is.
+    pub fn store_failure(&self) -> Option<String> {
+        lock(&self.state.store_failure).clone()
+    }
+
+    /// Serves within the configured [`crate::listener::Limits`] until dropped; ticks and
+    /// flushes in the background.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let background = self.clone();
+        // The engine and flusher live exactly as long as the server: dropping or aborting
+        // `serve` stops them too.
+        let _background = AbortOnDrop(tokio::spawn(async move {
+            let mut interval = tokio::time::interval(background.tick.min(Duration::from_secs(1)));
+            let mut last_tick = std::time::Instant::now();
+            loop {
+                interval.tick().await;
+                let worker = background.clone();
+                let run_engine = last_tick.elapsed() >= background.tick;
+                if run_engine {
+                    last_tick = std::time::Instant::now();
+                }
+                let result = tokio::task::spawn_blocking(move || {
+                    worker.flush()?;
+                    if run_engine { worker.tick() } else { Ok(()) }
+                })
+                .await;
+                match result {
+                    Ok(Err(error)) => tracing::error!(%error, "background commit failed"),
+                    Err(error) => tracing::error!(%error, "background task panicked"),
+                    Ok(Ok(())) => {}
+                }
+            }
+        }));
+        let stats = self.state.listener_stats.clone();
+        crate::listener::serve_with_stats(listener, self.router(), self.limits.clone(), stats).await
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl AppState {
+    /// The fleet, for a change: reopens a closed store first (and reloads the fleet from it),
+    /// or refuses.
+    fn writable(&self) -> Result<MutexGuard<'_, Fleet>, StoreError> {
+        let mut fleet = lock(&self.fleet);
+        let mut failure = lock(&self.store_failure);
+        if let Some(why) = failure.as_ref() {
+            let reloaded = self.store.reopen().and_then(|()| self.store.load());
+            match reloaded {
+                Ok(snapshot) => {
+                    let config = fleet.config.clone();
+                    let iroh = std::mem::take(&mut fleet.iroh_addresses);
+                    *fleet = Fleet::from_snapshot(snapshot, config);
+                    fleet.iroh_addresses = iroh;
+                    tracing::warn!(was = %why, "store reopened; fleet reloaded from it");
+                    *failure = None;
+                }
+                Err(error) => return Err(StoreError::Closed(format!("{why}; reopening: {error}"))),
+            }
+        }
+        Ok(fleet)
+    }
+
+    fn closed_by(&self, error: &StoreError) {
+        tracing::error!(%error, "commit failed: the store is closed until it can be reopened");
+        lock(&self.store_failure).get_or_insert_with(|| error.to_string());
+    }
+
+    /// Commits `changes`, then applies them; on failure applies nothing and closes the store.
+    fn commit_and_apply(
+        &self,
+        fleet: &mut Fleet,
+        changes: &[Change],
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if let Err(error) = self.store.commit(changes, durable) {
+            self.closed_by(&error);
+            return Err(error);
+        }
+        fleet.apply(changes);
+        Ok(())
+    }
+}
+
+/// Computes changes with `op`, commits them durably and applies them, off the async executor;
+/// then `view` reads the result from the fleet as it now is.
+async fn mutate<T: Send + 'static, K: Send + 'static>(
+    state: &Arc<AppState>,
+    op: impl FnOnce(&Fleet, Timestamp) -> Result<(K, Vec<Change>), FleetError> + Send + 'static,
+    view: impl FnOnce(&Fleet, K, Timestamp) -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || {
+        let mut fleet = state.writable()?;
+        let now = state.clock.now();
+        let (key, changes) = op(&fleet, now)?;
+        state.commit_and_apply(&mut fleet, &changes, true)?;
+        Ok(view(&fleet, key, now))
+    })
+    .await
+    .map_err(ApiError::internal)?
+}
+
+/// `mutate` for operations with nothing to show but success.
+async fn change(
+    state: &Arc<AppState>,
+    op: impl FnOnce(&Fleet, Timestamp) -> Result<Vec<Change>, FleetError> + Send + 'static,
+) -> Result<(), ApiError> {
+    mutate(state, move |fleet, now| Ok(((), op(fleet, now)?)), |_, (), _| ()).await
+}
+
+async fn healthz(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
+    match lock(&state.store_failure).clone() {
+        None => "ok\n".into_response(),
+        Some(why) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {why}\n")).into_response()
+        }
+    }
+}
+
+// ----- errors -----
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), retry_after: None }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    fn not_found(what: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+    }
+
+    fn busy(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+        }
+    }
+
+    fn too_many(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+        }
+    }
+
+    fn internal(error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", error.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: self.message, code: self.code.to_owned() };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
+    }
+}
+
+impl From<FleetError> for ApiError {
+    fn from(error: FleetError) -> Self {
+        let (status, code) = match &error {
+            FleetError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            FleetError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            FleetError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            FleetError::UnknownAppliance(_) => (StatusCode::FORBIDDEN, "unknown_appliance"),
+            FleetError::StaleReport(_) => (StatusCode::CONFLICT, "stale_report"),
+            FleetError::NotOffered(_) => (StatusCode::CONFLICT, "not_offered"),
+            FleetError::IdentityTaken { .. } => (StatusCode::CONFLICT, "identity_taken"),
+        };
+        Self::new(status, code, error.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        tracing::error!(%error, "store");
+        Self {
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("nothing was changed: the store failed ({error})"),
+            )
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(error: SessionError) -> Self {
+        match error {
+            SessionError::Unknown => {
+                Self::new(StatusCode::UNAUTHORIZED, "session_expired", error.to_string())
+            }
+            SessionError::Csrf => Self::new(StatusCode::FORBIDDEN, "csrf", error.to_string()),
+            SessionError::Random(_) => Self::internal(error),
+        }
+    }
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("malformed_json", format!("malformed JSON: {e}")))
+}

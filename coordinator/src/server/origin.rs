@@ -1,0 +1,220 @@
+//! The origin: the plain image (legacy agents, humans, `curl`) and verified ranges (the
+//! agent's WAN path). Only for the fleet: operators, enrolled appliances, and holders of an
+//! image URL from an offer; never a deactivated release except to the operator.
+//!
+//! Encoding verified ranges is blocking work (file reads and hashing). It runs in at most
+//! `max_range_streams` blocking tasks at once, and a client that stops reading for
+//! [`STALL_TIMEOUT`] loses its stream, so slow or hostile readers can never take the threads
+//! that commit state.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use sitecast_manifest::ImageInfo;
+use sitecast_manifest::api;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::auth::ImageReader;
+use super::{ApiError, AppState, lock};
+use crate::fleet::Fleet;
+use crate::range::{self, RangeDecision};
+use crate::store::ReleaseRecord;
+
+/// A verified-range client that reads nothing for this long is dropped.
+pub(super) const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a range request waits for a free encoder before it is told to come back.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn image_info(record: &ReleaseRecord) -> Result<ImageInfo, ApiError> {
+    Ok(ImageInfo {
+        size: record.size,
+        blake3: sitecast_manifest::Blake3Hash::from_hex(&record.blake3)
+            .map_err(ApiError::internal)?,
+        sha256: sitecast_manifest::Sha256Hash::from_hex(&record.sha256)
+            .map_err(ApiError::internal)?,
+    })
+}
+
+/// The release, if this reader may have its bytes.
+fn readable(
+    state: &Arc<AppState>,
+    reader: &ImageReader,
+    find: impl FnOnce(&Fleet) -> Option<ReleaseRecord>,
+    what: &str,
+) -> Result<ReleaseRecord, ApiError> {
+    let record = find(&lock(&state.fleet)).ok_or_else(|| ApiError::not_found(what))?;
+    if !record.active && !matches!(reader, ImageReader::Operator) {
+        return Err(ApiError::not_found(format!("{what} (deactivated)")));
+    }
+    Ok(record)
+}
+
+/// The plain image: `Range` and conditional requests as RFC 9110 has them, `ETag`, SHA-256 in
+/// a header.
+pub(super) async fn image(
+    State(state): State<Arc<AppState>>,
+    Path(version): Path<u64>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (parts, _) = request.into_parts();
+    let reader = ImageReader::check(&state, &parts, version)?;
+    let record = readable(
+        &state,
+        &reader,
+        |f| f.releases.get(&version).cloned(),
+        &format!("release {version}"),
+    )?;
+    let headers = &parts.headers;
+    let etag = format!("\"{}\"", record.blake3);
+    let mut response_headers = HeaderMap::new();
+    let value = |s: &str| HeaderValue::from_str(s).map_err(ApiError::internal);
+    response_headers.insert(header::ETAG, value(&etag)?);
+    response_headers.insert(header::ACCEPT_RANGES, value("bytes")?);
+    response_headers.insert(api::HEADER_IMAGE_SHA256, value(&record.sha256)?);
+    response_headers.insert(header::CONTENT_TYPE, value("application/octet-stream")?);
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if range::not_modified(text(header::IF_NONE_MATCH), &etag) {
+        return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
+    }
+    let (status, range) =
+        match range::decide(text(header::RANGE), text(header::IF_RANGE), &etag, record.size) {
+            RangeDecision::Full => (StatusCode::OK, 0..record.size),
+            RangeDecision::Partial(range) => {
+                let content_range =
+                    format!("bytes {}-{}/{}", range.start, range.end - 1, record.size);
+                response_headers.insert(header::CONTENT_RANGE, value(&content_range)?);
+                (StatusCode::PARTIAL_CONTENT, range)
+            }
+            RangeDecision::NotSatisfiable => {
+                response_headers
+                    .insert(header::CONTENT_RANGE, value(&format!("bytes */{}", record.size))?);
+                return Ok((StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response());
+            }
+        };
+    let path = state.blobs.data_path(&image_info(&record)?.blake3);
+    let mut file = tokio::fs::File::open(&path).await.map_err(ApiError::internal)?;
+    file.seek(std::io::SeekFrom::Start(range.start)).await.map_err(ApiError::internal)?;
+    let length = range.end - range.start;
+    response_headers.insert(header::CONTENT_LENGTH, value(&length.to_string())?);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(length), 256 * 1024);
+    Ok((status, response_headers, Body::from_stream(stream)).into_response())
+}
+
+#[derive(Deserialize)]
+pub(super) struct GroupRange {
+    start: u64,
+    end: u64,
+}
+
+/// Verified ranges: `[size u64 LE][bao encoding of groups start..end]`, what iroh-blobs sends
+/// for a ranged get, so appliances check origin data exactly like LAN data.
+pub(super) async fn blob_ranges(
+    State(state): State<Arc<AppState>>,
+    Path(hash): Path<String>,
+    Query(range): Query<GroupRange>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (parts, _) = request.into_parts();
+    let version = lock(&state.fleet).release_by_hash(&hash).map(|r| r.version);
+    let version = version.ok_or_else(|| ApiError::not_found(format!("blob {hash}")))?;
+    let reader = ImageReader::check(&state, &parts, version)?;
+    let record =
+        readable(&state, &reader, |f| f.releases.get(&version).cloned(), &format!("blob {hash}"))?;
+    let site = match &reader {
+        ImageReader::Appliance { site, .. } => site.clone(),
+        _ => "unattributed".to_owned(),
+    };
+    let info = image_info(&record)?;
+    let layout = sitecast_iso::BlobLayout::new(info.blake3, info.size);
+    if range.start >= range.end || range.end > layout.groups() {
+        return Err(ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "bad_range",
+            format!("groups {}..{} are not within 0..{}", range.start, range.end, layout.groups()),
+        ));
+    }
+    let permit =
+        tokio::time::timeout(QUEUE_TIMEOUT, Arc::clone(&state.range_streams).acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                ApiError::busy("busy", "every verified-range stream is taken; try again shortly", 1)
+            })?;
+    let length = layout.encoded_len(range.start..range.end);
+    let (data, outboard) = state.blobs.open_image(&info).map_err(ApiError::internal)?;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
+    let groups = range.start..range.end;
+    let counter = Arc::clone(&state);
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let mut writer = ChannelWriter { sender, sent: 0, runtime };
+        let result = outboard.encode_groups(&data, groups, &mut writer);
+        let sent = writer.sent;
+        if let Err(error) = result {
+            // The body is cut short, so the client sees a truncated response, never bad bytes.
+            tracing::warn!(%error, "serving verified ranges stopped");
+            let _ = writer.sender.try_send(Err(error));
+        }
+        let change = Fleet::count_origin_bytes(&site, version, sent);
+        let mut fleet = lock(&counter.fleet);
+        // Bookkeeping: counted only once stored, and not worth closing the store over.
+        match counter.store.commit(std::slice::from_ref(&change), false) {
+            Ok(()) => fleet.apply(&[change]),
+            Err(error) => tracing::error!(%error, "counting origin bytes"),
+        }
+    });
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    });
+    let mut response = Body::from_stream(stream).into_response();
+    let response_headers = response.headers_mut();
+    response_headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    Ok(response)
+}
+
+/// Bridges the synchronous encoder to the async body; a client that reads nothing for
+/// [`STALL_TIMEOUT`] ends the stream.
+struct ChannelWriter {
+    sender: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+    sent: u64,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let chunk = Ok(Bytes::copy_from_slice(buf));
+        let sent =
+            self.runtime.block_on(tokio::time::timeout(STALL_TIMEOUT, self.sender.send(chunk)));
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "client went away",
+                ));
+            }
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "client stopped reading",
+                ));
+            }
+        }
+        self.sent += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

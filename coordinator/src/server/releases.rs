@@ -1,0 +1,214 @@
+//! Publishing, listing and deactivating releases. Publishing is the operator's; the manifest is
+//! verified against the root of trust before the image is read, and the image is checked
+//! against the manifest before it is stored.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use sitecast_manifest::TrustedRoot;
+use tokio::io::AsyncWriteExt;
+
+use super::auth::Operator;
+use super::{ApiError, AppState, MAX_JSON_BYTES, change, lock, parse_json};
+use crate::blobs::ImportError;
+use crate::store::ReleaseRecord;
+
+/// Manifests are a few KiB; this leaves room for many signatures and long notes.
+const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+
+#[derive(Deserialize)]
+struct PublishPath {
+    manifest: String,
+    image_path: PathBuf,
+}
+
+pub(super) async fn publish(
+    State(state): State<Arc<AppState>>,
+    _: Operator,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let root = state.root.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_root",
+            "this coordinator has no root of trust configured (--root)",
+        )
+    })?;
+    let is_multipart = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let (verified, incoming) = if is_multipart {
+        let multipart = Multipart::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::bad_request("malformed_upload", e.to_string()))?;
+        receive_upload(&state, &root, multipart).await?
+    } else {
+        let body =
+            axum::body::to_bytes(request.into_body(), MAX_JSON_BYTES).await.map_err(|e| {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+            })?;
+        let request: PublishPath = parse_json(&body)?;
+        let verified = verify_manifest(&state, &root, request.manifest.as_bytes())?;
+        (verified, Err(request.image_path))
+    };
+    let image = verified.release().image.clone();
+    let blobs = state.blobs.clone();
+    let import_image = image.clone();
+    tokio::task::spawn_blocking(move || match incoming {
+        Ok(path) => blobs.import(&path, &import_image),
+        Err(source) => blobs.import_path(&source, &import_image),
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| match e {
+        ImportError::Mismatch(e) => ApiError::bad_request(
+            "image_mismatch",
+            format!("image does not match the manifest: {e}"),
+        ),
+        ImportError::Io(e) => ApiError::bad_request("image_unreadable", format!("image: {e}")),
+    })?;
+    let release = verified.release();
+    let record = ReleaseRecord {
+        version: release.version,
+        version_name: release.version_name.clone(),
+        notes: release.notes.clone(),
+        created: release.created,
+        published: state.clock.now(),
+        active: true,
+        blake3: image.blake3.to_hex(),
+        sha256: image.sha256.to_hex(),
+        size: image.size,
+        platforms: release.platforms.clone(),
+        rollback_floor: release.rollback_floor,
+        manifest: String::from_utf8_lossy(&verified.to_bytes()).into_owned(),
+    };
+    if let Some(iroh) = state.iroh.get() {
+        iroh.add(&state.blobs.data_path(&image.blake3)).await.map_err(ApiError::internal)?;
+    }
+    let shown = record.clone();
+    change(&state, move |fleet, now| fleet.publish(record, now)).await?;
+    Ok((StatusCode::CREATED, Json(shown)).into_response())
+}
+
+fn verify_manifest(
+    state: &AppState,
+    root: &TrustedRoot,
+    bytes: &[u8],
+) -> Result<sitecast_manifest::VerifiedRelease, ApiError> {
+    let verified = root.verify_release(bytes, state.clock.now()).map_err(|e| {
+        ApiError::bad_request("manifest_rejected", format!("manifest rejected: {e}"))
+    })?;
+    let version = verified.release().version;
+    if lock(&state.fleet).releases.contains_key(&version) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("release {version} is already published"),
+        ));
+    }
+    Ok(verified)
+}
+
+/// Reads a multipart upload: `manifest` first (cut off past [`MAX_MANIFEST_BYTES`]), then
+/// `image`, streamed to disk and cut off one byte past the size the manifest declares.
+async fn receive_upload(
+    state: &AppState,
+    root: &TrustedRoot,
+    mut multipart: Multipart,
+) -> Result<(sitecast_manifest::VerifiedRelease, Result<PathBuf, PathBuf>), ApiError> {
+    let malformed = |e: axum::extract::multipart::MultipartError| {
+        ApiError::bad_request("malformed_upload", format!("upload: {e}"))
+    };
+    let mut verified = None;
+    while let Some(mut field) = multipart.next_field().await.map_err(malformed)? {
+        match field.name() {
+            Some("manifest") => {
+                let mut bytes = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(malformed)? {
+                    if bytes.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                        return Err(ApiError::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "too_large",
+                            format!("the manifest field is larger than {MAX_MANIFEST_BYTES} bytes"),
+                        ));
+                    }
+                    bytes.extend_from_slice(&chunk);
+                }
+                verified = Some(verify_manifest(state, root, &bytes)?);
+            }
+            Some("image") => {
+                let verified = verified.ok_or_else(|| {
+                    ApiError::bad_request(
+                        "malformed_upload",
+                        "send the manifest field before the image",
+                    )
+                })?;
+                let declared = verified.release().image.size;
+                let path = state.blobs.incoming_path();
+                let mut file = tokio::fs::File::create(&path).await.map_err(ApiError::internal)?;
+                let mut received = 0u64;
+                let outcome: Result<(), ApiError> = async {
+                    while let Some(chunk) = field.chunk().await.map_err(malformed)? {
+                        received += chunk.len() as u64;
+                        if received > declared {
+                            return Err(ApiError::bad_request(
+                                "image_mismatch",
+                                format!("image is larger than the {declared} bytes the manifest declares"),
+                            ));
+                        }
+                        file.write_all(&chunk).await.map_err(ApiError::internal)?;
+                    }
+                    file.sync_all().await.map_err(ApiError::internal)
+                }
+                .await;
+                if let Err(error) = outcome {
+                    let _ = tokio::fs::remove_file(&path).await;
+                    return Err(error);
+                }
+                return Ok((verified, Ok(path)));
+            }
+            _ => {}
+        }
+    }
+    Err(ApiError::bad_request(
+        "malformed_upload",
+        "the upload needs a `manifest` and an `image` field",
+    ))
+}
+
+pub(super) async fn list(
+    State(state): State<Arc<AppState>>,
+    _: Operator,
+) -> Json<Vec<ReleaseRecord>> {
+    Json(lock(&state.fleet).releases.values().cloned().collect())
+}
+
+pub(super) async fn deactivate(
+    State(state): State<Arc<AppState>>,
+    _: Operator,
+    Path(version): Path<u64>,
+) -> Result<StatusCode, ApiError> {
+    change(&state, move |fleet, now| fleet.deactivate(version, now)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The signed manifest: public, like a package index (it says what an image is, not what is in
+/// it), so anyone can verify an image they hold.
+pub(super) async fn manifest(
+    State(state): State<Arc<AppState>>,
+    Path(version): Path<u64>,
+) -> Result<Response, ApiError> {
+    let record = lock(&state.fleet)
+        .releases
+        .get(&version)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("release {version}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], record.manifest).into_response())
+}
