@@ -251,6 +251,10 @@ async fn under_attack(
         held.extend(stall(source, server, head, 61439).await);
     }
     let attackers = held.len();
+    // Let the attack settle: the encoders fill their readers' socket buffers and the range
+    // requests beyond the pool are turned away after their 10 s wait. Then measure the
+    // steady state the attack can hold.
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let attacked = {
         let (client, url, keys) = (client.clone(), url.to_owned(), Arc::clone(keys));
         load(seconds, move |i| {

@@ -333,3 +333,41 @@ async fn a_rollout_over_mixed_hardware_completes() {
     server.coordinator.tick().expect("tick");
     assert_eq!(server.rollout(id).await["state"], "completed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_offered_again_by_a_pin_still_reports_as_it_began() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    publish(&server, &releases, &[1, 2]).await;
+    let appliance = Appliance::new("s", "a", 1);
+    appliance.checkin(&server).await;
+    let (_, rollout) = server
+        .op_json(
+            Method::POST,
+            "/api/rollouts",
+            Some(json!({"version": 2, "strategy": "immediate"})),
+        )
+        .await;
+    let id = rollout["id"].as_u64().expect("id");
+    assert_eq!(appliance.checkin(&server).await.rollout, Some(id));
+    let report = |seq: u64, state: &str| {
+        let body = json!({"state": state, "version": 2, "rollout": id, "seq": seq});
+        appliance.signed(
+            &server,
+            Method::POST,
+            "/api/appliances/report",
+            &serde_json::to_vec(&body).expect("json"),
+        )
+    };
+    assert_eq!(report(1, "ready").send().await.expect("send").status(), 204);
+    // The operator pins it to the same release: the offer is now the pin's.
+    let path = format!("/api/appliances/{}/pin", appliance.id());
+    assert_eq!(server.op_json(Method::POST, &path, Some(json!({"version": 2}))).await.0, 204);
+    assert_eq!(appliance.checkin(&server).await.rollout, None);
+    // The agent still names the rollout it began with; its reports count.
+    assert_eq!(report(2, "rebooting").send().await.expect("send").status(), 204);
+    assert_eq!(report(3, "succeeded").send().await.expect("send").status(), 204);
+    server.coordinator.tick().expect("tick");
+    assert_eq!(server.rollout(id).await["state"], "completed");
+}

@@ -61,7 +61,7 @@ impl Fleet {
         if existing.is_none() && enrollment != Enrollment::Token {
             return Err(FleetError::UnknownAppliance(key.to_owned()));
         }
-        self.check_identity_is_free(key, &identity)?;
+        self.check_identity_is_free(key, existing, &identity)?;
         let mut record = existing.cloned().unwrap_or_else(|| ApplianceRecord {
             key: key.to_owned(),
             registered: now,
@@ -120,21 +120,35 @@ impl Fleet {
         Ok(CheckinPlan { durable: batch.finish(), seen: record, response, registered })
     }
 
-    /// Applies check-in bookkeeping that needs no durable commit.
-    pub fn note_seen(&mut self, record: ApplianceRecord) {
-        let key = record.key.clone();
-        self.put_appliance(record);
-        self.dirty.insert(key);
+    /// Applies check-in bookkeeping that needs no durable commit (so the identity, and with
+    /// it the site and owner indexes, is as stored).
+    pub fn note_seen(&mut self, seen: ApplianceRecord) {
+        // Only the bookkeeping: whatever else is stored stays as stored.
+        let Some(current) = self.appliances.get_mut(&seen.key) else { return };
+        current.last_checkin = seen.last_checkin;
+        current.peer = seen.peer;
+        current.agent_version = seen.agent_version;
+        current.active_slot = seen.active_slot;
+        self.dirty.insert(seen.key);
     }
 
+    /// A name or MAC this appliance did not have before must not belong to another one (what
+    /// it already had stays its own, even if stored twice before names and MACs were checked).
     fn check_identity_is_free(
         &self,
         key: &str,
+        existing: Option<&ApplianceRecord>,
         identity: &CheckedIdentity,
     ) -> Result<(), FleetError> {
-        let name = (!identity.name.is_empty())
+        let had_name = existing.is_some_and(|e| e.name == identity.name);
+        let had_mac = |mac: &String| existing.is_some_and(|e| e.macs.contains(mac));
+        let name = (!identity.name.is_empty() && !had_name)
             .then(|| (format!("name:{}", identity.name), format!("name {:?}", identity.name)));
-        let macs = identity.macs.iter().map(|m| (format!("mac:{m}"), format!("MAC address {m}")));
+        let macs = identity
+            .macs
+            .iter()
+            .filter(|m| !had_mac(m))
+            .map(|m| (format!("mac:{m}"), format!("MAC address {m}")));
         for (owned, what) in macs.chain(name) {
             if let Some(owner) = self.owners.get(&owned).filter(|owner| *owner != key) {
                 return Err(FleetError::IdentityTaken { what, owner: owner.clone() });
@@ -282,9 +296,10 @@ impl Fleet {
         }
         let mut record = existing.clone();
         check_fresh(&mut record, &report, auth)?;
-        let offered = record.offer.as_ref().is_some_and(|o| {
-            o.version == report.version && report.rollout.is_none_or(|r| o.rollout == Some(r))
-        });
+        // Matched on the release alone: an agent keeps the rollout of the offer it started
+        // with, while the same release may since have been offered again by a pin or a new
+        // rollout.
+        let offered = record.offer.as_ref().is_some_and(|o| o.version == report.version);
         // Records from before offers were stored: the update already under way still counts.
         let under_way = record.offer.is_none()
             && record.update.as_ref().is_some_and(|u| u.report.version == report.version);

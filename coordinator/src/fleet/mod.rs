@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::{SignedDuration, Timestamp};
 use serde::{Deserialize, Serialize};
+use sitecast_manifest::api::UpdateState;
 use sitecast_manifest::window::MaintenanceWindow;
 
 pub use self::appliances::{CheckinPlan, Enrollment, ReportAuth};
@@ -222,10 +223,13 @@ impl Fleet {
             .filter_map(|key| self.appliances.get(key))
             .map(|a| {
                 let update = a.update.as_ref().filter(|u| u.report.version == rollout.version);
+                // A member already on the release (or a newer one) is never offered it: done.
+                let already = (a.installed_version >= rollout.version && update.is_none())
+                    .then_some(UpdateState::Succeeded);
                 ApplianceView {
                     key: a.key.clone(),
                     group: a.group.clone(),
-                    state: update.map(|u| u.report.state),
+                    state: update.map(|u| u.report.state).or(already),
                     state_since: update.map_or(a.registered, |u| u.since),
                     online: self.is_online(a, now),
                 }
@@ -239,8 +243,12 @@ impl Fleet {
             .ok_or_else(|| FleetError::NotFound(format!("release {version}")))
     }
 
+    /// The release with this image: the newest active one, else the newest (one image may
+    /// be signed again as a new release, the old one then deactivated).
     pub fn release_by_hash(&self, blake3: &str) -> Option<&ReleaseRecord> {
-        self.releases.values().find(|r| r.blake3 == blake3)
+        let mut same = self.releases.values().rev().filter(|r| r.blake3 == blake3);
+        let newest = same.clone().next();
+        same.find(|r| r.active).or(newest)
     }
 
     /// The sequence number the next audit entry will get.

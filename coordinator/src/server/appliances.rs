@@ -28,40 +28,59 @@ pub(super) async fn checkin(
     let public_url = state.public_url(&headers);
     state.checkins.fetch_add(1, Ordering::Relaxed);
     let key = signed.key;
-    let worker = Arc::clone(&state);
-    let mut response = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
-        let state = worker;
-        let now = state.clock.now();
-        let plan = {
-            let fleet = lock(&state.fleet);
-            fleet.checkin(&key, request.clone(), enrollment, now, &public_url)?
-        };
+    let now = state.clock.now();
+    // Most check-ins change only bookkeeping: answered at once, under one hold of the lock so
+    // no change committed in between is overwritten.
+    let answered = {
+        let mut fleet = lock(&state.fleet);
+        let plan = fleet.checkin(&key, request.clone(), enrollment, now, &public_url)?;
         if plan.durable.is_empty() {
-            lock(&state.fleet).note_seen(plan.seen);
-            return Ok(plan.response);
+            fleet.note_seen(plan.seen);
+            Some(plan.response)
+        } else {
+            None
         }
-        // Only enrollments that would succeed spend the enrollment budget.
-        if plan.registered && !lock(&state.enrollments).take(std::time::Instant::now()) {
-            return Err(ApiError::too_many(
-                "enrollment_busy",
-                "too many appliances are enrolling right now; check in again shortly",
-                10,
-            ));
+    };
+    let mut response = match answered {
+        Some(response) => response,
+        None => {
+            let worker = Arc::clone(&state);
+            tokio::task::spawn_blocking(move || {
+                durable_checkin(&worker, &key, request, enrollment, now, &public_url)
+            })
+            .await
+            .map_err(ApiError::internal)??
         }
-        // Registration, identity changes and new offers are stored before they are answered;
-        // computed again under the writer's lock so nothing changed in between.
-        let mut fleet = state.writable()?;
-        let plan = fleet.checkin(&key, request, enrollment, now, &public_url)?;
-        state.commit_and_apply(&mut fleet, &plan.durable, true)?;
-        fleet.note_seen(plan.seen);
-        Ok(plan.response)
-    })
-    .await
-    .map_err(ApiError::internal)??;
+    };
     if let (Some(origin), Some(version)) = (response.origin.as_mut(), response.version) {
         origin.image.push_str(&state.signed_image_query(version, state.clock.now()));
     }
     Ok(Json(response))
+}
+
+/// A check-in that registers, changes what the appliance is, or carries a new offer: stored
+/// before it is answered, computed again under the writer's lock so nothing changed since.
+fn durable_checkin(
+    state: &Arc<AppState>,
+    key: &str,
+    request: CheckinRequest,
+    enrollment: Enrollment,
+    now: jiff::Timestamp,
+    public_url: &str,
+) -> Result<CheckinResponse, ApiError> {
+    let mut fleet = state.writable()?;
+    let plan = fleet.checkin(key, request, enrollment, now, public_url)?;
+    // Only enrollments that would succeed spend the enrollment budget.
+    if plan.registered && !lock(&state.enrollments).take(std::time::Instant::now()) {
+        return Err(ApiError::too_many(
+            "enrollment_busy",
+            "too many appliances are enrolling right now; check in again shortly",
+            10,
+        ));
+    }
+    state.commit_and_apply(&mut fleet, &plan.durable, true)?;
+    fleet.note_seen(plan.seen);
+    Ok(plan.response)
 }
 
 pub(super) async fn report(

@@ -308,7 +308,10 @@ impl FromRequest<Arc<AppState>> for SignedAppliance {
         if !enrolled && !first_checkin {
             return Err(crate::fleet::FleetError::UnknownAppliance(key).into());
         }
-        let body = axum::body::to_bytes(body, MAX_APPLIANCE_BYTES).await.map_err(|e| {
+        // A first check-in is under 16 KiB with every field at its bound; read no more of a
+        // body whose signature cannot be checked until it is all here.
+        let limit = if enrolled { MAX_APPLIANCE_BYTES } else { 16 * 1024 };
+        let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("request body: {e}"))
         })?;
         let path = parts.uri.path_and_query().map_or(parts.uri.path(), |p| p.as_str());
