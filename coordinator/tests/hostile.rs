@@ -21,12 +21,6 @@ async fn publish(server: &TestServer, releases: &Releases, versions: &[u64]) -> 
     images
 }
 
-async fn error_code(response: reqwest::Response) -> (u16, String) {
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    (status, body["code"].as_str().unwrap_or("").to_owned())
-}
-
 async fn listing(server: &TestServer, appliance: &Appliance) -> Value {
     let (_, list) = server.op_json(Method::GET, "/api/appliances", None).await;
     list.as_array()

@@ -26,12 +26,6 @@ async fn health(server: &TestServer) -> u16 {
     response.status().as_u16()
 }
 
-async fn code_of(response: reqwest::Response) -> (u16, String) {
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap_or(Value::Null);
-    (status, body["code"].as_str().unwrap_or("").to_owned())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_commit_changes_nothing_and_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -63,7 +57,7 @@ async fn a_store_that_cannot_commit_changes_nothing_and_says_so() {
     assert!(!known.checkin(&server).await.update_available, "bookkeeping check-ins still answer");
     // An enrollment that could not be stored registers no one.
     let newcomer = Appliance::new("s", "newcomer", 1);
-    assert_eq!(code_of(newcomer.checkin_raw(&server, true).await).await.0, 503);
+    assert_eq!(error_code(newcomer.checkin_raw(&server, true).await).await.0, 503);
     // Nor does a sign-in that could not be audited.
     let response = server
         .http

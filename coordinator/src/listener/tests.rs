@@ -7,6 +7,10 @@
 //! machine). Paced, the clock moves a little per millisecond of
 //! real time while the runtime gets to look at its sockets in between, so a timeout that should
 //! not fire would need the kernel to sit on data for a good fraction of a second.
+//!
+//! The sleeps here are of two kinds: the interval of a loop that polls for a condition, and
+//! a slow client's own pacing (a head sent in halves, a body a byte a second), which is the
+//! behaviour under test; the timing tests run on tokio's paused clock.
 
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};

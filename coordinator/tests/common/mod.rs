@@ -416,3 +416,10 @@ impl Appliance {
         }
     }
 }
+
+/// An error answer's status and stable `code`.
+pub async fn error_code(response: Response) -> (u16, String) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    (status, body["code"].as_str().unwrap_or("").to_owned())
+}
