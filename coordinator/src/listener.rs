@@ -35,6 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+pub use admission::Client;
 use admission::{Admission, Refused};
 
 /// Resource bounds for [`serve`]. The defaults suit a server on the internet that serves about

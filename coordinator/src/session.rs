@@ -129,6 +129,11 @@ impl Sessions {
         Ok(session.clone())
     }
 
+    /// The audit tag of a live session (to audit its end before ending it).
+    pub fn tag(&self, id: &str, now: Timestamp) -> Option<String> {
+        self.live(id, now).map(|_| tag_of(id))
+    }
+
     /// Ends a session; returns its audit tag if it existed.
     pub fn remove(&mut self, id: &str) -> Option<String> {
         self.by_id_hash.remove(&blake3::hash(id.as_bytes())).map(|_| tag_of(id))

@@ -1,7 +1,7 @@
 //! Clients that stop reading cannot freeze Central Command: verified ranges are encoded in a
 //! bounded pool, so while every encoder is held by a reader that reads nothing, check-ins,
 //! operator changes, the engine and plain downloads go on, and the pool is given back when the
-//! readers go.
+//! readers go. One client address holds at most its share of that pool.
 
 mod common;
 
@@ -18,6 +18,8 @@ async fn readers_that_stop_reading_hold_only_the_range_pool() {
     let releases = Releases::new(dir.path());
     let server = TestServer::start_with(&dir.path().join("data"), &releases.root, |config| {
         config.max_range_streams = STREAMS;
+        // Every reader here comes from 127.0.0.1: let that one client fill the pool.
+        config.max_range_streams_per_client = STREAMS;
     })
     .await;
     let (_, image) = releases.image(1, 16 << 20);
@@ -89,6 +91,74 @@ async fn readers_that_stop_reading_hold_only_the_range_pool() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(served, "the pool was never given back");
+}
+
+/// One client address that holds its share of the range pool with readers that read nothing
+/// is refused more at once (503 `busy`, `Retry-After`), while the pool still has room for
+/// another address; its share comes back when its readers go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_the_range_pool() {
+    const POOL: usize = 8;
+    const SHARE: usize = 2;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start_with(&dir.path().join("data"), &releases.root, |config| {
+        config.max_range_streams = POOL;
+        config.max_range_streams_per_client = SHARE;
+    })
+    .await;
+    // Large enough that an encoder cannot finish into the socket buffers of a reader that
+    // reads nothing.
+    let (_, image) = releases.image(1, 16 << 20);
+    let manifest = releases.manifest(1, &image, None, None);
+    assert_eq!(server.publish(&manifest, image.clone()).await.status(), 201);
+    let appliance = Appliance::new("s", "a", 0);
+    appliance.checkin(&server).await;
+    let hash = sitecast_manifest::ImageDigest::of_reader(&image[..]).expect("hash").blake3;
+    let layout = sitecast_iso::BlobLayout::new(hash, image.len() as u64);
+    let path = format!("/api/blobs/{hash}/ranges?start=0&end={}", layout.groups());
+    // The same appliance from a second loopback address: another client to the server.
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .expect("client on 127.0.0.2");
+    let get = |http: &reqwest::Client| appliance.signed_via(http, &server, Method::GET, &path, &[]);
+
+    let mut held = Vec::new();
+    for _ in 0..SHARE {
+        let response = get(&server.http).send().await.expect("get");
+        assert_eq!(response.status(), 200);
+        held.push(response);
+    }
+    // Over its share, with POOL - SHARE encoders free: refused, told when to come back.
+    let refused = get(&server.http).send().await.expect("get");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(error_code(refused).await, (503, "busy".to_owned()));
+    // Another address is served in full meanwhile, and gets a share of its own.
+    let mut other_held = Vec::new();
+    for _ in 0..SHARE {
+        let response = get(&other).send().await.expect("get from 127.0.0.2");
+        assert_eq!(response.status(), 200);
+        other_held.push(response);
+    }
+    let body = other_held.pop().expect("one").bytes().await.expect("body");
+    assert_eq!(body.len() as u64, layout.encoded_len(0..layout.groups()));
+    assert_eq!(error_code(get(&server.http).send().await.expect("get")).await.0, 503);
+
+    // When its readers go, the first address has its share again.
+    drop(held);
+    let mut served = false;
+    for _ in 0..500 {
+        let response = get(&server.http).send().await.expect("get");
+        if response.status() == 200 {
+            served = true;
+            break;
+        }
+        assert_eq!(error_code(response).await, (503, "busy".to_owned()));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(served, "the share was never given back");
 }
 
 /// Clients that send all but the last bytes of a body hold nothing for long: each is cut at

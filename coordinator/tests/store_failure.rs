@@ -110,6 +110,126 @@ async fn a_store_that_cannot_commit_changes_nothing_and_says_so() {
     assert_eq!(count("session.open"), 0);
 }
 
+/// Reopening the store and reloading the fleet happen beside the fleet lock: while a repair
+/// is held after its load has read the records, check-ins that only update bookkeeping and
+/// operator reads are answered; a write that comes meanwhile waits for the repair and is in
+/// the fleet the repair swapped in (and on disk), never committed between the load and the
+/// swap and so lost from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_repair_holds_up_no_check_in_and_loses_no_write() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start_faulty(&dir.path().join("data"), &releases.root).await;
+    for version in [1, 2] {
+        let (_, image) = releases.image(version, 100_000);
+        let manifest = releases.manifest(version, &image, None, None);
+        assert_eq!(server.publish(&manifest, image).await.status(), 201);
+    }
+    let known = Appliance::new("s", "known", 1);
+    known.checkin(&server).await;
+    let faulty = server.faulty.clone().expect("faulty store");
+    let create = json!({"version": 2, "strategy": "immediate"});
+
+    // A failed commit closes the store.
+    faulty.fail(true);
+    let (status, _) = server.op_json(Method::POST, "/api/rollouts", Some(create.clone())).await;
+    assert_eq!(status, 503);
+    assert_eq!(health(&server).await, 503);
+
+    // The disk is back but slow: the repair (started by this write, or by the background
+    // flush, whichever comes first) reopens the store, reads it, and is held there.
+    faulty.hold_loads(true);
+    faulty.fail(false);
+    let write = {
+        let request = server.op(Method::POST, "/api/rollouts").json(&create);
+        tokio::spawn(async move { request.send().await.expect("create").status().as_u16() })
+    };
+    while faulty.loads_held.load(SeqCst) == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // A write that comes while the repair is held between its load and its swap.
+    let newcomer = Appliance::new("s", "newcomer", 1);
+    let enrollment = {
+        let request = newcomer.checkin_request(&server, true);
+        tokio::spawn(async move { request.send().await.expect("enroll").status().as_u16() })
+    };
+
+    // Meanwhile the fleet answers. The guard only turns a deadlock (a check-in waiting for the
+    // held repair, which waits for this test) into a failure; these take milliseconds.
+    let during = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        let answer = known.checkin(&server).await;
+        let (listed, appliances) = server.op_json(Method::GET, "/api/appliances", None).await;
+        (answer, listed, appliances, health(&server).await)
+    })
+    .await;
+    let held = faulty.loads_held.load(SeqCst);
+    faulty.hold_loads(false);
+    let (answer, listed, appliances, healthz) =
+        during.expect("a check-in waited for the repair of the store");
+    assert_eq!(held, 1, "answered while the repair was still held");
+    assert!(!answer.update_available, "answered from the fleet as it was: no rollout yet");
+    assert_eq!(
+        (listed, appliances.as_array().map(Vec::len)),
+        (200, Some(1)),
+        "nothing was written during the repair"
+    );
+    assert_eq!(healthz, 503, "the store is closed until the repair is done");
+
+    // The writes that came during the repair went through after it, into the reloaded fleet.
+    assert_eq!(write.await.expect("join"), 201);
+    assert_eq!(enrollment.await.expect("join"), 200);
+    assert_eq!(health(&server).await, 200);
+    assert_eq!(known.checkin(&server).await.version, Some(2));
+    assert_eq!(newcomer.checkin_raw(&server, false).await.status(), 200, "enrolled");
+    let live = observable(&server).await;
+    drop(faulty);
+    let server = server.restart().await;
+    assert_eq!(observable(&server).await, live, "what was answered is what is stored");
+    let actions = server.audit_actions().await;
+    let count = |action: &str| actions.iter().filter(|a| *a == action).count();
+    assert_eq!((count("rollout.create"), count("appliance.register")), (1, 2));
+}
+
+/// Signing out is commit, then apply: a sign-out that cannot be audited answers 503 and the
+/// session goes on; once the store is back it ends, audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_out_that_cannot_be_audited_keeps_the_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start_faulty(&dir.path().join("data"), &releases.root).await;
+    let url = format!("{}/api/session", server.url);
+    let response =
+        server.http.post(&url).json(&json!({"token": OPERATOR})).send().await.expect("sign in");
+    assert_eq!(response.status(), 200);
+    let cookie = response.headers()["set-cookie"].to_str().expect("ascii");
+    let cookie = cookie.split(';').next().expect("name=value").to_owned();
+    let body: Value = response.json().await.expect("json");
+    let csrf = body["csrf_token"].as_str().expect("csrf").to_owned();
+    let sign_out =
+        || server.http.delete(&url).header("cookie", &cookie).header("x-csrf-token", &csrf).send();
+    let signed_in = || async {
+        let status = server.http.get(&url).header("cookie", &cookie).send().await.expect("get");
+        let status: Value = status.json().await.expect("json");
+        status["signed_in"].as_bool()
+    };
+
+    let faulty = server.faulty.clone().expect("faulty store");
+    faulty.fail(true);
+    let out = sign_out().await.expect("sign out");
+    assert!(out.headers().get("set-cookie").is_none(), "the browser keeps its cookie");
+    assert_eq!(error_code(out).await, (503, "store_unavailable".to_owned()));
+    assert_eq!(signed_in().await, Some(true), "a sign-out that is not audited did not happen");
+
+    faulty.fail(false);
+    let out = sign_out().await.expect("sign out");
+    assert_eq!(out.status(), 200);
+    assert_eq!(signed_in().await, Some(false));
+    let actions = server.audit_actions().await;
+    let count = |action: &str| actions.iter().filter(|a| *a == action).count();
+    assert_eq!((count("session.open"), count("session.close")), (1, 1));
+}
+
 /// The same on a real filesystem that fills up: a tmpfs of a few MiB (needs root to mount).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_loses_nothing_that_was_answered() {

@@ -17,16 +17,17 @@ pub(super) enum Refused {
     OverPerIp,
 }
 
-/// The unit the per-address limit counts.
+/// The unit the per-address limit counts: one client, as far as any per-client share goes
+/// (the verified-range pool counts by it too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum Client {
+pub enum Client {
     V4([u8; 4]),
     /// The /64 prefix.
     V6([u8; 8]),
 }
 
 impl Client {
-    pub(super) fn of(ip: IpAddr) -> Self {
+    pub fn of(ip: IpAddr) -> Self {
         // A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
         match ip.to_canonical() {
             IpAddr::V4(v4) => Client::V4(v4.octets()),

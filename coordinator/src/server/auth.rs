@@ -183,7 +183,7 @@ impl AppState {
     }
 }
 
-fn peer_address(parts: &Parts) -> Option<SocketAddr> {
+pub(super) fn peer_address(parts: &Parts) -> Option<SocketAddr> {
     parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }
 

@@ -4,12 +4,15 @@
 //! commit them, and only then apply them, all under the fleet lock. A commit that fails closes
 //! the store: writes are refused (503) and `/healthz` says so until the store is reopened and
 //! the fleet reloaded from what is durable, so nothing answered as done is ever lost and
-//! nothing unstored is ever served.
+//! nothing unstored is ever served. The reopening and reloading run beside the fleet lock,
+//! not under it, so a slow repair holds up no read and no check-in that only updates
+//! bookkeeping.
 
 mod appliances;
 mod auth;
 mod operator;
 mod origin;
+mod range_pool;
 mod releases;
 mod session_api;
 
@@ -104,6 +107,10 @@ pub struct ServerConfig {
     pub enroll_burst: u32,
     /// Verified-range responses being encoded at once; more wait briefly, then get 503.
     pub max_range_streams: usize,
+    /// Of those, how many one client (IPv4 address or IPv6 /64) may hold or wait for at once;
+    /// beyond it the answer is 503 at once. At least 1, at most `max_range_streams`. Behind a
+    /// proxy every client is the proxy: raise it to `max_range_streams` there.
+    pub max_range_streams_per_client: usize,
     /// How long an image download URL handed out in an offer stays valid.
     pub image_url_ttl: jiff::SignedDuration,
     /// Connection, header, body and write bounds of the listener.
@@ -125,6 +132,8 @@ impl ServerConfig {
             enroll_per_sec: 20.0,
             enroll_burst: 200,
             max_range_streams: 64,
+            // A quarter of the pool.
+            max_range_streams_per_client: 16,
             image_url_ttl: jiff::SignedDuration::from_hours(24),
             limits: crate::listener::Limits::default(),
         }
@@ -143,18 +152,22 @@ struct AppState {
     fleet: Mutex<Fleet>,
     store: Arc<dyn Store>,
     /// Why the store is closed, if a commit failed and it has not been reopened since.
+    /// Changed only under the fleet lock.
     store_failure: Mutex<Option<String>>,
+    /// Held while the store is reopened and the fleet reloaded (see [`AppState::repair`]).
+    repairing: Mutex<()>,
     blobs: BlobStore,
     root: Option<TrustedRoot>,
     clock: Arc<dyn Clock>,
     public_url: Option<String>,
     checkins: AtomicU64,
-    /// Browser sign-ins; in memory only, so a restart signs everyone out.
+    /// Browser sign-ins; in memory only, so a restart signs everyone out. Taken under the
+    /// fleet lock (a sign-out is audited, then applied); never take the fleet lock holding it.
     sessions: Mutex<Sessions>,
     iroh: std::sync::OnceLock<crate::iroh_origin::IrohOrigin>,
     enrollments: Mutex<auth::RateLimit>,
     refusals: Mutex<auth::RateLimit>,
-    range_streams: Arc<tokio::sync::Semaphore>,
+    range_pool: range_pool::RangePool,
     image_url_ttl: jiff::SignedDuration,
     listener_stats: crate::listener::Stats,
 }
@@ -204,6 +217,7 @@ impl Coordinator {
             fleet: Mutex::new(fleet),
             store,
             store_failure: Mutex::new(None),
+            repairing: Mutex::new(()),
             blobs,
             root: config.root,
             clock,
@@ -216,7 +230,10 @@ impl Coordinator {
                 config.enroll_burst,
             )),
             refusals: Mutex::new(auth::RateLimit::new(1.0, 20)),
-            range_streams: Arc::new(tokio::sync::Semaphore::new(config.max_range_streams.max(1))),
+            range_pool: range_pool::RangePool::new(
+                config.max_range_streams,
+                config.max_range_streams_per_client,
+            ),
             image_url_ttl: config.image_url_ttl,
             listener_stats: crate::listener::Stats::default(),
         };
@@ -360,28 +377,69 @@ impl Drop for AbortOnDrop {
 }
 
 impl AppState {
-    /// The fleet, for a change: reopens a closed store first (and reloads the fleet from it),
-    /// or refuses.
+    /// The fleet, for a change. While the store is closed after a failed commit, first reopens
+    /// it and reloads the fleet from it ([`AppState::repair`]), or refuses.
     fn writable(&self) -> Result<MutexGuard<'_, Fleet>, StoreError> {
-        let mut fleet = lock(&self.fleet);
-        let mut failure = lock(&self.store_failure);
-        if let Some(why) = failure.as_ref() {
-            let reloaded = self.store.reopen().and_then(|()| self.store.load());
-            match reloaded {
-                Ok(snapshot) => {
-                    let config = fleet.config.clone();
-                    let iroh = std::mem::take(&mut fleet.iroh_addresses);
-                    *fleet = Fleet::from_snapshot(snapshot, config);
-                    fleet.iroh_addresses = iroh;
-                    tracing::warn!(was = %why, "store reopened; fleet reloaded from it");
-                    *failure = None;
-                }
-                Err(error) => return Err(StoreError::Closed(format!("{why}; reopening: {error}"))),
-            }
+        if lock(&self.store_failure).is_some() {
+            self.repair()?;
+        }
+        let fleet = lock(&self.fleet);
+        // A commit failed again between the repair and here: refused; the next write repairs.
+        if let Some(why) = lock(&self.store_failure).as_ref() {
+            return Err(StoreError::Closed(why.clone()));
         }
         Ok(fleet)
     }
 
+    /// Reopens a closed store and reloads the fleet from what is durable. The slow part
+    /// (opening the database, reading every record, building a fleet from them) runs without
+    /// the fleet lock, so reads and check-ins that change nothing durable are answered
+    /// meanwhile; only the swap takes it.
+    ///
+    /// No commit can land between the load and the swap: every commit is made under the fleet
+    /// lock by a writer that found the store open under that lock ([`AppState::writable`],
+    /// [`AppState::count_origin_bytes`]), the store is closed all the while, and it is marked
+    /// open only after the swap, in the same hold of the lock. (Every change of
+    /// `store_failure` happens under the fleet lock.)
+    fn repair(&self) -> Result<(), StoreError> {
+        // One repair at a time; writers that come meanwhile wait for it, then find it open.
+        let _repairing = lock(&self.repairing);
+        let Some(why) = lock(&self.store_failure).clone() else {
+            return Ok(());
+        };
+        let config = lock(&self.fleet).config.clone();
+        let stored = self
+            .store
+            .reopen()
+            .and_then(|()| self.store.load())
+            .map_err(|error| StoreError::Closed(format!("{why}; reopening: {error}")))?;
+        let mut stored = Fleet::from_snapshot(stored, config);
+        let mut fleet = lock(&self.fleet);
+        // Not stored: where this server's iroh endpoint listens. Check-in bookkeeping since
+        // the last flush is dropped, as at a restart (the next check-ins bring it back).
+        stored.iroh_addresses = std::mem::take(&mut fleet.iroh_addresses);
+        *fleet = stored;
+        *lock(&self.store_failure) = None;
+        drop(fleet);
+        tracing::warn!(was = %why, "store reopened; fleet reloaded from it");
+        Ok(())
+    }
+
+    /// Counts origin bytes served: bookkeeping, committed and applied like any change but not
+    /// worth closing the store over; not counted while the store is closed.
+    fn count_origin_bytes(&self, change: Change) {
+        let mut fleet = lock(&self.fleet);
+        if lock(&self.store_failure).is_some() {
+            tracing::warn!("the store is closed: origin bytes not counted");
+            return;
+        }
+        match self.store.commit(std::slice::from_ref(&change), false) {
+            Ok(()) => fleet.apply(&[change]),
+            Err(error) => tracing::error!(%error, "counting origin bytes"),
+        }
+    }
+
+    /// Closes the store after a failed commit. Called under the fleet lock.
     fn closed_by(&self, error: &StoreError) {
         tracing::error!(%error, "commit failed: the store is closed until it can be reopened");
         lock(&self.store_failure).get_or_insert_with(|| error.to_string());

@@ -3,9 +3,10 @@
 //! image URL from an offer; never a deactivated release except to the operator.
 //!
 //! Encoding verified ranges is blocking work (file reads and hashing). It runs in at most
-//! `max_range_streams` blocking tasks at once, and a client that stops reading for
+//! `max_range_streams` blocking tasks at once, at most `max_range_streams_per_client` of them
+//! for one client address ([`super::range_pool`]), and a client that stops reading for
 //! [`STALL_TIMEOUT`] loses its stream, so slow or hostile readers can never take the threads
-//! that commit state.
+//! that commit state, and one client cannot take every encoder from the rest of the fleet.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -20,7 +21,8 @@ use sitecast_manifest::ImageInfo;
 use sitecast_manifest::api;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::auth::ImageReader;
+use super::auth::{ImageReader, peer_address};
+use super::range_pool::Busy;
 use super::{ApiError, AppState, lock};
 use crate::fleet::Fleet;
 use crate::range::{self, RangeDecision};
@@ -139,14 +141,18 @@ pub(super) async fn blob_ranges(
             format!("groups {}..{} are not within 0..{}", range.start, range.end, layout.groups()),
         ));
     }
-    let permit =
-        tokio::time::timeout(QUEUE_TIMEOUT, Arc::clone(&state.range_streams).acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| {
+    let permit = state.range_pool.acquire(peer_address(&parts), QUEUE_TIMEOUT).await.map_err(
+        |busy| match busy {
+            Busy::ClientShare => ApiError::busy(
+                "busy",
+                "this address already holds its share of the verified-range streams; try again shortly",
+                1,
+            ),
+            Busy::Pool => {
                 ApiError::busy("busy", "every verified-range stream is taken; try again shortly", 1)
-            })?;
+            }
+        },
+    )?;
     let length = layout.encoded_len(range.start..range.end);
     let (data, outboard) = state.blobs.open_image(&info).map_err(ApiError::internal)?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
@@ -163,13 +169,7 @@ pub(super) async fn blob_ranges(
             tracing::warn!(%error, "serving verified ranges stopped");
             let _ = writer.sender.try_send(Err(error));
         }
-        let change = Fleet::count_origin_bytes(&site, version, sent);
-        let mut fleet = lock(&counter.fleet);
-        // Bookkeeping: counted only once stored, and not worth closing the store over.
-        match counter.store.commit(std::slice::from_ref(&change), false) {
-            Ok(()) => fleet.apply(&[change]),
-            Err(error) => tracing::error!(%error, "counting origin bytes"),
-        }
+        counter.count_origin_bytes(Fleet::count_origin_bytes(&site, version, sent));
     });
     let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|item| (item, receiver))

@@ -12,7 +12,7 @@ use jiff::Timestamp;
 use serde::Deserialize;
 
 use super::auth::{ClientAddr, OPERATOR_TOKEN, session_id};
-use super::{ApiError, AppState, change, lock, parse_json};
+use super::{ApiError, AppState, change, lock, mutate, parse_json};
 use crate::session::{self, SessionError};
 use crate::web;
 
@@ -119,11 +119,23 @@ pub(super) async fn sign_out(
     let now = state.clock.now();
     let checked = lock(&state.sessions).check(id, true, csrf, now);
     match checked {
+        // Commit, then apply: the session ends only once its end is in the audit log, so a
+        // sign-out that cannot be audited leaves the session as it was (and says so).
         Ok(_) => {
-            let tag = lock(&state.sessions).remove(id);
-            if let Some(tag) = tag {
-                change(&state, move |fleet, now| Ok(fleet.session_closed(&tag, now))).await?;
-            }
+            let (id, audit, end) = (id.to_owned(), Arc::clone(&state), Arc::clone(&state));
+            mutate(
+                &state,
+                // Under the fleet lock, so two sign-outs of one session audit its end once.
+                move |fleet, now| {
+                    let tag = lock(&audit.sessions).tag(&id, now);
+                    let changes = tag.map(|tag| fleet.session_closed(&tag, now));
+                    Ok((id, changes.unwrap_or_default()))
+                },
+                move |_, id, _| {
+                    lock(&end.sessions).remove(&id);
+                },
+            )
+            .await?;
         }
         Err(SessionError::Unknown) => {}
         Err(error) => return Err(error.into()),

@@ -88,12 +88,18 @@ pub struct TestServer {
 }
 
 /// The real redb store, whose commits (and reopens) fail while `failing` is set, as a full
-/// disk would make them: the failure comes before anything is written.
+/// disk would make them: the failure comes before anything is written. Loads can also be held
+/// after they have read the records (a slow repair, caught between its load and its swap).
 #[derive(Debug)]
 pub struct FaultyStore {
     inner: RedbStore,
     pub failing: std::sync::atomic::AtomicBool,
     pub commits_refused: std::sync::atomic::AtomicU64,
+    /// While true, a load waits after reading the records.
+    hold_loads: std::sync::Mutex<bool>,
+    released: std::sync::Condvar,
+    /// Loads waiting under `hold_loads` now.
+    pub loads_held: std::sync::atomic::AtomicU64,
 }
 
 impl FaultyStore {
@@ -102,11 +108,33 @@ impl FaultyStore {
             inner: RedbStore::open(path).expect("open store"),
             failing: false.into(),
             commits_refused: 0.into(),
+            hold_loads: std::sync::Mutex::new(false),
+            released: std::sync::Condvar::new(),
+            loads_held: 0.into(),
         }
     }
 
     pub fn fail(&self, on: bool) {
         self.failing.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Holds loads that have read the records (as a slow disk would) until called again with
+    /// `false`.
+    pub fn hold_loads(&self, on: bool) {
+        *self.hold_loads.lock().unwrap_or_else(|p| p.into_inner()) = on;
+        self.released.notify_all();
+    }
+
+    /// Waits (on the thread that loads) while loads are held.
+    fn held(&self) {
+        let mut held = self.hold_loads.lock().unwrap_or_else(|p| p.into_inner());
+        if *held {
+            self.loads_held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            while *held {
+                held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
+            }
+            self.loads_held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     fn check(&self) -> Result<(), StoreError> {
@@ -122,7 +150,9 @@ impl FaultyStore {
 
 impl Store for FaultyStore {
     fn load(&self) -> Result<Snapshot, StoreError> {
-        self.inner.load()
+        let snapshot = self.inner.load()?;
+        self.held();
+        Ok(snapshot)
     }
 
     fn commit(&self, changes: &[Change], durable: bool) -> Result<(), StoreError> {
@@ -338,8 +368,22 @@ impl Appliance {
         path: &str,
         body: &[u8],
     ) -> RequestBuilder {
+        self.signed_via(&server.http, server, method, path, body)
+    }
+
+    /// As [`Appliance::signed`], sent with `http` (e.g. a client bound to another local
+    /// address).
+    pub fn signed_via(
+        &self,
+        http: &reqwest::Client,
+        server: &TestServer,
+        method: Method,
+        path: &str,
+        body: &[u8],
+    ) -> RequestBuilder {
         let timestamp = server.clock.now().as_second();
-        self.signed_as(server, method, path, body, &self.id(), timestamp)
+        let request = http.request(method.clone(), format!("{}{path}", server.url));
+        self.sign(request, &method, path, body, &self.id(), timestamp)
     }
 
     /// A request signed by this appliance's key but claiming identity `claimed` and time
@@ -353,10 +397,21 @@ impl Appliance {
         claimed: &str,
         timestamp: i64,
     ) -> RequestBuilder {
+        let request = server.http.request(method.clone(), format!("{}{path}", server.url));
+        self.sign(request, &method, path, body, claimed, timestamp)
+    }
+
+    fn sign(
+        &self,
+        request: RequestBuilder,
+        method: &Method,
+        path: &str,
+        body: &[u8],
+        claimed: &str,
+        timestamp: i64,
+    ) -> RequestBuilder {
         let message = api::appliance_signing_bytes(method.as_str(), path, timestamp, body);
-        server
-            .http
-            .request(method, format!("{}{path}", server.url))
+        request
             .header(api::HEADER_APPLIANCE, claimed)
             .header(api::HEADER_TIMESTAMP, timestamp.to_string())
             .header(api::HEADER_SIGNATURE, self.key.sign(&message).to_hex())
@@ -365,6 +420,11 @@ impl Appliance {
     }
 
     pub async fn checkin_raw(&self, server: &TestServer, enroll: bool) -> Response {
+        self.checkin_request(server, enroll).send().await.expect("checkin")
+    }
+
+    /// A check-in, ready to send (e.g. from a spawned task).
+    pub fn checkin_request(&self, server: &TestServer, enroll: bool) -> RequestBuilder {
         let body = json!({
             "site": self.site,
             "name": self.name,
@@ -378,9 +438,6 @@ impl Appliance {
         });
         let body = serde_json::to_vec(&body).expect("json");
         self.signed(server, Method::POST, "/api/appliances/checkin", &body)
-            .send()
-            .await
-            .expect("checkin")
     }
 
     pub async fn checkin(&self, server: &TestServer) -> CheckinResponse {
