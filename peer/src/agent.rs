@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use sitecast_iso::ab::{self, BootOutcome};
 use sitecast_iso::health::{
-    self, ApiReachable, DiskWritable, GateDecision, HealthGate, TimeSynchronized,
+    self, ApiReachable, CheckFailure, DiskWritable, GateDecision, TimeSynchronized,
 };
 use sitecast_iso::{EnvFile, FileDevice, Slot, SlotPaths, SlotWriter, VerifiedSlot};
 use sitecast_manifest::api::{
@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{AgentConfig, BootSlotSource};
 use crate::coordinator::{ClientError, CoordinatorClient, STALE_REPORT, UNKNOWN_APPLIANCE};
+use crate::early_checkin::EarlyCheckins;
+use crate::gate::{CommandCheck, TrialGate};
 use crate::membership::{Membership, MembershipStatus};
 use crate::metrics::Metrics;
 use crate::scheduler::PeerId;
@@ -30,9 +32,6 @@ use crate::swarm::{LanFetcher, PeerNews, Swarm, TransferStats};
 
 /// Exit status that asks the supervisor to start the agent again, as after a reboot.
 pub const EXIT_REBOOT: i32 = 75;
-/// A non-member on the LAN may be an appliance enrolled since the last check-in: the agent
-/// checks in early to learn it, but not more often than this, whatever a stranger does.
-pub const EARLY_CHECKIN_GAP: Duration = Duration::from_secs(5);
 
 /// Commands from the local control socket.
 #[derive(Debug)]
@@ -248,8 +247,10 @@ impl Agent {
         Ok(())
     }
 
-    async fn report(&mut self, state: UpdateState, error: Option<String>) {
-        let Some(update) = &self.state.update else { return };
+    /// Reports the update's `state`; returns whether the coordinator has it (or refused it
+    /// for good).
+    async fn report(&mut self, state: UpdateState, error: Option<String>) -> bool {
+        let Some(update) = &self.state.update else { return true };
         let stats = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let report = ReportRequest {
             state,
@@ -267,13 +268,14 @@ impl Agent {
             error,
             seq: None,
         };
-        self.send_report(report).await;
+        self.send_report(report).await
     }
 
     /// Numbers and sends a report. A number the coordinator finds stale (this agent's count
     /// is behind: its state was lost or restored from an old copy) is replaced once by one
-    /// above the coordinator's, learnt from a check-in.
-    async fn send_report(&mut self, mut report: ReportRequest) {
+    /// above the coordinator's, learnt from a check-in. Returns whether the coordinator has
+    /// the report or refused it for good (any 4xx answer): not on a network or server error.
+    async fn send_report(&mut self, mut report: ReportRequest) -> bool {
         report.seq = Some(self.take_report_seq());
         let mut result = self.client.report(&report).await;
         if let Err(error) = &result
@@ -289,12 +291,13 @@ impl Agent {
             result = self.client.report(&report).await;
         }
         match result {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(error) => {
                 if error.is_refusal(UNKNOWN_APPLIANCE.0, UNKNOWN_APPLIANCE.1) {
                     self.forget_enrollment();
                 }
                 tracing::warn!(%error, "report not delivered; the next check-in carries the state");
+                matches!(error, ClientError::Refused { status: 400..=499, .. })
             }
         }
     }
@@ -348,22 +351,37 @@ impl Agent {
                 None
             }
             BootOutcome::RolledBack { failed } => {
-                let message = format!("slot {failed} used up its tries; back on {}", self.booted);
-                tracing::warn!(%message);
+                self.record_rollback(failed);
+                // Recorded first: an agent stopped before this finds the rollback again and
+                // reports what it recorded.
                 ab_state.acknowledge_rollback();
-                let _ = ab::save_state(&mut self.env, &ab_state, vars);
-                self.state.rollbacks += 1;
+                if let Err(error) = ab::save_state(&mut self.env, &ab_state, vars) {
+                    tracing::error!(%error, "acknowledging the rollback failed");
+                }
                 self.metrics.update(|m| m.rollback_count = self.state.rollbacks);
-                self.set_update_state(UpdateState::RolledBack, Some(message.clone()));
-                self.report(UpdateState::RolledBack, Some(message)).await;
+                self.report_rollback().await;
                 None
             }
             BootOutcome::Trial { slot, .. } => {
                 let started = std::time::Instant::now();
-                let failures = self.health_gate().run();
+                if let Some(update) = self.state.update.as_mut()
+                    && update.slot == slot.to_string()
+                {
+                    update.trial_boots += 1;
+                    self.save();
+                }
+                let gate = self.health_gate();
+                let checks = gate.names().to_vec();
+                // Checks block (the command for up to its time limit): off the runtime.
+                let failures =
+                    tokio::task::spawn_blocking(move || gate.run()).await.unwrap_or_else(|error| {
+                        let reason = format!("the gate stopped: {error}");
+                        vec![CheckFailure { check: "health gate".into(), reason }]
+                    });
                 let decision = health::decide(&mut ab_state, slot, failures);
                 match decision {
                     GateDecision::MarkedGood { slot } => {
+                        tracing::info!(%slot, ?checks, "health gate passed; marking the slot good");
                         if let Err(error) = ab::save_state(&mut self.env, &ab_state, vars) {
                             tracing::error!(%error, "marking the slot good failed; GRUB will count this boot");
                             return Some(Exit::Reboot);
@@ -406,10 +424,81 @@ impl Agent {
         self.report(UpdateState::Succeeded, None).await;
     }
 
-    fn health_gate(&self) -> HealthGate {
+    /// Records that GRUB gave up slot `failed` (unless this agent already did, and stopped
+    /// before acknowledging it), with the reason its report gives.
+    fn record_rollback(&mut self, failed: Slot) {
+        let recorded = self.state.update.as_ref().is_some_and(|update| {
+            update.state == UpdateState::RolledBack && update.slot == failed.to_string()
+        });
+        if recorded {
+            tracing::warn!(%failed, "a rollback recorded before the agent stopped");
+            return;
+        }
+        let message = rollback_message(failed, self.booted, self.state.update.as_ref());
+        tracing::warn!(%message);
+        self.state.rollbacks += 1;
+        if let Some(update) = self.state.update.as_mut() {
+            update.state = UpdateState::RolledBack;
+            update.error = Some(message);
+            update.unreported = true;
+        }
+        self.save();
+    }
+
+    /// Sends the recorded rollback's report if the coordinator does not have it yet.
+    async fn report_rollback(&mut self) {
+        let Some(update) = &self.state.update else { return };
+        if update.state != UpdateState::RolledBack || !update.unreported {
+            return;
+        }
+        let error = update.error.clone();
+        if self.report(UpdateState::RolledBack, error).await {
+            if let Some(update) = self.state.update.as_mut() {
+                update.unreported = false;
+            }
+            self.save();
+        }
+    }
+
+    /// The release the running system names in `release_file` is the booted slot's, whatever
+    /// the state says (the file is part of what runs). Never fatal.
+    fn learn_running_release(&mut self) {
+        let Some(path) = &self.config.release_file else { return };
+        let version = match crate::release_file::read_version(path) {
+            Ok(0) => {
+                tracing::warn!(file = %path.display(), "VERSION_ID 0 names no release; ignored");
+                return;
+            }
+            Ok(version) => version,
+            Err(error) => {
+                tracing::warn!(%error, "the running release is not known from the system");
+                return;
+            }
+        };
+        let slot = self.booted;
+        let recorded = self.state.version_of(slot);
+        if recorded == version {
+            return;
+        }
+        if recorded == 0 {
+            tracing::info!(%slot, version, file = %path.display(), "running release read from the system");
+        } else {
+            tracing::warn!(
+                %slot,
+                recorded,
+                version,
+                file = %path.display(),
+                "the system runs another release than the agent recorded; trusting the system"
+            );
+        }
+        self.state.slot_versions.insert(slot.to_string(), version);
+        self.save();
+    }
+
+    fn health_gate(&self) -> TrialGate {
         let timeout = Duration::from_secs(self.config.health_timeout_secs);
         let mut gate =
-            HealthGate::new(timeout).with(DiskWritable { dir: self.config.state_dir.clone() });
+            TrialGate::new(timeout).with(DiskWritable { dir: self.config.state_dir.clone() });
         let host_port = self
             .config
             .coordinator
@@ -428,7 +517,11 @@ impl Agent {
             .as_ref()
             .and_then(|u| self.root.verify_release(u.manifest.as_bytes(), Timestamp::now()).ok())
             .map_or(std::time::SystemTime::UNIX_EPOCH, |v| system_time(v.release().created));
-        gate.with(TimeSynchronized { not_before, now: std::time::SystemTime::now })
+        let gate = gate.with(TimeSynchronized { not_before, now: std::time::SystemTime::now });
+        match CommandCheck::new(self.config.health_command.clone(), timeout) {
+            Some(command) => gate.with_command(command),
+            None => gate,
+        }
     }
 
     fn checkin_request(&self) -> CheckinRequest {
@@ -507,6 +600,8 @@ impl Agent {
             }
         };
         self.learn(&response);
+        // Before an offer replaces the update record.
+        self.report_rollback().await;
         self.metrics.update(|m| m.checkins += 1);
         if response.window.is_some() {
             self.last_window = response.window.clone();
@@ -625,12 +720,16 @@ impl Agent {
             return Ok(());
         }
         // Downloading after a restart: start again, the writer resumes from its records.
+        // A release GRUB gave up on here is not taken again for the same offer (until its
+        // rollout is paused it is still offered: that would be a loop of bad boots); a new
+        // rollout of it is.
         if let Some(update) = &self.state.update
             && update.version == version
-            && matches!(
+            && (matches!(
                 update.state,
                 UpdateState::Ready | UpdateState::Rebooting | UpdateState::Succeeded
-            )
+            ) || (update.state == UpdateState::RolledBack
+                && update.rollout == response.rollout))
         {
             return Ok(());
         }
@@ -652,6 +751,8 @@ impl Agent {
             bytes_from_origin: 0,
             bytes_from_lan: 0,
             download_seconds: None,
+            trial_boots: 0,
+            unreported: false,
         });
         // The standby slot is about to be overwritten: whatever it held is neither ready to
         // activate nor a release to roll back to any more.
@@ -828,6 +929,7 @@ impl Agent {
         if let Some(exit) = self.after_boot().await {
             return Ok(self.reboot_after(exit));
         }
+        self.learn_running_release();
         self.serve_running_release();
         // A slot verified before a restart is checked again before it may be activated.
         if let Some(update) = self.state.update.clone()
@@ -835,23 +937,32 @@ impl Agent {
         {
             self.recheck_ready(&update);
         }
-        let mut next = tokio::time::Instant::now();
-        let mut last_checkin: Option<tokio::time::Instant> = None;
+        // The next regular check-in, and an early one strangers on the LAN asked for.
+        let mut regular_at = tokio::time::Instant::now();
+        let mut early_at: Option<tokio::time::Instant> = None;
+        let mut early = EarlyCheckins::default();
         let mut progress = tokio::time::interval(Duration::from_millis(500));
         let membership = self.membership.clone();
         loop {
             tokio::select! {
                 _ = progress.tick(), if self.download.is_some() => self.publish_status(None),
-                () = membership.stranger_seen() => {
-                    let now = tokio::time::Instant::now();
-                    let earliest = last_checkin.map_or(now, |at| (at + EARLY_CHECKIN_GAP).max(now));
-                    next = next.min(earliest);
+                strangers = membership.strangers_seen() => {
+                    for peer in strangers {
+                        if early.handle_stranger(peer) {
+                            tracing::info!(peer = %hex::encode(peer), "a non-member showed up; checking in early");
+                            early_at = Some(tokio::time::Instant::now());
+                        }
+                    }
                     self.publish_status(None);
                 }
-                () = tokio::time::sleep_until(next) => {
+                () = tokio::time::sleep_until(early_at.map_or(regular_at, |at| at.min(regular_at))) => {
                     let now = tokio::time::Instant::now();
-                    last_checkin = Some(now);
-                    next = now + self.config.checkin_interval();
+                    let regular = now >= regular_at;
+                    if regular {
+                        regular_at = now + self.config.checkin_interval();
+                    }
+                    early_at = None;
+                    early.handle_checkin(regular);
                     self.checkin().await;
                     if let Some(booted) = self.state.booted_at
                         && health::should_revert_for_connectivity(system_time(booted), self.state.last_contact.map(system_time), std::time::SystemTime::now())
@@ -863,7 +974,7 @@ impl Agent {
                     }
                 }
                 command = commands.recv() => match command {
-                    Some(Command::Check) => next = tokio::time::Instant::now(),
+                    Some(Command::Check) => regular_at = tokio::time::Instant::now(),
                     Some(Command::SkipWindow) => {
                         self.state.skip_window = true;
                         self.save();
@@ -935,5 +1046,84 @@ impl Agent {
                 Some(format!("ready slot changed: {error}")),
             ),
         }
+    }
+}
+
+/// What the report of GRUB's fallback from `failed` to `booted` says: why the slot was given
+/// up, as far as the update record tells (written before each trial reboot).
+pub fn rollback_message(failed: Slot, booted: Slot, update: Option<&UpdateRecord>) -> String {
+    let trial =
+        update.filter(|u| u.slot == failed.to_string() && u.state == UpdateState::Rebooting);
+    match trial {
+        // Only a failed health gate leaves an error on an update that is rebooting.
+        Some(UpdateRecord { error: Some(gate), .. }) => {
+            format!("slot {failed} used up its tries (last health gate: {gate}); back on {booted}")
+        }
+        Some(update) if update.trial_boots == 0 => format!(
+            "slot {failed} used up its tries without the agent starting on it (kernel or early \
+             boot failed); back on {booted}"
+        ),
+        Some(update) => format!(
+            "slot {failed} used up its tries (the agent started on it {} time(s) but its health \
+             gate never finished); back on {booted}",
+            update.trial_boots
+        ),
+        None => format!("slot {failed} used up its tries; back on {booted}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(state: UpdateState, error: Option<&str>, trial_boots: u32) -> UpdateRecord {
+        UpdateRecord {
+            version: 2,
+            manifest: String::new(),
+            state,
+            slot: "B".into(),
+            previous_version: 1,
+            rollout: Some(1),
+            intent: UpdateIntent::Upgrade,
+            started: Timestamp::UNIX_EPOCH,
+            ranges_url: None,
+            error: error.map(str::to_owned),
+            bytes_from_origin: 0,
+            bytes_from_lan: 0,
+            download_seconds: None,
+            trial_boots,
+            unreported: false,
+        }
+    }
+
+    #[test]
+    fn a_rollback_says_why_the_slot_was_given_up() {
+        let gate = "health gate failed on slot B: health command: `check` failed (exit status: 1)";
+        let failed = update(UpdateState::Rebooting, Some(gate), 2);
+        assert_eq!(
+            rollback_message(Slot::B, Slot::A, Some(&failed)),
+            format!("slot B used up its tries (last health gate: {gate}); back on A")
+        );
+        let never_started = update(UpdateState::Rebooting, None, 0);
+        assert_eq!(
+            rollback_message(Slot::B, Slot::A, Some(&never_started)),
+            "slot B used up its tries without the agent starting on it (kernel or early boot \
+             failed); back on A"
+        );
+        let gate_unfinished = update(UpdateState::Rebooting, None, 1);
+        assert!(
+            rollback_message(Slot::B, Slot::A, Some(&gate_unfinished))
+                .contains("the agent started on it 1 time(s) but its health gate never finished"),
+        );
+        // Nothing on trial that the record knows of: no reason to give.
+        let plain = "slot B used up its tries; back on A";
+        assert_eq!(rollback_message(Slot::B, Slot::A, None), plain);
+        let succeeded = update(UpdateState::Succeeded, None, 1);
+        assert_eq!(rollback_message(Slot::B, Slot::A, Some(&succeeded)), plain);
+        let other_slot = update(UpdateState::Rebooting, Some(gate), 1);
+        assert_eq!(
+            rollback_message(Slot::A, Slot::B, Some(&other_slot)),
+            "slot A used up its tries; back on B"
+        );
     }
 }

@@ -86,8 +86,24 @@ pub struct AgentConfig {
     pub metrics_listen: String,
     /// Trial boots for a new slot.
     pub boot_tries: u8,
-    /// Health-gate check timeout.
+    /// Health-gate check timeout: each check, `health_command` included, gets this long.
     pub health_timeout_secs: u64,
+    /// The release's own health check, run on a trial boot after the built-in checks (argv:
+    /// program and arguments, no shell), e.g. `["/usr/libexec/sitecast/health-check"]`.
+    /// Exit status 0 passes. Any other status, death by a signal, a program that cannot be
+    /// started, or one still running after `health_timeout_secs` (it is killed, with the
+    /// processes of its group) fails the gate; the reason names the command and holds its
+    /// status and the end of its output (stdout and stderr together). Empty (the default):
+    /// no such check.
+    pub health_command: Vec<String>,
+    /// An os-release style file of the running system whose `VERSION_ID=N` line names the
+    /// release of the booted slot (e.g. `/etc/sitecast-release`; the value may be quoted), read
+    /// at start (on a trial boot, once the health gate passed): a slot the agent knows no
+    /// release of takes this one, so a fresh appliance reports what it was installed with
+    /// instead of 0; where the agent's record differs, the file wins (it is what runs). A
+    /// missing, unreadable or malformed file is logged and ignored. Unset (the default): the
+    /// agent knows only the releases it installed.
+    pub release_file: Option<PathBuf>,
     /// Keys of the file this agent does not know (dotted paths, in file order): ignored, not
     /// read from or written to a file.
     #[serde(skip)]
@@ -125,6 +141,8 @@ impl Default for AgentConfig {
             metrics_listen: String::new(),
             boot_tries: sitecast_iso::DEFAULT_TRIES,
             health_timeout_secs: 30,
+            health_command: Vec::new(),
+            release_file: None,
             unknown_keys: Vec::new(),
         }
     }
@@ -198,6 +216,9 @@ impl AgentConfig {
                 self.libp2p_listen
             )));
         }
+        if self.health_command.first().is_some_and(|program| program.trim().is_empty()) {
+            return Err(ConfigError::Invalid("health_command names no program".into()));
+        }
         if self.slot_a == self.slot_b {
             return Err(ConfigError::Invalid("slot_a and slot_b are the same path".into()));
         }
@@ -234,6 +255,22 @@ mod tests {
             matches!(&problems[..], [ConfigError::UnknownKey(key)] if key == "sight"),
             "typos are caught by the strict check: {problems:?}"
         );
+    }
+
+    #[test]
+    fn the_release_keys_are_optional() {
+        let config = AgentConfig::parse(
+            "health_command = [\"/usr/libexec/sitecast/health-check\", \"--quick\"]\n\
+             release_file = \"/etc/sitecast-release\"\n",
+        )
+        .expect("toml");
+        assert_eq!(config.health_command, ["/usr/libexec/sitecast/health-check", "--quick"]);
+        assert_eq!(config.release_file.as_deref(), Some(Path::new("/etc/sitecast-release")));
+        assert!(config.unknown_keys.is_empty() && config.validate().is_ok());
+        let defaults = AgentConfig::default();
+        assert!(defaults.health_command.is_empty() && defaults.release_file.is_none());
+        let problems = AgentConfig::check_text("health_command = [\"\"]\n");
+        assert!(matches!(&problems[..], [ConfigError::Invalid(_)]), "{problems:?}");
     }
 
     #[test]

@@ -161,7 +161,7 @@ impl LanNode {
         let admitted = self.shared.membership.admits(&peer.0);
         if !admitted {
             tracing::debug!(peer = %hex::encode(peer.0), "LAN request of a non-member refused");
-            self.shared.membership.refused(Refusal::Lan);
+            self.shared.membership.refused(Refusal::Lan, &peer.0);
         }
         admitted
     }

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -39,9 +39,16 @@ struct Inner {
     members: RwLock<Option<BTreeSet<[u8; 32]>>>,
     lan_refused: AtomicU64,
     announcements_ignored: AtomicU64,
-    /// Woken when a non-member shows up: it may have enrolled since the last check-in.
+    /// Non-members seen since the agent last took them (at most [`STRANGERS_HELD`]): they
+    /// may have enrolled since the last check-in.
+    strangers: Mutex<BTreeSet<[u8; 32]>>,
+    /// Woken when one is added.
     stranger: Notify,
 }
+
+/// Strangers held at most until the agent takes them; more are dropped (the agent's own
+/// limits on early check-ins are far lower).
+pub const STRANGERS_HELD: usize = 64;
 
 /// A handle on the site's membership, shared by the data plane, the control plane and the
 /// agent (which sets it from check-in answers); cheap to clone.
@@ -67,20 +74,34 @@ impl Membership {
         }
     }
 
-    /// Counts a refusal and wakes whoever waits in [`Membership::stranger_seen`].
-    pub fn refused(&self, what: Refusal) {
+    /// Counts a refusal of `peer` and hands it to whoever waits in
+    /// [`Membership::strangers_seen`].
+    pub fn refused(&self, what: Refusal, peer: &[u8; 32]) {
         let counter = match what {
             Refusal::Lan => &self.0.lan_refused,
             Refusal::Announcement => &self.0.announcements_ignored,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        let mut strangers = self.0.strangers.lock().unwrap_or_else(|p| p.into_inner());
+        if strangers.len() < STRANGERS_HELD {
+            strangers.insert(*peer);
+        }
+        drop(strangers);
         // One stored permit at most: a burst of strangers wakes the waiter once.
         self.0.stranger.notify_one();
     }
 
-    /// Completes when a non-member has shown up since the last time it completed.
-    pub async fn stranger_seen(&self) {
-        self.0.stranger.notified().await;
+    /// Completes with the non-members that showed up since it last completed (each once, at
+    /// most [`STRANGERS_HELD`]). Cancel-safe: strangers are taken only as it completes.
+    pub async fn strangers_seen(&self) -> Vec<[u8; 32]> {
+        loop {
+            let strangers =
+                std::mem::take(&mut *self.0.strangers.lock().unwrap_or_else(|p| p.into_inner()));
+            if !strangers.is_empty() {
+                return strangers.into_iter().collect();
+            }
+            self.0.stranger.notified().await;
+        }
     }
 
     pub fn status(&self) -> MembershipStatus {
@@ -118,15 +139,23 @@ mod tests {
     }
 
     #[test]
-    fn a_stranger_wakes_the_waiter_once_per_burst() {
-        let membership = Membership::default();
-        membership.refused(Refusal::Lan);
-        membership.refused(Refusal::Announcement);
-        membership.refused(Refusal::Lan);
+    fn strangers_reach_the_waiter_once_per_burst_each_once() {
         use futures_util::FutureExt;
-        assert!(membership.stranger_seen().now_or_never().is_some());
-        assert!(membership.stranger_seen().now_or_never().is_none(), "the burst was one wake-up");
+        let membership = Membership::default();
+        membership.refused(Refusal::Lan, &[7; 32]);
+        membership.refused(Refusal::Announcement, &[7; 32]);
+        membership.refused(Refusal::Lan, &[8; 32]);
+        assert_eq!(membership.strangers_seen().now_or_never(), Some(vec![[7; 32], [8; 32]]));
+        assert_eq!(membership.strangers_seen().now_or_never(), None, "the burst was one wake-up");
         let status = membership.status();
         assert_eq!((status.lan_refused, status.announcements_ignored), (2, 1));
+
+        // However many strangers come before the waiter looks, a bounded number is held.
+        for n in 0..=u8::MAX {
+            membership.refused(Refusal::Lan, &[n; 32]);
+        }
+        let held = membership.strangers_seen().now_or_never().expect("strangers");
+        assert_eq!(held.len(), STRANGERS_HELD);
+        assert_eq!(membership.status().lan_refused, 2 + 256, "every refusal is counted");
     }
 }

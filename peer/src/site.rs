@@ -583,7 +583,7 @@ impl Task {
         let Some(key) = peer_key(&source) else { return };
         if !self.membership.admits(&key) {
             tracing::debug!(peer = %source, "an announcement of a non-member ignored");
-            self.membership.refused(Refusal::Announcement);
+            self.membership.refused(Refusal::Announcement, &key);
             return;
         }
         let announcement: Announcement = match serde_json::from_slice(&message.data) {

@@ -35,6 +35,16 @@ pub struct UpdateRecord {
     pub bytes_from_lan: u64,
     #[serde(default)]
     pub download_seconds: Option<f64>,
+    /// Boots of `slot` on trial that reached the agent (counted as its health gate starts):
+    /// none means GRUB's tries went to boots that failed before the agent (kernel, early
+    /// boot).
+    #[serde(default)]
+    pub trial_boots: u32,
+    /// The report of `state` has not reached the coordinator yet: it goes again after the
+    /// next check-in. Only a `rolled_back` report is kept for that (nothing else would
+    /// tell the coordinator why).
+    #[serde(default)]
+    pub unreported: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

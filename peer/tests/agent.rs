@@ -70,3 +70,63 @@ async fn an_agent_updates_reboots_and_passes_its_health_gate() {
     let status = agent.control("status");
     assert!(status.contains("running slot B"), "{status}");
 }
+
+/// The release the system says it runs (`release_file`) is what the first check-in reports:
+/// on a fresh appliance, and over a different record of the agent's; without a readable file
+/// the agent carries on with what it knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_checkin_reports_the_release_the_system_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    origin.publish(3, 64 * 1024).await;
+    let relay = RecordingRelay::start(&origin.url).await;
+    let agent = |name: &str, release: &str| {
+        let mut agent =
+            AgentProcess::new(&dir.path().join(name), &origin, &format!("site-{name}"), name, 8192);
+        agent.set_coordinator(&relay.url);
+        let file = agent.dir.join("sitecast-release");
+        agent.configure(&format!("release_file = \"{}\"\n", file.display()));
+        if !release.is_empty() {
+            std::fs::write(&file, release).expect("release file");
+        }
+        agent
+    };
+    let mut fresh = agent("fresh", "VERSION_ID=2\n");
+    let mut recorded = agent("recorded", "PRETTY_NAME=\"Till 3\"\nVERSION_ID=\"3\"\nKERNEL=6.1\n");
+    std::fs::create_dir_all(recorded.dir.join("state")).expect("state dir");
+    std::fs::write(recorded.dir.join("state/agent.json"), r#"{"slot_versions":{"A":1}}"#)
+        .expect("state");
+    let mut missing = agent("missing", "");
+    for agent in [&mut fresh, &mut recorded, &mut missing] {
+        agent.start();
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first_checkin = |name: &str| {
+        let checkins = relay.requests("/api/appliances/checkin");
+        checkins.iter().map(|c| c.json()).find(|c| c["name"] == name)
+    };
+    for (agent, version) in [(&fresh, 2), (&recorded, 3), (&missing, 0)] {
+        let checkin = loop {
+            if let Some(checkin) = first_checkin(&agent.name) {
+                break checkin;
+            }
+            assert!(Instant::now() < deadline, "no check-in:\n{}", agent.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(checkin["installed_version"], version, "{}:\n{}", agent.name, agent.log());
+        if version != 0 {
+            // Recorded before the check-in went out.
+            assert_eq!(agent.state_file()["slot_versions"]["A"], version, "{}", agent.name);
+        }
+    }
+    wait_enrolled(&origin, 3, deadline, &missing).await;
+    let list = appliances(&origin).await;
+    for (name, version) in [("fresh", 2), ("recorded", 3), ("missing", 0)] {
+        let appliance = list.iter().find(|a| a["name"] == name).expect("listed");
+        assert_eq!(appliance["installed_version"], version, "{appliance}");
+    }
+    assert!(missing.exited().is_none(), "{}", missing.log());
+    assert!(missing.log().contains("the running release is not known"), "{}", missing.log());
+    assert!(recorded.log().contains("trusting the system"), "{}", recorded.log());
+}
