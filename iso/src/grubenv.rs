@@ -2,12 +2,18 @@
 //! `name=value\n` lines, then `#` padding. Values escape `\` and newline with a backslash, as
 //! `grub-editenv` does.
 //!
-//! Userspace replaces the file atomically (write a temporary file, fsync, rename, fsync the
-//! directory); GRUB itself rewrites the blocks in place with `save_env`, which is why the file
-//! must stay exactly 1024 bytes and on a plain filesystem.
+//! Userspace rewrites the block in place, as GRUB's own `save_env` does, and syncs it: GRUB
+//! reads the file system without replaying ext4's journal, so a file replaced by rename (a
+//! journaled metadata change) stays invisible to GRUB until the journal is checkpointed; a
+//! power cut before that, and GRUB boots from the old block while Linux, after its journal
+//! replay, reads the new one. An in-place rewrite changes no metadata; the variables sit in
+//! the first 512-byte sector, which a disk writes whole, so a cut leaves the old or the new
+//! variables. Only a missing or malformed file is replaced (temporary file, fsync, rename,
+//! fsync the directory). The file must stay exactly 1024 bytes on a plain file system.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::device::PowerSupply;
@@ -138,7 +144,21 @@ impl EnvFile {
     fn io(&self, source: io::Error) -> EnvError {
         EnvError::Io { path: self.path.clone(), source }
     }
+
+    /// The env file opened for an in-place rewrite, if it is a whole 1024-byte block.
+    fn existing_block(&self) -> Result<Option<File>, EnvError> {
+        let file = match OpenOptions::new().read(true).write(true).open(&self.path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(self.io(error)),
+        };
+        let len = file.metadata().map_err(|error| self.io(error))?.len();
+        Ok((len == ENV_BLOCK_BYTES as u64).then_some(file))
+    }
 }
+
+/// What a disk writes whole: the variables must end inside it for an in-place rewrite.
+const SECTOR: usize = 512;
 
 impl EnvStore for EnvFile {
     fn load(&self) -> Result<Option<GrubEnv>, EnvError> {
@@ -151,6 +171,15 @@ impl EnvStore for EnvFile {
 
     fn store(&mut self, env: &GrubEnv) -> Result<(), EnvError> {
         let block = env.encode()?;
+        // Every line ends in a newline, so padding alone after the first sector means every
+        // variable is inside it.
+        let in_sector = block[SECTOR..].iter().all(|&b| b == b'#');
+        if in_sector && let Some(file) = self.existing_block()? {
+            return file
+                .write_all_at(&block, 0)
+                .and_then(|()| file.sync_data())
+                .map_err(|error| self.io(error));
+        }
         let dir =
             self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name =

@@ -97,3 +97,34 @@ fn malformed_blocks_are_refused_with_a_reason() {
     assert!(env.encode().is_err());
     assert!(env.set("a=b", "c").is_err());
 }
+
+/// GRUB reads the file system without replaying ext4's journal, so the agent must change the
+/// block where it is (same inode, same blocks), as GRUB's `save_env` does: a rename would
+/// stay invisible to GRUB until the journal is checkpointed (found by the VM test: after a
+/// power cut GRUB still saw the trial the agent had already marked good).
+#[test]
+fn the_block_is_rewritten_in_place_unless_it_must_be_replaced() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("grubenv");
+    grub_editenv(&path, &["create"]);
+    let inode = std::fs::metadata(&path).expect("stat").ino();
+    let mut store = EnvFile::new(&path);
+    let state = AbState { active: Slot::B, next: None, tries: 0, good: true, fallback: None };
+    save_state(&mut store, &state, GrubEnv::default()).expect("store");
+    assert_eq!(std::fs::metadata(&path).expect("stat").ino(), inode, "the file was replaced");
+    assert!(grub_editenv(&path, &["list"]).lines().any(|l| l == "sitecast_active=B"));
+
+    // Variables that reach past the first sector could be torn by a cut mid-write: the file
+    // is replaced whole instead.
+    let mut env = GrubEnv::default();
+    env.set("long", &"x".repeat(600)).expect("name");
+    save_state(&mut store, &state, env).expect("store");
+    assert_ne!(std::fs::metadata(&path).expect("stat").ino(), inode);
+    assert!(grub_editenv(&path, &["list"]).lines().any(|l| l == "sitecast_good=1"));
+
+    // A file that is not a whole block is replaced, not patched.
+    std::fs::write(&path, b"# GRUB Environment Block\n").expect("truncate");
+    save_state(&mut store, &state, GrubEnv::default()).expect("store");
+    assert_eq!(std::fs::metadata(&path).expect("stat").len(), 1024);
+}
