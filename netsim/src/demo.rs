@@ -18,8 +18,8 @@ use serde_json::{Value, json};
 use sitecast_manifest::{ImageDigest, ImageInfo, Release, RoleKeys, Root, SecretKey, TrustedRoot};
 use sitecast_peer::config::{AgentConfig, BootSlotSource};
 
-pub(crate) const OPERATOR: &str = "demo-operator-token";
-pub(crate) const ENROLL: &str = "demo-enrollment-token";
+pub const OPERATOR: &str = "demo-operator-token";
+pub const ENROLL: &str = "demo-enrollment-token";
 const SITE: &str = "demo-store";
 pub(crate) const PLATFORM: &str = "x86_64-appliance";
 
@@ -438,7 +438,9 @@ pub(crate) async fn origin_bytes(api: &Api, site: &str) -> Result<u64> {
     Ok(text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|n| n.parse().ok()).unwrap_or(0))
 }
 
-pub(crate) struct Api {
+/// Central Command's operator API, with the lab's operator token.
+#[derive(Debug)]
+pub struct Api {
     pub http: reqwest::Client,
     pub url: String,
 }
@@ -454,15 +456,15 @@ impl Api {
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    pub(crate) async fn get(&self, path: &str) -> Result<Value> {
+    pub async fn get(&self, path: &str) -> Result<Value> {
         self.send(self.http.get(format!("{}{path}", self.url))).await
     }
 
-    pub(crate) async fn post(&self, path: &str, body: Value) -> Result<Value> {
+    pub async fn post(&self, path: &str, body: Value) -> Result<Value> {
         self.send(self.http.post(format!("{}{path}", self.url)).json(&body)).await
     }
 
-    pub(crate) async fn put(&self, path: &str, body: Value) -> Result<Value> {
+    pub async fn put(&self, path: &str, body: Value) -> Result<Value> {
         self.send(self.http.put(format!("{}{path}", self.url)).json(&body)).await
     }
 }

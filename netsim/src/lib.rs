@@ -3,8 +3,10 @@
 //!   clock for whole fleets;
 //! - [`lab`]: real coordinator and agent processes in Linux network namespaces with shaped
 //!   links (root);
-//! - [`demo`]: the README's first command, processes on loopback.
+//! - [`demo`]: the README's first command, processes on loopback;
+//! - [`vm`]: real appliances in QEMU, booted by GRUB from their own partitions.
 
 pub mod demo;
 pub mod lab;
 pub mod sim;
+pub mod vm;

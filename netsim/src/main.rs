@@ -55,6 +55,22 @@ enum Command {
         #[command(flatten)]
         shape: LabShape,
     },
+    /// Real appliances in QEMU (software emulation): builds the appliance image from Debian
+    /// packages (cached), starts Central Command, boots a site of VMs on release 1, publishes
+    /// and rolls out release 2, and prints what each VM did. Needs no root.
+    Vm {
+        #[arg(long, default_value_t = 2)]
+        appliances: usize,
+        /// The site's WAN downlink (Central Command → site); 0 for no limit.
+        #[arg(long, default_value_t = 40.0)]
+        wan_mbit: f64,
+        /// Consoles, disks and the coordinator's log (cleared first, kept after the run).
+        #[arg(long, default_value = "target/sitecast-vm")]
+        work_dir: PathBuf,
+        /// The built appliance (kept: the next run reuses what has not changed).
+        #[arg(long, default_value = "target/sitecast-vm-images")]
+        images_dir: PathBuf,
+    },
     /// (internal) The lab's controller, run inside the lab's switch namespace.
     #[command(hide = true)]
     LabRun {
@@ -231,6 +247,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let code =
                 sitecast_netsim::lab::run(&shape.options(), &std::env::current_exe()?).await?;
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        Command::Vm { appliances, wan_mbit, work_dir, images_dir } => {
+            let options = sitecast_netsim::vm::VmUpdateOptions {
+                lab: sitecast_netsim::vm::VmLabOptions {
+                    work_dir,
+                    site: "vm-site".into(),
+                    wan_mbit: (wan_mbit > 0.0).then_some(wan_mbit),
+                    lan: appliances > 1,
+                    checkin_interval_secs: 5,
+                },
+                appliances,
+                images_dir,
+            };
+            let exe = std::env::current_exe()?;
+            sitecast_netsim::vm::update_site(&options, &exe, &mut std::io::stdout()).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::LabRun { prefix, shape } => lab_run(&prefix, &shape.options()).await,
         Command::Coordinator { listen, data_dir, root } => {

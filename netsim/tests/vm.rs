@@ -1,0 +1,262 @@
+//! Real appliances: QEMU VMs (software emulation) booted by GRUB from the disk that
+//! `appliance/build-image` makes, updated by the real Central Command on the host. Each test
+//! is one story an appliance in the field lives through; the release images are built once
+//! (cached under the target directory) and every VM gets a fresh copy of the disk.
+//!
+//! A failed test keeps its work dir (consoles, disks, the coordinator's log) and names it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use sitecast_netsim::vm::{
+    self, BAD_HEALTH, Binaries, GOOD, Images, NO_USERSPACE, VmLab, VmLabOptions, qemu,
+};
+
+const SITE: &str = "vm-lab";
+
+/// A test's lab: its work dir is removed when the test passes and kept when it fails.
+struct Run {
+    lab: VmLab,
+    work: PathBuf,
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept for a look: {}", self.work.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
+fn binaries() -> Binaries {
+    Binaries::beside(Path::new(env!("CARGO_BIN_EXE_sitecast-netsim"))).expect("binaries")
+}
+
+async fn start(test: &str, wan_mbit: Option<f64>, lan: bool) -> Run {
+    sitecast_coordinator::install_tls_provider();
+    let binaries = binaries();
+    let images =
+        Images::build(&binaries.dir.join("vm-images"), &binaries).expect("appliance image");
+    let work = binaries.dir.join("vm-runs").join(test);
+    let options = VmLabOptions {
+        work_dir: work.clone(),
+        site: SITE.into(),
+        wan_mbit,
+        lan,
+        checkin_interval_secs: 3,
+    };
+    let lab = VmLab::start(options, images, binaries).await.expect("lab");
+    lab.open_window().await.expect("window");
+    // The release the appliances come with is published, as in a real fleet: Central Command
+    // believes an installed version only when a published release explains it.
+    lab.publish(1).await.expect("publish release 1");
+    Run { lab, work }
+}
+
+/// GRUB's tries for a new slot, as the release's agent configuration sets them.
+fn boot_tries() -> usize {
+    let config = std::fs::read_to_string(vm::repo().join("appliance/config/agent.toml.in"))
+        .expect("agent.toml.in");
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("boot_tries = ")?.trim().parse().ok())
+        .expect("boot_tries in agent.toml.in")
+}
+
+fn update_state(record: &Value) -> &str {
+    record["update"]["state"].as_str().unwrap_or("")
+}
+
+/// Boots `name` on release 1 and waits until Central Command knows it runs release 1 (read
+/// from the release file of the slot it booted, before any update).
+async fn boot_on_release_1(lab: &mut VmLab, name: &str) {
+    lab.add_appliance(name).expect("VM");
+    lab.wait_appliance(name, "a check-in on release 1", |a| a["installed_version"] == 1)
+        .await
+        .expect("enrolled on release 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appliance_boots_an_update_from_its_other_partition() {
+    let mut run = start("update", None, false).await;
+    let lab = &mut run.lab;
+    boot_on_release_1(lab, "vm1").await;
+    assert_eq!(qemu::booted(&lab.vm("vm1").console_text()), Some(('A', 1)));
+
+    lab.publish(GOOD).await.expect("publish");
+    let rollout = lab.roll_out(GOOD).await.expect("rollout");
+    let record = lab
+        .wait_appliance("vm1", "success", |a| update_state(a) == "succeeded")
+        .await
+        .expect("update");
+    assert_eq!(record["installed_version"], GOOD);
+    assert_eq!(record["active_slot"], "B");
+    lab.wait_rollout(rollout, "completion", |r| r["state"] == "completed").await.expect("done");
+
+    // GRUB booted slot B (the kernel command line) and it runs release 2 (its release file).
+    let vm1 = lab.vm("vm1");
+    let console = vm1.console_text();
+    assert_eq!(qemu::booted(&console), Some(('B', GOOD)), "console in {}", vm1.console.display());
+    assert_eq!(qemu::grub_boots(&console, 'B'), 1);
+
+    // After the power is off: the env block says B is good, and partition B holds exactly
+    // the release's bytes.
+    vm1.power_cut();
+    let env = vm::grubenv(&vm1.disk).expect("grubenv");
+    assert_eq!(vm::env_var(&env, "sitecast_active"), Some("B"), "{env}");
+    assert_eq!(vm::env_var(&env, "sitecast_good"), Some("1"), "{env}");
+    assert_eq!(vm::env_var(&env, "sitecast_next").unwrap_or(""), "", "{env}");
+    let (size, blake3) = lab.images.digest(GOOD).expect("image");
+    let slot_b = vm::partition_blake3(&lab.vm("vm1").disk, "system-b", size).expect("slot B");
+    assert_eq!(slot_b, blake3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_health_gate_fails_is_rolled_back_and_pauses_the_rollout() {
+    let mut run = start("bad-health", None, false).await;
+    let lab = &mut run.lab;
+    boot_on_release_1(lab, "vm1").await;
+    lab.publish(BAD_HEALTH).await.expect("publish");
+    let rollout = lab.roll_out(BAD_HEALTH).await.expect("rollout");
+
+    let record = lab
+        .wait_appliance("vm1", "a rollback", |a| update_state(a) == "rolled_back")
+        .await
+        .expect("rollback");
+    let reason = record["update"]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.contains("the application does not start"), "reason: {reason}");
+    assert_eq!(record["installed_version"], 1);
+    let view = lab
+        .wait_rollout(rollout, "the auto-pause", |r| r["state"] == "paused")
+        .await
+        .expect("auto-pause");
+    assert!(view["paused_reason"].as_str().is_some_and(|r| !r.is_empty()), "{view}");
+
+    // GRUB tried slot B the configured number of times, then went back to A, which runs
+    // release 1 again.
+    let vm1 = lab.vm("vm1");
+    let console = vm1.console_text();
+    assert_eq!(
+        qemu::grub_boots(&console, 'B'),
+        boot_tries(),
+        "console in {}",
+        vm1.console.display()
+    );
+    assert_eq!(qemu::booted(&console), Some(('A', 1)));
+    vm1.power_cut();
+    let env = vm::grubenv(&vm1.disk).expect("grubenv");
+    assert_eq!(vm::env_var(&env, "sitecast_active"), Some("A"), "{env}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_that_never_reaches_userspace_is_undone_by_grub_alone() {
+    let mut run = start("no-userspace", None, false).await;
+    let lab = &mut run.lab;
+    boot_on_release_1(lab, "vm1").await;
+    lab.publish(NO_USERSPACE).await.expect("publish");
+    lab.roll_out(NO_USERSPACE).await.expect("rollout");
+
+    let record = lab
+        .wait_appliance("vm1", "a rollback", |a| update_state(a) == "rolled_back")
+        .await
+        .expect("rollback");
+    let reason = record["update"]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.contains("without the agent starting"), "reason: {reason}");
+
+    // Each try panicked before the root file system; GRUB's count alone brought A back.
+    let vm1 = lab.vm("vm1");
+    let console = vm1.console_text();
+    let tries = boot_tries();
+    assert_eq!(qemu::grub_boots(&console, 'B'), tries, "console in {}", vm1.console.display());
+    assert_eq!(console.matches("never reaches its root file system").count(), tries);
+    assert!(console.contains("Kernel panic"), "console in {}", vm1.console.display());
+    assert_eq!(qemu::booted(&console), Some(('A', 1)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_mid_download_and_before_the_reboot_lose_nothing() {
+    // A slow WAN (24 Mbit/s: about 9 s for the image) so the cut lands mid-download.
+    let mut run = start("power-cut", Some(24.0), false).await;
+    let lab = &mut run.lab;
+    boot_on_release_1(lab, "vm1").await;
+    let (size, blake3) = lab.images.digest(GOOD).expect("image");
+    lab.publish(GOOD).await.expect("publish");
+    lab.roll_out(GOOD).await.expect("rollout");
+
+    // 1. Cut the power once half the image has come down the WAN.
+    let deadline = std::time::Instant::now() + vm::PATIENCE;
+    let wan_before = lab.wan.down_bytes();
+    while lab.wan.down_bytes() - wan_before < size / 2 {
+        assert!(std::time::Instant::now() < deadline, "the download never reached half");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vm1 = lab.vm("vm1");
+    vm1.power_cut();
+    let console = vm1.this_boot();
+    assert!(
+        console.contains("download started") && !console.contains("download finished"),
+        "the cut did not land mid-download; console in {}",
+        vm1.console.display()
+    );
+    let at_cut = lab.wan.down_bytes();
+    lab.vm("vm1").power_on().expect("power on");
+
+    // 2. After the restart the agent resumes: it fetches what it had not verified, and cut
+    //    the power again between activating slot B and rebooting into it.
+    lab.wait_appliance("vm1", "activation", |a| update_state(a) == "rebooting")
+        .await
+        .expect("activation");
+    let vm1 = lab.vm("vm1");
+    vm1.power_cut();
+    // The cut came before the guest restarted (GRUB had not run again).
+    assert_eq!(qemu::grub_boots_any(&vm1.this_boot()), 1, "console in {}", vm1.console.display());
+    let fetched_after_cut = lab.wan.down_bytes() - at_cut;
+    assert!(
+        fetched_after_cut < size - size / 4,
+        "after the cut the agent fetched {fetched_after_cut} of {size} bytes again: it did not resume"
+    );
+
+    // 3. Power on: GRUB boots the verified slot B on trial, the gate keeps it.
+    lab.vm("vm1").power_on().expect("power on");
+    let record = lab
+        .wait_appliance("vm1", "success", |a| update_state(a) == "succeeded")
+        .await
+        .expect("update");
+    assert_eq!(record["installed_version"], GOOD);
+    let vm1 = lab.vm("vm1");
+    assert_eq!(qemu::booted(&vm1.this_boot()), Some(('B', GOOD)));
+    vm1.power_cut();
+    assert_eq!(vm::partition_blake3(&vm1.disk, "system-b", size).expect("slot B"), blake3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_appliances_of_a_site_share_the_release_over_their_lan() {
+    let mut run = start("two-vms", Some(40.0), true).await;
+    let lab = &mut run.lab;
+    lab.add_appliance("vm1").expect("vm1");
+    lab.add_appliance("vm2").expect("vm2");
+    for name in ["vm1", "vm2"] {
+        lab.wait_appliance(name, "a check-in on release 1", |a| a["installed_version"] == 1)
+            .await
+            .expect("enrolled");
+    }
+    let (size, _) = lab.images.digest(GOOD).expect("image");
+    lab.publish(GOOD).await.expect("publish");
+    lab.roll_out(GOOD).await.expect("rollout");
+    let mut from_lan = 0;
+    for name in ["vm1", "vm2"] {
+        let record = lab
+            .wait_appliance(name, "success", |a| update_state(a) == "succeeded")
+            .await
+            .expect("update");
+        assert_eq!(record["installed_version"], GOOD);
+        from_lan += record["update"]["bytes_from_lan"].as_u64().unwrap_or(0);
+    }
+    let origin = lab.origin_bytes(GOOD).await.expect("metrics");
+    let copies = origin as f64 / size as f64;
+    assert!(copies < 1.5, "the origin sent {copies:.2} copies to a site of two");
+    assert!(from_lan > size / 2, "only {from_lan} bytes came over the LAN");
+}
