@@ -192,15 +192,22 @@ pub fn booted(console: &str) -> Option<(char, u64)> {
     Some((slot, version))
 }
 
-/// How many times GRUB started a kernel from each slot this boot sequence: GRUB prints
-/// `sitecast: booting slot X` (docs/grub-ab.cfg) before each.
-pub fn grub_boots(console: &str, slot: char) -> usize {
-    console.matches(&format!("sitecast: booting slot {slot}")).count()
+/// How many times the machine started (power-on or reboot): the firmware's banner. GRUB's own
+/// lines are no count: with `-nographic` SeaBIOS mirrors GRUB's screen terminal onto the
+/// serial port as well, redrawn with cursor moves that may cut words, so each appears once or
+/// twice.
+pub fn machine_starts(console: &str) -> usize {
+    console.matches("SeaBIOS (").count()
 }
 
-/// How many times GRUB started a kernel, from either slot.
-pub fn grub_boots_any(console: &str) -> usize {
-    grub_boots(console, 'A') + grub_boots(console, 'B')
+/// How many boots from `slot` reached the root file system's start scripts (`rcS` prints the
+/// kernel command line GRUB passed, `ab.partition=X` in it).
+pub fn userspace_boots(console: &str, slot: char) -> usize {
+    let partition = format!("ab.partition={slot}");
+    console
+        .lines()
+        .filter(|l| l.contains("sitecast-rcS: kernel command line:") && l.contains(&partition))
+        .count()
 }
 
 #[cfg(test)]
@@ -217,8 +224,9 @@ mod tests {
             sitecast-rcS: sitecast appliance release 2, slot B, up 6.5 s\n";
         assert_eq!(booted(console), Some(('B', 2)));
         assert_eq!(booted("sitecast: booting slot A\n"), None);
-        assert_eq!(grub_boots(console, 'A'), 1);
-        assert_eq!(grub_boots(console, 'B'), 1);
+        assert_eq!(userspace_boots(console, 'A'), 1);
+        assert_eq!(userspace_boots(console, 'B'), 1);
+        assert_eq!(machine_starts("SeaBIOS (version 1.16)\nSeaBIOS (ve\x1b[1;1H"), 2);
     }
 
     #[test]
