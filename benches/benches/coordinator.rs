@@ -206,7 +206,7 @@ async fn under_attack(
     keys: &Arc<Vec<SecretKey>>,
     blake3: &str,
     seconds: u64,
-    calm: (f64, Duration, Duration),
+    first_calm: (f64, Duration, Duration),
 ) {
     let server: std::net::SocketAddr = url.trim_start_matches("http://").parse().expect("addr");
     let rss = || {
@@ -235,6 +235,32 @@ async fn under_attack(
             key.sign(&message).to_hex()
         )
     };
+    // The same check-ins as the measurement, so the fleet is settled first: publishing the
+    // image made each appliance's claimed version a real one, a durable change each
+    // appliance's next check-in commits once. Then the calm baseline again, in this state.
+    let checkin = {
+        let (client, url, keys) = (client.clone(), url.to_owned(), Arc::clone(keys));
+        move |i: usize| {
+            // Key 0 is the attackers'. Each appliance keeps the site it enrolled in (index
+            // % 100): a check-in that moved it would be a durable, audited change.
+            let index = 1 + i % (keys.len() - 1);
+            let request = signed(&client, &url, &keys[index], checkin_body(index % 100, 1, false));
+            async move {
+                let response = request.send().await.expect("checkin");
+                assert!(response.status().is_success(), "{}", response.status());
+                response.bytes().await.expect("body");
+            }
+        }
+    };
+    {
+        use futures_util::StreamExt;
+        futures_util::stream::iter(0..keys.len() - 1)
+            .map(&checkin)
+            .buffer_unordered(CONCURRENCY)
+            .collect::<Vec<()>>()
+            .await;
+    }
+    let calm = load(seconds, checkin.clone()).await;
     let mut held = Vec::new();
     let range_path = format!("/api/blobs/{blake3}/ranges?start=0&end=1024");
     for i in 0..500u32 {
@@ -255,19 +281,7 @@ async fn under_attack(
     // requests beyond the pool are turned away after their 10 s wait. Then measure the
     // steady state the attack can hold.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let attacked = {
-        let (client, url, keys) = (client.clone(), url.to_owned(), Arc::clone(keys));
-        load(seconds, move |i| {
-            let key = &keys[1 + i % (keys.len() - 1)];
-            let request = signed(&client, &url, key, checkin_body(i % 100, 1, false));
-            async move {
-                let response = request.send().await.expect("checkin");
-                assert!(response.status().is_success(), "{}", response.status());
-                response.bytes().await.expect("body");
-            }
-        })
-        .await
-    };
+    let attacked = load(seconds, checkin).await;
     let during = rss();
     drop(held);
     println!(
@@ -282,6 +296,7 @@ async fn under_attack(
         );
     };
     row("baseline: signed check-in, no attack", calm);
+    row("(the first baseline, before publishing)", first_calm);
     row("signed check-in during the attack", attacked);
     println!("  process RSS (server and clients): {before} MiB before, {during} MiB during");
 }
