@@ -263,8 +263,10 @@ async fn under_attack(
     let calm = load(seconds, checkin.clone()).await;
     let mut held = Vec::new();
     let range_path = format!("/api/blobs/{blake3}/ranges?start=0&end=1024");
+    // Eight readers per address, under the per-client share of the range pool (16), so the
+    // readers together can take the whole pool, as many clients would.
     for i in 0..500u32 {
-        let source = std::net::Ipv4Addr::new(127, 1, (i / 200) as u8, 1);
+        let source = std::net::Ipv4Addr::new(127, 1, (i / 8) as u8, 1);
         held.extend(stall(source, server, signed_head("GET", &range_path, ""), 0).await);
     }
     for i in 0..400u32 {

@@ -73,6 +73,14 @@ struct ServeArgs {
     /// An appliance that has not checked in for this long is offline.
     #[arg(long, default_value_t = 180)]
     offline_after_secs: u64,
+    /// Connections one client address (IPv4, or IPv6 /64) may hold. Behind a TLS proxy every
+    /// appliance comes from the proxy's address: raise this there.
+    #[arg(long, default_value_t = 256)]
+    max_connections_per_client: usize,
+    /// Verified-range streams one client address may hold (of 64 in all). Behind a proxy,
+    /// raise it to 64.
+    #[arg(long, default_value_t = 16)]
+    max_range_streams_per_client: usize,
 }
 
 #[derive(Args, Clone)]
@@ -256,6 +264,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.tick = Duration::from_secs(args.tick_secs.max(1));
     config.fleet.checkin_interval_secs = args.checkin_interval_secs;
     config.fleet.offline_after_secs = args.offline_after_secs;
+    config.limits.max_connections_per_ip = args.max_connections_per_client;
+    config.max_range_streams_per_client = args.max_range_streams_per_client;
     let data_dir = config.data_dir.clone();
     let (coordinator, first_run) = Coordinator::open(config, Arc::new(SystemClock))?;
     if let Some(token) = first_run.operator {

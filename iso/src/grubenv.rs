@@ -6,10 +6,14 @@
 //! reads the file system without replaying ext4's journal, so a file replaced by rename (a
 //! journaled metadata change) stays invisible to GRUB until the journal is checkpointed; a
 //! power cut before that, and GRUB boots from the old block while Linux, after its journal
-//! replay, reads the new one. An in-place rewrite changes no metadata; the variables sit in
-//! the first 512-byte sector, which a disk writes whole, so a cut leaves the old or the new
-//! variables. Only a missing or malformed file is replaced (temporary file, fsync, rename,
-//! fsync the directory). The file must stay exactly 1024 bytes on a plain file system.
+//! replay, reads the new one; worse, GRUB's `save_env` then writes into the old file's blocks,
+//! which the rename freed. An in-place rewrite changes no metadata. When the old and the new
+//! variables both fit in the first 512-byte sector (ours always do), only that sector is
+//! written, and a disk writes a sector whole, so a cut leaves the old or the new variables;
+//! otherwise the whole block is rewritten (a cut between its sectors could mix them). An
+//! existing file is never replaced: only a missing or malformed one is created (temporary
+//! file, fsync, rename, fsync the directory), which belongs to provisioning, before GRUB
+//! relies on it. The file must stay exactly 1024 bytes on a plain file system.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -145,15 +149,23 @@ impl EnvFile {
         EnvError::Io { path: self.path.clone(), source }
     }
 
-    /// The env file opened for an in-place rewrite, if it is a whole 1024-byte block.
-    fn existing_block(&self) -> Result<Option<File>, EnvError> {
+    /// The env file opened for an in-place rewrite, with its current bytes, if it is a whole
+    /// 1024-byte block.
+    fn existing_block(&self) -> Result<Option<(File, Vec<u8>)>, EnvError> {
         let file = match OpenOptions::new().read(true).write(true).open(&self.path) {
             Ok(file) => file,
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(error) => return Err(self.io(error)),
         };
-        let len = file.metadata().map_err(|error| self.io(error))?.len();
-        Ok((len == ENV_BLOCK_BYTES as u64).then_some(file))
+        let mut old = vec![0; ENV_BLOCK_BYTES];
+        match file.read_exact_at(&mut old, 0) {
+            Ok(()) if file.metadata().map_err(|e| self.io(e))?.len() == ENV_BLOCK_BYTES as u64 => {
+                Ok(Some((file, old)))
+            }
+            Ok(()) => Ok(None),
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(error) => Err(self.io(error)),
+        }
     }
 }
 
@@ -171,12 +183,13 @@ impl EnvStore for EnvFile {
 
     fn store(&mut self, env: &GrubEnv) -> Result<(), EnvError> {
         let block = env.encode()?;
-        // Every line ends in a newline, so padding alone after the first sector means every
-        // variable is inside it.
-        let in_sector = block[SECTOR..].iter().all(|&b| b == b'#');
-        if in_sector && let Some(file) = self.existing_block()? {
+        if let Some((file, old)) = self.existing_block()? {
+            // Every line ends in a newline, so padding alone after the first sector means
+            // every variable is inside it.
+            let padding = |b: &[u8]| b[SECTOR..].iter().all(|&c| c == b'#');
+            let len = if padding(&block) && padding(&old) { SECTOR } else { ENV_BLOCK_BYTES };
             return file
-                .write_all_at(&block, 0)
+                .write_all_at(&block[..len], 0)
                 .and_then(|()| file.sync_data())
                 .map_err(|error| self.io(error));
         }
@@ -197,7 +210,8 @@ impl EnvStore for EnvFile {
     }
 }
 
-/// Crash-testing store: `store` is one operation on the power supply and atomic, like rename.
+/// Crash-testing store: `store` is one operation on the power supply and atomic, like the
+/// one-sector rewrite of [`EnvFile`].
 #[derive(Debug, Clone)]
 pub struct CrashEnvStore {
     block: std::sync::Arc<std::sync::Mutex<Option<[u8; ENV_BLOCK_BYTES]>>>,

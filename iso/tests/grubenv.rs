@@ -115,15 +115,20 @@ fn the_block_is_rewritten_in_place_unless_it_must_be_replaced() {
     assert_eq!(std::fs::metadata(&path).expect("stat").ino(), inode, "the file was replaced");
     assert!(grub_editenv(&path, &["list"]).lines().any(|l| l == "sitecast_active=B"));
 
-    // Variables that reach past the first sector could be torn by a cut mid-write: the file
-    // is replaced whole instead.
+    // Variables past the first sector: still rewritten in place (the whole block), and the
+    // next short block clears them, second sector too.
     let mut env = GrubEnv::default();
     env.set("long", &"x".repeat(600)).expect("name");
     save_state(&mut store, &state, env).expect("store");
-    assert_ne!(std::fs::metadata(&path).expect("stat").ino(), inode);
-    assert!(grub_editenv(&path, &["list"]).lines().any(|l| l == "sitecast_good=1"));
+    assert_eq!(std::fs::metadata(&path).expect("stat").ino(), inode, "the file was replaced");
+    assert!(grub_editenv(&path, &["list"]).lines().any(|l| l.starts_with("long=xxx")));
+    save_state(&mut store, &state, GrubEnv::default()).expect("store");
+    let listed = grub_editenv(&path, &["list"]);
+    assert!(!listed.contains("long="), "{listed}");
+    assert!(listed.lines().any(|l| l == "sitecast_good=1"), "{listed}");
+    assert_eq!(std::fs::metadata(&path).expect("stat").ino(), inode, "the file was replaced");
 
-    // A file that is not a whole block is replaced, not patched.
+    // A file that is not a whole block is created anew, not patched.
     std::fs::write(&path, b"# GRUB Environment Block\n").expect("truncate");
     save_state(&mut store, &state, GrubEnv::default()).expect("store");
     assert_eq!(std::fs::metadata(&path).expect("stat").len(), 1024);

@@ -23,6 +23,8 @@ struct Run {
 
 impl Drop for Run {
     fn drop(&mut self) {
+        // Nothing may still write into the work dir when it is kept or removed.
+        self.lab.shut_down();
         if std::thread::panicking() {
             eprintln!("kept for a look: {}", self.work.display());
         } else {

@@ -274,7 +274,8 @@ impl Agent {
     /// Numbers and sends a report. A number the coordinator finds stale (this agent's count
     /// is behind: its state was lost or restored from an old copy) is replaced once by one
     /// above the coordinator's, learnt from a check-in. Returns whether the coordinator has
-    /// the report or refused it for good (any 4xx answer): not on a network or server error.
+    /// the report or refused it for good (a 4xx answer other than `unknown_appliance` and
+    /// `stale_report`): not on a network or server error.
     async fn send_report(&mut self, mut report: ReportRequest) -> bool {
         report.seq = Some(self.take_report_seq());
         let mut result = self.client.report(&report).await;
@@ -293,11 +294,15 @@ impl Agent {
         match result {
             Ok(()) => true,
             Err(error) => {
-                if error.is_refusal(UNKNOWN_APPLIANCE.0, UNKNOWN_APPLIANCE.1) {
+                // Not final: a coordinator that no longer knows this appliance (it enrolls
+                // again, then hears the report) or a number still behind.
+                let unknown = error.is_refusal(UNKNOWN_APPLIANCE.0, UNKNOWN_APPLIANCE.1);
+                if unknown {
                     self.forget_enrollment();
                 }
                 tracing::warn!(%error, "report not delivered; the next check-in carries the state");
-                matches!(error, ClientError::Refused { status: 400..=499, .. })
+                let retry = unknown || error.is_refusal(STALE_REPORT.0, STALE_REPORT.1);
+                !retry && matches!(error, ClientError::Refused { status: 400..=499, .. })
             }
         }
     }

@@ -329,11 +329,18 @@ impl VmLab {
     }
 }
 
-impl Drop for VmLab {
-    fn drop(&mut self) {
+impl VmLab {
+    /// Powers every VM off and stops Central Command (also on drop).
+    pub fn shut_down(&mut self) {
         self.vms.clear();
         let _ = self.coordinator.kill();
         let _ = self.coordinator.wait();
+    }
+}
+
+impl Drop for VmLab {
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }
 
