@@ -169,7 +169,7 @@ impl EnvFile {
     }
 }
 
-/// What a disk writes whole: the variables must end inside it for an in-place rewrite.
+/// What a disk writes whole: when the old and new variables end inside it, only it is written.
 const SECTOR: usize = 512;
 
 impl EnvStore for EnvFile {
