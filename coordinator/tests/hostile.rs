@@ -41,15 +41,7 @@ async fn appliances_never_offered_a_release_cannot_dilute_its_failures() {
     for appliance in &real {
         appliance.checkin(&server).await;
     }
-    let (status, rollout) = server
-        .op_json(
-            Method::POST,
-            "/api/rollouts",
-            Some(json!({"version": 2, "strategy": "immediate"})),
-        )
-        .await;
-    assert_eq!(status, 201, "{rollout}");
-    let id = rollout["id"].as_u64().expect("id");
+    let id = server.roll_out_now(2).await;
 
     // 19 keys enrolled with the token after the rollout began: never offered, never members.
     let mut fakes: Vec<Appliance> =

@@ -57,14 +57,7 @@ async fn readers_that_stop_reading_hold_only_the_range_pool() {
 
     // While they hold it, everything else is served.
     assert!(!appliance.checkin(&server).await.update_available);
-    let (status, rollout) = server
-        .op_json(
-            Method::POST,
-            "/api/rollouts",
-            Some(json!({"version": 2, "strategy": "immediate"})),
-        )
-        .await;
-    assert_eq!(status, 201, "{rollout}");
+    server.roll_out_now(2).await;
     let coordinator = server.coordinator.clone();
     tokio::task::spawn_blocking(move || coordinator.tick()).await.expect("join").expect("tick");
     let plain = server.op(Method::GET, "/api/releases/1/image").header("range", "bytes=0-99");

@@ -309,6 +309,19 @@ impl TestServer {
         self.op(Method::POST, "/api/releases").multipart(form).send().await.expect("publish")
     }
 
+    /// Creates an immediate rollout of `version`, which must succeed; returns its id.
+    pub async fn roll_out_now(&self, version: u64) -> u64 {
+        let (status, rollout) = self
+            .op_json(
+                Method::POST,
+                "/api/rollouts",
+                Some(json!({"version": version, "strategy": "immediate"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{rollout}");
+        rollout["id"].as_u64().expect("id")
+    }
+
     pub async fn rollout(&self, id: u64) -> Value {
         let (status, body) = self.op_json(Method::GET, &format!("/api/rollouts/{id}"), None).await;
         assert_eq!(status, 200, "{body}");
