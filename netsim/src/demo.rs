@@ -336,7 +336,7 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
         let view = api.get(&format!("/api/rollouts/{id}")).await?;
         let list = api.get("/api/appliances").await?;
         let states = update_states(&list);
-        let origin = origin_bytes(&api, SITE).await?;
+        let origin = origin_bytes(&api, SITE, 2).await?;
         let line = format!(
             "stage {}/2 {}: {} | origin {:.2} × image",
             view["current_stage"].as_u64().unwrap_or(0) + 1,
@@ -381,7 +381,7 @@ pub async fn run(options: &DemoOptions, out: &mut (impl Write + Send)) -> Result
     let report = DemoReport {
         appliances,
         image_bytes,
-        origin_bytes: origin_bytes(&api, SITE).await?,
+        origin_bytes: origin_bytes(&api, SITE, 2).await?,
         lan_bytes,
         seconds: started.elapsed().as_secs_f64(),
         coordinator: url.clone(),
@@ -432,9 +432,11 @@ pub(crate) fn summarize(states: &[String]) -> String {
     counts.iter().map(|(s, n)| format!("{n} {s}")).collect::<Vec<_>>().join(", ")
 }
 
-pub(crate) async fn origin_bytes(api: &Api, site: &str) -> Result<u64> {
+/// Bytes of release `version` Central Command served to `site` (its own count, `/metrics`).
+pub(crate) async fn origin_bytes(api: &Api, site: &str, version: u64) -> Result<u64> {
     let text = api.http.get(format!("{}/metrics", api.url)).send().await?.text().await?;
-    let prefix = format!("sitecast_origin_bytes_served_total{{site=\"{site}\",version=\"2\"}} ");
+    let prefix =
+        format!("sitecast_origin_bytes_served_total{{site=\"{site}\",version=\"{version}\"}} ");
     Ok(text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|n| n.parse().ok()).unwrap_or(0))
 }
 

@@ -479,7 +479,7 @@ pub async fn controller(
     }
     let total_seconds = started.elapsed().as_secs_f64();
     let (_, found_by_mdns) = discovery(&agents).await;
-    let origin_bytes = crate::demo::origin_bytes(&api, SITE).await?;
+    let origin_bytes = crate::demo::origin_bytes(&api, SITE, 2).await?;
     let http_seconds = if options.http_baseline {
         let url = format!("http://{COORDINATOR}/api/releases/2/image");
         // Images are for the fleet: the baseline downloads as the operator would.

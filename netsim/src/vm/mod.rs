@@ -311,17 +311,7 @@ impl VmLab {
 
     /// Bytes of `version` Central Command served to the site (its own count).
     pub async fn origin_bytes(&self, version: u64) -> Result<u64> {
-        let text =
-            self.api.http.get(format!("{}/metrics", self.api.url)).send().await?.text().await?;
-        let prefix = format!(
-            "sitecast_origin_bytes_served_total{{site=\"{}\",version=\"{version}\"}} ",
-            self.options.site
-        );
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0))
+        crate::demo::origin_bytes(&self.api, &self.options.site, version).await
     }
 
     pub fn binaries(&self) -> &Binaries {
