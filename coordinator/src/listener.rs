@@ -11,7 +11,9 @@
 //!   [`Limits::header_read_timeout`] of its first byte (of the accept, for the first request); a
 //!   kept-alive connection with no request for [`Limits::idle_timeout`] is closed;
 //! - request bodies (`body`): the part of a body that a handler may buffer in memory must
-//!   arrive within a deadline, the rest of a streamed upload only has to keep moving;
+//!   arrive within a deadline, the rest of a streamed upload only has to keep moving; an
+//!   answer given before its body was read (refused credentials, a body over its limit) says
+//!   `Connection: close`, since the rest of the body is still on the wire;
 //! - responses (`io`): a write that makes no progress for [`Limits::write_stall_timeout`] ends
 //!   the connection, which frees whatever was producing the response.
 //!

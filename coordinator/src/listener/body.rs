@@ -56,13 +56,25 @@ impl BodyPolicy {
     }
 }
 
-/// Set once the body has failed, so the response can become a 408.
+/// How a body ended, read by the connection once the handler has answered.
 #[derive(Debug, Clone, Default)]
-pub(super) struct TimedOut(Arc<AtomicBool>);
+pub(super) struct BodyOutcome(Arc<Flags>);
 
-impl TimedOut {
-    pub(super) fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+#[derive(Debug, Default)]
+struct Flags {
+    /// The body failed, so the response becomes a 408.
+    timed_out: AtomicBool,
+    /// The handler read the body to its end.
+    read_to_end: AtomicBool,
+}
+
+impl BodyOutcome {
+    pub(super) fn timed_out(&self) -> bool {
+        self.0.timed_out.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn read_to_end(&self) -> bool {
+        self.0.read_to_end.load(Ordering::Relaxed)
     }
 }
 
@@ -81,12 +93,12 @@ pub(super) struct DeadlineBody<B> {
     /// slow to come back (a slow disk) is not blamed on the client.
     waiting: bool,
     failed: Option<&'static str>,
-    timed_out: TimedOut,
+    outcome: BodyOutcome,
     stats: Stats,
 }
 
 impl<B> DeadlineBody<B> {
-    pub(super) fn new(inner: B, policy: BodyPolicy, timed_out: TimedOut, stats: Stats) -> Self {
+    pub(super) fn new(inner: B, policy: BodyPolicy, outcome: BodyOutcome, stats: Stats) -> Self {
         Self {
             inner,
             policy,
@@ -95,7 +107,7 @@ impl<B> DeadlineBody<B> {
             timer: None,
             waiting: false,
             failed: None,
-            timed_out,
+            outcome,
             stats,
         }
     }
@@ -145,11 +157,16 @@ where
                 if let Some(data) = frame.data_ref() {
                     this.received = this.received.saturating_add(data.len() as u64);
                 }
+                // A handler may stop at the last frame without asking for the end.
+                if this.inner.is_end_stream() {
+                    this.outcome.0.read_to_end.store(true, Ordering::Relaxed);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
             Poll::Ready(None) => {
                 this.timer = None;
+                this.outcome.0.read_to_end.store(true, Ordering::Relaxed);
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -163,7 +180,7 @@ where
                 ready!(timer.as_mut().poll(cx));
                 let why = this.why();
                 this.failed = Some(why);
-                this.timed_out.0.store(true, Ordering::Relaxed);
+                this.outcome.0.timed_out.store(true, Ordering::Relaxed);
                 this.stats.count(Event::BodyTimeout);
                 Poll::Ready(Some(Err(BodyTimeout(why).into())))
             }

@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::body::{BodyPolicy, DeadlineBody, TimedOut};
+use super::body::{BodyOutcome, BodyPolicy, DeadlineBody};
 use super::io::GuardedStream;
 use super::{Event, Limits, Stats};
 
@@ -109,22 +109,25 @@ async fn handle(
     stats: Stats,
     in_flight: InFlight,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let timed_out = TimedOut::default();
-    let mut request = request.map(|body| DeadlineBody::new(body, policy, timed_out.clone(), stats));
+    let outcome = BodyOutcome::default();
+    let has_body = !request.body().is_end_stream();
+    let mut request = request.map(|body| DeadlineBody::new(body, policy, outcome.clone(), stats));
     // What `into_make_service_with_connect_info::<SocketAddr>()` provides under axum::serve.
     request.extensions_mut().insert(ConnectInfo(peer));
-    let Ok(response) = router.oneshot(request).await;
-    // The handler saw a failed body (as a 400 from an extractor, or its own error): say what
-    // happened, and close, since the rest of the body is still on the wire.
-    let response = if timed_out.get() {
-        let mut response =
-            (StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time\n")
-                .into_response();
+    let Ok(mut response) = router.oneshot(request).await;
+    if outcome.timed_out() {
+        // The handler saw a failed body (as a 400 from an extractor, or its own error): say
+        // what happened.
+        response = (StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time\n")
+            .into_response();
+    }
+    if has_body && !outcome.read_to_end() {
+        // Answered before the body was read (refused credentials, a body over its limit, a
+        // timeout): the rest of it is still on the wire, so this connection cannot carry
+        // another request. Saying so keeps a client from sending its next request into a
+        // socket the server is about to close.
         response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        response
-    } else {
-        response
-    };
+    }
     Ok(response.map(|body| ResponseBody { body, _in_flight: in_flight }))
 }
 

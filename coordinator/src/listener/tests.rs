@@ -129,6 +129,8 @@ fn router(seen: Arc<Seen>) -> Router {
                 body.len().to_string()
             }),
         )
+        // Like a route that checks credentials before it reads anything.
+        .route("/refuse", post(|| async { StatusCode::UNAUTHORIZED }))
         // Like the image upload: streamed, with the handler's own error when the body fails.
         .route(
             "/upload",
@@ -494,6 +496,24 @@ async fn a_partial_body_gets_a_408_and_never_reaches_the_handler() {
     assert_eq!(server.seen.buffered.load(Ordering::SeqCst), 1, "the handler never ran");
     let stats = server.until(|s| s.open == 1).await;
     assert_eq!(stats.body_timeouts, 1);
+}
+
+#[tokio::test]
+async fn a_body_answered_unread_closes_the_connection_and_a_read_one_keeps_it() {
+    let server = Server::start(limits()).await;
+    let mut client = server.connect().await;
+    client.send(post_head("/buffered", 1000) + &"x".repeat(1000)).await;
+    let reply = client.rx.response().await.expect("answered");
+    assert_eq!((reply.head.status, reply.head.header("connection")), (200, None));
+    assert_eq!(client.get("/ok").await.body, b"ok", "the connection carries the next request");
+
+    // Refused with most of its body still to come: a client that reused this connection
+    // would send its next request into a socket the server closes.
+    client.send(post_head("/refuse", 1 << 20) + &"x".repeat(1000)).await;
+    let reply = client.rx.response().await.expect("answered");
+    assert_eq!(reply.head.status, 401);
+    assert_eq!(reply.head.header("connection"), Some("close"));
+    assert!(closed_without_reply(&mut client).await, "closed after the refusal");
 }
 
 #[tokio::test(start_paused = true)]
