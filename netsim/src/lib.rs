@@ -1,6 +1,7 @@
 //! Simulations of fleets and the local demo:
 //! - [`sim`]: the discrete-event simulator, running the peer crate's own scheduler on a virtual
 //!   clock for whole fleets;
+//! - [`sweep`]: the swarm's goals held over a matrix of site shapes;
 //! - [`lab`]: real coordinator and agent processes in Linux network namespaces with shaped
 //!   links (root);
 //! - [`demo`]: the README's first command, processes on loopback;
@@ -9,4 +10,5 @@
 pub mod demo;
 pub mod lab;
 pub mod sim;
+pub mod sweep;
 pub mod vm;

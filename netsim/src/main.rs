@@ -49,6 +49,19 @@ enum Command {
         #[arg(long = "corrupt")]
         corrupt: Vec<usize>,
     },
+    /// The swarm's goals over a matrix of site shapes (appliances, transfer size, WAN- to
+    /// LAN-limited links, slow, asymmetric, late and corrupt appliances): one line per shape
+    /// and a summary; fails if any shape misses a goal.
+    Sweep {
+        /// The reduced matrix that CI runs, instead of the whole space.
+        #[arg(long)]
+        reduced: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print only the shapes that miss a goal.
+        #[arg(long)]
+        misses_only: bool,
+    },
     /// The network-namespace lab (root): real coordinator and agents in namespaces, shaped
     /// links, mDNS discovery; removes everything it created when it ends.
     Lab {
@@ -242,6 +255,30 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             });
             println!("{summary}");
             Ok(if intact { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Sweep { reduced, seed, misses_only } => {
+            use sitecast_netsim::sweep;
+            let started = std::time::Instant::now();
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let verdicts = sweep::run(sweep::matrix(!reduced, seed), threads, |verdict| {
+                if !misses_only || !verdict.meets_goals() {
+                    println!("{}", verdict.line());
+                }
+            });
+            let missed = verdicts.iter().filter(|v| !v.meets_goals()).count();
+            let worst = |ratio: fn(&sweep::Verdict) -> f64| {
+                verdicts.iter().map(ratio).fold(0.0, f64::max)
+            };
+            println!(
+                "{} shapes, {missed} missed a goal; worst time ÷ bound {:.2} (goal {}), worst origin ÷ transfer {:.3} (goal {}); simulated in {:.1} s",
+                verdicts.len(),
+                worst(sweep::Verdict::time_ratio),
+                sweep::MAX_TIME_RATIO,
+                worst(sweep::Verdict::origin_ratio),
+                sweep::MAX_ORIGIN_RATIO,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(if missed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Lab { shape } => {
             let code =

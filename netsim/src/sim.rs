@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
-use sitecast_peer::scheduler::{
+use sitecast_scheduler::scheduler::{
     Action, Config, Event, PeerId, Rendezvous, RequestId, Scheduler, Source,
 };
 
@@ -75,14 +75,20 @@ impl SiteSpec {
         8.0 + len * (1.0 + 64.0 / 16384.0)
     }
 
-    /// Kumar–Ross lower bound on the time for every appliance to hold the image:
-    /// `max(F/u_s, F/d_min, N·F/(u_s + Σu_i))`.
+    /// Kumar–Ross lower bound on the time for every honest appliance to hold the image,
+    /// `max(F/u_s, F/d_min, N·F/(u_s + Σu_i))` over the honest appliances (a corrupt one's
+    /// uplink carries nothing useful), and no sooner than each appliance's join plus `F/d_i`.
     pub fn bound_seconds(&self) -> f64 {
         let f = self.image_bytes as f64 * 8.0;
-        let d_min = self.lan_down_bps.iter().copied().fold(f64::INFINITY, f64::min);
-        let upload: f64 = self.lan_up_bps.iter().sum();
-        let n = self.appliances as f64;
-        (f / self.wan_bps).max(f / d_min).max(n * f / (self.wan_bps + upload))
+        let honest: Vec<usize> =
+            (0..self.appliances).filter(|i| !self.corrupt.contains(i)).collect();
+        let n = honest.len() as f64;
+        let upload: f64 = honest.iter().map(|&i| self.lan_up_bps[i]).sum();
+        let each = honest
+            .iter()
+            .map(|&i| self.join_at[i].as_secs_f64() + f / self.lan_down_bps[i])
+            .fold(0.0, f64::max);
+        (f / self.wan_bps).max(each).max(n * f / (self.wan_bps + upload))
     }
 }
 
@@ -787,29 +793,41 @@ pub fn simulate_site(spec: &SiteSpec) -> SiteResult {
 /// Several sites (seeds `seed`, `seed + 1`, …), simulated on `threads` threads; results in
 /// site order, so the output does not depend on the thread count.
 pub fn simulate_sites(template: &SiteSpec, sites: usize, threads: usize) -> Vec<SiteResult> {
-    // Each thread takes the next site when it is free, so a thread on a busy core does not
-    // hold the others up with a fixed share of the sites.
+    let specs: Vec<SiteSpec> = (0..sites)
+        .map(|k| SiteSpec { seed: template.seed.wrapping_add(k as u64), ..template.clone() })
+        .collect();
+    in_parallel(&specs, threads, simulate_site)
+}
+
+/// `work` over every item on `threads` threads; results in the items' order. Each thread
+/// takes the next item when it is free, so a thread on a busy core does not hold the others
+/// up with a fixed share of the items.
+pub fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    work: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
     let next = AtomicUsize::new(0);
-    let work = || {
-        let mut done = Vec::new();
-        loop {
-            let k = next.fetch_add(1, Ordering::Relaxed);
-            if k >= sites {
-                return done;
-            }
-            let spec = SiteSpec { seed: template.seed.wrapping_add(k as u64), ..template.clone() };
-            done.push((k, simulate_site(&spec)));
-        }
-    };
-    let mut results: Vec<Option<SiteResult>> = vec![None; sites];
+    let next_item = || next.fetch_add(1, Ordering::Relaxed);
+    let mut results: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
     std::thread::scope(|scope| {
-        let workers: Vec<_> =
-            (0..threads.clamp(1, sites.max(1))).map(|_| scope.spawn(work)).collect();
+        let workers: Vec<_> = (0..threads.clamp(1, items.len().max(1)))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let k = next_item();
+                        let Some(item) = items.get(k) else { return done };
+                        done.push((k, work(item)));
+                    }
+                })
+            })
+            .collect();
         for worker in workers {
-            for (k, result) in worker.join().expect("a site's simulation panicked") {
+            for (k, result) in worker.join().expect("a simulation panicked") {
                 results[k] = Some(result);
             }
         }
     });
-    results.into_iter().map(|r| r.expect("every site simulated")).collect()
+    results.into_iter().map(|r| r.expect("every item done")).collect()
 }

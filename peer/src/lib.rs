@@ -2,7 +2,8 @@
 //! (LAN discovery, multi-source verified transfer, origin fallback), apply, reboot in the
 //! maintenance window.
 //!
-//! - [`scheduler`]: the swarm scheduler, sans-IO, shared with the simulator;
+//! - [`scheduler`], [`pieces`]: the swarm scheduler, sans-IO, shared with the simulator (the
+//!   `sitecast-scheduler` crate);
 //! - [`swarm`]: its async shell (origin over HTTP, LAN peers over [`lan`], verify then write);
 //! - [`lan`]: iroh QUIC with the iroh-blobs wire protocol, served from the slot;
 //! - [`site`]: the control plane on libp2p: mDNS discovery, have-maps by gossipsub;
@@ -21,9 +22,9 @@ pub mod identity;
 pub mod lan;
 pub mod membership;
 pub mod metrics;
-pub mod pieces;
 pub mod release_file;
-pub mod scheduler;
 pub mod site;
 pub mod state;
 pub mod swarm;
+
+pub use sitecast_scheduler::{pieces, scheduler};

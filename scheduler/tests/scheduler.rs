@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest};
-use sitecast_peer::pieces::PieceSet;
-use sitecast_peer::scheduler::*;
+use sitecast_scheduler::pieces::PieceSet;
+use sitecast_scheduler::scheduler::*;
 
 fn peer(i: u8) -> PeerId {
     PeerId([i; 32])
