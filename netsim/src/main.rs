@@ -266,9 +266,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             });
             let missed = verdicts.iter().filter(|v| !v.meets_goals()).count();
-            let worst = |ratio: fn(&sweep::Verdict) -> f64| {
-                verdicts.iter().map(ratio).fold(0.0, f64::max)
-            };
+            let worst =
+                |ratio: fn(&sweep::Verdict) -> f64| verdicts.iter().map(ratio).fold(0.0, f64::max);
             println!(
                 "{} shapes, {missed} missed a goal; worst time ÷ bound {:.2} (goal {}), worst origin ÷ transfer {:.3} (goal {}); simulated in {:.1} s",
                 verdicts.len(),

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
+use sitecast_iso::GROUP_BYTES;
+use sitecast_scheduler::pieces::{PieceLayout, PieceSet};
 use sitecast_scheduler::scheduler::{
     Action, Config, Event, PeerId, Rendezvous, RequestId, Scheduler, Source,
 };
@@ -22,7 +24,6 @@ use sitecast_scheduler::scheduler::{
 pub struct SiteSpec {
     pub appliances: usize,
     pub image_bytes: u64,
-    pub piece_bytes: u64,
     /// Origin → site (bits per second).
     pub wan_bps: f64,
     pub wan_latency: Duration,
@@ -32,6 +33,9 @@ pub struct SiteSpec {
     pub lan_latency: Duration,
     /// Appliances that serve corrupt data.
     pub corrupt: BTreeSet<usize>,
+    /// Fault injection: the appliances take corrupt data as good (no verification), to show
+    /// that `intact` catches it.
+    pub skip_verification: bool,
     /// When each appliance joins (a staged rollout's wave, a late boot).
     pub join_at: Vec<Duration>,
     /// Crashes: appliance, down at, back at.
@@ -50,29 +54,44 @@ impl SiteSpec {
         Self {
             appliances,
             image_bytes,
-            piece_bytes: 1 << 20,
             wan_bps: wan_mbit * 1e6,
             wan_latency: Duration::from_millis(20),
             lan_up_bps: vec![lan_mbit * 1e6; appliances],
             lan_down_bps: vec![lan_mbit * 1e6; appliances],
             lan_latency: Duration::from_millis(1),
             corrupt: BTreeSet::new(),
+            skip_verification: false,
             join_at: vec![Duration::ZERO; appliances],
             crashes: Vec::new(),
             seed,
         }
     }
 
-    pub fn pieces(&self) -> u64 {
-        self.image_bytes.div_ceil(self.piece_bytes)
+    /// How the agents cut this image into pieces.
+    pub fn piece_layout(&self) -> PieceLayout {
+        PieceLayout::new(self.image_bytes.div_ceil(GROUP_BYTES))
     }
 
-    /// Bytes on the wire for one piece: data plus the size header and 64-byte parents
-    /// (about 1/256 of the data for 16 KiB groups).
+    pub fn pieces(&self) -> u64 {
+        self.piece_layout().pieces()
+    }
+
+    pub fn piece_bytes(&self) -> u64 {
+        self.piece_layout().groups_per_piece() * GROUP_BYTES
+    }
+
+    /// Bytes on the wire for one piece: data plus the size header and the 64-byte parents of
+    /// the bao encoding: one per group but the first inside the piece, and the piece's
+    /// ancestors up to the root (one per level of the tree above it). For small pieces the
+    /// ancestors are what counts: 8 of them (512 bytes) on every 16 KiB group of a 4 MiB image.
     fn piece_wire_bytes(&self, piece: u64) -> f64 {
-        let start = piece * self.piece_bytes;
-        let len = self.piece_bytes.min(self.image_bytes - start) as f64;
-        8.0 + len * (1.0 + 64.0 / 16384.0)
+        let layout = self.piece_layout();
+        let groups = layout.groups_of(piece);
+        let start = groups.start * GROUP_BYTES;
+        let len = (groups.end * GROUP_BYTES).min(self.image_bytes) - start;
+        let inside = groups.end - groups.start - 1;
+        let ancestors = u64::from(layout.pieces().next_power_of_two().trailing_zeros());
+        (8 + len + 64 * (inside + ancestors)) as f64
     }
 
     /// Kumar–Ross lower bound on the time for every honest appliance to hold the image,
@@ -122,6 +141,7 @@ struct Flow {
     /// The links it crosses: the WAN or the sender's uplink, and the receiver's downlink.
     links: [usize; 2],
     request: RequestId,
+    piece: u64,
     wire: f64,
 }
 
@@ -330,7 +350,9 @@ struct Sim<'a> {
     now: Duration,
     origin_bytes: f64,
     lan_bytes: f64,
-    accepted_corrupt: bool,
+    /// The pieces whose true bytes reached each appliance: anything else it claims to hold
+    /// it accepted from a liar.
+    delivered: Vec<PieceSet>,
     trace: Trace,
     /// How the trace writes each source (`Debug`), appliances by index, then the origin:
     /// formatted once, as 32 bytes in decimal take a while.
@@ -348,9 +370,11 @@ fn peer_id(seed: u64, index: usize) -> PeerId {
 
 fn config(spec: &SiteSpec) -> Config {
     // The agent's own settings, but for the request timeout: a simulated flow on a
-    // saturated link may take long without being stalled.
-    let mut config = Config::new(spec.pieces());
+    // saturated link may take long without being stalled. Central Command names every
+    // appliance of the site as a member.
+    let mut config = Config::new(spec.pieces(), spec.piece_bytes());
     config.request_timeout = Duration::from_secs(600);
+    config.site_members = (0..spec.appliances).map(|i| peer_id(spec.seed, i)).collect();
     config
 }
 
@@ -392,7 +416,7 @@ impl<'a> Sim<'a> {
             now: Duration::ZERO,
             origin_bytes: 0.0,
             lan_bytes: 0.0,
-            accepted_corrupt: false,
+            delivered: vec![PieceSet::empty(spec.pieces()); spec.appliances],
             trace: Trace::default(),
             source_names,
         }
@@ -511,6 +535,7 @@ impl<'a> Sim<'a> {
                         from: source,
                         links: [sender, down],
                         request: id,
+                        piece,
                         wire,
                     });
                 }
@@ -728,9 +753,12 @@ impl<'a> Sim<'a> {
                 } else {
                     self.spec.lan_latency
                 };
-                let event = if corrupt {
+                let event = if corrupt && !self.spec.skip_verification {
                     Event::Corrupt { request: flow.request }
                 } else {
+                    if !corrupt {
+                        self.delivered[flow.to].insert(flow.piece);
+                    }
                     Event::Completed { request: flow.request }
                 };
                 let at = self.now + latency;
@@ -758,7 +786,11 @@ impl<'a> Sim<'a> {
             }
         }
         let honest: Vec<usize> = (0..self.spec.appliances).filter(|&i| self.honest[i]).collect();
-        let intact = !self.accepted_corrupt && honest.iter().all(|&i| self.nodes[i].is_done());
+        let accepted_corrupt = honest.iter().any(|&i| {
+            let held = self.nodes[i].have();
+            held.iter().any(|piece| !self.delivered[i].contains(piece))
+        });
+        let intact = !accepted_corrupt && honest.iter().all(|&i| self.nodes[i].is_done());
         SiteResult {
             appliances: self.spec.appliances,
             image_bytes: self.spec.image_bytes,

@@ -41,6 +41,17 @@ fn a_corrupt_peer_does_not_stop_the_site() {
 }
 
 #[test]
+fn a_site_that_took_corrupt_data_is_not_intact() {
+    // The check behind `intact`, shown to fail: appliances that skip verification accept
+    // the liar's pieces, and the simulator sees pieces whose true bytes never arrived.
+    let mut spec = reference(2);
+    spec.corrupt.insert(3);
+    spec.skip_verification = true;
+    let result = check(&spec);
+    assert!(!result.intact, "{result:?}");
+}
+
+#[test]
 fn the_same_seed_gives_the_same_trace() {
     let a = simulate_site(&reference(7));
     let b = simulate_site(&reference(7));

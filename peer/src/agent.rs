@@ -26,7 +26,7 @@ use crate::early_checkin::EarlyCheckins;
 use crate::gate::{CommandCheck, TrialGate};
 use crate::membership::{Membership, MembershipStatus};
 use crate::metrics::Metrics;
-use crate::scheduler::PeerId;
+use crate::scheduler::{Config, PeerId};
 use crate::state::{AgentState, UpdateRecord};
 use crate::swarm::{LanFetcher, PeerNews, Swarm, TransferStats};
 
@@ -776,6 +776,8 @@ impl Agent {
         let origin = ranges_url.map(|url| (self.client.clone(), url));
         let me = PeerId(*self.key.public().as_bytes());
         let stats = Arc::clone(&self.stats);
+        let members = self.membership.members().unwrap_or_default();
+        let site_members: Vec<PeerId> = members.into_iter().map(PeerId).collect();
         let (lan_fetcher, news, announce) = match &self.lan {
             Some(lan) => {
                 let (news, announce) =
@@ -801,7 +803,8 @@ impl Agent {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-            let swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, |_| {})
+            let tune = |config: &mut Config| config.site_members = site_members;
+            let swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, tune)
                 .stop_on(stopped);
             let writer = swarm.run().await.map_err(|e| e.to_string())?;
             tracing::info!("every piece verified and written; reading the slot back");

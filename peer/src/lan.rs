@@ -33,7 +33,7 @@ use crate::membership::{Membership, Refusal};
 use crate::pieces::{HaveMap, PieceSet};
 use crate::scheduler::PeerId;
 use crate::site::{Heard, SiteControl};
-use crate::swarm::{FetchError, GROUPS_PER_PIECE, LanFetcher, PeerNews, piece_count};
+use crate::swarm::{FetchError, LanFetcher, PeerNews, piece_count, piece_layout};
 
 /// A stalled peer must not stall the site.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -296,7 +296,7 @@ impl LanNode {
             send.reset(iroh_blobs::protocol::ERR_PERMISSION)?;
             return Ok(());
         };
-        let withdrawn = groups.start / GROUPS_PER_PIECE..groups.end.div_ceil(GROUPS_PER_PIECE);
+        let withdrawn = piece_layout(&served.layout).pieces_touching(groups.clone());
         let (tx, mut rx) = mpsc::channel::<Bytes>(8);
         let encode = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let data = FileDevice::open(&served.paths.slot)?;
@@ -401,7 +401,7 @@ fn requested_groups(request: &GetRequest, served: &Served) -> Option<std::ops::R
     }
     let groups =
         start / chunks_per_group..end.div_ceil(chunks_per_group).min(served.layout.groups());
-    let pieces = groups.start / GROUPS_PER_PIECE..groups.end.div_ceil(GROUPS_PER_PIECE);
+    let pieces = piece_layout(&served.layout).pieces_touching(groups.clone());
     (groups.start < groups.end && pieces.clone().all(|p| served.have.contains(p))).then_some(groups)
 }
 

@@ -67,6 +67,12 @@ impl Membership {
         *self.0.members.write().unwrap_or_else(|p| p.into_inner()) = members;
     }
 
+    /// The members Central Command named, if it did.
+    pub fn members(&self) -> Option<Vec<[u8; 32]>> {
+        let members = self.0.members.read().unwrap_or_else(|p| p.into_inner());
+        members.as_ref().map(|members| members.iter().copied().collect())
+    }
+
     pub fn admits(&self, peer: &[u8; 32]) -> bool {
         match &*self.0.members.read().unwrap_or_else(|p| p.into_inner()) {
             Some(members) => members.contains(peer),

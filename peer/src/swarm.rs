@@ -16,20 +16,21 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::coordinator::CoordinatorClient;
-use crate::pieces::PieceSet;
+use crate::pieces::{PieceLayout, PieceSet};
 use crate::scheduler::{Action, Config, Event, PeerId, RequestId, Scheduler, Source};
 
-/// 64 groups of 16 KiB: requests of 1 MiB amortize a round trip and keep memory small.
-pub const GROUPS_PER_PIECE: u64 = 64;
+/// How `layout`'s blob is cut into pieces: the same on every appliance of the site.
+pub fn piece_layout(layout: &BlobLayout) -> PieceLayout {
+    PieceLayout::new(layout.groups())
+}
 
 /// Groups of piece `piece` in `layout`.
 pub fn piece_groups(layout: &BlobLayout, piece: u64) -> std::ops::Range<u64> {
-    let start = piece * GROUPS_PER_PIECE;
-    start..(start + GROUPS_PER_PIECE).min(layout.groups())
+    piece_layout(layout).groups_of(piece)
 }
 
 pub fn piece_count(layout: &BlobLayout) -> u64 {
-    layout.groups().div_ceil(GROUPS_PER_PIECE)
+    piece_layout(layout).pieces()
 }
 
 /// Why a fetch did not deliver a piece.
@@ -116,7 +117,9 @@ impl<D: Device + Send + 'static> Swarm<D> {
         tune: impl FnOnce(&mut Config),
     ) -> Self {
         let layout = writer.layout();
-        let mut config = Config::new(piece_count(&layout));
+        let pieces = piece_layout(&layout);
+        let piece_bytes = pieces.groups_per_piece() * sitecast_iso::GROUP_BYTES;
+        let mut config = Config::new(pieces.pieces(), piece_bytes);
         tune(&mut config);
         let mut scheduler = Scheduler::new(me, config);
         // Pieces already in the slot (resume, seeding) need not be fetched.

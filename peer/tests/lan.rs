@@ -7,7 +7,7 @@ use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, ResponseDecoder, SlotP
 use sitecast_manifest::{ImageDigest, ImageInfo, SecretKey};
 use sitecast_peer::agent::Lan;
 use sitecast_peer::lan::{LanNode, LanNodeForAgent, UploadLimits};
-use sitecast_peer::swarm::{FetchError, GROUPS_PER_PIECE};
+use sitecast_peer::swarm::{FetchError, piece_count, piece_groups};
 
 async fn serving(dir: &std::path::Path, len: u64, limits: UploadLimits) -> (LanNode, ImageInfo) {
     let image = dir.join("image.raw");
@@ -54,22 +54,15 @@ async fn a_node_serves_verified_pieces_and_caps_its_uploads() {
     let agent = client(&server, &info, dir.path()).await;
     let fetcher = agent.fetcher();
     let layout = BlobLayout::new(info.blake3, info.size);
-    let pieces = layout.groups().div_ceil(GROUPS_PER_PIECE);
+    let pieces = piece_count(&layout);
 
     let started = Instant::now();
-    let fetches: Vec<_> = (0..pieces)
-        .map(|p| {
-            fetcher.fetch(
-                server.id(),
-                p * GROUPS_PER_PIECE..((p + 1) * GROUPS_PER_PIECE).min(layout.groups()),
-            )
-        })
-        .collect();
+    let fetches: Vec<_> =
+        (0..pieces).map(|p| fetcher.fetch(server.id(), piece_groups(&layout, p))).collect();
     let mut total = 0;
     for (p, fetch) in fetches.into_iter().enumerate() {
         let body = fetch.await.expect("served");
-        let groups =
-            p as u64 * GROUPS_PER_PIECE..((p as u64 + 1) * GROUPS_PER_PIECE).min(layout.groups());
+        let groups = piece_groups(&layout, p as u64);
         let ranges = layout.chunk_ranges(groups);
         for item in ResponseDecoder::new(layout, &ranges, &body[..]).expect("header") {
             item.expect("every group verifies");
@@ -92,11 +85,8 @@ async fn fetch_all(agent: &LanNodeForAgent, server: &LanNode, info: &ImageInfo) 
     let fetcher = agent.fetcher();
     let layout = BlobLayout::new(info.blake3, info.size);
     let started = Instant::now();
-    let fetches: Vec<_> = (0..layout.groups().div_ceil(GROUPS_PER_PIECE))
-        .map(|p| {
-            let groups = p * GROUPS_PER_PIECE..((p + 1) * GROUPS_PER_PIECE).min(layout.groups());
-            fetcher.fetch(server.id(), groups)
-        })
+    let fetches: Vec<_> = (0..piece_count(&layout))
+        .map(|p| fetcher.fetch(server.id(), piece_groups(&layout, p)))
         .collect();
     for fetch in fetches {
         fetch.await.expect("served");

@@ -20,7 +20,7 @@ use sitecast_peer::membership::Membership;
 use sitecast_peer::pieces::{HaveMap, PieceSet};
 use sitecast_peer::scheduler::PeerId;
 use sitecast_peer::site::{Heard, SiteConfig, SiteControl};
-use sitecast_peer::swarm::{FetchError, GROUPS_PER_PIECE, PeerNews, piece_count};
+use sitecast_peer::swarm::{FetchError, PeerNews, piece_count, piece_groups};
 
 fn image_info(path: &Path) -> ImageInfo {
     let digest = ImageDigest::of_reader(std::fs::File::open(path).expect("open")).expect("hash");
@@ -78,8 +78,7 @@ async fn fetch_everything(
     let fetcher = client.fetcher();
     let mut total = 0;
     for piece in 0..piece_count(&layout) {
-        let groups =
-            piece * GROUPS_PER_PIECE..((piece + 1) * GROUPS_PER_PIECE).min(layout.groups());
+        let groups = piece_groups(&layout, piece);
         let body: Bytes = fetcher.fetch(server.node.id(), groups.clone()).await?;
         let ranges = layout.chunk_ranges(groups);
         for item in ResponseDecoder::new(layout, &ranges, &body[..]).expect("header") {
@@ -273,8 +272,7 @@ async fn a_stranger_gets_no_byte_and_a_new_member_gets_everything() {
     // ...and gets nothing.
     let layout = BlobLayout::new(info.blake3, info.size);
     for piece in 0..piece_count(&layout) {
-        let groups =
-            piece * GROUPS_PER_PIECE..((piece + 1) * GROUPS_PER_PIECE).min(layout.groups());
+        let groups = piece_groups(&layout, piece);
         let answer = stranger.fetcher().fetch(a0_id, groups).await;
         assert!(
             matches!(answer, Err(FetchError::Failed(_))),

@@ -1,8 +1,61 @@
-//! Sets of pieces, sent between peers as compact ranges.
+//! How a transfer is cut into pieces, and sets of pieces, sent between peers as compact ranges.
 
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
+
+/// The most 16 KiB groups in a piece: 1 MiB requests amortize a round trip and keep memory
+/// small.
+pub const MAX_GROUPS_PER_PIECE: u64 = 64;
+
+/// The fewest groups in a piece. Every request to the origin is an HTTP request whose bao
+/// encoding carries the piece's ancestors in the tree (64 bytes a level): for one-group
+/// pieces that is 3 % more bytes from the origin on a 4 MiB image, and a request per 16 KiB.
+/// Until origin requests span runs of pieces, pieces stay at 64 KiB or more.
+pub const MIN_GROUPS_PER_PIECE: u64 = 4;
+
+/// A transfer is cut into at least this many pieces where its groups allow: with fewer, a
+/// large site has too few pieces per appliance to spread the origin's copy among its members
+/// and to keep every link busy to the end.
+pub const TARGET_PIECES: u64 = 2048;
+
+/// The pieces of a transfer of `groups` 16 KiB groups: every piece but the last has
+/// `groups_per_piece` groups, a power of two from [`MIN_GROUPS_PER_PIECE`] to
+/// [`MAX_GROUPS_PER_PIECE`] that depends
+/// on the transfer alone, so every appliance of a site cuts it the same way. (Have-maps count
+/// pieces: an agent that cuts a transfer otherwise ignores them, and fetches on its own.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PieceLayout {
+    groups: u64,
+    groups_per_piece: u64,
+}
+
+impl PieceLayout {
+    pub fn new(groups: u64) -> Self {
+        let wanted = (groups / TARGET_PIECES).max(MIN_GROUPS_PER_PIECE);
+        let power_of_two = 1 << (63 - wanted.leading_zeros());
+        Self { groups, groups_per_piece: power_of_two.min(MAX_GROUPS_PER_PIECE) }
+    }
+
+    pub fn groups_per_piece(&self) -> u64 {
+        self.groups_per_piece
+    }
+
+    pub fn pieces(&self) -> u64 {
+        self.groups.div_ceil(self.groups_per_piece)
+    }
+
+    /// The groups of `piece`.
+    pub fn groups_of(&self, piece: u64) -> Range<u64> {
+        let start = piece * self.groups_per_piece;
+        start..(start + self.groups_per_piece).min(self.groups)
+    }
+
+    /// The pieces that hold some of `groups`.
+    pub fn pieces_touching(&self, groups: Range<u64>) -> Range<u64> {
+        groups.start / self.groups_per_piece..groups.end.div_ceil(self.groups_per_piece)
+    }
+}
 
 /// A set of piece indices below `len`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +199,25 @@ impl HaveMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_shrink_with_the_transfer_down_to_the_smallest() {
+        let layout = |groups| {
+            let layout = PieceLayout::new(groups);
+            (layout.groups_per_piece(), layout.pieces())
+        };
+        assert_eq!(layout(1), (MIN_GROUPS_PER_PIECE, 1));
+        assert_eq!(layout(256), (MIN_GROUPS_PER_PIECE, 256 / MIN_GROUPS_PER_PIECE), "4 MiB");
+        assert_eq!(layout(16384), (8, 2048), "256 MiB");
+        assert_eq!(layout(24000), (8, 3000), "rounded down to a power of two");
+        assert_eq!(layout(65536), (32, 2048), "1 GiB");
+        assert_eq!(layout(262_144), (64, 4096), "4 GiB: at most 64 groups a piece");
+        assert_eq!(layout(262_145), (64, 4097));
+        let odd = PieceLayout::new(16387);
+        assert_eq!((odd.pieces(), odd.groups_of(2048)), (2049, 16384..16387), "a short last piece");
+        assert_eq!(odd.pieces_touching(7..9), 0..2);
+        assert_eq!(odd.pieces_touching(8..9), 1..2);
+    }
 
     #[test]
     fn ranges_round_trip() {

@@ -7,22 +7,34 @@
 //! the same times give the same actions.
 //!
 //! Policy:
-//! - **LAN first, rarest first.** A LAN peer with a free request slot gets the missing piece
-//!   it has that the fewest live peers have (ties broken by a hash of this appliance and the
-//!   piece, so peers spread out). At most `max_requests_per_peer` requests per peer.
+//! - **Pieces sized to the transfer** ([`crate::pieces::PieceLayout`]): from one 16 KiB group
+//!   to 64, so that even a small transfer has pieces enough for every member of a large site.
+//!   Request windows are counted in bytes, so small pieces get more requests in flight.
+//! - **LAN first, rarest first.** While the download window (`max_lan_requests`) has room, the
+//!   live peer with the fewest of our requests in flight (ties broken by a hash of the two
+//!   peers, so the site spreads out) gets a request for the missing piece it has that the
+//!   fewest live peers have. At most `max_requests_per_peer` requests per peer.
 //! - **The origin once per site.** A piece no live LAN peer has comes from the origin only if
 //!   this appliance is the piece's assigned fetcher: the highest rendezvous hash of (piece,
 //!   member) over the site's live members. If the assignee dies it leaves the membership and
 //!   the next one takes over at once; if it stalls (its have-map has not grown for
-//!   `max(origin_takeover, 4 × this appliance's own time per origin piece)`), the next member
-//!   in the hash order that is not stalled takes over. Measuring against our own origin
-//!   transfers keeps a slow but busy WAN from looking like a stall.
+//!   `max(origin_takeover, 4 × this appliance's own time per origin piece)`, counting the one
+//!   in flight), the next member in the hash order that is not stalled takes over. Measuring
+//!   against our own origin transfers keeps a slow but busy WAN from looking like a stall.
+//! - **A small origin window, shared by the work left.** The site keeps about
+//!   `origin_window_bytes` in flight from the origin: a WAN shares its rate among everything in
+//!   flight, so the less there is the sooner each piece lands and can be relayed. Each member
+//!   takes the part of it that its assigned pieces are of those the site still lacks, so all
+//!   finish their origin work together.
+//! - **Discovery grace.** No origin requests until the site's members are known: for
+//!   `discovery_grace`, or until every member Central Command named is up and has said what
+//!   it holds.
 //! - **End game.** When every missing piece is in flight, a second request for a piece goes to
 //!   another peer that has it; the first copy to arrive cancels the other.
 //! - **Liars are dropped.** A peer that sent a corrupt group is banned for this release and
 //!   reported; its requests are reissued elsewhere. Stalled requests time out.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -78,10 +90,24 @@ pub struct RequestId(pub u64);
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Pieces in the release.
+    /// Pieces in the transfer.
     pub pieces: u64,
+    /// Bytes in a whole piece: request windows are counted in bytes, so that small pieces
+    /// get more requests in flight.
+    pub piece_bytes: u64,
     pub max_requests_per_peer: usize,
+    /// Requests in flight to LAN peers, all together: this appliance's download window.
+    pub max_lan_requests: usize,
     pub max_origin_requests: usize,
+    /// Bytes in flight from the origin across the site, shared out among its live members.
+    /// The site's WAN shares its rate among every piece in flight on it, so the fewer there
+    /// are the sooner each arrives and can be relayed on the LAN; a window far above the
+    /// WAN's bandwidth-delay product only delays that.
+    pub origin_window_bytes: u64,
+    /// The site's members as Central Command named them (may be empty). Once every one of them
+    /// is up and has said what it holds there is nothing left to learn, and the discovery grace
+    /// ends early.
+    pub site_members: Vec<PeerId>,
     /// A request with no answer for this long is given up.
     pub request_timeout: Duration,
     /// How long a piece missing from the LAN waits per rank before a non-assigned member
@@ -99,18 +125,40 @@ pub struct Config {
     pub origin_backoff_max: Duration,
 }
 
+/// Bytes in flight to one LAN peer: a LAN's bandwidth-delay product with room to spare.
+const PEER_WINDOW_BYTES: u64 = 256 << 10;
+/// Bytes in flight to LAN peers, all together. Every piece in flight shares the links with
+/// the others, so more of them only makes each arrive (and be passed on) later.
+const DOWNLOAD_WINDOW_BYTES: u64 = 4 << 20;
+/// Bytes in flight from the origin to this appliance at most: a WAN's bandwidth-delay
+/// product (100 Mbit/s over 40 ms round trips is 500 KB).
+const ORIGIN_WINDOW_BYTES: u64 = 1 << 20;
+/// Origin requests in flight from one site, about (each member rounds its share up): a site
+/// behind one NAT is one client to Central Command, which encodes at most 16 verified ranges
+/// at once for a client (`--max-range-streams-per-client`) and refuses the rest. Half that
+/// leaves room for the rounding and for requests the server has not yet seen end.
+const ORIGIN_REQUESTS_PER_SITE: u64 = 8;
+
 impl Config {
-    pub fn new(pieces: u64) -> Self {
+    /// Settings for a transfer of `pieces` pieces of `piece_bytes` each.
+    pub fn new(pieces: u64, piece_bytes: u64) -> Self {
+        let piece_bytes = piece_bytes.max(1);
+        let in_pieces = |bytes: u64, most: u64| (bytes / piece_bytes).clamp(4, most) as usize;
+        let transfer = pieces * piece_bytes;
         Self {
             pieces,
-            max_requests_per_peer: 4,
-            max_origin_requests: 4,
+            piece_bytes,
+            max_requests_per_peer: in_pieces(PEER_WINDOW_BYTES, 8),
+            max_lan_requests: in_pieces(DOWNLOAD_WINDOW_BYTES, 16),
+            max_origin_requests: in_pieces(ORIGIN_WINDOW_BYTES, ORIGIN_REQUESTS_PER_SITE),
+            origin_window_bytes: (transfer / 16).clamp(512 << 10, 16 << 20),
+            site_members: Vec::new(),
             request_timeout: Duration::from_secs(30),
             origin_takeover: Duration::from_secs(10),
             // Site peers are connected before a release arrives and announce the moment they
             // join (gossip pushes), so a fifth of a second is enough to learn who takes part.
             discovery_grace: Duration::from_millis(200),
-            announce_interval: Duration::from_millis(50),
+            announce_interval: Duration::from_millis(10),
             peer_backoff: Duration::from_secs(2),
             origin_backoff: Duration::from_secs(1),
             origin_backoff_max: Duration::from_secs(60),
@@ -169,6 +217,12 @@ struct Peer {
     banned: bool,
     have: PieceSet,
     in_flight: usize,
+    /// Orders peers with as many of our requests in flight: a hash of us and them.
+    spread: u64,
+    /// Central Command named it a member of the site.
+    named: bool,
+    /// Live and its have-map heard since it came up: what it holds is known.
+    heard: bool,
     backoff_until: Duration,
     failures: u32,
     /// Its rendezvous score for every piece (the highest score fetches a piece from the origin).
@@ -236,6 +290,12 @@ pub struct Scheduler {
     /// Smoothed time an origin request of ours takes.
     origin_piece_time: Option<Duration>,
     origin_in_flight: usize,
+    /// Requests in flight to LAN peers, all together.
+    lan_in_flight: usize,
+    /// The named members other than this appliance, and how many of them are live with their
+    /// have-maps heard.
+    named_others: usize,
+    named_heard: usize,
     origin_backoff_until: Duration,
     origin_backoff: Duration,
     next_request: u64,
@@ -261,6 +321,11 @@ impl Scheduler {
         let have = PieceSet::empty(config.pieces);
         let pieces = config.pieces as usize;
         let origin_backoff = config.origin_backoff;
+        let my_scores = rendezvous.scores(&me);
+        let named_others = (config.site_members.iter())
+            .filter(|&&member| member != me)
+            .collect::<BTreeSet<_>>()
+            .len();
         Self {
             me,
             have,
@@ -273,13 +338,16 @@ impl Scheduler {
             holder_count: vec![0; pieces],
             held: PieceSet::empty(config.pieces),
             tie_breaks: (0..pieces as u64).map(|p| hash64(&me.0, &p.to_le_bytes())).collect(),
-            my_scores: rendezvous.scores(&me),
+            my_scores,
             rendezvous,
             assigned: PieceSet::empty(config.pieces),
             contenders: None,
             config,
             origin_piece_time: None,
             origin_in_flight: 0,
+            lan_in_flight: 0,
+            named_others,
+            named_heard: 0,
             origin_backoff_until: Duration::ZERO,
             origin_backoff,
             next_request: 0,
@@ -333,6 +401,9 @@ impl Scheduler {
                 let i = self.index[&peer];
                 let state = &mut self.peers[i];
                 if state.live {
+                    if !std::mem::replace(&mut state.heard, true) {
+                        self.named_heard += usize::from(state.named);
+                    }
                     if have.count() > state.have.count() {
                         state.progress = Some(now);
                     }
@@ -433,7 +504,10 @@ impl Scheduler {
         let live = self.live.iter().map(|&i| &self.peers[i]);
         let backoffs = live.map(|p| p.backoff_until).filter(|&t| t > self.now);
         let origin = Some(self.origin_backoff_until).filter(|&t| t > self.now);
-        let grace = self.started.map(|s| s + self.config.discovery_grace).filter(|&t| t > self.now);
+        let grace = (self.started)
+            .filter(|_| !self.all_members_up())
+            .map(|s| s + self.config.discovery_grace)
+            .filter(|&t| t > self.now);
         let stall_after = self.stall_after();
         let takeovers = self.peers.iter().filter_map(|p| p.progress).map(|last| last + stall_after);
         requests
@@ -464,6 +538,9 @@ impl Scheduler {
                     banned: false,
                     have: PieceSet::empty(self.config.pieces),
                     in_flight: 0,
+                    spread: hash64(&self.me.0, &peer.0),
+                    named: self.config.site_members.contains(&peer),
+                    heard: false,
                     backoff_until: Duration::ZERO,
                     failures: 0,
                     scores: self.rendezvous.scores(&peer),
@@ -509,6 +586,7 @@ impl Scheduler {
         match request.from {
             Sender::Origin => self.origin_in_flight -= 1,
             Sender::Peer(i) => {
+                self.lan_in_flight -= 1;
                 let state = &mut self.peers[i];
                 if state.live {
                     state.in_flight = state.in_flight.saturating_sub(1);
@@ -529,10 +607,13 @@ impl Scheduler {
             self.stats.failed += 1;
         }
         match failed.from {
-            Sender::Origin => {
+            // Requests in flight together fail together (a cut link): one step of backoff for
+            // them all, or eight at once would wait 2⁸ times as long as one.
+            Sender::Origin if self.origin_backoff_until <= self.now => {
                 self.origin_backoff_until = self.now + self.origin_backoff;
                 self.origin_backoff = (self.origin_backoff * 2).min(self.config.origin_backoff_max);
             }
+            Sender::Origin => {}
             Sender::Peer(i) => {
                 let state = &mut self.peers[i];
                 if state.live {
@@ -578,7 +659,10 @@ impl Scheduler {
         self.next_request += 1;
         match from {
             Sender::Origin => self.origin_in_flight += 1,
-            Sender::Peer(i) => self.peers[i].in_flight += 1,
+            Sender::Peer(i) => {
+                self.lan_in_flight += 1;
+                self.peers[i].in_flight += 1;
+            }
         }
         self.in_flight.insert(id, InFlight { piece, from, started: self.now });
         self.copies[piece as usize] += 1;
@@ -600,6 +684,9 @@ impl Scheduler {
         let state = &mut self.peers[peer];
         if state.live {
             state.live = false;
+            if std::mem::take(&mut state.heard) {
+                self.named_heard -= usize::from(state.named);
+            }
             let old = std::mem::replace(&mut state.have, PieceSet::empty(self.config.pieces));
             count_holders(&mut self.holder_count, &mut self.held, &old, &self.peers[peer].have);
             self.live.retain(|&j| j != peer);
@@ -607,9 +694,15 @@ impl Scheduler {
     }
 
     /// How long a peer's have-map may stand still before its origin pieces are taken over.
+    ///
+    /// The site's WAN is shared: when our own origin requests are slow, so are everyone's, and
+    /// a peer whose have-map stands still is waiting on the same link, not stalled. So the
+    /// delay grows with how long our origin pieces take, including the one still in flight.
     fn stall_after(&self) -> Duration {
-        let busy = self.origin_piece_time.map_or(Duration::ZERO, |t| t * 4);
-        self.config.origin_takeover.max(busy)
+        let oldest = self.in_flight.values().find(|r| r.from == Sender::Origin);
+        let waiting = oldest.map_or(Duration::ZERO, |r| self.now.saturating_sub(r.started));
+        let per_piece = self.origin_piece_time.unwrap_or(Duration::ZERO).max(waiting);
+        self.config.origin_takeover.max(per_piece * 4)
     }
 
     /// Works out again which pieces this appliance fetches from the origin if the contenders
@@ -635,6 +728,30 @@ impl Scheduler {
             }
         }
         self.contenders = Some(contenders);
+    }
+
+    /// Every member Central Command named is up and has said what it holds: there is nothing
+    /// left to learn, and the discovery grace is over.
+    fn all_members_up(&self) -> bool {
+        !self.config.site_members.is_empty() && self.named_heard == self.named_others
+    }
+
+    /// Whether the discovery grace is over: its time has passed, or every named member is up.
+    fn grace_over(&self) -> bool {
+        self.all_members_up()
+            || self.started.is_some_and(|s| self.now >= s + self.config.discovery_grace)
+    }
+
+    /// Origin requests this appliance may have in flight: of the site's window, the part its
+    /// own origin pieces are of those the site still has to fetch. Every member works the
+    /// same out from the same have-maps, so members with more pieces assigned (rendezvous
+    /// hashing spreads them only about evenly) fetch more at once, and all finish together
+    /// instead of the last few fetching their remainder one piece after another.
+    fn origin_cap(&self, mine_left: u64, site_left: u64) -> usize {
+        let window = (self.config.origin_window_bytes.div_ceil(self.config.piece_bytes.max(1)))
+            .min(ORIGIN_REQUESTS_PER_SITE);
+        let share = (window * mine_left).div_ceil(site_left.max(1));
+        (share as usize).clamp(1, self.config.max_origin_requests)
     }
 
     fn tie_break(&self, piece: u64) -> u64 {
@@ -677,44 +794,55 @@ impl Scheduler {
         }
         let words = self.have.words().len();
 
-        // LAN: fill every free slot with the rarest piece that peer has.
-        for k in 0..self.live.len() {
-            let peer = self.live[k];
-            loop {
-                let state = &self.peers[peer];
-                if state.in_flight >= self.config.max_requests_per_peer
-                    || state.backoff_until > now
-                    || state.nothing_to_ask
-                {
-                    break;
-                }
-                match self.rarest_from(peer) {
-                    Some(piece) => self.issue(piece, Sender::Peer(peer)),
-                    None => {
-                        self.peers[peer].nothing_to_ask = true;
-                        break;
-                    }
-                }
+        // LAN: while the download window has room, the least busy peer with something to give
+        // gets a request for the rarest piece it has (a per-peer hash breaks ties, so the
+        // appliances of a site do not all start with the same peer).
+        while self.lan_in_flight < self.config.max_lan_requests {
+            let max_per_peer = self.config.max_requests_per_peer;
+            let candidate = (self.live.iter().copied())
+                .filter(|&i| {
+                    let state = &self.peers[i];
+                    state.in_flight < max_per_peer
+                        && state.backoff_until <= now
+                        && !state.nothing_to_ask
+                })
+                .min_by_key(|&i| (self.peers[i].in_flight, self.peers[i].spread));
+            let Some(peer) = candidate else { break };
+            match self.rarest_from(peer) {
+                Some(piece) => self.issue(piece, Sender::Peer(peer)),
+                None => self.peers[peer].nothing_to_ask = true,
             }
         }
 
         // Origin: pieces no live peer has, if this appliance is (or has become) their fetcher.
-        let grace_over = self.started.is_some_and(|s| now >= s + self.config.discovery_grace);
-        let origin_free = self.origin_in_flight < self.config.max_origin_requests
-            && self.origin_backoff_until <= now;
-        if grace_over && origin_free {
+        if self.origin_backoff_until <= now && self.grace_over() {
             self.update_assignment();
+            let ours = &self.assigned;
+            let (mut site_left, mut mine_left) = (0, 0);
+            for w in 0..words {
+                let unheld = self.have.missing_word(w) & !self.held.words()[w];
+                site_left += u64::from(unheld.count_ones());
+                mine_left += u64::from((unheld & ours.words()[w]).count_ones());
+            }
+            let origin_cap = self.origin_cap(mine_left, site_left);
+            let mut wanted = Vec::new();
             'origin: for w in 0..words {
+                if self.origin_in_flight >= origin_cap {
+                    break;
+                }
                 let unheld = self.have.missing_word(w)
                     & !self.held.words()[w]
                     & !self.requested.words()[w]
-                    & self.assigned.words()[w];
+                    & ours.words()[w];
                 for piece in pieces_in(w, unheld) {
-                    if self.origin_in_flight >= self.config.max_origin_requests {
+                    if self.origin_in_flight + wanted.len() >= origin_cap {
                         break 'origin;
                     }
-                    self.issue(piece, Sender::Origin);
+                    wanted.push(piece);
                 }
+            }
+            for piece in wanted {
+                self.issue(piece, Sender::Origin);
             }
         }
 

@@ -50,7 +50,7 @@ impl Site {
     fn with(n: usize, pieces: u64, make: impl Fn(PeerId, Config) -> Scheduler) -> Self {
         let nodes: Vec<Scheduler> = (0..n)
             .map(|i| {
-                let mut config = Config::new(pieces);
+                let mut config = Config::new(pieces, 1 << 20);
                 config.origin_takeover = Duration::from_secs(5);
                 make(peer(i as u8), config)
             })
@@ -261,4 +261,38 @@ proptest! {
         prop_assert!(site.nodes.iter().all(Scheduler::is_done));
         prop_assert_eq!(site.origin_total() as u64, pieces);
     }
+}
+
+/// The origin requests a lone appliance issues when `now` comes.
+fn origin_requests_at(node: &mut Scheduler, now: Duration) -> Vec<RequestId> {
+    node.handle_timeout(now);
+    std::iter::from_fn(|| node.poll_action())
+        .filter_map(|action| match action {
+            Action::Request { id, source: Source::Origin, .. } => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn requests_that_fail_together_back_off_once() {
+    let mut node = Scheduler::new(peer(0), Config::new(64, 1 << 20));
+    node.handle_timeout(Duration::ZERO);
+    // After the discovery grace.
+    let start = Duration::from_secs(1);
+    let cut = start + Duration::from_secs(1);
+    let first = origin_requests_at(&mut node, start);
+    assert!(first.len() >= 2, "several origin requests in flight: {first:?}");
+    // The link is cut: every request in flight fails at once.
+    for request in first {
+        node.handle_event(Event::Failed { request }, cut);
+    }
+    let backoff = Config::new(64, 1 << 20).origin_backoff;
+    assert_eq!(
+        node.poll_timeout(),
+        Some(cut + backoff),
+        "one step of backoff, not one per request"
+    );
+    assert!(origin_requests_at(&mut node, cut + backoff / 2).is_empty(), "still backing off");
+    assert!(!origin_requests_at(&mut node, cut + backoff).is_empty(), "and then it tries again");
 }
