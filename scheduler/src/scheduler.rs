@@ -133,10 +133,12 @@ const DOWNLOAD_WINDOW_BYTES: u64 = 4 << 20;
 /// Bytes in flight from the origin to this appliance at most: a WAN's bandwidth-delay
 /// product (100 Mbit/s over 40 ms round trips is 500 KB).
 const ORIGIN_WINDOW_BYTES: u64 = 1 << 20;
-/// Origin requests in flight from one site, about (each member rounds its share up): a site
-/// behind one NAT is one client to Central Command, which encodes at most 16 verified ranges
-/// at once for a client (`--max-range-streams-per-client`) and refuses the rest. Half that
-/// leaves room for the rounding and for requests the server has not yet seen end.
+/// Origin requests in flight from one site: a site behind one NAT is one client to Central
+/// Command, which encodes at most 16 verified ranges at once for a client
+/// (`--max-range-streams-per-client`) and refuses the rest. Half that leaves room for the
+/// rounding and for requests the server has not yet seen end. Each member with work left
+/// rounds its share up to one request, so a site of more than 8 members has that many in
+/// flight; above 16 behind one NAT the server refuses some (they back off and retry).
 const ORIGIN_REQUESTS_PER_SITE: u64 = 8;
 
 impl Config {
@@ -751,7 +753,7 @@ impl Scheduler {
         let window = (self.config.origin_window_bytes.div_ceil(self.config.piece_bytes.max(1)))
             .min(ORIGIN_REQUESTS_PER_SITE);
         let share = (window * mine_left).div_ceil(site_left.max(1));
-        (share as usize).clamp(1, self.config.max_origin_requests)
+        (share as usize).min(self.config.max_origin_requests).max(1)
     }
 
     fn tie_break(&self, piece: u64) -> u64 {
