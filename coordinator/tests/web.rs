@@ -357,6 +357,7 @@ async fn sessions_need_csrf_for_changes_and_expire() {
         if actions.iter().any(|a| a == "auth.refused") {
             break actions;
         }
+        // The interval between polls of the audit log, not a wait for the condition.
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let others: Vec<&str> =

@@ -368,13 +368,13 @@ fn peer_id(seed: u64, index: usize) -> PeerId {
     PeerId(*blake3::hash(&id).as_bytes())
 }
 
-fn config(spec: &SiteSpec) -> Config {
+fn config(spec: &SiteSpec, members: &[PeerId]) -> Config {
     // The agent's own settings, but for the request timeout: a simulated flow on a
     // saturated link may take long without being stalled. Central Command names every
     // appliance of the site as a member.
     let mut config = Config::new(spec.pieces(), spec.piece_bytes());
     config.request_timeout = Duration::from_secs(600);
-    config.site_members = (0..spec.appliances).map(|i| peer_id(spec.seed, i)).collect();
+    config.site_members = members.to_vec();
     config
 }
 
@@ -383,7 +383,7 @@ impl<'a> Sim<'a> {
         let ids: Vec<PeerId> = (0..spec.appliances).map(|i| peer_id(spec.seed, i)).collect();
         let rendezvous = Arc::new(Rendezvous::new(spec.pieces()));
         let nodes: Vec<Scheduler> = (ids.iter())
-            .map(|&id| Scheduler::with_rendezvous(id, config(spec), Arc::clone(&rendezvous)))
+            .map(|&id| Scheduler::with_rendezvous(id, config(spec, &ids), Arc::clone(&rendezvous)))
             .collect();
         let index = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         // No flow moves faster than the fastest link (bytes per second).
@@ -497,7 +497,8 @@ impl<'a> Sim<'a> {
     fn recover(&mut self, i: usize) {
         let have = self.nodes[i].have().clone();
         let rendezvous = Arc::clone(&self.rendezvous);
-        self.nodes[i] = Scheduler::with_rendezvous(self.ids[i], config(self.spec), rendezvous);
+        let config = config(self.spec, &self.ids);
+        self.nodes[i] = Scheduler::with_rendezvous(self.ids[i], config, rendezvous);
         let pieces: Vec<std::ops::Range<u64>> = have.to_ranges();
         self.handle(i, Event::HaveLocally { pieces });
         self.join(i);
