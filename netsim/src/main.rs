@@ -48,6 +48,10 @@ enum Command {
         /// Appliances (by index, in every site) that serve corrupt data.
         #[arg(long = "corrupt")]
         corrupt: Vec<usize>,
+        /// Write each site's event trace (joins, requests, completions, announcements) to
+        /// stderr, one line per event.
+        #[arg(long)]
+        trace: bool,
     },
     /// The swarm's goals over a matrix of site shapes (appliances, transfer size, WAN- to
     /// LAN-limited links, slow, asymmetric, late and corrupt appliances): one line per shape
@@ -204,7 +208,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let report = sitecast_netsim::demo::run(&options, &mut std::io::stdout()).await?;
             Ok(if report.all_updated(2) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Sim { sites, appliances, image_mib, wan_mbit, lan_mbit, seed, corrupt } => {
+        Command::Sim { sites, appliances, image_mib, wan_mbit, lan_mbit, seed, corrupt, trace } => {
             let mut spec = sitecast_netsim::sim::SiteSpec::uniform(
                 appliances,
                 image_mib << 20,
@@ -213,6 +217,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 seed,
             );
             spec.corrupt = corrupt.into_iter().collect();
+            spec.print_trace = trace;
             let started = std::time::Instant::now();
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let results = sitecast_netsim::sim::simulate_sites(&spec, sites, threads);

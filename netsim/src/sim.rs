@@ -41,6 +41,8 @@ pub struct SiteSpec {
     /// Crashes: appliance, down at, back at.
     pub crashes: Vec<(usize, Duration, Duration)>,
     pub seed: u64,
+    /// Write the event trace to stderr as it happens (`sitecast-netsim sim --trace`).
+    pub print_trace: bool,
 }
 
 impl SiteSpec {
@@ -64,6 +66,7 @@ impl SiteSpec {
             join_at: vec![Duration::ZERO; appliances],
             crashes: Vec::new(),
             seed,
+            print_trace: false,
         }
     }
 
@@ -94,13 +97,19 @@ impl SiteSpec {
         (8 + len + 64 * (inside + ancestors)) as f64
     }
 
-    /// Kumar–Ross lower bound on the time for every honest appliance to hold the image,
-    /// `max(F/u_s, F/d_min, N·F/(u_s + Σu_i))` over the honest appliances (a corrupt one's
-    /// uplink carries nothing useful), and no sooner than each appliance's join plus `F/d_i`.
+    /// The lower bound on the time for every honest appliance to hold the image that the
+    /// sweep holds the swarm to: the larger of [`Self::kumar_ross_seconds`] and
+    /// [`Self::origin_goal_seconds`].
     pub fn bound_seconds(&self) -> f64 {
+        self.kumar_ross_seconds().max(self.origin_goal_seconds())
+    }
+
+    /// Kumar–Ross lower bound `max(F/u_s, F/d_min, N·F/(u_s + Σu_i))` over the honest
+    /// appliances (a corrupt one's uplink carries nothing useful), and no sooner than each
+    /// appliance's join plus `F/d_i`.
+    pub fn kumar_ross_seconds(&self) -> f64 {
         let f = self.image_bytes as f64 * 8.0;
-        let honest: Vec<usize> =
-            (0..self.appliances).filter(|i| !self.corrupt.contains(i)).collect();
+        let honest = self.honest();
         let n = honest.len() as f64;
         let upload: f64 = honest.iter().map(|&i| self.lan_up_bps[i]).sum();
         let each = honest
@@ -108,6 +117,23 @@ impl SiteSpec {
             .map(|&i| self.join_at[i].as_secs_f64() + f / self.lan_down_bps[i])
             .fold(0.0, f64::max);
         (f / self.wan_bps).max(each).max(n * f / (self.wan_bps + upload))
+    }
+
+    /// The bound for a site that keeps the origin goal: if the origin sends the honest
+    /// appliances at most `MAX_ORIGIN_RATIO · F`, their uplinks carry the rest of the `N·F`
+    /// they receive, so no schedule finishes before `(N − MAX_ORIGIN_RATIO)·F / Σu_i`.
+    /// Kumar–Ross reaches its `N·F/(u_s + Σu_i)` only by sending more copies from the origin;
+    /// where uplinks are slow (a tenth of the downlinks) this bound is the higher one.
+    pub fn origin_goal_seconds(&self) -> f64 {
+        let f = self.image_bytes as f64 * 8.0;
+        let honest = self.honest();
+        let from_peers = (honest.len() as f64 - crate::sweep::MAX_ORIGIN_RATIO).max(0.0) * f;
+        let upload: f64 = honest.iter().map(|&i| self.lan_up_bps[i]).sum();
+        if upload > 0.0 { from_peers / upload } else { 0.0 }
+    }
+
+    fn honest(&self) -> Vec<usize> {
+        (0..self.appliances).filter(|i| !self.corrupt.contains(i)).collect()
     }
 }
 
@@ -117,6 +143,9 @@ pub struct SiteResult {
     pub appliances: usize,
     pub image_bytes: u64,
     pub origin_bytes: u64,
+    /// What of `origin_bytes` went to honest appliances: a corrupt appliance may fetch what
+    /// it likes from the origin, and no scheduler of the others can stop it.
+    pub honest_origin_bytes: u64,
     pub lan_bytes: u64,
     /// When the last honest appliance held every piece.
     pub seconds: f64,
@@ -311,6 +340,8 @@ struct Sharing {
 /// The event trace, hashed line by line as it is written: equal traces, equal digests.
 #[derive(Default)]
 struct Trace {
+    /// Also write each line to stderr.
+    print: bool,
     hasher: blake3::Hasher,
     line: String,
     events: u64,
@@ -323,6 +354,9 @@ impl Trace {
         self.line.clear();
         writeln!(self.line, "{now:?} {what}").expect("writing to a String");
         self.hasher.update(self.line.as_bytes());
+        if self.print {
+            eprint!("{}", self.line);
+        }
     }
 }
 
@@ -349,14 +383,12 @@ struct Sim<'a> {
     seq: u64,
     now: Duration,
     origin_bytes: f64,
+    honest_origin_bytes: f64,
     lan_bytes: f64,
     /// The pieces whose true bytes reached each appliance: anything else it claims to hold
     /// it accepted from a liar.
     delivered: Vec<PieceSet>,
     trace: Trace,
-    /// How the trace writes each source (`Debug`), appliances by index, then the origin:
-    /// formatted once, as 32 bytes in decimal take a while.
-    source_names: Vec<String>,
 }
 
 /// Appliance identities derive from the seed, so the seed decides the rendezvous order (who
@@ -392,10 +424,6 @@ impl<'a> Sim<'a> {
             .chain(&spec.lan_up_bps)
             .chain(&spec.lan_down_bps)
             .fold(0.0, |a, &b| f64::max(a, b / 8.0));
-        let source_names = (ids.iter().map(|&id| Source::Peer(id)))
-            .chain([Source::Origin])
-            .map(|source| format!("{source:?}"))
-            .collect();
         Self {
             spec,
             timers: nodes.iter().map(Scheduler::poll_timeout).collect(),
@@ -415,10 +443,10 @@ impl<'a> Sim<'a> {
             seq: 0,
             now: Duration::ZERO,
             origin_bytes: 0.0,
+            honest_origin_bytes: 0.0,
             lan_bytes: 0.0,
             delivered: vec![PieceSet::empty(spec.pieces()); spec.appliances],
-            trace: Trace::default(),
-            source_names,
+            trace: Trace { print: spec.print_trace, ..Trace::default() },
         }
     }
 
@@ -479,8 +507,9 @@ impl<'a> Sim<'a> {
             .map(|(_, f)| f.id)
             .collect();
         for id in lost {
-            let (flow, _) = self.flows.remove(id).expect("present");
+            let (flow, remaining) = self.flows.remove(id).expect("present");
             self.flows_touched();
+            self.count_sent(&flow, flow.wire - remaining);
             if flow.to != i {
                 let at = self.now + self.spec.lan_latency;
                 self.deliver(at, flow.to, Event::Failed { request: flow.request });
@@ -509,13 +538,14 @@ impl<'a> Sim<'a> {
             match action {
                 Action::Request { id, piece, source } => {
                     let wire = self.spec.piece_wire_bytes(piece);
-                    let name = match source {
-                        Source::Origin => self.spec.appliances,
-                        Source::Peer(peer) => self.index_of(peer).expect("a site appliance"),
-                    };
-                    let now = self.now;
-                    let name = &self.source_names[name];
-                    self.trace.record(now, format_args!("request {i} {piece} {name}"));
+                    // The trace names appliances by index.
+                    match source {
+                        Source::Origin => self.record(format_args!("request {i} {piece} origin")),
+                        Source::Peer(peer) => {
+                            let from = self.index_of(peer).expect("a site appliance");
+                            self.record(format_args!("request {i} {piece} {from}"))
+                        }
+                    }
                     let sender = match source {
                         Source::Origin => Some(WAN),
                         Source::Peer(peer) => {
@@ -546,11 +576,7 @@ impl<'a> Sim<'a> {
                         let (flow, remaining) = self.flows.remove(flow.id).expect("present");
                         self.flows_touched();
                         // What was sent before the cancel still crossed the links.
-                        let sent = flow.wire - remaining;
-                        match flow.from {
-                            Source::Origin => self.origin_bytes += sent,
-                            Source::Peer(_) => self.lan_bytes += sent,
-                        }
+                        self.count_sent(&flow, flow.wire - remaining);
                     }
                 }
                 Action::Announce { have } => {
@@ -571,6 +597,19 @@ impl<'a> Sim<'a> {
                 }
                 Action::Done => self.record(format_args!("done {i}")),
             }
+        }
+    }
+
+    /// Counts `bytes` of `flow` as crossed.
+    fn count_sent(&mut self, flow: &Flow, bytes: f64) {
+        match flow.from {
+            Source::Origin => {
+                self.origin_bytes += bytes;
+                if self.honest[flow.to] {
+                    self.honest_origin_bytes += bytes;
+                }
+            }
+            Source::Peer(_) => self.lan_bytes += bytes,
         }
     }
 
@@ -724,7 +763,9 @@ impl<'a> Sim<'a> {
             {
                 joins.remove(0);
                 self.join(i);
-                self.drain(i);
+                // Meeting the newcomer may have set the others going too (the last named
+                // member to come up ends everyone's discovery grace).
+                self.drain_all();
                 continue;
             }
             if let Some((t, i, up)) = crash
@@ -745,10 +786,7 @@ impl<'a> Sim<'a> {
                 let (flow, _) = self.flows.remove(id).expect("present");
                 self.flows_touched();
                 let corrupt = matches!(flow.from, Source::Peer(p) if self.index_of(p).is_some_and(|j| self.spec.corrupt.contains(&j)));
-                match flow.from {
-                    Source::Origin => self.origin_bytes += flow.wire,
-                    Source::Peer(_) => self.lan_bytes += flow.wire,
-                }
+                self.count_sent(&flow, flow.wire);
                 let latency = if flow.from == Source::Origin {
                     self.spec.wan_latency
                 } else {
@@ -796,6 +834,7 @@ impl<'a> Sim<'a> {
             appliances: self.spec.appliances,
             image_bytes: self.spec.image_bytes,
             origin_bytes: self.origin_bytes.round() as u64,
+            honest_origin_bytes: self.honest_origin_bytes.round() as u64,
             lan_bytes: self.lan_bytes.round() as u64,
             seconds: finished_at.unwrap_or(self.now).as_secs_f64(),
             bound_seconds: self.spec.bound_seconds(),

@@ -36,8 +36,10 @@ impl Verdict {
         self.result.seconds / self.result.bound_seconds
     }
 
+    /// What the origin sent the honest appliances ÷ the transfer (see
+    /// [`SiteResult::honest_origin_bytes`]).
     pub fn origin_ratio(&self) -> f64 {
-        self.result.origin_bytes as f64 / self.result.image_bytes as f64
+        self.result.honest_origin_bytes as f64 / self.result.image_bytes as f64
     }
 
     pub fn meets_goals(&self) -> bool {

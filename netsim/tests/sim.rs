@@ -33,6 +33,19 @@ fn eight_appliances_pull_one_copy_near_the_bound() {
 }
 
 #[test]
+fn a_large_site_starts_as_soon_as_its_last_member_is_heard() {
+    // 24 appliances, 4 MiB: the discovery grace ends when the last named member comes up,
+    // for every appliance at once. (The simulator once let the others sleep until their next
+    // timer, ten seconds of takeover later, and then fetched a quarter more from the origin.)
+    let result = check(&SiteSpec::uniform(24, 4 * MIB, 50.0, 500.0, 1));
+    assert!(result.intact, "{result:?}");
+    let offload = result.origin_bytes as f64 / result.image_bytes as f64;
+    assert!(offload <= 1.05, "origin sent {offload:.3} copies");
+    let slowdown = result.seconds / result.bound_seconds;
+    assert!(slowdown <= 1.2, "{:.2} s is {slowdown:.2} × the bound", result.seconds);
+}
+
+#[test]
 fn a_corrupt_peer_does_not_stop_the_site() {
     let mut spec = reference(2);
     spec.corrupt.insert(3);
