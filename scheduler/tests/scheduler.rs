@@ -1,7 +1,7 @@
 //! Schedulers of a small site driven on a virtual clock: a toy network that delivers every
 //! request after a fixed latency, to check the policy (not throughput: that is the simulator's).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,23 +9,44 @@ use proptest::prelude::{any, prop_assert, prop_assert_eq, proptest};
 use sitecast_scheduler::pieces::PieceSet;
 use sitecast_scheduler::scheduler::*;
 
+/// How long the site waits for a member that stopped making progress.
+const TAKEOVER: Duration = Duration::from_secs(5);
+
 fn peer(i: u8) -> PeerId {
     PeerId([i; 32])
 }
 
 #[derive(Debug)]
 enum Delivery {
-    /// The answer to a request arrives at `to`.
+    /// The answer to a request arrives at `to`, from a peer (`None`: the origin) if that peer
+    /// is still alive.
     Answer {
         to: usize,
         request: RequestId,
-        corrupt: bool,
+        from: Option<usize>,
     },
     Have {
         to: usize,
         from: usize,
         have: PieceSet,
     },
+}
+
+/// An origin request as a node issued it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct OriginRequest {
+    at: Duration,
+    by: usize,
+    piece: u64,
+}
+
+/// `by` banned `peer` at `at`, after `lan_requests_before` LAN requests of the whole site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ban {
+    at: Duration,
+    by: usize,
+    peer: usize,
+    lan_requests_before: usize,
 }
 
 struct Site {
@@ -36,7 +57,17 @@ struct Site {
     queue: BTreeMap<(Duration, u64), Delivery>,
     seq: u64,
     now: Duration,
-    origin_requests: BTreeMap<u64, u32>,
+    /// Every origin request, in the order they were issued.
+    origin_log: Vec<OriginRequest>,
+    /// Origin requests not yet answered or cancelled: (node, request) → piece.
+    origin_in_flight: BTreeMap<(usize, RequestId), u64>,
+    /// Every LAN request, (by, to), in the order they were issued.
+    lan_requests: Vec<(usize, usize)>,
+    /// LAN requests not yet answered or cancelled: (node, request) → the peer asked.
+    lan_in_flight: BTreeMap<(usize, RequestId), usize>,
+    bans: Vec<Ban>,
+    /// A node took a corrupt answer from a liar: (when, node, liar).
+    fooled: Vec<(Duration, usize, usize)>,
     lan: Duration,
     origin: Duration,
 }
@@ -51,7 +82,7 @@ impl Site {
         let nodes: Vec<Scheduler> = (0..n)
             .map(|i| {
                 let mut config = Config::new(pieces, 1 << 20);
-                config.origin_takeover = Duration::from_secs(5);
+                config.origin_takeover = TAKEOVER;
                 make(peer(i as u8), config)
             })
             .collect();
@@ -62,7 +93,12 @@ impl Site {
             queue: BTreeMap::new(),
             seq: 0,
             now: Duration::ZERO,
-            origin_requests: BTreeMap::new(),
+            origin_log: Vec::new(),
+            origin_in_flight: BTreeMap::new(),
+            lan_requests: Vec::new(),
+            lan_in_flight: BTreeMap::new(),
+            bans: Vec::new(),
+            fooled: Vec::new(),
             lan: Duration::from_millis(20),
             origin: Duration::from_millis(200),
         };
@@ -86,21 +122,21 @@ impl Site {
         while let Some(action) = self.nodes[i].poll_action() {
             match action {
                 Action::Request { id, piece, source: Source::Origin } => {
-                    *self.origin_requests.entry(piece).or_default() += 1;
+                    self.origin_log.push(OriginRequest { at: self.now, by: i, piece });
+                    self.origin_in_flight.insert((i, id), piece);
                     self.push(
                         self.now + self.origin,
-                        Delivery::Answer { to: i, request: id, corrupt: false },
+                        Delivery::Answer { to: i, request: id, from: None },
                     );
                 }
                 Action::Request { id, source: Source::Peer(p), .. } => {
                     let from = p.0[0] as usize;
-                    let corrupt = self.liars.contains(&from);
-                    let at = if self.alive[from] {
-                        self.now + self.lan
-                    } else {
-                        self.now + Duration::from_secs(3600)
-                    };
-                    self.push(at, Delivery::Answer { to: i, request: id, corrupt });
+                    self.lan_requests.push((i, from));
+                    self.lan_in_flight.insert((i, id), from);
+                    self.push(
+                        self.now + self.lan,
+                        Delivery::Answer { to: i, request: id, from: Some(from) },
+                    );
                 }
                 Action::Announce { have } => {
                     for j in 0..self.nodes.len() {
@@ -112,75 +148,124 @@ impl Site {
                         }
                     }
                 }
-                Action::Cancel { .. } | Action::Ban { .. } | Action::Done => {}
+                Action::Cancel { id } => {
+                    self.origin_in_flight.remove(&(i, id));
+                    self.lan_in_flight.remove(&(i, id));
+                }
+                Action::Ban { peer, .. } => self.bans.push(Ban {
+                    at: self.now,
+                    by: i,
+                    peer: peer.0[0] as usize,
+                    lan_requests_before: self.lan_requests.len(),
+                }),
+                Action::Done => {}
             }
         }
     }
 
+    /// Node `i` dies: it answers nothing more and the others see it leave.
     fn kill(&mut self, i: usize) {
         self.alive[i] = false;
         for j in 0..self.nodes.len() {
-            if j != i {
+            if j != i && self.alive[j] {
                 self.nodes[j].handle_event(Event::PeerDown { peer: peer(i as u8) }, self.now);
+                self.drain(j);
             }
         }
     }
 
     /// Runs until every live node is done or `limit` passes.
     fn run(&mut self, limit: Duration) {
+        self.start();
+        self.run_on(limit);
+    }
+
+    /// Lets every live node act at the start.
+    fn start(&mut self) {
         for i in 0..self.nodes.len() {
-            self.nodes[i].handle_timeout(self.now);
-            self.drain(i);
-        }
-        while self.now < limit {
-            if (0..self.nodes.len()).all(|i| !self.alive[i] || self.nodes[i].is_done()) {
-                return;
-            }
-            let next_timer = (0..self.nodes.len())
-                .filter(|&i| self.alive[i])
-                .filter_map(|i| self.nodes[i].poll_timeout().map(|t| (t, i)))
-                .min();
-            let next_delivery = self.queue.keys().next().copied();
-            let delivery_first = match (next_delivery, next_timer) {
-                (Some((at, _)), Some((t, _))) => at <= t,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (None, None) => return,
-            };
-            if delivery_first {
-                let key = next_delivery.expect("checked");
-                let delivery = self.queue.remove(&key).expect("present");
-                self.now = key.0;
-                match delivery {
-                    Delivery::Answer { to, request, corrupt } if self.alive[to] => {
-                        let event = if corrupt {
-                            Event::Corrupt { request }
-                        } else {
-                            Event::Completed { request }
-                        };
-                        self.nodes[to].handle_event(event, self.now);
-                        self.drain(to);
-                    }
-                    Delivery::Have { to, from, have } if self.alive[to] && self.alive[from] => {
-                        self.nodes[to].handle_event(
-                            Event::PeerHave { peer: peer(from as u8), have },
-                            self.now,
-                        );
-                        self.drain(to);
-                    }
-                    _ => {}
-                }
-            } else {
-                let (t, i) = next_timer.expect("checked");
-                self.now = self.now.max(t);
+            if self.alive[i] {
                 self.nodes[i].handle_timeout(self.now);
                 self.drain(i);
             }
         }
     }
 
+    /// Runs on from where [`Site::step`] left off until every live node is done or `limit`
+    /// passes.
+    fn run_on(&mut self, limit: Duration) {
+        while self.now < limit && self.step() {}
+    }
+
+    /// Handles the next delivery or timer; false once every live node is done or nothing is
+    /// left to happen.
+    fn step(&mut self) -> bool {
+        if (0..self.nodes.len()).all(|i| !self.alive[i] || self.nodes[i].is_done()) {
+            return false;
+        }
+        let next_timer = (0..self.nodes.len())
+            .filter(|&i| self.alive[i])
+            .filter_map(|i| self.nodes[i].poll_timeout().map(|t| (t, i)))
+            .min();
+        let next_delivery = self.queue.keys().next().copied();
+        let delivery_first = match (next_delivery, next_timer) {
+            (Some((at, _)), Some((t, _))) => at <= t,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return false,
+        };
+        if delivery_first {
+            let key = next_delivery.expect("checked");
+            let delivery = self.queue.remove(&key).expect("present");
+            self.now = key.0;
+            match delivery {
+                Delivery::Answer { to, request, from } => {
+                    self.origin_in_flight.remove(&(to, request));
+                    self.lan_in_flight.remove(&(to, request));
+                    // A peer that died (or stalled) answers nothing: the request is cancelled
+                    // when the asker sees it leave, or times out.
+                    if self.alive[to] && from.is_none_or(|from| self.alive[from]) {
+                        let liar = from.filter(|from| self.liars.contains(from));
+                        let event = match liar {
+                            Some(_) => Event::Corrupt { request },
+                            None => Event::Completed { request },
+                        };
+                        let corrupt = self.nodes[to].stats().corrupt;
+                        self.nodes[to].handle_event(event, self.now);
+                        if let Some(liar) = liar
+                            && self.nodes[to].stats().corrupt > corrupt
+                        {
+                            self.fooled.push((self.now, to, liar));
+                        }
+                        self.drain(to);
+                    }
+                }
+                Delivery::Have { to, from, have } if self.alive[to] && self.alive[from] => {
+                    self.nodes[to]
+                        .handle_event(Event::PeerHave { peer: peer(from as u8), have }, self.now);
+                    self.drain(to);
+                }
+                Delivery::Have { .. } => {}
+            }
+        } else {
+            let (t, i) = next_timer.expect("checked");
+            self.now = self.now.max(t);
+            self.nodes[i].handle_timeout(self.now);
+            self.drain(i);
+        }
+        true
+    }
+
+    /// Origin requests per piece.
+    fn origin_requests(&self) -> BTreeMap<u64, u32> {
+        let mut counts = BTreeMap::new();
+        for request in &self.origin_log {
+            *counts.entry(request.piece).or_default() += 1;
+        }
+        counts
+    }
+
     fn origin_total(&self) -> u32 {
-        self.origin_requests.values().sum()
+        self.origin_log.len() as u32
     }
 }
 
@@ -189,7 +274,7 @@ fn a_site_pulls_each_piece_from_the_origin_once() {
     let mut site = Site::new(8, 64);
     site.run(Duration::from_secs(600));
     assert!(site.nodes.iter().all(Scheduler::is_done));
-    assert_eq!(site.origin_total(), 64, "{:?}", site.origin_requests);
+    assert_eq!(site.origin_total(), 64, "{:?}", site.origin_requests());
     let lan: u64 = site.nodes.iter().map(|n| n.stats().from_lan).sum();
     assert_eq!(lan, 7 * 64, "everything else came over the LAN");
 }
@@ -204,34 +289,138 @@ fn a_lone_appliance_fetches_everything_from_the_origin() {
 
 #[test]
 fn a_lying_peer_is_banned_and_everyone_still_finishes() {
+    let liar = 2;
     let mut site = Site::new(5, 40);
-    site.liars = vec![2];
-    site.run(Duration::from_secs(600));
+    site.liars = vec![liar];
+    let limit = Duration::from_secs(600);
+    site.run(limit);
+    assert!(site.now < limit, "the run ended");
     for (i, node) in site.nodes.iter().enumerate() {
-        if i != 2 {
+        if i != liar {
             assert!(node.is_done(), "node {i}");
             assert!(node.stats().corrupt <= 1, "each honest node is fooled at most once");
         }
     }
+    assert!(!site.fooled.is_empty(), "nobody asked the liar for anything");
+    // Whoever took corrupt data from the liar banned it there and then, and asked it for
+    // nothing more.
+    for &(at, node, from) in &site.fooled {
+        let ban = site.bans.iter().find(|b| b.by == node && b.peer == from);
+        let ban = ban.unwrap_or_else(|| {
+            panic!(
+                "node {node} took corrupt data from {from} at {at:?} and never banned it: {:?}",
+                site.bans
+            )
+        });
+        assert_eq!(ban.at, at, "node {node} banned {from} later than its first corrupt answer");
+        let later = &site.lan_requests[ban.lan_requests_before..];
+        assert!(!later.contains(&(node, from)), "node {node} asked {from} again after the ban");
+    }
+    // Nobody banned an honest peer, or anyone without evidence, or anyone twice.
+    for ban in &site.bans {
+        assert_eq!(ban.peer, liar, "{ban:?}: an honest peer was banned");
+    }
+    let banned: Vec<(usize, usize)> = site.bans.iter().map(|b| (b.by, b.peer)).collect();
+    let fooled: Vec<(usize, usize)> = site.fooled.iter().map(|&(_, by, from)| (by, from)).collect();
+    assert_eq!(banned, fooled, "one ban for each node that took corrupt data, none otherwise");
 }
 
 #[test]
 fn when_the_assigned_fetcher_dies_the_next_takes_over() {
-    let mut site = Site::new(4, 32);
+    let pieces = 32;
+    let mut site = Site::new(4, pieces);
+    site.start();
+    // Node 0 dies mid-run: it has origin requests in flight, and holds a piece from the origin
+    // that the others have heard of and do not hold yet.
+    let in_flight_at_0 = |site: &Site| -> BTreeSet<u64> {
+        let in_flight = site.origin_in_flight.iter();
+        in_flight.filter(|((node, _), _)| *node == 0).map(|(_, &piece)| piece).collect()
+    };
+    // The pieces node 0 holds and no other node does; `None` while some are held by some of
+    // the others only (a survivor that has not heard yet that another holds such a piece may
+    // fetch it from the origin once more, so which pieces die with node 0 would be unclear).
+    let held_by_0_alone = |site: &Site| -> Option<BTreeSet<u64>> {
+        let mut alone = BTreeSet::new();
+        for piece in site.nodes[0].have().iter() {
+            match (1..4).filter(|&j| site.nodes[j].have().contains(piece)).count() {
+                0 => alone.insert(piece),
+                3 => continue,
+                _ => return None,
+            };
+        }
+        Some(alone)
+    };
+    loop {
+        // Everything node 0 announced has reached the others, and they are asking it for
+        // pieces: they know what it holds, and must forget it and their requests to it.
+        let heard = !site.queue.values().any(|d| matches!(d, Delivery::Have { from: 0, .. }));
+        let asked = site.lan_in_flight.values().any(|&peer| peer == 0);
+        let alone = held_by_0_alone(&site);
+        if heard
+            && asked
+            && !in_flight_at_0(&site).is_empty()
+            && alone.is_some_and(|a| !a.is_empty())
+        {
+            break;
+        }
+        assert!(site.step(), "node 0 never had origin pieces to share and more in flight");
+    }
+    let death = site.now;
+    let in_flight = in_flight_at_0(&site);
+    let alone = held_by_0_alone(&site).expect("checked");
     site.kill(0);
-    site.run(Duration::from_secs(600));
-    assert!((1..4).all(|i| site.nodes[i].is_done()));
-    assert!(site.origin_total() <= 32 + 4, "{:?}", site.origin_requests);
+    let limit = Duration::from_secs(600);
+    site.run_on(limit);
+
+    assert!(site.now < limit, "the run ended");
+    assert!((1..4).all(|i| site.nodes[i].is_done()), "the others finished");
+    // Each piece came from the origin once, but for those that died with node 0: those it had
+    // in flight from the origin and those nobody else held yet. Each of them came once more,
+    // so the origin served `pieces + lost.len()` pieces.
+    let lost: BTreeSet<u64> = in_flight.union(&alone).copied().collect();
+    let expected: BTreeMap<u64, u32> =
+        (0..pieces).map(|piece| (piece, 1 + u32::from(lost.contains(&piece)))).collect();
+    assert_eq!(
+        site.origin_requests(),
+        expected,
+        "died at {death:?} with {in_flight:?} in flight from the origin and {alone:?} alone"
+    );
+    // The others took over as node 0 left, not after waiting for it as for a stalled fetcher.
+    for &piece in &lost {
+        let again = site.origin_log.iter().find(|r| r.piece == piece && r.by != 0);
+        let again = again.expect("fetched again");
+        assert!(again.at < death + TAKEOVER / 2, "{again:?}: taken over late (died {death:?})");
+    }
 }
 
 #[test]
 fn a_fetcher_that_stalls_is_replaced_after_the_takeover_delay() {
+    // The pieces node 0 fetches from the origin when it works.
+    let mut healthy = Site::new(3, 16);
+    healthy.run(Duration::from_secs(600));
+    let of_node_0: BTreeSet<u64> =
+        healthy.origin_log.iter().filter(|r| r.by == 0).map(|r| r.piece).collect();
+    assert!(!of_node_0.is_empty(), "node 0 fetches nothing: {:?}", healthy.origin_log);
+
     // Node 0 stays in everyone's membership but never answers anything and never fetches.
     let mut site = Site::new(3, 16);
     site.alive[0] = false;
-    site.run(Duration::from_secs(600));
-    assert!(site.nodes[1].is_done() && site.nodes[2].is_done());
-    assert!(site.now >= Duration::from_secs(5), "the takeover waited for the assignee");
+    let limit = Duration::from_secs(600);
+    site.run(limit);
+    assert!(site.now < limit, "the run ended");
+    assert!(site.nodes[1].is_done() && site.nodes[2].is_done(), "the others finished");
+    // Every piece came from the origin once, node 0's from the others.
+    let once: BTreeMap<u64, u32> = (0..16).map(|piece| (piece, 1)).collect();
+    assert_eq!(site.origin_requests(), once, "node 0's pieces: {of_node_0:?}");
+    let taken_over: Vec<&OriginRequest> =
+        site.origin_log.iter().filter(|r| of_node_0.contains(&r.piece)).collect();
+    for request in &taken_over {
+        assert_ne!(request.by, 0, "the stalled node fetched");
+        // Node 0 came up at 0 and never made progress since.
+        assert!(request.at >= TAKEOVER, "{request:?}: taken over before the takeover delay");
+    }
+    let first = taken_over.iter().map(|r| r.at).min().expect("taken over");
+    assert!(first < TAKEOVER + Duration::from_secs(1), "taken over only at {first:?}");
 }
 
 #[test]
@@ -245,7 +434,7 @@ fn schedulers_sharing_a_rendezvous_table_act_as_with_their_own() {
     shared.kill(2);
     shared.run(Duration::from_secs(600));
     assert_eq!(own.now, shared.now);
-    assert_eq!(own.origin_requests, shared.origin_requests);
+    assert_eq!(own.origin_log, shared.origin_log);
     let stats = |site: &Site| site.nodes.iter().map(Scheduler::stats).collect::<Vec<_>>();
     assert_eq!(stats(&own), stats(&shared));
 }
