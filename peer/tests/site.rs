@@ -16,8 +16,7 @@ async fn three_agents_share_one_origin_copy() {
     let mut agents = start_agents(&origin, dir.path(), 3, image.size);
     let deadline = Instant::now() + Duration::from_secs(120);
     wait_enrolled(&origin, 3, deadline, &agents[0]).await;
-    // Let every agent learn the others' LAN addresses from a check-in or two.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_members_known(&mut agents, 3, deadline).await;
     origin.rollout(2).await;
 
     loop {

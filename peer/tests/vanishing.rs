@@ -25,6 +25,12 @@ async fn wait_local_state(agent: &mut AgentProcess, state: &str, deadline: Insta
     }
 }
 
+/// The agent runs and is downloading (waiting for a source, not failed).
+async fn assert_downloading(agent: &mut AgentProcess) {
+    assert!(agent.exited().is_none(), "the agent keeps running:\n{}", agent.log());
+    assert_eq!(local_state(agent).await, "downloading", "waiting, not failed:\n{}", agent.log());
+}
+
 fn assert_slot_is(agent: &AgentProcess, image: &[u8]) {
     let slot = std::fs::read(agent.dir.join("slot-b.img")).expect("slot");
     assert!(slot == image, "{}: slot B differs from the image", agent.name);
@@ -55,7 +61,7 @@ async fn an_agent_whose_peers_vanish_finishes_from_the_origin() {
         AgentProcess::new(&dir.path().join("late"), &origin, "store-1", "late", info.size);
     enroll_then_stop(&origin, &mut late, deadline).await;
     wait_enrolled(&origin, 3, deadline, &servers[0]).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_members_known(&mut servers, 3, deadline).await;
     origin.rollout(2).await;
     wait_state(&origin, &["a0", "a1"], "ready", deadline).await;
 
@@ -134,10 +140,27 @@ async fn when_the_origin_goes_away_alone_an_agent_waits_and_resumes() {
     origin.rollout(2).await;
     wait_progress(&agent, 0.2, deadline).await;
 
+    let error_before = agent.status().await.expect("status")["last_error"].clone();
     relay.cut();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(local_state(&agent).await, "downloading", "waiting, not failed:\n{}", agent.log());
-    assert!(agent.exited().is_none(), "the agent keeps running:\n{}", agent.log());
+    // The agent notices: a check-in fails (its error shows in the status).
+    loop {
+        let status = agent.status().await.unwrap_or_default();
+        if !status["last_error"].is_null() && status["last_error"] != error_before {
+            break;
+        }
+        assert_downloading(&mut agent).await;
+        assert!(Instant::now() < deadline, "no check-in failed:\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // It must not give up. Nothing shows that it decided not to, so it is watched for a
+    // fixed while: long enough for more check-ins to fail (one a second) and for the origin
+    // requests cut in flight to be retried and fail again (origin backoff 1 s, then 2 s).
+    // A download that failed would show in the state at once.
+    let watched_until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < watched_until {
+        assert_downloading(&mut agent).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let held = agent.status().await.and_then(|s| s["progress"].as_f64()).unwrap_or(0.0);
     assert!(held < 1.0, "the download was cut before it finished");
 

@@ -46,6 +46,11 @@ impl Origin {
         config.operator_token = Some(OPERATOR.into());
         config.enrollment_token = Some(ENROLL.into());
         config.tick = Duration::from_millis(200);
+        // A window that never opens: the fleet default (02:00–05:00 UTC) would let agents
+        // activate and reboot mid-test when tests run at that hour. Tests that want an
+        // activation ask for it (`skip-window`).
+        config.fleet.default_window =
+            sitecast_manifest::window::MaintenanceWindow { days: Vec::new(), ..Default::default() };
         let (coordinator, _) =
             Coordinator::open(config, Arc::new(SystemClock)).expect("coordinator");
         let iroh = coordinator
@@ -319,6 +324,37 @@ pub async fn wait_enrolled(
 ) {
     while appliances(origin).await.len() < count {
         assert!(std::time::Instant::now() < deadline, "not all enrolled:\n{}", watched.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every agent in `agents` shows in its status that the coordinator named
+/// `members` members of its site: each has checked in since all of them enrolled, and they
+/// agree on who takes part (an agent serves and hears members only). That is what can be
+/// known before a rollout: the coordinator sends the site peers' addresses only with an
+/// offer, so no agent is connected to another before.
+pub async fn wait_members_known(
+    agents: &mut [AgentProcess],
+    members: usize,
+    deadline: std::time::Instant,
+) {
+    loop {
+        let mut waiting = Vec::new();
+        for agent in agents.iter_mut() {
+            assert!(agent.exited().is_none(), "{} stopped:\n{}", agent.name, agent.log());
+            let status = agent.status().await.unwrap_or_default();
+            if status["membership"]["members"].as_u64() != Some(members as u64) {
+                waiting.push(format!("{}: {}", agent.name, status["membership"]));
+            }
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every agent knows the site's {members} members: {waiting:?}\n{}",
+            agents[0].log()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
