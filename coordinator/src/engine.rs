@@ -60,6 +60,25 @@ impl Strategy {
     }
 }
 
+/// What a rollout rolls out: an OS image release, or an agent release (the same engine; the
+/// states are the agent update's, `rebooting` being the agent's restart into the new version).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutKind {
+    #[default]
+    Image,
+    Agent,
+}
+
+impl RolloutKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutKind::Image => "image",
+            RolloutKind::Agent => "agent",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RolloutState {
@@ -85,7 +104,9 @@ impl RolloutState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rollout {
     pub id: u64,
-    /// The release being rolled out.
+    #[serde(default)]
+    pub kind: RolloutKind,
+    /// The release being rolled out (an agent release's version for an agent rollout).
     pub version: u64,
     /// What a fleet rollback returns to.
     pub previous_version: Option<u64>,
@@ -106,6 +127,9 @@ pub struct Rollout {
     pub paused_reason: Option<String>,
     #[serde(default)]
     pub rolled_back: bool,
+    /// Agent rollouts: appliances switch only inside their maintenance window.
+    #[serde(default)]
+    pub in_window: bool,
 }
 
 /// What the engine needs to know about one appliance.
@@ -151,6 +175,7 @@ impl Rollout {
         validate_stages(&stages)?;
         Ok(Self {
             id,
+            kind: RolloutKind::Image,
             version,
             previous_version,
             strategy,
@@ -165,6 +190,7 @@ impl Rollout {
             groups,
             paused_reason: None,
             rolled_back: false,
+            in_window: false,
         })
     }
 

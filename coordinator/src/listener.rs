@@ -17,8 +17,11 @@
 //! - responses (`io`): a write that makes no progress for [`Limits::write_stall_timeout`] ends
 //!   the connection, which frees whatever was producing the response.
 //!
-//! HTTP/1.1 only: appliances and operators reach Central Command over plain HTTP/1.1, and
-//! HTTP/2's streams would need per-stream versions of every bound here.
+//! With a TLS config the handshake comes first, inside the same head deadline: a client that
+//! dawdles in the handshake is the same slowloris as one that dawdles in its head.
+//!
+//! HTTP/1.1 only (over TLS or not): HTTP/2's streams would need per-stream versions of every
+//! bound here.
 
 mod admission;
 mod body;
@@ -97,6 +100,7 @@ struct Counters {
     write_stalls: AtomicU64,
     idle_closes: AtomicU64,
     accept_errors: AtomicU64,
+    tls_failures: AtomicU64,
 }
 
 /// One reading of [`Stats`]. Everything but `open` counts since the server started.
@@ -120,6 +124,8 @@ pub struct StatsSnapshot {
     pub idle_closes: u64,
     /// Failed accepts (e.g. EMFILE), each followed by a short pause.
     pub accept_errors: u64,
+    /// TLS handshakes that failed (a client refusing our certificate, or not speaking TLS).
+    pub tls_failures: u64,
 }
 
 impl StatsSnapshot {
@@ -143,6 +149,7 @@ impl Stats {
             write_stalls: get(&c.write_stalls),
             idle_closes: get(&c.idle_closes),
             accept_errors: get(&c.accept_errors),
+            tls_failures: get(&c.tls_failures),
         }
     }
 
@@ -157,6 +164,7 @@ impl Stats {
             Event::WriteStall => &c.write_stalls,
             Event::IdleClose => &c.idle_closes,
             Event::AcceptError => &c.accept_errors,
+            Event::TlsFailure => &c.tls_failures,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -177,6 +185,7 @@ enum Event {
     WriteStall,
     IdleClose,
     AcceptError,
+    TlsFailure,
 }
 
 #[derive(Debug)]
@@ -192,17 +201,20 @@ impl Drop for OpenGuard {
 /// closes every connection. Accept errors are logged and retried, never returned. Requests
 /// carry `ConnectInfo<SocketAddr>`, as under `into_make_service_with_connect_info`.
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits) -> std::io::Result<()> {
-    serve_with_stats(listener, router, limits, Stats::default()).await
+    serve_with_stats(listener, router, limits, Stats::default(), None).await
 }
 
-/// [`serve`], counting into `stats` (create it first and hand a clone to `/metrics`).
+/// [`serve`], counting into `stats` (create it first and hand a clone to `/metrics`), over
+/// TLS if `tls` is given.
 pub async fn serve_with_stats(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     stats: Stats,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
-    accept_loop(listener, router, limits, stats).await
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    accept_loop(listener, router, limits, stats, tls).await
 }
 
 /// Where connections come from: a [`TcpListener`], or in tests one that fails on purpose.
@@ -225,6 +237,7 @@ async fn accept_loop(
     router: Router,
     limits: Limits,
     stats: Stats,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let limits = Arc::new(limits);
     let admission = Admission::new(limits.max_connections, limits.max_connections_per_ip);
@@ -277,8 +290,9 @@ async fn accept_loop(
         stats.count(Event::Accepted);
         let open = stats.open();
         let (router, limits, stats) = (router.clone(), Arc::clone(&limits), stats.clone());
+        let tls = tls.clone();
         connections.spawn(async move {
-            connection::serve(stream, peer, router, &limits, &stats).await;
+            connection::serve(stream, peer, router, &limits, &stats, tls.as_ref()).await;
             drop((slot, open));
         });
     }

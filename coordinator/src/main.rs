@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::{Value, json};
 use sitecast_coordinator::engine::{StagePlan, Strategy};
 use sitecast_coordinator::server::{Coordinator, ServerConfig, SystemClock};
@@ -22,11 +22,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write man pages and shell completions into DIR (for packagers).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
     /// Run the server.
     Serve(ServeArgs),
     /// Publish, list and deactivate releases.
     #[command(subcommand)]
     Release(ReleaseCommand),
+    /// Publish and list agent releases (the agent apart from the image).
+    #[command(subcommand)]
+    AgentRelease(AgentReleaseCommand),
     /// Create and steer rollouts.
     #[command(subcommand)]
     Rollout(RolloutCommand),
@@ -81,6 +87,14 @@ struct ServeArgs {
     /// raise it to 64.
     #[arg(long, default_value_t = 16)]
     max_range_streams_per_client: usize,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); read again whenever it or
+    /// the key changes, so a renewal needs no restart. Without it: plain HTTP (behind a TLS
+    /// proxy, or in a lab).
+    #[arg(long, requires = "tls_key")]
+    tls_certificate: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_certificate")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -92,6 +106,9 @@ struct ClientArgs {
     /// Print the server's JSON instead of a summary.
     #[arg(long)]
     json: bool,
+    /// Trust only this CA (PEM) for an https:// URL, instead of the system's roots.
+    #[arg(long, env = "SITECAST_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -120,12 +137,38 @@ enum ReleaseCommand {
 }
 
 #[derive(Subcommand)]
+enum AgentReleaseCommand {
+    /// Publish a signed agent release whose builds are directories on the coordinator's own
+    /// disk (copied in, each file checked against the manifest).
+    Publish {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        manifest: PathBuf,
+        /// PLATFORM=DIR on the coordinator (repeat per platform of the manifest).
+        #[arg(long = "build", required = true)]
+        builds: Vec<String>,
+    },
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum RolloutCommand {
     Create {
         #[command(flatten)]
         client: ClientArgs,
+        /// The release (with --agent: the agent release) to roll out.
         #[arg(long)]
         version: u64,
+        /// Roll out an agent release, not an image release.
+        #[arg(long)]
+        agent: bool,
+        /// With --agent: switch only inside each appliance's maintenance window.
+        #[arg(long, requires = "agent")]
+        in_window: bool,
         #[arg(long, value_enum, default_value = "staged")]
         strategy: StrategyArg,
         /// A stage as PERCENT:DELAY_HOURS (repeat; default 5:24, 25:24, 100:0).
@@ -206,7 +249,9 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::GenerateDocs { dir } => Ok(sitecast_cli_docs::write(Cli::command(), &dir)?),
         Command::Release(command) => release(command).await,
+        Command::AgentRelease(command) => agent_release(command).await,
         Command::Rollout(command) => rollout(command).await,
         Command::Appliances(AppliancesCommand::List { client }) => {
             let list = Client::new(&client)?.get("/api/appliances").await?;
@@ -266,6 +311,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     config.fleet.offline_after_secs = args.offline_after_secs;
     config.limits.max_connections_per_ip = args.max_connections_per_client;
     config.max_range_streams_per_client = args.max_range_streams_per_client;
+    config.tls = match (args.tls_certificate, args.tls_key) {
+        (Some(certificate), Some(key)) => Some(sitecast_tls::CertificateFiles { certificate, key }),
+        _ => None,
+    };
+    let scheme = if config.tls.is_some() { "https" } else { "http" };
     let data_dir = config.data_dir.clone();
     let (coordinator, first_run) = Coordinator::open(config, Arc::new(SystemClock))?;
     if let Some(token) = first_run.operator {
@@ -282,7 +332,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    println!("listening on http://{} (data in {})", listener.local_addr()?, data_dir.display());
+    println!("listening on {scheme}://{} (data in {})", listener.local_addr()?, data_dir.display());
     coordinator.serve(listener).await?;
     Ok(())
 }
@@ -296,8 +346,16 @@ struct Client {
 
 impl Client {
     fn new(args: &ClientArgs) -> Result<Self> {
+        let mut http = reqwest::Client::builder();
+        if args.url.starts_with("https://") {
+            let trust = match &args.ca_file {
+                Some(path) => sitecast_tls::Trust::CaFile(path.clone()),
+                None => sitecast_tls::Trust::SystemRoots,
+            };
+            http = http.tls_backend_preconfigured(sitecast_tls::client_config(&trust)?);
+        }
         Ok(Self {
-            http: reqwest::Client::builder().build()?,
+            http: http.build()?,
             url: args.url.trim_end_matches('/').to_owned(),
             token: args.token.clone(),
         })
@@ -343,6 +401,41 @@ fn print(client: &ClientArgs, value: &Value, human: impl FnOnce(&Value)) {
     } else {
         human(value);
     }
+}
+
+async fn agent_release(command: AgentReleaseCommand) -> Result<()> {
+    match command {
+        AgentReleaseCommand::Publish { client, manifest, builds } => {
+            let manifest_text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("reading {}", manifest.display()))?;
+            let mut dirs = serde_json::Map::new();
+            for build in builds {
+                let Some((platform, dir)) = build.split_once('=') else {
+                    bail!("--build {build:?}: expected PLATFORM=DIR");
+                };
+                dirs.insert(platform.to_owned(), Value::String(dir.to_owned()));
+            }
+            let body = json!({"manifest": manifest_text, "builds": dirs});
+            let record = Client::new(&client)?.post("/api/agent-releases", body).await?;
+            print(&client, &record, |r| {
+                println!("published agent release {} for {}", r["version"], r["platforms"]);
+            });
+        }
+        AgentReleaseCommand::List { client } => {
+            let list = Client::new(&client)?.get("/api/agent-releases").await?;
+            print(&client, &list, |list| {
+                for r in list.as_array().into_iter().flatten() {
+                    println!(
+                        "{:>6} {:<14} {}",
+                        r["version"],
+                        r["version_name"].as_str().unwrap_or(""),
+                        r["platforms"]
+                    );
+                }
+            });
+        }
+    }
+    Ok(())
 }
 
 async fn release(command: ReleaseCommand) -> Result<()> {
@@ -425,8 +518,9 @@ fn parse_stage(text: &str) -> Result<StagePlan> {
 fn show_rollout(r: &Value) {
     let stages = r["stages"].as_array().map_or(0, Vec::len);
     println!(
-        "rollout {} of release {}: {} ({}), stage {}/{}, failure rate {:.0}% (threshold {:.0}%){}",
+        "rollout {} of {} {}: {} ({}), stage {}/{}, failure rate {:.0}% (threshold {:.0}%){}",
         r["id"],
+        if r["kind"] == "agent" { "agent release" } else { "release" },
         r["version"],
         r["state"].as_str().unwrap_or(""),
         r["strategy"].as_str().unwrap_or(""),
@@ -449,7 +543,16 @@ fn show_rollout(r: &Value) {
 
 async fn rollout(command: RolloutCommand) -> Result<()> {
     let (client, path, body) = match command {
-        RolloutCommand::Create { client, version, strategy, stages, groups, failure_threshold } => {
+        RolloutCommand::Create {
+            client,
+            version,
+            agent,
+            in_window,
+            strategy,
+            stages,
+            groups,
+            failure_threshold,
+        } => {
             let strategy = match strategy {
                 StrategyArg::Immediate => Strategy::Immediate,
                 StrategyArg::Staged => Strategy::Staged,
@@ -460,7 +563,9 @@ async fn rollout(command: RolloutCommand) -> Result<()> {
             } else {
                 Some(stages.iter().map(|s| parse_stage(s)).collect::<Result<Vec<_>>>()?)
             };
-            let body = json!({"version": version, "strategy": strategy, "stages": stages, "groups": groups, "failure_threshold": failure_threshold});
+            let kind = if agent { "agent" } else { "image" };
+            let body = json!({"kind": kind, "version": version, "strategy": strategy, "stages": stages,
+                "groups": groups, "failure_threshold": failure_threshold, "in_window": in_window});
             (client, "/api/rollouts".to_owned(), Some(body))
         }
         RolloutCommand::Pause { client, id } => (client, format!("/api/rollouts/{id}/pause"), None),

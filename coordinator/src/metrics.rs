@@ -86,7 +86,7 @@ pub fn render_server(
         out,
         "sitecast_connections_total",
         "counter",
-        "HTTP connections by outcome: admitted, refused over the total or per-client limit, cut for a slow head, body or reader, closed idle.",
+        "HTTP connections by outcome: admitted, refused over the total or per-client limit, cut for a slow head, body or reader, closed idle, failed TLS handshakes.",
     );
     for (outcome, n) in [
         ("accepted", listener.accepted),
@@ -97,6 +97,7 @@ pub fn render_server(
         ("write_stall", listener.write_stalls),
         ("idle", listener.idle_closes),
         ("accept_error", listener.accept_errors),
+        ("tls_handshake_failed", listener.tls_failures),
     ] {
         let _ = writeln!(out, "sitecast_connections_total{{outcome=\"{outcome}\"}} {n}");
     }
@@ -120,25 +121,12 @@ fn family_rollouts(out: &mut String, fleet: &Fleet, now: Timestamp) {
     let mut stage = String::new();
     let mut state = String::new();
     for rollout in fleet.rollouts.values() {
-        let view = fleet.rollout_view(rollout, now);
-        let (mut succeeded, mut finished) = (0usize, 0usize);
-        for counts in &view.stage_counts {
-            for (name, n) in &counts.by_state {
-                match name.as_str() {
-                    "succeeded" => {
-                        succeeded += n;
-                        finished += n;
-                    }
-                    "failed" | "rolled_back" => finished += n,
-                    _ => {}
-                }
-            }
-        }
-        let rate = if finished == 0 { 1.0 } else { succeeded as f64 / finished as f64 };
+        let rate = fleet.rollout_view(rollout, now).success_rate;
         let id = rollout.id;
         let _ = writeln!(
             out,
-            "update_success_rate{{rollout=\"{id}\",version=\"{}\"}} {rate}",
+            "update_success_rate{{rollout=\"{id}\",kind=\"{}\",version=\"{}\"}} {rate}",
+            rollout.kind.as_str(),
             rollout.version
         );
         let _ =

@@ -58,6 +58,36 @@ pub struct ReleaseRecord {
     pub manifest: String,
 }
 
+/// A published agent release (`sitecast.agent`): the agent apart from any image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentReleaseRecord {
+    pub version: u64,
+    pub version_name: String,
+    pub published: Timestamp,
+    /// The platforms it has a build for.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    /// BLAKE3 (hex) of every file of every build: what may be downloaded for it.
+    #[serde(default)]
+    pub files: Vec<String>,
+    /// The OS releases it runs on, `os_min` to `os_max` (none: every later one).
+    #[serde(default)]
+    pub os_min: u64,
+    #[serde(default)]
+    pub os_max: Option<u64>,
+    /// When its manifest expires: past it, appliances refuse it.
+    pub expires: Timestamp,
+    /// The signed manifest, byte for byte.
+    pub manifest: String,
+}
+
+impl AgentReleaseRecord {
+    /// Whether it runs on OS release (image version) `os_release`.
+    pub fn runs_on_os(&self, os_release: u64) -> bool {
+        os_release >= self.os_min && self.os_max.is_none_or(|max| os_release <= max)
+    }
+}
+
 /// An appliance's current update: its last report, and when the update and its state began.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpdateRow {
@@ -113,6 +143,22 @@ pub struct ApplianceRecord {
     /// shown, not believed (`installed_version` keeps the last believable one).
     #[serde(default)]
     pub claimed_version: Option<u64>,
+    /// The agent release it runs (from its check-ins); `None` from agents older than agent
+    /// releases.
+    #[serde(default)]
+    pub agent_release: Option<u64>,
+    /// The agent release kept on it for a rollback (the launcher's `previous`).
+    #[serde(default)]
+    pub agent_previous: Option<u64>,
+    /// The agent release it is pinned to.
+    #[serde(default)]
+    pub agent_pin: Option<u64>,
+    /// The last agent release offered to it; agent reports about any other are refused.
+    #[serde(default)]
+    pub agent_offer: Option<OfferRecord>,
+    /// Its current agent update: the last agent report.
+    #[serde(default)]
+    pub agent_update: Option<UpdateRow>,
 }
 
 /// A release offered to an appliance in a check-in answer.
@@ -147,6 +193,7 @@ pub struct AuditEntry {
 #[derive(Debug, Clone)]
 pub enum Change {
     Release(ReleaseRecord),
+    AgentRelease(AgentReleaseRecord),
     Rollout(Rollout),
     Appliance(Box<ApplianceRecord>),
     /// Removed by an operator.
@@ -172,6 +219,7 @@ pub enum Change {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub releases: BTreeMap<u64, ReleaseRecord>,
+    pub agent_releases: BTreeMap<u64, AgentReleaseRecord>,
     pub rollouts: BTreeMap<u64, Rollout>,
     pub appliances: BTreeMap<String, ApplianceRecord>,
     pub sites: BTreeMap<String, SiteRecord>,
@@ -193,6 +241,7 @@ pub trait Store: Send + Sync {
 }
 
 const RELEASES: TableDefinition<u64, &str> = TableDefinition::new("releases");
+const AGENT_RELEASES: TableDefinition<u64, &str> = TableDefinition::new("agent_releases");
 const ROLLOUTS: TableDefinition<u64, &str> = TableDefinition::new("rollouts");
 const APPLIANCES: TableDefinition<&str, &str> = TableDefinition::new("appliances");
 const SITES: TableDefinition<&str, &str> = TableDefinition::new("sites");
@@ -219,6 +268,7 @@ impl RedbStore {
         let txn = db.begin_write().map_err(db_error)?;
         {
             txn.open_table(RELEASES).map_err(db_error)?;
+            txn.open_table(AGENT_RELEASES).map_err(db_error)?;
             txn.open_table(ROLLOUTS).map_err(db_error)?;
             txn.open_table(APPLIANCES).map_err(db_error)?;
             txn.open_table(SITES).map_err(db_error)?;
@@ -228,6 +278,77 @@ impl RedbStore {
         }
         txn.commit().map_err(db_error)?;
         Ok(db)
+    }
+
+    /// One batch in one write transaction.
+    fn write(&self, changes: &[Change], durable: bool) -> Result<(), StoreError> {
+        let db = self.db()?;
+        let mut txn = db.begin_write().map_err(db_error)?;
+        if !durable {
+            txn.set_durability(Durability::None).map_err(db_error)?;
+        }
+        {
+            let mut releases = txn.open_table(RELEASES).map_err(db_error)?;
+            let mut agent_releases = txn.open_table(AGENT_RELEASES).map_err(db_error)?;
+            let mut rollouts = txn.open_table(ROLLOUTS).map_err(db_error)?;
+            let mut appliances = txn.open_table(APPLIANCES).map_err(db_error)?;
+            let mut sites = txn.open_table(SITES).map_err(db_error)?;
+            let mut meta = txn.open_table(META).map_err(db_error)?;
+            let mut site_bytes = txn.open_table(SITE_BYTES).map_err(db_error)?;
+            let mut audit = txn.open_table(AUDIT).map_err(db_error)?;
+            for change in changes {
+                match change {
+                    Change::Release(r) => releases.insert(r.version, json(r).as_str()).map(drop),
+                    Change::AgentRelease(r) => {
+                        agent_releases.insert(r.version, json(r).as_str()).map(drop)
+                    }
+                    Change::Rollout(r) => rollouts.insert(r.id, json(r).as_str()).map(drop),
+                    Change::Appliance(a) => {
+                        appliances.insert(a.key.as_str(), json(a).as_str()).map(drop)
+                    }
+                    Change::Site(s) => sites.insert(s.id.as_str(), json(s).as_str()).map(drop),
+                    Change::Meta { key, value } => {
+                        meta.insert(key.as_str(), value.as_str()).map(drop)
+                    }
+                    Change::ApplianceRemoved { key } => appliances.remove(key.as_str()).map(drop),
+                    Change::SiteBytes { site, version, add } => {
+                        let key = (site.as_str(), *version);
+                        let total = site_bytes.get(key).map_err(db_error)?.map_or(0, |v| v.value());
+                        site_bytes.insert(key, total + add).map(drop)
+                    }
+                    Change::Audit(entry) => {
+                        if audit.get(entry.seq).map_err(db_error)?.is_some() {
+                            return Err(StoreError::Database(format!(
+                                "audit entry {} exists; the log is append-only",
+                                entry.seq
+                            )));
+                        }
+                        audit.insert(entry.seq, json(entry).as_str()).map(drop)
+                    }
+                }
+                .map_err(db_error)?;
+            }
+        }
+        txn.commit().map_err(db_error)
+    }
+
+    /// Whether the batch `changes` is in the database: its audit entry (every durable batch
+    /// of an operation has one, numbered uniquely) reads back as written. A batch without one,
+    /// or a database that cannot be read, counts as not stored.
+    fn landed(&self, changes: &[Change]) -> bool {
+        let Some(entry) = changes.iter().find_map(|c| match c {
+            Change::Audit(entry) => Some(entry),
+            _ => None,
+        }) else {
+            return false;
+        };
+        let read = || -> Result<bool, StoreError> {
+            let txn = self.db()?.begin_read().map_err(db_error)?;
+            let audit = txn.open_table(AUDIT).map_err(db_error)?;
+            let stored = audit.get(entry.seq).map_err(db_error)?;
+            Ok(stored.is_some_and(|v| v.value() == json(entry)))
+        };
+        read().unwrap_or(false)
     }
 
     fn db(&self) -> Result<DbGuard<'_>, StoreError> {
@@ -271,6 +392,11 @@ impl Store for RedbStore {
                 .releases
                 .insert(k.value(), parse("releases", k.value().to_string(), v.value())?);
         }
+        for row in txn.open_table(AGENT_RELEASES).map_err(db_error)?.iter().map_err(db_error)? {
+            let (k, v) = row.map_err(db_error)?;
+            let record = parse("agent_releases", k.value().to_string(), v.value())?;
+            snapshot.agent_releases.insert(k.value(), record);
+        }
         for row in txn.open_table(ROLLOUTS).map_err(db_error)?.iter().map_err(db_error)? {
             let (k, v) = row.map_err(db_error)?;
             snapshot
@@ -302,50 +428,16 @@ impl Store for RedbStore {
     }
 
     fn commit(&self, changes: &[Change], durable: bool) -> Result<(), StoreError> {
-        let db = self.db()?;
-        let mut txn = db.begin_write().map_err(db_error)?;
-        if !durable {
-            txn.set_durability(Durability::None).map_err(db_error)?;
+        let Err(error) = self.write(changes, durable) else { return Ok(()) };
+        // redb can fail in work it does after a commit is already durable (freeing pages on
+        // a full disk, depending on which readers are open). Answering such a change as
+        // failed would be a lie the next load exposes, so look: reopened from the file, is
+        // the batch's audit entry there? Then it is stored, and answered as stored.
+        if durable && self.reopen().is_ok() && self.landed(changes) {
+            tracing::warn!(%error, "commit reported an error after it was stored");
+            return Ok(());
         }
-        {
-            let mut releases = txn.open_table(RELEASES).map_err(db_error)?;
-            let mut rollouts = txn.open_table(ROLLOUTS).map_err(db_error)?;
-            let mut appliances = txn.open_table(APPLIANCES).map_err(db_error)?;
-            let mut sites = txn.open_table(SITES).map_err(db_error)?;
-            let mut meta = txn.open_table(META).map_err(db_error)?;
-            let mut site_bytes = txn.open_table(SITE_BYTES).map_err(db_error)?;
-            let mut audit = txn.open_table(AUDIT).map_err(db_error)?;
-            for change in changes {
-                match change {
-                    Change::Release(r) => releases.insert(r.version, json(r).as_str()).map(drop),
-                    Change::Rollout(r) => rollouts.insert(r.id, json(r).as_str()).map(drop),
-                    Change::Appliance(a) => {
-                        appliances.insert(a.key.as_str(), json(a).as_str()).map(drop)
-                    }
-                    Change::Site(s) => sites.insert(s.id.as_str(), json(s).as_str()).map(drop),
-                    Change::Meta { key, value } => {
-                        meta.insert(key.as_str(), value.as_str()).map(drop)
-                    }
-                    Change::ApplianceRemoved { key } => appliances.remove(key.as_str()).map(drop),
-                    Change::SiteBytes { site, version, add } => {
-                        let key = (site.as_str(), *version);
-                        let total = site_bytes.get(key).map_err(db_error)?.map_or(0, |v| v.value());
-                        site_bytes.insert(key, total + add).map(drop)
-                    }
-                    Change::Audit(entry) => {
-                        if audit.get(entry.seq).map_err(db_error)?.is_some() {
-                            return Err(StoreError::Database(format!(
-                                "audit entry {} exists; the log is append-only",
-                                entry.seq
-                            )));
-                        }
-                        audit.insert(entry.seq, json(entry).as_str()).map(drop)
-                    }
-                }
-                .map_err(db_error)?;
-            }
-        }
-        txn.commit().map_err(db_error)
+        Err(error)
     }
 
     fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {

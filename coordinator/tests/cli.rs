@@ -177,3 +177,36 @@ fn first_start_shows_generated_tokens_once() {
     let (ok, _, err) = cli(&second, &token, &["rollout", "status"]);
     assert!(ok, "the first token still works: {err}");
 }
+
+/// `serve` over its own TLS, and the operator CLI trusting the fleet's CA only when told to.
+#[test]
+fn the_cli_reaches_a_server_over_tls_with_the_fleet_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = sitecast_tls::test_ca::TestCa::new("fleet CA");
+    let ca_file = ca.write_root(&dir.path().join("ca.pem"));
+    let files = ca.issue(dir.path(), "server", &["127.0.0.1"], false);
+    let (certificate, key) =
+        (files.certificate.to_str().expect("utf8"), files.key.to_str().expect("utf8"));
+
+    // Unusable files stop the start and say which.
+    let output = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("refused"))
+        .args(["--tls-certificate", certificate, "--tls-key", certificate])
+        .output()
+        .expect("serve");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("server.pem"), "{stderr}");
+
+    let served = serve(
+        &dir.path().join("data"),
+        &["--operator-token", "op", "--tls-certificate", certificate, "--tls-key", key],
+    );
+    assert!(served.url.starts_with("https://127.0.0.1:"), "{}", served.url);
+    let ca_arg = ca_file.to_str().expect("utf8");
+    let (ok, stdout, stderr) = cli(&served, "op", &["release", "list", "--ca-file", ca_arg]);
+    assert!(ok, "{stdout}{stderr}");
+    // The system's roots do not know the fleet's CA.
+    let (ok, _, stderr) = cli(&served, "op", &["release", "list"]);
+    assert!(!ok && stderr.contains("UnknownIssuer"), "{stderr}");
+}

@@ -28,6 +28,9 @@ struct Scene {
     downloading: usize,
     /// The one that failed.
     failed: usize,
+    /// The agent rollout beside the image rollout, and its canary appliance that rolled back.
+    agent_rollout: u64,
+    agent_rolled_back: usize,
 }
 
 async fn report(server: &TestServer, appliance: &mut Appliance, body: Value) {
@@ -82,7 +85,8 @@ async fn scene(server: &TestServer, releases: &Releases) -> Scene {
             1 => ("store-nyc", "nyc"),
             _ => ("warehouse-lab", "lab"),
         };
-        let appliance = Appliance::new(site, &format!("{short}-{:02}", i + 1), 1);
+        let mut appliance = Appliance::new(site, &format!("{short}-{:02}", i + 1), 1);
+        appliance.agent_release = Some(1);
         appliance.checkin(server).await;
         appliances.push(appliance);
     }
@@ -191,12 +195,38 @@ async fn scene(server: &TestServer, releases: &Releases) -> Scene {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    // Agent release 2 beside the image rollout: of its canary of three, two run it and one
+    // was given up by its launcher.
+    let (build, manifest) = agent_release(releases, 2, None);
+    assert_eq!(publish_agent(server, &manifest, &build).await.0, 201);
+    let body = json!({"kind": "agent", "version": 2, "strategy": "canary",
+        "stages": [{"percent": 15, "delay_hours": 0}, {"percent": 100, "delay_hours": 0}]});
+    let (status, agent_rollout) = server.op_json(Method::POST, "/api/rollouts", Some(body)).await;
+    assert_eq!(status, 201, "{agent_rollout}");
+    let canary: Vec<usize> = (0..appliances.len())
+        .filter(|&i| agent_rollout["members"][appliances[i].id()] == 0)
+        .collect();
+    assert_eq!(canary.len(), 3, "{agent_rollout}");
+    for &i in &canary {
+        assert!(appliances[i].checkin(server).await.agent_offer.is_some());
+    }
+    for &i in &canary[..2] {
+        appliances[i].agent_release = Some(2);
+        appliances[i].agent_previous = Some(1);
+        appliances[i].checkin(server).await;
+    }
+    let reason = "the launcher rolled agent 2 back to agent 1: crash loop; its last output: missing libfoo.so";
+    let response =
+        appliances[canary[2]].agent_report_raw(server, "rolled_back", 2, Some(reason)).await;
+    assert_eq!(response.status(), 204);
     Scene {
         rollout: id,
         appliances,
         stage_of,
         downloading: downloading.expect("one downloading"),
         failed: failed.expect("one failed"),
+        agent_rollout: agent_rollout["id"].as_u64().expect("id"),
+        agent_rolled_back: canary[2],
     }
 }
 
@@ -560,6 +590,29 @@ async fn fleet_updates_page_in_chromium() {
             == true,
         "a site that took one copy from the origin shows about 1.0×"
     );
+
+    // Agent updates: the agent rollout's card, each appliance's agent release with its update
+    // and what it can roll back to, and the fleet's agent update success rate.
+    let agent_card = format!("[data-rollout=\"{}\"]", scene.agent_rollout);
+    let text = browser.text(&browser.wait_for(&agent_card).await).await;
+    assert!(
+        text.contains("agent release 2") && text.contains("67% of finished succeeded"),
+        "{text}"
+    );
+    let summary = browser.text(&browser.find("#summary").await.expect("summary")).await;
+    assert!(
+        summary.contains("2 of 3 succeeded") && summary.contains("2 can roll back"),
+        "{summary}"
+    );
+    let rolled_back = &scene.appliances[scene.agent_rolled_back];
+    let row = format!("#appliance-table tr[data-key=\"{}\"]", rolled_back.id());
+    let text = browser.text(&browser.find(&row).await.expect("row")).await;
+    assert!(text.contains("agent 1") && text.contains("rolled back"), "{text}");
+    assert!(text.contains("agent 2: the launcher rolled agent 2 back"), "{text}");
+    let ran = scene.appliances.iter().find(|a| a.agent_release == Some(2)).expect("one on 2");
+    let row = format!("#appliance-table tr[data-key=\"{}\"]", ran.id());
+    let text = browser.text(&browser.find(&row).await.expect("row")).await;
+    assert!(text.contains("agent 2") && text.contains("rollback to 1 available"), "{text}");
 
     // The appliance table filters as you type and choose.
     let rows = "return document.querySelectorAll('#appliance-table tbody tr[data-key]').length";

@@ -136,6 +136,13 @@ pub struct CheckinRequest {
     pub active_slot: Option<String>,
     #[serde(default)]
     pub agent_version: String,
+    /// The agent release (`sitecast.agent` version) running: the launcher's version, or the
+    /// one built into the image's agent. `None` from agents older than agent releases.
+    #[serde(default)]
+    pub agent_release: Option<u64>,
+    /// The agent release kept for a rollback (the launcher's `previous`), if any.
+    #[serde(default)]
+    pub agent_previous: Option<u64>,
     /// Needed only the first time: proves the appliance may join the fleet.
     #[serde(default)]
     pub enrollment_token: Option<String>,
@@ -210,9 +217,37 @@ pub struct CheckinResponse {
     /// so an agent that lost its own count continues above it.
     #[serde(default)]
     pub report_seq: Option<u64>,
+    /// An agent release to switch to, beside (and independent of) any image offer. Agents
+    /// from before agent releases ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_offer: Option<AgentOffer>,
+}
+
+/// An agent release offered to an appliance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentOffer {
+    pub version: u64,
+    /// The signed `sitecast.agent` document, byte for byte as signed.
+    pub manifest: String,
+    #[serde(default)]
+    pub rollout: Option<u64>,
+    #[serde(default = "upgrade")]
+    pub intent: UpdateIntent,
+    /// `GET {files}/{blake3 hex}` returns a file of the release (signed request).
+    pub files: String,
+    /// Switch only inside the maintenance window (fetching and staging may happen at once).
+    #[serde(default)]
+    pub in_window: bool,
+}
+
+fn upgrade() -> UpdateIntent {
+    UpdateIntent::Upgrade
 }
 
 /// `POST /api/appliances/report`: a state change of an update, signed by the appliance.
+/// `POST /api/appliances/agent-report` takes the same body about an agent release
+/// (`version` is the agent release; `downloading`, `ready` once staged, `rebooting` while the
+/// launcher restarts into it, `failed`, `rolled_back` when the launcher gave it up).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReportRequest {
     pub state: UpdateState,

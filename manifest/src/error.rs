@@ -64,6 +64,9 @@ pub enum VerifyError {
     /// Signed for other hardware.
     #[error("release is for platforms {supported:?}, not for {platform:?}")]
     WrongPlatform { platform: String, supported: Vec<String> },
+    /// An agent release that does not run on the OS release the appliance booted.
+    #[error("agent runs on OS releases {min} to {}, not on {os_release}", max.map_or("any later".to_owned(), |m| m.to_string()))]
+    OsReleaseNotSupported { os_release: u64, min: u64, max: Option<u64> },
     /// A field that parsed but cannot be right (zero size, bad hash, threshold above key count).
     #[error("invalid field `{field}`: {reason}")]
     InvalidField { field: &'static str, reason: String },

@@ -18,7 +18,7 @@
 //! - Encryption of images.
 //!
 //! # Documents
-//! Both document types share one envelope:
+//! Every document type shares one envelope:
 //!
 //! ```json
 //! {"signatures":[{"key":"<ed25519 public key, hex>","sig":"<ed25519 signature, hex>"}],
@@ -38,6 +38,17 @@
 //! | `notes` | release notes (optional) |
 //! | `created`, `expires` | RFC 3339 UTC timestamps |
 //! | `rollback_floor` | optional: once installed, no release below this version is accepted |
+//!
+//! An **agent release** (`type` `sitecast.agent`, `format` 1) ships the appliance agent apart
+//! from any image, signed by the same release keys:
+//!
+//! | field | meaning |
+//! |---|---|
+//! | `version` | monotonic integer; what "newer" means for agents |
+//! | `version_name` | display string, never compared |
+//! | `builds` | per platform (each once): `platform`, `entry` (the executable the launcher starts) and `files`: `path` (relative, plain components), `size`, `blake3`, `sha256`, `executable` |
+//! | `os_releases` | `{"min": n, "max": m}` (`max` optional): the OS releases it runs on |
+//! | `notes`, `created`, `expires` | as for a release |
 //!
 //! A **root** (`type` `sitecast.root`, `format` 1) has `version`, `expires`, and two key sets,
 //! `root` and `release`, each `{"keys":[hex...],"threshold":n}`. Appliances pin a root at
@@ -120,6 +131,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod agent;
 pub mod api;
 pub mod canonical;
 mod digest;
@@ -128,9 +140,14 @@ mod error;
 mod hash;
 mod keys;
 mod release;
+pub mod release_file;
 mod root;
 pub mod window;
 
+pub use agent::{
+    AGENT_FORMAT, AGENT_TYPE, AgentBuild, AgentFile, AgentPolicy, AgentRelease,
+    MAX_AGENT_FILE_BYTES, MAX_AGENT_FILES, OsReleases, VerifiedAgentRelease,
+};
 pub use digest::{ImageDigest, blake3_of_reader};
 pub use envelope::{MAX_DOCUMENT_BYTES, SignatureEntry, SignedDocument};
 pub use error::{ImageError, Role, VerifyError};

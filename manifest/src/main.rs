@@ -1,5 +1,7 @@
 //! `sitecast-manifest`: the offline operator tool for keys, roots and release manifests.
 
+mod cli_agent;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -7,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use jiff::{Timestamp, ToSpan};
 use serde_json::{Value, json};
 use sitecast_manifest::{
-    ImageDigest, ImageInfo, InstallPolicy, Intent, PublicKey, Release, RoleKeys, Root, SecretKey,
-    SignedDocument, TrustedRoot,
+    AGENT_TYPE, ImageDigest, ImageInfo, InstallPolicy, Intent, PublicKey, Release, RoleKeys, Root,
+    SecretKey, SignedDocument, TrustedRoot,
 };
 
 #[derive(Parser)]
@@ -28,6 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write man pages and shell completions into DIR (for packagers).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
     /// Generate an ed25519 key pair: PATH (secret, mode 0600) and PATH.pub.
     Keygen {
         #[arg(long)]
@@ -41,6 +46,8 @@ enum Command {
     Root(RootCommand),
     /// Hash an image (streamed) and write a signed release manifest.
     Sign(SignArgs),
+    /// Hash an agent's build directories (one per platform) and write a signed agent release.
+    SignAgent(cli_agent::SignAgentArgs),
     /// Verify a manifest against a root, and optionally an image and an appliance's state.
     Verify(VerifyArgs),
     /// Show a root or manifest without verifying it.
@@ -138,6 +145,12 @@ struct VerifyArgs {
     /// Allow an older release (an operator-ordered rollback), never below the floor.
     #[arg(long, requires = "platform")]
     rollback: bool,
+    /// For an agent release: the OS release the appliance runs.
+    #[arg(long, default_value_t = 0, requires = "platform")]
+    os_release: u64,
+    /// For an agent release: check the files in this directory against the platform's build.
+    #[arg(long, conflicts_with = "image")]
+    dir: Option<PathBuf>,
     /// Verify as of this time (RFC 3339) instead of now.
     #[arg(long)]
     now: Option<Timestamp>,
@@ -179,8 +192,10 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sign(args) => sign(args),
+        Command::SignAgent(args) => cli_agent::sign_agent(args),
         Command::Verify(args) => verify(args),
         Command::Inspect { file, json } => inspect(&file, json),
+        Command::GenerateDocs { dir } => Ok(sitecast_cli_docs::write(Cli::command(), &dir)?),
     }
 }
 
@@ -304,7 +319,22 @@ fn sign(args: SignArgs) -> Result<()> {
 fn verify(args: VerifyArgs) -> Result<()> {
     let now = args.now.unwrap_or_else(Timestamp::now);
     let root = TrustedRoot::pin(&read(&args.root)?).context("root")?;
-    let verified = root.verify_release(&read(&args.manifest)?, now).context("manifest")?;
+    let bytes = read(&args.manifest)?;
+    let kind = SignedDocument::parse(&bytes)
+        .ok()
+        .and_then(|d| d.signed().get("type").and_then(Value::as_str).map(str::to_owned));
+    if kind.as_deref() == Some(AGENT_TYPE) {
+        return cli_agent::verify_agent(
+            &root,
+            &bytes,
+            now,
+            args.platform,
+            args.os_release,
+            args.installed,
+            args.dir.as_deref(),
+        );
+    }
+    let verified = root.verify_release(&bytes, now).context("manifest")?;
     if let Some(platform) = args.platform {
         let policy = InstallPolicy {
             platform,

@@ -4,6 +4,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::agent::{AGENT_FORMAT, AGENT_TYPE, AgentRelease, VerifiedAgentRelease};
 use crate::envelope::{SignedDocument, signed_object};
 use crate::error::{Role, VerifyError};
 use crate::keys::{PublicKey, SecretKey};
@@ -120,8 +121,41 @@ impl TrustedRoot {
         bytes: &[u8],
         now: Timestamp,
     ) -> Result<VerifiedRelease, VerifyError> {
+        let document = self.release_signed(bytes, RELEASE_TYPE, RELEASE_FORMAT, now)?;
+        let release = Release::from_signed(&document.signed)?;
+        if release.expires <= now {
+            return Err(VerifyError::Expired { expires: release.expires, now });
+        }
+        Ok(VerifiedRelease { release, document })
+    }
+
+    /// Verifies an agent release manifest, in the same order as [`TrustedRoot::verify_release`]
+    /// and with the same release keys; the appliance's own checks follow in
+    /// [`VerifiedAgentRelease::build_for`].
+    pub fn verify_agent_release(
+        &self,
+        bytes: &[u8],
+        now: Timestamp,
+    ) -> Result<VerifiedAgentRelease, VerifyError> {
+        let document = self.release_signed(bytes, AGENT_TYPE, AGENT_FORMAT, now)?;
+        let release = AgentRelease::from_signed(&document.signed)?;
+        if release.expires <= now {
+            return Err(VerifyError::Expired { expires: release.expires, now });
+        }
+        Ok(VerifiedAgentRelease { release, document })
+    }
+
+    /// Steps 1 to 5 for a document the release keys sign: size, envelope, kind, this root's
+    /// expiry, signatures.
+    fn release_signed(
+        &self,
+        bytes: &[u8],
+        kind: &'static str,
+        format: u64,
+        now: Timestamp,
+    ) -> Result<SignedDocument, VerifyError> {
         let document = SignedDocument::parse(bytes)?;
-        document.check_kind(RELEASE_TYPE, RELEASE_FORMAT)?;
+        document.check_kind(kind, format)?;
         if self.root.expires <= now {
             return Err(VerifyError::RootExpired {
                 version: self.root.version,
@@ -131,10 +165,6 @@ impl TrustedRoot {
         }
         let keys = &self.root.release;
         document.check_threshold(Role::Release, &keys.keys, keys.threshold)?;
-        let release = Release::from_signed(&document.signed)?;
-        if release.expires <= now {
-            return Err(VerifyError::Expired { expires: release.expires, now });
-        }
-        Ok(VerifiedRelease { release, document })
+        Ok(document)
     }
 }

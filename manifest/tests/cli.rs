@@ -228,3 +228,94 @@ fn root_rotation_via_the_tool() {
     assert_eq!(root2["signed"]["version"].as_u64(), Some(2));
     assert_eq!(root2["signatures"].as_array().map(Vec::len), Some(2));
 }
+
+/// `sign-agent` from build directories, `verify` of the result for an appliance and against
+/// the files, and the refusals an operator meets.
+#[test]
+fn agent_releases_are_signed_from_build_directories_and_verified_against_their_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = |name: &str| dir.path().join(name).display().to_string();
+    ok(tool(&["keygen", "--out", &d("root.key")]));
+    ok(tool(&["keygen", "--out", &d("release.key")]));
+    let root = d("root.json");
+    ok(tool(&[
+        "root",
+        "init",
+        "--root-key",
+        &d("root.key"),
+        "--release-key",
+        &d("release.key.pub"),
+        "--out",
+        &root,
+    ]));
+
+    let build = dir.path().join("build-x86");
+    fs::create_dir_all(build.join("bin")).expect("dirs");
+    fs::create_dir_all(build.join("share")).expect("dirs");
+    write_image(&build.join("bin/sitecast-peer"), 300_000);
+    fs::set_permissions(build.join("bin/sitecast-peer"), fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    fs::write(build.join("share/notes.txt"), "agent notes").expect("write");
+    let platform = format!("x86_64-appliance={}", build.display());
+    let manifest = d("agent-5.json");
+    let release_key = d("release.key");
+    let sign = |extra: &[&str]| {
+        let mut args = vec!["sign-agent", "--build", &platform, "--version", "5", "--os-min", "3"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--key", &release_key, "--root", &root, "--out", &manifest]);
+        tool(&args)
+    };
+    let out = ok(sign(&[]));
+    assert!(out.contains("signed agent release 5 (1 platform(s), 2 files)"), "{out}");
+
+    let document: Value =
+        serde_json::from_slice(&fs::read(&manifest).expect("read")).expect("json");
+    let files = &document["signed"]["builds"][0]["files"];
+    assert_eq!(files[0]["path"], "bin/sitecast-peer");
+    assert_eq!(files[0]["executable"], true);
+    assert_eq!(files[1]["executable"], false);
+    assert_eq!(
+        files[0]["blake3"].as_str(),
+        Some(external_hash("b3sum", &build.join("bin/sitecast-peer")).as_str())
+    );
+
+    let build_dir = build.display().to_string();
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", "--root", &root, "--manifest", &manifest];
+        args.extend_from_slice(extra);
+        tool(&args)
+    };
+    let out = ok(verify(&[
+        "--platform",
+        "x86_64-appliance",
+        "--os-release",
+        "4",
+        "--installed",
+        "4",
+        "--dir",
+        &build_dir,
+    ]));
+    assert!(out.contains("OK: agent release 5"), "{out}");
+    let err = failed(verify(&["--platform", "x86_64-appliance", "--os-release", "2"]));
+    assert!(err.contains("not on 2"), "{err}");
+    let err = failed(verify(&["--platform", "arm64-box"]));
+    assert!(err.contains("arm64-box"), "{err}");
+
+    // A file changed after signing is caught, naming it.
+    fs::write(build.join("share/notes.txt"), "agent notes, edited").expect("write");
+    let err = failed(verify(&[
+        "--platform",
+        "x86_64-appliance",
+        "--os-release",
+        "4",
+        "--dir",
+        &build_dir,
+    ]));
+    assert!(err.contains("share/notes.txt"), "{err}");
+
+    // An entry that is not an executable of the build is refused before anything is written.
+    fs::remove_file(&manifest).expect("rm");
+    let err = failed(sign(&["--entry", "share/notes.txt"]));
+    assert!(err.contains("builds.entry"), "{err}");
+    assert!(!Path::new(&manifest).exists());
+}

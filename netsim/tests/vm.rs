@@ -271,3 +271,51 @@ async fn two_appliances_of_a_site_share_the_release_over_their_lan() {
     assert!(copies < 1.75, "the origin sent {copies:.2} copies to a site of two");
     assert!(from_lan > size / 4, "only {from_lan} bytes came over the LAN");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_release_reaches_an_appliance_without_a_new_image_or_a_reboot() {
+    let mut run = start("agent-update", None, false).await;
+    // Agent release 2: the image's own agent program, stripped as the image's is (under the
+    // launcher it runs as agent 2).
+    let build = run.work.join("agent-2");
+    std::fs::create_dir_all(build.join("bin")).expect("build dir");
+    let program = build.join("bin/sitecast-peer");
+    let source = run.lab.binaries().path("sitecast-peer");
+    let stripped = std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&program)
+        .arg(&source)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        std::fs::copy(&source, &program).expect("copy the agent");
+    }
+    let lab = &mut run.lab;
+    boot_on_release_1(lab, "vm1").await;
+    let before = lab.appliance("vm1").await.expect("api").expect("vm1");
+    assert_eq!(before["agent_release"], 0, "the image's own agent: {before}");
+
+    lab.publish_agent(2, &build, "bin/sitecast-peer").await.expect("publish agent 2");
+    let rollout = lab.roll_out_agent(2).await.expect("agent rollout");
+    let record = lab
+        .wait_appliance("vm1", "agent 2", |a| {
+            a["agent_release"] == 2 && a["agent_update"]["state"] == "succeeded"
+        })
+        .await
+        .expect("agent 2");
+    lab.wait_rollout(rollout, "completion", |r| r["state"] == "completed").await.expect("done");
+
+    // The appliance did not reboot and still runs release 1 from slot A; the image's agent is
+    // what a rollback returns to (no earlier agent release was kept).
+    assert_eq!(record["installed_version"], 1, "{record}");
+    assert!(record["agent_previous"].is_null(), "{record}");
+    let vm1 = lab.vm("vm1");
+    let console = vm1.console_text();
+    assert_eq!(qemu::userspace_boots(&console, 'A'), 1, "console in {}", vm1.console.display());
+    assert!(
+        console.contains("agent version confirmed to the launcher"),
+        "console in {}",
+        vm1.console.display()
+    );
+}

@@ -20,6 +20,9 @@ use sitecast_manifest::api::{
 use sitecast_manifest::{ImageInfo, InstallPolicy, Intent, SecretKey, TrustedRoot};
 use tokio::sync::{mpsc, oneshot};
 
+mod agent_releases;
+
+use crate::agent_update::Launched;
 use crate::config::{AgentConfig, BootSlotSource};
 use crate::coordinator::{ClientError, CoordinatorClient, STALE_REPORT, UNKNOWN_APPLIANCE};
 use crate::early_checkin::EarlyCheckins;
@@ -117,9 +120,16 @@ pub struct Agent {
     /// Stops the running download (a newer offer replaces it).
     download_stop: Option<tokio::sync::oneshot::Sender<()>>,
     download_started: Option<std::time::Instant>,
-    /// The maintenance window from the last check-in.
-    last_window: Option<sitecast_manifest::window::MaintenanceWindow>,
     membership: Membership,
+    /// How the launcher started this process (if it did): its store and agent release.
+    launched: Launched,
+    /// A version of the launcher's store that has not yet confirmed there; the first
+    /// successful check-in confirms it (that ends its trial).
+    unconfirmed: bool,
+    /// Fetching and staging an agent release.
+    agent_fetch: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    /// Set to stop the running fetch (it stops at its next read).
+    agent_fetch_cancel: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -152,10 +162,15 @@ impl Agent {
         let root_bytes = std::fs::read(&config.root)
             .map_err(|e| anyhow::anyhow!("root of trust {}: {e}", config.root.display()))?;
         let root = TrustedRoot::pin(&root_bytes)?;
-        let client = CoordinatorClient::new(&config.coordinator, key.clone())?;
+        let client = CoordinatorClient::new(
+            &config.coordinator,
+            config.coordinator_ca.as_deref(),
+            key.clone(),
+        )?;
         let state = AgentState::load(&state_path(&config))?;
         let env = EnvFile::new(&config.grubenv);
         let membership = lan.as_ref().map(|lan| lan.membership()).unwrap_or_default();
+        let launched = Launched::from_env();
         // Before anything is served: a restart without the coordinator keeps the last word.
         membership.set(state.site_members.as_deref().map(crate::membership::parse_members));
         Ok(Self {
@@ -174,8 +189,11 @@ impl Agent {
             download: None,
             download_stop: None,
             download_started: None,
-            last_window: None,
             membership,
+            unconfirmed: launched.from_store,
+            launched,
+            agent_fetch: None,
+            agent_fetch_cancel: Arc::default(),
         })
     }
 
@@ -268,7 +286,7 @@ impl Agent {
             error,
             seq: None,
         };
-        self.send_report(report).await
+        self.send_report(report, false).await
     }
 
     /// Numbers and sends a report. A number the coordinator finds stale (this agent's count
@@ -276,9 +294,9 @@ impl Agent {
     /// above the coordinator's, learnt from a check-in. Returns whether the coordinator has
     /// the report or refused it for good (a 4xx answer other than `unknown_appliance` and
     /// `stale_report`): not on a network or server error.
-    async fn send_report(&mut self, mut report: ReportRequest) -> bool {
+    async fn send_report(&mut self, mut report: ReportRequest, agent: bool) -> bool {
         report.seq = Some(self.take_report_seq());
-        let mut result = self.client.report(&report).await;
+        let mut result = self.client.report(&report, agent).await;
         if let Err(error) = &result
             && error.is_refusal(STALE_REPORT.0, STALE_REPORT.1)
         {
@@ -289,7 +307,7 @@ impl Agent {
                 Err(error) => tracing::warn!(%error, "check-in for the report number failed"),
             }
             report.seq = Some(self.take_report_seq());
-            result = self.client.report(&report).await;
+            result = self.client.report(&report, agent).await;
         }
         match result {
             Ok(()) => true,
@@ -544,6 +562,10 @@ impl Agent {
             installed_version: self.state.version_of(self.booted),
             active_slot: Some(self.booted.to_string()),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_release: Some(self.launched.release),
+            agent_previous: self.launched.store.as_deref().and_then(|store| {
+                sitecast_launcher::AgentStore::at(store).previous().ok().flatten()
+            }),
             // A fleet-wide secret: it goes over the wire only until the coordinator knows us.
             enrollment_token: if self.state.enrolled {
                 None
@@ -609,14 +631,33 @@ impl Agent {
         self.report_rollback().await;
         self.metrics.update(|m| m.checkins += 1);
         if response.window.is_some() {
-            self.last_window = response.window.clone();
+            self.state.window = response.window.clone();
         }
         let now = Timestamp::now();
         self.state.last_contact = Some(now);
+        // The coordinator answered: an error from reaching it (or from an earlier offer) is
+        // over; one this answer causes is shown again below.
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).last_error = None;
+        if self.unconfirmed
+            && let Some(store) = &self.launched.store
+        {
+            let version = self.launched.release;
+            match sitecast_launcher::AgentStore::confirm(store, version) {
+                Ok(()) => {
+                    tracing::info!(version, "agent version confirmed to the launcher");
+                    self.unconfirmed = false;
+                }
+                // Tried again at the next check-in: unconfirmed, the version is rolled back.
+                Err(error) => tracing::warn!(%error, "cannot confirm to the launcher"),
+            }
+        }
         if self.state.booted_at.is_some_and(|booted| now >= booted) {
             // The update is confirmed: the coordinator heard from the new release.
             self.state.booted_at = None;
         }
+        self.record_frozen_path();
+        self.settle_agent_update().await;
+        self.consider_agent_offer(response.agent_offer.as_ref()).await;
         if let Some(lan) = &self.lan {
             lan.site_peers(&response.site_peers);
         }
@@ -643,7 +684,7 @@ impl Agent {
                     error: Some(message),
                     seq: None,
                 };
-                self.send_report(report).await;
+                self.send_report(report, false).await;
             }
         }
         self.save();
@@ -1001,9 +1042,13 @@ impl Agent {
                     let result = result.unwrap_or_else(|e| Err(e.to_string()));
                     self.download_finished(result).await;
                 }
+                result = async { self.agent_fetch.as_mut().expect("guarded").await }, if self.agent_fetch.is_some() => {
+                    let result = result.unwrap_or_else(|e| Err(e.to_string()));
+                    self.agent_fetch_finished(result).await;
+                }
             }
             if self.ready.is_some()
-                && self.window_open(self.last_window.as_ref())
+                && self.window_open(self.state.window.as_ref())
                 && let Some(exit) = self.activate_and_reboot().await
             {
                 return Ok(exit);

@@ -39,8 +39,13 @@ pub enum BootSlotSource {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AgentConfig {
-    /// Coordinator base URL.
+    /// Coordinator base URL: `https://…` in the field (`http://` for a lab or a TLS proxy on
+    /// the appliance's own network).
     pub coordinator: String,
+    /// For an `https://` coordinator, trust only the CA certificates in this PEM file instead
+    /// of the system's roots: a fleet with its own CA pins it here. Unset: the system's roots
+    /// (`/etc/ssl/certs`, package `ca-certificates`).
+    pub coordinator_ca: Option<PathBuf>,
     /// Site id: appliances of a site share releases over the LAN.
     pub site: String,
     pub name: String,
@@ -115,6 +120,7 @@ impl Default for AgentConfig {
         let state_dir = PathBuf::from("/var/lib/sitecast");
         Self {
             coordinator: "http://127.0.0.1:8080".into(),
+            coordinator_ca: None,
             site: "default".into(),
             name: String::new(),
             group: None,

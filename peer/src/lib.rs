@@ -7,11 +7,13 @@
 //! - [`swarm`]: its async shell (origin over HTTP, LAN peers over [`lan`], verify then write);
 //! - [`lan`]: iroh QUIC with the iroh-blobs wire protocol, served from the slot;
 //! - [`site`]: the control plane on libp2p: mDNS discovery, have-maps by gossipsub;
-//! - [`agent`]: the update lifecycle; [`daemon`] wires it with the control socket and metrics;
+//! - [`agent`]: the update lifecycle; [`agent_update`]: agent releases (the agent updated
+//!   apart from the image, through `sitecast-launcher`'s store); [`daemon`] wires it with the control socket and metrics;
 //!   [`gate`]: its health gate on a trial boot; [`release_file`]: the running release as the
 //!   system says; [`early_checkin`]: when strangers on the LAN make it check in early.
 
 pub mod agent;
+pub mod agent_update;
 pub mod config;
 pub mod control;
 pub mod coordinator;
@@ -22,9 +24,9 @@ pub mod identity;
 pub mod lan;
 pub mod membership;
 pub mod metrics;
-pub mod release_file;
 pub mod site;
 pub mod state;
 pub mod swarm;
 
+pub use sitecast_manifest::release_file;
 pub use sitecast_scheduler::{pieces, scheduler};

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use sitecast_peer::agent::{EXIT_REBOOT, Exit};
 use sitecast_peer::config::{AgentConfig, BootSlotSource};
 
@@ -25,6 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write man pages and shell completions into DIR (for packagers).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
     /// Run the agent.
     Run(Box<Overrides>),
     /// Ask the running agent to check in now.
@@ -44,6 +47,8 @@ enum Command {
     /// The configuration file.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print the agent release this program is built as (the launcher asks the image's agent).
+    AgentRelease,
 }
 
 #[derive(Subcommand)]
@@ -57,6 +62,9 @@ enum ConfigCommand {
 struct Overrides {
     #[arg(long)]
     coordinator: Option<String>,
+    /// Trust only this CA (PEM) for an https:// coordinator, not the system's roots.
+    #[arg(long)]
+    coordinator_ca: Option<PathBuf>,
     #[arg(long)]
     site: Option<String>,
     #[arg(long)]
@@ -129,6 +137,9 @@ fn apply(config: &mut AgentConfig, o: Overrides) {
     if o.enrollment_token.is_some() {
         config.enrollment_token = o.enrollment_token;
     }
+    if o.coordinator_ca.is_some() {
+        config.coordinator_ca = o.coordinator_ca;
+    }
     if let Some(source) = o.boot_slot {
         config.boot_slot = if source == "simulate-grub" {
             BootSlotSource::SimulateGrub
@@ -174,6 +185,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Config(ConfigCommand::Check) = cli.command {
         return Ok(check_config(&cli.config));
     }
+    if let Command::AgentRelease = cli.command {
+        println!("{}", sitecast_peer::agent_update::image_agent_release());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::GenerateDocs { dir } = &cli.command {
+        sitecast_cli_docs::write(Cli::command(), dir)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut config = AgentConfig::load(&cli.config)?;
     let command = match cli.command {
         Command::Run(overrides) => {
@@ -208,7 +227,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Rollback => "rollback",
         Command::SkipWindow => "skip-window",
-        Command::Config(_) => unreachable!("answered above"),
+        Command::Config(_) | Command::GenerateDocs { .. } | Command::AgentRelease => {
+            unreachable!("answered above")
+        }
     };
     let response = sitecast_peer::control::request(&config.control_socket, command)
         .await

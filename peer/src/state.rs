@@ -47,6 +47,33 @@ pub struct UpdateRecord {
     pub unreported: bool,
 }
 
+/// An agent release being fetched, staged and switched to (or the last one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentUpdateRecord {
+    pub version: u64,
+    /// The signed `sitecast.agent` manifest as received.
+    pub manifest: String,
+    #[serde(default)]
+    pub rollout: Option<u64>,
+    pub intent: UpdateIntent,
+    /// Where its files are fetched from (`{files}/{blake3}`).
+    pub files: String,
+    #[serde(default)]
+    pub in_window: bool,
+    /// `downloading` (fetching and staging), `ready` (staged), `rebooting` (switched; the
+    /// launcher restarts into it), `succeeded`, `failed`, `rolled_back`.
+    pub state: UpdateState,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Fetches that failed; at [`AGENT_FETCH_ATTEMPTS`] the release is given up.
+    #[serde(default)]
+    pub attempts: u32,
+    pub started: Timestamp,
+}
+
+/// Fetches of one agent release before it is given up (each at a check-in).
+pub const AGENT_FETCH_ATTEMPTS: u32 = 3;
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AgentState {
     /// Release version in each slot, as far as the agent knows ("A"/"B").
@@ -79,6 +106,19 @@ pub struct AgentState {
     /// so a restart without the coordinator still knows whom the LAN serves.
     #[serde(default)]
     pub site_members: Option<Vec<String>>,
+    /// The maintenance window from the last check-in answer that gave one. Stored, so an
+    /// agent restarted without the coordinator still waits for the operator's window instead
+    /// of rebooting into a ready update at once.
+    #[serde(default)]
+    pub window: Option<sitecast_manifest::window::MaintenanceWindow>,
+    #[serde(default)]
+    pub agent_update: Option<AgentUpdateRecord>,
+    /// Agent releases the launcher rolled back from: never fetched again.
+    #[serde(default)]
+    pub agent_refused: Vec<u64>,
+    /// When the last rollback the launcher recorded was taken in (so it is reported once).
+    #[serde(default)]
+    pub agent_rollback_seen: Option<Timestamp>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -130,3 +130,39 @@ async fn the_first_checkin_reports_the_release_the_system_runs() {
     assert!(missing.log().contains("the running release is not known"), "{}", missing.log());
     assert!(recorded.log().contains("trusting the system"), "{}", recorded.log());
 }
+
+/// An agent restarted while its coordinator is unreachable (a power cut during an outage)
+/// still waits for the operator's maintenance window: it must not reboot into the ready
+/// update at once because nobody has told it the window since it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_without_the_coordinator_still_waits_for_the_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The test coordinator's window never opens.
+    let origin = Origin::start(dir.path()).await;
+    let (_, image) = origin.publish(2, 1024 * 1024 + 5).await;
+    let mut agent =
+        AgentProcess::new(&dir.path().join("a1"), &origin, "store-1", "a1", image.size + 8192);
+    agent.start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    wait_enrolled(&origin, 1, deadline, &agent).await;
+    origin.rollout(2).await;
+    while local_state(&agent).await != "ready" {
+        assert!(Instant::now() < deadline, "never ready:\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    agent.kill();
+    // Nothing listens on port 1.
+    agent.set_coordinator("http://127.0.0.1:1");
+    agent.start();
+    let failed = |log: &str| log.matches("check-in failed").count();
+    let before = failed(&agent.log());
+    // Three failed check-ins: the agent has been round its loop, window check included, since.
+    while failed(&agent.log()) < before + 3 {
+        assert!(agent.exited().is_none(), "rebooted outside the window:\n{}", agent.log());
+        assert!(Instant::now() < deadline, "no check-ins:\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(agent.exited().is_none(), "rebooted outside the window:\n{}", agent.log());
+    assert_eq!(local_state(&agent).await, "ready");
+}

@@ -63,7 +63,7 @@ async fn liar(
     let layout = BlobLayout::new(info.blake3, info.size);
     let everything = HaveMap::from(&PieceSet::full(piece_count(&layout)));
     site.announce(*info.blake3.as_bytes(), everything, sockets);
-    let client = CoordinatorClient::new(&origin.url, key.clone()).expect("client");
+    let client = CoordinatorClient::new(&origin.url, None, key.clone()).expect("client");
     let request = CheckinRequest {
         site: "store-1".into(),
         name: "liar".into(),
@@ -73,6 +73,8 @@ async fn liar(
         installed_version: 2,
         active_slot: Some("B".into()),
         agent_version: "liar".into(),
+        agent_release: None,
+        agent_previous: None,
         enrollment_token: Some(ENROLL.into()),
         peer: PeerAddresses {
             libp2p: site.addresses(),
@@ -130,10 +132,11 @@ async fn honest_site_finishes_despite(lie: Lie) {
     let (image_path, info) = origin.publish(2, 6 * 1024 * 1024 + 333).await;
     let image = std::fs::read(&image_path).expect("image");
     let _liar = liar(&origin, &image, &info, lie).await;
-    let agents = start_agents(&origin, dir.path(), 2, info.size);
+    let mut agents = start_agents(&origin, dir.path(), 2, info.size);
     let deadline = Instant::now() + Duration::from_secs(120);
     wait_enrolled(&origin, 3, deadline, &agents[0]).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The honest agents know all three members, the liar among them, before the rollout.
+    wait_members_known(&mut agents, 3, deadline).await;
     origin.rollout(2).await;
     loop {
         let list = appliances(&origin).await;

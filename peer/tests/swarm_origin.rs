@@ -19,7 +19,7 @@ async fn a_lone_appliance_fills_its_slot_from_the_origin() {
     let (image_path, image) = origin.publish(2, 5 * 1024 * 1024 + 4321).await;
 
     let key = SecretKey::generate().expect("rng");
-    let client = CoordinatorClient::new(&origin.url, key.clone()).expect("client");
+    let client = CoordinatorClient::new(&origin.url, None, key.clone()).expect("client");
     let request = CheckinRequest {
         site: "lab".into(),
         name: "solo".into(),
@@ -29,6 +29,8 @@ async fn a_lone_appliance_fills_its_slot_from_the_origin() {
         installed_version: 1,
         active_slot: Some("A".into()),
         agent_version: "test".into(),
+        agent_release: None,
+        agent_previous: None,
         enrollment_token: Some(ENROLL.into()),
         peer: Default::default(),
     };

@@ -8,14 +8,16 @@
 use jiff::Timestamp;
 use serde_json::json;
 use sitecast_manifest::api::{
-    CheckinRequest, CheckinResponse, OriginUrls, ReportRequest, SitePeer, UpdateIntent, UpdateState,
+    AgentOffer, CheckinRequest, CheckinResponse, OriginUrls, ReportRequest, SitePeer, UpdateIntent,
+    UpdateState,
 };
 use sitecast_manifest::window::MaintenanceWindow;
 
+use super::agents::{AgentDue, agent_offer_record, record_agent_state};
 use super::rollouts::runs_on;
 use super::validate::{self, CheckedIdentity};
 use super::{Batch, Fleet, FleetError};
-use crate::engine::RolloutState;
+use crate::engine::{RolloutKind, RolloutState};
 use crate::store::{ApplianceRecord, Change, OfferRecord, ReleaseRecord, UpdateRow};
 
 /// What a check-in needs stored before it is answered, and the answer.
@@ -71,6 +73,8 @@ impl Fleet {
         self.set_identity(&mut record, identity, request.installed_version);
         record.active_slot = request.active_slot;
         record.agent_version = validate::clip(&request.agent_version, validate::MAX_TEXT);
+        record.agent_release = request.agent_release;
+        record.agent_previous = request.agent_previous;
         record.peer = validate::peer_addresses(request.peer);
         record.last_checkin = now;
 
@@ -101,6 +105,9 @@ impl Fleet {
         } else if !changed.is_empty() {
             batch.audit(now, &actor, "appliance.update", json!(changed));
         }
+        let agent_due = self.agent_due(&record, now);
+        let agent_changed =
+            self.settle_agent_offer(&mut record, agent_due.as_ref(), now, &mut batch);
         if let Some(claim) = record.claimed_version.filter(|c| before.claimed_version != Some(*c)) {
             let detail = json!({"claimed": claim, "recorded": record.installed_version});
             batch.audit(now, &actor, "appliance.version_unverified", detail);
@@ -112,11 +119,20 @@ impl Fleet {
         if registered
             || !changed.is_empty()
             || new_offer
+            || agent_changed
             || record.claimed_version != before.claimed_version
         {
             batch.push(Change::Appliance(Box::new(record.clone())));
         }
-        let response = self.answer(&record, offer, now, public_url);
+        let mut response = self.answer(&record, offer, now, public_url);
+        response.agent_offer = agent_due.map(|due| AgentOffer {
+            version: due.release.version,
+            manifest: due.release.manifest.clone(),
+            rollout: due.rollout,
+            intent: due.intent,
+            files: format!("{public_url}/api/agent-releases/files"),
+            in_window: due.in_window,
+        });
         Ok(CheckinPlan { durable: batch.finish(), seen: record, response, registered })
     }
 
@@ -128,8 +144,61 @@ impl Fleet {
         current.last_checkin = seen.last_checkin;
         current.peer = seen.peer;
         current.agent_version = seen.agent_version;
+        current.agent_release = seen.agent_release;
+        current.agent_previous = seen.agent_previous;
         current.active_slot = seen.active_slot;
         self.dirty.insert(seen.key);
+    }
+
+    /// Stores a new agent offer, and the success of the offered one when the appliance checks
+    /// in running it. Whether `record` changed.
+    fn settle_agent_offer(
+        &self,
+        record: &mut ApplianceRecord,
+        due: Option<&AgentDue<'_>>,
+        now: Timestamp,
+        batch: &mut Batch<'_>,
+    ) -> bool {
+        let actor = format!("appliance:{}", record.key);
+        let mut changed = false;
+        if let Some(due) = due {
+            let offer = agent_offer_record(due, now);
+            let new = record
+                .agent_offer
+                .as_ref()
+                .is_none_or(|old| (old.rollout, old.version) != (offer.rollout, offer.version));
+            if new {
+                let detail = json!({"version": offer.version, "rollout": offer.rollout,
+                    "intent": offer.intent});
+                batch.audit(now, &actor, "appliance.agent_offer", detail);
+                record.agent_offer = Some(offer);
+                changed = true;
+            }
+        }
+        // The offered release checking in is its heartbeat: the switch worked.
+        let offered = record.agent_offer.as_ref().map(|o| (o.version, o.rollout));
+        if let Some((version, rollout)) = offered
+            && record.agent_release == Some(version)
+            && record.agent_update.as_ref().is_none_or(|u| {
+                u.report.version != version || u.report.state != UpdateState::Succeeded
+            })
+        {
+            let report = ReportRequest {
+                state: UpdateState::Succeeded,
+                version,
+                previous_version: None,
+                rollout,
+                progress: None,
+                bytes_from_origin: 0,
+                bytes_from_lan: 0,
+                slot: None,
+                error: None,
+                seq: None,
+            };
+            record_agent_state(record, report, now, batch, &actor);
+            changed = true;
+        }
+        changed
     }
 
     /// A name or MAC this appliance did not have before must not belong to another one (what
@@ -212,6 +281,7 @@ impl Fleet {
             server_time: now,
             site_members: Some(site_members),
             report_seq: Some(appliance.report_seq),
+            agent_offer: None,
         };
         let Some((release, intent, rollout)) = due else {
             return response;
@@ -256,7 +326,8 @@ impl Fleet {
         let usable = |version: u64| {
             self.releases.get(&version).filter(|r| r.active && runs_on(r, appliance))
         };
-        let group_pin = appliance.group.as_deref().and_then(|g| self.group_pin(g));
+        let group_pin =
+            appliance.group.as_deref().and_then(|g| self.group_pin(g, RolloutKind::Image));
         if let Some(pin) = appliance.pin_version.or(group_pin) {
             if pin == appliance.installed_version {
                 return None;
@@ -268,13 +339,18 @@ impl Fleet {
             };
             return usable(pin).map(|r| (r, intent, None));
         }
-        for rollout in self.rollouts.values().rev() {
+        let mut rollouts = self.rollouts.values().rev().filter(|r| r.kind == RolloutKind::Image);
+        for rollout in rollouts.clone() {
             if rollout.rolled_back && appliance.installed_version == rollout.version {
                 let previous = rollout.previous_version?;
                 return usable(previous).map(|r| (r, UpdateIntent::Rollback, Some(rollout.id)));
             }
+            // A newer rollout of this very release supersedes older rollbacks of it.
+            if rollout.version == appliance.installed_version {
+                break;
+            }
         }
-        let rollout = self.rollouts.values().rev().find(|r| r.state == RolloutState::InProgress)?;
+        let rollout = rollouts.find(|r| r.state == RolloutState::InProgress)?;
         if rollout.version <= appliance.installed_version || !rollout.offers_to(&appliance.key) {
             return None;
         }
@@ -289,13 +365,7 @@ impl Fleet {
         auth: &ReportAuth,
         now: Timestamp,
     ) -> Result<Vec<Change>, FleetError> {
-        let existing =
-            self.appliances.get(key).ok_or_else(|| FleetError::UnknownAppliance(key.to_owned()))?;
-        if report.state == UpdateState::Unknown {
-            return Err(FleetError::Invalid("unknown update state".into()));
-        }
-        let mut record = existing.clone();
-        check_fresh(&mut record, &report, auth)?;
+        let mut record = self.fresh_report(key, &report, auth)?;
         // Matched on the release alone: an agent keeps the rollout of the offer it started
         // with, while the same release may since have been offered again by a pin or a new
         // rollout.
@@ -341,26 +411,49 @@ impl Fleet {
         Ok(batch.finish())
     }
 
-    /// Pins an appliance to a version (or unpins it).
+    /// The appliance a report comes from, with the report's sequence number (or signature)
+    /// taken as its newest; a replayed or reordered report, or an unknown state, is refused.
+    pub(super) fn fresh_report(
+        &self,
+        key: &str,
+        report: &ReportRequest,
+        auth: &ReportAuth,
+    ) -> Result<ApplianceRecord, FleetError> {
+        let existing =
+            self.appliances.get(key).ok_or_else(|| FleetError::UnknownAppliance(key.to_owned()))?;
+        if report.state == UpdateState::Unknown {
+            return Err(FleetError::Invalid("unknown update state".into()));
+        }
+        let mut record = existing.clone();
+        check_fresh(&mut record, report, auth)?;
+        Ok(record)
+    }
+
+    /// Pins an appliance to a release, or with `kind` agent to an agent release (or unpins it).
     pub fn pin(
         &self,
         key: &str,
+        kind: RolloutKind,
         version: Option<u64>,
         now: Timestamp,
     ) -> Result<Vec<Change>, FleetError> {
         if let Some(v) = version {
-            self.release(v)?;
+            self.rollout_target(kind, v)?;
         }
         let mut record = self.appliance(key)?.clone();
-        record.pin_version = version;
+        let action = match kind {
+            RolloutKind::Image => {
+                record.pin_version = version;
+                "appliance.pin"
+            }
+            RolloutKind::Agent => {
+                record.agent_pin = version;
+                "appliance.agent_pin"
+            }
+        };
         let mut batch = Batch::new(self);
         batch.push(Change::Appliance(Box::new(record)));
-        batch.audit(
-            now,
-            "operator",
-            "appliance.pin",
-            json!({"appliance": key, "version": version}),
-        );
+        batch.audit(now, "operator", action, json!({"appliance": key, "version": version}));
         Ok(batch.finish())
     }
 

@@ -10,6 +10,7 @@
 //! applied at once and flushed in the background, and losing a few seconds of it in a crash
 //! loses nothing that was answered as done.
 
+mod agents;
 mod appliances;
 mod rollouts;
 mod sites;
@@ -25,8 +26,10 @@ use sitecast_manifest::window::MaintenanceWindow;
 pub use self::appliances::{CheckinPlan, Enrollment, ReportAuth};
 pub use self::rollouts::{RolloutAction, RolloutRequest, RolloutView};
 pub use self::sites::{SiteRelease, SiteSummary, SitesOverview, WindowOccurrence};
-use crate::engine::{ApplianceView, Rollout};
-use crate::store::{ApplianceRecord, AuditEntry, Change, ReleaseRecord, SiteRecord, Snapshot};
+use crate::engine::{ApplianceView, Rollout, RolloutKind};
+use crate::store::{
+    AgentReleaseRecord, ApplianceRecord, AuditEntry, Change, ReleaseRecord, SiteRecord, Snapshot,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FleetError {
@@ -81,6 +84,7 @@ pub struct ApplianceListing {
 #[derive(Debug, Default)]
 pub struct Fleet {
     pub releases: BTreeMap<u64, ReleaseRecord>,
+    pub agent_releases: BTreeMap<u64, AgentReleaseRecord>,
     pub rollouts: BTreeMap<u64, Rollout>,
     pub appliances: BTreeMap<String, ApplianceRecord>,
     pub sites: BTreeMap<String, SiteRecord>,
@@ -142,6 +146,7 @@ impl Fleet {
         let mut fleet = Self { config, audit_next: snapshot.audit_next.max(1), ..Self::default() };
         let mut changes: Vec<Change> = Vec::new();
         changes.extend(snapshot.releases.into_values().map(Change::Release));
+        changes.extend(snapshot.agent_releases.into_values().map(Change::AgentRelease));
         changes.extend(snapshot.rollouts.into_values().map(Change::Rollout));
         changes.extend(snapshot.appliances.into_values().map(|a| Change::Appliance(Box::new(a))));
         changes.extend(snapshot.sites.into_values().map(Change::Site));
@@ -158,6 +163,9 @@ impl Fleet {
             match change {
                 Change::Release(record) => {
                     self.releases.insert(record.version, record.clone());
+                }
+                Change::AgentRelease(record) => {
+                    self.agent_releases.insert(record.version, record.clone());
                 }
                 Change::Rollout(rollout) => {
                     self.rollouts.insert(rollout.id, rollout.clone());
@@ -222,9 +230,13 @@ impl Fleet {
             .keys()
             .filter_map(|key| self.appliances.get(key))
             .map(|a| {
-                let update = a.update.as_ref().filter(|u| u.report.version == rollout.version);
+                let (update, running) = match rollout.kind {
+                    RolloutKind::Image => (a.update.as_ref(), Some(a.installed_version)),
+                    RolloutKind::Agent => (a.agent_update.as_ref(), a.agent_release),
+                };
+                let update = update.filter(|u| u.report.version == rollout.version);
                 // A member already on the release (or a newer one) is never offered it: done.
-                let already = (a.installed_version >= rollout.version && update.is_none())
+                let already = (running.is_some_and(|v| v >= rollout.version) && update.is_none())
                     .then_some(UpdateState::Succeeded);
                 ApplianceView {
                     key: a.key.clone(),

@@ -6,12 +6,17 @@ use serde_json::json;
 use sitecast_manifest::api::UpdateState;
 
 use super::{Batch, Fleet, FleetError};
-use crate::engine::{self, Decision, Rollout, RolloutState, StageCounts, StagePlan, Strategy};
-use crate::store::{ApplianceRecord, Change, ReleaseRecord};
+use crate::engine::{
+    self, Decision, Rollout, RolloutKind, RolloutState, StageCounts, StagePlan, Strategy,
+};
+use crate::store::{AgentReleaseRecord, ApplianceRecord, Change, ReleaseRecord, UpdateRow};
 
 /// A request to start a rollout.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RolloutRequest {
+    /// An image release (the default) or an agent release.
+    #[serde(default)]
+    pub kind: RolloutKind,
     pub version: u64,
     pub strategy: Strategy,
     #[serde(default)]
@@ -22,6 +27,10 @@ pub struct RolloutRequest {
     pub failure_threshold: Option<f64>,
     #[serde(default)]
     pub report_deadline_secs: Option<u64>,
+    /// Agent rollouts: switch only inside each appliance's maintenance window (by default an
+    /// agent switches at once: a restart of the agent does not interrupt the appliance).
+    #[serde(default)]
+    pub in_window: bool,
 }
 
 /// What an operator can do to a running rollout (`POST /api/rollouts/{id}/{action}`).
@@ -65,6 +74,9 @@ pub struct RolloutView {
     pub rollout: Rollout,
     pub stage_counts: Vec<StageCounts>,
     pub failure_rate: f64,
+    /// Succeeded ÷ finished over every stage (1 while none finished).
+    #[serde(default)]
+    pub success_rate: f64,
     pub next_stage_at: Option<Timestamp>,
     /// Appliances of the targeted groups whose platform the release does not list: not part
     /// of the rollout, and not waited for.
@@ -75,6 +87,79 @@ pub struct RolloutView {
 /// Whether `release` runs on `appliance`'s hardware (a release that lists none runs on all).
 pub(super) fn runs_on(release: &ReleaseRecord, appliance: &ApplianceRecord) -> bool {
     release.platforms.is_empty() || release.platforms.contains(&appliance.platform)
+}
+
+/// Whether agent `release` has a build for `appliance`'s platform and runs on its OS release.
+pub(super) fn agent_runs_on(release: &AgentReleaseRecord, appliance: &ApplianceRecord) -> bool {
+    release.platforms.contains(&appliance.platform)
+        && release.runs_on_os(appliance.installed_version)
+}
+
+/// Succeeded ÷ finished (succeeded, failed, rolled back) over all stages; 1 while none
+/// finished.
+fn success_rate(stages: &[StageCounts]) -> f64 {
+    let (mut succeeded, mut finished) = (0usize, 0usize);
+    for (state, n) in stages.iter().flat_map(|s| &s.by_state) {
+        match state.as_str() {
+            "succeeded" => {
+                succeeded += n;
+                finished += n;
+            }
+            "failed" | "rolled_back" => finished += n,
+            _ => {}
+        }
+    }
+    if finished == 0 { 1.0 } else { succeeded as f64 / finished as f64 }
+}
+
+fn group_pin_key(group: &str, kind: RolloutKind) -> String {
+    match kind {
+        RolloutKind::Image => format!("pin.group.{group}"),
+        RolloutKind::Agent => format!("agent_pin.group.{group}"),
+    }
+}
+
+/// The release a rollout rolls out.
+#[derive(Clone, Copy)]
+pub(super) enum Target<'a> {
+    Image(&'a ReleaseRecord),
+    Agent(&'a AgentReleaseRecord),
+}
+
+impl Target<'_> {
+    fn runs_on(self, appliance: &ApplianceRecord) -> bool {
+        match self {
+            Target::Image(release) => runs_on(release, appliance),
+            // An agent that does not say which agent release it runs is never offered one.
+            Target::Agent(release) => {
+                agent_runs_on(release, appliance) && appliance.agent_release.is_some()
+            }
+        }
+    }
+}
+
+impl Fleet {
+    pub(super) fn rollout_target(
+        &self,
+        kind: RolloutKind,
+        version: u64,
+    ) -> Result<Target<'_>, FleetError> {
+        match kind {
+            RolloutKind::Image => self.release(version).map(Target::Image),
+            RolloutKind::Agent => self.agent_release(version).map(Target::Agent),
+        }
+    }
+}
+
+/// The update row a rollout of `kind` follows on `record`.
+pub(super) fn update_row(
+    record: &mut ApplianceRecord,
+    kind: RolloutKind,
+) -> Option<&mut UpdateRow> {
+    match kind {
+        RolloutKind::Image => record.update.as_mut(),
+        RolloutKind::Agent => record.agent_update.as_mut(),
+    }
 }
 
 impl Fleet {
@@ -112,25 +197,46 @@ impl Fleet {
     }
 
     /// A new rollout over the appliances of its groups whose platform the release lists.
+    /// One image rollout and one agent rollout may run at a time.
     pub fn create_rollout(
         &self,
         request: RolloutRequest,
         now: Timestamp,
     ) -> Result<(u64, Vec<Change>), FleetError> {
-        let release = self.release(request.version)?;
-        if !release.active {
-            return Err(FleetError::Conflict(format!(
-                "release {} is deactivated",
-                request.version
-            )));
+        let target = self.rollout_target(request.kind, request.version)?;
+        match target {
+            Target::Image(release) if !release.active => {
+                return Err(FleetError::Conflict(format!(
+                    "release {} is deactivated",
+                    request.version
+                )));
+            }
+            Target::Agent(release) if release.expires <= now => {
+                return Err(FleetError::Conflict(format!(
+                    "agent release {} expired at {}",
+                    request.version, release.expires
+                )));
+            }
+            _ => {}
         }
-        if let Some(running) = self
-            .rollouts
-            .values()
-            .find(|r| matches!(r.state, RolloutState::InProgress | RolloutState::Paused))
-        {
+        let previous_version = match request.kind {
+            RolloutKind::Image => self
+                .releases
+                .range(..request.version)
+                .rev()
+                .find(|(_, r)| r.active)
+                .map(|(v, _)| *v),
+            RolloutKind::Agent => {
+                self.agent_releases.range(..request.version).next_back().map(|(v, _)| *v)
+            }
+        };
+        if let Some(running) = self.rollouts.values().find(|r| {
+            r.kind == request.kind
+                && matches!(r.state, RolloutState::InProgress | RolloutState::Paused)
+        }) {
             return Err(FleetError::Conflict(format!(
-                "rollout {} of release {} is still {}; complete or roll it back first",
+                "{} rollout {} of release {} is still {}; complete or roll it back first",
+                running.kind.as_str(),
                 running.id,
                 running.version,
                 running.state.as_str()
@@ -143,14 +249,12 @@ impl Fleet {
                 "failure_threshold {threshold} is not within 0..1"
             )));
         }
-        let previous_version =
-            self.releases.range(..request.version).rev().find(|(_, r)| r.active).map(|(v, _)| *v);
         let in_groups = |a: &&ApplianceRecord| {
             request.groups.is_empty()
                 || a.group.as_ref().is_some_and(|g| request.groups.contains(g))
         };
         let (targets, not_applicable): (Vec<&ApplianceRecord>, Vec<&ApplianceRecord>) =
-            self.appliances.values().filter(in_groups).partition(|a| runs_on(release, a));
+            self.appliances.values().filter(in_groups).partition(|a| target.runs_on(a));
         let targets: Vec<String> = targets.into_iter().map(|a| a.key.clone()).collect();
         let id = self.next_rollout_id();
         let mut rollout = Rollout::new(
@@ -164,13 +268,15 @@ impl Fleet {
             now,
         )
         .map_err(FleetError::Invalid)?;
+        rollout.kind = request.kind;
+        rollout.in_window = request.in_window;
         if let Some(threshold) = request.failure_threshold {
             rollout.failure_threshold = threshold;
         }
         if let Some(deadline) = request.report_deadline_secs {
             rollout.report_deadline_secs = deadline;
         }
-        let detail = json!({"rollout": id, "version": rollout.version, "strategy": rollout.strategy,
+        let detail = json!({"rollout": id, "kind": rollout.kind, "version": rollout.version, "strategy": rollout.strategy,
             "targets": targets.len(), "not_applicable": not_applicable.len()});
         let mut batch = Batch::new(self);
         batch.push(Change::Rollout(rollout));
@@ -225,8 +331,12 @@ impl Fleet {
                         "rollout {id} has no previous release to return to"
                     ))
                 })?;
-                let floor =
-                    self.releases.get(&rollout.version).and_then(|r| r.rollback_floor).unwrap_or(0);
+                let floor = match rollout.kind {
+                    RolloutKind::Image => self.releases.get(&rollout.version),
+                    RolloutKind::Agent => None,
+                }
+                .and_then(|r| r.rollback_floor)
+                .unwrap_or(0);
                 if previous < floor {
                     return Err(FleetError::Conflict(format!(
                         "cannot roll back to {previous}: release {} set the rollback floor {floor}",
@@ -247,15 +357,18 @@ impl Fleet {
 
     pub fn rollout_view(&self, rollout: &Rollout, now: Timestamp) -> RolloutView {
         let views = self.views(rollout, now);
-        let not_applicable = self.releases.get(&rollout.version).map_or(0, |release| {
-            self.appliances
-                .values()
-                .filter(|a| rollout.targets(a.group.as_deref()) && !runs_on(release, a))
-                .count()
-        });
+        let not_applicable =
+            self.rollout_target(rollout.kind, rollout.version).map_or(0, |target| {
+                self.appliances
+                    .values()
+                    .filter(|a| rollout.targets(a.group.as_deref()) && !target.runs_on(a))
+                    .count()
+            });
+        let stage_counts = rollout.stage_counts(&views);
         RolloutView {
             rollout: rollout.clone(),
-            stage_counts: rollout.stage_counts(&views),
+            success_rate: success_rate(&stage_counts),
+            stage_counts,
             failure_rate: rollout.failure_rate(&views),
             next_stage_at: rollout.next_stage_at(),
             not_applicable,
@@ -278,15 +391,14 @@ impl Fleet {
             for decision in &decisions {
                 if let Decision::MarkFailed { appliance, reason } = decision
                     && let Some(record) = self.appliances.get(appliance)
-                    && let Some(update) = &record.update
                 {
                     let mut record = record.clone();
-                    let mut update = update.clone();
-                    update.report.state = UpdateState::Failed;
-                    update.report.error = Some(reason.clone());
-                    update.since = now;
-                    record.update = Some(update);
-                    batch.push(Change::Appliance(Box::new(record)));
+                    if let Some(update) = update_row(&mut record, rollout.kind) {
+                        update.report.state = UpdateState::Failed;
+                        update.report.error = Some(reason.clone());
+                        update.since = now;
+                        batch.push(Change::Appliance(Box::new(record)));
+                    }
                 }
                 updated.apply(decision, now);
                 let detail = json!({"rollout": rollout.id, "decision": format!("{decision:?}")});
@@ -297,33 +409,39 @@ impl Fleet {
         batch.finish()
     }
 
-    /// The version a group is pinned to (kept as a meta entry `pin.group.<name>`).
-    pub fn group_pin(&self, group: &str) -> Option<u64> {
-        self.meta.get(&format!("pin.group.{group}")).and_then(|v| v.parse().ok())
+    /// The release (or agent release) a group is pinned to, kept as a meta entry
+    /// `pin.group.<name>` (`agent_pin.group.<name>`).
+    pub fn group_pin(&self, group: &str, kind: RolloutKind) -> Option<u64> {
+        self.meta.get(&group_pin_key(group, kind)).and_then(|v| v.parse().ok())
     }
 
-    /// Pins every appliance of `group` to a version (or unpins the group); an appliance's own
-    /// pin wins over its group's.
+    /// Pins every appliance of `group` to a release, or with `kind` agent to an agent release
+    /// (or unpins the group); an appliance's own pin wins over its group's.
     pub fn pin_group(
         &self,
         group: &str,
+        kind: RolloutKind,
         version: Option<u64>,
         now: Timestamp,
     ) -> Result<Vec<Change>, FleetError> {
         if let Some(v) = version {
-            self.release(v)?;
+            self.rollout_target(kind, v)?;
         }
         let value = version.map(|v| v.to_string()).unwrap_or_default();
+        let action = match kind {
+            RolloutKind::Image => "group.pin",
+            RolloutKind::Agent => "group.agent_pin",
+        };
         let mut batch = Batch::new(self);
-        batch.push(Self::meta_change(&format!("pin.group.{group}"), value));
-        batch.audit(now, "operator", "group.pin", json!({"group": group, "version": version}));
+        batch.push(Self::meta_change(&group_pin_key(group, kind), value));
+        batch.audit(now, "operator", action, json!({"group": group, "version": version}));
         Ok(batch.finish())
     }
 
     /// The release the fleet is on its way to: the newest rollout's, else the newest active
     /// release.
     pub fn current_release(&self) -> Option<&ReleaseRecord> {
-        match self.rollouts.values().next_back() {
+        match self.rollouts.values().rev().find(|r| r.kind == RolloutKind::Image) {
             Some(rollout) => self.releases.get(&rollout.version),
             None => self.releases.values().rev().find(|r| r.active),
         }

@@ -119,6 +119,8 @@ mod tests {
             installed_version: 1,
             active_slot: None,
             agent_version: String::new(),
+            agent_release: None,
+            agent_previous: None,
             enrollment_token: None,
             peer: PeerAddresses::default(),
         }

@@ -18,9 +18,11 @@ use axum::http::{HeaderValue, Request, Response, StatusCode, header};
 use axum::response::IntoResponse;
 use http_body::{Frame, SizeHint};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use super::body::{BodyOutcome, BodyPolicy, DeadlineBody};
@@ -32,13 +34,14 @@ use super::{Event, Limits, Stats};
 /// of memory for heads; nginx allows 32 KiB.
 pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// Serves one admitted connection until it closes or a bound closes it.
+/// Serves one admitted connection until it closes or a bound closes it; over TLS if `tls`.
 pub(super) async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     router: Router,
     limits: &Limits,
     stats: &Stats,
+    tls: Option<&TlsAcceptor>,
 ) {
     let activity = Arc::new(Activity::new());
     let io = GuardedStream::new(
@@ -47,6 +50,34 @@ pub(super) async fn serve(
         Arc::clone(&activity),
         stats.clone(),
     );
+    let Some(tls) = tls else {
+        return serve_http(io, peer, router, limits, stats, activity).await;
+    };
+    // The handshake is part of the first request's head: it ends by the same deadline.
+    let Some((deadline, _)) = activity.deadline(limits) else {
+        unreachable!("a new connection has a head deadline")
+    };
+    match tokio::time::timeout_at(deadline, tls.accept(io)).await {
+        Ok(Ok(io)) => serve_http(io, peer, router, limits, stats, activity).await,
+        Ok(Err(error)) => {
+            stats.count(Event::TlsFailure);
+            tracing::debug!(%error, %peer, "TLS handshake failed");
+        }
+        Err(_) => stats.count(Event::HeaderTimeout),
+    }
+}
+
+/// HTTP/1.1 on `io` (the guarded socket, or TLS over it) until the connection ends.
+async fn serve_http<I>(
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    limits: &Limits,
+    stats: &Stats,
+    activity: Arc<Activity>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = {
         let (activity, stats) = (Arc::clone(&activity), stats.clone());
         let policy = BodyPolicy::new(limits);

@@ -183,9 +183,29 @@ impl Server {
     }
 
     fn spawn(listener: impl Accept + 'static, addr: SocketAddr, limits: Limits) -> Self {
+        Self::spawn_with_tls(listener, addr, limits, None)
+    }
+
+    async fn start_tls(limits: Limits, tls: Arc<rustls::ServerConfig>) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("bound address");
+        Self::spawn_with_tls(listener, addr, limits, Some(tokio_rustls::TlsAcceptor::from(tls)))
+    }
+
+    fn spawn_with_tls(
+        listener: impl Accept + 'static,
+        addr: SocketAddr,
+        limits: Limits,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let (stats, seen) = (Stats::default(), Arc::new(Seen::default()));
-        let task =
-            tokio::spawn(accept_loop(listener, router(Arc::clone(&seen)), limits, stats.clone()));
+        let task = tokio::spawn(accept_loop(
+            listener,
+            router(Arc::clone(&seen)),
+            limits,
+            stats.clone(),
+            tls,
+        ));
         Self { addr, stats, seen, task }
     }
 
@@ -420,6 +440,47 @@ async fn a_half_sent_head_is_cut_after_the_header_timeout() {
 
     let stats = server.until(|s| s.open == 1).await;
     assert_eq!((stats.header_timeouts, stats.idle_closes), (2, 0));
+}
+
+/// Over TLS the handshake is part of the first head: a client that stalls in it is cut at the
+/// same deadline, one that does not speak TLS is counted, and a real client is served.
+#[tokio::test(start_paused = true)]
+async fn over_tls_a_stalled_handshake_is_cut_like_a_stalled_head() {
+    let _clock = PacedClock::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = sitecast_tls::test_ca::TestCa::new("test CA");
+    let files = ca.issue(dir.path(), "server", &["localhost"], false);
+    let tls = sitecast_tls::server_config(files).expect("server config");
+    let server = Server::start_tls(limits(), tls).await;
+
+    let opened = Instant::now();
+    let mut stalled = server.connect().await;
+    // The first bytes of a TLS record (a handshake, TLS 1.0 framing), and then nothing.
+    stalled.send([0x16u8, 0x03, 0x01]).await;
+    assert!(closed_without_reply(&mut stalled).await, "closed without an answer");
+    assert!(opened.elapsed() >= HEADER, "not before the timeout: {:?}", opened.elapsed());
+
+    let mut plain = server.connect().await;
+    plain.send("GET /ok HTTP/1.1\r\nHost: test\r\n\r\n").await;
+    // Closed (after at most a TLS alert): counted as a failed handshake below.
+    plain.rx.until_closed().await;
+
+    let trust = sitecast_tls::Trust::CaFile(ca.write_root(&dir.path().join("ca.pem")));
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(
+        sitecast_tls::client_config(&trust).expect("client config"),
+    ));
+    let stream = TcpStream::connect(server.addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = connector.connect(name, stream).await.expect("handshake");
+    tls.write_all(b"GET /ok HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.expect("response");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    let stats = server.until(|s| s.open == 0).await;
+    assert_eq!((stats.header_timeouts, stats.tls_failures, stats.accepted), (1, 1, 3));
 }
 
 #[tokio::test(start_paused = true)]

@@ -94,6 +94,18 @@ pub(super) async fn report(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /api/appliances/agent-report`: the same body as a report, about an agent release.
+pub(super) async fn agent_report(
+    State(state): State<Arc<AppState>>,
+    signed: SignedAppliance,
+) -> Result<StatusCode, ApiError> {
+    let report: ReportRequest = parse_json(&signed.body)?;
+    let auth = ReportAuth { timestamp: signed.timestamp, signature: signed.signature_digest };
+    let key = signed.key;
+    change(&state, move |fleet, now| fleet.agent_report(&key, report, &auth, now)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub(super) async fn list(
     State(state): State<Arc<AppState>>,
     _: Operator,

@@ -139,10 +139,11 @@ impl AppState {
         });
     }
 
-    /// Whether the browser reached us over HTTPS (directly or through a TLS proxy), so the
-    /// session cookie may be `Secure`.
+    /// Whether the client reached us over HTTPS (directly or through a TLS proxy): the session
+    /// cookie may be `Secure`, and the URLs we hand out are `https://`.
     pub(super) fn https(&self, headers: &HeaderMap) -> bool {
-        self.public_url.as_deref().is_some_and(|u| u.starts_with("https://"))
+        self.serves_tls
+            || self.public_url.as_deref().is_some_and(|u| u.starts_with("https://"))
             || headers
                 .get("x-forwarded-proto")
                 .and_then(|v| v.to_str().ok())
@@ -153,8 +154,11 @@ impl AppState {
         if let Some(url) = &self.public_url {
             return url.trim_end_matches('/').to_owned();
         }
+        // Host and X-Forwarded-Proto are the client's word, but only its own answer uses
+        // them: a TLS proxy that sets the header gets https:// URLs without --public-url.
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-        format!("http://{host}")
+        let scheme = if self.https(headers) { "https" } else { "http" };
+        format!("{scheme}://{host}")
     }
 
     fn url_signature(&self, version: u64, expires: i64) -> Option<String> {

@@ -8,6 +8,7 @@
 //! not under it, so a slow repair holds up no read and no check-in that only updates
 //! bookkeeping.
 
+mod agent_releases;
 mod appliances;
 mod auth;
 mod operator;
@@ -115,6 +116,9 @@ pub struct ServerConfig {
     pub image_url_ttl: jiff::SignedDuration,
     /// Connection, header, body and write bounds of the listener.
     pub limits: crate::listener::Limits,
+    /// Serve HTTPS with this certificate (re-read when the files change); `None`: plain HTTP,
+    /// for a TLS proxy in front or a lab.
+    pub tls: Option<sitecast_tls::CertificateFiles>,
 }
 
 impl ServerConfig {
@@ -136,6 +140,7 @@ impl ServerConfig {
             max_range_streams_per_client: 16,
             image_url_ttl: jiff::SignedDuration::from_hours(24),
             limits: crate::listener::Limits::default(),
+            tls: None,
         }
     }
 }
@@ -160,6 +165,8 @@ struct AppState {
     root: Option<TrustedRoot>,
     clock: Arc<dyn Clock>,
     public_url: Option<String>,
+    /// Whether this server terminates TLS itself (then its own URLs are `https://`).
+    serves_tls: bool,
     checkins: AtomicU64,
     /// Browser sign-ins; in memory only, so a restart signs everyone out. Taken under the
     /// fleet lock (a sign-out is audited, then applied); never take the fleet lock holding it.
@@ -186,6 +193,7 @@ pub struct Coordinator {
     tick: Duration,
     max_upload: u64,
     limits: crate::listener::Limits,
+    tls: Option<Arc<sitecast_tls::rustls::ServerConfig>>,
 }
 
 impl Coordinator {
@@ -208,6 +216,8 @@ impl Coordinator {
         store: Arc<dyn Store>,
     ) -> anyhow::Result<(Self, FirstRunTokens)> {
         std::fs::create_dir_all(&config.data_dir)?;
+        // Unusable certificate files fail the start, not the first handshake.
+        let tls = config.tls.clone().map(sitecast_tls::server_config).transpose()?;
         let blobs = BlobStore::open(&config.data_dir.join("blobs"))?;
         let mut fleet = Fleet::from_snapshot(store.load()?, config.fleet.clone());
         let (changes, first_run) = auth::initial_tokens(&fleet, &config, clock.now())?;
@@ -222,6 +232,7 @@ impl Coordinator {
             root: config.root,
             clock,
             public_url: config.public_url,
+            serves_tls: tls.is_some(),
             checkins: AtomicU64::new(0),
             iroh: std::sync::OnceLock::new(),
             sessions: Mutex::new(Sessions::new(config.session_ttl)),
@@ -245,6 +256,7 @@ impl Coordinator {
                 tick: config.tick,
                 max_upload: config.max_upload_bytes,
                 limits: config.limits,
+                tls,
             },
             first_run,
         ))
@@ -262,15 +274,21 @@ impl Coordinator {
             .route("/api/releases/{version}/manifest", get(releases::manifest))
             .route("/api/releases/{version}/image", get(origin::image))
             .route("/api/blobs/{hash}/ranges", get(origin::blob_ranges))
+            .route("/api/agent-releases", post(agent_releases::publish).get(agent_releases::list))
+            .route("/api/agent-releases/latest", get(agent_releases::latest))
+            .route("/api/agent-releases/files/{hash}", get(agent_releases::file))
             .route("/api/rollouts", post(operator::create_rollout).get(operator::list_rollouts))
             .route("/api/rollouts/{id}", get(operator::show_rollout))
             .route("/api/rollouts/{id}/{action}", post(operator::control_rollout))
             .route("/api/appliances", get(appliances::list))
             .route("/api/appliances/checkin", post(appliances::checkin))
             .route("/api/appliances/report", post(appliances::report))
+            .route("/api/appliances/agent-report", post(appliances::agent_report))
             .route("/api/appliances/{key}", axum::routing::delete(appliances::remove))
             .route("/api/appliances/{key}/pin", post(operator::pin))
             .route("/api/groups/{group}/pin", post(operator::pin_group))
+            .route("/api/appliances/{key}/agent-pin", post(operator::agent_pin))
+            .route("/api/groups/{group}/agent-pin", post(operator::agent_pin_group))
             .route("/api/appliances/{key}/window", put(operator::appliance_window))
             .route("/api/sites", get(operator::sites))
             .route("/api/sites/{site}/window", put(operator::site_window))
@@ -364,7 +382,8 @@ impl Coordinator {
             }
         }));
         let stats = self.state.listener_stats.clone();
-        crate::listener::serve_with_stats(listener, self.router(), self.limits.clone(), stats).await
+        let (limits, tls) = (self.limits.clone(), self.tls.clone());
+        crate::listener::serve_with_stats(listener, self.router(), limits, stats, tls).await
     }
 }
 

@@ -11,6 +11,7 @@ use sitecast_manifest::window::MaintenanceWindow;
 
 use super::auth::Operator;
 use super::{ApiError, AppState, change, lock, mutate, parse_json};
+use crate::engine::RolloutKind;
 use crate::fleet::{FleetError, RolloutAction, RolloutRequest, RolloutView, SitesOverview};
 use crate::store::AuditEntry;
 
@@ -76,7 +77,8 @@ pub(super) async fn pin(
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let request: PinRequest = parse_json(&body)?;
-    change(&state, move |fleet, now| fleet.pin(&key, request.version, now)).await?;
+    change(&state, move |fleet, now| fleet.pin(&key, RolloutKind::Image, request.version, now))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -87,7 +89,36 @@ pub(super) async fn pin_group(
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let request: PinRequest = parse_json(&body)?;
-    change(&state, move |fleet, now| fleet.pin_group(&group, request.version, now)).await?;
+    change(&state, move |fleet, now| {
+        fleet.pin_group(&group, RolloutKind::Image, request.version, now)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn agent_pin(
+    State(state): State<Arc<AppState>>,
+    _: Operator,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let request: PinRequest = parse_json(&body)?;
+    change(&state, move |fleet, now| fleet.pin(&key, RolloutKind::Agent, request.version, now))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn agent_pin_group(
+    State(state): State<Arc<AppState>>,
+    _: Operator,
+    Path(group): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let request: PinRequest = parse_json(&body)?;
+    change(&state, move |fleet, now| {
+        fleet.pin_group(&group, RolloutKind::Agent, request.version, now)
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

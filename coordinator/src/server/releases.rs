@@ -32,13 +32,7 @@ pub(super) async fn publish(
     _: Operator,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let root = state.root.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "no_root",
-            "this coordinator has no root of trust configured (--root)",
-        )
-    })?;
+    let root = root_of_trust(&state)?;
     let is_multipart = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -95,6 +89,18 @@ pub(super) async fn publish(
     let shown = record.clone();
     change(&state, move |fleet, now| fleet.publish(record, now)).await?;
     Ok((StatusCode::CREATED, Json(shown)).into_response())
+}
+
+/// The root of trust published manifests must verify against; without one, publishing of
+/// any kind is refused.
+pub(super) fn root_of_trust(state: &AppState) -> Result<TrustedRoot, ApiError> {
+    state.root.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "no_root",
+            "this coordinator has no root of trust configured (--root)",
+        )
+    })
 }
 
 fn verify_manifest(

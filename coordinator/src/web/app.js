@@ -321,6 +321,7 @@
     const data = {
       windows: windowsOpen(sites),
       live: live.map((r) => [r.id, r.state, r.current_stage, r.stages.length]),
+      agents: fleet.map((a) => [a.agent_update && a.agent_update.state, a.agent_previous]),
       online,
       total: fleet.length,
       release: sites.release,
@@ -337,7 +338,19 @@
           `stage ${rollout.current_stage + 1} of ${rollout.stages.length}`, rollout.state === 'paused' ? 'warn' : 'ok')
         : tile('Live rollout', 'none', 'start one with the CLI'),
       tile('Sites', String(sites.sites.length), windowsOpen(sites)),
+      agentTile(fleet),
     );
+  }
+
+  // Agent updates across the fleet: how many of the finished ones succeeded.
+  function agentTile(fleet) {
+    const finished = fleet.map((a) => a.agent_update).filter((u) => u && ['succeeded', 'failed', 'rolled_back'].includes(u.state));
+    const succeeded = finished.filter((u) => u.state === 'succeeded').length;
+    const kept = fleet.filter((a) => given(a.agent_previous)).length;
+    if (!finished.length) return tile('Agent updates', '–', `none finished yet · ${kept} can roll back`);
+    const rate = succeeded / finished.length;
+    return tile('Agent updates', percent(rate), `${succeeded} of ${finished.length} succeeded · ${kept} can roll back`,
+      rate < 0.95 ? 'warn' : 'ok');
   }
 
   // ----- rollouts -----
@@ -395,6 +408,10 @@
       : 'Delay passed: advances once every online appliance of this stage has succeeded.';
   }
 
+  function rolloutLabel(rollout) {
+    return rollout.kind === 'agent' ? `agent release ${rollout.version}` : releaseLabel(rollout.version);
+  }
+
   function releaseLabel(version) {
     const name = releaseNames.get(version);
     return name ? `release ${version} · ${name}` : `release ${version}`;
@@ -440,14 +457,15 @@
   function updateRolloutCard(card, rollout) {
     const root = card.root;
     root.dataset.state = rollout.state;
-    root.dataset.json = JSON.stringify({ version: rollout.version, previous_version: rollout.previous_version });
-    const view = { ...rollout, members: undefined, next: nextStageText(rollout), name: releaseLabel(rollout.version) };
+    root.dataset.json = JSON.stringify({ kind: rollout.kind, version: rollout.version, previous_version: rollout.previous_version });
+    const view = { ...rollout, members: undefined, next: nextStageText(rollout), name: rolloutLabel(rollout) };
     if (!changed(`rollout-${rollout.id}`, view)) return;
     card.head.replaceChildren(
       h('div', {},
-        h('h3', {}, `Rollout #${rollout.id} `, h('span', { class: 'muted' }, releaseLabel(rollout.version))),
+        h('h3', {}, `Rollout #${rollout.id} `, h('span', { class: 'muted' }, view.name)),
         h('div', { class: 'muted meta' },
           `${rollout.strategy} · ${rollout.stages.length} stage${rollout.stages.length === 1 ? '' : 's'}`,
+          ` · ${percent(rollout.success_rate)} of finished succeeded`,
           rollout.groups.length ? ` · groups ${rollout.groups.join(', ')}` : ' · whole fleet',
           ` · started ${when(rollout.created)}`)),
       h('span', { class: `badge r-${rollout.state}` }, ROLLOUT_LABEL[rollout.state] || rollout.state));
@@ -475,7 +493,8 @@
     const canRollBack = !rollout.rolled_back && rollout.previous_version !== null && rollout.previous_version !== undefined;
     b.rollback.hidden = !canRollBack;
     b.rollback.disabled = !canRollBack;
-    b.rollback.title = canRollBack ? `Send the fleet back to release ${rollout.previous_version}` : '';
+    const back = rollout.kind === 'agent' ? 'agent release' : 'release';
+    b.rollback.title = canRollBack ? `Send the fleet back to ${back} ${rollout.previous_version}` : '';
   }
 
   function renderRollouts(rollouts) {
@@ -580,6 +599,30 @@
     return a.update ? a.update.state : 'idle';
   }
 
+  function given(value) {
+    return value !== null && value !== undefined;
+  }
+
+  // The agent release an appliance runs, where its agent update is, and whether the launcher
+  // keeps a version to roll back to.
+  function agentCell(a) {
+    const update = a.agent_update;
+    const release = a.agent_release;
+    const pending = update && update.version !== release && update.state !== 'succeeded';
+    const moving = pending && !['failed', 'rolled_back'].includes(update.state);
+    return cell('Agent', {}, given(release) ? `agent ${release}` : (a.agent_version || '–'),
+      moving ? h('span', { class: 'muted' }, ` → ${update.version}`) : null,
+      pending ? h('span', { class: `badge u-${update.state}` }, STATE_LABEL[update.state] || update.state) : null,
+      given(a.agent_pin) ? h('span', { class: 'tag' }, `pinned agent ${a.agent_pin}`) : null,
+      given(a.agent_previous) ? h('div', { class: 'muted' }, `rollback to ${a.agent_previous} available`) : null);
+  }
+
+  function errorText(a) {
+    if (a.update && a.update.error) return a.update.error;
+    const agent = a.agent_update;
+    return agent && agent.error && agent.version !== a.agent_release ? `agent ${agent.version}: ${agent.error}` : '';
+  }
+
   function fillSelect(select, values, label, show) {
     const current = select.value;
     const options = [h('option', { value: '' }, label), ...values.map((v) => h('option', { value: v }, show(v)))];
@@ -602,7 +645,8 @@
       if (state && applianceState(a) !== state) return false;
       if (!text) return true;
       const haystack = [a.name, a.key, a.site, a.group, `v${a.installed_version}`, applianceState(a),
-        a.update && a.update.error, a.active_slot].filter(Boolean).join(' ').toLowerCase();
+        a.update && a.update.error, a.active_slot, given(a.agent_release) && `agent ${a.agent_release}`,
+        errorText(a)].filter(Boolean).join(' ').toLowerCase();
       return haystack.includes(text);
     }).sort((a, b) => a.site.localeCompare(b.site) || a.name.localeCompare(b.name) || a.key.localeCompare(b.key));
     const rows = matches.slice(0, MAX_ROWS);
@@ -613,7 +657,7 @@
       : `${matches.length} of ${appliances.length} match${matches.length > MAX_ROWS ? ` (first ${MAX_ROWS} shown)` : ''}`;
     const body = $('appliance-table').tBodies[0];
     if (!rows.length) {
-      body.replaceChildren(h('tr', {}, h('td', { colspan: '7', class: 'empty' },
+      body.replaceChildren(h('tr', {}, h('td', { colspan: '8', class: 'empty' },
         appliances.length ? 'No appliance matches the filter.' : 'No appliance has checked in yet.')));
       return;
     }
@@ -627,6 +671,7 @@
         cell('Site', {}, a.site, a.group ? h('div', { class: 'muted' }, a.group) : null),
         cell('Version', {}, `v${a.installed_version}`, moving ? h('span', { class: 'muted' }, ` → v${update.version}`) : null,
           a.pin_version !== null && a.pin_version !== undefined ? h('span', { class: 'tag' }, `pinned v${a.pin_version}`) : null),
+        agentCell(a),
         cell('State', {}, h('span', { class: `badge u-${st}` }, STATE_LABEL[st] || st),
           update && typeof update.progress === 'number' && update.state === 'downloading'
             ? h('span', { class: 'muted' }, ` ${percent(update.progress)}`) : null),
@@ -634,7 +679,7 @@
           h('span', { class: `dot ${a.online ? 'on' : 'off'}`, 'aria-hidden': 'true' }),
           ago(a.last_checkin), a.online ? '' : h('span', { class: 'muted' }, ' · offline')),
         cell('Slot', {}, a.active_slot || '–'),
-        cell('Error', { class: 'error-text' }, (update && update.error) || ''));
+        cell('Error', { class: 'error-text' }, errorText(a)));
     }));
   }
 

@@ -350,6 +350,10 @@ pub struct Appliance {
     /// MAC addresses it reports (distinct per appliance: a MAC belongs to one appliance).
     pub macs: Vec<String>,
     pub platform: String,
+    /// The agent release it says it runs (`None`: an agent from before agent releases).
+    pub agent_release: Option<u64>,
+    /// The agent release its launcher keeps for a rollback.
+    pub agent_previous: Option<u64>,
 }
 
 impl Appliance {
@@ -367,6 +371,8 @@ impl Appliance {
             seq: 0,
             macs: vec![dashed, dotted],
             platform: PLATFORM.into(),
+            agent_release: None,
+            agent_previous: None,
         }
     }
 
@@ -445,6 +451,8 @@ impl Appliance {
             "platform": self.platform,
             "installed_version": self.installed_version,
             "agent_version": "test",
+            "agent_release": self.agent_release,
+            "agent_previous": self.agent_previous,
             "enrollment_token": if enroll { Some(ENROLL) } else { None },
             "peer": {"libp2p": [format!("/ip4/10.0.0.1/tcp/4001/p2p/{}", self.name)]},
             "from_the_future": {"ignored": true},
@@ -478,6 +486,25 @@ impl Appliance {
             .expect("report")
     }
 
+    /// Sends a report about agent release `version` with the next sequence number.
+    pub async fn agent_report_raw(
+        &mut self,
+        server: &TestServer,
+        state: &str,
+        version: u64,
+        error: Option<&str>,
+    ) -> Response {
+        self.seq += 1;
+        let body = serde_json::to_vec(&json!({
+            "state": state, "version": version, "error": error, "seq": self.seq,
+        }))
+        .expect("json");
+        self.signed(server, Method::POST, "/api/appliances/agent-report", &body)
+            .send()
+            .await
+            .expect("agent report")
+    }
+
     pub async fn report(&mut self, server: &TestServer, state: &str, version: u64) {
         let response = self.report_raw(server, state, version).await;
         assert_eq!(response.status(), 204, "{:?}", response.text().await);
@@ -492,4 +519,54 @@ pub async fn error_code(response: Response) -> (u16, String) {
     let status = response.status().as_u16();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     (status, body["code"].as_str().unwrap_or("").to_owned())
+}
+
+/// A build directory with an agent binary and a data file; returns it and the manifest.
+pub fn agent_release(
+    releases: &Releases,
+    version: u64,
+    key: Option<&SecretKey>,
+) -> (std::path::PathBuf, String) {
+    let dir = releases.dir.join(format!("agent-{version}"));
+    std::fs::create_dir_all(dir.join("bin")).expect("dir");
+    let files = [
+        ("bin/sitecast-peer", format!("agent {version} ").repeat(3000).into_bytes(), true),
+        ("defaults.toml", format!("version = {version}\n").into_bytes(), false),
+    ];
+    let mut listed = Vec::new();
+    for (path, bytes, executable) in files {
+        std::fs::write(dir.join(path), &bytes).expect("write");
+        let digest = ImageDigest::of_reader(&bytes[..]).expect("hash");
+        listed.push(AgentFile {
+            path: path.into(),
+            size: digest.size,
+            blake3: digest.blake3,
+            sha256: digest.sha256,
+            executable,
+        });
+    }
+    let release = AgentRelease {
+        version,
+        version_name: format!("1.{version}"),
+        builds: vec![AgentBuild {
+            platform: PLATFORM.into(),
+            entry: "bin/sitecast-peer".into(),
+            files: listed,
+        }],
+        os_releases: OsReleases { min: 1, max: None },
+        notes: String::new(),
+        created: start_time() - 1.hour(),
+        expires: start_time() + (24 * 365).hours(),
+    };
+    let manifest = release.sign(&[key.unwrap_or(&releases.release_key)]).to_bytes();
+    (dir, String::from_utf8(manifest).expect("utf8"))
+}
+
+pub async fn publish_agent(
+    server: &TestServer,
+    manifest: &str,
+    dir: &std::path::Path,
+) -> (u16, serde_json::Value) {
+    let body = json!({"manifest": manifest, "builds": {PLATFORM: dir}});
+    server.op_json(Method::POST, "/api/agent-releases", Some(body)).await
 }

@@ -52,7 +52,9 @@ pub struct Binaries {
 impl Binaries {
     pub fn beside(exe: &Path) -> Result<Self> {
         let dir = exe.parent().context("binary has no directory")?.to_owned();
-        for name in ["sitecast-peer", "sitecast-manifest", "sitecast-coordinator"] {
+        for name in
+            ["sitecast-peer", "sitecast-launcher", "sitecast-manifest", "sitecast-coordinator"]
+        {
             if !dir.join(name).is_file() {
                 bail!(
                     "{} is missing: build the workspace's binaries first (cargo build --workspace{})",
@@ -87,6 +89,8 @@ impl Images {
             .args(["--no-userspace", &NO_USERSPACE.to_string()])
             .arg("--agent")
             .arg(binaries.path("sitecast-peer"))
+            .arg("--launcher")
+            .arg(binaries.path("sitecast-launcher"))
             .arg("--manifest-tool")
             .arg(binaries.path("sitecast-manifest"))
             .arg(dir)
@@ -250,6 +254,54 @@ impl VmLab {
         rollout["id"].as_u64().context("rollout id")
     }
 
+    /// Signs agent release `version` with the lab's release key (platform `x86_64-appliance`,
+    /// every OS release) from the files under `build_dir`, `entry` the program the launcher
+    /// starts, and publishes it.
+    pub async fn publish_agent(&self, version: u64, build_dir: &Path, entry: &str) -> Result<()> {
+        use sitecast_manifest::{AgentBuild, AgentFile, AgentRelease, ImageDigest, OsReleases};
+        let mut files = Vec::new();
+        for path in walk(build_dir)? {
+            let digest = ImageDigest::of_reader(std::fs::File::open(&path)?)?;
+            let relative = path.strip_prefix(build_dir)?.to_string_lossy().into_owned();
+            let executable =
+                std::os::unix::fs::PermissionsExt::mode(&path.metadata()?.permissions()) & 0o111
+                    != 0;
+            files.push(AgentFile {
+                path: relative,
+                size: digest.size,
+                blake3: digest.blake3,
+                sha256: digest.sha256,
+                executable,
+            });
+        }
+        let now = jiff::Timestamp::now();
+        let release = AgentRelease {
+            version,
+            version_name: format!("lab agent {version}"),
+            builds: vec![AgentBuild {
+                platform: "x86_64-appliance".into(),
+                entry: entry.into(),
+                files,
+            }],
+            os_releases: OsReleases { min: 0, max: None },
+            notes: String::new(),
+            created: now - jiff::SignedDuration::from_hours(1),
+            expires: now + jiff::SignedDuration::from_hours(24 * 30),
+        };
+        let key_text = std::fs::read_to_string(self.images.dir.join("keys/release.key"))?;
+        let key = sitecast_manifest::SecretKey::from_file_text(&key_text)?;
+        let manifest = String::from_utf8(release.sign(&[&key]).to_bytes())?;
+        let body = json!({"manifest": manifest, "builds": {"x86_64-appliance": build_dir}});
+        self.api.post("/api/agent-releases", body).await?;
+        Ok(())
+    }
+
+    pub async fn roll_out_agent(&self, version: u64) -> Result<u64> {
+        let body = json!({"kind": "agent", "version": version, "strategy": "immediate"});
+        let rollout = self.api.post("/api/rollouts", body).await?;
+        rollout["id"].as_u64().context("rollout id")
+    }
+
     pub async fn rollout(&self, id: u64) -> Result<Value> {
         self.api.get(&format!("/api/rollouts/{id}")).await
     }
@@ -381,6 +433,21 @@ pub fn grubenv(disk: &Path) -> Result<String> {
 /// One variable of an env block's text (`name=value` lines).
 pub fn env_var<'a>(env: &'a str, name: &str) -> Option<&'a str> {
     env.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix('='))
+}
+
+/// Every file under `dir`, sorted.
+fn walk(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(walk(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// The agent's peak memory while downloading, from its `download finished … peak_rss_mib=N`

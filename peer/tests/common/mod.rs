@@ -26,8 +26,27 @@ pub struct Origin {
     _server: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// How a test's coordinator is reached.
+#[derive(Debug, Default)]
+pub struct OriginOptions {
+    /// Serve HTTPS itself with this certificate, as `https://{host}:port`; the test's own
+    /// client trusts `ca`.
+    pub tls: Option<OriginTls>,
+}
+
+#[derive(Debug)]
+pub struct OriginTls {
+    pub certificate: sitecast_tls::CertificateFiles,
+    pub ca: PathBuf,
+    pub host: String,
+}
+
 impl Origin {
     pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, OriginOptions::default()).await
+    }
+
+    pub async fn start_with(dir: &Path, options: OriginOptions) -> Self {
         sitecast_coordinator::install_tls_provider();
         let root_key = SecretKey::generate().expect("rng");
         let release_key = SecretKey::generate().expect("rng");
@@ -51,6 +70,7 @@ impl Origin {
         // activation ask for it (`skip-window`).
         config.fleet.default_window =
             sitecast_manifest::window::MaintenanceWindow { days: Vec::new(), ..Default::default() };
+        config.tls = options.tls.as_ref().map(|tls| tls.certificate.clone());
         let (coordinator, _) =
             Coordinator::open(config, Arc::new(SystemClock)).expect("coordinator");
         let iroh = coordinator
@@ -58,18 +78,18 @@ impl Origin {
             .await
             .expect("iroh origin");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let port = listener.local_addr().expect("addr").port();
+        let (url, http) = match &options.tls {
+            None => (format!("http://127.0.0.1:{port}"), reqwest::Client::new()),
+            Some(tls) => {
+                let trust = sitecast_tls::Trust::CaFile(tls.ca.clone());
+                let config = sitecast_tls::client_config(&trust).expect("client TLS");
+                let http = reqwest::Client::builder().tls_backend_preconfigured(config);
+                (format!("https://{}:{port}", tls.host), http.build().expect("client"))
+            }
+        };
         let server = tokio::spawn(coordinator.serve(listener));
-        Self {
-            url,
-            root,
-            root_path,
-            release_key,
-            http: reqwest::Client::new(),
-            dir: dir.to_owned(),
-            iroh,
-            _server: server,
-        }
+        Self { url, root, root_path, release_key, http, dir: dir.to_owned(), iroh, _server: server }
     }
 
     /// Generates, signs and publishes release `version` of `len` bytes; returns the image.
@@ -103,6 +123,105 @@ impl Origin {
             .expect("publish");
         assert_eq!(response.status(), 201, "{:?}", response.text().await);
         (path, image)
+    }
+
+    /// Signs and publishes agent release `version` for this platform: `files` as (path,
+    /// bytes, executable), the first one the entry. Returns the signed manifest.
+    pub async fn publish_agent(&self, version: u64, files: &[(&str, &[u8], bool)]) -> String {
+        let build_dir = self.dir.join(format!("agent-{version}"));
+        let mut listed = Vec::new();
+        for (path, bytes, executable) in files {
+            let target = build_dir.join(path);
+            std::fs::create_dir_all(target.parent().expect("parent")).expect("dir");
+            std::fs::write(&target, bytes).expect("write");
+            let digest = ImageDigest::of_reader(*bytes).expect("hash");
+            listed.push(AgentFile {
+                path: (*path).into(),
+                size: digest.size,
+                blake3: digest.blake3,
+                sha256: digest.sha256,
+                executable: *executable,
+            });
+        }
+        let now = Timestamp::now();
+        let release = AgentRelease {
+            version,
+            version_name: format!("agent.{version}"),
+            builds: vec![AgentBuild {
+                platform: PLATFORM.into(),
+                entry: files[0].0.into(),
+                files: listed,
+            }],
+            os_releases: OsReleases { min: 0, max: None },
+            notes: String::new(),
+            created: now - 1.hour(),
+            expires: now + (24 * 30).hours(),
+        };
+        let manifest =
+            String::from_utf8(release.sign(&[&self.release_key]).to_bytes()).expect("utf8");
+        let body = serde_json::json!({"manifest": manifest, "builds": {PLATFORM: build_dir}});
+        let response = self
+            .http
+            .post(format!("{}/api/agent-releases", self.url))
+            .bearer_auth(OPERATOR)
+            .json(&body)
+            .send()
+            .await
+            .expect("publish agent release");
+        assert_eq!(response.status(), 201, "{:?}", response.text().await);
+        manifest
+    }
+
+    /// Starts a rollout of agent release `version` to everyone at once; returns its id.
+    pub async fn agent_rollout(&self, version: u64) -> u64 {
+        self.agent_rollout_with(serde_json::json!({"version": version})).await
+    }
+
+    /// Starts an immediate agent rollout with `body`'s fields (`version`, `in_window`, …).
+    pub async fn agent_rollout_with(&self, mut body: serde_json::Value) -> u64 {
+        body["kind"] = "agent".into();
+        body["strategy"] = "immediate".into();
+        self.create_rollout(body).await["id"].as_u64().expect("id")
+    }
+
+    /// `POST /api/rollouts` with `body`; the new rollout's view.
+    pub async fn create_rollout(&self, body: serde_json::Value) -> serde_json::Value {
+        let response = self
+            .http
+            .post(format!("{}/api/rollouts", self.url))
+            .bearer_auth(OPERATOR)
+            .json(&body)
+            .send()
+            .await
+            .expect("rollout");
+        assert_eq!(response.status(), 201, "{body}");
+        response.json().await.expect("rollout")
+    }
+
+    /// Polls until rollout `id` is completed; past `deadline` fails with `what` and `log()`.
+    pub async fn wait_completed(
+        &self,
+        id: u64,
+        what: &str,
+        deadline: std::time::Instant,
+        log: impl Fn() -> String,
+    ) {
+        while self.rollout_view(id).await["state"] != "completed" {
+            assert!(std::time::Instant::now() < deadline, "{what}:\n{}", log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn rollout_view(&self, id: u64) -> serde_json::Value {
+        self.http
+            .get(format!("{}/api/rollouts/{id}", self.url))
+            .bearer_auth(OPERATOR)
+            .send()
+            .await
+            .expect("rollout")
+            .json()
+            .await
+            .expect("json")
     }
 
     pub async fn rollout(&self, version: u64) {
@@ -151,6 +270,10 @@ pub struct AgentProcess {
     pub dir: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
+    /// `child` leads a process group (a launcher and its agent).
+    group: bool,
+    /// Set in the environment of what is started.
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentProcess {
@@ -203,7 +326,14 @@ impl AgentProcess {
             "--mac".into(),
             mac_of(dir),
         ];
-        Self { name: name.into(), dir: dir.to_owned(), args, child: None }
+        Self {
+            name: name.into(),
+            dir: dir.to_owned(),
+            args,
+            child: None,
+            group: false,
+            env: Vec::new(),
+        }
     }
 
     pub fn start(&mut self) {
@@ -254,11 +384,63 @@ impl AgentProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
+
+    /// Starts the agent as `sitecast-launcher` does on an appliance: the launcher (in a
+    /// process group of its own, so dropping this kills both) runs the current version of
+    /// the agent store `store`, this agent's arguments passed through.
+    pub fn start_under_launcher(&mut self, store: &Path, launcher_args: &[&str]) {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("log");
+        let child = Command::new(launcher_bin())
+            .arg("--store")
+            .arg(store)
+            .arg("--image-agent")
+            .arg(BIN)
+            .args(launcher_args)
+            .arg("--")
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("start sitecast-launcher");
+        self.child = Some(child);
+        self.group = true;
+    }
+}
+
+impl AgentProcess {
+    /// kill -9 of the agent a launcher runs (not of the launcher), as a crash would end it.
+    pub fn kill_agent_under_launcher(&self) {
+        let launcher = self.child.as_ref().expect("started").id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children"))
+                .expect("the launcher's children");
+        for pid in children.split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+    }
+}
+
+/// `sitecast-launcher` of this build, beside the test binaries (`target/<profile>/`).
+pub fn launcher_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary");
+    exe.parent().and_then(Path::parent).expect("target/<profile>").join("sitecast-launcher")
 }
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
+            if self.group {
+                let group = format!("-{}", child.id());
+                let _ = Command::new("kill").args(["-9", "--", &group]).status();
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -275,6 +457,21 @@ impl Origin {
             .send()
             .await
             .expect("remove");
+        assert!(response.status().is_success(), "{:?}", response.text().await);
+    }
+
+    /// The operator opens `site`'s maintenance window all day, every day.
+    pub async fn open_window(&self, site: &str) {
+        let window = serde_json::json!({"start": "00:00", "end": "23:59", "timezone": "UTC",
+            "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]});
+        let response = self
+            .http
+            .put(format!("{}/api/sites/{site}/window", self.url))
+            .bearer_auth(OPERATOR)
+            .json(&window)
+            .send()
+            .await
+            .expect("window");
         assert!(response.status().is_success(), "{:?}", response.text().await);
     }
 
