@@ -66,7 +66,7 @@ fn main() {
         let slot = dir.path().join("slot-b.img");
         // A slot is a partition whose blocks exist: fill the file with zeros first.
         write_zeros(&slot, len);
-        let (news, announce) = fetching.join(&info, slot.clone(), dir.path().to_owned());
+        let joined = fetching.join(&info, slot.clone(), dir.path().to_owned());
         let writer = SlotWriter::open_paths(Slot::B, &info, &SlotPaths::beside(&slot, dir.path()))
             .expect("writer");
         let stats = Arc::new(Mutex::new(TransferStats::default()));
@@ -74,9 +74,9 @@ fn main() {
             PeerId(*key.public().as_bytes()),
             writer,
             None,
-            Some(fetching.fetcher()),
-            news,
-            announce,
+            Some(joined.fetcher),
+            joined.news,
+            joined.announce,
             stats,
             |c| {
                 c.discovery_grace = Duration::ZERO;

@@ -17,6 +17,13 @@ pub enum ImportError {
     Io(#[from] io::Error),
 }
 
+/// What serving a stored blob needs of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub blake3: Blake3Hash,
+    pub size: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     dir: PathBuf,
@@ -105,15 +112,15 @@ impl BlobStore {
         self.import(&incoming, image)
     }
 
-    /// Data and outboard of a stored image, for serving.
-    pub fn open_image(
+    /// Data and outboard of a stored blob (an image, a file of an agent release), for serving.
+    pub fn open_blob(
         &self,
-        image: &ImageInfo,
+        blob: &BlobInfo,
     ) -> io::Result<(FileDevice, OutboardStore<FileDevice>)> {
-        let data = FileDevice::open(&self.data_path(&image.blake3))?;
-        let layout = BlobLayout::new(image.blake3, image.size);
-        let outboard =
-            OutboardStore::new(layout, FileDevice::open(&self.outboard_path(&image.blake3))?);
+        let data = FileDevice::open_read_only(&self.data_path(&blob.blake3))?;
+        let layout = BlobLayout::new(blob.blake3, blob.size);
+        let outboard = FileDevice::open_read_only(&self.outboard_path(&blob.blake3))?;
+        let outboard = OutboardStore::new(layout, outboard);
         Ok((data, outboard))
     }
 }

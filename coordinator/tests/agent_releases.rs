@@ -54,6 +54,30 @@ async fn an_agent_release_is_published_served_to_appliances_and_kept() {
     let body = response.bytes().await.expect("body");
     let info = ImageInfo { size: file.size, blake3: file.blake3, sha256: file.sha256 };
     ImageDigest::check(&body[..], &info).expect("the published file");
+    // Verified ranges of it, as of an image (what the site swarm fetches): they decode
+    // against the file's hash; to enrolled appliances, never to anyone else.
+    let layout = sitecast_iso::BlobLayout::new(file.blake3, file.size);
+    let ranges_path =
+        format!("/api/blobs/{}/ranges?start=0&end={}", file.blake3.to_hex(), layout.groups());
+    let response =
+        appliance.signed(&server, Method::GET, &ranges_path, b"").send().await.expect("ranges");
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await.expect("body");
+    let chunks = layout.chunk_ranges(0..layout.groups());
+    let mut groups = 0;
+    for item in sitecast_iso::ResponseDecoder::new(layout, &chunks, &body[..]).expect("header") {
+        if let sitecast_iso::DecodedItem::Group(_) = item.expect("every group verifies") {
+            groups += 1;
+        }
+    }
+    assert_eq!(groups, layout.groups());
+    let anyone = server.http.get(format!("{}{ranges_path}", server.url)).send().await.expect("get");
+    assert_eq!(anyone.status(), 401);
+    let stranger = Appliance::new("store-1", "a2", 1);
+    let response =
+        stranger.signed(&server, Method::GET, &ranges_path, b"").send().await.expect("ranges");
+    assert_eq!(response.status(), 403, "not enrolled");
+
     // An image's blob is not an agent file, even to an enrolled appliance.
     let (_, image) = releases.image(3, 70_000);
     let response = server.publish(&releases.manifest(3, &image, None, None), image.clone()).await;

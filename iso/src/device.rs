@@ -33,6 +33,13 @@ impl FileDevice {
         Ok(Self { file, path: path.to_owned() })
     }
 
+    /// Opens an existing file or device for reading only: for serving what is held, which may
+    /// be a running program (a writer would get `ETXTBSY`). Writes fail.
+    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).open(path)?;
+        Ok(Self { file, path: path.to_owned() })
+    }
+
     /// Opens a file, creating it (empty) if missing; for records kept beside a slot.
     pub fn open_or_create(path: &Path) -> io::Result<Self> {
         let file =

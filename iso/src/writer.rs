@@ -92,6 +92,19 @@ impl SlotPaths {
     }
 }
 
+impl SlotPaths {
+    /// Whether the progress record says every group of `image` was verified and written.
+    /// Reads the record only (the slot may be a running program's file, and its groups are
+    /// checked again whenever they are served or installed); a missing or foreign record is
+    /// not complete.
+    pub fn recorded_complete(&self, image: &ImageInfo) -> bool {
+        let layout = BlobLayout::new(image.blake3, image.size);
+        FileDevice::open_read_only(&self.progress)
+            .and_then(|record| Progress::open(record, layout))
+            .is_ok_and(|progress| progress.count() == layout.groups())
+    }
+}
+
 impl SlotWriter<FileDevice> {
     /// Opens the slot and its records by path; every problem with the slot is reported here,
     /// before any download starts.

@@ -151,6 +151,48 @@ impl AgentStore {
         os_releases: OsReleases,
         mut open: impl FnMut(&AgentFile) -> io::Result<Box<dyn Read>>,
     ) -> Result<(), StoreError> {
+        self.stage_with(version, build, os_releases, |file, path| {
+            let mut source = open(file)?;
+            let mut out = File::create(path)?;
+            // At most one byte more than declared is read: an endless source ends here.
+            io::copy(&mut (&mut source).take(file.size + 1), &mut out)?;
+            out.sync_all()
+        })
+    }
+
+    /// As [`AgentStore::stage`], with each file hard-linked from `source` (the agent's file
+    /// cache, on the same data partition), so a release does not take its size twice there;
+    /// copied where a link cannot be made. Checked against the manifest like copied bytes.
+    /// The link shares the cache file's inode: the cache writes only groups it has not yet
+    /// verified, so never again into a complete file.
+    pub fn stage_linked(
+        &self,
+        version: u64,
+        build: &AgentBuild,
+        os_releases: OsReleases,
+        mut source: impl FnMut(&AgentFile) -> PathBuf,
+    ) -> Result<(), StoreError> {
+        self.stage_with(version, build, os_releases, |file, path| {
+            let from = source(file);
+            match fs::hard_link(&from, path) {
+                Ok(()) => Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::CrossesDevices => {
+                    fs::copy(&from, path)?;
+                    File::open(path)?.sync_all()
+                }
+                Err(error) => Err(error),
+            }
+        })
+    }
+
+    /// Stages `build`: `place` puts each file at its path in staging, then it is checked.
+    fn stage_with(
+        &self,
+        version: u64,
+        build: &AgentBuild,
+        os_releases: OsReleases,
+        mut place: impl FnMut(&AgentFile, &Path) -> io::Result<()>,
+    ) -> Result<(), StoreError> {
         if self.installed(version) {
             return Ok(());
         }
@@ -161,29 +203,24 @@ impl AgentStore {
         }
         let versions = self.root.join("versions");
         fs::create_dir_all(&versions).map_err(io_at(&versions))?;
-        let result = (|| {
-            for file in &build.files {
-                let path = staging.join(&file.path);
-                let parent = path.parent().expect("a file inside staging");
-                fs::create_dir_all(parent).map_err(io_at(parent))?;
-                let mut source = open(file).map_err(io_at(&path))?;
-                let mut out = File::create(&path).map_err(io_at(&path))?;
-                // At most one byte more than declared is read: an endless source ends here.
-                io::copy(&mut (&mut source).take(file.size + 1), &mut out).map_err(io_at(&path))?;
-                out.sync_all().map_err(io_at(&path))?;
-                let expected =
-                    ImageInfo { size: file.size, blake3: file.blake3, sha256: file.sha256 };
-                let written = File::open(&path).map_err(io_at(&path))?;
-                ImageDigest::check(written, &expected).map_err(|error| StoreError::Mismatch {
-                    version,
-                    file: file.path.clone(),
-                    error,
-                })?;
-                set_mode(&path, if file.executable { 0o755 } else { 0o644 })?;
-                self.step(Step::FileStaged);
-            }
-            sync_tree(&staging)
-        })();
+        let result =
+            (|| {
+                for file in &build.files {
+                    let path = staging.join(&file.path);
+                    let parent = path.parent().expect("a file inside staging");
+                    fs::create_dir_all(parent).map_err(io_at(parent))?;
+                    place(file, &path).map_err(io_at(&path))?;
+                    let expected =
+                        ImageInfo { size: file.size, blake3: file.blake3, sha256: file.sha256 };
+                    let written = File::open(&path).map_err(io_at(&path))?;
+                    ImageDigest::check(written, &expected).map_err(|error| {
+                        StoreError::Mismatch { version, file: file.path.clone(), error }
+                    })?;
+                    set_mode(&path, if file.executable { 0o755 } else { 0o644 })?;
+                    self.step(Step::FileStaged);
+                }
+                sync_tree(&staging)
+            })();
         if let Err(error) = result {
             let _ = fs::remove_dir_all(&staging);
             return Err(error);

@@ -134,6 +134,43 @@ fn files_that_do_not_match_the_manifest_install_nothing() {
 }
 
 #[test]
+fn files_linked_from_the_agent_cache_take_no_second_copy_and_are_checked_too() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (root, _) = store_with_v1(dir.path());
+    let store = AgentStore::open(&root).expect("open");
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).expect("cache");
+    let cached = |contents: &[(String, Vec<u8>, bool)]| {
+        for (path, bytes, _) in contents {
+            std::fs::write(cache.join(path.replace('/', "_")), bytes).expect("cached file");
+        }
+    };
+    let source = |file: &AgentFile| cache.join(file.path.replace('/', "_"));
+
+    // A file that does not match its manifest installs nothing, linked or not.
+    let mut contents = files(2);
+    contents[0].1[7] ^= 1;
+    cached(&contents);
+    let error = store.stage_linked(2, &build(2), ANY_OS, source).expect_err("mismatch");
+    assert!(matches!(&error, StoreError::Mismatch { version: 2, .. }), "{error}");
+    assert!(!store.installed(2));
+    assert_eq!(std::fs::read_dir(root.join("staging")).expect("staging").count(), 0);
+
+    cached(&files(2));
+    store.stage_linked(2, &build(2), ANY_OS, source).expect("staged");
+    assert_complete(&store, 2);
+    for file in build(2).files {
+        let installed = std::fs::metadata(store.version_dir(2).join(&file.path)).expect("stat");
+        let in_cache = std::fs::metadata(source(&file)).expect("stat");
+        assert_eq!(installed.ino(), in_cache.ino(), "{}: copied, not linked", file.path);
+    }
+    // The cache lets go of its files; the version keeps them.
+    std::fs::remove_dir_all(&cache).expect("cache removed");
+    assert_complete(&store, 2);
+}
+
+#[test]
 fn retired_versions_are_kept_seven_days_then_removed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (root, _) = store_with_v1(dir.path());

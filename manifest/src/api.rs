@@ -235,6 +235,11 @@ pub struct AgentOffer {
     pub intent: UpdateIntent,
     /// `GET {files}/{blake3 hex}` returns a file of the release (signed request).
     pub files: String,
+    /// `GET {ranges}/{blake3 hex}/ranges?start=&end=` (group indices) returns verified ranges
+    /// of a file, as for an image, so the files are fetched through the site swarm. Servers
+    /// that do not say it serve whole files only.
+    #[serde(default)]
+    pub ranges: Option<String>,
     /// Switch only inside the maintenance window (fetching and staging may happen at once).
     #[serde(default)]
     pub in_window: bool,

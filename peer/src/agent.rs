@@ -75,21 +75,33 @@ pub enum Exit {
     Reboot,
 }
 
+/// A blob's swarm on the LAN: news of the site peers that take part, have-maps to announce,
+/// and fetches from those peers.
+pub struct Joined {
+    pub news: mpsc::Receiver<PeerNews>,
+    pub announce: mpsc::Sender<crate::pieces::PieceSet>,
+    pub fetcher: Arc<dyn LanFetcher>,
+}
+
+impl std::fmt::Debug for Joined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Joined").finish_non_exhaustive()
+    }
+}
+
 /// The LAN side the agent plugs into the swarm: discovery news, fetching, announcing,
-/// serving.
+/// serving. Several blobs may be joined at once (an image and an agent release's files).
 pub trait Lan: Send + Sync {
-    fn fetcher(&self) -> Arc<dyn LanFetcher>;
-    /// Starts taking part in the release in `slot`: news of site peers come in, have-maps go
-    /// out, and verified groups of the slot are served to peers.
-    fn join(
-        &self,
-        image: &ImageInfo,
-        slot: PathBuf,
-        state_dir: PathBuf,
-    ) -> (mpsc::Receiver<PeerNews>, mpsc::Sender<crate::pieces::PieceSet>);
-    /// Keeps serving a release this appliance holds complete (its running slot), so later
-    /// waves of a rollout fetch it from the LAN. Every group is still re-verified as it is sent.
+    /// Starts taking part in the blob `image` in `slot` (a partition, or a file): news of
+    /// site peers come in, have-maps go out, and verified groups of the slot are served to
+    /// peers.
+    fn join(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) -> Joined;
+    /// Keeps serving a blob this appliance holds complete (its running slot, an agent
+    /// release's file), so later waves of a rollout fetch it from the LAN. Every group is
+    /// still re-verified as it is sent.
     fn serve_installed(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf);
+    /// Stops serving and announcing a blob (its file is about to go).
+    fn unserve(&self, blob: &sitecast_manifest::Blake3Hash);
     /// How site peers reach this appliance.
     fn addresses(&self) -> PeerAddresses;
     /// Peers the coordinator named for this site (for networks without multicast).
@@ -127,9 +139,9 @@ pub struct Agent {
     /// successful check-in confirms it (that ends its trial).
     unconfirmed: bool,
     /// Fetching and staging an agent release.
-    agent_fetch: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    agent_fetch: Option<tokio::task::JoinHandle<Result<TransferStats, String>>>,
     /// Set to stop the running fetch (it stops at its next read).
-    agent_fetch_cancel: Arc<std::sync::atomic::AtomicBool>,
+    agent_fetch_cancel: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for Agent {
@@ -193,7 +205,7 @@ impl Agent {
             unconfirmed: launched.from_store,
             launched,
             agent_fetch: None,
-            agent_fetch_cancel: Arc::default(),
+            agent_fetch_cancel: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -821,9 +833,8 @@ impl Agent {
         let site_members: Vec<PeerId> = members.into_iter().map(PeerId).collect();
         let (lan_fetcher, news, announce) = match &self.lan {
             Some(lan) => {
-                let (news, announce) =
-                    lan.join(&image, paths.slot.clone(), self.config.state_dir.clone());
-                (Some(lan.fetcher()), news, announce)
+                let joined = lan.join(&image, paths.slot.clone(), self.config.state_dir.clone());
+                (Some(joined.fetcher), joined.news, joined.announce)
             }
             None => {
                 let (_tx, news) = mpsc::channel(1);
@@ -980,6 +991,7 @@ impl Agent {
         }
         self.learn_running_release();
         self.serve_running_release();
+        self.serve_agent_files();
         // A slot verified before a restart is checked again before it may be activated.
         if let Some(update) = self.state.update.clone()
             && update.state == UpdateState::Ready

@@ -7,20 +7,22 @@
 //! rolled back by the launcher, and the agent that runs afterwards reports the rollback (see
 //! [`sitecast_launcher::RollbackRecord`]) and never fetches that version again.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::StreamExt;
 use tokio_util::io::{StreamReader, SyncIoBridge};
+use tokio_util::sync::CancellationToken;
 
 use sitecast_launcher::AgentStore;
 use sitecast_manifest::api::{AgentOffer, UpdateState};
-use sitecast_manifest::{AgentBuild, OsReleases};
+use sitecast_manifest::{AgentBuild, Blake3Hash, ImageInfo, OsReleases};
 
+use crate::agent_files::{self, FileCache, FileSources};
 use crate::coordinator::CoordinatorClient;
 use crate::state::{AGENT_FETCH_ATTEMPTS, AgentUpdateRecord};
+use crate::swarm::TransferStats;
 
 /// The agent release the OS image's own agent is: set at build time with
 /// `SITECAST_AGENT_RELEASE=N cargo build`, 0 if not (any agent release is newer).
@@ -86,23 +88,87 @@ pub fn next_step(
     }
 }
 
-/// Fetches every file of `build` from `files_url` and installs version `version` in the store
-/// at `store_root` (each file checked against the manifest before the version appears). Each
-/// file streams from the network into the store's staging: no second copy on the data
-/// partition, and bounded memory.
-pub async fn fetch_and_stage(
-    client: CoordinatorClient,
-    cancel: Arc<AtomicBool>,
-    store_root: PathBuf,
-    version: u64,
-    build: AgentBuild,
-    os_releases: OsReleases,
-    files_url: String,
-) -> Result<(), String> {
-    let handle = tokio::runtime::Handle::current();
+/// An agent release to fetch and stage.
+#[derive(Debug)]
+pub struct AgentFetch {
+    pub client: CoordinatorClient,
+    /// Stops the fetch (another offer replaces it).
+    pub cancel: CancellationToken,
+    /// The launcher's store.
+    pub store_root: PathBuf,
+    pub version: u64,
+    pub build: AgentBuild,
+    pub os_releases: OsReleases,
+    /// `{files}/{blake3}`: whole files, from servers that offer no verified ranges.
+    pub files_url: String,
+    /// Through the site swarm into the file cache, where the server offers verified ranges.
+    pub swarm: Option<(FileSources, FileCache)>,
+}
+
+/// Fetches every file of the release and installs it in the store (each file checked against
+/// the manifest before the version appears); returns what crossed the WAN and the LAN.
+pub async fn fetch_and_stage(fetch: AgentFetch) -> Result<TransferStats, String> {
+    match fetch.swarm.clone() {
+        Some((sources, cache)) => fetch_through_swarm(fetch, sources, cache).await,
+        None => fetch_whole_files(fetch).await,
+    }
+}
+
+/// Each distinct file through the site swarm into the cache, then staged from there.
+async fn fetch_through_swarm(
+    fetch: AgentFetch,
+    sources: FileSources,
+    cache: FileCache,
+) -> Result<TransferStats, String> {
+    let files: BTreeMap<Blake3Hash, ImageInfo> = (fetch.build.files.iter())
+        .map(|f| (f.blake3, ImageInfo { size: f.size, blake3: f.blake3, sha256: f.sha256 }))
+        .collect();
+    let keep = files.keys().copied().collect();
+    let pruned = cache.clone();
+    let removed = tokio::task::spawn_blocking(move || pruned.keep_only(&keep))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("agent file cache: {e}"))?;
+    if let Some(lan) = &sources.lan {
+        for blob in &removed {
+            lan.unserve(blob);
+        }
+    }
+    let mut total = TransferStats::default();
+    for file in files.values() {
+        let stats = agent_files::fetch_file(&sources, &cache, file, &fetch.cancel).await?;
+        total.bytes_from_origin += stats.bytes_from_origin;
+        total.bytes_from_lan += stats.bytes_from_lan;
+        total.pieces_from_origin += stats.pieces_from_origin;
+        total.pieces_from_lan += stats.pieces_from_lan;
+        total.corrupt += stats.corrupt;
+        total.failed += stats.failed;
+    }
     tokio::task::spawn_blocking(move || {
         // As it is: opening it for writing would empty `staging/`, which is the launcher's to
         // clean when it starts (no agent runs then).
+        // Linked from the cache, not copied: the release takes its size once on the data
+        // partition, and the cache goes on serving the same bytes to site peers.
+        let store = AgentStore::at(&fetch.store_root);
+        store
+            .stage_linked(fetch.version, &fetch.build, fetch.os_releases, |file| {
+                cache.paths(&file.blake3).slot
+            })
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    Ok(total)
+}
+
+/// Each file streamed whole from Central Command into the store's staging: no second copy
+/// on the data partition, and bounded memory.
+async fn fetch_whole_files(fetch: AgentFetch) -> Result<TransferStats, String> {
+    let handle = tokio::runtime::Handle::current();
+    let AgentFetch { client, cancel, store_root, version, build, os_releases, files_url, .. } =
+        fetch;
+    let size: u64 = build.files.iter().map(|f| f.size).sum();
+    tokio::task::spawn_blocking(move || {
         let store = AgentStore::at(&store_root);
         store
             .stage(version, &build, os_releases, |file| {
@@ -114,24 +180,24 @@ pub async fn fetch_and_stage(
                     response.bytes_stream().map(|chunk| chunk.map_err(std::io::Error::other)),
                 ));
                 let body = SyncIoBridge::new_with_handle(body, handle.clone());
-                Ok(Box::new(Cancellable { inner: body, cancel: Arc::clone(&cancel) })
-                    as Box<dyn Read>)
+                Ok(Box::new(Cancellable { inner: body, cancel: cancel.clone() }) as Box<dyn Read>)
             })
             .map_err(|e| e.to_string())
     })
     .await
-    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())??;
+    Ok(TransferStats { bytes_from_origin: size, ..TransferStats::default() })
 }
 
 /// A reader that fails once `cancel` is set, so a replaced fetch stops at its next read.
 struct Cancellable<R> {
     inner: R,
-    cancel: Arc<AtomicBool>,
+    cancel: CancellationToken,
 }
 
 impl<R: Read> Read for Cancellable<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.cancel.load(Ordering::SeqCst) {
+        if self.cancel.is_cancelled() {
             return Err(std::io::Error::other("fetch replaced by another"));
         }
         self.inner.read(buf)
@@ -156,6 +222,7 @@ mod tests {
             rollout: Some(1),
             intent: UpdateIntent::Upgrade,
             files: "http://cc/api/agent-releases/files".into(),
+            ranges: Some("http://cc/api/blobs".into()),
             in_window: false,
         }
     }
@@ -172,6 +239,8 @@ mod tests {
             error: None,
             attempts,
             started: jiff::Timestamp::UNIX_EPOCH,
+            bytes_from_origin: 0,
+            bytes_from_lan: 0,
         }
     }
 

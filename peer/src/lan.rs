@@ -26,9 +26,10 @@ use iroh::{Endpoint, EndpointAddr, RelayMode};
 use iroh_blobs::protocol::{GetRequest, Request};
 use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, SlotPaths};
 use sitecast_manifest::api::{PeerAddresses, SitePeer};
-use sitecast_manifest::{ImageInfo, SecretKey};
+use sitecast_manifest::{Blake3Hash, ImageInfo, SecretKey};
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::agent::Joined;
 use crate::membership::{Membership, Refusal};
 use crate::pieces::{HaveMap, PieceSet};
 use crate::scheduler::PeerId;
@@ -299,9 +300,9 @@ impl LanNode {
         let withdrawn = piece_layout(&served.layout).pieces_touching(groups.clone());
         let (tx, mut rx) = mpsc::channel::<Bytes>(8);
         let encode = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let data = FileDevice::open(&served.paths.slot)?;
-            let outboard =
-                OutboardStore::new(served.layout, FileDevice::open(&served.paths.outboard)?);
+            let data = FileDevice::open_read_only(&served.paths.slot)?;
+            let outboard = FileDevice::open_read_only(&served.paths.outboard)?;
+            let outboard = OutboardStore::new(served.layout, outboard);
             let mut writer = ChannelWriter(tx);
             outboard.encode_groups(&data, groups, &mut writer)
         });
@@ -420,14 +421,12 @@ impl std::io::Write for ChannelWriter {
     }
 }
 
-/// The release being fetched: its hash and layout.
-type Joined = Option<([u8; 32], BlobLayout)>;
-
-/// The swarm's view of the LAN for one release.
+/// The swarm's view of the LAN for one blob (an image, or a file of an agent release).
 #[derive(Debug, Clone)]
 pub struct ReleaseFetcher {
     node: LanNode,
-    hash: Arc<Mutex<Joined>>,
+    hash: [u8; 32],
+    layout: BlobLayout,
 }
 
 impl LanFetcher for ReleaseFetcher {
@@ -438,11 +437,8 @@ impl LanFetcher for ReleaseFetcher {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, FetchError>> + Send>>
     {
         let node = self.node.clone();
-        let current = *lock(&self.hash);
+        let (hash, layout) = (self.hash, self.layout);
         Box::pin(async move {
-            let Some((hash, layout)) = current else {
-                return Err(FetchError::Failed("no release joined".into()));
-            };
             // Announcements of non-members never reach the swarm, but one that was a member
             // when it announced may not be any more.
             if !node.shared.membership.admits(&peer.0) {
@@ -459,19 +455,10 @@ impl LanFetcher for ReleaseFetcher {
 }
 
 impl crate::agent::Lan for LanNodeForAgent {
-    fn fetcher(&self) -> Arc<dyn LanFetcher> {
-        Arc::new(self.fetcher.clone())
-    }
-
-    fn join(
-        &self,
-        image: &ImageInfo,
-        slot: PathBuf,
-        state_dir: PathBuf,
-    ) -> (mpsc::Receiver<PeerNews>, mpsc::Sender<PieceSet>) {
+    fn join(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) -> Joined {
         let layout = BlobLayout::new(image.blake3, image.size);
         let hash = *image.blake3.as_bytes();
-        *lock(&self.fetcher.hash) = Some((hash, layout));
+        let fetcher = Arc::new(self.fetcher_for(image));
         let pieces = piece_count(&layout);
         let paths = SlotPaths::beside(&slot, &state_dir);
         for replaced in self.node.serve(image, paths, PieceSet::empty(pieces)) {
@@ -526,7 +513,7 @@ impl crate::agent::Lan for LanNodeForAgent {
                 }
             }
         });
-        (news, announce)
+        Joined { news, announce, fetcher }
     }
 
     fn serve_installed(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) {
@@ -541,6 +528,12 @@ impl crate::agent::Lan for LanNodeForAgent {
             HaveMap::from(&full),
             self.node.advertised_addrs(),
         );
+    }
+
+    fn unserve(&self, blob: &Blake3Hash) {
+        let hash = *blob.as_bytes();
+        lock(&self.node.shared.served).remove(&hash);
+        self.site.stop(hash);
     }
 
     fn addresses(&self) -> PeerAddresses {
@@ -578,20 +571,24 @@ impl crate::agent::Lan for LanNodeForAgent {
     }
 }
 
-/// What the agent holds: the data plane, the control plane and the current release's fetcher.
+/// What the agent holds: the data plane and the control plane.
 #[derive(Debug, Clone)]
 pub struct LanNodeForAgent {
     pub node: LanNode,
     pub site: SiteControl,
     /// Dial the peers the coordinator lists.
     coordinator_peers: bool,
-    fetcher: ReleaseFetcher,
 }
 
 impl LanNodeForAgent {
     pub fn new(node: LanNode, site: SiteControl, coordinator_peers: bool) -> Self {
-        let fetcher = ReleaseFetcher { node: node.clone(), hash: Arc::new(Mutex::new(None)) };
-        Self { node, site, coordinator_peers, fetcher }
+        Self { node, site, coordinator_peers }
+    }
+
+    /// Fetches groups of `blob` from site peers.
+    pub fn fetcher_for(&self, blob: &ImageInfo) -> ReleaseFetcher {
+        let layout = BlobLayout::new(blob.blake3, blob.size);
+        ReleaseFetcher { node: self.node.clone(), hash: *blob.blake3.as_bytes(), layout }
     }
 
     /// Both planes on 127.0.0.1 with ports chosen by the OS and no mDNS (which cannot work

@@ -8,11 +8,13 @@
 //! - [`lan`]: iroh QUIC with the iroh-blobs wire protocol, served from the slot;
 //! - [`site`]: the control plane on libp2p: mDNS discovery, have-maps by gossipsub;
 //! - [`agent`]: the update lifecycle; [`agent_update`]: agent releases (the agent updated
-//!   apart from the image, through `sitecast-launcher`'s store); [`daemon`] wires it with the control socket and metrics;
+//!   apart from the image, through `sitecast-launcher`'s store), their files fetched through
+//!   the site swarm ([`agent_files`]); [`daemon`] wires it with the control socket and metrics;
 //!   [`gate`]: its health gate on a trial boot; [`release_file`]: the running release as the
 //!   system says; [`early_checkin`]: when strangers on the LAN make it check in early.
 
 pub mod agent;
+pub mod agent_files;
 pub mod agent_update;
 pub mod config;
 pub mod control;

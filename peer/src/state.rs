@@ -69,6 +69,11 @@ pub struct AgentUpdateRecord {
     #[serde(default)]
     pub attempts: u32,
     pub started: Timestamp,
+    /// What the fetch took from Central Command and from site peers.
+    #[serde(default)]
+    pub bytes_from_origin: u64,
+    #[serde(default)]
+    pub bytes_from_lan: u64,
 }
 
 /// Fetches of one agent release before it is given up (each at a check-in).

@@ -7,7 +7,7 @@ use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, ResponseDecoder, SlotP
 use sitecast_manifest::{ImageDigest, ImageInfo, SecretKey};
 use sitecast_peer::agent::Lan;
 use sitecast_peer::lan::{LanNode, LanNodeForAgent, UploadLimits};
-use sitecast_peer::swarm::{FetchError, piece_count, piece_groups};
+use sitecast_peer::swarm::{FetchError, LanFetcher, piece_count, piece_groups};
 
 async fn serving(dir: &std::path::Path, len: u64, limits: UploadLimits) -> (LanNode, ImageInfo) {
     std::fs::create_dir_all(dir).expect("dir");
@@ -53,7 +53,7 @@ async fn a_node_serves_verified_pieces_and_caps_its_uploads() {
     let limits = UploadLimits { total_bytes_per_sec: limit, ..UploadLimits::default() };
     let (server, info) = serving(dir.path(), len, limits).await;
     let agent = client(&server, &info, dir.path()).await;
-    let fetcher = agent.fetcher();
+    let fetcher = agent.fetcher_for(&info);
     let layout = BlobLayout::new(info.blake3, info.size);
     let pieces = piece_count(&layout);
 
@@ -83,7 +83,7 @@ async fn a_node_serves_verified_pieces_and_caps_its_uploads() {
 
 /// Fetches every piece of the image from `server`; returns the time it took.
 async fn fetch_all(agent: &LanNodeForAgent, server: &LanNode, info: &ImageInfo) -> Duration {
-    let fetcher = agent.fetcher();
+    let fetcher = agent.fetcher_for(info);
     let layout = BlobLayout::new(info.blake3, info.size);
     let started = Instant::now();
     let fetches: Vec<_> = (0..piece_count(&layout))

@@ -1,6 +1,7 @@
 //! Site peers that lie: one serves flipped bits, one claims pieces it does not have and stops
 //! early. Both are detected at the first bad group and dropped; the honest agents finish with
-//! slots equal to the image, and nothing unverified is written.
+//! slots equal to the image, and nothing unverified is written. The same for a file of an
+//! agent release, fetched through the same swarm.
 
 mod common;
 
@@ -164,4 +165,52 @@ async fn a_peer_sending_flipped_bits_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_claiming_what_it_lacks_is_dropped() {
     honest_site_finishes_despite(Lie::Truncates).await;
+}
+
+/// A liar announcing a file of an agent release and sending it with flipped bits: the honest
+/// agents (under their launchers) drop it, run the release, and hold the published bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_lying_about_an_agent_release_file_is_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    let data: Vec<u8> = (0..6 * 1024 * 1024 + 333u32).map(|i| (i % 251) as u8).collect();
+    let info = {
+        let digest = sitecast_manifest::ImageDigest::of_reader(&data[..]).expect("hash");
+        ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 }
+    };
+    let binary = std::fs::read(BIN).expect("sitecast-peer");
+    origin
+        .publish_agent(2, &[("bin/sitecast-peer", &binary, true), ("share/data", &data, false)])
+        .await;
+    let _liar = liar(&origin, &data, &info, Lie::FlippedBits).await;
+    let mut agents: Vec<AgentProcess> = (0..2)
+        .map(|i| {
+            let name = format!("a{i}");
+            let mut agent =
+                AgentProcess::new(&dir.path().join(&name), &origin, "store-1", &name, 1 << 20);
+            let store = agent.dir.join("agents");
+            agent.start_under_launcher(&store, &["--restart-delay-ms", "200"]);
+            agent
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    wait_enrolled(&origin, 3, deadline, &agents[0]).await;
+    wait_members_known(&mut agents, 3, deadline).await;
+    origin.agent_rollout(2).await;
+    loop {
+        let list = appliances(&origin).await;
+        let honest: Vec<_> = list.iter().filter(|a| a["name"] != "liar").collect();
+        if honest.iter().all(|a| a["agent_release"] == 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not on agent 2: {honest:?}\n{}", agents[0].log());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for agent in &agents {
+        let staged = std::fs::read(agent.dir.join("agents/versions/2/share/data")).expect("file");
+        assert!(staged == data, "{}: the staged file differs from the published one", agent.name);
+    }
+    let dropped =
+        agents.iter().filter(|a| a.log().contains("peer dropped for this release")).count();
+    assert!(dropped >= 1, "the liar was never dropped:\n{}", agents[0].log());
 }

@@ -20,7 +20,7 @@ use sitecast_peer::membership::Membership;
 use sitecast_peer::pieces::{HaveMap, PieceSet};
 use sitecast_peer::scheduler::PeerId;
 use sitecast_peer::site::{Heard, SiteConfig, SiteControl};
-use sitecast_peer::swarm::{FetchError, PeerNews, piece_count, piece_groups};
+use sitecast_peer::swarm::{FetchError, LanFetcher, PeerNews, piece_count, piece_groups};
 
 fn image_info(path: &Path) -> ImageInfo {
     let digest = ImageDigest::of_reader(std::fs::File::open(path).expect("open")).expect("hash");
@@ -75,7 +75,7 @@ async fn fetch_everything(
     info: &ImageInfo,
 ) -> Result<u64, FetchError> {
     let layout = BlobLayout::new(info.blake3, info.size);
-    let fetcher = client.fetcher();
+    let fetcher = client.fetcher_for(info);
     let mut total = 0;
     for piece in 0..piece_count(&layout) {
         let groups = piece_groups(&layout, piece);
@@ -256,7 +256,8 @@ async fn a_stranger_gets_no_byte_and_a_new_member_gets_everything() {
     std::fs::create_dir_all(&stranger_dir).expect("dir");
     let stranger_slot = stranger_dir.join("slot.img");
     std::fs::File::create(&stranger_slot).expect("slot").set_len(info.size).expect("size");
-    let (mut news, _announce) = stranger.join(&info, stranger_slot, stranger_dir.clone());
+    let joined = stranger.join(&info, stranger_slot, stranger_dir.clone());
+    let mut news = joined.news;
     outboard(&stranger_dir, &image_path, &info);
     stranger.serve_installed(&info, image_path.clone(), stranger_dir);
     // It hears where a0 is and what it holds...
@@ -273,7 +274,7 @@ async fn a_stranger_gets_no_byte_and_a_new_member_gets_everything() {
     let layout = BlobLayout::new(info.blake3, info.size);
     for piece in 0..piece_count(&layout) {
         let groups = piece_groups(&layout, piece);
-        let answer = stranger.fetcher().fetch(a0_id, groups).await;
+        let answer = stranger.fetcher_for(&info).fetch(a0_id, groups).await;
         assert!(
             matches!(answer, Err(FetchError::Failed(_))),
             "piece {piece}: {:?}",
@@ -332,7 +333,7 @@ async fn a_stranger_gets_no_byte_and_a_new_member_gets_everything() {
 
     // The stranger is still refused, and it made a0 check in early once however often it
     // came back; a1 once more.
-    let again = stranger.fetcher().fetch(a0_id, 0..1).await;
+    let again = stranger.fetcher_for(&info).fetch(a0_id, 0..1).await;
     assert!(matches!(again, Err(FetchError::Failed(_))), "{:?}", again.map(|b| b.len()));
     let early = watch_a0.requests("/api/appliances/checkin").len() - checkins_before;
     assert!(early >= 1, "a0 never checked in early");

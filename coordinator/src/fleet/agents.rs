@@ -13,7 +13,7 @@ use super::appliances::ReportAuth;
 use super::rollouts::agent_runs_on;
 use super::{Batch, Fleet, FleetError};
 use crate::engine::{RolloutKind, RolloutState};
-use crate::store::{AgentReleaseRecord, ApplianceRecord, Change, OfferRecord, UpdateRow};
+use crate::store::{AgentReleaseRecord, ApplianceRecord, Change, OfferRecord};
 
 /// An agent release due for an appliance.
 pub(super) struct AgentDue<'a> {
@@ -149,20 +149,18 @@ pub(super) fn agent_offer_record(due: &AgentDue<'_>, now: Timestamp) -> OfferRec
 /// Sets `record`'s agent update to `report` (audited when its state changes).
 pub(super) fn record_agent_state(
     record: &mut ApplianceRecord,
-    mut report: ReportRequest,
+    report: ReportRequest,
     now: Timestamp,
     batch: &mut Batch,
     actor: &str,
 ) {
-    let same = record.agent_update.as_ref().filter(|u| u.report.version == report.version);
-    let changed = same.is_none_or(|u| u.report.state != report.state);
-    let started = same.map_or(now, |u| u.started);
-    let since = if changed { now } else { same.map_or(now, |u| u.since) };
-    report.error = report.error.map(|e| super::validate::clip(&e, super::validate::MAX_ERROR));
-    if changed {
-        let detail =
-            json!({"version": report.version, "state": report.state, "error": report.error});
-        batch.audit(now, actor, "appliance.agent_report", detail);
-    }
-    record.agent_update = Some(UpdateRow { report, started, since });
+    let row = &mut record.agent_update;
+    super::appliances::record_update_state(
+        row,
+        report,
+        now,
+        batch,
+        actor,
+        "appliance.agent_report",
+    );
 }

@@ -125,12 +125,17 @@ impl Fleet {
             batch.push(Change::Appliance(Box::new(record.clone())));
         }
         let mut response = self.answer(&record, offer, now, public_url);
+        if agent_due.is_some() && response.site_peers.is_empty() {
+            // An agent release's files come through the site swarm as an image does.
+            response.site_peers = self.site_peers(&record, None, now);
+        }
         response.agent_offer = agent_due.map(|due| AgentOffer {
             version: due.release.version,
             manifest: due.release.manifest.clone(),
             rollout: due.rollout,
             intent: due.intent,
             files: format!("{public_url}/api/agent-releases/files"),
+            ranges: Some(format!("{public_url}/api/blobs")),
             in_window: due.in_window,
         });
         Ok(CheckinPlan { durable: batch.finish(), seen: record, response, registered })
@@ -183,14 +188,21 @@ impl Fleet {
                 u.report.version != version || u.report.state != UpdateState::Succeeded
             })
         {
+            // What the agent reported of this update (its bytes, the release it left) stays.
+            let earlier =
+                (record.agent_update.as_ref()).filter(|u| u.report.version == version).map(|u| {
+                    (u.report.previous_version, u.report.bytes_from_origin, u.report.bytes_from_lan)
+                });
+            let (previous_version, bytes_from_origin, bytes_from_lan) =
+                earlier.unwrap_or((None, 0, 0));
             let report = ReportRequest {
                 state: UpdateState::Succeeded,
                 version,
-                previous_version: None,
+                previous_version,
                 rollout,
                 progress: None,
-                bytes_from_origin: 0,
-                bytes_from_lan: 0,
+                bytes_from_origin,
+                bytes_from_lan,
                 slot: None,
                 error: None,
                 seq: None,
@@ -296,8 +308,19 @@ impl Fleet {
             image: format!("{public_url}/api/releases/{}/image", release.version),
             iroh: self.iroh_addresses.clone(),
         });
-        response.site_peers = self
-            .members
+        response.site_peers = self.site_peers(appliance, Some(release), now);
+        response
+    }
+
+    /// The online appliances of `appliance`'s site, for its LAN to dial (networks without
+    /// multicast), with their state of `release` if an image is offered.
+    fn site_peers(
+        &self,
+        appliance: &ApplianceRecord,
+        release: Option<&ReleaseRecord>,
+        now: Timestamp,
+    ) -> Vec<SitePeer> {
+        self.members
             .get(&appliance.site)
             .into_iter()
             .flatten()
@@ -307,14 +330,14 @@ impl Fleet {
                 appliance: p.key.clone(),
                 addresses: p.peer.clone(),
                 installed_version: p.installed_version,
-                state: p
-                    .update
-                    .as_ref()
-                    .filter(|u| u.report.version == release.version)
-                    .map(|u| u.report.state),
+                state: release.and_then(|release| {
+                    p.update
+                        .as_ref()
+                        .filter(|u| u.report.version == release.version)
+                        .map(|u| u.report.state)
+                }),
             })
-            .collect();
-        response
+            .collect()
     }
 
     /// The release due for this appliance, if any: a pin (the appliance's, else its group's)
@@ -380,34 +403,23 @@ impl Fleet {
                 report.rollout.map(|r| format!(" by rollout {r}")).unwrap_or_default()
             )));
         }
-        let changed_state = record
-            .update
-            .as_ref()
-            .is_none_or(|u| u.report.state != report.state || u.report.version != report.version);
-        let started = record
-            .update
-            .as_ref()
-            .filter(|u| u.report.version == report.version)
-            .map_or(now, |u| u.started);
-        let since =
-            if changed_state { now } else { record.update.as_ref().map_or(now, |u| u.since) };
         if matches!(report.state, UpdateState::Succeeded) {
             record.installed_version = report.version;
             record.claimed_version = None;
             record.active_slot = report.slot.clone().or(record.active_slot.take());
         }
-        let detail = changed_state.then(
-            || json!({"version": report.version, "state": report.state, "error": report.error}),
-        );
-        let mut report = report;
-        report.error = report.error.map(|e| validate::clip(&e, validate::MAX_ERROR));
-        record.update = Some(UpdateRow { report, started, since });
-        record.last_checkin = now;
         let mut batch = Batch::new(self);
+        let actor = format!("appliance:{key}");
+        record_update_state(
+            &mut record.update,
+            report,
+            now,
+            &mut batch,
+            &actor,
+            "appliance.report",
+        );
+        record.last_checkin = now;
         batch.push(Change::Appliance(Box::new(record)));
-        if let Some(detail) = detail {
-            batch.audit(now, &format!("appliance:{key}"), "appliance.report", detail);
-        }
         Ok(batch.finish())
     }
 
@@ -543,4 +555,27 @@ fn identity_changes(
     compare("platform", json!(before.platform), json!(after.platform));
     compare("installed_version", json!(before.installed_version), json!(after.installed_version));
     changed
+}
+
+/// Sets an update row (the image's or the agent's) to `report`, audited as `action` when its
+/// state changes; `started` and `since` carry over while the release and state stay.
+pub(super) fn record_update_state(
+    row: &mut Option<UpdateRow>,
+    mut report: ReportRequest,
+    now: Timestamp,
+    batch: &mut Batch,
+    actor: &str,
+    action: &str,
+) {
+    let same = row.as_ref().filter(|u| u.report.version == report.version);
+    let changed = same.is_none_or(|u| u.report.state != report.state);
+    let started = same.map_or(now, |u| u.started);
+    let since = if changed { now } else { same.map_or(now, |u| u.since) };
+    report.error = report.error.map(|e| validate::clip(&e, validate::MAX_ERROR));
+    if changed {
+        let detail =
+            json!({"version": report.version, "state": report.state, "error": report.error});
+        batch.audit(now, actor, action, detail);
+    }
+    *row = Some(UpdateRow { report, started, since });
 }

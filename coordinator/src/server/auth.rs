@@ -335,7 +335,7 @@ impl FromRequest<Arc<AppState>> for SignedAppliance {
 }
 
 /// Who may read image bytes: the operator, an enrolled appliance (signed request), or the
-/// holder of an image URL from an offer.
+/// holder of an image URL from an offer (images only, not agent release files).
 #[derive(Debug, Clone)]
 pub(super) enum ImageReader {
     Operator,
@@ -347,11 +347,12 @@ pub(super) enum ImageReader {
 }
 
 impl ImageReader {
-    /// Checks the request parts; `version` is the release asked for (for signed URLs).
+    /// Checks the request parts; `version` is the release asked for (for signed URLs), `None`
+    /// for a blob no signed URL names.
     pub(super) fn check(
         state: &Arc<AppState>,
         parts: &Parts,
-        version: u64,
+        version: Option<u64>,
     ) -> Result<Self, ApiError> {
         if parts.headers.contains_key(header::AUTHORIZATION) || session_id(&parts.headers).is_some()
         {
@@ -382,7 +383,9 @@ impl ImageReader {
         };
         let expires = field("expires").and_then(|e| e.parse::<i64>().ok());
         match (expires, field("sig")) {
-            (Some(expires), Some(sig)) if state.image_url_valid(version, expires, sig) => {
+            (Some(expires), Some(sig))
+                if version.is_some_and(|v| state.image_url_valid(v, expires, sig)) =>
+            {
                 Ok(Self::SignedUrl)
             }
             (Some(_), Some(_)) => Err(ApiError::new(

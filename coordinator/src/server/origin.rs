@@ -24,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use super::auth::{ImageReader, peer_address};
 use super::range_pool::Busy;
 use super::{ApiError, AppState, lock};
+use crate::blobs::BlobInfo;
 use crate::fleet::Fleet;
 use crate::range::{self, RangeDecision};
 use crate::store::ReleaseRecord;
@@ -65,7 +66,7 @@ pub(super) async fn image(
     request: Request,
 ) -> Result<Response, ApiError> {
     let (parts, _) = request.into_parts();
-    let reader = ImageReader::check(&state, &parts, version)?;
+    let reader = ImageReader::check(&state, &parts, Some(version))?;
     let record = readable(
         &state,
         &reader,
@@ -123,16 +124,11 @@ pub(super) async fn blob_ranges(
     request: Request,
 ) -> Result<Response, ApiError> {
     let (parts, _) = request.into_parts();
-    let version = lock(&state.fleet).release_by_hash(&hash).map(|r| r.version);
-    let version = version.ok_or_else(|| ApiError::not_found(format!("blob {hash}")))?;
-    let reader = ImageReader::check(&state, &parts, version)?;
-    let record =
-        readable(&state, &reader, |f| f.releases.get(&version).cloned(), &format!("blob {hash}"))?;
+    let (info, reader, version) = ranged_blob(&state, &parts, &hash).await?;
     let site = match &reader {
         ImageReader::Appliance { site, .. } => site.clone(),
         _ => "unattributed".to_owned(),
     };
-    let info = image_info(&record)?;
     let layout = sitecast_iso::BlobLayout::new(info.blake3, info.size);
     if range.start >= range.end || range.end > layout.groups() {
         return Err(ApiError::new(
@@ -154,7 +150,7 @@ pub(super) async fn blob_ranges(
         },
     )?;
     let length = layout.encoded_len(range.start..range.end);
-    let (data, outboard) = state.blobs.open_image(&info).map_err(ApiError::internal)?;
+    let (data, outboard) = state.blobs.open_blob(&info).map_err(ApiError::internal)?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
     let groups = range.start..range.end;
     let counter = Arc::clone(&state);
@@ -169,7 +165,11 @@ pub(super) async fn blob_ranges(
             tracing::warn!(%error, "serving verified ranges stopped");
             let _ = writer.sender.try_send(Err(error));
         }
-        counter.count_origin_bytes(Fleet::count_origin_bytes(&site, version, sent));
+        // Per site and release; an agent release's files are counted by the appliances'
+        // reports instead.
+        if let Some(version) = version {
+            counter.count_origin_bytes(Fleet::count_origin_bytes(&site, version, sent));
+        }
     });
     let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver.recv().await.map(|item| (item, receiver))
@@ -180,6 +180,40 @@ pub(super) async fn blob_ranges(
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     Ok(response)
+}
+
+/// What `hash` names, if this reader may have verified ranges of it: a release's image (and
+/// that release, whose origin bytes are counted) or a file of an agent release (enrolled
+/// appliances and operators only).
+async fn ranged_blob(
+    state: &Arc<AppState>,
+    parts: &axum::http::request::Parts,
+    hash: &str,
+) -> Result<(BlobInfo, ImageReader, Option<u64>), ApiError> {
+    let not_found = || ApiError::not_found(format!("blob {hash}"));
+    let version = lock(&state.fleet).release_by_hash(hash).map(|r| r.version);
+    if let Some(version) = version {
+        let reader = ImageReader::check(state, parts, Some(version))?;
+        let record = readable(
+            state,
+            &reader,
+            |f| f.releases.get(&version).cloned(),
+            &format!("blob {hash}"),
+        )?;
+        let info = image_info(&record)?;
+        return Ok((BlobInfo { blake3: info.blake3, size: info.size }, reader, Some(version)));
+    }
+    let blake3 = sitecast_manifest::Blake3Hash::from_hex(hash).map_err(|_| not_found())?;
+    if !lock(&state.fleet).is_agent_file(&blake3.to_hex()) {
+        return Err(not_found());
+    }
+    let reader = ImageReader::check(state, parts, None)?;
+    // Checked against its manifest when it was stored: its length is its size.
+    let size = tokio::fs::metadata(state.blobs.data_path(&blake3))
+        .await
+        .map_err(ApiError::internal)?
+        .len();
+    Ok((BlobInfo { blake3, size }, reader, None))
 }
 
 /// Bridges the synchronous encoder to the async body; a client that reads nothing for

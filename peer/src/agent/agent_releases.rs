@@ -2,17 +2,19 @@
 //! launcher's store, the switch (inside the window if the rollout asks), and reports to
 //! Central Command, including the launcher's rollback of a version that failed.
 
-use std::sync::Arc;
-
 use jiff::Timestamp;
 use sitecast_launcher::RollbackRecord;
 use sitecast_launcher::frozen::FrozenPath;
 use sitecast_manifest::api::{AgentOffer, ReportRequest, UpdateIntent, UpdateState};
-use sitecast_manifest::{AgentPolicy, Intent};
+use sitecast_manifest::{AgentPolicy, ImageInfo, Intent};
+use tokio_util::sync::CancellationToken;
 
 use super::Agent;
-use crate::agent_update::{self, OfferStep};
+use crate::agent_files::{FileCache, FileSources};
+use crate::agent_update::{self, AgentFetch, OfferStep};
+use crate::scheduler::PeerId;
 use crate::state::{AGENT_FETCH_ATTEMPTS, AgentUpdateRecord};
+use crate::swarm::TransferStats;
 
 /// Versions the launcher rolled back from that are remembered (the oldest are forgotten).
 const REFUSED_KEPT: usize = 32;
@@ -39,9 +41,9 @@ impl Agent {
                         version = offer.version,
                         "another agent release replaces the running fetch"
                     );
-                    // Cancelled between reads, and waited for: two fetches must never
-                    // write the store's staging at once.
-                    self.agent_fetch_cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                    // Cancelled, and waited for: two fetches must never write the store's
+                    // staging or the file cache at once.
+                    self.agent_fetch_cancel.cancel();
                     let _ = fetch.await;
                 }
                 self.start_agent_fetch(offer).await;
@@ -96,6 +98,8 @@ impl Agent {
             error: None,
             attempts,
             started: Timestamp::now(),
+            bytes_from_origin: 0,
+            bytes_from_lan: 0,
         });
         let (build, os_releases) = match self.verify_agent_offer(offer) {
             Ok(verified) => verified,
@@ -110,16 +114,28 @@ impl Agent {
         tracing::info!(version = offer.version, "fetching agent release");
         self.save();
         self.send_agent_report(UpdateState::Downloading, None).await;
-        self.agent_fetch_cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        self.agent_fetch = Some(tokio::spawn(agent_update::fetch_and_stage(
-            self.client.clone(),
-            Arc::clone(&self.agent_fetch_cancel),
-            store,
-            offer.version,
+        self.agent_fetch_cancel = CancellationToken::new();
+        let swarm = offer.ranges.as_ref().map(|ranges| {
+            let members = self.membership.members().unwrap_or_default();
+            let sources = FileSources {
+                client: self.client.clone(),
+                ranges: ranges.clone(),
+                lan: self.lan.clone(),
+                me: PeerId(*self.key.public().as_bytes()),
+                site_members: members.into_iter().map(PeerId).collect(),
+            };
+            (sources, FileCache::new(&self.config.state_dir))
+        });
+        self.agent_fetch = Some(tokio::spawn(agent_update::fetch_and_stage(AgentFetch {
+            client: self.client.clone(),
+            cancel: self.agent_fetch_cancel.clone(),
+            store_root: store,
+            version: offer.version,
             build,
             os_releases,
-            offer.files.clone(),
-        )));
+            files_url: offer.files.clone(),
+            swarm,
+        })));
     }
 
     /// The build for this appliance and the OS releases it runs on, if the offer verifies.
@@ -162,13 +178,20 @@ impl Agent {
 
     /// The fetch ended: staged (switch, if the window allows) or failed (tried again at a
     /// later check-in, up to its attempts).
-    pub(super) async fn agent_fetch_finished(&mut self, result: Result<(), String>) {
+    pub(super) async fn agent_fetch_finished(&mut self, result: Result<TransferStats, String>) {
         self.agent_fetch = None;
         match result {
-            Ok(()) => {
+            Ok(stats) => {
+                tracing::info!(
+                    bytes_from_origin = stats.bytes_from_origin,
+                    bytes_from_lan = stats.bytes_from_lan,
+                    "agent release staged"
+                );
                 if let Some(record) = self.state.agent_update.as_mut() {
                     record.state = UpdateState::Ready;
                     record.error = None;
+                    record.bytes_from_origin = stats.bytes_from_origin;
+                    record.bytes_from_lan = stats.bytes_from_lan;
                 }
                 self.save();
                 self.send_agent_report(UpdateState::Ready, None).await;
@@ -267,6 +290,35 @@ impl Agent {
         }
     }
 
+    /// Serves the files of the agent release this appliance fetched, held whole in its cache,
+    /// to site peers that fetch it later (a later stage of the rollout, after a restart).
+    pub(super) fn serve_agent_files(&self) {
+        let (Some(lan), Some(record)) = (&self.lan, &self.state.agent_update) else { return };
+        let held = [UpdateState::Ready, UpdateState::Rebooting, UpdateState::Succeeded];
+        if !held.contains(&record.state) {
+            return;
+        }
+        let Ok(verified) =
+            self.root.verify_agent_release(record.manifest.as_bytes(), Timestamp::now())
+        else {
+            return;
+        };
+        let cache = FileCache::new(&self.config.state_dir);
+        let mut served = 0;
+        for file in verified.release().builds.iter().flat_map(|b| &b.files) {
+            let info = ImageInfo { size: file.size, blake3: file.blake3, sha256: file.sha256 };
+            if info.size > 0 && cache.holds(&info) {
+                lan.serve_installed(&info, cache.paths(&info.blake3).slot, cache.dir().to_owned());
+                served += 1;
+            }
+        }
+        tracing::info!(
+            version = record.version,
+            files = served,
+            "agent release files served to site peers"
+        );
+    }
+
     /// Tells the launcher how this check-in reached Central Command, for its frozen path (the
     /// fix for an agent that keeps crashing, maybe on this very configuration later).
     pub(super) fn record_frozen_path(&self) {
@@ -297,8 +349,8 @@ impl Agent {
             previous_version: Some(self.launched.release),
             rollout: record.rollout,
             progress: None,
-            bytes_from_origin: 0,
-            bytes_from_lan: 0,
+            bytes_from_origin: record.bytes_from_origin,
+            bytes_from_lan: record.bytes_from_lan,
             slot: None,
             error,
             seq: None,

@@ -859,6 +859,12 @@ impl AgentProcess {
         )
     }
 
+    /// The agent's state file, if it has saved one.
+    pub fn state_file_if_saved(&self) -> Option<serde_json::Value> {
+        let text = std::fs::read(self.dir.join("state/agent.json")).ok()?;
+        Some(serde_json::from_slice(&text).expect("json"))
+    }
+
     /// The agent's state file.
     pub fn state_file(&self) -> serde_json::Value {
         let text = std::fs::read(self.dir.join("state/agent.json")).expect("agent.json");
