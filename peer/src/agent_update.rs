@@ -83,7 +83,13 @@ pub fn next_step(
         // A restart interrupted the fetch: staging starts again from scratch.
         UpdateState::Downloading => OfferStep::Fetch,
         UpdateState::Ready => OfferStep::Switch,
-        UpdateState::Failed if record.attempts < AGENT_FETCH_ATTEMPTS => OfferStep::Fetch,
+        // Given up after its attempts, or refused: a new rollout of the same release (the
+        // operator's answer to a failure) tries again from the start.
+        UpdateState::Failed
+            if record.attempts < AGENT_FETCH_ATTEMPTS || record.rollout != offer.rollout =>
+        {
+            OfferStep::Fetch
+        }
         _ => OfferStep::Nothing,
     }
 }
@@ -145,10 +151,10 @@ async fn fetch_through_swarm(
         total.failed += stats.failed;
     }
     tokio::task::spawn_blocking(move || {
-        // As it is: opening it for writing would empty `staging/`, which is the launcher's to
-        // clean when it starts (no agent runs then).
-        // Linked from the cache, not copied: the release takes its size once on the data
-        // partition, and the cache goes on serving the same bytes to site peers.
+        // The store as it is (opening it for writing would empty `staging/`, which is the
+        // launcher's to clean when it starts, when no agent runs). Files are linked from the
+        // cache, not copied: the release takes its size once on the data partition, and the
+        // cache goes on serving the same bytes to site peers.
         let store = AgentStore::at(&fetch.store_root);
         store
             .stage_linked(fetch.version, &fetch.build, fetch.os_releases, |file| {
@@ -262,6 +268,9 @@ mod tests {
         assert_eq!(next_step(&offer(3), Some(&given_up), &[], 2, false), OfferStep::Nothing);
         // Another version offered since: that one is fetched.
         assert_eq!(next_step(&offer(4), Some(&given_up), &[], 2, false), OfferStep::Fetch);
+        // The same version in a new rollout: tried again.
+        let again = AgentOffer { rollout: Some(2), ..offer(3) };
+        assert_eq!(next_step(&again, Some(&given_up), &[], 2, false), OfferStep::Fetch);
     }
 
     #[test]

@@ -81,11 +81,12 @@ impl Agent {
 
     /// Verifies the offer and starts fetching its files; a refused offer is reported.
     async fn start_agent_fetch(&mut self, offer: &AgentOffer) {
+        // Attempts count per rollout: a new rollout of the release starts again.
         let attempts = self
             .state
             .agent_update
             .as_ref()
-            .filter(|r| r.version == offer.version)
+            .filter(|r| r.version == offer.version && r.rollout == offer.rollout)
             .map_or(0, |r| r.attempts);
         self.state.agent_update = Some(AgentUpdateRecord {
             version: offer.version,
