@@ -78,15 +78,20 @@ impl FrozenPath {
 
 /// Fetches the newest agent release above `above` that has a build for this appliance,
 /// verifies it, installs it in `store` and makes it current. Returns its version.
-/// `booted_os`: the OS release the launcher read itself, if it could (else the agent's).
+/// `booted_os`: the OS release the launcher read itself, if it could (else the agent's);
+/// `root`: the root of trust the launcher was given, if any (else the agent's).
 pub fn fetch_latest(
     store: &AgentStore,
     above: u64,
     booted_os: Option<u64>,
+    root: Option<&Path>,
     now: Timestamp,
 ) -> Result<u64, FrozenError> {
     let mut path = FrozenPath::read(store.root()).ok_or(FrozenError::NotRecorded)?;
     path.os_release = booted_os.unwrap_or(path.os_release);
+    if let Some(root) = root {
+        path.root = root.to_owned();
+    }
     let unusable = |what: &Path, e: &dyn std::fmt::Display| {
         FrozenError::Unusable(format!("{}: {e}", what.display()))
     };

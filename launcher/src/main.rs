@@ -50,6 +50,11 @@ struct Cli {
     /// one (the frozen path) at most this often.
     #[arg(long, default_value_t = 900)]
     fetch_interval_secs: u64,
+    /// The root of trust the frozen path verifies agent releases against. By default the one
+    /// the agent recorded at its last successful check-in; set it to the image's own file so
+    /// that nothing an agent writes changes what the launcher trusts.
+    #[arg(long)]
+    root: Option<PathBuf>,
     /// Pause before starting the agent again after it exited.
     #[arg(long, default_value_t = 2000)]
     restart_delay_ms: u64,
@@ -115,7 +120,13 @@ fn run(cli: &Cli) -> Result<u8, String> {
             Decision::FetchLatest => {
                 let above =
                     current.unwrap_or(rule.image_release).max(launcher.state.given_up.unwrap_or(0));
-                match sitecast_launcher::frozen::fetch_latest(&store, above, rule.booted_os, now) {
+                match sitecast_launcher::frozen::fetch_latest(
+                    &store,
+                    above,
+                    rule.booted_os,
+                    cli.root.as_deref(),
+                    now,
+                ) {
                     Ok(version) => {
                         eprintln!(
                             "sitecast-launcher: the agent keeps crashing; agent {version} fetched from Central Command (frozen path), on trial now"

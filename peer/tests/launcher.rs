@@ -171,19 +171,21 @@ async fn an_agent_release_reaches_agents_under_the_launcher_and_a_crashing_one_i
 }
 
 /// Agent `a1` under a launcher that gives up after two quick exits and takes the frozen path
-/// at once (no interval between tries), with `env` set, enrolled; and its store.
+/// at once (no interval between tries), with `env` set and `launcher_args` added, enrolled;
+/// and its store.
 async fn frozen_path_agent(
     dir: &std::path::Path,
     origin: &Origin,
     env: &[(&str, &str)],
+    launcher_args: &[&str],
 ) -> (AgentProcess, std::path::PathBuf) {
     let mut agent = AgentProcess::new(&dir.join("a1"), origin, "store-1", "a1", 1 << 20);
     agent.env.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let store = agent.dir.join("agents");
-    agent.start_under_launcher(
-        &store,
-        &["--restart-delay-ms", "200", "--crash-limit", "2", "--fetch-interval-secs", "0"],
-    );
+    let mut args = vec!["--restart-delay-ms", "200", "--crash-limit", "2"];
+    args.extend(["--fetch-interval-secs", "0"]);
+    args.extend(launcher_args);
+    agent.start_under_launcher(&store, &args);
     wait_enrolled(origin, 1, Instant::now() + Duration::from_secs(120), &agent).await;
     (agent, store)
 }
@@ -192,7 +194,9 @@ async fn frozen_path_agent(
 async fn an_agent_that_crashes_on_its_configuration_is_fixed_through_the_frozen_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path()).await;
-    let (agent, store) = frozen_path_agent(dir.path(), &origin, &[]).await;
+    // The launcher is given the root of trust itself, as the appliance image does.
+    let root = origin.root_path.to_str().expect("utf-8 path");
+    let (agent, store) = frozen_path_agent(dir.path(), &origin, &[], &["--root", root]).await;
     let deadline = Instant::now() + Duration::from_secs(120);
 
     // Agent 2 runs, confirms, and records how it reached Central Command.
@@ -214,6 +218,12 @@ async fn an_agent_that_crashes_on_its_configuration_is_fixed_through_the_frozen_
     std::fs::write(agent.dir.join("agent.toml"), "checkin_interval_secs = \"soon\"\n")
         .expect("config");
     agent.kill_agent_under_launcher();
+    // What the broken agent recorded names no usable root: the launcher's own is what counts.
+    let frozen = store.join("frozen.json");
+    let mut recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&frozen).expect("frozen.json")).expect("json");
+    recorded["root"] = "/nonexistent/root.json".into();
+    std::fs::write(&frozen, serde_json::to_vec(&recorded).expect("json")).expect("write");
     let store_view = AgentStore::at(&store);
     while store_view.current().ok().flatten() != Some(3) || store_view.confirmed() != Some(3) {
         assert!(Instant::now() < deadline, "never fixed:\n{}", agent.log());
@@ -232,7 +242,7 @@ async fn an_agent_that_crashes_on_every_answer_gets_its_fix_through_the_frozen_p
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path()).await;
     let fault = ("SITECAST_FAULT_CRASH_ON_ANSWER_FIELD", "agent_offer@2");
-    let (agent, store) = frozen_path_agent(dir.path(), &origin, &[fault]).await;
+    let (agent, store) = frozen_path_agent(dir.path(), &origin, &[fault], &[]).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let binary = std::fs::read(BIN).expect("sitecast-peer");
     origin.publish_agent(2, &[("bin/sitecast-peer", &binary, true)]).await;
