@@ -85,7 +85,9 @@ async fn scene(server: &TestServer, releases: &Releases) -> Scene {
             1 => ("store-nyc", "nyc"),
             _ => ("warehouse-lab", "lab"),
         };
-        let mut appliance = Appliance::new(site, &format!("{short}-{:02}", i + 1), 1);
+        // Keys from names: the stages, and so who is quiet and who is in the agent canary,
+        // are the same in every run.
+        let mut appliance = Appliance::named(site, &format!("{short}-{:02}", i + 1), 1);
         appliance.agent_release = Some(1);
         appliance.checkin(server).await;
         appliances.push(appliance);
@@ -207,6 +209,8 @@ async fn scene(server: &TestServer, releases: &Releases) -> Scene {
         .filter(|&i| agent_rollout["members"][appliances[i].id()] == 0)
         .collect();
     assert_eq!(canary.len(), 3, "{agent_rollout}");
+    // Its check-ins would bring a quiet appliance back online.
+    assert!(canary.iter().all(|i| !quiet.contains(i)), "a quiet appliance in the agent canary");
     for &i in &canary {
         assert!(appliances[i].checkin(server).await.agent_offer.is_some());
     }

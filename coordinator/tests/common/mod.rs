@@ -358,7 +358,17 @@ pub struct Appliance {
 
 impl Appliance {
     pub fn new(site: &str, name: &str, installed_version: u64) -> Self {
-        let key = SecretKey::generate().expect("rng");
+        Self::with_key(site, name, installed_version, SecretKey::generate().expect("rng"))
+    }
+
+    /// An appliance whose key comes from its name: the same in every run, so which rollout
+    /// stage it falls in (a hash of the key) is too.
+    pub fn named(site: &str, name: &str, installed_version: u64) -> Self {
+        let seed = *blake3::hash(format!("appliance {name}").as_bytes()).as_bytes();
+        Self::with_key(site, name, installed_version, SecretKey::from_seed(seed))
+    }
+
+    fn with_key(site: &str, name: &str, installed_version: u64, key: SecretKey) -> Self {
         // Locally administered unicast addresses from the key, in two of the spellings.
         let b = *key.public().as_bytes();
         let dashed = format!("02-{:02X}-{:02X}-{:02X}-{:02X}-11", b[0], b[1], b[2], b[3]);
