@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -18,7 +18,7 @@ use serde::Deserialize;
 use sitecast_manifest::{Blake3Hash, ImageInfo};
 
 use super::auth::{Operator, SignedAppliance};
-use super::{ApiError, AppState, change, lock, parse_json};
+use super::{ApiError, AppState, RequestBody, change, lock, parse_json};
 use crate::blobs::ImportError;
 use crate::store::AgentReleaseRecord;
 
@@ -33,7 +33,7 @@ struct PublishRequest {
 pub(super) async fn publish(
     State(state): State<Arc<AppState>>,
     _: Operator,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let root = super::releases::root_of_trust(&state)?;
     let request: PublishRequest = parse_json(&body)?;

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -611,6 +612,24 @@ impl From<SessionError> for ApiError {
             SessionError::Csrf => Self::new(StatusCode::FORBIDDEN, "csrf", error.to_string()),
             SessionError::Random(_) => Self::internal(error),
         }
+    }
+}
+
+/// A request body within the route's limit. Over the limit (or cut off), the answer is a JSON
+/// error with a stable code like every other, not the framework's plain text.
+pub(super) struct RequestBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RequestBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(request, state).await.map(Self).map_err(|rejection| {
+            let code = match rejection.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+                _ => "unreadable_body",
+            };
+            ApiError::new(rejection.status(), code, rejection.body_text())
+        })
     }
 }
 

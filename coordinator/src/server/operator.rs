@@ -3,14 +3,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use sitecast_manifest::window::MaintenanceWindow;
 
 use super::auth::Operator;
-use super::{ApiError, AppState, change, lock, mutate, parse_json};
+use super::{ApiError, AppState, RequestBody, change, lock, mutate, parse_json};
 use crate::engine::RolloutKind;
 use crate::fleet::{FleetError, RolloutAction, RolloutRequest, RolloutView, SitesOverview};
 use crate::store::AuditEntry;
@@ -18,7 +17,7 @@ use crate::store::AuditEntry;
 pub(super) async fn create_rollout(
     State(state): State<Arc<AppState>>,
     _: Operator,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     let request: RolloutRequest = parse_json(&body)?;
     let view = mutate(
@@ -74,7 +73,7 @@ pub(super) async fn pin(
     State(state): State<Arc<AppState>>,
     _: Operator,
     Path(key): Path<String>,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
     let request: PinRequest = parse_json(&body)?;
     change(&state, move |fleet, now| fleet.pin(&key, RolloutKind::Image, request.version, now))
@@ -86,7 +85,7 @@ pub(super) async fn pin_group(
     State(state): State<Arc<AppState>>,
     _: Operator,
     Path(group): Path<String>,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
     let request: PinRequest = parse_json(&body)?;
     change(&state, move |fleet, now| {
@@ -100,7 +99,7 @@ pub(super) async fn agent_pin(
     State(state): State<Arc<AppState>>,
     _: Operator,
     Path(key): Path<String>,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
     let request: PinRequest = parse_json(&body)?;
     change(&state, move |fleet, now| fleet.pin(&key, RolloutKind::Agent, request.version, now))
@@ -112,7 +111,7 @@ pub(super) async fn agent_pin_group(
     State(state): State<Arc<AppState>>,
     _: Operator,
     Path(group): Path<String>,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
     let request: PinRequest = parse_json(&body)?;
     change(&state, move |fleet, now| {
@@ -126,7 +125,7 @@ pub(super) async fn appliance_window(
     State(state): State<Arc<AppState>>,
     _: Operator,
     Path(key): Path<String>,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
     let window: Option<MaintenanceWindow> = parse_json(&body)?;
     change(&state, move |fleet, now| fleet.set_appliance_window(&key, window, now)).await?;
@@ -137,7 +136,7 @@ pub(super) async fn site_window(
     State(state): State<Arc<AppState>>,
     _: Operator,
     Path(site): Path<String>,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
     let window: MaintenanceWindow = parse_json(&body)?;
     change(&state, move |fleet, now| fleet.set_site_window(&site, window, now)).await?;

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -12,7 +11,7 @@ use jiff::Timestamp;
 use serde::Deserialize;
 
 use super::auth::{ClientAddr, OPERATOR_TOKEN, session_id};
-use super::{ApiError, AppState, change, lock, mutate, parse_json};
+use super::{ApiError, AppState, RequestBody, change, lock, mutate, parse_json};
 use crate::session::{self, SessionError};
 use crate::web;
 
@@ -63,7 +62,7 @@ pub(super) async fn sign_in(
     State(state): State<Arc<AppState>>,
     ClientAddr(from): ClientAddr,
     headers: HeaderMap,
-    body: Bytes,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let request: SignInRequest = parse_json(&body)?;
     if !state.token_matches(OPERATOR_TOKEN, &request.token) {

@@ -531,6 +531,30 @@ pub async fn error_code(response: Response) -> (u16, String) {
     (status, body["code"].as_str().unwrap_or("").to_owned())
 }
 
+/// Sends a request whose body is over a limit and checks it was cut off. Central Command
+/// answers 413 and closes the connection without reading the rest, so the client either reads
+/// that answer or, when the close reaches it while it is still writing, fails writing the body
+/// (a broken pipe or a reset). Either shows the body was not read whole.
+pub async fn assert_cut_off(request: RequestBuilder) {
+    match request.send().await {
+        Ok(response) => assert_eq!(error_code(response).await, (413, "too_large".to_owned())),
+        Err(e) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            let mut closed = false;
+            while let Some(error) = source {
+                if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                    closed |= matches!(
+                        io.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    );
+                }
+                source = error.source();
+            }
+            assert!(closed, "neither a 413 nor a connection closed while writing: {e:?}");
+        }
+    }
+}
+
 /// A build directory with an agent binary and a data file; returns it and the manifest.
 pub fn agent_release(
     releases: &Releases,
