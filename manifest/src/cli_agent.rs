@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -38,21 +38,12 @@ pub(crate) struct SignAgentArgs {
     notes: String,
     #[arg(long, default_value_t = 90)]
     expires_days: i64,
-    /// Release secret key files (repeat to meet a threshold).
-    #[arg(long = "key", required = true)]
-    keys: Vec<PathBuf>,
-    /// Check the result against this root before writing it.
-    #[arg(long)]
-    root: Option<PathBuf>,
-    #[arg(long)]
-    out: PathBuf,
+    #[command(flatten)]
+    signing: crate::Signing,
 }
 
 pub(crate) fn sign_agent(args: SignAgentArgs) -> Result<()> {
-    let keys = crate::secret_keys(&args.keys)?;
-    if keys.len() != args.keys.len() {
-        bail!("every --key must be a secret key file");
-    }
+    let keys = args.signing.secret_keys()?;
     let mut builds = Vec::new();
     for build in &args.builds {
         let Some((platform, dir)) = build.split_once('=') else {
@@ -75,18 +66,16 @@ pub(crate) fn sign_agent(args: SignAgentArgs) -> Result<()> {
     release.check().context("the agent release")?;
     let bytes = release.sign(&keys.iter().collect::<Vec<_>>()).to_bytes();
     // With the root, the signatures too (enough keys, the right ones).
-    if let Some(root) = &args.root {
-        let root = TrustedRoot::pin(&crate::read(root)?).context("root")?;
-        root.verify_agent_release(&bytes, now)
-            .context("the new manifest does not verify against the root")?;
-    }
-    crate::write_document(&args.out, &bytes)?;
+    args.signing.verify_and_write(&bytes, |root, bytes| {
+        root.verify_agent_release(bytes, now)?;
+        Ok(())
+    })?;
     let files: usize = release.builds.iter().map(|b| b.files.len()).sum();
     println!(
         "signed agent release {} ({} platform(s), {files} files) -> {}",
         release.version,
         release.builds.len(),
-        args.out.display()
+        args.signing.out.display()
     );
     Ok(())
 }

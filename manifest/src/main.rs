@@ -114,6 +114,13 @@ struct SignArgs {
     /// Appliances that install this release refuse anything older than this version afterwards.
     #[arg(long)]
     rollback_floor: Option<u64>,
+    #[command(flatten)]
+    signing: Signing,
+}
+
+/// Which keys sign a document, and where it goes: the same for image and agent releases.
+#[derive(Args)]
+struct Signing {
     /// Release secret key files (repeat to meet a threshold).
     #[arg(long = "key", required = true)]
     keys: Vec<PathBuf>,
@@ -122,6 +129,30 @@ struct SignArgs {
     root: Option<PathBuf>,
     #[arg(long)]
     out: PathBuf,
+}
+
+impl Signing {
+    fn secret_keys(&self) -> Result<Vec<SecretKey>> {
+        let keys = secret_keys(&self.keys)?;
+        if keys.len() != self.keys.len() {
+            bail!("every --key must be a secret key file");
+        }
+        Ok(keys)
+    }
+
+    /// Writes the signed `bytes` to `--out`, once `verify` accepts them under `--root` (if
+    /// one is named).
+    fn verify_and_write(
+        &self,
+        bytes: &[u8],
+        verify: impl FnOnce(&TrustedRoot, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        if let Some(root) = &self.root {
+            let root = TrustedRoot::pin(&read(root)?).context("root")?;
+            verify(&root, bytes).context("the new manifest does not verify against the root")?;
+        }
+        write_document(&self.out, bytes)
+    }
 }
 
 #[derive(Args)]
@@ -282,10 +313,7 @@ fn open_image(path: &Path) -> Result<File> {
 }
 
 fn sign(args: SignArgs) -> Result<()> {
-    let keys = secret_keys(&args.keys)?;
-    if keys.len() != args.keys.len() {
-        bail!("every --key must be a secret key file");
-    }
+    let keys = args.signing.secret_keys()?;
     let digest = ImageDigest::of_reader(open_image(&args.image)?)
         .with_context(|| format!("hashing {}", args.image.display()))?;
     let now = Timestamp::now();
@@ -300,18 +328,16 @@ fn sign(args: SignArgs) -> Result<()> {
         rollback_floor: args.rollback_floor,
     };
     let bytes = release.sign(&keys.iter().collect::<Vec<_>>()).to_bytes();
-    if let Some(root) = &args.root {
-        let root = TrustedRoot::pin(&read(root)?).context("root")?;
-        root.verify_release(&bytes, now)
-            .context("the new manifest does not verify against the root")?;
-    }
-    write_document(&args.out, &bytes)?;
+    args.signing.verify_and_write(&bytes, |root, bytes| {
+        root.verify_release(bytes, now)?;
+        Ok(())
+    })?;
     println!(
         "signed release {} ({} bytes, blake3 {}) -> {}",
         release.version,
         digest.size,
         digest.blake3,
-        args.out.display()
+        args.signing.out.display()
     );
     Ok(())
 }

@@ -142,13 +142,7 @@ async fn fetch_through_swarm(
     }
     let mut total = TransferStats::default();
     for file in files.values() {
-        let stats = agent_files::fetch_file(&sources, &cache, file, &fetch.cancel).await?;
-        total.bytes_from_origin += stats.bytes_from_origin;
-        total.bytes_from_lan += stats.bytes_from_lan;
-        total.pieces_from_origin += stats.pieces_from_origin;
-        total.pieces_from_lan += stats.pieces_from_lan;
-        total.corrupt += stats.corrupt;
-        total.failed += stats.failed;
+        total += agent_files::fetch_file(&sources, &cache, file, &fetch.cancel).await?;
     }
     tokio::task::spawn_blocking(move || {
         // The store as it is (opening it for writing would empty `staging/`, which is the

@@ -73,6 +73,20 @@ pub struct TransferStats {
     pub pieces_total: u64,
 }
 
+/// Several transfers' figures together (an agent release's files, one swarm each).
+impl std::ops::AddAssign for TransferStats {
+    fn add_assign(&mut self, other: Self) {
+        self.bytes_from_origin += other.bytes_from_origin;
+        self.bytes_from_lan += other.bytes_from_lan;
+        self.pieces_from_origin += other.pieces_from_origin;
+        self.pieces_from_lan += other.pieces_from_lan;
+        self.corrupt += other.corrupt;
+        self.failed += other.failed;
+        self.pieces_done += other.pieces_done;
+        self.pieces_total += other.pieces_total;
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SwarmError {
     #[error(transparent)]

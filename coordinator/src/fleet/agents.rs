@@ -9,7 +9,6 @@ use jiff::Timestamp;
 use serde_json::json;
 use sitecast_manifest::api::{ReportRequest, UpdateIntent};
 
-use super::appliances::ReportAuth;
 use super::rollouts::agent_runs_on;
 use super::{Batch, Fleet, FleetError};
 use crate::engine::{RolloutKind, RolloutState};
@@ -111,28 +110,6 @@ impl Fleet {
         }
         usable(rollout.version)
             .map(|r| due(r, UpdateIntent::Upgrade, Some(rollout.id), rollout.in_window))
-    }
-
-    /// Records an appliance's report of an agent update (`POST /api/appliances/agent-report`).
-    pub fn agent_report(
-        &self,
-        key: &str,
-        report: ReportRequest,
-        auth: &ReportAuth,
-        now: Timestamp,
-    ) -> Result<Vec<Change>, FleetError> {
-        let mut record = self.fresh_report(key, &report, auth)?;
-        if record.agent_offer.as_ref().is_none_or(|o| o.version != report.version) {
-            return Err(FleetError::NotOffered(format!(
-                "appliance {key} was not offered agent release {}",
-                report.version
-            )));
-        }
-        let actor = format!("appliance:{key}");
-        let mut batch = Batch::new(self);
-        record_agent_state(&mut record, report, now, &mut batch, &actor);
-        batch.push(Change::Appliance(Box::new(record)));
-        Ok(batch.finish())
     }
 
     /// Whether the blob `blake3` (hex) is a file of a published agent release.

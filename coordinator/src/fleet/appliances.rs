@@ -380,45 +380,43 @@ impl Fleet {
         usable(rollout.version).map(|r| (r, UpdateIntent::Upgrade, Some(rollout.id)))
     }
 
-    /// Records an appliance's report of its update.
+    /// Records an appliance's report of its image update, or with `kind` agent of its agent
+    /// update (`POST /api/appliances/report` and `/agent-report`).
     pub fn report(
         &self,
         key: &str,
+        kind: RolloutKind,
         report: ReportRequest,
         auth: &ReportAuth,
         now: Timestamp,
     ) -> Result<Vec<Change>, FleetError> {
         let mut record = self.fresh_report(key, &report, auth)?;
-        // Matched on the release alone: an agent keeps the rollout of the offer it started
-        // with, while the same release may since have been offered again by a pin or a new
-        // rollout.
-        let offered = record.offer.as_ref().is_some_and(|o| o.version == report.version);
-        // Records from before offers were stored: the update already under way still counts.
-        let under_way = record.offer.is_none()
-            && record.update.as_ref().is_some_and(|u| u.report.version == report.version);
-        if !offered && !under_way {
+        if !was_offered(&record, kind, &report) {
+            let what = match kind {
+                RolloutKind::Image => "release",
+                RolloutKind::Agent => "agent release",
+            };
             return Err(FleetError::NotOffered(format!(
-                "appliance {key} was not offered release {}{}",
+                "appliance {key} was not offered {what} {}{}",
                 report.version,
                 report.rollout.map(|r| format!(" by rollout {r}")).unwrap_or_default()
             )));
         }
-        if matches!(report.state, UpdateState::Succeeded) {
-            record.installed_version = report.version;
-            record.claimed_version = None;
-            record.active_slot = report.slot.clone().or(record.active_slot.take());
-        }
         let mut batch = Batch::new(self);
         let actor = format!("appliance:{key}");
-        record_update_state(
-            &mut record.update,
-            report,
-            now,
-            &mut batch,
-            &actor,
-            "appliance.report",
-        );
-        record.last_checkin = now;
+        match kind {
+            RolloutKind::Image => {
+                if matches!(report.state, UpdateState::Succeeded) {
+                    record.installed_version = report.version;
+                    record.claimed_version = None;
+                    record.active_slot = report.slot.clone().or(record.active_slot.take());
+                }
+                record.last_checkin = now;
+                let row = &mut record.update;
+                record_update_state(row, report, now, &mut batch, &actor, "appliance.report");
+            }
+            RolloutKind::Agent => record_agent_state(&mut record, report, now, &mut batch, &actor),
+        }
         batch.push(Change::Appliance(Box::new(record)));
         Ok(batch.finish())
     }
@@ -555,6 +553,22 @@ fn identity_changes(
     compare("platform", json!(before.platform), json!(after.platform));
     compare("installed_version", json!(before.installed_version), json!(after.installed_version));
     changed
+}
+
+/// Whether `report` is about the release the appliance was offered. Matched on the release
+/// alone: an agent keeps the rollout of the offer it started with, while the same release may
+/// since have been offered again by a pin or a new rollout.
+fn was_offered(record: &ApplianceRecord, kind: RolloutKind, report: &ReportRequest) -> bool {
+    let (offer, update) = match kind {
+        RolloutKind::Image => (&record.offer, &record.update),
+        RolloutKind::Agent => (&record.agent_offer, &record.agent_update),
+    };
+    let offered = offer.as_ref().is_some_and(|o| o.version == report.version);
+    // Records from before offers were stored: the image update already under way still counts.
+    let under_way = kind == RolloutKind::Image
+        && offer.is_none()
+        && update.as_ref().is_some_and(|u| u.report.version == report.version);
+    offered || under_way
 }
 
 /// Sets an update row (the image's or the agent's) to `report`, audited as `action` when its

@@ -11,6 +11,7 @@ use sitecast_manifest::api::{CheckinRequest, CheckinResponse, ReportRequest};
 
 use super::auth::{ENROLLMENT_TOKEN, Operator, SignedAppliance};
 use super::{ApiError, AppState, change, lock, parse_json};
+use crate::engine::RolloutKind;
 use crate::fleet::{ApplianceListing, Enrollment, ReportAuth};
 
 pub(super) async fn checkin(
@@ -87,11 +88,7 @@ pub(super) async fn report(
     State(state): State<Arc<AppState>>,
     signed: SignedAppliance,
 ) -> Result<StatusCode, ApiError> {
-    let report: ReportRequest = parse_json(&signed.body)?;
-    let auth = ReportAuth { timestamp: signed.timestamp, signature: signed.signature_digest };
-    let key = signed.key;
-    change(&state, move |fleet, now| fleet.report(&key, report, &auth, now)).await?;
-    Ok(StatusCode::NO_CONTENT)
+    take_report(&state, RolloutKind::Image, signed).await
 }
 
 /// `POST /api/appliances/agent-report`: the same body as a report, about an agent release.
@@ -99,10 +96,18 @@ pub(super) async fn agent_report(
     State(state): State<Arc<AppState>>,
     signed: SignedAppliance,
 ) -> Result<StatusCode, ApiError> {
+    take_report(&state, RolloutKind::Agent, signed).await
+}
+
+async fn take_report(
+    state: &Arc<AppState>,
+    kind: RolloutKind,
+    signed: SignedAppliance,
+) -> Result<StatusCode, ApiError> {
     let report: ReportRequest = parse_json(&signed.body)?;
     let auth = ReportAuth { timestamp: signed.timestamp, signature: signed.signature_digest };
     let key = signed.key;
-    change(&state, move |fleet, now| fleet.agent_report(&key, report, &auth, now)).await?;
+    change(state, move |fleet, now| fleet.report(&key, kind, report, &auth, now)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

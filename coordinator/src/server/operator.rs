@@ -69,16 +69,35 @@ struct PinRequest {
     version: Option<u64>,
 }
 
+/// Whom a pin holds: one appliance or every appliance in a group.
+enum PinTarget {
+    Appliance(String),
+    Group(String),
+}
+
+/// Pins (or, with no version, unpins) the target's image or agent.
+async fn set_pin(
+    state: &Arc<AppState>,
+    kind: RolloutKind,
+    target: PinTarget,
+    body: &[u8],
+) -> Result<StatusCode, ApiError> {
+    let version = parse_json::<PinRequest>(body)?.version;
+    change(state, move |fleet, now| match &target {
+        PinTarget::Appliance(key) => fleet.pin(key, kind, version, now),
+        PinTarget::Group(group) => fleet.pin_group(group, kind, version, now),
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub(super) async fn pin(
     State(state): State<Arc<AppState>>,
     _: Operator,
     Path(key): Path<String>,
     RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
-    let request: PinRequest = parse_json(&body)?;
-    change(&state, move |fleet, now| fleet.pin(&key, RolloutKind::Image, request.version, now))
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    set_pin(&state, RolloutKind::Image, PinTarget::Appliance(key), &body).await
 }
 
 pub(super) async fn pin_group(
@@ -87,12 +106,7 @@ pub(super) async fn pin_group(
     Path(group): Path<String>,
     RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
-    let request: PinRequest = parse_json(&body)?;
-    change(&state, move |fleet, now| {
-        fleet.pin_group(&group, RolloutKind::Image, request.version, now)
-    })
-    .await?;
-    Ok(StatusCode::NO_CONTENT)
+    set_pin(&state, RolloutKind::Image, PinTarget::Group(group), &body).await
 }
 
 pub(super) async fn agent_pin(
@@ -101,10 +115,7 @@ pub(super) async fn agent_pin(
     Path(key): Path<String>,
     RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
-    let request: PinRequest = parse_json(&body)?;
-    change(&state, move |fleet, now| fleet.pin(&key, RolloutKind::Agent, request.version, now))
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
+    set_pin(&state, RolloutKind::Agent, PinTarget::Appliance(key), &body).await
 }
 
 pub(super) async fn agent_pin_group(
@@ -113,12 +124,7 @@ pub(super) async fn agent_pin_group(
     Path(group): Path<String>,
     RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
-    let request: PinRequest = parse_json(&body)?;
-    change(&state, move |fleet, now| {
-        fleet.pin_group(&group, RolloutKind::Agent, request.version, now)
-    })
-    .await?;
-    Ok(StatusCode::NO_CONTENT)
+    set_pin(&state, RolloutKind::Agent, PinTarget::Group(group), &body).await
 }
 
 pub(super) async fn appliance_window(
