@@ -66,6 +66,13 @@ struct ServeArgs {
     /// Token appliances present on their first check-in; generated and shown once if not set.
     #[arg(long, env = "SITECAST_ENROLLMENT_TOKEN", hide_env_values = true)]
     enrollment_token: Option<String>,
+    /// hawkBit DDI gateway token: devices of the tenant that present it may poll and are
+    /// registered on their first poll (without it each needs its own target token).
+    #[arg(long, env = "SITECAST_DDI_GATEWAY_TOKEN", hide_env_values = true)]
+    ddi_gateway_token: Option<String>,
+    /// The hawkBit tenant in DDI devices' URLs (`/{tenant}/controller/v1/...`).
+    #[arg(long, default_value = "DEFAULT")]
+    ddi_tenant: String,
     /// URL appliances reach this server at (default: from each request's Host header).
     #[arg(long)]
     public_url: Option<String>,
@@ -305,6 +312,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     config.operator_token = args.operator_token;
     config.enrollment_token = args.enrollment_token;
+    config.ddi_gateway_token = args.ddi_gateway_token;
+    config.ddi_tenant = args.ddi_tenant;
     config.public_url = args.public_url;
     config.tick = Duration::from_secs(args.tick_secs.max(1));
     config.fleet.checkin_interval_secs = args.checkin_interval_secs;

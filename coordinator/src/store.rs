@@ -56,6 +56,23 @@ pub struct ReleaseRecord {
     pub rollback_floor: Option<u64>,
     /// The signed manifest, byte for byte.
     pub manifest: String,
+    /// A SWUpdate artifact published with it, for devices that speak hawkBit DDI.
+    #[serde(default)]
+    pub swu: Option<SwuArtifact>,
+}
+
+/// A SWUpdate image (`.swu`) published beside a release. Signed with the operator's own
+/// SWUpdate key, which the device checks; Central Command only stores and serves it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwuArtifact {
+    pub filename: String,
+    pub size: u64,
+    /// Where it is stored (the blob store is content-addressed by BLAKE3).
+    pub blake3: String,
+    /// The hashes DDI clients are given: SWUpdate requires `sha1`.
+    pub sha256: String,
+    pub sha1: String,
+    pub md5: String,
 }
 
 /// A published agent release (`sitecast.agent`): the agent apart from any image.
@@ -159,6 +176,47 @@ pub struct ApplianceRecord {
     /// Its current agent update: the last agent report.
     #[serde(default)]
     pub agent_update: Option<UpdateRow>,
+    /// Set for a device that runs a hawkBit DDI client (SWUpdate) instead of the sitecast
+    /// agent.
+    #[serde(default)]
+    pub ddi: Option<DdiRecord>,
+}
+
+/// What Central Command keeps of a device that speaks hawkBit DDI.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DdiRecord {
+    pub controller_id: String,
+    /// BLAKE3 (hex) of its target token; `None` for a device that came with the gateway token.
+    #[serde(default)]
+    pub token_hash: Option<String>,
+    /// The attributes it sent as `configData`.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// The action for its current offer.
+    #[serde(default)]
+    pub action: Option<DdiAction>,
+    /// Actions numbered so far (DDI action ids are numbers; SWUpdate reads them as 32-bit).
+    #[serde(default)]
+    pub actions_issued: u32,
+    /// The details of its last feedback, as it sent them (clipped).
+    #[serde(default)]
+    pub last_feedback: Option<String>,
+}
+
+/// A DDI deployment action: one offer of one release to one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DdiAction {
+    pub id: u32,
+    pub version: u64,
+    /// The rollout that offered it (`None`: a pin); rolling that rollout back cancels it.
+    #[serde(default)]
+    pub rollout: Option<u64>,
+    /// Whether the device has begun it (sent feedback): from then on it stays offered, even
+    /// outside the window, until the device closes it.
+    #[serde(default)]
+    pub begun: bool,
+    #[serde(default)]
+    pub closed: bool,
 }
 
 /// A release offered to an appliance in a check-in answer.

@@ -260,6 +260,16 @@ impl Fleet {
         }
     }
 
+    /// The maintenance window `appliance` keeps: its own, else its site's, else the default.
+    pub(super) fn window_of(&self, appliance: &ApplianceRecord) -> MaintenanceWindow {
+        let site_window = self.sites.get(&appliance.site).map(|s| s.window.clone());
+        appliance
+            .window
+            .clone()
+            .or(site_window)
+            .unwrap_or_else(|| self.config.default_window.clone())
+    }
+
     /// The check-in answer for `appliance`, given what is due for it.
     fn answer(
         &self,
@@ -268,12 +278,7 @@ impl Fleet {
         now: Timestamp,
         public_url: &str,
     ) -> CheckinResponse {
-        let site_window = self.sites.get(&appliance.site).map(|s| s.window.clone());
-        let window = appliance
-            .window
-            .clone()
-            .or(site_window)
-            .unwrap_or_else(|| self.config.default_window.clone());
+        let window = self.window_of(appliance);
         let mut site_members: Vec<String> =
             self.members.get(&appliance.site).into_iter().flatten().cloned().collect();
         if !site_members.contains(&appliance.key) {
@@ -342,7 +347,7 @@ impl Fleet {
 
     /// The release due for this appliance, if any: a pin (the appliance's, else its group's)
     /// first, then a fleet rollback, then the rollout's stage.
-    fn due<'a>(
+    pub(super) fn due<'a>(
         &'a self,
         appliance: &ApplianceRecord,
     ) -> Option<(&'a ReleaseRecord, UpdateIntent, Option<u64>)> {

@@ -12,6 +12,7 @@
 
 mod agents;
 mod appliances;
+mod ddi;
 mod rollouts;
 mod sites;
 mod validate;
@@ -24,6 +25,10 @@ use sitecast_manifest::api::UpdateState;
 use sitecast_manifest::window::MaintenanceWindow;
 
 pub use self::appliances::{CheckinPlan, Enrollment, ReportAuth};
+pub use self::ddi::{
+    DDI_PLATFORM, DdiExecution, DdiFeedback, DdiFinished, DdiNext, DdiPoll, check_swu_filename,
+    ddi_key,
+};
 pub use self::rollouts::{RolloutAction, RolloutRequest, RolloutView};
 pub use self::sites::{SiteRelease, SiteSummary, SitesOverview, WindowOccurrence};
 use crate::engine::{ApplianceView, Rollout, RolloutKind};

@@ -86,6 +86,10 @@ pub struct RolloutView {
 
 /// Whether `release` runs on `appliance`'s hardware (a release that lists none runs on all).
 pub(super) fn runs_on(release: &ReleaseRecord, appliance: &ApplianceRecord) -> bool {
+    if appliance.ddi.is_some() {
+        // A DDI client installs a SWUpdate artifact; its hardware check is the device's own.
+        return release.swu.is_some();
+    }
     release.platforms.is_empty() || release.platforms.contains(&appliance.platform)
 }
 

@@ -51,7 +51,7 @@ fn deceptive(c: char) -> bool {
             | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
 }
 
-fn text(field: &str, value: &str) -> Result<String, FleetError> {
+pub(super) fn text(field: &str, value: &str) -> Result<String, FleetError> {
     let value = value.trim();
     if value.chars().count() > MAX_TEXT {
         return Err(FleetError::Invalid(format!("{field} is longer than {MAX_TEXT} characters")));

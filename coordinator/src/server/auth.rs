@@ -22,6 +22,8 @@ use crate::store::Change;
 
 pub const OPERATOR_TOKEN: &str = "operator_token_blake3";
 pub(super) const ENROLLMENT_TOKEN: &str = "enrollment_token_blake3";
+/// The hawkBit DDI gateway token: lets any device of the tenant poll and register itself.
+pub(super) const DDI_GATEWAY_TOKEN: &str = "ddi_gateway_token_blake3";
 /// The key Central Command signs image URLs with (hex); never leaves the server.
 pub const URL_SECRET: &str = "image_url_secret";
 
@@ -29,7 +31,7 @@ pub(super) fn token_hash(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
 }
 
-fn random_hex(len: usize) -> std::io::Result<String> {
+pub(super) fn random_hex(len: usize) -> std::io::Result<String> {
     let mut bytes = vec![0u8; len];
     getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(hex::encode(bytes))
@@ -72,6 +74,12 @@ pub(super) fn initial_tokens(
             }
             _ => {}
         }
+    }
+    // Never generated: without one configured, DDI devices need a target token each.
+    if let Some(token) = &config.ddi_gateway_token
+        && fleet.meta.get(DDI_GATEWAY_TOKEN) != Some(&token_hash(token))
+    {
+        add(fleet, DDI_GATEWAY_TOKEN, token_hash(token), "configured");
     }
     if !fleet.meta.contains_key(URL_SECRET) {
         changes.push(Fleet::meta_change(URL_SECRET, random_hex(32)?));

@@ -11,6 +11,7 @@
 mod agent_releases;
 mod appliances;
 mod auth;
+mod ddi;
 mod operator;
 mod origin;
 mod range_pool;
@@ -120,6 +121,10 @@ pub struct ServerConfig {
     /// Serve HTTPS with this certificate (re-read when the files change); `None`: plain HTTP,
     /// for a TLS proxy in front or a lab.
     pub tls: Option<sitecast_tls::CertificateFiles>,
+    /// The hawkBit tenant DDI devices name in their URLs (case-insensitive).
+    pub ddi_tenant: String,
+    /// The DDI gateway token: any device of the tenant may poll with it and is registered.
+    pub ddi_gateway_token: Option<String>,
 }
 
 impl ServerConfig {
@@ -142,6 +147,8 @@ impl ServerConfig {
             image_url_ttl: jiff::SignedDuration::from_hours(24),
             limits: crate::listener::Limits::default(),
             tls: None,
+            ddi_tenant: "DEFAULT".to_owned(),
+            ddi_gateway_token: None,
         }
     }
 }
@@ -152,6 +159,9 @@ pub struct FirstRunTokens {
     pub operator: Option<String>,
     pub enrollment: Option<String>,
 }
+
+/// Where hawkBit DDI clients find their device ([`ddi`]).
+const DDI_BASE: &str = "/{tenant}/controller/v1/{controller_id}";
 
 #[derive(Debug)]
 struct AppState {
@@ -177,6 +187,7 @@ struct AppState {
     refusals: Mutex<auth::RateLimit>,
     range_pool: range_pool::RangePool,
     image_url_ttl: jiff::SignedDuration,
+    ddi_tenant: String,
     listener_stats: crate::listener::Stats,
 }
 
@@ -247,6 +258,7 @@ impl Coordinator {
                 config.max_range_streams_per_client,
             ),
             image_url_ttl: config.image_url_ttl,
+            ddi_tenant: config.ddi_tenant.clone(),
             listener_stats: crate::listener::Stats::default(),
         };
         let data_dir = config.data_dir.clone();
@@ -300,6 +312,24 @@ impl Coordinator {
                     .post(session_api::sign_in)
                     .layer(DefaultBodyLimit::max(MAX_SIGN_IN_BYTES))
                     .delete(session_api::sign_out),
+            )
+            .route("/api/ddi/targets", post(ddi::register_target))
+            .route(
+                "/api/releases/{version}/swu/{filename}",
+                put(releases::publish_swu).layer(upload_limit),
+            )
+            .route(DDI_BASE, get(ddi::poll))
+            .route(&format!("{DDI_BASE}/deploymentBase/{{action}}"), get(ddi::deployment))
+            .route(&format!("{DDI_BASE}/deploymentBase/{{action}}/feedback"), post(ddi::feedback))
+            .route(&format!("{DDI_BASE}/configData"), put(ddi::config_data))
+            .route(&format!("{DDI_BASE}/cancelAction/{{action}}"), get(ddi::cancel_action))
+            .route(
+                &format!("{DDI_BASE}/cancelAction/{{action}}/feedback"),
+                post(ddi::cancel_feedback),
+            )
+            .route(
+                &format!("{DDI_BASE}/softwaremodules/{{version}}/artifacts/{{filename}}"),
+                get(ddi::artifact),
             )
             .route(web::PAGE.path, get(|| async { session_api::page_asset(&web::PAGE) }))
             .route(web::SCRIPT.path, get(|| async { session_api::page_asset(&web::SCRIPT) }))

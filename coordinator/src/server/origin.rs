@@ -73,35 +73,45 @@ pub(super) async fn image(
         |f| f.releases.get(&version).cloned(),
         &format!("release {version}"),
     )?;
-    let headers = &parts.headers;
-    let etag = format!("\"{}\"", record.blake3);
     let mut response_headers = HeaderMap::new();
     let value = |s: &str| HeaderValue::from_str(s).map_err(ApiError::internal);
-    response_headers.insert(header::ETAG, value(&etag)?);
-    response_headers.insert(header::ACCEPT_RANGES, value("bytes")?);
     response_headers.insert(api::HEADER_IMAGE_SHA256, value(&record.sha256)?);
     response_headers.insert(header::CONTENT_TYPE, value("application/octet-stream")?);
+    let path = state.blobs.data_path(&image_info(&record)?.blake3);
+    let etag = format!("\"{}\"", record.blake3);
+    ranged_file(&parts.headers, &path, record.size, &etag, response_headers).await
+}
+
+/// A stored file of `size` bytes: `Range` and conditional requests as RFC 9110 has them,
+/// under `etag`, with `response_headers` added.
+pub(super) async fn ranged_file(
+    headers: &HeaderMap,
+    path: &std::path::Path,
+    size: u64,
+    etag: &str,
+    mut response_headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let value = |s: &str| HeaderValue::from_str(s).map_err(ApiError::internal);
+    response_headers.insert(header::ETAG, value(etag)?);
+    response_headers.insert(header::ACCEPT_RANGES, value("bytes")?);
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    if range::not_modified(text(header::IF_NONE_MATCH), &etag) {
+    if range::not_modified(text(header::IF_NONE_MATCH), etag) {
         return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
     }
     let (status, range) =
-        match range::decide(text(header::RANGE), text(header::IF_RANGE), &etag, record.size) {
-            RangeDecision::Full => (StatusCode::OK, 0..record.size),
+        match range::decide(text(header::RANGE), text(header::IF_RANGE), etag, size) {
+            RangeDecision::Full => (StatusCode::OK, 0..size),
             RangeDecision::Partial(range) => {
-                let content_range =
-                    format!("bytes {}-{}/{}", range.start, range.end - 1, record.size);
+                let content_range = format!("bytes {}-{}/{}", range.start, range.end - 1, size);
                 response_headers.insert(header::CONTENT_RANGE, value(&content_range)?);
                 (StatusCode::PARTIAL_CONTENT, range)
             }
             RangeDecision::NotSatisfiable => {
-                response_headers
-                    .insert(header::CONTENT_RANGE, value(&format!("bytes */{}", record.size))?);
+                response_headers.insert(header::CONTENT_RANGE, value(&format!("bytes */{size}"))?);
                 return Ok((StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response());
             }
         };
-    let path = state.blobs.data_path(&image_info(&record)?.blake3);
-    let mut file = tokio::fs::File::open(&path).await.map_err(ApiError::internal)?;
+    let mut file = tokio::fs::File::open(path).await.map_err(ApiError::internal)?;
     file.seek(std::io::SeekFrom::Start(range.start)).await.map_err(ApiError::internal)?;
     let length = range.end - range.start;
     response_headers.insert(header::CONTENT_LENGTH, value(&length.to_string())?);

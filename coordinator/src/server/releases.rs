@@ -82,6 +82,7 @@ pub(super) async fn publish(
         platforms: release.platforms.clone(),
         rollback_floor: release.rollback_floor,
         manifest: String::from_utf8_lossy(&verified.to_bytes()).into_owned(),
+        swu: None,
     };
     if let Some(iroh) = state.iroh.get() {
         iroh.add(&state.blobs.data_path(&image.blake3)).await.map_err(ApiError::internal)?;
@@ -217,4 +218,72 @@ pub(super) async fn manifest(
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("release {version}")))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], record.manifest).into_response())
+}
+
+/// `PUT /api/releases/{version}/swu/{filename}`: a SWUpdate artifact for the release's DDI
+/// devices, streamed to disk and hashed as it arrives (BLAKE3 to store it, SHA-256, SHA-1 and
+/// MD5 for the clients). It is signed with the operator's SWUpdate key, which the device
+/// checks: Central Command cannot, and serves it only to devices offered this release.
+pub(super) async fn publish_swu(
+    State(state): State<Arc<AppState>>,
+    _: Operator,
+    Path((version, filename)): Path<(u64, String)>,
+    request: Request,
+) -> Result<(StatusCode, Json<ReleaseRecord>), ApiError> {
+    use futures_util::StreamExt;
+    use sha1::Digest;
+
+    crate::fleet::check_swu_filename(&filename)?;
+    lock(&state.fleet).swu_attachable(version)?;
+    let path = state.blobs.incoming_path();
+    let mut file = tokio::fs::File::create(&path).await.map_err(ApiError::internal)?;
+    let (mut blake3, mut sha256) = (blake3::Hasher::new(), sha2::Sha256::new());
+    let (mut sha1, mut md5) = (sha1::Sha1::new(), md5::Md5::new());
+    let mut size = 0u64;
+    let mut body = request.into_body().into_data_stream();
+    let received: Result<(), ApiError> = async {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+            })?;
+            size += chunk.len() as u64;
+            blake3.update(&chunk);
+            sha256.update(&chunk);
+            sha1.update(&chunk);
+            md5.update(&chunk);
+            file.write_all(&chunk).await.map_err(ApiError::internal)?;
+        }
+        file.sync_all().await.map_err(ApiError::internal)
+    }
+    .await;
+    if let Err(error) = received {
+        let _ = tokio::fs::remove_file(&path).await;
+        return Err(error);
+    }
+    let info = sitecast_manifest::ImageInfo {
+        size,
+        blake3: blake3.finalize().into(),
+        sha256: sitecast_manifest::Sha256Hash(sha256.finalize().into()),
+    };
+    let swu = crate::store::SwuArtifact {
+        filename,
+        size,
+        blake3: info.blake3.to_hex(),
+        sha256: info.sha256.to_hex(),
+        sha1: hex::encode(sha1.finalize()),
+        md5: hex::encode(md5.finalize()),
+    };
+    let blobs = state.blobs.clone();
+    tokio::task::spawn_blocking(move || blobs.import(&path, &info))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::internal(format!("storing the artifact: {e:?}")))?;
+    let record = super::mutate(
+        &state,
+        move |fleet, now| Ok(((), fleet.attach_swu(version, swu, now)?)),
+        move |fleet, (), _| fleet.releases.get(&version).cloned(),
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("release {version}")))?;
+    Ok((StatusCode::CREATED, Json(record)))
 }

@@ -1,0 +1,415 @@
+//! Devices that speak hawkBit DDI (SWUpdate's suricatta mode): appliances in the same registry,
+//! marked by their [`DdiRecord`], offered the same releases by the same pins, rollouts and
+//! windows. An offer becomes a DDI action (a number, as SWUpdate requires); the device's
+//! feedback drives the same update states as a sitecast agent's reports, so the rollout
+//! engine counts, advances and auto-pauses over both alike.
+//!
+//! A window holds a device by not offering its action (`update: "skip"` would tell SWUpdate the
+//! update is done); once the device has begun an action it stays offered until the device
+//! closes it, since SWUpdate sends its verdict after the reboot against whatever is offered.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use serde_json::json;
+use sitecast_manifest::api::{ReportRequest, UpdateState};
+
+use super::appliances::record_update_state;
+use super::validate::{self, MAX_ERROR, MAX_TEXT};
+use super::{Batch, Fleet, FleetError};
+use crate::store::{
+    ApplianceRecord, Change, DdiAction, DdiRecord, OfferRecord, ReleaseRecord, SwuArtifact,
+};
+
+/// The platform recorded for DDI devices (no sitecast image is built for it).
+pub const DDI_PLATFORM: &str = "hawkbit-ddi";
+/// Most `configData` attributes kept per device.
+const MAX_ATTRIBUTES: usize = 64;
+
+/// A DDI device's key in the registry: its controller id, in a namespace of its own.
+pub fn ddi_key(controller_id: &str) -> String {
+    format!("ddi:{controller_id}")
+}
+
+/// A poll's outcome: what to store first, and what the device should do.
+#[derive(Debug)]
+pub struct DdiPoll {
+    pub durable: Vec<Change>,
+    /// The record with this poll's bookkeeping (last seen), applied after.
+    pub seen: ApplianceRecord,
+    pub next: DdiNext,
+}
+
+/// What a poll offers a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DdiNext {
+    Nothing,
+    /// Install the release of this action (`deploymentBase`).
+    Deploy(u32),
+    /// Stop this action: its rollout was rolled back (`cancelAction`).
+    Cancel(u32),
+}
+
+/// A device's feedback on an action, as DDI has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DdiFeedback {
+    pub execution: DdiExecution,
+    /// `success`, `failure` or `none`.
+    pub finished: DdiFinished,
+    /// Chunks installed of all, when the device says.
+    pub progress: Option<(u64, u64)>,
+    pub details: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DdiExecution {
+    Proceeding,
+    Closed,
+    Canceled,
+    Rejected,
+    /// `scheduled`, `resumed`, `downloaded`, `download` and states newer clients may send.
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DdiFinished {
+    Success,
+    Failure,
+    None,
+}
+
+impl DdiFeedback {
+    /// The update state this feedback puts the device in.
+    fn state(&self) -> UpdateState {
+        match (self.execution, self.finished) {
+            (DdiExecution::Closed, DdiFinished::Success) => UpdateState::Succeeded,
+            (DdiExecution::Closed | DdiExecution::Rejected | DdiExecution::Canceled, _) => {
+                UpdateState::Failed
+            }
+            (_, DdiFinished::Failure) => UpdateState::Failed,
+            // Every chunk installed: the device runs its post-update command (the reboot) and
+            // closes the action when it comes back.
+            _ if self.progress.is_some_and(|(done, of)| of > 0 && done >= of) => {
+                UpdateState::Rebooting
+            }
+            _ => UpdateState::Downloading,
+        }
+    }
+}
+
+impl Fleet {
+    /// Whether release `version` can take a SWUpdate artifact (it has none yet: devices may be
+    /// downloading the one it has).
+    pub fn swu_attachable(&self, version: u64) -> Result<&ReleaseRecord, FleetError> {
+        let release = self
+            .releases
+            .get(&version)
+            .ok_or_else(|| FleetError::NotFound(format!("release {version}")))?;
+        if let Some(swu) = &release.swu {
+            return Err(FleetError::Conflict(format!(
+                "release {version} already has the SWUpdate artifact {}",
+                swu.filename
+            )));
+        }
+        Ok(release)
+    }
+
+    /// Publishes `swu` with release `version`.
+    pub fn attach_swu(
+        &self,
+        version: u64,
+        swu: SwuArtifact,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        let mut release = self.swu_attachable(version)?.clone();
+        let detail = json!({"version": version, "filename": swu.filename, "size": swu.size,
+            "sha256": swu.sha256});
+        release.swu = Some(swu);
+        let mut batch = Batch::new(self);
+        batch.audit(now, "operator", "release.swu", detail);
+        batch.push(Change::Release(release));
+        Ok(batch.finish())
+    }
+
+    /// The DDI device with this controller id.
+    pub fn ddi_device(&self, controller_id: &str) -> Option<&ApplianceRecord> {
+        self.appliances.get(&ddi_key(controller_id)).filter(|a| a.ddi.is_some())
+    }
+
+    /// Registers a DDI device, or gives a registered one a new target token. `token_hash` is
+    /// `None` for a device that registers itself with the gateway token.
+    pub fn ddi_register(
+        &self,
+        controller_id: &str,
+        site: &str,
+        token_hash: Option<String>,
+        actor: &str,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        let controller_id = checked_controller_id(controller_id)?;
+        let site = validate::text("site", site)?;
+        if site.is_empty() {
+            return Err(FleetError::Invalid("site must not be empty".into()));
+        }
+        let key = ddi_key(&controller_id);
+        let mut record = match self.appliances.get(&key) {
+            Some(existing) => existing.clone(),
+            None => ApplianceRecord {
+                key: key.clone(),
+                name: controller_id.clone(),
+                platform: DDI_PLATFORM.to_owned(),
+                registered: now,
+                last_checkin: now,
+                ddi: Some(DdiRecord {
+                    controller_id: controller_id.clone(),
+                    ..DdiRecord::default()
+                }),
+                ..ApplianceRecord::default()
+            },
+        };
+        let ddi = record.ddi.get_or_insert_with(DdiRecord::default);
+        ddi.token_hash = token_hash.or(ddi.token_hash.take());
+        record.site = site;
+        let mut batch = Batch::new(self);
+        let detail = json!({"appliance": key, "site": record.site, "client": "hawkbit-ddi"});
+        batch.audit(now, actor, "appliance.register", detail);
+        batch.push(Change::Appliance(Box::new(record)));
+        Ok(batch.finish())
+    }
+
+    /// A device's poll: the action it should run now, stored before it is offered.
+    pub fn ddi_poll(&self, controller_id: &str, now: Timestamp) -> Result<DdiPoll, FleetError> {
+        let mut record = self
+            .ddi_device(controller_id)
+            .ok_or_else(|| FleetError::UnknownAppliance(ddi_key(controller_id)))?
+            .clone();
+        record.last_checkin = now;
+        let ddi = record.ddi.clone().unwrap_or_default();
+        let poll = |next, durable| DdiPoll { durable, next, seen: record.clone() };
+        if let Some(action) = ddi.action.as_ref().filter(|a| !a.closed) {
+            if self.withdrawn(action) {
+                return Ok(poll(DdiNext::Cancel(action.id), Vec::new()));
+            }
+            // Begun: offered until the device closes it (its verdict after the reboot needs it).
+            if action.begun {
+                return Ok(poll(DdiNext::Deploy(action.id), Vec::new()));
+            }
+        }
+        let window_open = self.window_of(&record).is_open(now).unwrap_or(false);
+        let due = self.due(&record).filter(|_| window_open);
+        let Some((release, intent, rollout)) = due else {
+            return Ok(poll(DdiNext::Nothing, Vec::new()));
+        };
+        let current = ddi
+            .action
+            .as_ref()
+            .filter(|a| !a.closed && (a.version, a.rollout) == (release.version, rollout));
+        if let Some(action) = current {
+            return Ok(poll(DdiNext::Deploy(action.id), Vec::new()));
+        }
+        let id = ddi.actions_issued.checked_add(1).ok_or_else(|| {
+            FleetError::Conflict(format!("device {controller_id} has used every action id"))
+        })?;
+        let offer = OfferRecord { rollout, version: release.version, intent, at: now };
+        let detail = json!({"version": offer.version, "rollout": offer.rollout,
+            "intent": offer.intent, "action": id});
+        let mut batch = Batch::new(self);
+        batch.audit(now, &format!("appliance:{}", record.key), "appliance.offer", detail);
+        let action =
+            DdiAction { id, version: release.version, rollout, begun: false, closed: false };
+        record.offer = Some(offer);
+        record.ddi = Some(DdiRecord { action: Some(action), actions_issued: id, ..ddi });
+        batch.push(Change::Appliance(Box::new(record.clone())));
+        Ok(DdiPoll { durable: batch.finish(), next: DdiNext::Deploy(id), seen: record })
+    }
+
+    /// Whether `action`'s rollout has been rolled back since it was offered.
+    fn withdrawn(&self, action: &DdiAction) -> bool {
+        action.rollout.and_then(|id| self.rollouts.get(&id)).is_some_and(|r| r.rolled_back)
+    }
+
+    /// The device's open action `id` if it is being cancelled.
+    pub fn ddi_cancelled(&self, controller_id: &str, id: u32) -> Result<&DdiAction, FleetError> {
+        let record = self.ddi_device(controller_id);
+        let action = record.and_then(|r| r.ddi.as_ref()?.action.as_ref());
+        action.filter(|a| a.id == id && !a.closed && self.withdrawn(a)).ok_or_else(|| {
+            FleetError::NotFound(format!("cancel action {id} of device {controller_id}"))
+        })
+    }
+
+    /// Records the device's answer to the cancellation of action `id`: SWUpdate acknowledges
+    /// with `closed`; `rejected` means it could not stop (it goes on, and reports as usual).
+    pub fn ddi_cancel_feedback(
+        &self,
+        controller_id: &str,
+        id: u32,
+        feedback: DdiFeedback,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        let action = self.ddi_cancelled(controller_id, id)?.clone();
+        let mut record = self.ddi_device(controller_id).cloned().expect("checked above");
+        let details = feedback.details.join("\n");
+        let stopped = matches!(feedback.execution, DdiExecution::Closed | DdiExecution::Canceled)
+            && feedback.finished != DdiFinished::Failure;
+        let mut batch = Batch::new(self);
+        let actor = format!("appliance:{}", record.key);
+        if stopped {
+            let rollout = action.rollout.unwrap_or_default();
+            let report = ReportRequest {
+                state: UpdateState::Failed,
+                version: action.version,
+                previous_version: Some(record.installed_version),
+                rollout: action.rollout,
+                progress: None,
+                bytes_from_origin: 0,
+                bytes_from_lan: 0,
+                slot: None,
+                error: Some(format!("cancelled: rollout {rollout} was rolled back")),
+                seq: None,
+            };
+            record_update_state(
+                &mut record.update,
+                report,
+                now,
+                &mut batch,
+                &actor,
+                "appliance.report",
+            );
+        }
+        if let Some(ddi) = record.ddi.as_mut() {
+            ddi.last_feedback = Some(validate::clip(&details, MAX_ERROR));
+            if let Some(open) = ddi.action.as_mut() {
+                open.closed = stopped;
+            }
+        }
+        record.last_checkin = now;
+        batch.push(Change::Appliance(Box::new(record)));
+        Ok(batch.finish())
+    }
+
+    /// The device's action `id` and its release, if that is the action it was given.
+    pub fn ddi_action(
+        &self,
+        controller_id: &str,
+        id: u32,
+    ) -> Result<(&DdiAction, &ReleaseRecord), FleetError> {
+        let not_given = || FleetError::NotFound(format!("action {id} of device {controller_id}"));
+        let record = self.ddi_device(controller_id).ok_or_else(not_given)?;
+        let action = record.ddi.as_ref().and_then(|d| d.action.as_ref());
+        let action = action.filter(|a| a.id == id).ok_or_else(not_given)?;
+        let release = self.releases.get(&action.version).ok_or_else(not_given)?;
+        Ok((action, release))
+    }
+
+    /// Records a device's feedback on its action `id`.
+    pub fn ddi_feedback(
+        &self,
+        controller_id: &str,
+        id: u32,
+        feedback: DdiFeedback,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        let (action, _) = self.ddi_action(controller_id, id)?;
+        if action.closed {
+            return Err(FleetError::Conflict(format!(
+                "action {id} of device {controller_id} is already closed"
+            )));
+        }
+        let (version, rollout) = (action.version, action.rollout);
+        let mut record = self.ddi_device(controller_id).cloned().expect("checked above");
+        let state = feedback.state();
+        let details = feedback.details.join("\n");
+        let error = (state == UpdateState::Failed).then(|| validate::clip(&details, MAX_ERROR));
+        let report = ReportRequest {
+            state,
+            version,
+            previous_version: Some(record.installed_version),
+            rollout,
+            progress: None,
+            bytes_from_origin: 0,
+            bytes_from_lan: 0,
+            slot: None,
+            error,
+            seq: None,
+        };
+        if state == UpdateState::Succeeded {
+            record.installed_version = version;
+        }
+        record.last_checkin = now;
+        if let Some(ddi) = record.ddi.as_mut() {
+            ddi.last_feedback = Some(validate::clip(&details, MAX_ERROR));
+            if let Some(action) = ddi.action.as_mut() {
+                action.begun = true;
+                action.closed = matches!(state, UpdateState::Succeeded | UpdateState::Failed);
+            }
+        }
+        let mut batch = Batch::new(self);
+        let actor = format!("appliance:{}", record.key);
+        record_update_state(
+            &mut record.update,
+            report,
+            now,
+            &mut batch,
+            &actor,
+            "appliance.report",
+        );
+        batch.push(Change::Appliance(Box::new(record)));
+        Ok(batch.finish())
+    }
+
+    /// Stores the attributes a device sends as `configData` (bounded and clipped).
+    pub fn ddi_config_data(
+        &self,
+        controller_id: &str,
+        data: BTreeMap<String, String>,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        let mut record = self
+            .ddi_device(controller_id)
+            .ok_or_else(|| FleetError::UnknownAppliance(ddi_key(controller_id)))?
+            .clone();
+        if data.len() > MAX_ATTRIBUTES {
+            return Err(FleetError::Invalid(format!("more than {MAX_ATTRIBUTES} attributes")));
+        }
+        let attributes: BTreeMap<String, String> = data
+            .into_iter()
+            .map(|(k, v)| (validate::clip(&k, MAX_TEXT), validate::clip(&v, MAX_ERROR)))
+            .collect();
+        let ddi = record.ddi.get_or_insert_with(DdiRecord::default);
+        if ddi.attributes == attributes {
+            return Ok(Vec::new());
+        }
+        ddi.attributes = attributes;
+        record.last_checkin = now;
+        Ok(vec![Change::Appliance(Box::new(record))])
+    }
+}
+
+/// A `.swu` file name as DDI clients need it: SWUpdate skips artifacts not ending in `.swu`.
+pub fn check_swu_filename(name: &str) -> Result<(), FleetError> {
+    let ok = name.len() > 4
+        && name.len() <= 128
+        && name.ends_with(".swu")
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(FleetError::Invalid(format!(
+            "artifact name {name:?}: up to 128 characters of A-Z a-z 0-9 - _ . +, ending in .swu"
+        )))
+    }
+}
+
+/// A controller id: what hawkBit allows (up to 64 printable characters, no slash).
+fn checked_controller_id(id: &str) -> Result<String, FleetError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_TEXT
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c));
+    if ok {
+        Ok(id.to_owned())
+    } else {
+        Err(FleetError::Invalid(format!(
+            "controller id {id:?}: 1 to {MAX_TEXT} characters of A-Z a-z 0-9 - _ . : @"
+        )))
+    }
+}
