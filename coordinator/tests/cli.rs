@@ -151,6 +151,26 @@ fn the_operator_cli_drives_a_real_server() {
     let (ok, out, _) = cli(&served, OPERATOR, &["appliances", "list", "--json"]);
     assert!(ok && out.trim() == "[]", "{out}");
 
+    // A SWUpdate artifact for release 2, and a device that speaks hawkBit DDI.
+    let swu = dir.path().join("gateway-2.0.swu");
+    std::fs::write(&swu, b"a .swu is signed with the operator's own SWUpdate key").expect("swu");
+    let swu_arg = swu.to_str().expect("p");
+    let (ok, out, err) =
+        cli(&served, OPERATOR, &["release", "swu", "--version", "2", "--file", swu_arg]);
+    assert!(ok, "{err}");
+    assert!(out.contains("release 2: gateway-2.0.swu (53 bytes"), "{out}");
+    let (ok, out, err) = cli(
+        &served,
+        OPERATOR,
+        &["ddi-target", "add", "--controller-id", "gw-7", "--site", "store-3"],
+    );
+    assert!(ok, "{err}");
+    let token = out.lines().find_map(|l| l.strip_prefix("target token (shown once): "));
+    assert_eq!(token.map(str::len), Some(32), "{out}");
+    let (ok, out, _) = cli(&served, OPERATOR, &["appliances", "list"]);
+    let row = out.lines().find(|l| l.contains("gw-7")).unwrap_or("");
+    assert!(ok && row.contains("hawkbit-ddi") && row.contains("store-3"), "{out}");
+
     let (ok, _, err) = cli(&served, "wrong", &["rollout", "status"]);
     assert!(!ok && err.contains("403") && err.contains("wrong operator token"), "{err}");
 }

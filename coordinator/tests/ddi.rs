@@ -575,3 +575,45 @@ async fn a_download_cut_off_midway_resumes_with_a_range() {
     );
     assert_eq!(std::fs::read(&lab.slot).expect("slot"), lab.swu.payload, "the file written");
 }
+
+/// A device that installs, reboots and is never heard of again fails like a silent sitecast
+/// appliance: past the report deadline it counts as failed and the rollout pauses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_silent_after_its_reboot_counts_as_failed() {
+    let lab = Lab::start().await;
+    let server = &lab.server;
+    lab.open_window().await;
+    let token = lab.register("dev1").await;
+    let rollout = server.roll_out_now(2).await;
+    let poll: Value = ddi(server, Method::GET, "dev1", &token)
+        .send()
+        .await
+        .expect("poll")
+        .json()
+        .await
+        .expect("json");
+    let href = poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned();
+    // What SWUpdate sends once every chunk is installed, before it runs its reboot command.
+    let installed = json!({"id": 1, "time": "20261123T100000", "status": {
+        "execution": "proceeding", "result": {"finished": "none", "progress": {"cnt": 1, "of": 1}},
+        "details": ["All Chunks Installed."]}});
+    let response = server
+        .http
+        .post(format!("{href}/feedback"))
+        .header("authorization", format!("TargetToken {token}"))
+        .json(&installed)
+        .send()
+        .await
+        .expect("feedback");
+    assert_eq!(response.status(), 200);
+    assert_eq!(device(server, "dev1").await["update"]["state"], "rebooting");
+    server.coordinator.tick().expect("tick");
+    assert_eq!(server.rollout(rollout).await["state"], "in_progress");
+
+    server.clock.advance(jiff::SignedDuration::from_hours(2));
+    server.coordinator.tick().expect("tick");
+    let silent = device(server, "dev1").await;
+    assert_eq!(silent["update"]["state"], "failed", "{silent:#}");
+    let rollout = server.rollout(rollout).await;
+    assert_eq!(rollout["state"], "paused", "{rollout:#}");
+}

@@ -1,111 +1,15 @@
-//! `sitecast-coordinator`: the server (`serve`) and the operator CLI that talks to it.
+//! The operator's commands: a thin client of Central Command's HTTP API, printing a summary
+//! (or, with `--json`, the server's answer).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use sitecast_coordinator::engine::{StagePlan, Strategy};
-use sitecast_coordinator::server::{Coordinator, ServerConfig, SystemClock};
-use sitecast_manifest::TrustedRoot;
-
-#[derive(Parser)]
-#[command(name = "sitecast-coordinator", version, about = "sitecast Central Command")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Write man pages and shell completions into DIR (for packagers).
-    #[command(hide = true)]
-    GenerateDocs { dir: PathBuf },
-    /// Run the server.
-    Serve(ServeArgs),
-    /// Publish, list and deactivate releases.
-    #[command(subcommand)]
-    Release(ReleaseCommand),
-    /// Publish and list agent releases (the agent apart from the image).
-    #[command(subcommand)]
-    AgentRelease(AgentReleaseCommand),
-    /// Create and steer rollouts.
-    #[command(subcommand)]
-    Rollout(RolloutCommand),
-    /// The fleet.
-    #[command(subcommand)]
-    Appliances(AppliancesCommand),
-    /// The audit log.
-    Audit {
-        #[command(flatten)]
-        client: ClientArgs,
-        /// Entries after this sequence number.
-        #[arg(long, default_value_t = 0)]
-        after: u64,
-    },
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: SocketAddr,
-    /// State (redb) and images. Default: $XDG_DATA_HOME/sitecast-coordinator or
-    /// ~/.local/share/sitecast-coordinator.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// The root of trust release manifests must verify against.
-    #[arg(long)]
-    root: Option<PathBuf>,
-    /// Operator token; without one a token is generated on the first start and shown once.
-    #[arg(long, env = "SITECAST_OPERATOR_TOKEN", hide_env_values = true)]
-    operator_token: Option<String>,
-    /// Token appliances present on their first check-in; generated and shown once if not set.
-    #[arg(long, env = "SITECAST_ENROLLMENT_TOKEN", hide_env_values = true)]
-    enrollment_token: Option<String>,
-    /// hawkBit DDI gateway token: devices of the tenant that present it may poll and are
-    /// registered on their first poll (without it each needs its own target token).
-    #[arg(long, env = "SITECAST_DDI_GATEWAY_TOKEN", hide_env_values = true)]
-    ddi_gateway_token: Option<String>,
-    /// The hawkBit tenant in DDI devices' URLs (`/{tenant}/controller/v1/...`).
-    #[arg(long, default_value = "DEFAULT")]
-    ddi_tenant: String,
-    /// URL appliances reach this server at (default: from each request's Host header).
-    #[arg(long)]
-    public_url: Option<String>,
-    /// Also serve the images over iroh-blobs (QUIC) on this address, e.g. 0.0.0.0:4434.
-    #[arg(long)]
-    iroh_listen: Option<SocketAddr>,
-    #[arg(long, default_value_t = 5)]
-    tick_secs: u64,
-    #[arg(long, default_value_t = 60)]
-    checkin_interval_secs: u64,
-    /// An appliance that has not checked in for this long is offline.
-    #[arg(long, default_value_t = 180)]
-    offline_after_secs: u64,
-    /// Connections one client address (IPv4, or IPv6 /64) may hold. Behind a TLS proxy every
-    /// appliance comes from the proxy's address: raise this there.
-    #[arg(long, default_value_t = 256)]
-    max_connections_per_client: usize,
-    /// Verified-range streams one client address may hold (of 64 in all). Behind a proxy,
-    /// raise it to 64.
-    #[arg(long, default_value_t = 16)]
-    max_range_streams_per_client: usize,
-    /// Serve HTTPS with this certificate chain (PEM, leaf first); read again whenever it or
-    /// the key changes, so a renewal needs no restart. Without it: plain HTTP (behind a TLS
-    /// proxy, or in a lab).
-    #[arg(long, requires = "tls_key")]
-    tls_certificate: Option<PathBuf>,
-    /// The certificate's private key (PEM).
-    #[arg(long, requires = "tls_certificate")]
-    tls_key: Option<PathBuf>,
-}
 
 #[derive(Args, Clone)]
-struct ClientArgs {
+pub(crate) struct ClientArgs {
     #[arg(long, env = "SITECAST_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
     #[arg(long, env = "SITECAST_OPERATOR_TOKEN", hide_env_values = true)]
@@ -119,7 +23,7 @@ struct ClientArgs {
 }
 
 #[derive(Subcommand)]
-enum ReleaseCommand {
+pub(crate) enum ReleaseCommand {
     /// Upload a signed manifest and its image (streamed), or name an image already on the server.
     Publish {
         #[command(flatten)]
@@ -141,10 +45,21 @@ enum ReleaseCommand {
         client: ClientArgs,
         version: u64,
     },
+    /// Publish a SWUpdate artifact (.swu, signed with your SWUpdate key) with a release, for
+    /// devices that speak hawkBit DDI (streamed).
+    Swu {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        version: u64,
+        /// The .swu file; its name is the name devices are given.
+        #[arg(long)]
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
-enum AgentReleaseCommand {
+pub(crate) enum AgentReleaseCommand {
     /// Publish a signed agent release whose builds are directories on the coordinator's own
     /// disk (copied in, each file checked against the manifest).
     Publish {
@@ -163,7 +78,7 @@ enum AgentReleaseCommand {
 }
 
 #[derive(Subcommand)]
-enum RolloutCommand {
+pub(crate) enum RolloutCommand {
     Create {
         #[command(flatten)]
         client: ClientArgs,
@@ -215,135 +130,18 @@ enum RolloutCommand {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
-enum StrategyArg {
+pub(crate) enum StrategyArg {
     Immediate,
     Staged,
     Canary,
 }
 
 #[derive(Subcommand)]
-enum AppliancesCommand {
+pub(crate) enum AppliancesCommand {
     List {
         #[command(flatten)]
         client: ClientArgs,
     },
-}
-
-fn main() -> ExitCode {
-    sitecast_coordinator::install_tls_provider();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: starting the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(Cli::parse())) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Serve(args) => serve(args).await,
-        Command::GenerateDocs { dir } => Ok(sitecast_cli_docs::write(Cli::command(), &dir)?),
-        Command::Release(command) => release(command).await,
-        Command::AgentRelease(command) => agent_release(command).await,
-        Command::Rollout(command) => rollout(command).await,
-        Command::Appliances(AppliancesCommand::List { client }) => {
-            let list = Client::new(&client)?.get("/api/appliances").await?;
-            print(&client, &list, |list| {
-                for a in list.as_array().into_iter().flatten() {
-                    println!(
-                        "{:.16}  {:<12} {:<12} v{:<4} {:<12} {}",
-                        a["key"].as_str().unwrap_or(""),
-                        a["site"].as_str().unwrap_or(""),
-                        a["name"].as_str().unwrap_or(""),
-                        a["installed_version"],
-                        a["update"]["state"].as_str().unwrap_or("-"),
-                        if a["online"].as_bool() == Some(true) { "online" } else { "offline" }
-                    );
-                }
-            });
-            Ok(())
-        }
-        Command::Audit { client, after } => {
-            let entries = Client::new(&client)?.get(&format!("/api/audit?after={after}")).await?;
-            print(&client, &entries, |entries| {
-                for e in entries.as_array().into_iter().flatten() {
-                    println!(
-                        "{:>6} {} {:<24} {:<22} {}",
-                        e["seq"],
-                        e["at"].as_str().unwrap_or(""),
-                        e["actor"].as_str().unwrap_or("").chars().take(24).collect::<String>(),
-                        e["action"].as_str().unwrap_or(""),
-                        e["detail"]
-                    );
-                }
-            });
-            Ok(())
-        }
-    }
-}
-
-fn default_data_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."));
-    base.join("sitecast-coordinator")
-}
-
-async fn serve(args: ServeArgs) -> Result<()> {
-    let mut config = ServerConfig::new(args.data_dir.unwrap_or_else(default_data_dir));
-    if let Some(root) = &args.root {
-        let bytes = std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
-        config.root = Some(TrustedRoot::pin(&bytes).context("root of trust")?);
-    }
-    config.operator_token = args.operator_token;
-    config.enrollment_token = args.enrollment_token;
-    config.ddi_gateway_token = args.ddi_gateway_token;
-    config.ddi_tenant = args.ddi_tenant;
-    config.public_url = args.public_url;
-    config.tick = Duration::from_secs(args.tick_secs.max(1));
-    config.fleet.checkin_interval_secs = args.checkin_interval_secs;
-    config.fleet.offline_after_secs = args.offline_after_secs;
-    config.limits.max_connections_per_ip = args.max_connections_per_client;
-    config.max_range_streams_per_client = args.max_range_streams_per_client;
-    config.tls = match (args.tls_certificate, args.tls_key) {
-        (Some(certificate), Some(key)) => Some(sitecast_tls::CertificateFiles { certificate, key }),
-        _ => None,
-    };
-    let scheme = if config.tls.is_some() { "https" } else { "http" };
-    let data_dir = config.data_dir.clone();
-    let (coordinator, first_run) = Coordinator::open(config, Arc::new(SystemClock))?;
-    if let Some(token) = first_run.operator {
-        println!("operator token (shown once, keep it): {token}");
-    }
-    if let Some(token) = first_run.enrollment {
-        println!("enrollment token for appliances (shown once): {token}");
-    }
-    if let Some(listen) = args.iroh_listen {
-        for address in coordinator.enable_iroh(listen).await? {
-            println!("iroh-blobs origin at {address}");
-        }
-    }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    println!("listening on {scheme}://{} (data in {})", listener.local_addr()?, data_dir.display());
-    coordinator.serve(listener).await?;
-    Ok(())
 }
 
 /// The operator's HTTP client.
@@ -412,7 +210,7 @@ fn print(client: &ClientArgs, value: &Value, human: impl FnOnce(&Value)) {
     }
 }
 
-async fn agent_release(command: AgentReleaseCommand) -> Result<()> {
+pub(crate) async fn agent_release(command: AgentReleaseCommand) -> Result<()> {
     match command {
         AgentReleaseCommand::Publish { client, manifest, builds } => {
             let manifest_text = std::fs::read_to_string(&manifest)
@@ -447,7 +245,7 @@ async fn agent_release(command: AgentReleaseCommand) -> Result<()> {
     Ok(())
 }
 
-async fn release(command: ReleaseCommand) -> Result<()> {
+pub(crate) async fn release(command: ReleaseCommand) -> Result<()> {
     match command {
         ReleaseCommand::Publish { client, manifest, image, server_path } => {
             let manifest_text = std::fs::read_to_string(&manifest)
@@ -506,6 +304,31 @@ async fn release(command: ReleaseCommand) -> Result<()> {
                 }
             });
         }
+        ReleaseCommand::Swu { client, version, file } => {
+            let name = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .with_context(|| format!("{} has no file name", file.display()))?
+                .to_owned();
+            let body = tokio::fs::File::open(&file)
+                .await
+                .with_context(|| format!("opening {}", file.display()))?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(body, 256 * 1024);
+            let http = Client::new(&client)?;
+            let path = format!("/api/releases/{version}/swu/{name}");
+            let request =
+                http.request(reqwest::Method::PUT, &path).body(reqwest::Body::wrap_stream(stream));
+            let record = http.send(request).await?;
+            print(&client, &record, |r| {
+                let swu = &r["swu"];
+                println!(
+                    "release {version}: {} ({} bytes, sha256 {}) for DDI devices",
+                    swu["filename"].as_str().unwrap_or(""),
+                    swu["size"],
+                    swu["sha256"].as_str().unwrap_or("")
+                );
+            });
+        }
         ReleaseCommand::Deactivate { client, version } => {
             Client::new(&client)?
                 .post(&format!("/api/releases/{version}/deactivate"), Value::Null)
@@ -550,7 +373,7 @@ fn show_rollout(r: &Value) {
     }
 }
 
-async fn rollout(command: RolloutCommand) -> Result<()> {
+pub(crate) async fn rollout(command: RolloutCommand) -> Result<()> {
     let (client, path, body) = match command {
         RolloutCommand::Create {
             client,
@@ -601,5 +424,72 @@ async fn rollout(command: RolloutCommand) -> Result<()> {
     };
     let value = Client::new(&client)?.post(&path, body.unwrap_or(Value::Null)).await?;
     print(&client, &value, show_rollout);
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub(crate) enum DdiTargetCommand {
+    /// Register a device that speaks hawkBit DDI (or give it a new target token); the token
+    /// is printed once.
+    Add {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The device's controller id (`id` in SWUpdate's suricatta section).
+        #[arg(long)]
+        controller_id: String,
+        #[arg(long)]
+        site: String,
+    },
+}
+
+pub(crate) async fn appliances(command: AppliancesCommand) -> Result<()> {
+    let AppliancesCommand::List { client } = command;
+    let list = Client::new(&client)?.get("/api/appliances").await?;
+    print(&client, &list, |list| {
+        println!(
+            "{:<16}  {:<12} {:<12} {:<11} {:<5} {:<12} STATUS",
+            "KEY", "SITE", "NAME", "CLIENT", "VER", "UPDATE"
+        );
+        for a in list.as_array().into_iter().flatten() {
+            println!(
+                "{:<16.16}  {:<12} {:<12} {:<11} v{:<4} {:<12} {}",
+                a["key"].as_str().unwrap_or(""),
+                a["site"].as_str().unwrap_or(""),
+                a["name"].as_str().unwrap_or(""),
+                if a["ddi"].is_object() { "hawkbit-ddi" } else { "sitecast" },
+                a["installed_version"],
+                a["update"]["state"].as_str().unwrap_or("-"),
+                if a["online"].as_bool() == Some(true) { "online" } else { "offline" }
+            );
+        }
+    });
+    Ok(())
+}
+
+pub(crate) async fn audit(client: ClientArgs, after: u64) -> Result<()> {
+    let entries = Client::new(&client)?.get(&format!("/api/audit?after={after}")).await?;
+    print(&client, &entries, |entries| {
+        for e in entries.as_array().into_iter().flatten() {
+            println!(
+                "{:>6} {} {:<24} {:<22} {}",
+                e["seq"],
+                e["at"].as_str().unwrap_or(""),
+                e["actor"].as_str().unwrap_or("").chars().take(24).collect::<String>(),
+                e["action"].as_str().unwrap_or(""),
+                e["detail"]
+            );
+        }
+    });
+    Ok(())
+}
+
+pub(crate) async fn ddi_target(command: DdiTargetCommand) -> Result<()> {
+    let DdiTargetCommand::Add { client, controller_id, site } = command;
+    let body = json!({"controller_id": controller_id, "site": site});
+    let target = Client::new(&client)?.post("/api/ddi/targets", body).await?;
+    print(&client, &target, |t| {
+        println!("registered {}", t["appliance"].as_str().unwrap_or(""));
+        println!("target token (shown once): {}", t["target_token"].as_str().unwrap_or(""));
+    });
     Ok(())
 }
