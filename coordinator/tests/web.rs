@@ -138,6 +138,8 @@ async fn scene(server: &TestServer, releases: &Releases) -> Scene {
             report(server, &mut appliances[i], body).await;
         }
     }
+    // (Early, so the audit log's newest entries are the appliances' reports.)
+    let ddi_token = ddi_device_downloading(server).await;
     server.clock.advance(SignedDuration::from_hours(24));
     // Two appliances of the last stage stop checking in (offline after 3 minutes).
     let quiet = [stage2[0], stage2[1]];
@@ -146,6 +148,7 @@ async fn scene(server: &TestServer, releases: &Releases) -> Scene {
             appliance.checkin(server).await;
         }
     }
+    ddi_poll(server, &ddi_token).await;
     server.coordinator.tick().expect("tick");
     assert_eq!(server.rollout(id).await["current_stage"], 1, "stage 1 was healthy");
 
@@ -233,6 +236,58 @@ async fn scene(server: &TestServer, releases: &Releases) -> Scene {
         agent_rolled_back: canary[2],
     }
 }
+
+/// A device whose own client speaks hawkBit DDI, pinned to release 1 (which has a `.swu`)
+/// and downloading it, as SWUpdate reports.
+async fn ddi_device_downloading(server: &TestServer) -> String {
+    let body = json!({"controller_id": DDI_DEVICE, "site": "warehouse-lab"});
+    let (status, target) = server.op_json(Method::POST, "/api/ddi/targets", Some(body)).await;
+    assert_eq!(status, 201, "{target}");
+    let token = target["target_token"].as_str().expect("token").to_owned();
+    let swu = server.op(Method::PUT, "/api/releases/1/swu/gateway-1.swu").body(vec![7u8; 4096]);
+    assert_eq!(swu.send().await.expect("upload").status(), 201);
+    let key = format!("ddi:{DDI_DEVICE}");
+    let every_day = json!({"start": "00:00", "end": "23:59", "timezone": "UTC",
+        "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]});
+    let (status, body) = server
+        .op_json(Method::PUT, &format!("/api/appliances/{key}/window"), Some(every_day))
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = server
+        .op_json(Method::POST, &format!("/api/appliances/{key}/pin"), Some(json!({"version": 1})))
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let poll = ddi_poll(server, &token).await;
+    let href = poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned();
+    let feedback = json!({"id": 1, "time": "20261123T100000", "status": {"execution": "proceeding",
+        "result": {"finished": "none", "progress": {"cnt": 0, "of": 1}},
+        "details": ["Installing Update Chunk Artifacts."]}});
+    let response = server
+        .http
+        .post(format!("{href}/feedback"))
+        .header("authorization", format!("TargetToken {token}"))
+        .json(&feedback)
+        .send()
+        .await
+        .expect("feedback");
+    assert_eq!(response.status(), 200);
+    token
+}
+
+async fn ddi_poll(server: &TestServer, token: &str) -> Value {
+    let base = format!("{}/DEFAULT/controller/v1/{DDI_DEVICE}", server.url);
+    let response = server
+        .http
+        .get(&base)
+        .header("authorization", format!("TargetToken {token}"))
+        .send()
+        .await
+        .expect("poll");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
+}
+
+const DDI_DEVICE: &str = "gw-ddi-1";
 
 fn cookie_of(response: &reqwest::Response) -> (String, String) {
     let set = response
@@ -618,9 +673,15 @@ async fn fleet_updates_page_in_chromium() {
     let text = browser.text(&browser.find(&row).await.expect("row")).await;
     assert!(text.contains("agent 2") && text.contains("rollback to 1 available"), "{text}");
 
+    // A hawkBit DDI device beside them: its client and its last feedback.
+    let row = format!("#appliance-table tr[data-key=\"ddi:{DDI_DEVICE}\"]");
+    let text = browser.text(&browser.find(&row).await.expect("DDI row")).await;
+    assert!(text.contains("hawkBit DDI"), "{text}");
+    assert!(text.contains("Installing Update Chunk Artifacts.") && text.contains("v0"), "{text}");
+
     // The appliance table filters as you type and choose.
     let rows = "return document.querySelectorAll('#appliance-table tbody tr[data-key]').length";
-    assert_eq!(browser.execute(rows, json!([])).await, 20);
+    assert_eq!(browser.execute(rows, json!([])).await, 21);
     let filter = browser.find("#filter-text").await.expect("filter");
     browser.type_text(&filter, "app-ready").await;
     browser.wait_until("the filter leaves the failed appliance", &format!("{rows} === 1")).await;
@@ -633,7 +694,8 @@ async fn fleet_updates_page_in_chromium() {
             json!([]),
         )
         .await;
-    browser.wait_until("the state filter", &format!("{rows} === 2")).await;
+    // Two appliances of the rollout, and the DDI device.
+    browser.wait_until("the state filter", &format!("{rows} === 3")).await;
     browser
         .execute(
             "const s = document.getElementById('filter-state'); s.value = ''; s.dispatchEvent(new Event('input'));",
@@ -645,6 +707,10 @@ async fn fleet_updates_page_in_chromium() {
     let release_rows =
         "return document.querySelectorAll('#release-table tbody tr[data-version]').length";
     assert_eq!(browser.execute(release_rows, json!([])).await, 2);
+    let v1 = browser
+        .text(&browser.find("#release-table tr[data-version=\"1\"]").await.expect("v1"))
+        .await;
+    assert!(v1.contains("SWUpdate gateway-1.swu"), "{v1}");
     browser.wait_for("#audit-table tr[data-action=\"session.open\"]").await;
     let audit_rows = "return document.querySelectorAll('#audit-table tbody tr[data-seq]').length";
     assert_eq!(browser.execute(audit_rows, json!([])).await, 20, "the newest 20 at first");

@@ -606,6 +606,12 @@
   // The agent release an appliance runs, where its agent update is, and whether the launcher
   // keeps a version to roll back to.
   function agentCell(a) {
+    // A device whose own client speaks hawkBit DDI: that client, and what it last said.
+    if (a.ddi) {
+      const said = a.ddi.last_feedback;
+      return cell('Agent', {}, h('span', { class: 'tag' }, 'hawkBit DDI'),
+        said ? h('div', { class: 'muted', title: said }, said.length > 80 ? `${said.slice(0, 80)}…` : said) : null);
+    }
     const update = a.agent_update;
     const release = a.agent_release;
     const pending = update && update.version !== release && update.state !== 'succeeded';
@@ -646,6 +652,7 @@
       if (!text) return true;
       const haystack = [a.name, a.key, a.site, a.group, `v${a.installed_version}`, applianceState(a),
         a.update && a.update.error, a.active_slot, given(a.agent_release) && `agent ${a.agent_release}`,
+        a.ddi && 'hawkbit ddi', a.ddi && a.ddi.last_feedback,
         errorText(a)].filter(Boolean).join(' ').toLowerCase();
       return haystack.includes(text);
     }).sort((a, b) => a.site.localeCompare(b.site) || a.name.localeCompare(b.name) || a.key.localeCompare(b.key));
@@ -697,7 +704,8 @@
     body.replaceChildren(...[...data].sort((a, b) => b.version - a.version).map((r) => h('tr', { dataset: { version: String(r.version) } },
       cell('Version', {}, h('div', { class: 'name' }, `v${r.version}`), h('div', { class: 'muted' }, r.version_name)),
       cell('Created', {}, when(r.created), h('div', { class: 'muted' }, `published ${when(r.published)}`)),
-      cell('Size', {}, bytes(r.size)),
+      cell('Size', {}, bytes(r.size),
+        r.swu ? h('div', { class: 'muted', title: `SHA-256 ${r.swu.sha256}` }, `SWUpdate ${r.swu.filename} · ${bytes(r.swu.size)}`) : null),
       cell('Hashes', {},
         h('details', { class: 'hashes' },
           h('summary', { class: 'mono' }, `b3 ${shortHash(r.blake3)}`),
