@@ -36,7 +36,9 @@ fn db_error<E: std::fmt::Display>(error: E) -> StoreError {
     StoreError::Database(error.to_string())
 }
 
-/// A published release.
+/// A published release: a signed sitecast image, a SWUpdate artifact for DDI devices, or both.
+/// One published with only a `.swu` has no image: empty `blake3`, `sha256` and `manifest`,
+/// size 0 ([`ReleaseRecord::has_image`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReleaseRecord {
     pub version: u64,
@@ -59,6 +61,13 @@ pub struct ReleaseRecord {
     /// A SWUpdate artifact published with it, for devices that speak hawkBit DDI.
     #[serde(default)]
     pub swu: Option<SwuArtifact>,
+}
+
+impl ReleaseRecord {
+    /// Whether it has a signed sitecast image (not only a `.swu`).
+    pub fn has_image(&self) -> bool {
+        !self.blake3.is_empty()
+    }
 }
 
 /// A SWUpdate image (`.swu`) published beside a release. Signed with the operator's own

@@ -159,6 +159,28 @@ fn the_operator_cli_drives_a_real_server() {
         cli(&served, OPERATOR, &["release", "swu", "--version", "2", "--file", swu_arg]);
     assert!(ok, "{err}");
     assert!(out.contains("release 2: gateway-2.0.swu (53 bytes"), "{out}");
+    // Alone, as a release of its own, under a name that needs encoding.
+    let (ok, out, err) = cli(
+        &served,
+        OPERATOR,
+        &[
+            "release",
+            "swu",
+            "--version",
+            "7",
+            "--file",
+            swu_arg,
+            "--name",
+            "gw 2026/12 ü",
+            "--json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let alone: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (alone["version_name"].as_str(), alone["size"].as_u64()),
+        (Some("gw 2026/12 ü"), Some(0))
+    );
     let (ok, out, err) = cli(
         &served,
         OPERATOR,

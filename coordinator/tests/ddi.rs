@@ -617,3 +617,62 @@ async fn a_device_silent_after_its_reboot_counts_as_failed() {
     let rollout = server.rollout(rollout).await;
     assert_eq!(rollout["state"], "paused", "{rollout:#}");
 }
+
+/// A `.swu` published on its own is a release for DDI devices only: sitecast appliances are
+/// never offered it, and it has no image or manifest to serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swu_published_alone_is_offered_to_ddi_devices_only() {
+    let lab = Lab::start().await;
+    let server = &lab.server;
+    lab.open_window().await;
+    let swu = std::fs::read(&lab.swu.path).expect("swu");
+    let response = server
+        .op(Method::PUT, "/api/releases/3/swu/gateway-3.swu?name=gw-2026.12")
+        .body(swu.clone())
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(response.status(), 201);
+    let record: Value = response.json().await.expect("json");
+    assert_eq!(
+        (record["version_name"].as_str(), record["size"].as_u64()),
+        (Some("gw-2026.12"), Some(0))
+    );
+    assert_eq!(record["swu"]["size"], swu.len());
+    // Once only: devices may already be downloading it.
+    let again = server.op(Method::PUT, "/api/releases/3/swu/other.swu").body(swu).send().await;
+    assert_eq!(error_code(again.expect("send")).await, (409, "conflict".to_owned()));
+    let bad_name = server.op(Method::PUT, "/api/releases/4/swu/image.bin").body("x").send().await;
+    assert_eq!(error_code(bad_name.expect("send")).await, (400, "invalid".to_owned()));
+
+    let appliance = Appliance::new(SITE, "sitecast-1", 2);
+    appliance.checkin(server).await;
+    let token = lab.register("dev1").await;
+    server.roll_out_now(3).await;
+    assert!(!appliance.checkin(server).await.update_available, "no image for sitecast");
+    let poll: Value = ddi(server, Method::GET, "dev1", &token)
+        .send()
+        .await
+        .expect("poll")
+        .json()
+        .await
+        .expect("json");
+    let href = poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned();
+    let deployment: Value = server
+        .http
+        .get(&href)
+        .header("authorization", format!("TargetToken {token}"))
+        .send()
+        .await
+        .expect("deployment")
+        .json()
+        .await
+        .expect("json");
+    let artifact = &deployment["deployment"]["chunks"][0]["artifacts"][0];
+    assert_eq!(artifact["filename"], "gateway-3.swu", "{deployment:#}");
+    assert_eq!(deployment["deployment"]["chunks"][0]["version"], "gw-2026.12");
+    for path in ["/api/releases/3/manifest", "/api/releases/3/image"] {
+        let response = server.op(Method::GET, path).send().await.expect("get");
+        assert_eq!(response.status(), 404, "{path}");
+    }
+}

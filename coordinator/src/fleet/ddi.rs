@@ -98,32 +98,49 @@ impl DdiFeedback {
 }
 
 impl Fleet {
-    /// Whether release `version` can take a SWUpdate artifact (it has none yet: devices may be
-    /// downloading the one it has).
-    pub fn swu_attachable(&self, version: u64) -> Result<&ReleaseRecord, FleetError> {
-        let release = self
-            .releases
-            .get(&version)
-            .ok_or_else(|| FleetError::NotFound(format!("release {version}")))?;
-        if let Some(swu) = &release.swu {
-            return Err(FleetError::Conflict(format!(
+    /// Whether a SWUpdate artifact may be published as release `version`: beside its image,
+    /// or alone when there is no such release. A release takes one artifact, once: devices may
+    /// be downloading it.
+    pub fn swu_publishable(&self, version: u64) -> Result<(), FleetError> {
+        match self.releases.get(&version).and_then(|r| r.swu.as_ref()) {
+            Some(swu) => Err(FleetError::Conflict(format!(
                 "release {version} already has the SWUpdate artifact {}",
                 swu.filename
-            )));
+            ))),
+            None => Ok(()),
         }
-        Ok(release)
     }
 
-    /// Publishes `swu` with release `version`.
-    pub fn attach_swu(
+    /// Publishes `swu` with release `version`, or as release `version` on its own (named
+    /// `name`) when there is none.
+    pub fn publish_swu(
         &self,
         version: u64,
         swu: SwuArtifact,
+        name: Option<String>,
         now: Timestamp,
     ) -> Result<Vec<Change>, FleetError> {
-        let mut release = self.swu_attachable(version)?.clone();
+        self.swu_publishable(version)?;
+        let mut release = match self.releases.get(&version) {
+            Some(release) => release.clone(),
+            None => ReleaseRecord {
+                version,
+                version_name: validate::text("name", &name.unwrap_or_else(|| version.to_string()))?,
+                notes: String::new(),
+                created: now,
+                published: now,
+                active: true,
+                blake3: String::new(),
+                sha256: String::new(),
+                size: 0,
+                platforms: Vec::new(),
+                rollback_floor: None,
+                manifest: String::new(),
+                swu: None,
+            },
+        };
         let detail = json!({"version": version, "filename": swu.filename, "size": swu.size,
-            "sha256": swu.sha256});
+            "sha256": swu.sha256, "with_image": release.has_image()});
         release.swu = Some(swu);
         let mut batch = Batch::new(self);
         batch.audit(now, "operator", "release.swu", detail);

@@ -263,7 +263,7 @@ impl Fleet {
     /// The release with this image: the newest active one, else the newest (one image may
     /// be signed again as a new release, the old one then deactivated).
     pub fn release_by_hash(&self, blake3: &str) -> Option<&ReleaseRecord> {
-        let mut same = self.releases.values().rev().filter(|r| r.blake3 == blake3);
+        let mut same = self.releases.values().rev().filter(|r| r.has_image() && r.blake3 == blake3);
         let newest = same.clone().next();
         same.find(|r| r.active).or(newest)
     }

@@ -90,7 +90,8 @@ pub(super) fn runs_on(release: &ReleaseRecord, appliance: &ApplianceRecord) -> b
         // A DDI client installs a SWUpdate artifact; its hardware check is the device's own.
         return release.swu.is_some();
     }
-    release.platforms.is_empty() || release.platforms.contains(&appliance.platform)
+    release.has_image()
+        && (release.platforms.is_empty() || release.platforms.contains(&appliance.platform))
 }
 
 /// Whether agent `release` has a build for `appliance`'s platform and runs on its OS release.

@@ -342,8 +342,12 @@ impl Coordinator {
     pub async fn enable_iroh(&self, listen: std::net::SocketAddr) -> anyhow::Result<Vec<String>> {
         let dir = self.data_dir.join("iroh");
         let origin = crate::iroh_origin::IrohOrigin::start(&dir, listen).await?;
-        let hashes: Vec<String> =
-            lock(&self.state.fleet).releases.values().map(|r| r.blake3.clone()).collect();
+        let hashes: Vec<String> = lock(&self.state.fleet)
+            .releases
+            .values()
+            .filter(|r| r.has_image())
+            .map(|r| r.blake3.clone())
+            .collect();
         for hash in hashes {
             let hash = sitecast_manifest::Blake3Hash::from_hex(&hash)?;
             origin.add(&self.state.blobs.data_path(&hash)).await?;

@@ -70,8 +70,8 @@ pub(super) async fn image(
     let record = readable(
         &state,
         &reader,
-        |f| f.releases.get(&version).cloned(),
-        &format!("release {version}"),
+        |f| f.releases.get(&version).filter(|r| r.has_image()).cloned(),
+        &format!("the image of release {version}"),
     )?;
     let mut response_headers = HeaderMap::new();
     let value = |s: &str| HeaderValue::from_str(s).map_err(ApiError::internal);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -216,25 +216,33 @@ pub(super) async fn manifest(
         .releases
         .get(&version)
         .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("release {version}")))?;
+        .filter(ReleaseRecord::has_image)
+        .ok_or_else(|| ApiError::not_found(format!("a sitecast image of release {version}")))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], record.manifest).into_response())
 }
 
+#[derive(Deserialize)]
+pub(super) struct SwuQuery {
+    /// The release's name when the artifact is published alone (no such release yet).
+    name: Option<String>,
+}
+
 /// `PUT /api/releases/{version}/swu/{filename}`: a SWUpdate artifact for the release's DDI
-/// devices, streamed to disk and hashed as it arrives (BLAKE3 to store it, SHA-256, SHA-1 and
+/// devices (or, with no such release, a release of its own), streamed to disk and hashed as it arrives (BLAKE3 to store it, SHA-256, SHA-1 and
 /// MD5 for the clients). It is signed with the operator's SWUpdate key, which the device
 /// checks: Central Command cannot, and serves it only to devices offered this release.
 pub(super) async fn publish_swu(
     State(state): State<Arc<AppState>>,
     _: Operator,
     Path((version, filename)): Path<(u64, String)>,
+    Query(query): Query<SwuQuery>,
     request: Request,
 ) -> Result<(StatusCode, Json<ReleaseRecord>), ApiError> {
     use futures_util::StreamExt;
     use sha1::Digest;
 
     crate::fleet::check_swu_filename(&filename)?;
-    lock(&state.fleet).swu_attachable(version)?;
+    lock(&state.fleet).swu_publishable(version)?;
     let path = state.blobs.incoming_path();
     let mut file = tokio::fs::File::create(&path).await.map_err(ApiError::internal)?;
     let (mut blake3, mut sha256) = (blake3::Hasher::new(), sha2::Sha256::new());
@@ -280,7 +288,7 @@ pub(super) async fn publish_swu(
         .map_err(|e| ApiError::internal(format!("storing the artifact: {e:?}")))?;
     let record = super::mutate(
         &state,
-        move |fleet, now| Ok(((), fleet.attach_swu(version, swu, now)?)),
+        move |fleet, now| Ok(((), fleet.publish_swu(version, swu, query.name, now)?)),
         move |fleet, (), _| fleet.releases.get(&version).cloned(),
     )
     .await?

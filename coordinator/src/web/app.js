@@ -704,13 +704,14 @@
     body.replaceChildren(...[...data].sort((a, b) => b.version - a.version).map((r) => h('tr', { dataset: { version: String(r.version) } },
       cell('Version', {}, h('div', { class: 'name' }, `v${r.version}`), h('div', { class: 'muted' }, r.version_name)),
       cell('Created', {}, when(r.created), h('div', { class: 'muted' }, `published ${when(r.published)}`)),
-      cell('Size', {}, bytes(r.size),
+      cell('Size', {}, r.blake3 ? bytes(r.size) : h('span', { class: 'muted' }, 'no sitecast image'),
         r.swu ? h('div', { class: 'muted', title: `SHA-256 ${r.swu.sha256}` }, `SWUpdate ${r.swu.filename} · ${bytes(r.swu.size)}`) : null),
-      cell('Hashes', {},
-        h('details', { class: 'hashes' },
+      cell('Hashes', {}, r.blake3
+        ? h('details', { class: 'hashes' },
           h('summary', { class: 'mono' }, `b3 ${shortHash(r.blake3)}`),
           h('div', { class: 'mono wrap' }, `BLAKE3 ${r.blake3}`),
-          h('div', { class: 'mono wrap' }, `SHA-256 ${r.sha256}`))),
+          h('div', { class: 'mono wrap' }, `SHA-256 ${r.sha256}`))
+        : '–'),
       cell('Notes', {}, r.notes || '',
         r.rollback_floor ? h('div', { class: 'muted' }, `rollback floor v${r.rollback_floor}`) : null),
       cell('Status', {},

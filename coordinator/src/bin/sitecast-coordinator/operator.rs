@@ -45,8 +45,8 @@ pub(crate) enum ReleaseCommand {
         client: ClientArgs,
         version: u64,
     },
-    /// Publish a SWUpdate artifact (.swu, signed with your SWUpdate key) with a release, for
-    /// devices that speak hawkBit DDI (streamed).
+    /// Publish a SWUpdate artifact (.swu, signed with your SWUpdate key) with a release, or
+    /// alone as a release of its own, for devices that speak hawkBit DDI (streamed).
     Swu {
         #[command(flatten)]
         client: ClientArgs,
@@ -55,6 +55,9 @@ pub(crate) enum ReleaseCommand {
         /// The .swu file; its name is the name devices are given.
         #[arg(long)]
         file: PathBuf,
+        /// With no release VERSION yet: the name of the release this artifact makes alone.
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -304,8 +307,8 @@ pub(crate) async fn release(command: ReleaseCommand) -> Result<()> {
                 }
             });
         }
-        ReleaseCommand::Swu { client, version, file } => {
-            let name = file
+        ReleaseCommand::Swu { client, version, file, name } => {
+            let filename = file
                 .file_name()
                 .and_then(|n| n.to_str())
                 .with_context(|| format!("{} has no file name", file.display()))?
@@ -315,7 +318,10 @@ pub(crate) async fn release(command: ReleaseCommand) -> Result<()> {
                 .with_context(|| format!("opening {}", file.display()))?;
             let stream = tokio_util::io::ReaderStream::with_capacity(body, 256 * 1024);
             let http = Client::new(&client)?;
-            let path = format!("/api/releases/{version}/swu/{name}");
+            let mut path = format!("/api/releases/{version}/swu/{filename}");
+            if let Some(name) = &name {
+                path.push_str(&format!("?name={}", percent_encoded(name)));
+            }
             let request =
                 http.request(reqwest::Method::PUT, &path).body(reqwest::Body::wrap_stream(stream));
             let record = http.send(request).await?;
@@ -492,4 +498,16 @@ pub(crate) async fn ddi_target(command: DdiTargetCommand) -> Result<()> {
         println!("target token (shown once): {}", t["target_token"].as_str().unwrap_or(""));
     });
     Ok(())
+}
+
+/// `text` for a URL's query: unreserved characters as they are, every other byte as `%XX`.
+fn percent_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
