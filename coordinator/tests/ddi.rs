@@ -409,6 +409,11 @@ async fn wrong_tokens_foreign_actions_and_malformed_feedback_get_the_right_answe
         .header("authorization", format!("TargetToken {token}"));
     assert_eq!(status(lower.send().await.expect("send")), 200);
     assert!(device(server, "dev9").await.is_null(), "refused devices are not registered");
+    // A sitecast appliance's name is not free for a DDI device.
+    Appliance::new(SITE, "taken", 0).checkin(server).await;
+    let body = json!({"controller_id": "taken", "site": SITE});
+    let (code, answer) = server.op_json(Method::POST, "/api/ddi/targets", Some(body)).await;
+    assert_eq!((code, answer["code"].as_str()), (409, Some("identity_taken")), "{answer}");
 
     let poll: Value = get("dev1", &token).await.expect("poll").json().await.expect("json");
     let href = poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned();

@@ -169,6 +169,15 @@ impl Fleet {
             return Err(FleetError::Invalid("site must not be empty".into()));
         }
         let key = ddi_key(&controller_id);
+        // Its name is its controller id, and names are one appliance's each.
+        if let Some(owner) =
+            self.owners.get(&format!("name:{controller_id}")).filter(|o| **o != key)
+        {
+            return Err(FleetError::IdentityTaken {
+                what: format!("name {controller_id:?}"),
+                owner: owner.clone(),
+            });
+        }
         let mut record = match self.appliances.get(&key) {
             Some(existing) => existing.clone(),
             None => ApplianceRecord {
