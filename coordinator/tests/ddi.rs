@@ -282,6 +282,13 @@ impl Lab {
 
 const GATEWAY: &str = "gateway-token-for-the-ddi-tests";
 
+/// Polls as device `id` and returns the `deploymentBase` link it is offered.
+async fn deployment_offered(server: &TestServer, id: &str, token: &str) -> String {
+    let poll = ddi(server, Method::GET, id, token).send().await.expect("poll");
+    let poll: Value = poll.json().await.expect("json");
+    poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swupdate_installs_a_release_in_its_window_and_reports_after_the_reboot() {
     let lab = Lab::start().await;
@@ -415,8 +422,7 @@ async fn wrong_tokens_foreign_actions_and_malformed_feedback_get_the_right_answe
     let (code, answer) = server.op_json(Method::POST, "/api/ddi/targets", Some(body)).await;
     assert_eq!((code, answer["code"].as_str()), (409, Some("identity_taken")), "{answer}");
 
-    let poll: Value = get("dev1", &token).await.expect("poll").json().await.expect("json");
-    let href = poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned();
+    let href = deployment_offered(server, "dev1", &token).await;
     let action = href.rsplit('/').next().expect("id").to_owned();
     let before = device(server, "dev1").await;
     let feedback = |id: &str, action: &str, body: &'static str| {
@@ -590,14 +596,7 @@ async fn a_device_silent_after_its_reboot_counts_as_failed() {
     lab.open_window().await;
     let token = lab.register("dev1").await;
     let rollout = server.roll_out_now(2).await;
-    let poll: Value = ddi(server, Method::GET, "dev1", &token)
-        .send()
-        .await
-        .expect("poll")
-        .json()
-        .await
-        .expect("json");
-    let href = poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned();
+    let href = deployment_offered(server, "dev1", &token).await;
     // What SWUpdate sends once every chunk is installed, before it runs its reboot command.
     let installed = json!({"id": 1, "time": "20261123T100000", "status": {
         "execution": "proceeding", "result": {"finished": "none", "progress": {"cnt": 1, "of": 1}},
@@ -655,14 +654,7 @@ async fn a_swu_published_alone_is_offered_to_ddi_devices_only() {
     let token = lab.register("dev1").await;
     server.roll_out_now(3).await;
     assert!(!appliance.checkin(server).await.update_available, "no image for sitecast");
-    let poll: Value = ddi(server, Method::GET, "dev1", &token)
-        .send()
-        .await
-        .expect("poll")
-        .json()
-        .await
-        .expect("json");
-    let href = poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned();
+    let href = deployment_offered(server, "dev1", &token).await;
     let deployment: Value = server
         .http
         .get(&href)

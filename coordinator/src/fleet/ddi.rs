@@ -273,42 +273,23 @@ impl Fleet {
         now: Timestamp,
     ) -> Result<Vec<Change>, FleetError> {
         let action = self.ddi_cancelled(controller_id, id)?.clone();
-        let mut record = self.ddi_device(controller_id).cloned().expect("checked above");
-        let details = feedback.details.join("\n");
         let stopped = matches!(feedback.execution, DdiExecution::Closed | DdiExecution::Canceled)
             && feedback.finished != DdiFinished::Failure;
         let mut batch = Batch::new(self);
-        let actor = format!("appliance:{}", record.key);
+        let mut record = self.ddi_device(controller_id).cloned().expect("checked above");
         if stopped {
             let rollout = action.rollout.unwrap_or_default();
-            let report = ReportRequest {
-                state: UpdateState::Failed,
-                version: action.version,
-                previous_version: Some(record.installed_version),
-                rollout: action.rollout,
-                progress: None,
-                bytes_from_origin: 0,
-                bytes_from_lan: 0,
-                slot: None,
-                error: Some(format!("cancelled: rollout {rollout} was rolled back")),
-                seq: None,
-            };
-            record_update_state(
-                &mut record.update,
-                report,
+            let error = format!("cancelled: rollout {rollout} was rolled back");
+            record_action_state(
+                &mut record,
+                &action,
+                UpdateState::Failed,
+                Some(error),
                 now,
                 &mut batch,
-                &actor,
-                "appliance.report",
             );
         }
-        if let Some(ddi) = record.ddi.as_mut() {
-            ddi.last_feedback = Some(validate::clip(&details, MAX_ERROR));
-            if let Some(open) = ddi.action.as_mut() {
-                open.closed = stopped;
-            }
-        }
-        record.last_checkin = now;
+        note_feedback(&mut record, &feedback, now, |open| open.closed = stopped);
         batch.push(Change::Appliance(Box::new(record)));
         Ok(batch.finish())
     }
@@ -341,44 +322,20 @@ impl Fleet {
                 "action {id} of device {controller_id} is already closed"
             )));
         }
-        let (version, rollout) = (action.version, action.rollout);
+        let action = action.clone();
         let mut record = self.ddi_device(controller_id).cloned().expect("checked above");
         let state = feedback.state();
         let details = feedback.details.join("\n");
         let error = (state == UpdateState::Failed).then(|| validate::clip(&details, MAX_ERROR));
-        let report = ReportRequest {
-            state,
-            version,
-            previous_version: Some(record.installed_version),
-            rollout,
-            progress: None,
-            bytes_from_origin: 0,
-            bytes_from_lan: 0,
-            slot: None,
-            error,
-            seq: None,
-        };
-        if state == UpdateState::Succeeded {
-            record.installed_version = version;
-        }
-        record.last_checkin = now;
-        if let Some(ddi) = record.ddi.as_mut() {
-            ddi.last_feedback = Some(validate::clip(&details, MAX_ERROR));
-            if let Some(action) = ddi.action.as_mut() {
-                action.begun = true;
-                action.closed = matches!(state, UpdateState::Succeeded | UpdateState::Failed);
-            }
-        }
         let mut batch = Batch::new(self);
-        let actor = format!("appliance:{}", record.key);
-        record_update_state(
-            &mut record.update,
-            report,
-            now,
-            &mut batch,
-            &actor,
-            "appliance.report",
-        );
+        record_action_state(&mut record, &action, state, error, now, &mut batch);
+        if state == UpdateState::Succeeded {
+            record.installed_version = action.version;
+        }
+        note_feedback(&mut record, &feedback, now, |open| {
+            open.begun = true;
+            open.closed = matches!(state, UpdateState::Succeeded | UpdateState::Failed);
+        });
         batch.push(Change::Appliance(Box::new(record)));
         Ok(batch.finish())
     }
@@ -408,6 +365,47 @@ impl Fleet {
         ddi.attributes = attributes;
         record.last_checkin = now;
         Ok(vec![Change::Appliance(Box::new(record))])
+    }
+}
+
+/// Sets the device's update to `state` in `action` (audited when the state changes).
+fn record_action_state(
+    record: &mut ApplianceRecord,
+    action: &DdiAction,
+    state: UpdateState,
+    error: Option<String>,
+    now: Timestamp,
+    batch: &mut Batch<'_>,
+) {
+    let report = ReportRequest {
+        state,
+        version: action.version,
+        previous_version: Some(record.installed_version),
+        rollout: action.rollout,
+        progress: None,
+        bytes_from_origin: 0,
+        bytes_from_lan: 0,
+        slot: None,
+        error,
+        seq: None,
+    };
+    let actor = format!("appliance:{}", record.key);
+    record_update_state(&mut record.update, report, now, batch, &actor, "appliance.report");
+}
+
+/// Keeps what the device said last, and updates its open action with `update`.
+fn note_feedback(
+    record: &mut ApplianceRecord,
+    feedback: &DdiFeedback,
+    now: Timestamp,
+    update: impl FnOnce(&mut DdiAction),
+) {
+    record.last_checkin = now;
+    if let Some(ddi) = record.ddi.as_mut() {
+        ddi.last_feedback = Some(validate::clip(&feedback.details.join("\n"), MAX_ERROR));
+        if let Some(action) = ddi.action.as_mut() {
+            update(action);
+        }
     }
 }
 

@@ -20,7 +20,10 @@ use serde_json::{Value, json};
 use super::auth::{DDI_GATEWAY_TOKEN, peer_address, token_hash};
 use super::auth::{Operator, random_hex};
 use super::{ApiError, AppState, RequestBody, lock};
-use crate::fleet::{DdiExecution, DdiFeedback, DdiFinished, DdiNext, ddi_key};
+use jiff::Timestamp;
+
+use crate::fleet::{DdiExecution, DdiFeedback, DdiFinished, DdiNext, Fleet, FleetError, ddi_key};
+use crate::store::Change;
 
 /// A DDI request's device, authenticated by its target token or the tenant's gateway token.
 pub(super) struct DdiDevice {
@@ -171,10 +174,25 @@ pub(super) async fn feedback(
     device: DdiDevice,
     RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
-    let action = action_id(&action)?;
-    let feedback = parse_feedback(&body)?;
+    take_feedback(&state, &action, device, &body, Fleet::ddi_feedback).await
+}
+
+/// [`Fleet::ddi_feedback`] or [`Fleet::ddi_cancel_feedback`].
+type RecordFeedback =
+    fn(&Fleet, &str, u32, DdiFeedback, Timestamp) -> Result<Vec<Change>, FleetError>;
+
+/// Records feedback on `action` with `record` (a deployment's or a cancellation's); `200`.
+async fn take_feedback(
+    state: &Arc<AppState>,
+    action: &str,
+    device: DdiDevice,
+    body: &[u8],
+    record: RecordFeedback,
+) -> Result<StatusCode, ApiError> {
+    let action = action_id(action)?;
+    let feedback = parse_feedback(body)?;
     let id = device.controller_id;
-    super::change(&state, move |fleet, now| fleet.ddi_feedback(&id, action, feedback, now)).await?;
+    super::change(state, move |fleet, now| record(fleet, &id, action, feedback, now)).await?;
     Ok(StatusCode::OK)
 }
 
@@ -249,12 +267,7 @@ pub(super) async fn cancel_feedback(
     device: DdiDevice,
     RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
-    let action = action_id(&action)?;
-    let feedback = parse_feedback(&body)?;
-    let id = device.controller_id;
-    super::change(&state, move |fleet, now| fleet.ddi_cancel_feedback(&id, action, feedback, now))
-        .await?;
-    Ok(StatusCode::OK)
+    take_feedback(&state, &action, device, &body, Fleet::ddi_cancel_feedback).await
 }
 
 fn base_url(state: &AppState, headers: &HeaderMap, controller_id: &str) -> String {
