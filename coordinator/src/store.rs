@@ -201,6 +201,9 @@ pub struct DdiRecord {
     /// The attributes it sent as `configData`.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// Whether it has sent `configData` at all (it may have no attributes to send).
+    #[serde(default)]
+    pub attributes_received: bool,
     /// The action for its current offer.
     #[serde(default)]
     pub action: Option<DdiAction>,
@@ -226,6 +229,12 @@ pub struct DdiAction {
     pub begun: bool,
     #[serde(default)]
     pub closed: bool,
+    /// Closed as failed: not offered again for the same rollout (or pin).
+    #[serde(default)]
+    pub failed: bool,
+    /// The device answered a cancellation with `rejected`: it goes on, and is not asked again.
+    #[serde(default)]
+    pub cancel_rejected: bool,
 }
 
 /// A release offered to an appliance in a check-in answer.

@@ -145,7 +145,7 @@ fn the_operator_cli_drives_a_real_server() {
     let list: Value = serde_json::from_str(&out).expect("json");
     assert_eq!(list[0]["state"], "paused");
     let (ok, out, _) = cli(&served, OPERATOR, &["release", "list"]);
-    assert!(ok && out.lines().count() == 2, "{out}");
+    assert!(ok && out.lines().count() == 3 && out.starts_with("RELEASE NAME"), "{out}");
     let (ok, out, _) = cli(&served, OPERATOR, &["audit"]);
     assert!(ok && out.contains("release.publish") && out.contains("rollout.pause"), "{out}");
     let (ok, out, _) = cli(&served, OPERATOR, &["appliances", "list", "--json"]);

@@ -371,6 +371,11 @@ async fn a_failure_pauses_the_rollout_and_a_rollback_cancels_a_download() {
     assert!(error.contains("cancelled"), "{cancelled:#}");
     let acknowledged = cancelled["ddi"]["last_feedback"].as_str().unwrap_or("");
     assert!(acknowledged.contains("cancel"), "{cancelled:#}");
+    assert!(
+        !lab.rebooted("slow").exists(),
+        "the slow device finished installing:\n{}",
+        slow_client.log()
+    );
 }
 
 /// What a device that is not who it says, or says something malformed, gets; nothing it sends
@@ -454,20 +459,47 @@ async fn wrong_tokens_foreign_actions_and_malformed_feedback_get_the_right_answe
     let failed = device(server, "dev1").await;
     assert_eq!(failed["update"]["state"], "failed", "{failed:#}");
     assert!(failed["update"]["error"].as_str().unwrap_or("").contains("bad image"), "{failed:#}");
-    // A closed action takes no more feedback.
+    // The same verdict again (its answer lost) is taken; another is refused.
+    let response = feedback("dev1", &action, raw).await.expect("send");
+    assert_eq!(response.status(), 200);
     let (code, _) = error_code(feedback("dev1", &action, CLOSED_OK).await.expect("send")).await;
     assert_eq!(code, 409);
     assert_eq!(device(server, "dev1").await["update"]["state"], "failed");
+    // A failed action is not offered again (it would reinstall at every poll).
+    let poll: Value = get("dev1", &token).await.expect("poll").json().await.expect("json");
+    assert!(poll["_links"].get("deploymentBase").is_none(), "{poll}");
+
+    // configData beyond its bound is kept in part, not refused (SWUpdate would repeat it).
+    let data: serde_json::Map<String, Value> =
+        (0..100).map(|i| (format!("k{i:03}"), json!(format!("v{i}")))).collect();
+    let body = json!({"id": "", "status": {"execution": "closed", "result": {"finished": "success"}},
+        "data": data});
+    let response = ddi(server, Method::PUT, "dev1/configData", &token).json(&body).send().await;
+    assert_eq!(response.expect("send").status(), 200);
+    let attributes = device(server, "dev1").await["ddi"]["attributes"].clone();
+    assert_eq!(attributes.as_object().map(|a| a.len()), Some(64), "{attributes}");
 
     // The artifact is only for devices offered it; the gateway token registers a new device.
-    let artifact =
-        format!("{}/DEFAULT/controller/v1/dev2/softwaremodules/2/artifacts/update.swu", server.url);
+    let artifact = |id: &str| {
+        format!("{}/DEFAULT/controller/v1/{id}/softwaremodules/2/artifacts/update.swu", server.url)
+    };
+    let offered =
+        server.http.head(artifact("dev1")).header("authorization", format!("TargetToken {token}"));
+    assert_eq!(status(offered.send().await.expect("send")), 200);
     let response =
-        server.http.get(&artifact).header("authorization", format!("TargetToken {other}"));
+        server.http.get(artifact("dev2")).header("authorization", format!("TargetToken {other}"));
     assert_eq!(status(response.send().await.expect("send")), 404);
     assert_eq!(status(gateway(GATEWAY).await.expect("send")), 200);
     let registered = device(server, "dev9").await;
     assert_eq!(registered["ddi"]["controller_id"], "dev9", "{registered:#}");
+
+    // Started without it, Central Command no longer takes the gateway token.
+    let server = lab.server.restart_with(|config| config.ddi_gateway_token = None).await;
+    let revoked = server
+        .http
+        .get(format!("{}/DEFAULT/controller/v1/dev9", server.url))
+        .header("authorization", format!("GatewayToken {GATEWAY}"));
+    assert_eq!(revoked.send().await.expect("send").status(), 401);
 }
 
 /// A TCP relay to `upstream` that cuts the connection carrying the first artifact download
@@ -671,5 +703,82 @@ async fn a_swu_published_alone_is_offered_to_ddi_devices_only() {
     for path in ["/api/releases/3/manifest", "/api/releases/3/image"] {
         let response = server.op(Method::GET, path).send().await.expect("get");
         assert_eq!(response.status(), 404, "{path}");
+    }
+}
+
+/// What SWUpdate sends: `proceeding` with chunks installed of all, or `closed` with a result.
+fn feedback_body(execution: &str, finished: &str, progress: Option<(u64, u64)>) -> Value {
+    let mut result = json!({"finished": finished});
+    if let Some((cnt, of)) = progress {
+        result["progress"] = json!({"cnt": cnt, "of": of});
+    }
+    json!({"id": 1, "time": "20261123T100000",
+        "status": {"execution": execution, "result": result, "details": ["from the test"]}})
+}
+
+async fn send_feedback(server: &TestServer, href: &str, token: &str, body: &Value) {
+    let response = server
+        .http
+        .post(format!("{href}/feedback"))
+        .header("authorization", format!("TargetToken {token}"))
+        .json(body)
+        .send()
+        .await
+        .expect("feedback");
+    assert_eq!(response.status(), 200);
+}
+
+/// A rollback brings devices that installed the release back to the previous one (which has a
+/// `.swu` here), and lets a device that already installed it finish first: only a download
+/// can be cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_brings_devices_back_and_lets_an_installed_one_finish() {
+    let lab = Lab::start().await;
+    let server = &lab.server;
+    lab.open_window().await;
+    let put = server.op(Method::PUT, "/api/releases/1/swu/update-1.swu").body(vec![1u8; 4096]);
+    assert_eq!(put.send().await.expect("upload").status(), 201);
+    let (done, late) = (lab.register("done").await, lab.register("late").await);
+    let rollout = server.roll_out_now(2).await;
+    let done_href = deployment_offered(server, "done", &done).await;
+    send_feedback(server, &done_href, &done, &feedback_body("closed", "success", None)).await;
+    assert_eq!(device(server, "done").await["installed_version"], 2);
+    let late_href = deployment_offered(server, "late", &late).await;
+    let installed = feedback_body("proceeding", "none", Some((1, 1)));
+    send_feedback(server, &late_href, &late, &installed).await;
+    assert_eq!(device(server, "late").await["update"]["state"], "rebooting");
+
+    let path = format!("/api/rollouts/{rollout}/rollback");
+    let (status, body) = server.op_json(Method::POST, &path, None).await;
+    assert_eq!(status, 200, "{body}");
+    // Installed and rebooting: offered until it closes the action, not cancelled.
+    assert_eq!(deployment_offered(server, "late", &late).await, late_href);
+    send_feedback(server, &late_href, &late, &feedback_body("closed", "success", None)).await;
+    // Both go back to release 1, each by a new action, once.
+    for (id, token, href) in [("done", &done, &done_href), ("late", &late, &late_href)] {
+        let back = deployment_offered(server, id, token).await;
+        assert_ne!(&back, href);
+        let deployment: Value = server
+            .http
+            .get(&back)
+            .header("authorization", format!("TargetToken {token}"))
+            .send()
+            .await
+            .expect("deployment")
+            .json()
+            .await
+            .expect("json");
+        let chunk = &deployment["deployment"]["chunks"][0];
+        assert_eq!(chunk["artifacts"][0]["filename"], "update-1.swu", "{deployment:#}");
+        send_feedback(server, &back, token, &feedback_body("closed", "success", None)).await;
+        let device = device(server, id).await;
+        assert_eq!(device["installed_version"], 1, "{device:#}");
+        let poll = ddi(server, Method::GET, id, token).send().await.expect("poll");
+        let poll: Value = poll.json().await.expect("json");
+        let links = poll["_links"].as_object().expect("links");
+        assert!(
+            !links.contains_key("deploymentBase") && !links.contains_key("cancelAction"),
+            "{poll}"
+        );
     }
 }

@@ -213,7 +213,7 @@ impl Fleet {
         let ddi = record.ddi.clone().unwrap_or_default();
         let poll = |next, durable| DdiPoll { durable, next, seen: record.clone() };
         if let Some(action) = ddi.action.as_ref().filter(|a| !a.closed) {
-            if self.withdrawn(action) {
+            if self.withdrawn(&record, action) {
                 return Ok(poll(DdiNext::Cancel(action.id), Vec::new()));
             }
             // Begun: offered until the device closes it (its verdict after the reboot needs it).
@@ -226,12 +226,16 @@ impl Fleet {
         let Some((release, intent, rollout)) = due else {
             return Ok(poll(DdiNext::Nothing, Vec::new()));
         };
-        let current = ddi
-            .action
-            .as_ref()
-            .filter(|a| !a.closed && (a.version, a.rollout) == (release.version, rollout));
-        if let Some(action) = current {
-            return Ok(poll(DdiNext::Deploy(action.id), Vec::new()));
+        let same =
+            ddi.action.as_ref().filter(|a| (a.version, a.rollout) == (release.version, rollout));
+        match same {
+            Some(action) if !action.closed => {
+                return Ok(poll(DdiNext::Deploy(action.id), Vec::new()));
+            }
+            // Failed: offering it again would reinstall (and reboot) at every poll. A new
+            // rollout, or a pin to another release, offers anew.
+            Some(action) if action.failed => return Ok(poll(DdiNext::Nothing, Vec::new())),
+            _ => {}
         }
         let id = ddi.actions_issued.checked_add(1).ok_or_else(|| {
             FleetError::Conflict(format!("device {controller_id} has used every action id"))
@@ -241,24 +245,43 @@ impl Fleet {
             "intent": offer.intent, "action": id});
         let mut batch = Batch::new(self);
         batch.audit(now, &format!("appliance:{}", record.key), "appliance.offer", detail);
-        let action =
-            DdiAction { id, version: release.version, rollout, begun: false, closed: false };
+        let action = DdiAction {
+            id,
+            version: release.version,
+            rollout,
+            begun: false,
+            closed: false,
+            failed: false,
+            cancel_rejected: false,
+        };
         record.offer = Some(offer);
         record.ddi = Some(DdiRecord { action: Some(action), actions_issued: id, ..ddi });
         batch.push(Change::Appliance(Box::new(record.clone())));
         Ok(DdiPoll { durable: batch.finish(), next: DdiNext::Deploy(id), seen: record })
     }
 
-    /// Whether `action`'s rollout has been rolled back since it was offered.
-    fn withdrawn(&self, action: &DdiAction) -> bool {
-        action.rollout.and_then(|id| self.rollouts.get(&id)).is_some_and(|r| r.rolled_back)
+    /// Whether `action` should be cancelled: it is the upgrade of a rollout since rolled back
+    /// (not that rollout's way back), the device has not installed it yet (once it reboots
+    /// into it, it must be let finish, and the rollback then brings it back), and it has not
+    /// refused to stop.
+    fn withdrawn(&self, record: &ApplianceRecord, action: &DdiAction) -> bool {
+        let rolled_back = action
+            .rollout
+            .and_then(|id| self.rollouts.get(&id))
+            .is_some_and(|r| r.rolled_back && r.version == action.version);
+        let installed = record.update.as_ref().is_some_and(|u| {
+            u.report.version == action.version
+                && matches!(u.report.state, UpdateState::Rebooting | UpdateState::Succeeded)
+        });
+        rolled_back && !installed && !action.cancel_rejected
     }
 
     /// The device's open action `id` if it is being cancelled.
     pub fn ddi_cancelled(&self, controller_id: &str, id: u32) -> Result<&DdiAction, FleetError> {
         let record = self.ddi_device(controller_id);
-        let action = record.and_then(|r| r.ddi.as_ref()?.action.as_ref());
-        action.filter(|a| a.id == id && !a.closed && self.withdrawn(a)).ok_or_else(|| {
+        let action = record.and_then(|r| Some((r, r.ddi.as_ref()?.action.as_ref()?)));
+        let action = action.filter(|(r, a)| a.id == id && !a.closed && self.withdrawn(r, a));
+        action.map(|(_, a)| a).ok_or_else(|| {
             FleetError::NotFound(format!("cancel action {id} of device {controller_id}"))
         })
     }
@@ -289,7 +312,11 @@ impl Fleet {
                 &mut batch,
             );
         }
-        note_feedback(&mut record, &feedback, now, |open| open.closed = stopped);
+        note_feedback(&mut record, &feedback, now, |open| {
+            open.closed = stopped;
+            open.failed = stopped;
+            open.cancel_rejected = !stopped;
+        });
         batch.push(Change::Appliance(Box::new(record)));
         Ok(batch.finish())
     }
@@ -318,6 +345,12 @@ impl Fleet {
     ) -> Result<Vec<Change>, FleetError> {
         let (action, _) = self.ddi_action(controller_id, id)?;
         if action.closed {
+            // The same verdict again (its answer was lost, and the device repeats it): done.
+            if action.failed == (feedback.state() == UpdateState::Failed)
+                && feedback.execution == DdiExecution::Closed
+            {
+                return Ok(Vec::new());
+            }
             return Err(FleetError::Conflict(format!(
                 "action {id} of device {controller_id} is already closed"
             )));
@@ -335,6 +368,7 @@ impl Fleet {
         note_feedback(&mut record, &feedback, now, |open| {
             open.begun = true;
             open.closed = matches!(state, UpdateState::Succeeded | UpdateState::Failed);
+            open.failed = state == UpdateState::Failed;
         });
         batch.push(Change::Appliance(Box::new(record)));
         Ok(batch.finish())
@@ -351,18 +385,19 @@ impl Fleet {
             .ddi_device(controller_id)
             .ok_or_else(|| FleetError::UnknownAppliance(ddi_key(controller_id)))?
             .clone();
-        if data.len() > MAX_ATTRIBUTES {
-            return Err(FleetError::Invalid(format!("more than {MAX_ATTRIBUTES} attributes")));
-        }
+        // Kept, not refused, beyond the bound: SWUpdate repeats a refused `configData` and
+        // installs nothing until it is taken.
         let attributes: BTreeMap<String, String> = data
             .into_iter()
+            .take(MAX_ATTRIBUTES)
             .map(|(k, v)| (validate::clip(&k, MAX_TEXT), validate::clip(&v, MAX_ERROR)))
             .collect();
         let ddi = record.ddi.get_or_insert_with(DdiRecord::default);
-        if ddi.attributes == attributes {
+        if ddi.attributes_received && ddi.attributes == attributes {
             return Ok(Vec::new());
         }
         ddi.attributes = attributes;
+        ddi.attributes_received = true;
         record.last_checkin = now;
         Ok(vec![Change::Appliance(Box::new(record))])
     }

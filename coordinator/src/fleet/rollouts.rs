@@ -225,12 +225,18 @@ impl Fleet {
             _ => {}
         }
         let previous_version = match request.kind {
-            RolloutKind::Image => self
-                .releases
-                .range(..request.version)
-                .rev()
-                .find(|(_, r)| r.active)
-                .map(|(v, _)| *v),
+            RolloutKind::Image => {
+                // What the appliances it reaches can go back to: a release with an image for
+                // one with an image, one with a `.swu` for a `.swu` alone.
+                let by_image = self.releases.get(&request.version).is_some_and(|r| r.has_image());
+                self.releases
+                    .range(..request.version)
+                    .rev()
+                    .find(|(_, r)| {
+                        r.active && if by_image { r.has_image() } else { r.swu.is_some() }
+                    })
+                    .map(|(v, _)| *v)
+            }
             RolloutKind::Agent => {
                 self.agent_releases.range(..request.version).next_back().map(|(v, _)| *v)
             }

@@ -75,11 +75,17 @@ pub(super) fn initial_tokens(
             _ => {}
         }
     }
-    // Never generated: without one configured, DDI devices need a target token each.
-    if let Some(token) = &config.ddi_gateway_token
-        && fleet.meta.get(DDI_GATEWAY_TOKEN) != Some(&token_hash(token))
-    {
-        add(fleet, DDI_GATEWAY_TOKEN, token_hash(token), "configured");
+    // Never generated: without one configured, DDI devices need a target token each, and a
+    // token configured before is revoked (an empty hash matches no token).
+    let stored = fleet.meta.get(DDI_GATEWAY_TOKEN).filter(|hash| !hash.is_empty());
+    match &config.ddi_gateway_token {
+        Some(token) if stored != Some(&token_hash(token)) => {
+            add(fleet, DDI_GATEWAY_TOKEN, token_hash(token), "configured");
+        }
+        None if stored.is_some() => {
+            add(fleet, DDI_GATEWAY_TOKEN, String::new(), "revoked: no longer configured");
+        }
+        _ => {}
     }
     if !fleet.meta.contains_key(URL_SECRET) {
         changes.push(Fleet::meta_change(URL_SECRET, random_hex(32)?));

@@ -89,6 +89,14 @@ pub(super) async fn poll(
     let now = state.clock.now();
     let id = device.controller_id;
     if device.unregistered {
+        // Registrations through the gateway token spend the enrollment budget, as enrollments do.
+        if !lock(&state.enrollments).take(std::time::Instant::now()) {
+            return Err(ApiError::too_many(
+                "enrollment_busy",
+                "too many appliances are enrolling right now; poll again shortly",
+                10,
+            ));
+        }
         let site = state.ddi_tenant.clone();
         let registering = id.clone();
         super::change(&state, move |fleet, now| {
@@ -96,14 +104,26 @@ pub(super) async fn poll(
         })
         .await?;
     }
-    let (next, wants_attributes, sleep) = {
-        let mut fleet = state.writable()?;
+    // Most polls change only bookkeeping: answered at once. One that creates an action is
+    // stored before it is answered, off the async executor.
+    let quick = {
+        let mut fleet = lock(&state.fleet);
         let poll = fleet.ddi_poll(&id, now)?;
-        state.commit_and_apply(&mut fleet, &poll.durable, true)?;
-        let wants = poll.seen.ddi.as_ref().is_some_and(|d| d.attributes.is_empty());
-        let sleep = fleet.config.checkin_interval_secs;
-        fleet.note_seen(poll.seen);
-        (poll.next, wants, sleep)
+        poll.durable.is_empty().then(|| seen(&mut fleet, poll))
+    };
+    let (next, wants_attributes, sleep) = match quick {
+        Some(answer) => answer,
+        None => {
+            let (worker, id) = (Arc::clone(&state), id.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut fleet = worker.writable()?;
+                let poll = fleet.ddi_poll(&id, now)?;
+                worker.commit_and_apply(&mut fleet, &poll.durable, true)?;
+                Ok::<_, ApiError>(seen(&mut fleet, poll))
+            })
+            .await
+            .map_err(ApiError::internal)??
+        }
     };
     let base = base_url(&state, &headers, &id);
     let mut links = serde_json::Map::new();
@@ -126,6 +146,14 @@ pub(super) async fn poll(
         "config": {"polling": {"sleep": hh_mm_ss(sleep)}},
         "_links": links,
     })))
+}
+
+/// Applies a poll's bookkeeping; what to offer, whether to ask for attributes, the interval.
+fn seen(fleet: &mut crate::fleet::Fleet, poll: crate::fleet::DdiPoll) -> (DdiNext, bool, u64) {
+    let wants = poll.seen.ddi.as_ref().is_some_and(|d| !d.attributes_received);
+    let sleep = fleet.config.checkin_interval_secs;
+    fleet.note_seen(poll.seen);
+    (poll.next, wants, sleep)
 }
 
 /// `GET {base}/deploymentBase/{actionId}`: the release as one chunk with its `.swu` artifact.

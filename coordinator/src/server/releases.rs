@@ -264,6 +264,12 @@ pub(super) async fn publish_swu(
         file.sync_all().await.map_err(ApiError::internal)
     }
     .await;
+    let received = received.and_then(|()| {
+        if size == 0 {
+            return Err(ApiError::bad_request("invalid", "the .swu is empty"));
+        }
+        Ok(())
+    });
     if let Err(error) = received {
         let _ = tokio::fs::remove_file(&path).await;
         return Err(error);

@@ -234,6 +234,7 @@ pub(crate) async fn agent_release(command: AgentReleaseCommand) -> Result<()> {
         AgentReleaseCommand::List { client } => {
             let list = Client::new(&client)?.get("/api/agent-releases").await?;
             print(&client, &list, |list| {
+                println!("{:>6} {:<14} PLATFORMS", "AGENT", "NAME");
                 for r in list.as_array().into_iter().flatten() {
                     println!(
                         "{:>6} {:<14} {}",
@@ -295,14 +296,19 @@ pub(crate) async fn release(command: ReleaseCommand) -> Result<()> {
         ReleaseCommand::List { client } => {
             let list = Client::new(&client)?.get("/api/releases").await?;
             print(&client, &list, |list| {
+                println!(
+                    "{:>7} {:<14} {:>12}  {:<8}  {:<16}  BLAKE3",
+                    "RELEASE", "NAME", "BYTES", "STATUS", "SWUPDATE"
+                );
                 for r in list.as_array().into_iter().flatten() {
                     println!(
-                        "{:>6} {:<14} {:>12} bytes  {}  {}",
+                        "{:>7} {:<14} {:>12}  {:<8}  {:<16}  {}",
                         r["version"],
                         r["version_name"].as_str().unwrap_or(""),
                         r["size"],
                         if r["active"].as_bool() == Some(true) { "active" } else { "inactive" },
-                        r["blake3"].as_str().unwrap_or("")
+                        r["swu"]["filename"].as_str().unwrap_or("-"),
+                        r["blake3"].as_str().filter(|h| !h.is_empty()).unwrap_or("(no image)")
                     );
                 }
             });
