@@ -687,16 +687,7 @@ async fn a_swu_published_alone_is_offered_to_ddi_devices_only() {
     server.roll_out_now(3).await;
     assert!(!appliance.checkin(server).await.update_available, "no image for sitecast");
     let href = deployment_offered(server, "dev1", &token).await;
-    let deployment: Value = server
-        .http
-        .get(&href)
-        .header("authorization", format!("TargetToken {token}"))
-        .send()
-        .await
-        .expect("deployment")
-        .json()
-        .await
-        .expect("json");
+    let deployment = deployment_at(server, &href, &token).await;
     let artifact = &deployment["deployment"]["chunks"][0]["artifacts"][0];
     assert_eq!(artifact["filename"], "gateway-3.swu", "{deployment:#}");
     assert_eq!(deployment["deployment"]["chunks"][0]["version"], "gw-2026.12");
@@ -704,6 +695,19 @@ async fn a_swu_published_alone_is_offered_to_ddi_devices_only() {
         let response = server.op(Method::GET, path).send().await.expect("get");
         assert_eq!(response.status(), 404, "{path}");
     }
+}
+
+/// The deployment behind a `deploymentBase` link.
+async fn deployment_at(server: &TestServer, href: &str, token: &str) -> Value {
+    let response = server
+        .http
+        .get(href)
+        .header("authorization", format!("TargetToken {token}"))
+        .send()
+        .await
+        .expect("deployment");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
 }
 
 /// What SWUpdate sends: `proceeding` with chunks installed of all, or `closed` with a result.
@@ -758,16 +762,7 @@ async fn a_rollback_brings_devices_back_and_lets_an_installed_one_finish() {
     for (id, token, href) in [("done", &done, &done_href), ("late", &late, &late_href)] {
         let back = deployment_offered(server, id, token).await;
         assert_ne!(&back, href);
-        let deployment: Value = server
-            .http
-            .get(&back)
-            .header("authorization", format!("TargetToken {token}"))
-            .send()
-            .await
-            .expect("deployment")
-            .json()
-            .await
-            .expect("json");
+        let deployment = deployment_at(server, &back, token).await;
         let chunk = &deployment["deployment"]["chunks"][0];
         assert_eq!(chunk["artifacts"][0]["filename"], "update-1.swu", "{deployment:#}");
         send_feedback(server, &back, token, &feedback_body("closed", "success", None)).await;
