@@ -24,7 +24,7 @@ pub fn render(fleet: &Fleet, now: Timestamp, checkins: u64) -> String {
         &mut out,
         "sitecast_checkins_total",
         "counter",
-        "Appliance check-ins received since the coordinator started.",
+        "Appliance check-ins (and hawkBit DDI polls) received since the coordinator started.",
     );
     let _ = writeln!(out, "sitecast_checkins_total {checkins}");
 

@@ -685,7 +685,10 @@ async fn a_swu_published_alone_is_offered_to_ddi_devices_only() {
     appliance.checkin(server).await;
     let token = lab.register("dev1").await;
     server.roll_out_now(3).await;
-    assert!(!appliance.checkin(server).await.update_available, "no image for sitecast");
+    let answer = appliance.checkin(server).await;
+    assert!(!answer.update_available, "no image for sitecast");
+    // Its site's DDI device is no LAN peer of it.
+    assert_eq!(answer.site_members, Some(vec![appliance.id()]));
     let href = deployment_offered(server, "dev1", &token).await;
     let deployment = deployment_at(server, &href, &token).await;
     let artifact = &deployment["deployment"]["chunks"][0]["artifacts"][0];

@@ -279,8 +279,15 @@ impl Fleet {
         public_url: &str,
     ) -> CheckinResponse {
         let window = self.window_of(appliance);
-        let mut site_members: Vec<String> =
-            self.members.get(&appliance.site).into_iter().flatten().cloned().collect();
+        // The site's LAN peers: not its DDI devices, which have no sitecast agent to share with.
+        let mut site_members: Vec<String> = self
+            .members
+            .get(&appliance.site)
+            .into_iter()
+            .flatten()
+            .filter(|key| self.appliances.get(*key).is_none_or(|a| a.ddi.is_none()))
+            .cloned()
+            .collect();
         if !site_members.contains(&appliance.key) {
             site_members.push(appliance.key.clone());
         }
@@ -330,7 +337,7 @@ impl Fleet {
             .into_iter()
             .flatten()
             .filter_map(|key| self.appliances.get(key))
-            .filter(|p| p.key != appliance.key && self.is_online(p, now))
+            .filter(|p| p.key != appliance.key && p.ddi.is_none() && self.is_online(p, now))
             .map(|p| SitePeer {
                 appliance: p.key.clone(),
                 addresses: p.peer.clone(),

@@ -88,6 +88,8 @@ pub(super) async fn poll(
 ) -> Result<Json<Value>, ApiError> {
     let now = state.clock.now();
     let id = device.controller_id;
+    // A DDI device's poll is its check-in.
+    state.checkins.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if device.unregistered {
         // Registrations through the gateway token spend the enrollment budget, as enrollments do.
         if !lock(&state.enrollments).take(std::time::Instant::now()) {
