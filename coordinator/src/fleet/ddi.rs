@@ -79,14 +79,15 @@ pub enum DdiFinished {
 }
 
 impl DdiFeedback {
-    /// The update state this feedback puts the device in.
+    /// The update state this feedback puts the device in. As in hawkBit, only a closing
+    /// execution ends an action: `proceeding` with `failure` is a step that went wrong, not
+    /// the verdict.
     fn state(&self) -> UpdateState {
         match (self.execution, self.finished) {
             (DdiExecution::Closed, DdiFinished::Success) => UpdateState::Succeeded,
             (DdiExecution::Closed | DdiExecution::Rejected | DdiExecution::Canceled, _) => {
                 UpdateState::Failed
             }
-            (_, DdiFinished::Failure) => UpdateState::Failed,
             // Every chunk installed: the device runs its post-update command (the reboot) and
             // closes the action when it comes back.
             _ if self.progress.is_some_and(|(done, of)| of > 0 && done >= of) => {
