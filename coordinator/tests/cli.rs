@@ -184,7 +184,16 @@ fn the_operator_cli_drives_a_real_server() {
     let (ok, out, err) = cli(
         &served,
         OPERATOR,
-        &["ddi-target", "add", "--controller-id", "gw-7", "--site", "store-3"],
+        &[
+            "ddi-target",
+            "add",
+            "--controller-id",
+            "gw-7",
+            "--site",
+            "store-3",
+            "--group",
+            "gateways",
+        ],
     );
     assert!(ok, "{err}");
     let token = out.lines().find_map(|l| l.strip_prefix("target token (shown once): "));
@@ -192,6 +201,10 @@ fn the_operator_cli_drives_a_real_server() {
     let (ok, out, _) = cli(&served, OPERATOR, &["appliances", "list"]);
     let row = out.lines().find(|l| l.contains("gw-7")).unwrap_or("");
     assert!(ok && row.contains("hawkbit-ddi") && row.contains("store-3"), "{out}");
+    let (_, out, _) = cli(&served, OPERATOR, &["appliances", "list", "--json"]);
+    let list: Value = serde_json::from_str(&out).expect("json");
+    let gw = list.as_array().expect("list").iter().find(|a| a["key"] == "ddi:gw-7").cloned();
+    assert_eq!(gw.map(|a| a["group"].clone()), Some(Value::from("gateways")), "{out}");
 
     let (ok, _, err) = cli(&served, "wrong", &["rollout", "status"]);
     assert!(!ok && err.contains("403") && err.contains("wrong operator token"), "{err}");

@@ -248,9 +248,9 @@ impl Lab {
         assert_eq!(status, 204, "{body}");
     }
 
-    /// Registers device `id` and returns its target token.
+    /// Registers device `id` (in group `ddi`) and returns its target token.
     async fn register(&self, id: &str) -> String {
-        let body = json!({"controller_id": id, "site": SITE});
+        let body = json!({"controller_id": id, "site": SITE, "group": "ddi"});
         let (status, target) =
             self.server.op_json(Method::POST, "/api/ddi/targets", Some(body)).await;
         assert_eq!(status, 201, "{target}");
@@ -746,7 +746,15 @@ async fn a_rollback_brings_devices_back_and_lets_an_installed_one_finish() {
     let put = server.op(Method::PUT, "/api/releases/1/swu/update-1.swu").body(vec![1u8; 4096]);
     assert_eq!(put.send().await.expect("upload").status(), 201);
     let (done, late) = (lab.register("done").await, lab.register("late").await);
-    let rollout = server.roll_out_now(2).await;
+    // A rollout of their group reaches them (and not an appliance outside it).
+    Appliance::new(SITE, "sitecast-1", 1).checkin(server).await;
+    let body = json!({"version": 2, "strategy": "immediate", "groups": ["ddi"]});
+    let (status, created) = server.op_json(Method::POST, "/api/rollouts", Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    let members = created["members"].as_object().expect("members");
+    let keys: Vec<&String> = members.keys().collect();
+    assert_eq!(keys, ["ddi:done", "ddi:late"], "{created:#}");
+    let rollout = created["id"].as_u64().expect("id");
     let done_href = deployment_offered(server, "done", &done).await;
     send_feedback(server, &done_href, &done, &feedback_body("closed", "success", None)).await;
     assert_eq!(device(server, "done").await["installed_version"], 2);

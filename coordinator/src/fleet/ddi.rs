@@ -154,12 +154,14 @@ impl Fleet {
         self.appliances.get(&ddi_key(controller_id)).filter(|a| a.ddi.is_some())
     }
 
-    /// Registers a DDI device, or gives a registered one a new target token. `token_hash` is
+    /// Registers a DDI device at `site` (in `group`: a sitecast appliance names its own, a DDI
+    /// client cannot), or gives a registered one a new place and target token. `token_hash` is
     /// `None` for a device that registers itself with the gateway token.
     pub fn ddi_register(
         &self,
         controller_id: &str,
         site: &str,
+        group: Option<&str>,
         token_hash: Option<String>,
         actor: &str,
         now: Timestamp,
@@ -169,6 +171,10 @@ impl Fleet {
         if site.is_empty() {
             return Err(FleetError::Invalid("site must not be empty".into()));
         }
+        let group = match group {
+            Some(group) => Some(validate::text("group", group)?).filter(|g| !g.is_empty()),
+            None => None,
+        };
         let key = ddi_key(&controller_id);
         // Its name is its controller id, and names are one appliance's each.
         if let Some(owner) =
@@ -197,8 +203,10 @@ impl Fleet {
         let ddi = record.ddi.get_or_insert_with(DdiRecord::default);
         ddi.token_hash = token_hash.or(ddi.token_hash.take());
         record.site = site;
+        record.group = group;
         let mut batch = Batch::new(self);
-        let detail = json!({"appliance": key, "site": record.site, "client": "hawkbit-ddi"});
+        let detail = json!({"appliance": key, "site": record.site, "group": record.group,
+            "client": "hawkbit-ddi"});
         batch.audit(now, actor, "appliance.register", detail);
         batch.push(Change::Appliance(Box::new(record)));
         Ok(batch.finish())

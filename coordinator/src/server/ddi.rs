@@ -102,7 +102,7 @@ pub(super) async fn poll(
         let site = state.ddi_tenant.clone();
         let registering = id.clone();
         super::change(&state, move |fleet, now| {
-            fleet.ddi_register(&registering, &site, None, "gateway", now)
+            fleet.ddi_register(&registering, &site, None, None, "gateway", now)
         })
         .await?;
     }
@@ -356,6 +356,8 @@ fn parse_feedback(body: &[u8]) -> Result<DdiFeedback, ApiError> {
 pub(super) struct TargetRequest {
     controller_id: String,
     site: String,
+    #[serde(default)]
+    group: Option<String>,
 }
 
 /// `POST /api/ddi/targets` (operator): registers a DDI device, or gives it a new target token.
@@ -368,9 +370,9 @@ pub(super) async fn register_target(
     let request: TargetRequest = super::parse_json(&body)?;
     let token = random_hex(16).map_err(ApiError::internal)?;
     let hash = token_hash(&token);
-    let (id, site) = (request.controller_id.clone(), request.site);
+    let (id, site, group) = (request.controller_id.clone(), request.site, request.group);
     super::change(&state, move |fleet, now| {
-        fleet.ddi_register(&id, &site, Some(hash), "operator", now)
+        fleet.ddi_register(&id, &site, group.as_deref(), Some(hash), "operator", now)
     })
     .await?;
     let key = ddi_key(&request.controller_id);

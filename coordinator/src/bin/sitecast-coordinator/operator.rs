@@ -451,6 +451,9 @@ pub(crate) enum DdiTargetCommand {
         controller_id: String,
         #[arg(long)]
         site: String,
+        /// The group rollouts and pins may target it by.
+        #[arg(long)]
+        group: Option<String>,
     },
 }
 
@@ -496,8 +499,8 @@ pub(crate) async fn audit(client: ClientArgs, after: u64) -> Result<()> {
 }
 
 pub(crate) async fn ddi_target(command: DdiTargetCommand) -> Result<()> {
-    let DdiTargetCommand::Add { client, controller_id, site } = command;
-    let body = json!({"controller_id": controller_id, "site": site});
+    let DdiTargetCommand::Add { client, controller_id, site, group } = command;
+    let body = json!({"controller_id": controller_id, "site": site, "group": group});
     let target = Client::new(&client)?.post("/api/ddi/targets", body).await?;
     print(&client, &target, |t| {
         println!("registered {}", t["appliance"].as_str().unwrap_or(""));
