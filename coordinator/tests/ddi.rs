@@ -191,14 +191,6 @@ async fn wait_device(
     }
 }
 
-/// A DDI request as the device would send it.
-fn ddi(server: &TestServer, method: Method, path: &str, token: &str) -> reqwest::RequestBuilder {
-    server
-        .http
-        .request(method, format!("{}/DEFAULT/controller/v1/{path}", server.url))
-        .header("authorization", format!("TargetToken {token}"))
-}
-
 /// Central Command with releases 1 and 2 (its image, and a `.swu` of it for DDI devices).
 struct Lab {
     dir: tempfile::TempDir,
@@ -281,13 +273,6 @@ impl Lab {
 }
 
 const GATEWAY: &str = "gateway-token-for-the-ddi-tests";
-
-/// Polls as device `id` and returns the `deploymentBase` link it is offered.
-async fn deployment_offered(server: &TestServer, id: &str, token: &str) -> String {
-    let poll = ddi(server, Method::GET, id, token).send().await.expect("poll");
-    let poll: Value = poll.json().await.expect("json");
-    poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swupdate_installs_a_release_in_its_window_and_reports_after_the_reboot() {
@@ -721,18 +706,6 @@ fn feedback_body(execution: &str, finished: &str, progress: Option<(u64, u64)>) 
     }
     json!({"id": 1, "time": "20261123T100000",
         "status": {"execution": execution, "result": result, "details": ["from the test"]}})
-}
-
-async fn send_feedback(server: &TestServer, href: &str, token: &str, body: &Value) {
-    let response = server
-        .http
-        .post(format!("{href}/feedback"))
-        .header("authorization", format!("TargetToken {token}"))
-        .json(body)
-        .send()
-        .await
-        .expect("feedback");
-    assert_eq!(response.status(), 200);
 }
 
 /// A rollback brings devices that installed the release back to the previous one (which has a

@@ -148,7 +148,7 @@ async fn scene(server: &TestServer, releases: &Releases) -> Scene {
             appliance.checkin(server).await;
         }
     }
-    ddi_poll(server, &ddi_token).await;
+    ddi_poll(server, DDI_DEVICE, &ddi_token).await;
     server.coordinator.tick().expect("tick");
     assert_eq!(server.rollout(id).await["current_stage"], 1, "stage 1 was healthy");
 
@@ -257,34 +257,12 @@ async fn ddi_device_downloading(server: &TestServer) -> String {
         .op_json(Method::POST, &format!("/api/appliances/{key}/pin"), Some(json!({"version": 1})))
         .await;
     assert_eq!(status, 204, "{body}");
-    let poll = ddi_poll(server, &token).await;
-    let href = poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned();
+    let href = deployment_offered(server, DDI_DEVICE, &token).await;
     let feedback = json!({"id": 1, "time": "20261123T100000", "status": {"execution": "proceeding",
         "result": {"finished": "none", "progress": {"cnt": 0, "of": 1}},
         "details": ["Installing Update Chunk Artifacts."]}});
-    let response = server
-        .http
-        .post(format!("{href}/feedback"))
-        .header("authorization", format!("TargetToken {token}"))
-        .json(&feedback)
-        .send()
-        .await
-        .expect("feedback");
-    assert_eq!(response.status(), 200);
+    send_feedback(server, &href, &token, &feedback).await;
     token
-}
-
-async fn ddi_poll(server: &TestServer, token: &str) -> Value {
-    let base = format!("{}/DEFAULT/controller/v1/{DDI_DEVICE}", server.url);
-    let response = server
-        .http
-        .get(&base)
-        .header("authorization", format!("TargetToken {token}"))
-        .send()
-        .await
-        .expect("poll");
-    assert_eq!(response.status(), 200);
-    response.json().await.expect("json")
 }
 
 const DDI_DEVICE: &str = "gw-ddi-1";

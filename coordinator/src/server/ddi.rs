@@ -61,10 +61,16 @@ impl FromRequestParts<Arc<AppState>> for DdiDevice {
             ));
         };
         let token = token.trim();
-        let registered = lock(&state.fleet).ddi_device(&controller_id).cloned();
+        // Whether it is registered, and its target token's hash (not the whole record: this
+        // runs on every request a device makes).
+        let (registered, expected) = {
+            let fleet = lock(&state.fleet);
+            let device = fleet.ddi_device(&controller_id);
+            let expected = device.and_then(|r| r.ddi.as_ref()?.token_hash.clone());
+            (device.is_some(), expected)
+        };
         match scheme {
             "TargetToken" => {
-                let expected = registered.as_ref().and_then(|r| r.ddi.as_ref()?.token_hash.clone());
                 if expected.is_some_and(|hash| hash == token_hash(token)) {
                     Ok(Self { controller_id, unregistered: false })
                 } else {
@@ -72,7 +78,7 @@ impl FromRequestParts<Arc<AppState>> for DdiDevice {
                 }
             }
             "GatewayToken" if state.token_matches(DDI_GATEWAY_TOKEN, token) => {
-                Ok(Self { unregistered: registered.is_none(), controller_id })
+                Ok(Self { unregistered: !registered, controller_id })
             }
             "GatewayToken" => Err(unauthorized("wrong DDI gateway token")),
             _ => Err(unauthorized("unknown DDI authorization scheme")),

@@ -555,6 +555,41 @@ pub async fn assert_cut_off(request: RequestBuilder) {
     }
 }
 
+/// A hawkBit DDI request as a device with target token `token` sends it; `path` starts with
+/// its controller id.
+pub fn ddi(server: &TestServer, method: Method, path: &str, token: &str) -> RequestBuilder {
+    server
+        .http
+        .request(method, format!("{}/DEFAULT/controller/v1/{path}", server.url))
+        .header("authorization", format!("TargetToken {token}"))
+}
+
+/// A poll as DDI device `id`, which must be let in; its answer.
+pub async fn ddi_poll(server: &TestServer, id: &str, token: &str) -> Value {
+    let response = ddi(server, Method::GET, id, token).send().await.expect("poll");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
+}
+
+/// Polls as DDI device `id` and returns the `deploymentBase` link it is offered.
+pub async fn deployment_offered(server: &TestServer, id: &str, token: &str) -> String {
+    let poll = ddi_poll(server, id, token).await;
+    poll["_links"]["deploymentBase"]["href"].as_str().expect("offered").to_owned()
+}
+
+/// Sends a DDI device's feedback on the action at `href`; it must be taken.
+pub async fn send_feedback(server: &TestServer, href: &str, token: &str, body: &Value) {
+    let response = server
+        .http
+        .post(format!("{href}/feedback"))
+        .header("authorization", format!("TargetToken {token}"))
+        .json(body)
+        .send()
+        .await
+        .expect("feedback");
+    assert_eq!(response.status(), 200);
+}
+
 /// A build directory with an agent binary and a data file; returns it and the manifest.
 pub fn agent_release(
     releases: &Releases,
