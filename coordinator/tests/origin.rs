@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use common::*;
 use reqwest::Method;
 use sitecast_iso::{BlobLayout, CrashDevice, PowerSupply, ResponseDecoder, Slot, SlotWriter};
-use sitecast_manifest::{Blake3Hash, ImageDigest, ImageInfo};
+use sitecast_manifest::{Blake3Hash, ImageDigest, ImageInfo, api};
 
 const LEN: usize = 1024 * 1024 + 777;
 
@@ -99,20 +99,35 @@ async fn verified_ranges_decode_like_lan_data_and_are_counted_per_site() {
     )
     .expect("slot");
     let mut served = 0;
-    for (start, end) in [(0, 10), (10, 11), (11, groups)] {
-        let path = format!("/api/blobs/{}/ranges?start={start}&end={end}", info.blake3);
+    // One range at a time, and a run of several in one response (each parent sent once).
+    let asked: [&[(u64, u64)]; 4] =
+        [&[(0, 3), (5, 9), (10, 11)], &[(3, 5)], &[(9, 10)], &[(11, groups)]];
+    for pairs in asked {
+        let runs: Vec<std::ops::Range<u64>> =
+            pairs.iter().map(|&(start, end)| start..end).collect();
+        let runs = &runs[..];
+        let list: Vec<String> = runs.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
+        let query = match runs {
+            [one] => format!("start={}&end={}", one.start, one.end),
+            _ => format!("start={}&end={}&ranges={}", runs[0].start, runs[0].end, list.join(",")),
+        };
+        let path = format!("/api/blobs/{}/ranges?{query}", info.blake3);
         let response =
             appliance.signed(&server, Method::GET, &path, b"").send().await.expect("get");
         assert_eq!(response.status(), 200);
+        assert!(response.headers().contains_key(api::HEADER_RUNS), "says it serves runs");
         let length: u64 =
             response.headers()["content-length"].to_str().expect("len").parse().expect("number");
         let body = response.bytes().await.expect("body");
         assert_eq!(body.len() as u64, length);
-        assert_eq!(length, layout.encoded_len(start..end));
+        assert_eq!(length, layout.encoded_len_of(runs));
+        let apart: u64 = runs.iter().map(|r| layout.encoded_len(r.clone())).sum();
+        assert!(runs.len() == 1 || length < apart, "shared parents are sent once");
         served += length;
-        let ranges = layout.chunk_ranges(start..end);
+        let ranges = layout.chunk_ranges_of(runs);
         let decoder = ResponseDecoder::new(layout, &ranges, &body[..]).expect("header");
-        assert_eq!(writer.ingest(decoder).expect("every group verifies"), end - start);
+        let wanted: u64 = runs.iter().map(|r| r.end - r.start).sum();
+        assert_eq!(writer.ingest(decoder).expect("every group verifies"), wanted);
     }
     let slot = writer.finish().expect("complete and read back");
     assert_eq!(slot.image(), &info);
@@ -122,7 +137,18 @@ async fn verified_ranges_decode_like_lan_data_and_are_counted_per_site() {
     assert_eq!(server.op(Method::GET, &path).send().await.expect("get").status(), 200);
     let anyone = server.http.get(format!("{}{path}", server.url)).send().await.expect("get");
     assert_eq!(anyone.status(), 401);
-    for bad in ["start=5&end=5".to_owned(), format!("start=0&end={}", groups + 1)] {
+    let too_many: Vec<String> = (0..65).map(|g| format!("{g}-{}", g + 1)).collect();
+    for bad in [
+        "start=5&end=5".to_owned(),
+        format!("start=0&end={}", groups + 1),
+        "ranges=0-3,2-4".to_owned(),
+        "ranges=4-6,0-2".to_owned(),
+        "ranges=0-x".to_owned(),
+        "ranges=".to_owned(),
+        format!("ranges=0-{}", groups + 1),
+        format!("ranges={}", too_many.join(",")),
+        "end=3".to_owned(),
+    ] {
         let path = format!("/api/blobs/{}/ranges?{bad}", info.blake3);
         assert_eq!(server.op(Method::GET, &path).send().await.expect("get").status(), 416, "{bad}");
     }

@@ -60,7 +60,13 @@ impl BlobLayout {
 
     /// Bytes of the response for `groups`: the size header, 64 per parent, the groups' data.
     pub fn encoded_len(&self, groups: Range<u64>) -> u64 {
-        let ranges = self.chunk_ranges(groups);
+        self.encoded_len_of(&[groups])
+    }
+
+    /// Bytes of the response for several ascending, disjoint group ranges in one encoding (a
+    /// parent shared by two ranges is sent once).
+    pub fn encoded_len_of(&self, groups: &[Range<u64>]) -> u64 {
+        let ranges = self.chunk_ranges_of(groups);
         let ranges = bao_tree::io::sync::truncate_ranges(&ranges, self.size);
         let mut len = 8;
         for chunk in self.tree().ranges_pre_order_chunks_iter_ref(ranges, 0) {
@@ -74,15 +80,27 @@ impl BlobLayout {
 
     /// The chunk ranges covering groups `groups` (clamped to the image).
     pub fn chunk_ranges(&self, groups: Range<u64>) -> ChunkRanges {
-        let end = groups.end.min(self.groups());
-        if groups.start >= end {
-            return ChunkRanges::empty();
+        self.chunk_ranges_of(&[groups])
+    }
+
+    /// The chunk ranges covering every one of `groups` (each clamped to the image).
+    pub fn chunk_ranges_of(&self, groups: &[Range<u64>]) -> ChunkRanges {
+        let mut ranges = ChunkRanges::empty();
+        for range in groups {
+            let end = range.end.min(self.groups());
+            if range.start < end {
+                ranges |= ChunkRanges::from(
+                    ChunkNum(range.start * CHUNKS_PER_GROUP)..ChunkNum(end * CHUNKS_PER_GROUP),
+                );
+            }
         }
-        ChunkRanges::from(
-            ChunkNum(groups.start * CHUNKS_PER_GROUP)..ChunkNum(end * CHUNKS_PER_GROUP),
-        )
+        ranges
     }
 }
+
+/// Group ranges in one verified-range response at most: a run of pieces from the origin is
+/// one request (`sitecast-scheduler` keeps its runs within this).
+pub const MAX_RANGES_PER_RESPONSE: usize = 64;
 
 /// Merges ascending group indices into ranges.
 pub(crate) fn collect_ranges(groups: impl Iterator<Item = u64>) -> Vec<Range<u64>> {
@@ -204,7 +222,18 @@ impl<D: Device> OutboardStore<D> {
         groups: Range<u64>,
         out: impl Write,
     ) -> io::Result<()> {
-        let ranges = self.layout.chunk_ranges(groups);
+        self.encode_runs(data, &[groups], out)
+    }
+
+    /// Writes one response for several group ranges (a run of pieces), checked like
+    /// [`Self::encode_groups`]: the groups in order, each parent once.
+    pub fn encode_runs(
+        &self,
+        data: &impl Device,
+        groups: &[Range<u64>],
+        out: impl Write,
+    ) -> io::Result<()> {
+        let ranges = self.layout.chunk_ranges_of(groups);
         let mut out = BufWriter::with_capacity(64 * 1024, out);
         out.write_all(&self.layout.size.to_le_bytes())?;
         encode_ranges_validated(ReadAtDevice(data), self.reader(), &ranges, &mut out)?;

@@ -38,7 +38,7 @@ pub use ab::{AbState, ActivatedSlot, BootOutcome, DEFAULT_TRIES, Slot};
 pub use device::{CrashDevice, Device, FileDevice, PowerSupply};
 pub use grubenv::{CrashEnvStore, EnvFile, EnvStore, GrubEnv};
 pub use layout::{
-    BLOCK_SIZE, BlobLayout, DecodedItem, GROUP_BYTES, OutboardStore, ResponseDecoder,
-    ResponseError, VerifiedGroup,
+    BLOCK_SIZE, BlobLayout, DecodedItem, GROUP_BYTES, MAX_RANGES_PER_RESPONSE, OutboardStore,
+    ResponseDecoder, ResponseError, VerifiedGroup,
 };
 pub use writer::{SlotError, SlotPaths, SlotWriter, VerifiedSlot, WriterStats};

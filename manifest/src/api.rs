@@ -20,6 +20,10 @@ pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
 /// The image's SHA-256 on `GET /api/releases/{version}/image`, for legacy agents.
 pub const HEADER_IMAGE_SHA256: &str = "x-sitecast-sha256";
 
+/// On `GET /api/blobs/{hash}/ranges`: the response carries every range of `ranges=`, not only
+/// `start..end` (a Central Command that predates runs serves that alone, without it).
+pub const HEADER_RUNS: &str = "x-sitecast-runs";
+
 /// What an appliance signs for each request: method, path (with query), timestamp, body.
 pub fn appliance_signing_bytes(method: &str, path: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
     let mut bytes =

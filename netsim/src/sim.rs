@@ -87,14 +87,20 @@ impl SiteSpec {
     /// the bao encoding: one per group but the first inside the piece, and the piece's
     /// ancestors up to the root (one per level of the tree above it). For small pieces the
     /// ancestors are what counts: 8 of them (512 bytes) on every 16 KiB group of a 4 MiB image.
-    fn piece_wire_bytes(&self, piece: u64) -> f64 {
+    ///
+    /// A piece that follows `after` in one origin run shares the ancestors above the two,
+    /// sent once with the first: it carries only those below where their paths meet.
+    fn piece_wire_bytes(&self, piece: u64, after: Option<u64>) -> f64 {
         let layout = self.piece_layout();
         let groups = layout.groups_of(piece);
         let start = groups.start * GROUP_BYTES;
         let len = (groups.end * GROUP_BYTES).min(self.image_bytes) - start;
         let inside = groups.end - groups.start - 1;
-        let ancestors = u64::from(layout.pieces().next_power_of_two().trailing_zeros());
-        (8 + len + 64 * (inside + ancestors)) as f64
+        let (header, ancestors) = match after {
+            None => (8, u64::from(layout.pieces().next_power_of_two().trailing_zeros())),
+            Some(before) => (0, u64::from(64 - (before ^ piece).leading_zeros()) - 1),
+        };
+        (header + len + 64 * (inside + ancestors)) as f64
     }
 
     /// The lower bound on the time for every honest appliance to hold the image that the
@@ -171,6 +177,8 @@ struct Flow {
     links: [usize; 2],
     request: RequestId,
     piece: u64,
+    /// The pieces of the request after this one: the sender streams them next.
+    rest: Vec<u64>,
     wire: f64,
 }
 
@@ -487,10 +495,13 @@ impl<'a> Sim<'a> {
         for j in 0..self.spec.appliances {
             if j != i && self.alive[j] {
                 let (have_i, have_j) = (self.nodes[i].have().clone(), self.nodes[j].have().clone());
+                let (fetching_i, fetching_j) = (self.nodes[i].fetching(), self.nodes[j].fetching());
                 self.handle(i, Event::PeerUp { peer: self.ids[j] });
-                self.handle(i, Event::PeerHave { peer: self.ids[j], have: have_j });
+                let peer = self.ids[j];
+                self.handle(i, Event::PeerHave { peer, have: have_j, fetching: fetching_j });
                 self.handle(j, Event::PeerUp { peer: self.ids[i] });
-                self.handle(j, Event::PeerHave { peer: self.ids[i], have: have_i });
+                let peer = self.ids[i];
+                self.handle(j, Event::PeerHave { peer, have: have_i, fetching: fetching_i });
             }
         }
         self.handle_timeout(i);
@@ -536,11 +547,14 @@ impl<'a> Sim<'a> {
     fn drain(&mut self, i: usize) {
         while let Some(action) = self.nodes[i].poll_action() {
             match action {
-                Action::Request { id, piece, source } => {
-                    let wire = self.spec.piece_wire_bytes(piece);
+                Action::Request { id, pieces, source } => {
+                    let Some((&piece, rest)) = pieces.split_first() else { continue };
+                    let wire = self.spec.piece_wire_bytes(piece, None);
                     // The trace names appliances by index.
                     match source {
-                        Source::Origin => self.record(format_args!("request {i} {piece} origin")),
+                        Source::Origin => {
+                            self.record(format_args!("request {i} {pieces:?} origin"))
+                        }
                         Source::Peer(peer) => {
                             let from = self.index_of(peer).expect("a site appliance");
                             self.record(format_args!("request {i} {piece} {from}"))
@@ -567,6 +581,7 @@ impl<'a> Sim<'a> {
                         links: [sender, down],
                         request: id,
                         piece,
+                        rest: rest.to_vec(),
                         wire,
                     });
                 }
@@ -579,7 +594,7 @@ impl<'a> Sim<'a> {
                         self.count_sent(&flow, flow.wire - remaining);
                     }
                 }
-                Action::Announce { have } => {
+                Action::Announce { have, fetching } => {
                     self.record(format_args!("announce {i} {}", have.count()));
                     for j in 0..self.spec.appliances {
                         if j != i && self.alive[j] {
@@ -587,7 +602,11 @@ impl<'a> Sim<'a> {
                             self.deliver(
                                 at,
                                 j,
-                                Event::PeerHave { peer: self.ids[i], have: have.clone() },
+                                Event::PeerHave {
+                                    peer: self.ids[i],
+                                    have: have.clone(),
+                                    fetching: fetching.clone(),
+                                },
                             );
                         }
                     }
@@ -798,10 +817,21 @@ impl<'a> Sim<'a> {
                     if !corrupt {
                         self.delivered[flow.to].insert(flow.piece);
                     }
-                    Event::Completed { request: flow.request }
+                    Event::Completed { request: flow.request, piece: flow.piece }
                 };
                 let at = self.now + latency;
                 self.deliver(at, flow.to, event);
+                // A run goes on at once: the sender streams its next piece.
+                if let Some((&next, rest)) = flow.rest.split_first() {
+                    self.next_flow += 1;
+                    self.flows.push(Flow {
+                        id: self.next_flow,
+                        piece: next,
+                        rest: rest.to_vec(),
+                        wire: self.spec.piece_wire_bytes(next, Some(flow.piece)),
+                        ..flow
+                    });
+                }
                 continue;
             }
             if let Some((t, seq)) = delivery

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use sitecast_netsim::sim::{SiteSpec, simulate_site};
+use sitecast_netsim::sweep;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -108,4 +109,47 @@ fn scenarios_finish_intact() {
         let offload = result.origin_bytes as f64 / result.image_bytes as f64;
         assert!(offload <= 1.2, "{name} (seed {}): origin sent {offload:.3} copies", spec.seed);
     }
+}
+
+/// Shapes of the reduced sweep that still miss the time goal (issue 14 is open on them): small
+/// transfers whose bound is a few tenths of a second, LAN-limited, asymmetric, mixed-speed,
+/// late and corrupt sites. They must still be intact and spare the origin.
+const STILL_SLOW: &[(usize, u64, f64, f64, &str)] = &[
+    (3, 4, 200.0, 100.0, "uniform"),
+    (3, 4, 1000.0, 100.0, "uniform"),
+    (3, 4, 50.0, 1000.0, "late third"),
+    (3, 4, 50.0, 1000.0, "one corrupt"),
+    (3, 32, 50.0, 1000.0, "one corrupt"),
+    (24, 4, 200.0, 100.0, "uniform"),
+    (24, 4, 1000.0, 100.0, "uniform"),
+    (24, 4, 50.0, 1000.0, "mixed 10/100/1000"),
+    (24, 4, 50.0, 1000.0, "late third"),
+    (24, 4, 50.0, 1000.0, "up = down / 10"),
+    (24, 4, 200.0, 1000.0, "mixed 10/100/1000"),
+    (24, 4, 200.0, 100.0, "late third"),
+    (24, 4, 200.0, 100.0, "up = down / 10"),
+    (24, 4, 200.0, 100.0, "one corrupt"),
+];
+
+/// The reduced sweep (`sitecast-netsim sweep --reduced`): every shape is intact and within the
+/// origin goal, and every shape but those listed in [`STILL_SLOW`] within the time goal too.
+#[test]
+fn the_reduced_sweep_meets_the_goals_but_where_known_slow() {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let verdicts = sweep::run(sweep::matrix(false, 1), threads, |_| {});
+    let mut missed = Vec::new();
+    for verdict in &verdicts {
+        let spec = &verdict.shape.spec;
+        let lan = spec.lan_down_bps.iter().copied().fold(0.0, f64::max);
+        let key = (spec.appliances, spec.image_bytes >> 20, spec.wan_bps / 1e6, lan / 1e6);
+        let known_slow = STILL_SLOW.iter().any(|&(n, mib, wan, lan, variant)| {
+            (n, mib, wan, lan) == key && variant == verdict.shape.variant
+        });
+        let origin_ok = verdict.origin_ratio() <= sweep::MAX_ORIGIN_RATIO;
+        let time_ok = verdict.time_ratio() <= sweep::MAX_TIME_RATIO;
+        if !verdict.result.intact || !origin_ok || !(time_ok || known_slow) {
+            missed.push(verdict.line());
+        }
+    }
+    assert!(missed.is_empty(), "shapes that miss a goal:\n{}", missed.join("\n"));
 }

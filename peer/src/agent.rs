@@ -79,7 +79,7 @@ pub enum Exit {
 /// and fetches from those peers.
 pub struct Joined {
     pub news: mpsc::Receiver<PeerNews>,
-    pub announce: mpsc::Sender<crate::pieces::PieceSet>,
+    pub announce: mpsc::Sender<crate::swarm::Holding>,
     pub fetcher: Arc<dyn LanFetcher>,
 }
 

@@ -215,15 +215,22 @@ impl CoordinatorClient {
         Ok(response)
     }
 
-    /// The origin's verified ranges for groups `start..end` (whole body: one piece at a time
-    /// keeps memory bounded by the piece size times the origin requests in flight).
-    pub async fn fetch_ranges(
+    /// The origin's verified ranges for `groups` (ascending, disjoint) in one response, which
+    /// the caller streams. `start` and `end` name the first range too, so a Central Command
+    /// that knows no runs serves that one (without [`api::HEADER_RUNS`] on its answer).
+    pub async fn open_ranges(
         &self,
         ranges_url: &str,
-        start: u64,
-        end: u64,
-    ) -> Result<Bytes, ClientError> {
-        let url = format!("{ranges_url}?start={start}&end={end}");
-        self.send(self.signed(reqwest::Method::GET, &url, Vec::new())).await
+        groups: &[std::ops::Range<u64>],
+    ) -> Result<reqwest::Response, ClientError> {
+        let first = groups.first().cloned().unwrap_or(0..0);
+        let list: Vec<String> = groups.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
+        let url = format!(
+            "{ranges_url}?start={}&end={}&ranges={}",
+            first.start,
+            first.end,
+            list.join(",")
+        );
+        self.open_download(&url).await
     }
 }

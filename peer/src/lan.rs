@@ -34,7 +34,7 @@ use crate::membership::{Membership, Refusal};
 use crate::pieces::{HaveMap, PieceSet};
 use crate::scheduler::PeerId;
 use crate::site::{Heard, SiteControl};
-use crate::swarm::{FetchError, LanFetcher, PeerNews, piece_count, piece_layout};
+use crate::swarm::{FetchError, Holding, LanFetcher, PeerNews, piece_count, piece_layout};
 
 /// A stalled peer must not stall the site.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -469,14 +469,15 @@ impl crate::agent::Lan for LanNodeForAgent {
         // pieces are assigned over members) from the start.
         self.site.announce(hash, HaveMap::from(&PieceSet::empty(pieces)), addrs.clone());
         let (news_tx, news) = mpsc::channel(256);
-        let (announce, mut announced) = mpsc::channel::<PieceSet>(16);
+        let (announce, mut announced) = mpsc::channel::<Holding>(16);
         let (node, site) = (self.node.clone(), self.site.clone());
         tokio::spawn(async move {
-            while let Some(have) = announced.recv().await {
+            while let Some(Holding { have, fetching }) = announced.recv().await {
                 let map = HaveMap::from(&have);
+                let fetching = Some(HaveMap::from(&fetching));
                 // A replaced release is not announced again.
                 if node.update_have(hash, have) {
-                    site.announce(hash, map, addrs.clone());
+                    site.announce_fetching(hash, map, fetching, addrs.clone());
                 }
             }
         });
@@ -494,7 +495,12 @@ impl crate::agent::Lan for LanNodeForAgent {
                     None => return,
                     Some(Heard::Announced { peer, announcement }) => {
                         node.add_peer(peer, &announcement.iroh_addrs);
-                        let have = PeerNews::Have(PeerId(peer), announcement.have.to_set(pieces));
+                        let holding = Holding {
+                            have: announcement.have.to_set(pieces),
+                            fetching: (announcement.fetching.as_ref())
+                                .map_or_else(|| PieceSet::empty(pieces), |f| f.to_set(pieces)),
+                        };
+                        let have = PeerNews::Have(PeerId(peer), holding);
                         if up.insert(peer) {
                             vec![PeerNews::Up(PeerId(peer)), have]
                         } else {

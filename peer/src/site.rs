@@ -65,6 +65,10 @@ pub struct Announcement {
     /// The release blob (BLAKE3 hex) the pieces are of.
     pub blob: String,
     pub have: HaveMap,
+    /// The pieces it fetches from the origin now, left to it by the rest of the site (absent
+    /// from agents that predate origin runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetching: Option<HaveMap>,
     /// The iroh endpoint's direct addresses.
     pub iroh_addrs: Vec<SocketAddr>,
 }
@@ -296,7 +300,18 @@ impl SiteControl {
     /// Publishes what this appliance holds of `blob` now and at every heartbeat until
     /// [`SiteControl::stop`].
     pub fn announce(&self, blob: [u8; 32], have: HaveMap, iroh_addrs: Vec<SocketAddr>) {
-        let announcement = Announcement { blob: hex::encode(blob), have, iroh_addrs };
+        self.announce_fetching(blob, have, None, iroh_addrs);
+    }
+
+    /// [`Self::announce`], with the pieces this appliance fetches from the origin.
+    pub fn announce_fetching(
+        &self,
+        blob: [u8; 32],
+        have: HaveMap,
+        fetching: Option<HaveMap>,
+        iroh_addrs: Vec<SocketAddr>,
+    ) {
+        let announcement = Announcement { blob: hex::encode(blob), have, fetching, iroh_addrs };
         let _ = self.commands.send(Command::Announce { blob, announcement });
     }
 

@@ -51,12 +51,20 @@ pub trait LanFetcher: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Bytes, FetchError>> + Send>>;
 }
 
+/// What an appliance tells its site about a release: the pieces it holds, and those it is
+/// fetching from the origin (which the others leave to it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holding {
+    pub have: PieceSet,
+    pub fetching: PieceSet,
+}
+
 /// What discovery and gossip tell the swarm.
 #[derive(Debug, Clone)]
 pub enum PeerNews {
     Up(PeerId),
     Down(PeerId),
-    Have(PeerId, PieceSet),
+    Have(PeerId, Holding),
 }
 
 /// What the swarm did, for reports and metrics.
@@ -104,7 +112,7 @@ pub struct Swarm<D: Device + Send + 'static> {
     origin: Option<(CoordinatorClient, String)>,
     lan: Option<Arc<dyn LanFetcher>>,
     news: mpsc::Receiver<PeerNews>,
-    announce: mpsc::Sender<PieceSet>,
+    announce: mpsc::Sender<Holding>,
     stats: Arc<Mutex<TransferStats>>,
     started: Instant,
     stop: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -116,7 +124,20 @@ impl<D: Device + Send + 'static> std::fmt::Debug for Swarm<D> {
     }
 }
 
-type FetchOutcome = (RequestId, Source, u64, Result<Vec<DecodedItem>, FetchError>);
+/// What a fetch hands back, a piece at a time: an origin run streams several.
+#[derive(Debug)]
+enum Fetched {
+    /// A piece of the request, verified (not yet written), and the bytes it took on the wire.
+    Piece { piece: u64, bytes: u64, items: Vec<DecodedItem> },
+    /// The request ended without its remaining pieces.
+    Failed(FetchError),
+}
+
+type FetchOutcome = (RequestId, Source, Fetched);
+
+/// Verified pieces waiting to be written: a run's reader waits when this many are queued, so
+/// memory stays bounded by a few pieces whatever the run's length.
+const PIECES_QUEUED: usize = 8;
 
 impl<D: Device + Send + 'static> Swarm<D> {
     #[allow(clippy::too_many_arguments)]
@@ -126,7 +147,7 @@ impl<D: Device + Send + 'static> Swarm<D> {
         origin: Option<(CoordinatorClient, String)>,
         lan: Option<Arc<dyn LanFetcher>>,
         news: mpsc::Receiver<PeerNews>,
-        announce: mpsc::Sender<PieceSet>,
+        announce: mpsc::Sender<Holding>,
         stats: Arc<Mutex<TransferStats>>,
         tune: impl FnOnce(&mut Config),
     ) -> Self {
@@ -177,15 +198,16 @@ impl<D: Device + Send + 'static> Swarm<D> {
 
     /// Runs until every piece is verified and written; returns the writer for `finish`.
     pub async fn run(mut self) -> Result<SlotWriter<D>, SwarmError> {
-        let mut fetches: JoinSet<FetchOutcome> = JoinSet::new();
+        let mut fetches: JoinSet<RequestId> = JoinSet::new();
         let mut handles: BTreeMap<RequestId, tokio::task::AbortHandle> = BTreeMap::new();
+        let (fetched, mut outcomes) = mpsc::channel::<FetchOutcome>(PIECES_QUEUED);
         let mut news_open = true;
         let mut stop = self.stop.take();
         loop {
             while let Some(action) = self.scheduler.poll_action() {
                 match action {
-                    Action::Request { id, piece, source } => {
-                        let handle = fetches.spawn(self.fetch(id, piece, source));
+                    Action::Request { id, pieces, source } => {
+                        let handle = fetches.spawn(self.fetch(id, pieces, source, fetched.clone()));
                         handles.insert(id, handle);
                     }
                     Action::Cancel { id } => {
@@ -193,8 +215,8 @@ impl<D: Device + Send + 'static> Swarm<D> {
                             handle.abort();
                         }
                     }
-                    Action::Announce { have } => {
-                        let _ = self.announce.try_send(have);
+                    Action::Announce { have, fetching } => {
+                        let _ = self.announce.try_send(Holding { have, fetching });
                     }
                     Action::Ban { peer, reason } => {
                         tracing::warn!(peer = %hex::encode(peer.0), %reason, "peer dropped for this release");
@@ -240,9 +262,12 @@ impl<D: Device + Send + 'static> Swarm<D> {
                     return Err(SwarmError::Replaced);
                 }
                 Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
-                    let Ok((id, source, bytes, result)) = joined else { continue };
-                    handles.remove(&id);
-                    let event = self.apply(id, source, bytes, result).await?;
+                    if let Ok(id) = joined {
+                        handles.remove(&id);
+                    }
+                }
+                Some((id, source, result)) = outcomes.recv() => {
+                    let event = self.apply(id, source, result).await?;
                     let now = self.now();
                     self.scheduler.handle_event(event, now);
                     let done = self.scheduler.have().count();
@@ -253,7 +278,9 @@ impl<D: Device + Send + 'static> Swarm<D> {
                     match news {
                         Some(PeerNews::Up(peer)) => self.scheduler.handle_event(Event::PeerUp { peer }, now),
                         Some(PeerNews::Down(peer)) => self.scheduler.handle_event(Event::PeerDown { peer }, now),
-                        Some(PeerNews::Have(peer, have)) => self.scheduler.handle_event(Event::PeerHave { peer, have }, now),
+                        Some(PeerNews::Have(peer, Holding { have, fetching })) => {
+                            self.scheduler.handle_event(Event::PeerHave { peer, have, fetching }, now)
+                        }
                         // Discovery ended: carry on with what we have (the origin at least).
                         None => news_open = false,
                     }
@@ -266,42 +293,40 @@ impl<D: Device + Send + 'static> Swarm<D> {
         }
     }
 
-    /// Fetches and verifies one piece (verification happens off the executor); the writer is
-    /// not touched until every group of the piece has verified.
+    /// Fetches and verifies `pieces` from `source` (verification happens off the executor),
+    /// handing each to the run loop as it verifies; the writer is not touched until every
+    /// group of a piece has verified.
     fn fetch(
         &self,
         id: RequestId,
-        piece: u64,
+        pieces: Vec<u64>,
         source: Source,
-    ) -> impl std::future::Future<Output = FetchOutcome> + Send + 'static {
-        let groups = piece_groups(&self.layout, piece);
+        out: mpsc::Sender<FetchOutcome>,
+    ) -> impl std::future::Future<Output = RequestId> + Send + 'static {
         let layout = self.layout;
         let origin = self.origin.clone();
         let lan = self.lan.clone();
         async move {
-            let response = match source {
+            let result = match source {
                 Source::Origin => match &origin {
-                    Some((client, url)) => client
-                        .fetch_ranges(url, groups.start, groups.end)
-                        .await
-                        .map_err(|e| FetchError::Failed(e.to_string())),
+                    Some((client, url)) => {
+                        let out = out.clone();
+                        let deliver = move |piece| out.blocking_send((id, source, piece)).is_ok();
+                        fetch_run(client, url, layout, &pieces, deliver).await
+                    }
                     None => Err(FetchError::Failed("no origin known".into())),
                 },
                 Source::Peer(peer) => match &lan {
-                    Some(lan) => lan.fetch(peer, groups.clone()).await,
+                    Some(lan) => {
+                        fetch_from_peer(lan.as_ref(), peer, layout, &pieces, &out, id).await
+                    }
                     None => Err(FetchError::Failed("no LAN transport".into())),
                 },
             };
-            let bytes = response.as_ref().map_or(0, |b| b.len() as u64);
-            let verified = match response {
-                Ok(body) => {
-                    tokio::task::spawn_blocking(move || decode(layout, groups, &body, source))
-                        .await
-                        .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))
-                }
-                Err(error) => Err(error),
-            };
-            (id, source, bytes, verified)
+            if let Err(error) = result {
+                let _ = out.send((id, source, Fetched::Failed(error))).await;
+            }
+            id
         }
     }
 
@@ -309,14 +334,13 @@ impl<D: Device + Send + 'static> Swarm<D> {
         &self,
         request: RequestId,
         source: Source,
-        bytes: u64,
-        result: Result<Vec<DecodedItem>, FetchError>,
+        fetched: Fetched,
     ) -> Result<Event, SwarmError> {
         let count = |f: &dyn Fn(&mut TransferStats)| {
             f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()))
         };
-        match result {
-            Ok(items) => {
+        match fetched {
+            Fetched::Piece { piece, bytes, items } => {
                 count(&|stats| match source {
                     Source::Origin => {
                         stats.bytes_from_origin += bytes;
@@ -340,19 +364,155 @@ impl<D: Device + Send + 'static> Swarm<D> {
                 })
                 .await
                 .map_err(|e| SwarmError::Stopped(e.to_string()))??;
-                Ok(Event::Completed { request })
+                Ok(Event::Completed { request, piece })
             }
-            Err(FetchError::Corrupt(reason)) => {
+            Fetched::Failed(FetchError::Corrupt(reason)) => {
                 count(&|stats| stats.corrupt += 1);
                 tracing::warn!(?source, %reason, "corrupt response");
                 Ok(Event::Corrupt { request })
             }
-            Err(FetchError::Failed(reason)) => {
+            Fetched::Failed(FetchError::Failed(reason)) => {
                 count(&|stats| stats.failed += 1);
                 tracing::debug!(?source, %reason, "fetch failed");
                 Ok(Event::Failed { request })
             }
         }
+    }
+}
+
+/// Fetches each of `pieces` from a LAN peer, one request each.
+async fn fetch_from_peer(
+    lan: &dyn LanFetcher,
+    peer: PeerId,
+    layout: BlobLayout,
+    pieces: &[u64],
+    out: &mpsc::Sender<FetchOutcome>,
+    id: RequestId,
+) -> Result<(), FetchError> {
+    let source = Source::Peer(peer);
+    for &piece in pieces {
+        let groups = piece_groups(&layout, piece);
+        let body = lan.fetch(peer, groups.clone()).await?;
+        let bytes = body.len() as u64;
+        let items = tokio::task::spawn_blocking(move || decode(layout, groups, &body, source))
+            .await
+            .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))?;
+        if out.send((id, source, Fetched::Piece { piece, bytes, items })).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Fetches a run of pieces from the origin in one streamed response, verifying as it reads
+/// and handing each piece to `deliver` (from a blocking thread) as soon as its last group
+/// verified; `deliver` returns false when nobody wants more. A Central Command that serves
+/// only the first range of a request gets the rest asked for again, range by range.
+async fn fetch_run(
+    client: &CoordinatorClient,
+    url: &str,
+    layout: BlobLayout,
+    pieces: &[u64],
+    deliver: impl Fn(Fetched) -> bool + Clone + Send + 'static,
+) -> Result<(), FetchError> {
+    let pieces_of = piece_layout(&layout);
+    let mut ranges: std::collections::VecDeque<std::ops::Range<u64>> =
+        merge_ranges(pieces.iter().map(|&piece| pieces_of.groups_of(piece))).into();
+    while !ranges.is_empty() {
+        let asked: Vec<_> = ranges.iter().cloned().collect();
+        let response = (client.open_ranges(url, &asked).await)
+            .map_err(|e| FetchError::Failed(e.to_string()))?;
+        let served = if response.headers().contains_key(sitecast_manifest::api::HEADER_RUNS) {
+            std::mem::take(&mut ranges).into()
+        } else {
+            vec![ranges.pop_front().expect("not empty")]
+        };
+        let body =
+            futures_util::TryStreamExt::map_err(response.bytes_stream(), std::io::Error::other);
+        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
+        let deliver = deliver.clone();
+        let more =
+            tokio::task::spawn_blocking(move || decode_run(layout, &served, reader, deliver))
+                .await
+                .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))?;
+        if !more {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Merges ascending group ranges that touch.
+fn merge_ranges(ranges: impl Iterator<Item = std::ops::Range<u64>>) -> Vec<std::ops::Range<u64>> {
+    let mut merged: Vec<std::ops::Range<u64>> = Vec::new();
+    for range in ranges {
+        match merged.last_mut() {
+            Some(last) if last.end == range.start => last.end = range.end,
+            _ => merged.push(range),
+        }
+    }
+    merged
+}
+
+/// Reads one response for `groups` (whole pieces), handing each piece to `deliver` once all
+/// its groups verified. Returns whether `deliver` still wants more.
+fn decode_run(
+    layout: BlobLayout,
+    groups: &[std::ops::Range<u64>],
+    reader: impl std::io::Read,
+    deliver: impl Fn(Fetched) -> bool,
+) -> Result<bool, FetchError> {
+    let pieces_of = piece_layout(&layout);
+    let read = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let counting = CountingReader { inner: reader, read: std::rc::Rc::clone(&read) };
+    let ranges = layout.chunk_ranges_of(groups);
+    let decoder =
+        ResponseDecoder::new(layout, &ranges, counting).map_err(|e| classify(e, Source::Origin))?;
+    let (mut items, mut groups_left, mut counted) = (Vec::new(), 0, 0);
+    let mut delivered = 0;
+    for item in decoder {
+        let item = item.map_err(|e| classify(e, Source::Origin))?;
+        let piece = match &item {
+            DecodedItem::Group(group) => Some(group.index() / pieces_of.groups_per_piece()),
+            DecodedItem::Parent(_) => None,
+        };
+        items.push(item);
+        if let Some(piece) = piece {
+            if groups_left == 0 {
+                let groups = pieces_of.groups_of(piece);
+                groups_left = groups.end - groups.start;
+            }
+            groups_left -= 1;
+            if groups_left == 0 {
+                let bytes = read.get() - counted;
+                counted = read.get();
+                delivered += 1;
+                let items = std::mem::take(&mut items);
+                if !deliver(Fetched::Piece { piece, bytes, items }) {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+    let expected: u64 =
+        groups.iter().map(|r| pieces_of.pieces_touching(r.clone()).count() as u64).sum();
+    if delivered != expected {
+        return Err(classify(ResponseError::Truncated, Source::Origin));
+    }
+    Ok(true)
+}
+
+/// Counts the bytes read through it, to attribute a run's bytes to its pieces.
+struct CountingReader<R> {
+    inner: R,
+    read: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.set(self.read.get() + n as u64);
+        Ok(n)
     }
 }
 

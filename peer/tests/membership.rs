@@ -263,7 +263,7 @@ async fn a_stranger_gets_no_byte_and_a_new_member_gets_everything() {
     // It hears where a0 is and what it holds...
     loop {
         match tokio::time::timeout(Duration::from_secs(30), news.recv()).await {
-            Ok(Some(PeerNews::Have(peer, have))) if have.is_full() && peer == a0_id => {
+            Ok(Some(PeerNews::Have(peer, holding))) if holding.have.is_full() && peer == a0_id => {
                 break;
             }
             Ok(Some(_)) => {}

@@ -21,6 +21,10 @@
 //!   `max(origin_takeover, 4 × this appliance's own time per origin piece)`, counting the one
 //!   in flight), the next member in the hash order that is not stalled takes over. Measuring
 //!   against our own origin transfers keeps a slow but busy WAN from looking like a stall.
+//! - **Runs from the origin.** An origin request names a run of this appliance's pieces
+//!   (up to `origin_run_pieces`, about 1 MiB) that the origin streams in order; each piece is
+//!   reported as it verifies and can be relayed at once. Small pieces thus cost no WAN round
+//!   trip each.
 //! - **A small origin window, shared by the work left.** The site keeps about
 //!   `origin_window_bytes` in flight from the origin: a WAN shares its rate among everything in
 //!   flight, so the less there is the sooner each piece lands and can be relayed. Each member
@@ -74,6 +78,9 @@ impl Rendezvous {
     }
 }
 
+/// Pieces in one origin request at most, whatever their size: each is a range in the request.
+pub const MAX_RUN_PIECES: u64 = 64;
+
 /// Peers are named by their 32-byte identity key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PeerId(pub [u8; 32]);
@@ -99,6 +106,9 @@ pub struct Config {
     /// Requests in flight to LAN peers, all together: this appliance's download window.
     pub max_lan_requests: usize,
     pub max_origin_requests: usize,
+    /// Pieces in one origin request at most: the origin streams a run of pieces in one
+    /// response, so that small pieces do not each wait a WAN round trip.
+    pub origin_run_pieces: usize,
     /// Bytes in flight from the origin across the site, shared out among its live members.
     /// The site's WAN shares its rate among every piece in flight on it, so the fewer there
     /// are the sooner each arrives and can be relayed on the LAN; a window far above the
@@ -133,6 +143,10 @@ const DOWNLOAD_WINDOW_BYTES: u64 = 4 << 20;
 /// Bytes in flight from the origin to this appliance at most: a WAN's bandwidth-delay
 /// product (100 Mbit/s over 40 ms round trips is 500 KB).
 const ORIGIN_WINDOW_BYTES: u64 = 1 << 20;
+/// Bytes in one origin request at most: a run long enough that the round trip before it is
+/// small beside its transfer, short enough to be given to another member soon if this one
+/// stalls.
+const ORIGIN_RUN_BYTES: u64 = 1 << 20;
 /// Origin requests in flight from one site: a site behind one NAT is one client to Central
 /// Command, which encodes at most 16 verified ranges at once for a client
 /// (`--max-range-streams-per-client`) and refuses the rest. Half that leaves room for the
@@ -153,6 +167,7 @@ impl Config {
             max_requests_per_peer: in_pieces(PEER_WINDOW_BYTES, 8),
             max_lan_requests: in_pieces(DOWNLOAD_WINDOW_BYTES, 16),
             max_origin_requests: in_pieces(ORIGIN_WINDOW_BYTES, ORIGIN_REQUESTS_PER_SITE),
+            origin_run_pieces: (ORIGIN_RUN_BYTES / piece_bytes).clamp(1, MAX_RUN_PIECES) as usize,
             origin_window_bytes: (transfer / 16).clamp(512 << 10, 16 << 20),
             site_members: Vec::new(),
             request_timeout: Duration::from_secs(30),
@@ -175,10 +190,14 @@ pub enum Event {
     /// A site member left (timed out, disconnected, crashed).
     PeerDown { peer: PeerId },
     /// A peer announced the pieces it holds (the whole set, not a delta).
-    PeerHave { peer: PeerId, have: PieceSet },
-    /// A request delivered its piece, verified and written.
-    Completed { request: RequestId },
-    /// A request failed without evidence of lying (connection lost, refused, truncated).
+    /// `fetching`: the pieces it is fetching from the origin (empty from agents that do not
+    /// say), left to it while it makes progress.
+    PeerHave { peer: PeerId, have: PieceSet, fetching: PieceSet },
+    /// A request delivered one of its pieces, verified and written. The request ends with
+    /// its last piece.
+    Completed { request: RequestId, piece: u64 },
+    /// A request failed without evidence of lying (connection lost, refused, truncated): its
+    /// pieces not yet completed are wanted again.
     Failed { request: RequestId },
     /// A request delivered a group that did not verify.
     Corrupt { request: RequestId },
@@ -188,9 +207,11 @@ pub enum Event {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Fetch `pieces` (ascending) from `source`: one piece from a LAN peer, a run of them from
+    /// the origin, which streams them in order; each is reported with [`Event::Completed`].
     Request {
         id: RequestId,
-        piece: u64,
+        pieces: Vec<u64>,
         source: Source,
     },
     Cancel {
@@ -199,6 +220,9 @@ pub enum Action {
     /// Tell the site what we hold now.
     Announce {
         have: PieceSet,
+        /// The pieces in our origin requests: the site leaves them to us (a member that joins
+        /// late would otherwise fetch what it is now assigned a second time).
+        fetching: PieceSet,
     },
     /// Drop this peer for the release and report it.
     Ban {
@@ -235,6 +259,10 @@ struct Peer {
     /// When its have-map last grew (or it came up): a peer silent for too long is stalled and
     /// loses its origin assignments. `None` once it went down.
     progress: Option<Duration>,
+    /// The pieces it said it fetches from the origin, and whether they count in
+    /// `fetched_elsewhere` (while it is a contender: live and not stalled).
+    fetching: PieceSet,
+    fetching_counted: bool,
 }
 
 /// Where a request went: the origin or a peer, by index.
@@ -246,9 +274,20 @@ enum Sender {
 
 #[derive(Debug, Clone)]
 struct InFlight {
-    piece: u64,
+    /// The pieces not yet delivered, ascending (the order the sender streams them in).
+    pieces: Vec<u64>,
     from: Sender,
-    started: Duration,
+    /// When it was issued or last delivered a piece: a request that has not moved for
+    /// `request_timeout` is given up, however long it is.
+    moved: Duration,
+}
+
+impl InFlight {
+    /// A request for this piece alone: a second copy of it may be cancelled once the piece
+    /// is here (a run carries on with its other pieces).
+    fn is_only(&self, piece: u64) -> bool {
+        self.pieces == [piece]
+    }
 }
 
 /// Counters the agent reports and the simulator checks.
@@ -280,6 +319,10 @@ pub struct Scheduler {
     requested: PieceSet,
     holder_count: Vec<u32>,
     held: PieceSet,
+    /// Contenders fetching each piece from the origin, and the pieces where that is non-zero:
+    /// this appliance leaves those to them.
+    fetching_count: Vec<u32>,
+    fetched_elsewhere: PieceSet,
     /// Per-piece hashes, computed once: this appliance's tie-break order, and its rendezvous
     /// score (the highest score fetches the piece from the origin).
     tie_breaks: Vec<u64>,
@@ -339,6 +382,8 @@ impl Scheduler {
             requested: PieceSet::empty(config.pieces),
             holder_count: vec![0; pieces],
             held: PieceSet::empty(config.pieces),
+            fetching_count: vec![0; pieces],
+            fetched_elsewhere: PieceSet::empty(config.pieces),
             tie_breaks: (0..pieces as u64).map(|p| hash64(&me.0, &p.to_le_bytes())).collect(),
             my_scores,
             rendezvous,
@@ -391,11 +436,16 @@ impl Scheduler {
                     self.fail_requests_to(i);
                 }
             }
-            Event::PeerHave { peer, have } => {
+            Event::PeerHave { peer, have, fetching } => {
                 let banned = self.index.get(&peer).is_some_and(|&i| self.peers[i].banned);
                 if peer == self.me || banned || have.len() != self.config.pieces {
                     return;
                 }
+                let fetching = if fetching.len() == self.config.pieces {
+                    fetching
+                } else {
+                    PieceSet::empty(self.config.pieces)
+                };
                 // Scheduling once as for `PeerUp` (with the old have-map) and once more below
                 // keeps the actions those two steps have always produced.
                 self.peer_up(peer, now);
@@ -417,55 +467,21 @@ impl Scheduler {
                         &old,
                         &self.peers[i].have,
                     );
+                    let counted = self.peers[i].fetching_counted;
+                    self.count_fetching(i, false);
+                    self.peers[i].fetching = fetching;
+                    self.count_fetching(i, counted);
                 }
             }
-            Event::Completed { request } => {
-                let Some(done) = self.in_flight.remove(&request) else { return };
-                self.finish(&done);
-                match done.from {
-                    Sender::Origin => {
-                        self.stats.from_origin += 1;
-                        self.origin_backoff = self.config.origin_backoff;
-                        let took = now.saturating_sub(done.started);
-                        self.origin_piece_time = Some(match self.origin_piece_time {
-                            Some(avg) => (avg * 3 + took) / 4,
-                            None => took,
-                        });
-                    }
-                    Sender::Peer(i) => {
-                        self.stats.from_lan += 1;
-                        if self.peers[i].live {
-                            self.peers[i].failures = 0;
-                        }
-                    }
-                }
-                if self.have.insert(done.piece) {
-                    self.schedule_announce();
-                }
-                // End game: the other copies of this piece are no longer needed.
-                if self.copies[done.piece as usize] > 0 {
-                    let duplicates: Vec<RequestId> = self
-                        .in_flight
-                        .iter()
-                        .filter(|(_, r)| r.piece == done.piece)
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for id in duplicates {
-                        if let Some(cancelled) = self.in_flight.remove(&id) {
-                            self.finish(&cancelled);
-                            self.stats.cancelled += 1;
-                            self.actions.push_back(Action::Cancel { id });
-                        }
-                    }
-                }
-            }
+            Event::Completed { request, piece } => self.complete(request, piece, now),
             Event::Failed { request } => self.fail(request, false),
             Event::Corrupt { request } => {
                 let Some(bad) = self.in_flight.get(&request).cloned() else { return };
                 self.stats.corrupt += 1;
                 self.fail(request, true);
                 if let Sender::Peer(i) = bad.from {
-                    self.ban(i, format!("sent a corrupt group of piece {}", bad.piece));
+                    let piece = bad.pieces.first().copied().unwrap_or_default();
+                    self.ban(i, format!("sent a corrupt group of piece {piece}"));
                 }
             }
             Event::HaveLocally { pieces } => {
@@ -484,11 +500,8 @@ impl Scheduler {
     pub fn handle_timeout(&mut self, now: Duration) {
         self.now = self.now.max(now);
         self.started.get_or_insert(now);
-        // Oldest first, so the expired requests are a prefix.
-        let expired: Vec<RequestId> = self
-            .in_flight
-            .iter()
-            .take_while(|(_, r)| now.saturating_sub(r.started) >= self.config.request_timeout)
+        let expired: Vec<RequestId> = (self.in_flight.iter())
+            .filter(|(_, r)| now.saturating_sub(r.moved) >= self.config.request_timeout)
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
@@ -501,8 +514,8 @@ impl Scheduler {
 
     /// When [`Self::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let oldest = self.in_flight.values().next();
-        let requests = oldest.map(|r| r.started + self.config.request_timeout);
+        let stillest = self.in_flight.values().map(|r| r.moved).min();
+        let requests = stillest.map(|moved| moved + self.config.request_timeout);
         let live = self.live.iter().map(|&i| &self.peers[i]);
         let backoffs = live.map(|p| p.backoff_until).filter(|&t| t > self.now);
         let origin = Some(self.origin_backoff_until).filter(|&t| t > self.now);
@@ -548,6 +561,8 @@ impl Scheduler {
                     scores: self.rendezvous.scores(&peer),
                     nothing_to_ask: false,
                     progress: None,
+                    fetching: PieceSet::empty(self.config.pieces),
+                    fetching_counted: false,
                 });
                 self.peers.len() - 1
             }
@@ -578,14 +593,74 @@ impl Scheduler {
         }
     }
 
-    /// A request is no longer in flight: its piece's copy and its sender's slot are free.
-    fn finish(&mut self, request: &InFlight) {
-        let copies = &mut self.copies[request.piece as usize];
+    /// One of `request`'s pieces arrived.
+    fn complete(&mut self, request: RequestId, piece: u64, now: Duration) {
+        let Some(delivering) = self.in_flight.get_mut(&request) else { return };
+        let Some(at) = delivering.pieces.iter().position(|&p| p == piece) else { return };
+        delivering.pieces.remove(at);
+        let (from, moved) = (delivering.from, std::mem::replace(&mut delivering.moved, now));
+        if delivering.pieces.is_empty() {
+            self.in_flight.remove(&request);
+            self.end_request(from);
+        }
+        self.piece_ended(piece);
+        match from {
+            Sender::Origin => {
+                self.stats.from_origin += 1;
+                self.origin_backoff = self.config.origin_backoff;
+                let took = now.saturating_sub(moved);
+                self.origin_piece_time = Some(match self.origin_piece_time {
+                    Some(avg) => (avg * 3 + took) / 4,
+                    None => took,
+                });
+            }
+            Sender::Peer(i) => {
+                self.stats.from_lan += 1;
+                if self.peers[i].live {
+                    self.peers[i].failures = 0;
+                }
+            }
+        }
+        if self.have.insert(piece) {
+            self.schedule_announce();
+        }
+        // End game: other requests for this piece alone are no longer needed (a run
+        // carries on with the rest of its pieces).
+        if self.copies[piece as usize] > 0 {
+            let duplicates: Vec<RequestId> = (self.in_flight.iter())
+                .filter(|(_, r)| r.is_only(piece))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in duplicates {
+                if let Some(cancelled) = self.in_flight.remove(&id) {
+                    self.end(&cancelled);
+                    self.stats.cancelled += 1;
+                    self.actions.push_back(Action::Cancel { id });
+                }
+            }
+        }
+    }
+
+    /// A request is no longer in flight: its pieces' copies and its sender's slot are free.
+    fn end(&mut self, request: &InFlight) {
+        for &piece in &request.pieces {
+            self.piece_ended(piece);
+        }
+        self.end_request(request.from);
+    }
+
+    /// One copy of `piece` is no longer in flight.
+    fn piece_ended(&mut self, piece: u64) {
+        let copies = &mut self.copies[piece as usize];
         *copies -= 1;
         if *copies == 0 {
-            self.requested.remove(request.piece);
+            self.requested.remove(piece);
         }
-        match request.from {
+    }
+
+    /// A request to `from` ended: its slot is free.
+    fn end_request(&mut self, from: Sender) {
+        match from {
             Sender::Origin => self.origin_in_flight -= 1,
             Sender::Peer(i) => {
                 self.lan_in_flight -= 1;
@@ -599,8 +674,9 @@ impl Scheduler {
 
     fn fail(&mut self, request: RequestId, corrupt: bool) {
         let Some(failed) = self.in_flight.remove(&request) else { return };
-        self.finish(&failed);
-        if !self.requested.contains(failed.piece) && !self.have.contains(failed.piece) {
+        self.end(&failed);
+        let wanted_again = |p: &u64| !self.requested.contains(*p) && !self.have.contains(*p);
+        if failed.pieces.iter().any(wanted_again) {
             for peer in &mut self.peers {
                 peer.nothing_to_ask = false;
             }
@@ -656,7 +732,7 @@ impl Scheduler {
         self.announce_due = Some(self.announce_due.map_or(due, |d| d.min(due)));
     }
 
-    fn issue(&mut self, piece: u64, from: Sender) {
+    fn issue(&mut self, pieces: Vec<u64>, from: Sender) {
         let id = RequestId(self.next_request);
         self.next_request += 1;
         match from {
@@ -666,10 +742,13 @@ impl Scheduler {
                 self.peers[i].in_flight += 1;
             }
         }
-        self.in_flight.insert(id, InFlight { piece, from, started: self.now });
-        self.copies[piece as usize] += 1;
-        self.requested.insert(piece);
-        self.actions.push_back(Action::Request { id, piece, source: self.source(from) });
+        for &piece in &pieces {
+            self.copies[piece as usize] += 1;
+            self.requested.insert(piece);
+        }
+        let source = self.source(from);
+        self.actions.push_back(Action::Request { id, pieces: pieces.clone(), source });
+        self.in_flight.insert(id, InFlight { pieces, from, moved: self.now });
     }
 
     fn copies_in_flight(&self, piece: u64) -> usize {
@@ -691,6 +770,8 @@ impl Scheduler {
             }
             let old = std::mem::replace(&mut state.have, PieceSet::empty(self.config.pieces));
             count_holders(&mut self.holder_count, &mut self.held, &old, &self.peers[peer].have);
+            self.count_fetching(peer, false);
+            self.peers[peer].fetching = PieceSet::empty(self.config.pieces);
             self.live.retain(|&j| j != peer);
         }
     }
@@ -701,8 +782,9 @@ impl Scheduler {
     /// a peer whose have-map stands still is waiting on the same link, not stalled. So the
     /// delay grows with how long our origin pieces take, including the one still in flight.
     fn stall_after(&self) -> Duration {
-        let oldest = self.in_flight.values().find(|r| r.from == Sender::Origin);
-        let waiting = oldest.map_or(Duration::ZERO, |r| self.now.saturating_sub(r.started));
+        let origin = self.in_flight.values().filter(|r| r.from == Sender::Origin);
+        let stillest = origin.map(|r| r.moved).min();
+        let waiting = stillest.map_or(Duration::ZERO, |moved| self.now.saturating_sub(moved));
         let per_piece = self.origin_piece_time.unwrap_or(Duration::ZERO).max(waiting);
         self.config.origin_takeover.max(per_piece * 4)
     }
@@ -722,6 +804,10 @@ impl Scheduler {
         if self.contenders.as_ref() == Some(&contenders) {
             return;
         }
+        // A stalled peer's origin pieces are everyone's again.
+        for i in 0..self.peers.len() {
+            self.count_fetching(i, contenders.contains(&i));
+        }
         self.assigned = PieceSet::empty(self.config.pieces);
         for piece in 0..self.config.pieces {
             let mine = self.my_scores[piece as usize];
@@ -730,6 +816,28 @@ impl Scheduler {
             }
         }
         self.contenders = Some(contenders);
+    }
+
+    /// Counts peer `i`'s origin pieces as fetched elsewhere, or stops counting them.
+    fn count_fetching(&mut self, i: usize, counted: bool) {
+        let state = &mut self.peers[i];
+        if state.fetching_counted == counted {
+            return;
+        }
+        state.fetching_counted = counted;
+        let (empty, fetching) = (PieceSet::empty(self.config.pieces), &self.peers[i].fetching);
+        let (old, new) = if counted { (&empty, fetching) } else { (fetching, &empty) };
+        count_holders(&mut self.fetching_count, &mut self.fetched_elsewhere, old, new);
+    }
+
+    /// The pieces in our origin requests.
+    pub fn fetching(&self) -> PieceSet {
+        let mut fetching = PieceSet::empty(self.config.pieces);
+        let origin = self.in_flight.values().filter(|r| r.from == Sender::Origin);
+        for piece in origin.flat_map(|r| &r.pieces) {
+            fetching.insert(*piece);
+        }
+        fetching
     }
 
     /// Every member Central Command named is up and has said what it holds: there is nothing
@@ -786,7 +894,8 @@ impl Scheduler {
         if self.announce_due.is_some_and(|due| due <= now) {
             self.announce_due = None;
             self.last_announce = Some(now);
-            self.actions.push_back(Action::Announce { have: self.have.clone() });
+            let fetching = self.fetching();
+            self.actions.push_back(Action::Announce { have: self.have.clone(), fetching });
             if self.have.is_full() {
                 self.actions.push_back(Action::Done);
             }
@@ -811,7 +920,7 @@ impl Scheduler {
                 .min_by_key(|&i| (self.peers[i].in_flight, self.peers[i].spread));
             let Some(peer) = candidate else { break };
             match self.rarest_from(peer) {
-                Some(piece) => self.issue(piece, Sender::Peer(peer)),
+                Some(piece) => self.issue(vec![piece], Sender::Peer(peer)),
                 None => self.peers[peer].nothing_to_ask = true,
             }
         }
@@ -827,24 +936,29 @@ impl Scheduler {
                 mine_left += u64::from((unheld & ours.words()[w]).count_ones());
             }
             let origin_cap = self.origin_cap(mine_left, site_left);
+            let free = origin_cap.saturating_sub(self.origin_in_flight);
+            let most = free * self.config.origin_run_pieces.max(1);
             let mut wanted = Vec::new();
-            'origin: for w in 0..words {
-                if self.origin_in_flight >= origin_cap {
+            for w in 0..words {
+                if wanted.len() >= most {
                     break;
                 }
                 let unheld = self.have.missing_word(w)
                     & !self.held.words()[w]
                     & !self.requested.words()[w]
+                    & !self.fetched_elsewhere.words()[w]
                     & ours.words()[w];
-                for piece in pieces_in(w, unheld) {
-                    if self.origin_in_flight + wanted.len() >= origin_cap {
-                        break 'origin;
-                    }
-                    wanted.push(piece);
-                }
+                wanted.extend(pieces_in(w, unheld).take(most - wanted.len()));
             }
-            for piece in wanted {
-                self.issue(piece, Sender::Origin);
+            // Runs of about equal length, one per free request.
+            let runs = wanted.len().div_ceil(self.config.origin_run_pieces.max(1));
+            if runs > 0 {
+                let per_run = wanted.len().div_ceil(runs);
+                for run in wanted.chunks(per_run) {
+                    self.issue(run.to_vec(), Sender::Origin);
+                }
+                // The site learns what we fetch, so that nobody fetches it again.
+                self.schedule_announce();
             }
         }
 
@@ -866,10 +980,10 @@ impl Scheduler {
                         && !self
                             .in_flight
                             .values()
-                            .any(|r| r.piece == piece && r.from == Sender::Peer(i))
+                            .any(|r| r.from == Sender::Peer(i) && r.pieces.contains(&piece))
                 });
                 if let Some(peer) = second {
-                    self.issue(piece, Sender::Peer(peer));
+                    self.issue(vec![piece], Sender::Peer(peer));
                 }
             }
         }

@@ -23,12 +23,14 @@ enum Delivery {
     Answer {
         to: usize,
         request: RequestId,
+        piece: u64,
         from: Option<usize>,
     },
     Have {
         to: usize,
         from: usize,
         have: PieceSet,
+        fetching: PieceSet,
     },
 }
 
@@ -59,8 +61,8 @@ struct Site {
     now: Duration,
     /// Every origin request, in the order they were issued.
     origin_log: Vec<OriginRequest>,
-    /// Origin requests not yet answered or cancelled: (node, request) → piece.
-    origin_in_flight: BTreeMap<(usize, RequestId), u64>,
+    /// Origin requests not yet answered or cancelled: (node, request) → pieces.
+    origin_in_flight: BTreeMap<(usize, RequestId), Vec<u64>>,
     /// Every LAN request, (by, to), in the order they were issued.
     lan_requests: Vec<(usize, usize)>,
     /// LAN requests not yet answered or cancelled: (node, request) → the peer asked.
@@ -121,29 +123,32 @@ impl Site {
     fn drain(&mut self, i: usize) {
         while let Some(action) = self.nodes[i].poll_action() {
             match action {
-                Action::Request { id, piece, source: Source::Origin } => {
-                    self.origin_log.push(OriginRequest { at: self.now, by: i, piece });
-                    self.origin_in_flight.insert((i, id), piece);
-                    self.push(
-                        self.now + self.origin,
-                        Delivery::Answer { to: i, request: id, from: None },
-                    );
+                Action::Request { id, pieces, source: Source::Origin } => {
+                    // The origin streams a run: one piece after another.
+                    for (k, &piece) in pieces.iter().enumerate() {
+                        self.origin_log.push(OriginRequest { at: self.now, by: i, piece });
+                        let at = self.now + self.origin * (k as u32 + 1);
+                        self.push(at, Delivery::Answer { to: i, request: id, piece, from: None });
+                    }
+                    self.origin_in_flight.insert((i, id), pieces);
                 }
-                Action::Request { id, source: Source::Peer(p), .. } => {
+                Action::Request { id, pieces, source: Source::Peer(p) } => {
                     let from = p.0[0] as usize;
-                    self.lan_requests.push((i, from));
-                    self.lan_in_flight.insert((i, id), from);
-                    self.push(
-                        self.now + self.lan,
-                        Delivery::Answer { to: i, request: id, from: Some(from) },
-                    );
+                    for piece in pieces {
+                        self.lan_requests.push((i, from));
+                        self.lan_in_flight.insert((i, id), from);
+                        let answer =
+                            Delivery::Answer { to: i, request: id, piece, from: Some(from) };
+                        self.push(self.now + self.lan, answer);
+                    }
                 }
-                Action::Announce { have } => {
+                Action::Announce { have, fetching } => {
                     for j in 0..self.nodes.len() {
                         if j != i {
+                            let (have, fetching) = (have.clone(), fetching.clone());
                             self.push(
                                 self.now + self.lan,
-                                Delivery::Have { to: j, from: i, have: have.clone() },
+                                Delivery::Have { to: j, from: i, have, fetching },
                             );
                         }
                     }
@@ -218,8 +223,13 @@ impl Site {
             let delivery = self.queue.remove(&key).expect("present");
             self.now = key.0;
             match delivery {
-                Delivery::Answer { to, request, from } => {
-                    self.origin_in_flight.remove(&(to, request));
+                Delivery::Answer { to, request, piece, from } => {
+                    if let Some(pieces) = self.origin_in_flight.get_mut(&(to, request)) {
+                        pieces.retain(|&p| p != piece);
+                        if pieces.is_empty() {
+                            self.origin_in_flight.remove(&(to, request));
+                        }
+                    }
                     self.lan_in_flight.remove(&(to, request));
                     // A peer that died (or stalled) answers nothing: the request is cancelled
                     // when the asker sees it leave, or times out.
@@ -227,7 +237,7 @@ impl Site {
                         let liar = from.filter(|from| self.liars.contains(from));
                         let event = match liar {
                             Some(_) => Event::Corrupt { request },
-                            None => Event::Completed { request },
+                            None => Event::Completed { request, piece },
                         };
                         let corrupt = self.nodes[to].stats().corrupt;
                         self.nodes[to].handle_event(event, self.now);
@@ -239,9 +249,11 @@ impl Site {
                         self.drain(to);
                     }
                 }
-                Delivery::Have { to, from, have } if self.alive[to] && self.alive[from] => {
-                    self.nodes[to]
-                        .handle_event(Event::PeerHave { peer: peer(from as u8), have }, self.now);
+                Delivery::Have { to, from, have, fetching }
+                    if self.alive[to] && self.alive[from] =>
+                {
+                    let event = Event::PeerHave { peer: peer(from as u8), have, fetching };
+                    self.nodes[to].handle_event(event, self.now);
                     self.drain(to);
                 }
                 Delivery::Have { .. } => {}
@@ -334,7 +346,10 @@ fn when_the_assigned_fetcher_dies_the_next_takes_over() {
     // that the others have heard of and do not hold yet.
     let in_flight_at_0 = |site: &Site| -> BTreeSet<u64> {
         let in_flight = site.origin_in_flight.iter();
-        in_flight.filter(|((node, _), _)| *node == 0).map(|(_, &piece)| piece).collect()
+        in_flight
+            .filter(|((node, _), _)| *node == 0)
+            .flat_map(|(_, pieces)| pieces.clone())
+            .collect()
     };
     // The pieces node 0 holds and no other node does; `None` while some are held by some of
     // the others only (a survivor that has not heard yet that another holds such a piece may
@@ -484,4 +499,65 @@ fn requests_that_fail_together_back_off_once() {
     );
     assert!(origin_requests_at(&mut node, cut + backoff / 2).is_empty(), "still backing off");
     assert!(!origin_requests_at(&mut node, cut + backoff).is_empty(), "and then it tries again");
+}
+
+/// The origin requests in `actions`: (id, pieces).
+fn origin_runs(node: &mut Scheduler) -> Vec<(RequestId, Vec<u64>)> {
+    std::iter::from_fn(|| node.poll_action())
+        .filter_map(|action| match action {
+            Action::Request { id, pieces, source: Source::Origin } => Some((id, pieces)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn small_pieces_come_from_the_origin_in_runs_reported_piece_by_piece() {
+    let pieces = 256;
+    let mut node = Scheduler::new(peer(0), Config::new(pieces, 16 << 10));
+    node.handle_timeout(Duration::ZERO);
+    let after_grace = Duration::from_secs(1);
+    node.handle_timeout(after_grace);
+    let mut now = after_grace;
+    let mut runs = origin_runs(&mut node);
+    let mut longest = 0;
+    while let Some((id, run)) = runs.pop() {
+        longest = longest.max(run.len());
+        assert!(run.len() as u64 <= MAX_RUN_PIECES, "{} pieces in one request", run.len());
+        assert!(run.is_sorted(), "a run is streamed in order: {run:?}");
+        for piece in run {
+            now += Duration::from_millis(1);
+            node.handle_event(Event::Completed { request: id, piece }, now);
+            assert!(node.have().contains(piece));
+        }
+        runs.extend(origin_runs(&mut node));
+    }
+    assert!(node.is_done(), "every piece came");
+    assert!(longest > 1, "16 KiB pieces each in a request of their own");
+}
+
+#[test]
+fn a_member_that_joins_late_leaves_what_others_fetch_to_them() {
+    let pieces = 256;
+    let config = || Config::new(pieces, 16 << 10);
+    // One run at a time: the early member leaves pieces unfetched for the other.
+    let mut early = Scheduler::new(peer(0), Config { max_origin_requests: 1, ..config() });
+    early.handle_timeout(Duration::ZERO);
+    early.handle_timeout(Duration::from_secs(1));
+    let runs = origin_runs(&mut early);
+    let fetching = early.fetching();
+    assert!(!runs.is_empty() && fetching.count() > 0, "the early member fetches from the origin");
+
+    // Another member comes up while those runs stream: rendezvous gives it about half the
+    // pieces, some of them in the early member's runs.
+    let joined = Duration::from_secs(2);
+    let mut late = Scheduler::new(peer(1), config());
+    late.handle_event(Event::PeerUp { peer: peer(0) }, joined);
+    let have = early.have().clone();
+    late.handle_event(Event::PeerHave { peer: peer(0), have, fetching: fetching.clone() }, joined);
+    late.handle_timeout(joined + Duration::from_secs(1));
+    let taken: Vec<u64> = origin_runs(&mut late).into_iter().flat_map(|(_, run)| run).collect();
+    assert!(!taken.is_empty(), "the late member fetches what nobody else does");
+    let twice: Vec<u64> = taken.iter().copied().filter(|&p| fetching.contains(p)).collect();
+    assert!(twice.is_empty(), "fetched a second time from the origin: {twice:?}");
 }

@@ -119,14 +119,58 @@ pub(super) async fn ranged_file(
     Ok((status, response_headers, Body::from_stream(stream)).into_response())
 }
 
+/// `start` and `end` name one range of groups; `ranges` (`a-b,c-d,…`, ascending and
+/// disjoint, at most [`sitecast_iso::MAX_RANGES_PER_RESPONSE`]) several, and wins when both
+/// are given (an agent sends both, so a Central Command that knows only `start` and `end`
+/// still serves the first range).
 #[derive(Deserialize)]
 pub(super) struct GroupRange {
-    start: u64,
-    end: u64,
+    start: Option<u64>,
+    end: Option<u64>,
+    ranges: Option<String>,
 }
 
-/// Verified ranges: `[size u64 LE][bao encoding of groups start..end]`, what iroh-blobs sends
-/// for a ranged get, so appliances check origin data exactly like LAN data.
+impl GroupRange {
+    /// The ranges asked for, checked against a blob of `groups` groups.
+    fn parse(&self, groups: u64) -> Result<Vec<std::ops::Range<u64>>, ApiError> {
+        let bad = |why: String| ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", why);
+        let ranges = match (&self.ranges, self.start, self.end) {
+            (Some(list), _, _) => {
+                let mut ranges = Vec::new();
+                for item in list.split(',') {
+                    let parsed = item.split_once('-').and_then(|(start, end)| {
+                        Some(start.parse::<u64>().ok()?..end.parse::<u64>().ok()?)
+                    });
+                    ranges.push(parsed.ok_or_else(|| bad(format!("{item:?} is not a range a-b")))?);
+                }
+                ranges
+            }
+            (None, Some(start), Some(end)) => std::iter::once(start..end).collect(),
+            (None, _, _) => return Err(bad("name groups with start and end, or ranges".into())),
+        };
+        if ranges.len() > sitecast_iso::MAX_RANGES_PER_RESPONSE {
+            return Err(bad(format!(
+                "{} ranges; at most {} in one request",
+                ranges.len(),
+                sitecast_iso::MAX_RANGES_PER_RESPONSE
+            )));
+        }
+        let mut floor = 0;
+        for range in &ranges {
+            if range.start < floor || range.start >= range.end || range.end > groups {
+                return Err(bad(format!(
+                    "groups {}..{} are not within 0..{groups}, ascending and disjoint",
+                    range.start, range.end
+                )));
+            }
+            floor = range.end;
+        }
+        Ok(ranges)
+    }
+}
+
+/// Verified ranges: `[size u64 LE][bao encoding of the groups]`, what iroh-blobs sends for a
+/// ranged get, so appliances check origin data exactly like LAN data.
 pub(super) async fn blob_ranges(
     State(state): State<Arc<AppState>>,
     Path(hash): Path<String>,
@@ -140,13 +184,7 @@ pub(super) async fn blob_ranges(
         _ => "unattributed".to_owned(),
     };
     let layout = sitecast_iso::BlobLayout::new(info.blake3, info.size);
-    if range.start >= range.end || range.end > layout.groups() {
-        return Err(ApiError::new(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            "bad_range",
-            format!("groups {}..{} are not within 0..{}", range.start, range.end, layout.groups()),
-        ));
-    }
+    let groups = range.parse(layout.groups())?;
     let permit = state.range_pool.acquire(peer_address(&parts), QUEUE_TIMEOUT).await.map_err(
         |busy| match busy {
             Busy::ClientShare => ApiError::busy(
@@ -159,16 +197,15 @@ pub(super) async fn blob_ranges(
             }
         },
     )?;
-    let length = layout.encoded_len(range.start..range.end);
+    let length = layout.encoded_len_of(&groups);
     let (data, outboard) = state.blobs.open_blob(&info).map_err(ApiError::internal)?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
-    let groups = range.start..range.end;
     let counter = Arc::clone(&state);
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut writer = ChannelWriter { sender, sent: 0, runtime };
-        let result = outboard.encode_groups(&data, groups, &mut writer);
+        let result = outboard.encode_runs(&data, &groups, &mut writer);
         let sent = writer.sent;
         if let Err(error) = result {
             // The body is cut short, so the client sees a truncated response, never bad bytes.
@@ -189,6 +226,7 @@ pub(super) async fn blob_ranges(
     response_headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    response_headers.insert(sitecast_manifest::api::HEADER_RUNS, HeaderValue::from_static("1"));
     Ok(response)
 }
 
