@@ -224,13 +224,12 @@ impl CoordinatorClient {
         groups: &[std::ops::Range<u64>],
     ) -> Result<reqwest::Response, ClientError> {
         let first = groups.first().cloned().unwrap_or(0..0);
-        let list: Vec<String> = groups.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
-        let url = format!(
-            "{ranges_url}?start={}&end={}&ranges={}",
-            first.start,
-            first.end,
-            list.join(",")
-        );
+        let mut url = format!("{ranges_url}?start={}&end={}", first.start, first.end);
+        if groups.len() > 1 {
+            let list: Vec<String> =
+                groups.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
+            url = format!("{url}&ranges={}", list.join(","));
+        }
         self.open_download(&url).await
     }
 }

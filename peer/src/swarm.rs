@@ -11,11 +11,12 @@ use bytes::Bytes;
 use sitecast_iso::{
     BlobLayout, DecodedItem, Device, ResponseDecoder, ResponseError, SlotError, SlotWriter,
 };
+use sitecast_manifest::api;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::coordinator::CoordinatorClient;
+use crate::coordinator::{ClientError, CoordinatorClient};
 use crate::pieces::{PieceLayout, PieceSet};
 use crate::scheduler::{Action, Config, Event, PeerId, RequestId, Scheduler, Source};
 
@@ -418,28 +419,81 @@ async fn fetch_run(
     let pieces_of = piece_layout(&layout);
     let mut ranges: std::collections::VecDeque<std::ops::Range<u64>> =
         merge_ranges(pieces.iter().map(|&piece| pieces_of.groups_of(piece))).into();
+    // A Central Command that refuses runs gets one range per request, as before runs.
+    let mut one_at_a_time = false;
     while !ranges.is_empty() {
-        let asked: Vec<_> = ranges.iter().cloned().collect();
-        let response = (client.open_ranges(url, &asked).await)
-            .map_err(|e| FetchError::Failed(e.to_string()))?;
-        let served = if response.headers().contains_key(sitecast_manifest::api::HEADER_RUNS) {
-            std::mem::take(&mut ranges).into()
-        } else {
-            vec![ranges.pop_front().expect("not empty")]
+        let most = if one_at_a_time { 1 } else { sitecast_iso::MAX_RANGES_PER_RESPONSE };
+        let asked: Vec<_> = ranges.iter().take(most).cloned().collect();
+        let response = match client.open_ranges(url, &asked).await {
+            Ok(response) => response,
+            Err(ClientError::Refused { status: 400..=499, .. }) if asked.len() > 1 => {
+                one_at_a_time = true;
+                continue;
+            }
+            Err(error) => return Err(FetchError::Failed(error.to_string())),
         };
-        let body =
-            futures_util::TryStreamExt::map_err(response.bytes_stream(), std::io::Error::other);
-        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(body));
+        let served: Vec<_> = if asked.len() > 1 && response.headers().contains_key(api::HEADER_RUNS)
+        {
+            ranges.drain(..asked.len()).collect()
+        } else {
+            ranges.pop_front().into_iter().collect()
+        };
+        // The body is read here and handed to the decoder through a small channel: when
+        // this task is aborted (the request cancelled), the body is dropped with it, the
+        // connection closes, and the decoder sees the end of its input.
+        let (chunks, input) = mpsc::channel::<std::io::Result<Bytes>>(4);
         let deliver = deliver.clone();
-        let more =
-            tokio::task::spawn_blocking(move || decode_run(layout, &served, reader, deliver))
-                .await
-                .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))?;
+        let decoding = tokio::task::spawn_blocking(move || {
+            decode_run(layout, &served, ChannelReader { input, chunk: Bytes::new() }, deliver)
+        });
+        let mut response = response;
+        loop {
+            let next = match tokio::time::timeout(RUN_IDLE, response.chunk()).await {
+                Ok(Ok(Some(chunk))) => Ok(chunk),
+                Ok(Ok(None)) => break,
+                Ok(Err(error)) => Err(std::io::Error::other(error)),
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no bytes from the origin for {RUN_IDLE:?}"),
+                )),
+            };
+            let failed = next.is_err();
+            // The decoder stopped (it has all it wants, or found a fault): stop reading.
+            if chunks.send(next).await.is_err() || failed {
+                break;
+            }
+        }
+        drop(chunks);
+        let more = decoding.await.unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))?;
         if !more {
             break;
         }
     }
     Ok(())
+}
+
+/// An origin run that sends nothing for this long is given up (its pieces are asked again).
+const RUN_IDLE: Duration = Duration::from_secs(30);
+
+/// A blocking reader over chunks sent from an async task; the end of the channel is the end
+/// of the input.
+struct ChannelReader {
+    input: mpsc::Receiver<std::io::Result<Bytes>>,
+    chunk: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.input.blocking_recv() {
+                Some(next) => self.chunk = next?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
 }
 
 /// Merges ascending group ranges that touch.
@@ -468,6 +522,8 @@ fn decode_run(
     let ranges = layout.chunk_ranges_of(groups);
     let decoder =
         ResponseDecoder::new(layout, &ranges, counting).map_err(|e| classify(e, Source::Origin))?;
+    let expected: u64 =
+        groups.iter().map(|r| pieces_of.pieces_touching(r.clone()).count() as u64).sum();
     let (mut items, mut groups_left, mut counted) = (Vec::new(), 0, 0);
     let mut delivered = 0;
     for item in decoder {
@@ -491,11 +547,14 @@ fn decode_run(
                 if !deliver(Fetched::Piece { piece, bytes, items }) {
                     return Ok(false);
                 }
+                // Every piece is here; what may follow is not ours to judge, and the request
+                // is over as far as the scheduler knows.
+                if delivered == expected {
+                    return Ok(true);
+                }
             }
         }
     }
-    let expected: u64 =
-        groups.iter().map(|r| pieces_of.pieces_touching(r.clone()).count() as u64).sum();
     if delivered != expected {
         return Err(classify(ResponseError::Truncated, Source::Origin));
     }

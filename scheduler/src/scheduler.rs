@@ -25,11 +25,11 @@
 //!   (up to `origin_run_pieces`, about 1 MiB) that the origin streams in order; each piece is
 //!   reported as it verifies and can be relayed at once. Small pieces thus cost no WAN round
 //!   trip each.
-//! - **A small origin window, shared by the work left.** The site keeps about
-//!   `origin_window_bytes` in flight from the origin: a WAN shares its rate among everything in
-//!   flight, so the less there is the sooner each piece lands and can be relayed. Each member
-//!   takes the part of it that its assigned pieces are of those the site still lacks, so all
-//!   finish their origin work together.
+//! - **A small origin window, shared by the work left.** The site keeps a few origin requests
+//!   (runs) in flight, at most `origin_window_bytes` worth of pieces and 8: a WAN shares its
+//!   rate among the streams on it, so the fewer there are the sooner each piece lands and can
+//!   be relayed. Each member takes the part of the window that its assigned pieces are of
+//!   those the site still lacks, so all finish their origin work together.
 //! - **Discovery grace.** No origin requests until the site's members are known: for
 //!   `discovery_grace`, or until every member Central Command named is up and has said what
 //!   it holds.
@@ -109,10 +109,10 @@ pub struct Config {
     /// Pieces in one origin request at most: the origin streams a run of pieces in one
     /// response, so that small pieces do not each wait a WAN round trip.
     pub origin_run_pieces: usize,
-    /// Bytes in flight from the origin across the site, shared out among its live members.
-    /// The site's WAN shares its rate among every piece in flight on it, so the fewer there
-    /// are the sooner each arrives and can be relayed on the LAN; a window far above the
-    /// WAN's bandwidth-delay product only delays that.
+    /// The site's origin requests in flight, in pieces' worth of bytes (each request a run
+    /// of up to `origin_run_pieces`), shared out among its live members. The site's WAN
+    /// shares its rate among the streams on it, so the fewer there are the sooner each piece
+    /// arrives and can be relayed on the LAN.
     pub origin_window_bytes: u64,
     /// The site's members as Central Command named them (may be empty). Once every one of them
     /// is up and has said what it holds there is nothing left to learn, and the discovery grace
@@ -140,8 +140,8 @@ const PEER_WINDOW_BYTES: u64 = 256 << 10;
 /// Bytes in flight to LAN peers, all together. Every piece in flight shares the links with
 /// the others, so more of them only makes each arrive (and be passed on) later.
 const DOWNLOAD_WINDOW_BYTES: u64 = 4 << 20;
-/// Bytes in flight from the origin to this appliance at most: a WAN's bandwidth-delay
-/// product (100 Mbit/s over 40 ms round trips is 500 KB).
+/// Origin requests of this appliance at most, in pieces' worth of bytes (each request is a
+/// run of pieces).
 const ORIGIN_WINDOW_BYTES: u64 = 1 << 20;
 /// Bytes in one origin request at most: a run long enough that the round trip before it is
 /// small beside its transfer, short enough to be given to another member soon if this one
@@ -280,14 +280,6 @@ struct InFlight {
     /// When it was issued or last delivered a piece: a request that has not moved for
     /// `request_timeout` is given up, however long it is.
     moved: Duration,
-}
-
-impl InFlight {
-    /// A request for this piece alone: a second copy of it may be cancelled once the piece
-    /// is here (a run carries on with its other pieces).
-    fn is_only(&self, piece: u64) -> bool {
-        self.pieces == [piece]
-    }
 }
 
 /// Counters the agent reports and the simulator checks.
@@ -583,6 +575,7 @@ impl Scheduler {
             let peers = &self.peers;
             let at = self.live.partition_point(|&j| peers[j].id < peer);
             self.live.insert(at, i);
+            self.contenders = None;
         }
     }
 
@@ -624,11 +617,12 @@ impl Scheduler {
         if self.have.insert(piece) {
             self.schedule_announce();
         }
-        // End game: other requests for this piece alone are no longer needed (a run
-        // carries on with the rest of its pieces).
+        // End game: other requests are no longer needed once all their pieces are here (a
+        // run with pieces still missing carries on).
         if self.copies[piece as usize] > 0 {
+            let have = &self.have;
             let duplicates: Vec<RequestId> = (self.in_flight.iter())
-                .filter(|(_, r)| r.is_only(piece))
+                .filter(|(_, r)| r.pieces.iter().all(|&p| have.contains(p)))
                 .map(|(id, _)| *id)
                 .collect();
             for id in duplicates {
@@ -683,6 +677,10 @@ impl Scheduler {
         }
         if !corrupt {
             self.stats.failed += 1;
+        }
+        if failed.from == Sender::Origin {
+            // The site must learn we no longer fetch these, or it leaves them to us.
+            self.schedule_announce();
         }
         match failed.from {
             // Requests in flight together fail together (a cut link): one step of backoff for
@@ -773,6 +771,7 @@ impl Scheduler {
             self.count_fetching(peer, false);
             self.peers[peer].fetching = PieceSet::empty(self.config.pieces);
             self.live.retain(|&j| j != peer);
+            self.contenders = None;
         }
     }
 

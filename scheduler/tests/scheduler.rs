@@ -492,6 +492,15 @@ fn requests_that_fail_together_back_off_once() {
         node.handle_event(Event::Failed { request }, cut);
     }
     let backoff = Config::new(64, 1 << 20).origin_backoff;
+    // The site hears soon that these pieces are no longer being fetched.
+    let announced = node.poll_timeout().expect("an announcement is due");
+    assert!(announced < cut + backoff, "announced only at {announced:?}");
+    node.handle_timeout(announced);
+    let actions: Vec<Action> = std::iter::from_fn(|| node.poll_action()).collect();
+    let told = actions
+        .iter()
+        .any(|a| matches!(a, Action::Announce { fetching, .. } if fetching.count() == 0));
+    assert!(told, "{actions:?}");
     assert_eq!(
         node.poll_timeout(),
         Some(cut + backoff),

@@ -137,7 +137,8 @@ impl GroupRange {
         let ranges = match (&self.ranges, self.start, self.end) {
             (Some(list), _, _) => {
                 let mut ranges = Vec::new();
-                for item in list.split(',') {
+                // One past the limit is enough to refuse a list, however long it is.
+                for item in list.split(',').take(sitecast_iso::MAX_RANGES_PER_RESPONSE + 1) {
                     let parsed = item.split_once('-').and_then(|(start, end)| {
                         Some(start.parse::<u64>().ok()?..end.parse::<u64>().ok()?)
                     });
