@@ -27,6 +27,7 @@ async fn fill_from_origin(
     dir: &std::path::Path,
     via: Option<&dyn Fn(&str) -> String>,
     every_other_held: bool,
+    request_timeout: Option<std::time::Duration>,
 ) -> Filled {
     let origin = Origin::start(dir).await;
     let (image_path, image) = origin.publish(2, 5 * 1024 * 1024 + 4321).await;
@@ -86,7 +87,12 @@ async fn fill_from_origin(
         news,
         announce,
         stats.clone(),
-        |config| config.discovery_grace = std::time::Duration::ZERO,
+        |config| {
+            config.discovery_grace = std::time::Duration::ZERO;
+            if let Some(timeout) = request_timeout {
+                config.request_timeout = timeout;
+            }
+        },
     );
     let writer = swarm.run().await.expect("swarm completes");
     writer.finish().expect("read back matches the manifest");
@@ -101,7 +107,7 @@ async fn fill_from_origin(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_appliance_fills_its_slot_from_the_origin() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Filled { stats, origin_bytes } = fill_from_origin(dir.path(), None, false).await;
+    let Filled { stats, origin_bytes } = fill_from_origin(dir.path(), None, false, None).await;
     assert_eq!(origin_bytes, stats.bytes_from_origin);
     assert!(stats.bytes_from_origin >= 5 * 1024 * 1024 + 4321, "{stats:?}");
     // The pieces came in runs, each parent once: less than a request per piece, each with
@@ -120,7 +126,7 @@ async fn a_central_command_without_runs_still_fills_the_slot_range_by_range() {
     let dir = tempfile::tempdir().expect("tempdir");
     let relay = OldOriginRelay::start(5 * 1024 * 1024 + 4321).await;
     let via = |ranges: &str| relay.rewrite(ranges);
-    let Filled { stats, .. } = fill_from_origin(dir.path(), Some(&via), true).await;
+    let Filled { stats, .. } = fill_from_origin(dir.path(), Some(&via), true, None).await;
     let asked = relay.requests();
     assert!(asked > 1, "one request for everything");
     assert!(relay.cut() > 0, "the relay never cut an answer: the test tests nothing");
@@ -204,4 +210,115 @@ async fn relay(
     }
     state.cut.fetch_add(1, Ordering::SeqCst);
     body.slice(..keep).into_response()
+}
+
+/// An origin run that stops sending is given up after the request timeout, and giving it up
+/// closes its connection (it once kept streaming in its decoding thread: the origin sent
+/// what nobody would use, and held one of the site's range streams).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_given_up_closes_its_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = StallingRelay::start().await;
+    let via = |ranges: &str| relay.rewrite(ranges);
+    let timeout = Some(std::time::Duration::from_millis(300));
+    let Filled { stats, .. } = fill_from_origin(dir.path(), Some(&via), false, timeout).await;
+    assert!(stats.pieces_from_origin > 0, "{stats:?}");
+    // The slot is complete: the stalled run's pieces came again. Its connection was closed
+    // when it was given up, a second (the origin backoff) before they were asked again.
+    assert!(relay.state.stalled.load(Ordering::SeqCst), "no answer was stalled");
+    assert!(relay.state.closed.load(Ordering::SeqCst), "the stalled connection is still open");
+}
+
+/// Passes verified-range requests to the origin, one connection each; the first answer stops
+/// halfway (its length promised in full) and the connection is held until the client closes.
+struct StallingRelay {
+    url: String,
+    state: Arc<StallState>,
+}
+
+struct StallState {
+    upstream: Mutex<String>,
+    http: reqwest::Client,
+    requests: AtomicUsize,
+    stalled: std::sync::atomic::AtomicBool,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl StallingRelay {
+    async fn start() -> Self {
+        sitecast_coordinator::install_tls_provider();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let state = Arc::new(StallState {
+            upstream: Mutex::new(String::new()),
+            http: reqwest::Client::new(),
+            requests: AtomicUsize::new(0),
+            stalled: Default::default(),
+            closed: Default::default(),
+        });
+        let serving = Arc::clone(&state);
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(stall_or_pass(socket, Arc::clone(&serving)));
+            }
+        });
+        Self { url, state }
+    }
+
+    fn rewrite(&self, ranges: &str) -> String {
+        let path = ranges.find("/api/").expect("an origin path");
+        *self.state.upstream.lock().expect("upstream") = ranges[..path].to_owned();
+        format!("{}{}", self.url, &ranges[path..])
+    }
+}
+
+async fn stall_or_pass(mut socket: tokio::net::TcpStream, state: Arc<StallState>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n");
+    let path = lines.next().and_then(|l| l.split(' ').nth(1)).expect("a request line").to_owned();
+    let upstream = state.upstream.lock().expect("upstream").clone();
+    let mut forward = state.http.get(format!("{upstream}{path}"));
+    for line in lines {
+        if let Some((name, value)) = line.split_once(": ")
+            && name.to_ascii_lowercase().starts_with("x-sitecast")
+        {
+            forward = forward.header(name, value);
+        }
+    }
+    let response = forward.send().await.expect("upstream answers");
+    let status = response.status().as_u16();
+    let runs = response.headers().contains_key(sitecast_manifest::api::HEADER_RUNS);
+    let body = response.bytes().await.expect("body");
+    let first = state.requests.fetch_add(1, Ordering::SeqCst) == 0;
+    let runs = if runs { "x-sitecast-runs: 1\r\n" } else { "" };
+    let head = format!(
+        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n{runs}\r\n",
+        body.len()
+    );
+    let sent = if first && status == 200 { body.len() / 2 } else { body.len() };
+    if socket.write_all(head.as_bytes()).await.is_err()
+        || socket.write_all(&body[..sent]).await.is_err()
+    {
+        return;
+    }
+    if sent < body.len() {
+        state.stalled.store(true, Ordering::SeqCst);
+        // Nothing more is sent; the client's close ends the read.
+        let mut rest = [0u8; 64];
+        while let Ok(n) = socket.read(&mut rest).await {
+            if n == 0 {
+                break;
+            }
+        }
+        state.closed.store(true, Ordering::SeqCst);
+    }
 }
