@@ -103,7 +103,7 @@ impl BlobLayout {
 pub const MAX_RANGES_PER_RESPONSE: usize = 64;
 
 /// Merges ascending group indices into ranges.
-pub(crate) fn collect_ranges(groups: impl Iterator<Item = u64>) -> Vec<Range<u64>> {
+pub fn collect_ranges(groups: impl Iterator<Item = u64>) -> Vec<Range<u64>> {
     let mut ranges: Vec<Range<u64>> = Vec::new();
     for group in groups {
         match ranges.last_mut() {

@@ -39,6 +39,6 @@ pub use device::{CrashDevice, Device, FileDevice, PowerSupply};
 pub use grubenv::{CrashEnvStore, EnvFile, EnvStore, GrubEnv};
 pub use layout::{
     BLOCK_SIZE, BlobLayout, DecodedItem, GROUP_BYTES, MAX_RANGES_PER_RESPONSE, OutboardStore,
-    ResponseDecoder, ResponseError, VerifiedGroup,
+    ResponseDecoder, ResponseError, VerifiedGroup, collect_ranges,
 };
 pub use writer::{SlotError, SlotPaths, SlotWriter, VerifiedSlot, WriterStats};

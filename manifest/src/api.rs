@@ -1,8 +1,8 @@
 //! The HTTP API between appliances, operators and the coordinator: JSON bodies shared by the
 //! `peer` and `coordinator` crates so they are written once.
 //!
-//! Versioned by tolerance: readers ignore fields they do not know (no `deny_unknown_fields`
-//! anywhere), new fields are optional or defaulted, and an unknown enum value reads as
+//! Versioned by tolerance: readers ignore fields they do not know (serde's default, never
+//! switched off), new fields are optional or defaulted, and an unknown enum value reads as
 //! `Unknown` rather than failing the whole body. Writers never change the meaning of an
 //! existing field.
 

@@ -417,8 +417,8 @@ async fn fetch_run(
     deliver: impl Fn(Fetched) -> bool + Clone + Send + 'static,
 ) -> Result<(), FetchError> {
     let pieces_of = piece_layout(&layout);
-    let mut ranges: std::collections::VecDeque<std::ops::Range<u64>> =
-        merge_ranges(pieces.iter().map(|&piece| pieces_of.groups_of(piece))).into();
+    let groups = pieces.iter().flat_map(|&piece| pieces_of.groups_of(piece));
+    let mut ranges: std::collections::VecDeque<_> = sitecast_iso::collect_ranges(groups).into();
     // A Central Command that refuses runs gets one range per request, as before runs.
     let mut one_at_a_time = false;
     while !ranges.is_empty() {
@@ -494,18 +494,6 @@ impl std::io::Read for ChannelReader {
         buf[..n].copy_from_slice(&self.chunk.split_to(n));
         Ok(n)
     }
-}
-
-/// Merges ascending group ranges that touch.
-fn merge_ranges(ranges: impl Iterator<Item = std::ops::Range<u64>>) -> Vec<std::ops::Range<u64>> {
-    let mut merged: Vec<std::ops::Range<u64>> = Vec::new();
-    for range in ranges {
-        match merged.last_mut() {
-            Some(last) if last.end == range.start => last.end = range.end,
-            _ => merged.push(range),
-        }
-    }
-    merged
 }
 
 /// Reads one response for `groups` (whole pieces), handing each piece to `deliver` once all

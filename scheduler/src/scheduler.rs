@@ -936,7 +936,8 @@ impl Scheduler {
             }
             let origin_cap = self.origin_cap(mine_left, site_left);
             let free = origin_cap.saturating_sub(self.origin_in_flight);
-            let most = free * self.config.origin_run_pieces.max(1);
+            let run_pieces = self.config.origin_run_pieces.max(1);
+            let most = free * run_pieces;
             let mut wanted = Vec::new();
             for w in 0..words {
                 if wanted.len() >= most {
@@ -949,8 +950,8 @@ impl Scheduler {
                     & ours.words()[w];
                 wanted.extend(pieces_in(w, unheld).take(most - wanted.len()));
             }
-            // Runs of about equal length, one per free request.
-            let runs = wanted.len().div_ceil(self.config.origin_run_pieces.max(1));
+            // As few runs as hold them, of about equal length.
+            let runs = wanted.len().div_ceil(run_pieces);
             if runs > 0 {
                 let per_run = wanted.len().div_ceil(runs);
                 for run in wanted.chunks(per_run) {
