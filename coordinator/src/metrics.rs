@@ -69,6 +69,26 @@ pub fn render(fleet: &Fleet, now: Timestamp, checkins: u64) -> String {
             label(site)
         );
     }
+    family(
+        &mut out,
+        "sitecast_mirror_bytes_reported",
+        "gauge",
+        "Image bytes appliances report having fetched from a release's mirrors, per site and release.",
+    );
+    let mut mirror_bytes: BTreeMap<(&str, u64), u64> = BTreeMap::new();
+    for appliance in fleet.appliances.values() {
+        if let Some(update) = &appliance.update {
+            *mirror_bytes.entry((&appliance.site, update.report.version)).or_default() +=
+                update.report.bytes_from_mirror;
+        }
+    }
+    for ((site, version), bytes) in mirror_bytes {
+        let _ = writeln!(
+            out,
+            "sitecast_mirror_bytes_reported{{site=\"{}\",version=\"{version}\"}} {bytes}",
+            label(site)
+        );
+    }
     out
 }
 

@@ -61,6 +61,10 @@ pub struct ReleaseRecord {
     /// A SWUpdate artifact published with it, for devices that speak hawkBit DDI.
     #[serde(default)]
     pub swu: Option<SwuArtifact>,
+    /// Other HTTP origins of its image (CDN, object store, nginx), offered to appliances
+    /// before Central Command's own.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
 }
 
 impl ReleaseRecord {

@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 use bao_tree::io::outboard::PreOrderOutboard;
 use bao_tree::io::sync::{
-    CreateOutboard, DecodeResponseIter, encode_ranges_validated, valid_ranges,
+    CreateOutboard, DecodeResponseIter, encode_ranges, encode_ranges_validated, valid_ranges,
 };
 use bao_tree::io::{BaoContentItem, DecodeError, EncodeError};
 use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges};
@@ -240,6 +240,25 @@ impl<D: Device> OutboardStore<D> {
         out.flush()
     }
 
+    /// Writes the response for `groups` (ranges in ascending order) with the bytes of the
+    /// image from `offset` in `bytes` and this outboard's parents, **not checked**: for
+    /// plain bytes from an untrusted source (an HTTP mirror), which then go through
+    /// [`ResponseDecoder`] like any other response. `bytes` must cover every group asked.
+    pub fn encode_plain(
+        &self,
+        offset: u64,
+        bytes: &[u8],
+        groups: &[Range<u64>],
+        out: impl Write,
+    ) -> io::Result<()> {
+        let ranges = self.layout.chunk_ranges_of(groups);
+        let mut out = BufWriter::with_capacity(64 * 1024, out);
+        out.write_all(&self.layout.size.to_le_bytes())?;
+        let data = PlainBytes { offset, bytes, image_size: self.layout.size };
+        encode_ranges(data, self.reader(), &ranges, &mut out)?;
+        out.flush()
+    }
+
     /// Whether these hashes chain to the root: the check a fetched outboard passes before it
     /// is trusted for seeding. Pre-order puts the root's pair first.
     pub fn root_matches(&self) -> io::Result<bool> {
@@ -286,6 +305,35 @@ impl<D: Device> OutboardStore<D> {
 impl<D> std::fmt::Debug for OutboardStore<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OutboardStore").field("layout", &self.layout).finish_non_exhaustive()
+    }
+}
+
+/// Bytes of an image from `offset`, read by position (for [`OutboardStore::encode_plain`]).
+struct PlainBytes<'a> {
+    offset: u64,
+    bytes: &'a [u8],
+    image_size: u64,
+}
+
+impl bao_tree::io::sync::ReadAt for PlainBytes<'_> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let end = self.offset + self.bytes.len() as u64;
+        if pos < self.offset || (pos >= end && pos < self.image_size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("byte {pos} is outside the bytes at hand ({}..{end})", self.offset),
+            ));
+        }
+        let from = &self.bytes[(pos.min(end) - self.offset) as usize..];
+        let n = buf.len().min(from.len());
+        buf[..n].copy_from_slice(&from[..n]);
+        Ok(n)
+    }
+}
+
+impl bao_tree::io::sync::Size for PlainBytes<'_> {
+    fn size(&self) -> io::Result<Option<u64>> {
+        Ok(Some(self.image_size))
     }
 }
 

@@ -208,3 +208,40 @@ fn a_slot_that_rots_after_writing_fails_read_back_and_is_refetched() {
     let writer = SlotWriter::open_paths(Slot::B, &origin.info, &paths).expect("reopen");
     assert_eq!(writer.missing(), vec![6..7], "only the rotten group is fetched again");
 }
+
+#[test]
+fn plain_bytes_from_an_untrusted_mirror_are_verified_like_any_response() {
+    let origin = Origin::new(LEN, 7);
+    let groups = [2..5, 9..11, 40..41];
+    // A mirror's answer to one `Range` request: the bytes of groups 2..41 (the last partial).
+    let start = 2 * GROUP_BYTES as usize;
+    let mut plain = origin.image[start..].to_vec();
+    let mut encoded = Vec::new();
+    origin.outboard.encode_plain(start as u64, &plain, &groups, &mut encoded).expect("encode");
+    let mut checked = Vec::new();
+    origin.outboard.encode_runs(&origin.data, &groups, &mut checked).expect("encode");
+    assert_eq!(encoded, checked, "the mirror's bytes, encoded, are what the origin sends");
+
+    // One changed byte in group 10: the groups before it are kept, it and those after are not.
+    plain[(10 - 2) * GROUP_BYTES as usize + 77] ^= 1;
+    let mut encoded = Vec::new();
+    origin.outboard.encode_plain(start as u64, &plain, &groups, &mut encoded).expect("encode");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths = slot_file(dir.path(), LEN as u64);
+    let mut writer = SlotWriter::open_paths(Slot::B, &origin.info, &paths).expect("open");
+    let ranges = origin.layout().chunk_ranges_of(&groups);
+    let decoder = ResponseDecoder::new(origin.layout(), &ranges, &encoded[..]).expect("header");
+    let error = writer.ingest(decoder).expect_err("corrupt");
+    assert!(
+        matches!(error, SlotError::Response(ResponseError::GroupMismatch { group: 10 })),
+        "{error}"
+    );
+    assert_eq!(writer.missing(), vec![0..2, 5..9, 10..41]);
+
+    // Bytes that do not cover a group asked for are an error, never read as zeros.
+    let error = origin
+        .outboard
+        .encode_plain(start as u64, &plain[..GROUP_BYTES as usize], &groups, &mut Vec::new())
+        .expect_err("short");
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
+}

@@ -174,6 +174,22 @@ pub struct OriginUrls {
     /// The coordinator's iroh-blobs provider, `<endpoint id hex>@<ip:port>`, if it runs one.
     #[serde(default)]
     pub iroh: Vec<String>,
+    /// The image's outboard (its BLAKE3 tree's parent hashes, pre-order, as stored by
+    /// iroh-blobs): what an appliance verifies a mirror's plain bytes against.
+    #[serde(default)]
+    pub outboard: Option<String>,
+    /// Other HTTP origins of the same image (a CDN, an object store, nginx), tried in order
+    /// before `ranges`, which stays the fallback. Plain `Range` requests; untrusted: every
+    /// group is verified against the outboard and the signed root before it is written.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+}
+
+/// `PUT /api/releases/{version}/mirrors`: the release's other HTTP origins, in the order
+/// appliances try them (empty: Central Command alone). Each is checked before it is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseMirrors {
+    pub mirrors: Vec<String>,
 }
 
 /// A site peer that holds or fetches the release.
@@ -273,6 +289,10 @@ pub struct ReportRequest {
     pub bytes_from_origin: u64,
     #[serde(default)]
     pub bytes_from_lan: u64,
+    /// Bytes from the release's mirrors (not counted in `bytes_from_origin`, which Central
+    /// Command served itself).
+    #[serde(default)]
+    pub bytes_from_mirror: u64,
     #[serde(default)]
     pub slot: Option<String>,
     #[serde(default)]

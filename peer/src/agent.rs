@@ -13,9 +13,10 @@ use sitecast_iso::ab::{self, BootOutcome};
 use sitecast_iso::health::{
     self, ApiReachable, CheckFailure, DiskWritable, GateDecision, TimeSynchronized,
 };
-use sitecast_iso::{EnvFile, FileDevice, Slot, SlotPaths, SlotWriter, VerifiedSlot};
+use sitecast_iso::{BlobLayout, EnvFile, FileDevice, Slot, SlotPaths, SlotWriter, VerifiedSlot};
 use sitecast_manifest::api::{
-    CheckinRequest, CheckinResponse, PeerAddresses, ReportRequest, UpdateIntent, UpdateState,
+    CheckinRequest, CheckinResponse, OriginUrls, PeerAddresses, ReportRequest, UpdateIntent,
+    UpdateState,
 };
 use sitecast_manifest::{ImageInfo, InstallPolicy, Intent, SecretKey, TrustedRoot};
 use tokio::sync::{mpsc, oneshot};
@@ -29,6 +30,7 @@ use crate::early_checkin::EarlyCheckins;
 use crate::gate::{CommandCheck, TrialGate};
 use crate::membership::{Membership, MembershipStatus};
 use crate::metrics::Metrics;
+use crate::mirror::Mirrors;
 use crate::scheduler::{Config, PeerId};
 use crate::state::{AgentState, UpdateRecord};
 use crate::swarm::{LanFetcher, PeerNews, Swarm, TransferStats};
@@ -290,6 +292,7 @@ impl Agent {
             progress: None,
             bytes_from_origin: update.bytes_from_origin.max(stats.bytes_from_origin),
             bytes_from_lan: update.bytes_from_lan.max(stats.bytes_from_lan),
+            bytes_from_mirror: update.bytes_from_mirror.max(stats.bytes_from_mirror),
             slot: Some(if state == UpdateState::Succeeded {
                 update.slot.clone()
             } else {
@@ -692,6 +695,7 @@ impl Agent {
                     progress: None,
                     bytes_from_origin: 0,
                     bytes_from_lan: 0,
+                    bytes_from_mirror: 0,
                     slot: Some(self.booted.to_string()),
                     error: Some(message),
                     seq: None,
@@ -808,6 +812,7 @@ impl Agent {
             error: None,
             bytes_from_origin: 0,
             bytes_from_lan: 0,
+            bytes_from_mirror: 0,
             download_seconds: None,
             trial_boots: 0,
             unreported: false,
@@ -816,17 +821,21 @@ impl Agent {
         // activate nor a release to roll back to any more.
         self.ready = None;
         self.state.slot_versions.remove(&standby.to_string());
-        self.start_download(
-            verified.release().image.clone(),
-            standby,
-            response.origin.as_ref().map(|o| o.ranges.clone()),
-        );
+        self.start_download(verified.release().image.clone(), standby, response.origin.clone());
         Ok(())
     }
 
-    fn start_download(&mut self, image: ImageInfo, slot: Slot, ranges_url: Option<String>) {
+    fn start_download(&mut self, image: ImageInfo, slot: Slot, origin_urls: Option<OriginUrls>) {
         let paths = SlotPaths::beside(self.config.slot_path(slot), &self.config.state_dir);
-        let origin = ranges_url.map(|url| (self.client.clone(), url));
+        let origin = origin_urls.as_ref().map(|o| (self.client.clone(), o.ranges.clone()));
+        // The release's mirrors, with the outboard their bytes are checked against.
+        let mirrors = origin_urls
+            .filter(|o| !o.mirrors.is_empty())
+            .and_then(|o| Some((o.outboard?, o.mirrors)))
+            .map(|(outboard, urls)| {
+                let path = self.config.state_dir.join(format!("mirror-{}.obao4", image.blake3));
+                (self.client.clone(), outboard, urls, path)
+            });
         let me = PeerId(*self.key.public().as_bytes());
         let stats = Arc::clone(&self.stats);
         let members = self.membership.members().unwrap_or_default();
@@ -856,9 +865,26 @@ impl Agent {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
             let tune = |config: &mut Config| config.site_members = site_members;
-            let swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, tune)
-                .stop_on(stopped);
+            let mut swarm =
+                Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, tune)
+                    .stop_on(stopped);
+            let mut mirror_outboard = None;
+            if let Some((client, outboard, urls, path)) = mirrors {
+                let layout = BlobLayout::new(image.blake3, image.size);
+                match Mirrors::prepare(&client, &outboard, urls, layout, path).await {
+                    Ok(mirrors) => {
+                        mirror_outboard = Some(mirrors.outboard_path().to_owned());
+                        swarm = swarm.with_mirrors(Arc::new(mirrors));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "the release's mirrors are not used: Central Command only");
+                    }
+                }
+            }
             let writer = swarm.run().await.map_err(|e| e.to_string())?;
+            if let Some(path) = mirror_outboard {
+                let _ = tokio::fs::remove_file(path).await;
+            }
             tracing::info!("every piece verified and written; reading the slot back");
             tokio::task::spawn_blocking(move || writer.finish())
                 .await
@@ -875,17 +901,20 @@ impl Agent {
         if let Some(update) = self.state.update.as_mut() {
             update.bytes_from_origin = stats.bytes_from_origin;
             update.bytes_from_lan = stats.bytes_from_lan;
+            update.bytes_from_mirror = stats.bytes_from_mirror;
             update.download_seconds = seconds;
         }
         self.metrics.update(|m| {
             m.bytes_from_origin = stats.bytes_from_origin;
             m.bytes_from_lan = stats.bytes_from_lan;
+            m.bytes_from_mirror = stats.bytes_from_mirror;
             m.download_seconds = seconds;
         });
         tracing::info!(
             seconds = seconds.unwrap_or(0.0),
             bytes_from_origin = stats.bytes_from_origin,
             bytes_from_lan = stats.bytes_from_lan,
+            bytes_from_mirror = stats.bytes_from_mirror,
             peak_rss_mib = crate::metrics::peak_rss_bytes().unwrap_or(0) >> 20,
             ok = result.is_ok(),
             "download finished"
@@ -1155,6 +1184,7 @@ mod tests {
             error: error.map(str::to_owned),
             bytes_from_origin: 0,
             bytes_from_lan: 0,
+            bytes_from_mirror: 0,
             download_seconds: None,
             trial_boots,
             unreported: false,

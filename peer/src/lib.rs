@@ -26,6 +26,7 @@ pub mod identity;
 pub mod lan;
 pub mod membership;
 pub mod metrics;
+pub mod mirror;
 pub mod site;
 pub mod state;
 pub mod swarm;

@@ -21,6 +21,7 @@ pub struct AgentMetrics {
     pub rollback_count: u64,
     pub bytes_from_origin: u64,
     pub bytes_from_lan: u64,
+    pub bytes_from_mirror: u64,
     pub bytes_uploaded: u64,
     pub peers: u64,
     pub peers_found_by_mdns: u64,
@@ -86,6 +87,12 @@ impl Metrics {
             "counter",
             "Release bytes fetched from LAN peers.",
             Some(m.bytes_from_lan as f64),
+        );
+        family(
+            "sitecast_bytes_from_mirror_total",
+            "counter",
+            "Release bytes fetched from the release's mirrors (CDN, object store, nginx).",
+            Some(m.bytes_from_mirror as f64),
         );
         family(
             "sitecast_bytes_uploaded_total",

@@ -34,6 +34,8 @@ pub struct UpdateRecord {
     #[serde(default)]
     pub bytes_from_lan: u64,
     #[serde(default)]
+    pub bytes_from_mirror: u64,
+    #[serde(default)]
     pub download_seconds: Option<f64>,
     /// Boots of `slot` on trial that reached the agent (counted as its health gate starts):
     /// none means GRUB's tries went to boots that failed before the agent (kernel, early

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::coordinator::{ClientError, CoordinatorClient};
+use crate::mirror::Mirrors;
 use crate::pieces::{PieceLayout, PieceSet};
 use crate::scheduler::{Action, Config, Event, PeerId, RequestId, Scheduler, Source};
 
@@ -71,8 +72,13 @@ pub enum PeerNews {
 /// What the swarm did, for reports and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TransferStats {
+    /// From Central Command.
     pub bytes_from_origin: u64,
     pub bytes_from_lan: u64,
+    /// From the release's mirrors (plain bytes; their pieces count as from the origin).
+    pub bytes_from_mirror: u64,
+    /// Mirrors given up (failed, or sent bytes that did not verify).
+    pub mirrors_given_up: u64,
     pub pieces_from_origin: u64,
     pub pieces_from_lan: u64,
     pub corrupt: u64,
@@ -87,6 +93,8 @@ impl std::ops::AddAssign for TransferStats {
     fn add_assign(&mut self, other: Self) {
         self.bytes_from_origin += other.bytes_from_origin;
         self.bytes_from_lan += other.bytes_from_lan;
+        self.bytes_from_mirror += other.bytes_from_mirror;
+        self.mirrors_given_up += other.mirrors_given_up;
         self.pieces_from_origin += other.pieces_from_origin;
         self.pieces_from_lan += other.pieces_from_lan;
         self.corrupt += other.corrupt;
@@ -111,6 +119,7 @@ pub struct Swarm<D: Device + Send + 'static> {
     layout: BlobLayout,
     writer: Arc<Mutex<SlotWriter<D>>>,
     origin: Option<(CoordinatorClient, String)>,
+    mirrors: Option<Arc<Mirrors>>,
     lan: Option<Arc<dyn LanFetcher>>,
     news: mpsc::Receiver<PeerNews>,
     announce: mpsc::Sender<Holding>,
@@ -128,8 +137,9 @@ impl<D: Device + Send + 'static> std::fmt::Debug for Swarm<D> {
 /// What a fetch hands back, a piece at a time: an origin run streams several.
 #[derive(Debug)]
 enum Fetched {
-    /// A piece of the request, verified (not yet written), and the bytes it took on the wire.
-    Piece { piece: u64, bytes: u64, items: Vec<DecodedItem> },
+    /// A piece of the request, verified (not yet written), and the bytes it took on the
+    /// wire; `mirror`: from one of the release's mirrors rather than Central Command.
+    Piece { piece: u64, bytes: u64, items: Vec<DecodedItem>, mirror: bool },
     /// The request ended without its remaining pieces.
     Failed(FetchError),
 }
@@ -176,6 +186,7 @@ impl<D: Device + Send + 'static> Swarm<D> {
             layout,
             writer: Arc::new(Mutex::new(writer)),
             origin,
+            mirrors: None,
             lan,
             news,
             announce,
@@ -190,6 +201,12 @@ impl<D: Device + Send + 'static> Swarm<D> {
     /// with what was written checkpointed, so the slot can be handed to another writer.
     pub fn stop_on(mut self, stop: tokio::sync::oneshot::Receiver<()>) -> Self {
         self.stop = Some(stop);
+        self
+    }
+
+    /// Asks `mirrors` for origin pieces before Central Command, which stays the fallback.
+    pub fn with_mirrors(mut self, mirrors: Arc<Mirrors>) -> Self {
+        self.mirrors = Some(mirrors);
         self
     }
 
@@ -306,6 +323,8 @@ impl<D: Device + Send + 'static> Swarm<D> {
     ) -> impl std::future::Future<Output = RequestId> + Send + 'static {
         let layout = self.layout;
         let origin = self.origin.clone();
+        let mirrors = self.mirrors.clone();
+        let stats = Arc::clone(&self.stats);
         let lan = self.lan.clone();
         async move {
             let result = match source {
@@ -313,7 +332,15 @@ impl<D: Device + Send + 'static> Swarm<D> {
                     Some((client, url)) => {
                         let out = out.clone();
                         let deliver = move |piece| out.blocking_send((id, source, piece)).is_ok();
-                        fetch_run(client, url, layout, &pieces, deliver).await
+                        let mut left = pieces;
+                        if let Some(mirrors) = mirrors {
+                            left =
+                                fetch_from_mirrors(&mirrors, layout, left, &deliver, &stats).await;
+                        }
+                        match left.is_empty() {
+                            true => Ok(()),
+                            false => fetch_run(client, url, layout, &left, deliver).await,
+                        }
                     }
                     None => Err(FetchError::Failed("no origin known".into())),
                 },
@@ -341,8 +368,12 @@ impl<D: Device + Send + 'static> Swarm<D> {
             f(&mut self.stats.lock().unwrap_or_else(|p| p.into_inner()))
         };
         match fetched {
-            Fetched::Piece { piece, bytes, items } => {
+            Fetched::Piece { piece, bytes, items, mirror } => {
                 count(&|stats| match source {
+                    Source::Origin if mirror => {
+                        stats.bytes_from_mirror += bytes;
+                        stats.pieces_from_origin += 1;
+                    }
                     Source::Origin => {
                         stats.bytes_from_origin += bytes;
                         stats.pieces_from_origin += 1;
@@ -398,7 +429,8 @@ async fn fetch_from_peer(
         let items = tokio::task::spawn_blocking(move || decode(layout, groups, &body, source))
             .await
             .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))?;
-        if out.send((id, source, Fetched::Piece { piece, bytes, items })).await.is_err() {
+        let piece = Fetched::Piece { piece, bytes, items, mirror: false };
+        if out.send((id, source, piece)).await.is_err() {
             break;
         }
     }
@@ -472,6 +504,79 @@ async fn fetch_run(
     Ok(())
 }
 
+/// Fetches what it can of `pieces` (an origin run) from the mirrors, in order, handing each
+/// piece to `deliver` as it verifies; returns the pieces left for Central Command. A mirror
+/// that fails or lies is given up, and the next one (or Central Command) takes over where it
+/// stopped. Nothing left means done, or that nobody wants more.
+async fn fetch_from_mirrors(
+    mirrors: &Arc<Mirrors>,
+    layout: BlobLayout,
+    mut left: Vec<u64>,
+    deliver: &(impl Fn(Fetched) -> bool + Clone + Send + 'static),
+    stats: &Mutex<TransferStats>,
+) -> Vec<u64> {
+    while let Some(index) = mirrors.current() {
+        let delivered = Arc::new(Mutex::new(Vec::new()));
+        let recording = {
+            let (delivered, deliver) = (Arc::clone(&delivered), deliver.clone());
+            move |fetched: Fetched| {
+                if let Fetched::Piece { piece, .. } = &fetched {
+                    delivered.lock().unwrap_or_else(|p| p.into_inner()).push(*piece);
+                }
+                deliver(fetched)
+            }
+        };
+        match fetch_from_mirror(mirrors, index, layout, &left, recording).await {
+            Ok(_) => return Vec::new(),
+            Err(error) => {
+                mirrors.give_up(index, &error);
+                stats.lock().unwrap_or_else(|p| p.into_inner()).mirrors_given_up += 1;
+                let delivered = delivered.lock().unwrap_or_else(|p| p.into_inner());
+                left.retain(|piece| !delivered.contains(piece));
+            }
+        }
+    }
+    left
+}
+
+/// Fetches `pieces` from mirror `index`, a `Range` request per stretch of adjacent groups,
+/// each verified as one response. Returns whether `deliver` still wants more.
+async fn fetch_from_mirror(
+    mirrors: &Arc<Mirrors>,
+    index: usize,
+    layout: BlobLayout,
+    pieces: &[u64],
+    deliver: impl Fn(Fetched) -> bool + Clone + Send + 'static,
+) -> Result<bool, FetchError> {
+    let pieces_of = piece_layout(&layout);
+    let groups = pieces.iter().flat_map(|&piece| pieces_of.groups_of(piece));
+    for stretch in sitecast_iso::collect_ranges(groups) {
+        let bytes = mirrors.fetch(index, layout, stretch.clone()).await?;
+        let (mirrors, deliver) = (Arc::clone(mirrors), deliver.clone());
+        let more = tokio::task::spawn_blocking(move || {
+            let encoded = mirrors.encode(stretch.clone(), &bytes)?;
+            // What crossed the wire for a piece is its plain bytes, not the parents added here.
+            let plain = |piece: u64| {
+                let groups = pieces_of.groups_of(piece);
+                (groups.end * sitecast_iso::GROUP_BYTES).min(layout.size)
+                    - groups.start * sitecast_iso::GROUP_BYTES
+            };
+            decode_run(layout, &[stretch], &encoded[..], |fetched| match fetched {
+                Fetched::Piece { piece, items, .. } => {
+                    deliver(Fetched::Piece { piece, bytes: plain(piece), items, mirror: true })
+                }
+                other => deliver(other),
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))?;
+        if !more {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// An origin run that sends nothing for this long is given up (its pieces are asked again).
 const RUN_IDLE: Duration = Duration::from_secs(30);
 
@@ -532,7 +637,7 @@ fn decode_run(
                 counted = read.get();
                 delivered += 1;
                 let items = std::mem::take(&mut items);
-                if !deliver(Fetched::Piece { piece, bytes, items }) {
+                if !deliver(Fetched::Piece { piece, bytes, items, mirror: false }) {
                     return Ok(false);
                 }
                 // Every piece is here; what may follow is not ours to judge, and the request

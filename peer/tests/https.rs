@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::nginx::Nginx;
 use common::*;
 use sitecast_tls::test_ca::TestCa;
 
@@ -140,80 +140,26 @@ fn replace(new: &sitecast_tls::CertificateFiles, live: &sitecast_tls::Certificat
     std::fs::copy(&new.certificate, &live.certificate).expect("certificate");
 }
 
-/// Debian's nginx terminating TLS in front of a plain-HTTP coordinator, in a directory of its
-/// own; stopped when dropped.
-struct Nginx {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Nginx {
-    fn start(dir: &Path, certificate: &sitecast_tls::CertificateFiles, upstream: &str) -> Self {
-        std::fs::create_dir_all(dir).expect("dir");
-        // nginx cannot listen on port 0 and say which port it got: take a free one, and try
-        // again if someone else took it first.
-        for _ in 0..10 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            let d = dir.display();
-            let config = format!(
-                "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
-                 events {{ worker_connections 256; }}\n\
-                 http {{\n  access_log {d}/access.log;\n\
-                   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
-                   fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-                   server {{\n    listen 127.0.0.1:{port} ssl;\n\
-                     ssl_certificate {}; ssl_certificate_key {};\n\
-                     client_max_body_size 0;\n\
-                     location / {{\n      proxy_pass {upstream};\n      proxy_http_version 1.1;\n\
-                       proxy_set_header Host $http_host;\n\
-                       proxy_set_header X-Forwarded-Proto https;\n\
-                       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
-                       proxy_buffering off;\n    }}\n  }}\n}}\n",
-                certificate.certificate.display(),
-                certificate.key.display(),
-            );
-            std::fs::write(dir.join("nginx.conf"), config).expect("nginx.conf");
-            let mut child = Command::new("/usr/sbin/nginx")
-                .arg("-e")
-                .arg(dir.join("error.log"))
-                .arg("-p")
-                .arg(dir)
-                .arg("-c")
-                .arg(dir.join("nginx.conf"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("nginx (Debian package nginx)");
-            // Up when it accepts; gone if the port was taken.
-            loop {
-                if let Some(status) = child.try_wait().expect("wait") {
-                    let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
-                    assert!(log.contains("Address already in use"), "nginx exited {status}: {log}");
-                    break;
-                }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Self { child, port, dir: dir.to_owned() };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("no free port for nginx");
-    }
-
-    fn access_log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Debian's nginx terminating TLS in front of a plain-HTTP coordinator.
+fn tls_terminator(
+    dir: &Path,
+    certificate: &sitecast_tls::CertificateFiles,
+    upstream: &str,
+) -> Nginx {
+    Nginx::start(dir, |port| {
+        format!(
+            "server {{\n    listen 127.0.0.1:{port} ssl;\n\
+               ssl_certificate {}; ssl_certificate_key {};\n\
+               client_max_body_size 0;\n\
+               location / {{\n      proxy_pass {upstream};\n      proxy_http_version 1.1;\n\
+                 proxy_set_header Host $http_host;\n\
+                 proxy_set_header X-Forwarded-Proto https;\n\
+                 proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+                 proxy_buffering off;\n    }}\n  }}",
+            certificate.certificate.display(),
+            certificate.key.display(),
+        )
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,7 +169,7 @@ async fn an_agent_updates_through_a_tls_terminator_in_front_of_central_command()
     let fleet_ca = TestCa::new("fleet CA");
     let ca = fleet_ca.write_root(&dir.path().join("fleet-ca.pem"));
     let certificate = fleet_ca.issue(dir.path(), "proxy", &["localhost"], false);
-    let nginx = Nginx::start(&dir.path().join("nginx"), &certificate, &origin.url);
+    let nginx = tls_terminator(&dir.path().join("nginx"), &certificate, &origin.url);
     origin.publish(2, 2 * 1024 * 1024 + 77).await;
 
     let mut agent = AgentProcess::new(&dir.path().join("a1"), &origin, "store-1", "a1", 4 << 20);

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use sitecast_iso::{ResponseDecoder, Slot, SlotPaths, SlotWriter};
-use sitecast_manifest::api::CheckinRequest;
 use sitecast_manifest::{Blake3Hash, SecretKey};
 use sitecast_peer::coordinator::CoordinatorClient;
 use sitecast_peer::scheduler::PeerId;
@@ -34,20 +33,7 @@ async fn fill_from_origin(
 
     let key = SecretKey::generate().expect("rng");
     let client = CoordinatorClient::new(&origin.url, None, key.clone()).expect("client");
-    let request = CheckinRequest {
-        site: "lab".into(),
-        name: "solo".into(),
-        group: None,
-        macs: vec![],
-        platform: PLATFORM.into(),
-        installed_version: 1,
-        active_slot: Some("A".into()),
-        agent_version: "test".into(),
-        agent_release: None,
-        agent_previous: None,
-        enrollment_token: Some(ENROLL.into()),
-        peer: Default::default(),
-    };
+    let request = lone_checkin("lab", "solo");
     client.checkin(&request).await.expect("enrolled");
     origin.rollout(2).await;
     let offer = client.checkin(&request).await.expect("checkin");

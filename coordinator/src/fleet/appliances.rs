@@ -203,6 +203,7 @@ impl Fleet {
                 progress: None,
                 bytes_from_origin,
                 bytes_from_lan,
+                bytes_from_mirror: 0,
                 slot: None,
                 error: None,
                 seq: None,
@@ -319,6 +320,8 @@ impl Fleet {
             ranges: format!("{public_url}/api/blobs/{}/ranges", release.blake3),
             image: format!("{public_url}/api/releases/{}/image", release.version),
             iroh: self.iroh_addresses.clone(),
+            outboard: Some(format!("{public_url}/api/blobs/{}/outboard", release.blake3)),
+            mirrors: release.mirrors.clone(),
         });
         response.site_peers = self.site_peers(appliance, Some(release), now);
         response

@@ -138,6 +138,7 @@ impl Fleet {
                 rollback_floor: None,
                 manifest: String::new(),
                 swu: None,
+                mirrors: Vec::new(),
             },
         };
         let detail = json!({"version": version, "filename": swu.filename, "size": swu.size,
@@ -429,6 +430,7 @@ fn record_action_state(
         progress: None,
         bytes_from_origin: 0,
         bytes_from_lan: 0,
+        bytes_from_mirror: 0,
         slot: None,
         error,
         seq: None,

@@ -196,6 +196,39 @@ impl Fleet {
         Ok(batch.finish())
     }
 
+    /// The release whose mirrors may be `mirrors`: it has an image, and every URL is one.
+    pub fn mirrorable(
+        &self,
+        version: u64,
+        mirrors: &[String],
+    ) -> Result<&ReleaseRecord, FleetError> {
+        let release = self.release(version)?;
+        if !release.has_image() {
+            return Err(FleetError::Invalid(format!(
+                "release {version} has no sitecast image to mirror"
+            )));
+        }
+        super::validate::mirrors(mirrors)?;
+        Ok(release)
+    }
+
+    /// Names the HTTP origins appliances fetch the release's image from before Central
+    /// Command (which stays the fallback); an empty list leaves Central Command alone.
+    pub fn set_mirrors(
+        &self,
+        version: u64,
+        mirrors: Vec<String>,
+        now: Timestamp,
+    ) -> Result<Vec<Change>, FleetError> {
+        let mut release = self.mirrorable(version, &mirrors)?.clone();
+        release.mirrors = mirrors;
+        let detail = json!({"version": version, "mirrors": release.mirrors});
+        let mut batch = Batch::new(self);
+        batch.push(Change::Release(release));
+        batch.audit(now, "operator", "release.mirrors", detail);
+        Ok(batch.finish())
+    }
+
     /// The id the next rollout gets.
     pub fn next_rollout_id(&self) -> u64 {
         self.rollouts.keys().next_back().map_or(1, |id| id + 1)

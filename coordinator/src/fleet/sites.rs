@@ -45,9 +45,13 @@ pub struct SiteSummary {
     pub window_is_default: bool,
     /// The window open now, or the next one; `None` if it never opens.
     pub next_window: Option<WindowOccurrence>,
-    /// Bytes of the current release the origin served to the site.
+    /// Bytes of the current release Central Command served to the site.
     pub origin_bytes: u64,
-    /// `origin_bytes` ÷ image size: about 1 when the site shares one copy over its LAN.
+    /// Bytes of the current release the site's appliances report having from its mirrors.
+    #[serde(default)]
+    pub mirror_bytes: u64,
+    /// (`origin_bytes` + `mirror_bytes`) ÷ image size: about 1 when the site shares one
+    /// copy over its LAN.
     pub origin_copies: Option<f64>,
     /// Bytes of the current release the site's appliances report having from LAN peers.
     pub lan_bytes: u64,
@@ -99,12 +103,14 @@ impl Fleet {
                     None => (self.config.default_window.clone(), true),
                 };
                 let origin_bytes = origin_of(site);
-                let lan_bytes = members
-                    .iter()
-                    .filter_map(|a| a.update.as_ref())
-                    .filter(|u| Some(u.report.version) == version)
-                    .map(|u| u.report.bytes_from_lan)
-                    .sum();
+                let reports = || {
+                    members
+                        .iter()
+                        .filter_map(|a| a.update.as_ref())
+                        .filter(|u| Some(u.report.version) == version)
+                };
+                let lan_bytes = reports().map(|u| u.report.bytes_from_lan).sum();
+                let mirror_bytes: u64 = reports().map(|u| u.report.bytes_from_mirror).sum();
                 SiteSummary {
                     site: site.to_owned(),
                     appliances: members.len(),
@@ -118,9 +124,10 @@ impl Fleet {
                     window,
                     window_is_default,
                     origin_bytes,
+                    mirror_bytes,
                     origin_copies: release
                         .filter(|r| r.size > 0)
-                        .map(|r| origin_bytes as f64 / r.size as f64),
+                        .map(|r| (origin_bytes + mirror_bytes) as f64 / r.size as f64),
                     lan_bytes,
                 }
             })

@@ -14,6 +14,38 @@ pub(super) const MAX_MACS: usize = 16;
 pub(super) const MAX_ADDRESSES: usize = 16;
 const MAX_ADDRESS_LEN: usize = 256;
 
+/// Most mirrors one release may name.
+pub(super) const MAX_MIRRORS: usize = 8;
+const MAX_URL_LEN: usize = 2048;
+
+/// Mirror URLs: absolute `http` or `https` URLs with a host, each once (a file path, which
+/// only Central Command could read, is refused).
+pub(super) fn mirrors(urls: &[String]) -> Result<(), FleetError> {
+    let invalid = |why: String| Err(FleetError::Invalid(why));
+    if urls.len() > MAX_MIRRORS {
+        return invalid(format!("{} mirrors; at most {MAX_MIRRORS}", urls.len()));
+    }
+    for (i, url) in urls.iter().enumerate() {
+        if url.len() > MAX_URL_LEN {
+            return invalid(format!("mirror {} is longer than {MAX_URL_LEN} bytes", i + 1));
+        }
+        let parsed = match reqwest::Url::parse(url) {
+            Ok(parsed) => parsed,
+            Err(error) => return invalid(format!("mirror {url:?} is not a URL: {error}")),
+        };
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return invalid(format!("mirror {url:?} is not an http or https URL"));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return invalid(format!("mirror {url:?} names no host"));
+        }
+        if urls[..i].contains(url) {
+            return invalid(format!("mirror {url:?} is named twice"));
+        }
+    }
+    Ok(())
+}
+
 /// A check-in's identity fields, validated and normalized.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct CheckedIdentity {

@@ -12,6 +12,7 @@ mod agent_releases;
 mod appliances;
 mod auth;
 mod ddi;
+mod mirrors;
 mod operator;
 mod origin;
 mod range_pool;
@@ -286,7 +287,9 @@ impl Coordinator {
             .route("/api/releases/{version}/deactivate", post(releases::deactivate))
             .route("/api/releases/{version}/manifest", get(releases::manifest))
             .route("/api/releases/{version}/image", get(origin::image))
+            .route("/api/releases/{version}/mirrors", put(mirrors::set))
             .route("/api/blobs/{hash}/ranges", get(origin::blob_ranges))
+            .route("/api/blobs/{hash}/outboard", get(origin::blob_outboard))
             .route("/api/agent-releases", post(agent_releases::publish).get(agent_releases::list))
             .route("/api/agent-releases/latest", get(agent_releases::latest))
             .route("/api/agent-releases/files/{hash}", get(agent_releases::file))

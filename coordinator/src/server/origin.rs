@@ -180,10 +180,7 @@ pub(super) async fn blob_ranges(
 ) -> Result<Response, ApiError> {
     let (parts, _) = request.into_parts();
     let (info, reader, version) = ranged_blob(&state, &parts, &hash).await?;
-    let site = match &reader {
-        ImageReader::Appliance { site, .. } => site.clone(),
-        _ => "unattributed".to_owned(),
-    };
+    let site = reader_site(&reader);
     let layout = sitecast_iso::BlobLayout::new(info.blake3, info.size);
     let groups = range.parse(layout.groups())?;
     let permit = state.range_pool.acquire(peer_address(&parts), QUEUE_TIMEOUT).await.map_err(
@@ -229,6 +226,41 @@ pub(super) async fn blob_ranges(
     response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     response_headers.insert(sitecast_manifest::api::HEADER_RUNS, HeaderValue::from_static("1"));
     Ok(response)
+}
+
+/// The outboard of a release's image (its tree's parent hashes, pre-order): what an
+/// appliance checks a mirror's plain bytes against. For the readers of its verified ranges;
+/// counted with the origin bytes of the reader's site.
+pub(super) async fn blob_outboard(
+    State(state): State<Arc<AppState>>,
+    Path(hash): Path<String>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (parts, _) = request.into_parts();
+    let (info, reader, version) = ranged_blob(&state, &parts, &hash).await?;
+    let Some(version) = version else {
+        return Err(ApiError::not_found(format!("an image outboard {hash}")));
+    };
+    let layout = sitecast_iso::BlobLayout::new(info.blake3, info.size);
+    let path = state.blobs.outboard_path(&info.blake3);
+    let etag = format!("\"{}-outboard\"", info.blake3);
+    let response =
+        ranged_file(&parts.headers, &path, layout.outboard_len(), &etag, HeaderMap::new()).await?;
+    let sent = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    state.count_origin_bytes(Fleet::count_origin_bytes(&reader_site(&reader), version, sent));
+    Ok(response)
+}
+
+/// The site whose origin bytes a reader's are.
+fn reader_site(reader: &ImageReader) -> String {
+    match reader {
+        ImageReader::Appliance { site, .. } => site.clone(),
+        _ => "unattributed".to_owned(),
+    }
 }
 
 /// What `hash` names, if this reader may have verified ranges of it: a release's image (and

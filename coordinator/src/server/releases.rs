@@ -83,6 +83,7 @@ pub(super) async fn publish(
         rollback_floor: release.rollback_floor,
         manifest: String::from_utf8_lossy(&verified.to_bytes()).into_owned(),
         swu: None,
+        mirrors: Vec::new(),
     };
     if let Some(iroh) = state.iroh.get() {
         iroh.add(&state.blobs.data_path(&image.blake3)).await.map_err(ApiError::internal)?;

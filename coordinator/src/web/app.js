@@ -541,13 +541,16 @@
       ? `Offload for release ${release.version} (${release.version_name}, ${bytes(release.size)}): ideally each site takes about one copy from the origin and the rest over its LAN.`
       : 'No release yet.';
     const cards = overview.sites.map((site) => {
-      const total = site.origin_bytes + site.lan_bytes;
+      // Bytes from the release's mirrors (a CDN) are origin bytes too, counted by the appliances.
+      const mirror = site.mirror_bytes || 0;
+      const fromOrigin = site.origin_bytes + mirror;
+      const total = fromOrigin + site.lan_bytes;
       const share = h('div', { class: 'offload', role: 'img', 'aria-label': total ? `${percent(site.lan_bytes / total)} of bytes from LAN peers` : 'no bytes yet' });
       if (total) {
         const lan = h('span', { class: 'lan' });
         lan.style.width = `${(100 * site.lan_bytes) / total}%`;
         const origin = h('span', { class: 'origin' });
-        origin.style.width = `${(100 * site.origin_bytes) / total}%`;
+        origin.style.width = `${(100 * fromOrigin) / total}%`;
         share.append(origin, lan);
       }
       const w = site.window;
@@ -562,7 +565,8 @@
           h('dt', {}, 'From origin'),
           h('dd', { class: 'origin-copies' },
             h('strong', {}, site.origin_copies === null || site.origin_copies === undefined ? '–' : `${site.origin_copies.toFixed(2)}×`),
-            h('span', { class: 'muted' }, ` image · ${bytes(site.origin_bytes)}`)),
+            h('span', { class: 'muted' }, ` image · ${bytes(fromOrigin)}`),
+            mirror ? h('span', { class: 'muted mirror-bytes' }, ` (${bytes(mirror)} from mirrors)`) : null),
           h('dt', {}, 'From LAN'),
           h('dd', { class: 'lan-bytes' }, h('strong', {}, bytes(site.lan_bytes)),
             total ? h('span', { class: 'muted' }, ` · ${percent(site.lan_bytes / total)} of bytes`) : null),

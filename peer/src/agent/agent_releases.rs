@@ -352,6 +352,7 @@ impl Agent {
             progress: None,
             bytes_from_origin: record.bytes_from_origin,
             bytes_from_lan: record.bytes_from_lan,
+            bytes_from_mirror: 0,
             slot: None,
             error,
             seq: None,

@@ -10,6 +10,8 @@ use jiff::{Timestamp, ToSpan};
 use sitecast_coordinator::server::{Coordinator, ServerConfig, SystemClock};
 use sitecast_manifest::*;
 
+pub mod nginx;
+
 pub const OPERATOR: &str = "operator-secret";
 pub const ENROLL: &str = "enroll-secret";
 pub const PLATFORM: &str = "x86_64-appliance";
@@ -251,6 +253,37 @@ impl Origin {
             format!("sitecast_origin_bytes_served_total{{site=\"{site}\",version=\"{version}\"}} ");
         text.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |n| n.parse().expect("number"))
     }
+}
+
+/// The check-in of an appliance a test drives by hand (no agent process), on release 1.
+pub fn lone_checkin(site: &str, name: &str) -> sitecast_manifest::api::CheckinRequest {
+    sitecast_manifest::api::CheckinRequest {
+        site: site.into(),
+        name: name.into(),
+        group: None,
+        macs: vec![],
+        platform: PLATFORM.into(),
+        installed_version: 1,
+        active_slot: Some("A".into()),
+        agent_version: "test".into(),
+        agent_release: None,
+        agent_previous: None,
+        enrollment_token: Some(ENROLL.into()),
+        peer: Default::default(),
+    }
+}
+
+/// `PUT /api/releases/{version}/mirrors` as the operator; the status and body.
+pub async fn set_mirrors(origin: &Origin, version: u64, mirrors: &[String]) -> (u16, String) {
+    let response = origin
+        .http
+        .put(format!("{}/api/releases/{version}/mirrors", origin.url))
+        .bearer_auth(OPERATOR)
+        .json(&serde_json::json!({ "mirrors": mirrors }))
+        .send()
+        .await
+        .expect("mirrors");
+    (response.status().as_u16(), response.text().await.expect("body"))
 }
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sitecast-peer");

@@ -45,6 +45,16 @@ pub(crate) enum ReleaseCommand {
         client: ClientArgs,
         version: u64,
     },
+    /// Name other HTTP origins of a release's image (a CDN, an object store, nginx), tried
+    /// in order before Central Command; none: Central Command alone. Each must answer
+    /// `Range` requests with the release's bytes (checked now); appliances verify every
+    /// group they fetch from it.
+    Mirrors {
+        #[command(flatten)]
+        client: ClientArgs,
+        version: u64,
+        urls: Vec<String>,
+    },
     /// Publish a SWUpdate artifact (.swu, signed with your SWUpdate key) with a release, or
     /// alone as a release of its own, for devices that speak hawkBit DDI (streamed).
     Swu {
@@ -346,6 +356,18 @@ pub(crate) async fn release(command: ReleaseCommand) -> Result<()> {
                 .post(&format!("/api/releases/{version}/deactivate"), Value::Null)
                 .await?;
             println!("release {version} deactivated");
+        }
+        ReleaseCommand::Mirrors { client, version, urls } => {
+            let body = serde_json::json!({ "mirrors": urls });
+            let http = Client::new(&client)?;
+            let path = format!("/api/releases/{version}/mirrors");
+            http.send(http.request(reqwest::Method::PUT, &path).json(&body)).await?;
+            match urls.len() {
+                0 => {
+                    println!("release {version}: no mirrors; appliances fetch from Central Command")
+                }
+                n => println!("release {version}: {n} mirror(s) checked and named"),
+            }
         }
     }
     Ok(())
