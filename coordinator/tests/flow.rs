@@ -1,4 +1,4 @@
-//! The whole rollout flow over HTTP against a real server and a real redb file.
+//! The whole rollout flow over HTTP against a real server, on redb and on PostgreSQL.
 
 mod common;
 
@@ -6,6 +6,13 @@ use common::*;
 use jiff::SignedDuration;
 use reqwest::Method;
 use serde_json::json;
+
+on_both_backends!(
+    staged_rollout_over_http_with_pause_resume_advance_and_rollback,
+    a_restart_mid_rollout_loses_nothing,
+    pins_hold_appliances_and_groups_on_a_version,
+    maintenance_windows_come_from_the_site_unless_the_appliance_overrides_them,
+);
 
 /// Publishes v1 and v2 and enrolls `n` appliances on v1 at two sites.
 async fn fleet(server: &TestServer, releases: &Releases, n: usize) -> Vec<Appliance> {
@@ -44,11 +51,10 @@ async fn offered(server: &TestServer, appliances: &[Appliance]) -> Vec<usize> {
     offered
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn staged_rollout_over_http_with_pause_resume_advance_and_rollback() {
+async fn staged_rollout_over_http_with_pause_resume_advance_and_rollback(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
     let releases = Releases::new(dir.path());
-    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let server = TestServer::start_on(backend, &dir.path().join("data"), &releases.root).await;
     let mut appliances = fleet(&server, &releases, 40).await;
 
     let (status, rollout) = server
@@ -133,11 +139,10 @@ async fn staged_rollout_over_http_with_pause_resume_advance_and_rollback() {
     assert_eq!(list[0]["macs"], json!([stored(0x11), stored(0x22)]), "{:?}", first.macs);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_mid_rollout_loses_nothing() {
+async fn a_restart_mid_rollout_loses_nothing(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
     let releases = Releases::new(dir.path());
-    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let server = TestServer::start_on(backend, &dir.path().join("data"), &releases.root).await;
     let mut appliances = fleet(&server, &releases, 20).await;
     let (_, rollout) = server
         .op_json(
@@ -167,11 +172,10 @@ async fn a_restart_mid_rollout_loses_nothing() {
     assert_eq!(server.rollout(id).await["current_stage"], 1, "and it continues");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pins_hold_appliances_and_groups_on_a_version() {
+async fn pins_hold_appliances_and_groups_on_a_version(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
     let releases = Releases::new(dir.path());
-    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let server = TestServer::start_on(backend, &dir.path().join("data"), &releases.root).await;
     let appliances = fleet(&server, &releases, 3).await;
     // An appliance pinned to 2 gets it without any rollout; unpinned ones do not.
     let (status, _) = server
@@ -215,11 +219,12 @@ async fn pins_hold_appliances_and_groups_on_a_version() {
     assert!(server.audit_actions().await.iter().any(|a| a == "group.pin"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn maintenance_windows_come_from_the_site_unless_the_appliance_overrides_them() {
+async fn maintenance_windows_come_from_the_site_unless_the_appliance_overrides_them(
+    backend: Backend,
+) {
     let dir = tempfile::tempdir().expect("tempdir");
     let releases = Releases::new(dir.path());
-    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let server = TestServer::start_on(backend, &dir.path().join("data"), &releases.root).await;
     let appliances = fleet(&server, &releases, 2).await;
     let default = appliances[0].checkin(&server).await.window.expect("a window");
     assert_eq!(

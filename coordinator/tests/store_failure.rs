@@ -8,19 +8,6 @@ use common::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-/// What the operator can see, minus check-in bookkeeping (last seen), which is not a change.
-async fn observable(server: &TestServer) -> Value {
-    let (_, releases) = server.op_json(Method::GET, "/api/releases", None).await;
-    let (_, rollouts) = server.op_json(Method::GET, "/api/rollouts", None).await;
-    let (_, mut appliances) = server.op_json(Method::GET, "/api/appliances", None).await;
-    for appliance in appliances.as_array_mut().expect("list") {
-        appliance["last_checkin"] = Value::Null;
-        appliance["online"] = Value::Null;
-    }
-    let (_, audit) = server.op_json(Method::GET, "/api/audit?limit=5000", None).await;
-    json!({"releases": releases, "rollouts": rollouts, "appliances": appliances, "audit": audit})
-}
-
 async fn health(server: &TestServer) -> u16 {
     let response = server.http.get(format!("{}/healthz", server.url)).send().await.expect("get");
     response.status().as_u16()
@@ -39,7 +26,7 @@ async fn a_store_that_cannot_commit_changes_nothing_and_says_so() {
     }
     let known = Appliance::new("s", "known", 1);
     known.checkin(&server).await;
-    let before = observable(&server).await;
+    let before = server.observable().await;
     assert_eq!(health(&server).await, 200);
 
     let faulty = server.faulty.clone().expect("faulty store");
@@ -70,7 +57,7 @@ async fn a_store_that_cannot_commit_changes_nothing_and_says_so() {
     assert!(response.headers().get("set-cookie").is_none());
     let (status, _) = server.op_json(Method::POST, "/api/releases/1/deactivate", None).await;
     assert_eq!(status, 503);
-    assert_eq!(observable(&server).await, before, "memory never got ahead of the store");
+    assert_eq!(server.observable().await, before, "memory never got ahead of the store");
     assert!(faulty.commits_refused.load(std::sync::atomic::Ordering::SeqCst) >= 4);
 
     // Space is back: the next write reopens the store and goes through.
@@ -97,10 +84,10 @@ async fn a_store_that_cannot_commit_changes_nothing_and_says_so() {
     faulty.fail(false);
 
     // After a restart, exactly what was answered as done is there, each change audited.
-    let live = observable(&server).await;
+    let live = server.observable().await;
     drop(faulty);
     let server = server.restart().await;
-    assert_eq!(observable(&server).await, live);
+    assert_eq!(server.observable().await, live);
     let actions = server.audit_actions().await;
     let count = |action: &str| actions.iter().filter(|a| *a == action).count();
     assert_eq!(count("release.publish"), 2);
@@ -182,10 +169,10 @@ async fn a_slow_repair_holds_up_no_check_in_and_loses_no_write() {
     assert_eq!(health(&server).await, 200);
     assert_eq!(known.checkin(&server).await.version, Some(2));
     assert_eq!(newcomer.checkin_raw(&server, false).await.status(), 200, "enrolled");
-    let live = observable(&server).await;
+    let live = server.observable().await;
     drop(faulty);
     let server = server.restart().await;
-    assert_eq!(observable(&server).await, live, "what was answered is what is stored");
+    assert_eq!(server.observable().await, live, "what was answered is what is stored");
     let actions = server.audit_actions().await;
     let count = |action: &str| actions.iter().filter(|a| *a == action).count();
     assert_eq!((count("rollout.create"), count("appliance.register")), (1, 2));

@@ -94,6 +94,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
+    /// A PostgreSQL database for the state (`postgres://…`); `None`: redb in `data_dir`.
+    /// Images stay in `data_dir` either way.
+    pub database: Option<String>,
     /// The root of trust releases must verify against; without it publishing is refused.
     pub root: Option<TrustedRoot>,
     pub operator_token: Option<String>,
@@ -132,6 +135,7 @@ impl ServerConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
             data_dir,
+            database: None,
             root: None,
             operator_token: None,
             enrollment_token: None,
@@ -216,8 +220,10 @@ impl Coordinator {
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<(Self, FirstRunTokens)> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let store: Arc<dyn Store> =
-            Arc::new(crate::store::RedbStore::open(&config.data_dir.join("state.redb"))?);
+        let store: Arc<dyn Store> = match &config.database {
+            Some(url) => Arc::new(crate::store::PostgresStore::open(url)?),
+            None => Arc::new(crate::store::RedbStore::open(&config.data_dir.join("state.redb"))?),
+        };
         Self::open_with_store(config, clock, store)
     }
 

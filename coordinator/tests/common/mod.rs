@@ -1,6 +1,8 @@
-//! A real coordinator on a loopback port with a real redb file, a hand-moved clock, releases
-//! signed for it, and appliances that sign their requests.
+//! A real coordinator on a loopback port with a real redb file (or a real PostgreSQL), a
+//! hand-moved clock, releases signed for it, and appliances that sign their requests.
 #![allow(dead_code, unreachable_pub)]
+
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,7 +86,52 @@ pub struct TestServer {
     pub http: reqwest::Client,
     /// Set when the server runs on a [`FaultyStore`].
     pub faulty: Option<Arc<FaultyStore>>,
+    pub backend: Backend,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Where a test server keeps its state: redb in its data directory, or a PostgreSQL server of
+/// the test's own (kept across restarts).
+#[derive(Clone)]
+pub enum Backend {
+    Redb,
+    Postgres(Arc<postgres::TestPostgres>),
+}
+
+impl Backend {
+    pub fn postgres() -> Self {
+        Self::Postgres(Arc::new(postgres::TestPostgres::start()))
+    }
+
+    fn configure(&self, config: &mut ServerConfig) {
+        if let Self::Postgres(database) = self {
+            config.database = Some(database.url());
+        }
+    }
+}
+
+/// Runs each named test (an `async fn(Backend)`) on redb and on PostgreSQL: `mod redb` and
+/// `mod postgres` hold one `#[tokio::test]` each.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod redb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Redb).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::postgres()).await
+                }
+            )*
+        }
+    };
 }
 
 /// The real redb store, whose commits (and reopens) fail while `failing` is set, as a full
@@ -175,6 +222,14 @@ impl TestServer {
         Self::start_with_clock(data_dir, root, Arc::new(ManualClock::new(start_time()))).await
     }
 
+    /// A server keeping its state in `backend`.
+    pub async fn start_on(backend: Backend, data_dir: &Path, root: &TrustedRoot) -> Self {
+        let clock = Arc::new(ManualClock::new(start_time()));
+        Self::start_configured(data_dir, root, clock, false, backend, |_| {})
+            .await
+            .expect("open coordinator")
+    }
+
     async fn start_with_clock(
         data_dir: &Path,
         root: &TrustedRoot,
@@ -190,6 +245,7 @@ impl TestServer {
             root,
             Arc::new(ManualClock::new(start_time())),
             true,
+            Backend::Redb,
             |_| {},
         )
         .await
@@ -207,6 +263,7 @@ impl TestServer {
             root,
             Arc::new(ManualClock::new(start_time())),
             false,
+            Backend::Redb,
             adjust,
         )
         .await
@@ -218,7 +275,7 @@ impl TestServer {
         root: &TrustedRoot,
         clock: Arc<ManualClock>,
     ) -> anyhow::Result<Self> {
-        Self::start_configured(data_dir, root, clock, false, |_| {}).await
+        Self::start_configured(data_dir, root, clock, false, Backend::Redb, |_| {}).await
     }
 
     async fn start_configured(
@@ -226,6 +283,7 @@ impl TestServer {
         root: &TrustedRoot,
         clock: Arc<ManualClock>,
         faulty: bool,
+        backend: Backend,
         adjust: impl FnOnce(&mut ServerConfig),
     ) -> anyhow::Result<Self> {
         sitecast_coordinator::install_tls_provider();
@@ -235,6 +293,7 @@ impl TestServer {
         config.enrollment_token = Some(ENROLL.into());
         // The tests run the engine themselves (`coordinator.tick()`), at times they choose.
         config.tick = Duration::from_secs(3600);
+        backend.configure(&mut config);
         adjust(&mut config);
         let faulty = faulty.then(|| {
             std::fs::create_dir_all(data_dir).expect("data dir");
@@ -256,6 +315,7 @@ impl TestServer {
             root: root.clone(),
             http,
             faulty,
+            backend,
             task,
         })
     }
@@ -266,25 +326,54 @@ impl TestServer {
         self.restart_with(|_| {}).await
     }
 
-    /// As [`TestServer::restart`], with the configuration changed by `adjust` (always on the
-    /// plain redb store).
+    /// As [`TestServer::restart`], with the configuration changed by `adjust` (on the same
+    /// backend; a faulty store's server restarts on the plain redb store).
     pub async fn restart_with(self, adjust: impl Fn(&mut ServerConfig)) -> Self {
-        let Self { task, clock, data_dir, root, coordinator, http, faulty, .. } = self;
-        task.abort();
-        let _ = task.await;
-        // Closing the client's connections ends the connection tasks that still hold state.
-        drop(http);
-        drop(coordinator);
-        drop(faulty);
+        let (clock, data_dir, root, backend) =
+            (self.clock.clone(), self.data_dir.clone(), self.root.clone(), self.backend.clone());
+        self.stop().await;
         for _ in 0..100 {
-            if let Ok(server) =
-                Self::start_configured(&data_dir, &root, clock.clone(), false, &adjust).await
+            if let Ok(server) = Self::start_configured(
+                &data_dir,
+                &root,
+                clock.clone(),
+                false,
+                backend.clone(),
+                &adjust,
+            )
+            .await
             {
                 return server;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("the old server never released its database");
+    }
+
+    /// Stops the server as a crash would (no shutdown step). Its redb file may stay locked a
+    /// moment longer, while connection tasks end.
+    pub async fn stop(self) {
+        let Self { task, coordinator, http, faulty, .. } = self;
+        task.abort();
+        let _ = task.await;
+        // Closing the client's connections ends the connection tasks that still hold state.
+        drop(http);
+        drop(coordinator);
+        drop(faulty);
+    }
+
+    /// What the operator can see, minus check-in bookkeeping (last seen), which is not a
+    /// change.
+    pub async fn observable(&self) -> Value {
+        let (_, releases) = self.op_json(Method::GET, "/api/releases", None).await;
+        let (_, rollouts) = self.op_json(Method::GET, "/api/rollouts", None).await;
+        let (_, mut appliances) = self.op_json(Method::GET, "/api/appliances", None).await;
+        for appliance in appliances.as_array_mut().expect("list") {
+            appliance["last_checkin"] = Value::Null;
+            appliance["online"] = Value::Null;
+        }
+        let (_, audit) = self.op_json(Method::GET, "/api/audit?limit=5000", None).await;
+        json!({"releases": releases, "rollouts": rollouts, "appliances": appliances, "audit": audit})
     }
 
     pub fn op(&self, method: Method, path: &str) -> RequestBuilder {

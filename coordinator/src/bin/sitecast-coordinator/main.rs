@@ -46,6 +46,16 @@ enum Command {
     /// Devices that speak hawkBit DDI (SWUpdate).
     #[command(subcommand)]
     DdiTarget(DdiTargetCommand),
+    /// Move a stopped Central Command's state from its data directory's redb file into an
+    /// empty PostgreSQL database (docs/scale-out.md). Images stay in the data directory.
+    Migrate {
+        /// The data directory (its `state.redb` is read, not changed).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The PostgreSQL database to fill, as for `serve --database`.
+        #[arg(long, env = "SITECAST_DATABASE", hide_env_values = true)]
+        database: String,
+    },
     /// The audit log.
     Audit {
         #[command(flatten)]
@@ -64,6 +74,11 @@ struct ServeArgs {
     /// ~/.local/share/sitecast-coordinator.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Keep the state in this PostgreSQL database instead of redb in the data directory
+    /// (`postgres://user:password@host/db`, or `host=/run/postgresql dbname=sitecast`); its
+    /// schema is created or migrated at start. Images stay in the data directory.
+    #[arg(long, env = "SITECAST_DATABASE", hide_env_values = true)]
+    database: Option<String>,
     /// The root of trust release manifests must verify against.
     #[arg(long)]
     root: Option<PathBuf>,
@@ -145,6 +160,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Appliances(command) => operator::appliances(command).await,
         Command::Audit { client, after } => operator::audit(client, after).await,
         Command::DdiTarget(command) => operator::ddi_target(command).await,
+        Command::Migrate { data_dir, database } => {
+            let data_dir = data_dir.unwrap_or_else(default_data_dir);
+            tokio::task::spawn_blocking(move || migrate(&data_dir, &database)).await?
+        }
     }
 }
 
@@ -156,12 +175,33 @@ fn default_data_dir() -> PathBuf {
     base.join("sitecast-coordinator")
 }
 
+fn migrate(data_dir: &std::path::Path, database: &str) -> Result<()> {
+    use sitecast_coordinator::store::{PostgresStore, RedbStore};
+    let path = data_dir.join("state.redb");
+    anyhow::ensure!(path.exists(), "no state in {} (is --data-dir right?)", data_dir.display());
+    let from = RedbStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let to = PostgresStore::open(database).context("opening the PostgreSQL database")?;
+    let copied = sitecast_coordinator::store::copy(&from, &to)?;
+    println!(
+        "copied {} releases, {} agent releases, {} rollouts, {} appliances, {} sites and {} audit \
+         entries; start the server with --database and the same --data-dir (for the images)",
+        copied.releases,
+        copied.agent_releases,
+        copied.rollouts,
+        copied.appliances,
+        copied.sites,
+        copied.audit_entries
+    );
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     let mut config = ServerConfig::new(args.data_dir.unwrap_or_else(default_data_dir));
     if let Some(root) = &args.root {
         let bytes = std::fs::read(root).with_context(|| format!("reading {}", root.display()))?;
         config.root = Some(TrustedRoot::pin(&bytes).context("root of trust")?);
     }
+    config.database = args.database;
     config.operator_token = args.operator_token;
     config.enrollment_token = args.enrollment_token;
     config.ddi_gateway_token = args.ddi_gateway_token;

@@ -1,0 +1,379 @@
+//! The store in a PostgreSQL database, for fleets that run one already and back it up.
+//!
+//! The same records as the redb store, one table per kind, values as `jsonb` (readable with
+//! SQL, tolerant across versions like the API). A batch is one transaction; per-site bytes are
+//! increments, so writers never overwrite each other's totals; audit entries are inserted,
+//! never updated, and a sequence number taken twice fails the batch.
+//!
+//! The schema is versioned ([`MIGRATIONS`]), applied at start under an advisory lock, and
+//! changes only by adding: a Central Command that knows fewer migrations than the database
+//! has keeps working.
+//!
+//! The `postgres` client runs its own small runtime, which must not run inside tokio's: every
+//! call goes to one thread of its own that holds the connection, and a connection that failed
+//! is opened again on the next call.
+
+use std::sync::Mutex;
+use std::sync::mpsc;
+
+use super::{AuditEntry, Change, Snapshot, Store, StoreError, json, parse};
+
+/// The schema, one step per migration, in order; a step is never changed once released.
+const MIGRATIONS: &[&str] = &[
+    // 1: the records of the redb store.
+    "CREATE TABLE releases (version bigint PRIMARY KEY, record jsonb NOT NULL);
+     CREATE TABLE agent_releases (version bigint PRIMARY KEY, record jsonb NOT NULL);
+     CREATE TABLE rollouts (id bigint PRIMARY KEY, record jsonb NOT NULL);
+     CREATE TABLE appliances (key text PRIMARY KEY, record jsonb NOT NULL);
+     CREATE TABLE sites (id text PRIMARY KEY, record jsonb NOT NULL);
+     CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
+     CREATE TABLE site_bytes (site text NOT NULL, version bigint NOT NULL,
+                              bytes bigint NOT NULL, PRIMARY KEY (site, version));
+     CREATE TABLE audit (seq bigint PRIMARY KEY, entry jsonb NOT NULL);",
+];
+
+/// Taken while migrating, so two Central Commands starting at once migrate one after the
+/// other ("sitecast" in ASCII).
+const MIGRATION_LOCK: i64 = 0x7369_7465_6361_7374;
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A PostgreSQL database as the store.
+pub struct PostgresStore {
+    jobs: Mutex<mpsc::Sender<Job>>,
+    /// Where it connects, without a password, for messages.
+    shown: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("database", &self.shown).finish()
+    }
+}
+
+/// The server's own words where it gave any ("duplicate key value violates unique constraint
+/// \"audit_pkey\""), else the client's error and its causes: `postgres::Error` alone says
+/// only "db error".
+fn db_error(error: impl Into<PgError>) -> StoreError {
+    let text = match error.into() {
+        PgError::Postgres(error) => match error.as_db_error() {
+            Some(db) => match db.detail() {
+                Some(detail) => format!("{}: {detail}", db.message()),
+                None => db.message().to_owned(),
+            },
+            None => {
+                let mut text = error.to_string();
+                let mut source = std::error::Error::source(&error);
+                while let Some(cause) = source {
+                    text = format!("{text}: {cause}");
+                    source = cause.source();
+                }
+                text
+            }
+        },
+        PgError::Other(text) => text,
+    };
+    StoreError::Database(text)
+}
+
+/// What [`db_error`] describes.
+enum PgError {
+    Postgres(postgres::Error),
+    Other(String),
+}
+
+impl From<postgres::Error> for PgError {
+    fn from(error: postgres::Error) -> Self {
+        Self::Postgres(error)
+    }
+}
+
+impl From<std::io::Error> for PgError {
+    fn from(error: std::io::Error) -> Self {
+        Self::Other(error.to_string())
+    }
+}
+
+/// Why a call failed: its work's error, or no connection (or no thread) to run it on.
+enum CallError<E> {
+    Work(E),
+    Store(StoreError),
+}
+
+/// The connection, owned by the store's thread.
+struct Connection {
+    config: postgres::Config,
+    client: Option<postgres::Client>,
+}
+
+impl Connection {
+    fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
+        if self.client.is_none() {
+            let client = self.config.connect(postgres::NoTls).map_err(db_error)?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user@host/db`, or `host=/run/postgresql dbname=…`) and
+    /// brings its schema up to date.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let config: postgres::Config = url.parse().map_err(db_error)?;
+        let shown = describe(&config);
+        let (jobs, incoming) = mpsc::channel::<Job>();
+        let mut connection = Connection { config, client: None };
+        std::thread::Builder::new()
+            .name("sitecast-postgres".into())
+            .spawn(move || {
+                for job in incoming {
+                    job(&mut connection);
+                }
+            })
+            .map_err(db_error)?;
+        let store = Self { jobs: Mutex::new(jobs), shown };
+        store.call_store(migrate)?;
+        Ok(store)
+    }
+
+    /// Runs `work` on the connection's thread; a failure drops the connection, so the next
+    /// call starts on a new one.
+    fn call<T: Send + 'static, E: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut postgres::Client) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, CallError<E>> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |connection| {
+            let result = match connection.client() {
+                Ok(client) => work(client).map_err(CallError::Work),
+                Err(error) => Err(CallError::Store(error)),
+            };
+            if result.is_err() {
+                connection.client = None;
+            }
+            let _ = reply.send(result);
+        });
+        let closed = || CallError::Store(StoreError::Closed(self.shown.clone()));
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job).map_err(|_| closed())?;
+        answer.recv().map_err(|_| closed())?
+    }
+
+    fn call_store<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut postgres::Client) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.call(work).map_err(|error| match error {
+            CallError::Work(error) | CallError::Store(error) => error,
+        })
+    }
+}
+
+/// `user@host:port/dbname` of `config`, never its password.
+fn describe(config: &postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("");
+    let db = config.get_dbname().unwrap_or("");
+    format!("postgres {user}@{host}:{port}/{db}")
+}
+
+/// Applies the migrations the database lacks, each in its own transaction.
+fn migrate(client: &mut postgres::Client) -> Result<(), StoreError> {
+    let mut txn = client.transaction().map_err(db_error)?;
+    txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).map_err(db_error)?;
+    txn.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version integer PRIMARY KEY, applied timestamptz NOT NULL DEFAULT now())",
+    )
+    .map_err(db_error)?;
+    let row = txn
+        .query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[])
+        .map_err(db_error)?;
+    let applied: i32 = row.get(0);
+    let known = MIGRATIONS.len() as i32;
+    if applied > known {
+        // Migrations only add: what this version knows is all still there.
+        tracing::info!(applied, known, "the database was migrated by a newer Central Command");
+    }
+    for (version, step) in MIGRATIONS.iter().enumerate().skip(applied.max(0) as usize) {
+        let version = version as i32 + 1;
+        txn.batch_execute(step).map_err(db_error)?;
+        txn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&version])
+            .map_err(db_error)?;
+        tracing::info!(version, "database migrated");
+    }
+    txn.commit().map_err(db_error)
+}
+
+/// PostgreSQL's `bigint` is signed; versions, ids, sequence numbers and byte counts stay far
+/// below 2^63 (a larger one is stored as the largest, never wrapped).
+fn signed(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Commits `changes` in one transaction. `Err(true)`: the server refused (nothing stored);
+/// `Err(false)`: the connection failed, and the commit may or may not have landed.
+fn write(
+    client: &mut postgres::Client,
+    changes: &[Change],
+    durable: bool,
+) -> Result<(), postgres::Error> {
+    let mut txn = client.transaction()?;
+    if !durable {
+        txn.batch_execute("SET LOCAL synchronous_commit = off")?;
+    }
+    let upsert = |table: &str, key: &str| {
+        format!(
+            "INSERT INTO {table} ({key}, record) VALUES ($1, $2::text::jsonb)
+             ON CONFLICT ({key}) DO UPDATE SET record = EXCLUDED.record"
+        )
+    };
+    for change in changes {
+        match change {
+            Change::Release(r) => {
+                txn.execute(&upsert("releases", "version"), &[&signed(r.version), &json(r)])
+            }
+            Change::AgentRelease(r) => {
+                txn.execute(&upsert("agent_releases", "version"), &[&signed(r.version), &json(r)])
+            }
+            Change::Rollout(r) => txn.execute(&upsert("rollouts", "id"), &[&signed(r.id), &json(r)]),
+            Change::Appliance(a) => txn.execute(&upsert("appliances", "key"), &[&a.key, &json(a)]),
+            Change::ApplianceRemoved { key } => {
+                txn.execute("DELETE FROM appliances WHERE key = $1", &[key])
+            }
+            Change::Site(s) => txn.execute(&upsert("sites", "id"), &[&s.id, &json(s)]),
+            Change::Meta { key, value } => txn.execute(
+                "INSERT INTO meta (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                &[key, value],
+            ),
+            Change::SiteBytes { site, version, add } => txn.execute(
+                "INSERT INTO site_bytes (site, version, bytes) VALUES ($1, $2, $3)
+                 ON CONFLICT (site, version) DO UPDATE SET bytes = site_bytes.bytes + EXCLUDED.bytes",
+                &[site, &signed(*version), &signed(*add)],
+            ),
+            // No `ON CONFLICT`: a sequence number taken twice fails the whole batch.
+            Change::Audit(entry) => txn.execute(
+                "INSERT INTO audit (seq, entry) VALUES ($1, $2::text::jsonb)",
+                &[&signed(entry.seq), &json(entry)],
+            ),
+        }?;
+    }
+    txn.commit()
+}
+
+/// Whether the batch `changes` is in the database: its audit entry reads back as written (a
+/// commit whose answer was lost may have landed). A batch without one counts as not stored.
+fn landed(client: &mut postgres::Client, changes: &[Change]) -> Result<bool, StoreError> {
+    let Some(entry) = changes.iter().find_map(|c| match c {
+        Change::Audit(entry) => Some(entry),
+        _ => None,
+    }) else {
+        return Ok(false);
+    };
+    let row = client
+        .query_opt(
+            "SELECT entry = $2::text::jsonb FROM audit WHERE seq = $1",
+            &[&signed(entry.seq), &json(entry)],
+        )
+        .map_err(db_error)?;
+    Ok(row.is_some_and(|row| row.get::<_, bool>(0)))
+}
+
+fn load(client: &mut postgres::Client) -> Result<Snapshot, StoreError> {
+    // One snapshot of every table.
+    let mut txn = client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .map_err(db_error)?;
+    let mut snapshot = Snapshot::default();
+    let mut rows = |query: &str| txn.query(query, &[]).map_err(db_error);
+    for row in rows("SELECT version, record::text FROM releases")? {
+        let version: i64 = row.get(0);
+        let record = parse("releases", version.to_string(), row.get(1))?;
+        snapshot.releases.insert(version as u64, record);
+    }
+    for row in rows("SELECT version, record::text FROM agent_releases")? {
+        let version: i64 = row.get(0);
+        let record = parse("agent_releases", version.to_string(), row.get(1))?;
+        snapshot.agent_releases.insert(version as u64, record);
+    }
+    for row in rows("SELECT id, record::text FROM rollouts")? {
+        let id: i64 = row.get(0);
+        snapshot.rollouts.insert(id as u64, parse("rollouts", id.to_string(), row.get(1))?);
+    }
+    for row in rows("SELECT key, record::text FROM appliances")? {
+        let key: String = row.get(0);
+        snapshot.appliances.insert(key.clone(), parse("appliances", key, row.get(1))?);
+    }
+    for row in rows("SELECT id, record::text FROM sites")? {
+        let id: String = row.get(0);
+        snapshot.sites.insert(id.clone(), parse("sites", id, row.get(1))?);
+    }
+    for row in rows("SELECT key, value FROM meta")? {
+        snapshot.meta.insert(row.get(0), row.get(1));
+    }
+    for row in rows("SELECT site, version, bytes FROM site_bytes")? {
+        let (version, bytes): (i64, i64) = (row.get(1), row.get(2));
+        snapshot.site_bytes.insert((row.get(0), version as u64), bytes as u64);
+    }
+    let row = txn.query_one("SELECT coalesce(max(seq), 0) FROM audit", &[]).map_err(db_error)?;
+    snapshot.audit_next = row.get::<_, i64>(0) as u64 + 1;
+    txn.commit().map_err(db_error)?;
+    Ok(snapshot)
+}
+
+impl Store for PostgresStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.call_store(load)
+    }
+
+    fn commit(&self, changes: &[Change], durable: bool) -> Result<(), StoreError> {
+        let batch = changes.to_vec();
+        let written = self.call(move |client| {
+            // A refusal by the server (a constraint, a full disk) rolled the batch back; a
+            // failed connection leaves it unknown whether the commit landed.
+            write(client, &batch, durable).map_err(|e| (e.as_db_error().is_some(), db_error(e)))
+        });
+        let error = match written {
+            Ok(()) => return Ok(()),
+            Err(CallError::Work((true, error)) | CallError::Store(error)) => return Err(error),
+            Err(CallError::Work((false, error))) => error,
+        };
+        // Look before answering that nothing was stored.
+        let batch = changes.to_vec();
+        let landed = self.call(move |client| landed(client, &batch).map_err(|e| (false, e)));
+        if durable && matches!(landed, Ok(true)) {
+            tracing::warn!(%error, "commit reported an error after it was stored");
+            return Ok(());
+        }
+        Err(error)
+    }
+
+    fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let (after, limit) = (signed(after), signed(limit as u64));
+        self.call_store(move |client| {
+            let rows = client
+                .query(
+                    "SELECT seq, entry::text FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &limit],
+                )
+                .map_err(db_error)?;
+            rows.iter()
+                .map(|row| parse("audit", row.get::<_, i64>(0).to_string(), row.get(1)))
+                .collect()
+        })
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        // A new connection, checked now rather than at the next commit.
+        self.call_store(|client| client.simple_query("SELECT 1").map(drop).map_err(db_error))
+    }
+}

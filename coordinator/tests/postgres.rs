@@ -1,0 +1,254 @@
+//! The PostgreSQL store against a real PostgreSQL: migrations once and tolerant of a newer
+//! schema, counters that add up across two Central Commands, an audit number taken twice
+//! failing its whole batch, a database that goes away losing nothing, and `migrate` carrying
+//! a redb deployment over.
+
+mod common;
+
+use common::postgres::TestPostgres;
+use common::*;
+use reqwest::Method;
+use serde_json::json;
+use sitecast_coordinator::store::{AuditEntry, Change, PostgresStore, ReleaseRecord, Store};
+
+fn release(version: u64) -> ReleaseRecord {
+    serde_json::from_value(json!({
+        "version": version, "version_name": format!("v{version}"),
+        "created": "2026-11-01T00:00:00Z", "published": "2026-11-02T00:00:00Z",
+        "active": true, "blake3": "ab".repeat(32), "sha256": "cd".repeat(32), "size": 1000,
+        "manifest": "{}",
+    }))
+    .expect("release record")
+}
+
+fn audit(seq: u64, action: &str) -> Change {
+    Change::Audit(AuditEntry {
+        seq,
+        at: "2026-11-02T00:00:00Z".parse().expect("time"),
+        actor: "operator".into(),
+        action: action.into(),
+        detail: json!({"seq": seq}),
+    })
+}
+
+fn sql(database: &TestPostgres) -> ::postgres::Client {
+    ::postgres::Client::connect(&database.url(), ::postgres::NoTls).expect("connect")
+}
+
+#[test]
+fn the_schema_is_migrated_once_and_a_newer_one_is_tolerated() {
+    let database = TestPostgres::start();
+    let store = PostgresStore::open(&database.url()).expect("open");
+    store
+        .commit(&[Change::Release(release(1)), audit(1, "release.publish")], true)
+        .expect("commit");
+    drop(store);
+    let _again = PostgresStore::open(&database.url()).expect("open again");
+    let mut client = sql(&database);
+    let versions: Vec<i32> = client
+        .query("SELECT version FROM schema_migrations ORDER BY version", &[])
+        .expect("query")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(versions, vec![1], "each migration applied once");
+
+    // A newer Central Command added a column and recorded its migration: this one, knowing
+    // fewer, opens, writes and reads as before.
+    client
+        .batch_execute(
+            "ALTER TABLE releases ADD COLUMN origin_region text;
+             INSERT INTO schema_migrations (version) VALUES (2);",
+        )
+        .expect("newer migration");
+    let store = PostgresStore::open(&database.url()).expect("open a newer schema");
+    store
+        .commit(&[Change::Release(release(2)), audit(2, "release.publish")], true)
+        .expect("commit");
+    let snapshot = store.load().expect("load");
+    assert_eq!(snapshot.releases.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(snapshot.releases[&2], release(2));
+    assert_eq!(snapshot.audit_next, 3);
+    // The records are there for SQL too.
+    let name: String = client
+        .query_one("SELECT record->>'version_name' FROM releases WHERE version = 2", &[])
+        .expect("query")
+        .get(0);
+    assert_eq!(name, "v2");
+}
+
+#[test]
+fn counters_add_up_across_two_stores_and_a_taken_audit_number_fails_its_batch() {
+    let database = TestPostgres::start();
+    let (one, two) = (
+        PostgresStore::open(&database.url()).expect("open"),
+        PostgresStore::open(&database.url()).expect("open"),
+    );
+    let bytes = |add| Change::SiteBytes { site: "store-1".into(), version: 7, add };
+    one.commit(&[bytes(100)], false).expect("commit");
+    two.commit(&[bytes(50)], true).expect("commit");
+    one.commit(&[bytes(1)], true).expect("commit");
+    assert_eq!(two.load().expect("load").site_bytes[&("store-1".to_owned(), 7)], 151);
+
+    one.commit(&[Change::Release(release(1)), audit(1, "release.publish")], true).expect("commit");
+    let error = two
+        .commit(&[Change::Release(release(2)), audit(1, "release.publish")], true)
+        .expect_err("audit number 1 is taken");
+    assert!(error.to_string().contains("audit"), "{error}");
+    let snapshot = one.load().expect("load");
+    assert!(!snapshot.releases.contains_key(&2), "half a batch was stored");
+    let entries = two.audit(0, 10).expect("audit");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].detail, json!({"seq": 1}));
+}
+
+#[test]
+fn a_database_that_goes_away_fails_commits_and_loses_nothing() {
+    let database = TestPostgres::start();
+    let store = PostgresStore::open(&database.url()).expect("open");
+    store
+        .commit(&[Change::Release(release(1)), audit(1, "release.publish")], true)
+        .expect("commit");
+
+    database.stop();
+    let error = store
+        .commit(&[Change::Release(release(2)), audit(2, "release.publish")], true)
+        .expect_err("no database");
+    assert!(!error.to_string().is_empty());
+    assert!(store.load().is_err(), "a load without a database answered");
+    assert!(store.reopen().is_err(), "reopened without a database");
+
+    database.resume();
+    store.reopen().expect("reopen");
+    let snapshot = store.load().expect("load");
+    assert_eq!(snapshot.releases.keys().copied().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(snapshot.audit_next, 2, "the failed batch left no audit entry");
+    store
+        .commit(&[Change::Release(release(2)), audit(2, "release.publish")], true)
+        .expect("commit");
+    assert_eq!(store.load().expect("load").releases.len(), 2);
+}
+
+/// `sitecast-coordinator migrate`, as an operator runs it; its output, and whether it worked.
+/// A stopped test server's redb file may stay locked a moment while its connections end.
+fn migrate(data_dir: &std::path::Path, database: &TestPostgres) -> (bool, String) {
+    for _ in 0..100 {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sitecast-coordinator"))
+            .arg("migrate")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--database")
+            .arg(database.url())
+            .output()
+            .expect("run migrate");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if !text.contains("already open") {
+            return (output.status.success(), text);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("the stopped server never released its redb file");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_carries_a_redb_deployment_over_to_postgres() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let data = dir.path().join("data");
+    let server = TestServer::start(&data, &releases.root).await;
+    for version in [1, 2] {
+        let (_, image) = releases.image(version, 100_000 + version as usize);
+        let manifest = releases.manifest(version, &image, None, None);
+        assert_eq!(server.publish(&manifest, image).await.status(), 201);
+    }
+    let mut appliances = Vec::new();
+    for i in 0..6 {
+        let appliance = Appliance::new(["store-1", "store-2"][i % 2], &format!("a{i}"), 1);
+        appliance.checkin(&server).await;
+        appliances.push(appliance);
+    }
+    let (status, _) = server
+        .op_json(
+            Method::PUT,
+            "/api/sites/store-1/window",
+            Some(json!({
+            "start": "01:00", "end": "04:00", "timezone": "UTC", "days": ["mon"]})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    let id = server.roll_out_now(2).await;
+    for appliance in &mut appliances[..3] {
+        assert!(appliance.checkin(&server).await.update_available);
+        appliance.report(&server, "succeeded", 2).await;
+    }
+    let before = server.observable().await;
+    let (_, sites_before) = server.op_json(Method::GET, "/api/sites", None).await;
+    let rollout_before = server.rollout(id).await;
+    server.stop().await;
+
+    let database = std::sync::Arc::new(TestPostgres::start());
+    let (ok, output) = migrate(&data, &database);
+    assert!(ok, "{output}");
+    assert!(output.contains("copied 2 releases"), "{output}");
+    assert!(output.contains("6 appliances"), "{output}");
+
+    let server =
+        TestServer::start_on(Backend::Postgres(database.clone()), &data, &releases.root).await;
+    assert_eq!(server.observable().await, before, "releases, rollouts, appliances, audit");
+    let (_, sites_after) = server.op_json(Method::GET, "/api/sites", None).await;
+    assert_eq!(sites_after, sites_before, "sites, windows and byte counters");
+    assert_eq!(server.rollout(id).await, rollout_before);
+    // And it goes on from there: a report lands on PostgreSQL.
+    appliances[3].checkin(&server).await;
+    appliances[3].report(&server, "succeeded", 2).await;
+    server.stop().await;
+
+    // A second run would merge two fleets: refused, and nothing is written.
+    let (ok, output) = migrate(&data, &database);
+    assert!(!ok, "{output}");
+    assert!(output.contains("already holds a fleet"), "{output}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_database_goes_away_changes_nothing_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let database = std::sync::Arc::new(TestPostgres::start());
+    let backend = Backend::Postgres(database.clone());
+    let server = TestServer::start_on(backend, &dir.path().join("data"), &releases.root).await;
+    for version in [1, 2] {
+        let (_, image) = releases.image(version, 100_000);
+        let manifest = releases.manifest(version, &image, None, None);
+        assert_eq!(server.publish(&manifest, image).await.status(), 201);
+    }
+    let known = Appliance::new("s", "known", 1);
+    known.checkin(&server).await;
+    let before = server.observable().await;
+    let health = || async {
+        let response = server.http.get(format!("{}/healthz", server.url)).send().await;
+        response.expect("healthz").status().as_u16()
+    };
+
+    database.stop();
+    let rollout = Some(json!({"version": 2, "strategy": "immediate"}));
+    let (status, body) = server.op_json(Method::POST, "/api/rollouts", rollout.clone()).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("store_unavailable")), "{body}");
+    assert_eq!(health().await, 503);
+    // The audit log is read from the database: unavailable, and saying so.
+    let (status, body) = server.op_json(Method::GET, "/api/audit", None).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("store_unavailable")), "{body}");
+
+    database.resume();
+    assert_eq!(server.observable().await, before, "memory never got ahead of the database");
+    let (status, body) = server.op_json(Method::POST, "/api/rollouts", rollout).await;
+    assert_eq!(status, 201, "the next write reconnects: {body}");
+    assert_eq!(health().await, 200);
+    assert_eq!(known.checkin(&server).await.version, Some(2));
+    let live = server.observable().await;
+    let server = server.restart().await;
+    assert_eq!(server.observable().await, live, "what was answered is what is stored");
+}
