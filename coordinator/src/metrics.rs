@@ -78,8 +78,8 @@ pub fn render(fleet: &Fleet, now: Timestamp, checkins: u64) -> String {
     let mut mirror_bytes: BTreeMap<(&str, u64), u64> = BTreeMap::new();
     for appliance in fleet.appliances.values() {
         if let Some(update) = &appliance.update {
-            *mirror_bytes.entry((&appliance.site, update.report.version)).or_default() +=
-                update.report.bytes_from_mirror;
+            let sum = mirror_bytes.entry((&appliance.site, update.report.version)).or_default();
+            *sum = sum.saturating_add(update.report.bytes_from_mirror);
         }
     }
     for ((site, version), bytes) in mirror_bytes {

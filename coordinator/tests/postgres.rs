@@ -252,3 +252,37 @@ async fn a_server_whose_database_goes_away_changes_nothing_and_recovers() {
     let server = server.restart().await;
     assert_eq!(server.observable().await, live, "what was answered is what is stored");
 }
+
+/// `jsonb` refuses `\u0000`: an appliance whose error text carries one must not close the
+/// store for the whole fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_text_with_a_nul_is_stored_like_any_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let backend = Backend::postgres();
+    let server = TestServer::start_on(backend, &dir.path().join("data"), &releases.root).await;
+    for version in [1, 2] {
+        let (_, image) = releases.image(version, 100_000);
+        let manifest = releases.manifest(version, &image, None, None);
+        assert_eq!(server.publish(&manifest, image).await.status(), 201);
+    }
+    let mut appliance = Appliance::new("s", "nul", 1);
+    appliance.checkin(&server).await;
+    server.roll_out_now(2).await;
+    assert!(appliance.checkin(&server).await.update_available);
+    appliance.seq += 1;
+    let body = serde_json::to_vec(&json!({
+        "state": "failed", "version": 2, "error": "disk \u{0} full", "seq": appliance.seq,
+    }))
+    .expect("json");
+    let response =
+        appliance.signed(&server, Method::POST, "/api/appliances/report", &body).send().await;
+    assert_eq!(response.expect("report").status(), 204);
+    let health = server.http.get(format!("{}/healthz", server.url)).send().await;
+    assert_eq!(health.expect("healthz").status(), 200, "the store closed");
+
+    let server = server.restart().await;
+    let (_, list) = server.op_json(Method::GET, "/api/appliances", None).await;
+    let error = &list[0]["update"]["error"];
+    assert!(error.as_str().is_some_and(|e| e.starts_with("disk ")), "{list}");
+}

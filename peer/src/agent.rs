@@ -33,7 +33,7 @@ use crate::metrics::Metrics;
 use crate::mirror::Mirrors;
 use crate::scheduler::{Config, PeerId};
 use crate::state::{AgentState, UpdateRecord};
-use crate::swarm::{LanFetcher, PeerNews, Swarm, TransferStats};
+use crate::swarm::{LanFetcher, PeerNews, Swarm, SwarmError, TransferStats};
 
 /// Exit status that asks the supervisor to start the agent again, as after a reboot.
 pub const EXIT_REBOOT: i32 = 75;
@@ -856,6 +856,27 @@ impl Agent {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         self.download_stop = Some(stop);
         self.download = Some(tokio::spawn(async move {
+            let mut stopped = stopped;
+            // The outboard the mirrors' bytes are checked against comes first; a newer offer
+            // may replace this download meanwhile.
+            let mirrors = match mirrors {
+                Some((client, outboard, urls, path)) => {
+                    let layout = BlobLayout::new(image.blake3, image.size);
+                    tokio::select! {
+                        prepared = Mirrors::prepare(&client, &outboard, urls, layout, path) => {
+                            match prepared {
+                                Ok(mirrors) => Some(Arc::new(mirrors)),
+                                Err(error) => {
+                                    tracing::warn!(%error, "the release's mirrors are not used: Central Command only");
+                                    None
+                                }
+                            }
+                        }
+                        _ = &mut stopped => return Err(SwarmError::Replaced.to_string()),
+                    }
+                }
+                None => None,
+            };
             let open_paths = paths.clone();
             let open_image = image.clone();
             let writer = tokio::task::spawn_blocking(move || {
@@ -868,23 +889,14 @@ impl Agent {
             let mut swarm =
                 Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, tune)
                     .stop_on(stopped);
-            let mut mirror_outboard = None;
-            if let Some((client, outboard, urls, path)) = mirrors {
-                let layout = BlobLayout::new(image.blake3, image.size);
-                match Mirrors::prepare(&client, &outboard, urls, layout, path).await {
-                    Ok(mirrors) => {
-                        mirror_outboard = Some(mirrors.outboard_path().to_owned());
-                        swarm = swarm.with_mirrors(Arc::new(mirrors));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "the release's mirrors are not used: Central Command only");
-                    }
-                }
+            if let Some(mirrors) = &mirrors {
+                swarm = swarm.with_mirrors(Arc::clone(mirrors));
             }
-            let writer = swarm.run().await.map_err(|e| e.to_string())?;
-            if let Some(path) = mirror_outboard {
-                let _ = tokio::fs::remove_file(path).await;
+            let ran = swarm.run().await;
+            if let Some(mirrors) = mirrors {
+                let _ = tokio::fs::remove_file(mirrors.outboard_path()).await;
             }
+            let writer = ran.map_err(|e| e.to_string())?;
             tracing::info!("every piece verified and written; reading the slot back");
             tokio::task::spawn_blocking(move || writer.finish())
                 .await

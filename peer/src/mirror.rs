@@ -1,11 +1,11 @@
 //! A release's mirrors: plain HTTP origins of its image (a CDN, an object store, nginx).
 //!
-//! A run of pieces is asked for by `Range`, one request per stretch of adjacent groups. The
-//! bytes are encoded against the image's outboard (fetched once from Central Command; its top
-//! pair checked against the signed root) and go through the same decoder as every other
-//! response, so a mirror needs no trust: a byte it changes fails its group, and nothing of
-//! that group is written. A mirror that fails or lies is not asked again by this download;
-//! Central Command's verified ranges stay the fallback.
+//! A run of pieces is asked for by `Range`, one request per stretch of adjacent groups, and
+//! read piece by piece. Each piece's bytes are encoded against the image's outboard (fetched
+//! once from Central Command; its top pair checked against the signed root) and go through
+//! the same decoder as every other response, so a mirror needs no trust: a byte it changes
+//! fails its group, and nothing of that group is written. A mirror that fails, stalls or lies
+//! is not asked again by this download; Central Command's verified ranges stay the fallback.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -18,8 +18,11 @@ use sitecast_iso::{BlobLayout, FileDevice, GROUP_BYTES, OutboardStore};
 use crate::coordinator::{ClientError, CoordinatorClient};
 use crate::swarm::FetchError;
 
-/// A mirror that sends nothing for this long is given up for this download.
-const MIRROR_IDLE: Duration = Duration::from_secs(30);
+/// A mirror that sends nothing for this long is given up for this download: well inside the
+/// scheduler's request timeout, so the mirror is dropped before its run is.
+pub const MIRROR_IDLE: Duration = Duration::from_secs(15);
+/// The outboard from Central Command may stall too.
+const OUTBOARD_IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
@@ -27,6 +30,8 @@ pub enum MirrorError {
     Outboard(#[from] ClientError),
     #[error("the outboard is {got} bytes, not {want}")]
     OutboardLength { got: u64, want: u64 },
+    #[error("the outboard stalled: nothing for {0:?}")]
+    OutboardStalled(Duration),
     #[error("the outboard does not chain to the signed root")]
     OutboardRoot,
     #[error("storing the outboard: {0}")]
@@ -42,11 +47,26 @@ pub struct Mirrors {
     given_up: Mutex<Vec<bool>>,
     outboard: OutboardStore<FileDevice>,
     path: PathBuf,
+    idle: Duration,
 }
 
 impl std::fmt::Debug for Mirrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mirrors").field("urls", &self.urls).finish_non_exhaustive()
+        let urls: Vec<String> = self.urls.iter().map(|u| shown(u)).collect();
+        f.debug_struct("Mirrors").field("urls", &urls).finish_non_exhaustive()
+    }
+}
+
+/// `url` for logs and errors: scheme, host and path, never a signed URL's query or
+/// credentials.
+pub fn shown(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(parsed) => {
+            let port = parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
+            let host = parsed.host_str().unwrap_or("");
+            format!("{}://{host}{port}{}", parsed.scheme(), parsed.path())
+        }
+        Err(_) => "(not a URL)".into(),
     }
 }
 
@@ -79,7 +99,13 @@ impl Mirrors {
         };
         let http = http.build().map_err(|e| MirrorError::Client(e.to_string()))?;
         let given_up = Mutex::new(vec![false; urls.len()]);
-        Ok(Self { http, urls, given_up, outboard, path })
+        Ok(Self { http, urls, given_up, outboard, path, idle: MIRROR_IDLE })
+    }
+
+    /// Gives a mirror up after `idle` without a byte instead of [`MIRROR_IDLE`].
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
     }
 
     /// Where the outboard is kept: removed once the download is over.
@@ -92,58 +118,58 @@ impl Mirrors {
         self.given_up.lock().unwrap_or_else(|p| p.into_inner()).iter().position(|gone| !gone)
     }
 
-    pub(crate) fn give_up(&self, index: usize, error: &FetchError) {
-        let url = &self.urls[index];
-        match error {
-            FetchError::Corrupt(reason) => {
-                tracing::warn!(%url, %reason, "a mirror sent bytes that do not verify; not asked again")
-            }
-            FetchError::Failed(reason) => {
-                tracing::warn!(%url, %reason, "a mirror failed; not asked again")
+    /// Gives mirror `index` up for this download; whether it was still in use (runs that
+    /// failed on it at the same time give it up once).
+    pub(crate) fn give_up(&self, index: usize, error: &FetchError) -> bool {
+        let was_in_use = {
+            let mut given_up = self.given_up.lock().unwrap_or_else(|p| p.into_inner());
+            !std::mem::replace(&mut given_up[index], true)
+        };
+        if was_in_use {
+            let url = shown(&self.urls[index]);
+            match error {
+                FetchError::Corrupt(reason) => {
+                    tracing::warn!(%url, %reason, "a mirror sent bytes that do not verify; not asked again")
+                }
+                FetchError::Failed(reason) => {
+                    tracing::warn!(%url, %reason, "a mirror failed; not asked again")
+                }
             }
         }
-        self.given_up.lock().unwrap_or_else(|p| p.into_inner())[index] = true;
+        was_in_use
     }
 
-    /// The plain bytes of `groups` (adjacent groups of the image) from mirror `index`.
-    pub(crate) async fn fetch(
+    /// Asks mirror `index` for `groups` (adjacent groups of the image); the answer is read
+    /// with [`RangeBody::take`].
+    pub(crate) async fn open(
         &self,
         index: usize,
         layout: BlobLayout,
         groups: Range<u64>,
-    ) -> Result<Bytes, FetchError> {
+    ) -> Result<RangeBody, FetchError> {
         let bytes = groups.start * GROUP_BYTES..(groups.end * GROUP_BYTES).min(layout.size);
         let failed = |why: String| FetchError::Failed(why);
         let header = format!("bytes={}-{}", bytes.start, bytes.end - 1);
-        let mut response = tokio::time::timeout(
-            MIRROR_IDLE,
-            self.http.get(&self.urls[index]).header(reqwest::header::RANGE, header).send(),
-        )
-        .await
-        .map_err(|_| failed(format!("no answer for {MIRROR_IDLE:?}")))?
-        .map_err(|e| failed(format!("unreachable: {e}")))?;
+        let request = self.http.get(&self.urls[index]).header(reqwest::header::RANGE, header);
+        let response = tokio::time::timeout(self.idle, request.send())
+            .await
+            .map_err(|_| failed(format!("no answer for {:?}", self.idle)))?
+            .map_err(|e| failed(format!("unreachable: {}", e.without_url())))?;
         let status = response.status();
         if status != reqwest::StatusCode::PARTIAL_CONTENT {
             // A 200 would be the whole image: not read.
             return Err(failed(format!("answered {status} to a Range request")));
         }
-        let want = (bytes.end - bytes.start) as usize;
-        let mut body = Vec::with_capacity(want);
-        loop {
-            let chunk = tokio::time::timeout(MIRROR_IDLE, response.chunk())
-                .await
-                .map_err(|_| failed(format!("nothing sent for {MIRROR_IDLE:?}")))?
-                .map_err(|e| failed(format!("cut off: {e}")))?;
-            let Some(chunk) = chunk else { break };
-            if body.len() + chunk.len() > want {
-                return Err(FetchError::Corrupt("sent more than the range asked for".into()));
-            }
-            body.extend_from_slice(&chunk);
+        let expected = format!("bytes {}-{}/{}", bytes.start, bytes.end - 1, layout.size);
+        let content_range = response
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if content_range != expected {
+            return Err(failed(format!("Content-Range {content_range:?}, not {expected:?}")));
         }
-        if body.len() != want {
-            return Err(failed(format!("sent {} of {want} bytes", body.len())));
-        }
-        Ok(body.into())
+        Ok(RangeBody { response, pending: Bytes::new(), idle: self.idle })
     }
 
     /// The response encoding of `groups` made of `bytes` (their plain bytes) and the
@@ -158,6 +184,35 @@ impl Mirrors {
     }
 }
 
+/// A mirror's answer to one `Range` request, read a piece at a time.
+pub(crate) struct RangeBody {
+    response: reqwest::Response,
+    pending: Bytes,
+    idle: Duration,
+}
+
+impl RangeBody {
+    /// The next `n` bytes of the answer.
+    pub(crate) async fn take(&mut self, n: usize) -> Result<Vec<u8>, FetchError> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            if self.pending.is_empty() {
+                let chunk = tokio::time::timeout(self.idle, self.response.chunk())
+                    .await
+                    .map_err(|_| FetchError::Failed(format!("nothing sent for {:?}", self.idle)))?
+                    .map_err(|e| FetchError::Failed(format!("cut off: {}", e.without_url())))?;
+                match chunk {
+                    Some(chunk) => self.pending = chunk,
+                    None => return Err(FetchError::Failed("the answer ended early".into())),
+                }
+            }
+            let k = (n - out.len()).min(self.pending.len());
+            out.extend_from_slice(&self.pending.split_to(k));
+        }
+        Ok(out)
+    }
+}
+
 /// Streams the outboard into `path` through a temporary file, so that `path` only ever holds
 /// a whole one.
 async fn download_outboard(
@@ -166,14 +221,33 @@ async fn download_outboard(
     want: u64,
     path: &Path,
 ) -> Result<(), MirrorError> {
+    let partial = path.with_extension("partial");
+    let result = write_outboard(client, url, want, &partial).await;
+    match result {
+        Ok(()) => Ok(tokio::fs::rename(&partial, path).await?),
+        Err(error) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            Err(error)
+        }
+    }
+}
+
+async fn write_outboard(
+    client: &CoordinatorClient,
+    url: &str,
+    want: u64,
+    partial: &Path,
+) -> Result<(), MirrorError> {
     use tokio::io::AsyncWriteExt;
     let mut response = client.open_download(url).await?;
-    let partial = path.with_extension("partial");
-    let mut file = tokio::fs::File::create(&partial).await?;
+    let mut file = tokio::fs::File::create(partial).await?;
     let mut got = 0u64;
-    while let Some(chunk) =
-        response.chunk().await.map_err(|e| ClientError::Unreachable(e.to_string()))?
-    {
+    loop {
+        let chunk = tokio::time::timeout(OUTBOARD_IDLE, response.chunk())
+            .await
+            .map_err(|_| MirrorError::OutboardStalled(OUTBOARD_IDLE))?
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let Some(chunk) = chunk else { break };
         got += chunk.len() as u64;
         if got > want {
             break;
@@ -181,10 +255,8 @@ async fn download_outboard(
         file.write_all(&chunk).await?;
     }
     if got != want {
-        let _ = tokio::fs::remove_file(&partial).await;
         return Err(MirrorError::OutboardLength { got, want });
     }
     file.sync_all().await?;
-    tokio::fs::rename(&partial, path).await?;
     Ok(())
 }

@@ -516,23 +516,12 @@ async fn fetch_from_mirrors(
     stats: &Mutex<TransferStats>,
 ) -> Vec<u64> {
     while let Some(index) = mirrors.current() {
-        let delivered = Arc::new(Mutex::new(Vec::new()));
-        let recording = {
-            let (delivered, deliver) = (Arc::clone(&delivered), deliver.clone());
-            move |fetched: Fetched| {
-                if let Fetched::Piece { piece, .. } = &fetched {
-                    delivered.lock().unwrap_or_else(|p| p.into_inner()).push(*piece);
-                }
-                deliver(fetched)
-            }
-        };
-        match fetch_from_mirror(mirrors, index, layout, &left, recording).await {
-            Ok(_) => return Vec::new(),
+        match fetch_from_mirror(mirrors, index, layout, &mut left, deliver).await {
+            Ok(()) => return Vec::new(),
             Err(error) => {
-                mirrors.give_up(index, &error);
-                stats.lock().unwrap_or_else(|p| p.into_inner()).mirrors_given_up += 1;
-                let delivered = delivered.lock().unwrap_or_else(|p| p.into_inner());
-                left.retain(|piece| !delivered.contains(piece));
+                if mirrors.give_up(index, &error) {
+                    stats.lock().unwrap_or_else(|p| p.into_inner()).mirrors_given_up += 1;
+                }
             }
         }
     }
@@ -540,41 +529,45 @@ async fn fetch_from_mirrors(
 }
 
 /// Fetches `pieces` from mirror `index`, a `Range` request per stretch of adjacent groups,
-/// each verified as one response. Returns whether `deliver` still wants more.
+/// read and verified a piece at a time (so the run shows progress as it goes, and a mirror
+/// that stalls is given up before the run is); a delivered piece leaves `pieces`.
 async fn fetch_from_mirror(
     mirrors: &Arc<Mirrors>,
     index: usize,
     layout: BlobLayout,
-    pieces: &[u64],
-    deliver: impl Fn(Fetched) -> bool + Clone + Send + 'static,
-) -> Result<bool, FetchError> {
+    pieces: &mut Vec<u64>,
+    deliver: &(impl Fn(Fetched) -> bool + Clone + Send + 'static),
+) -> Result<(), FetchError> {
     let pieces_of = piece_layout(&layout);
     let groups = pieces.iter().flat_map(|&piece| pieces_of.groups_of(piece));
     for stretch in sitecast_iso::collect_ranges(groups) {
-        let bytes = mirrors.fetch(index, layout, stretch.clone()).await?;
-        let (mirrors, deliver) = (Arc::clone(mirrors), deliver.clone());
-        let more = tokio::task::spawn_blocking(move || {
-            let encoded = mirrors.encode(stretch.clone(), &bytes)?;
-            // What crossed the wire for a piece is its plain bytes, not the parents added here.
-            let plain = |piece: u64| {
-                let groups = pieces_of.groups_of(piece);
-                (groups.end * sitecast_iso::GROUP_BYTES).min(layout.size)
-                    - groups.start * sitecast_iso::GROUP_BYTES
-            };
-            decode_run(layout, &[stretch], &encoded[..], |fetched| match fetched {
-                Fetched::Piece { piece, items, .. } => {
-                    deliver(Fetched::Piece { piece, bytes: plain(piece), items, mirror: true })
-                }
-                other => deliver(other),
+        let mut body = mirrors.open(index, layout, stretch.clone()).await?;
+        for piece in pieces_of.pieces_touching(stretch) {
+            let groups = pieces_of.groups_of(piece);
+            let plain = (groups.end * sitecast_iso::GROUP_BYTES).min(layout.size)
+                - groups.start * sitecast_iso::GROUP_BYTES;
+            let bytes = body.take(plain as usize).await?;
+            let (mirrors, deliver) = (Arc::clone(mirrors), deliver.clone());
+            let more = tokio::task::spawn_blocking(move || {
+                let encoded = mirrors.encode(groups.clone(), &bytes)?;
+                // What crossed the wire is the plain bytes, not the parents added here.
+                decode_run(layout, &[groups], &encoded[..], |fetched| match fetched {
+                    Fetched::Piece { piece, items, .. } => {
+                        deliver(Fetched::Piece { piece, bytes: plain, items, mirror: true })
+                    }
+                    other => deliver(other),
+                })
             })
-        })
-        .await
-        .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))?;
-        if !more {
-            return Ok(false);
+            .await
+            .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))?;
+            pieces.retain(|&p| p != piece);
+            if !more {
+                pieces.clear();
+                return Ok(());
+            }
         }
     }
-    Ok(true)
+    Ok(())
 }
 
 /// An origin run that sends nothing for this long is given up (its pieces are asked again).

@@ -13,7 +13,7 @@ use common::*;
 use sitecast_iso::{BlobLayout, GROUP_BYTES, Slot, SlotPaths, SlotWriter};
 use sitecast_manifest::SecretKey;
 use sitecast_peer::coordinator::CoordinatorClient;
-use sitecast_peer::mirror::Mirrors;
+use sitecast_peer::mirror::{MIRROR_IDLE, Mirrors};
 use sitecast_peer::scheduler::PeerId;
 use sitecast_peer::swarm::{Swarm, TransferStats};
 
@@ -94,11 +94,13 @@ async fn a_site_fills_its_slots_from_an_nginx_mirror_and_its_peers() {
     assert!((1.0..1.1).contains(&copies), "{site}");
 }
 
-/// A lone appliance's swarm with the release's mirrors; the writer and what it did.
+/// A lone appliance's swarm with the release's mirrors (given up after `idle` without a
+/// byte); the slot and what the swarm did.
 async fn fill_with_mirrors(
     origin: &Origin,
     dir: &Path,
     image: &sitecast_manifest::ImageInfo,
+    idle: Duration,
 ) -> (PathBuf, TransferStats) {
     let key = SecretKey::generate().expect("rng");
     let client = CoordinatorClient::new(&origin.url, None, key.clone()).expect("client");
@@ -116,7 +118,8 @@ async fn fill_with_mirrors(
     let outboard = offer.outboard.expect("outboard");
     let mirrors = Mirrors::prepare(&client, &outboard, offer.mirrors, layout, dir.join("m.obao4"))
         .await
-        .expect("the outboard chains to the root");
+        .expect("the outboard chains to the root")
+        .with_idle_timeout(idle);
     let (_news_tx, news) = tokio::sync::mpsc::channel(8);
     let (announce, _announced) = tokio::sync::mpsc::channel(8);
     let stats = Arc::new(Mutex::new(TransferStats::default()));
@@ -149,7 +152,7 @@ async fn a_byte_changed_on_the_mirror_is_refused_and_fetched_from_central_comman
     let (status, body) = set_mirrors(&origin, 2, &[url]).await;
     assert_eq!(status, 204, "{body}");
 
-    let (slot, stats) = fill_with_mirrors(&origin, dir.path(), &image).await;
+    let (slot, stats) = fill_with_mirrors(&origin, dir.path(), &image, MIRROR_IDLE).await;
     let written = std::fs::read(&slot).expect("slot");
     assert!(written == std::fs::read(&image_path).expect("image"), "the slot is not the image");
     assert_eq!(stats.mirrors_given_up, 1, "{stats:?}");
@@ -201,4 +204,74 @@ async fn a_mirror_is_checked_before_it_is_named() {
     let (status, body) = set_mirrors(&origin, 2, &[]).await;
     assert_eq!(status, 204, "{body}");
     assert_eq!(list().await["mirrors"], serde_json::json!([]));
+}
+
+/// A mirror that answers a `Range` request properly, sends half the bytes, then nothing (a
+/// CDN edge that hangs): it is given up at its idle timeout, well before the scheduler would
+/// give up the run, and the rest comes from Central Command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_that_stalls_is_given_up_and_the_run_goes_on_from_central_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    let (image_path, image) = origin.publish(2, 3 * 1024 * 1024 + 99).await;
+    let bytes = std::fs::read(&image_path).expect("image");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/image.raw", listener.local_addr().expect("addr"));
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&answered);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let (bytes, counter) = (bytes.clone(), Arc::clone(&counter));
+            tokio::spawn(async move { answer_half_then_stall(socket, &bytes, &counter).await });
+        }
+    });
+    // Central Command's check reads the first and last groups only: those are sent whole.
+    let (status, body) = set_mirrors(&origin, 2, &[url]).await;
+    assert_eq!(status, 204, "{body}");
+
+    let idle = Duration::from_millis(500);
+    let (slot, stats) = fill_with_mirrors(&origin, dir.path(), &image, idle).await;
+    let written = std::fs::read(&slot).expect("slot");
+    assert!(written == std::fs::read(&image_path).expect("image"), "the slot is not the image");
+    assert!(answered.load(std::sync::atomic::Ordering::SeqCst) > 2, "the mirror was not asked");
+    assert_eq!(stats.mirrors_given_up, 1, "{stats:?}");
+    assert!(stats.bytes_from_origin > 0, "nothing came from Central Command: {stats:?}");
+    assert_eq!(stats.failed, 0, "the scheduler saw the stall: {stats:?}");
+}
+
+/// Answers one HTTP request on `socket` with the asked range of `image` as a 206, but sends
+/// only the first half of a range longer than one group, then holds the connection open.
+async fn answer_half_then_stall(
+    mut socket: tokio::net::TcpStream,
+    image: &[u8],
+    answered: &std::sync::atomic::AtomicUsize,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let Some(range) = head.lines().find_map(|l| l.strip_prefix("range: bytes=")) else { return };
+    let Some((start, end)) = range.trim().split_once('-') else { return };
+    let (Ok(start), Ok(end)) = (start.parse::<usize>(), end.parse::<usize>()) else { return };
+    answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let whole = &image[start..=end];
+    let sent = if whole.len() > GROUP_BYTES as usize { &whole[..whole.len() / 2] } else { whole };
+    let answer = format!(
+        "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{end}/{}\r\n\
+         Content-Length: {}\r\nContent-Type: application/octet-stream\r\n\
+         Connection: close\r\n\r\n",
+        image.len(),
+        whole.len()
+    );
+    if socket.write_all(answer.as_bytes()).await.is_err() || socket.write_all(sent).await.is_err() {
+        return;
+    }
+    // Hold the connection until the client closes it.
+    let _ = socket.read(&mut buf).await;
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+use sitecast_manifest::api::ReportRequest;
 use sitecast_manifest::window::MaintenanceWindow;
 
 use serde_json::json;
@@ -109,8 +110,12 @@ impl Fleet {
                         .filter_map(|a| a.update.as_ref())
                         .filter(|u| Some(u.report.version) == version)
                 };
-                let lan_bytes = reports().map(|u| u.report.bytes_from_lan).sum();
-                let mirror_bytes: u64 = reports().map(|u| u.report.bytes_from_mirror).sum();
+                // Reported figures: summed without overflowing, whatever an appliance says.
+                let total = |bytes: fn(&ReportRequest) -> u64| {
+                    reports().fold(0u64, |sum, u| sum.saturating_add(bytes(&u.report)))
+                };
+                let lan_bytes = total(|r| r.bytes_from_lan);
+                let mirror_bytes = total(|r| r.bytes_from_mirror);
                 SiteSummary {
                     site: site.to_owned(),
                     appliances: members.len(),
@@ -127,7 +132,7 @@ impl Fleet {
                     mirror_bytes,
                     origin_copies: release
                         .filter(|r| r.size > 0)
-                        .map(|r| (origin_bytes + mirror_bytes) as f64 / r.size as f64),
+                        .map(|r| origin_bytes.saturating_add(mirror_bytes) as f64 / r.size as f64),
                     lan_bytes,
                 }
             })

@@ -251,7 +251,11 @@ pub(super) async fn blob_outboard(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
-    state.count_origin_bytes(Fleet::count_origin_bytes(&reader_site(&reader), version, sent));
+    // Counting commits to the store: not on the executor.
+    let (counter, site) = (Arc::clone(&state), reader_site(&reader));
+    tokio::task::spawn_blocking(move || {
+        counter.count_origin_bytes(Fleet::count_origin_bytes(&site, version, sent))
+    });
     Ok(response)
 }
 

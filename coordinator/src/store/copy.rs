@@ -27,7 +27,9 @@ pub enum CopyError {
 
 /// Copies everything in `from` into `to`, which must be empty: the records in one batch, then
 /// the audit log in order, page by page. Stop the server on `from` first: what it writes
-/// meanwhile is not carried over.
+/// meanwhile is not carried over. A copy cut short leaves `to` partly filled, and a second
+/// copy then refuses it: empty it (for PostgreSQL, drop and create the database) and copy
+/// again.
 pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, CopyError> {
     let target = to.load()?;
     if let Some(what) = holds(&target) {
@@ -78,6 +80,9 @@ fn holds(snapshot: &Snapshot) -> Option<String> {
         ("agent releases", snapshot.agent_releases.len()),
         ("rollouts", snapshot.rollouts.len()),
         ("appliances", snapshot.appliances.len()),
+        ("sites", snapshot.sites.len()),
+        ("settings", snapshot.meta.len()),
+        ("byte counters", snapshot.site_bytes.len()),
         ("audit entries", snapshot.audit_next.saturating_sub(1) as usize),
     ];
     let held: Vec<String> =

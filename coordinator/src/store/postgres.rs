@@ -1,7 +1,8 @@
 //! The store in a PostgreSQL database, for fleets that run one already and back it up.
 //!
-//! The same records as the redb store, one table per kind, values as `jsonb` (readable with
-//! SQL, tolerant across versions like the API). A batch is one transaction; per-site bytes are
+//! The same records as the redb store, one table per kind, values as `json` (readable with
+//! SQL, tolerant across versions like the API; not `jsonb`, which refuses a `\u0000` that an
+//! appliance's error text may carry). A batch is one transaction; per-site bytes are
 //! increments, so writers never overwrite each other's totals; audit entries are inserted,
 //! never updated, and a sequence number taken twice fails the batch.
 //!
@@ -11,25 +12,28 @@
 //!
 //! The `postgres` client runs its own small runtime, which must not run inside tokio's: every
 //! call goes to one thread of its own that holds the connection, and a connection that failed
-//! is opened again on the next call.
+//! is opened again on the next call. Connections time out (10 s to connect, 30 s a statement,
+//! TCP keepalives) unless the connection string says otherwise, so a database that stops
+//! answering fails writes instead of holding them. The connection is plain (`NoTls`): use a
+//! Unix socket or a trusted network; a connection string asking for TLS is refused.
 
-use std::sync::Mutex;
 use std::sync::mpsc;
+use std::time::Duration;
 
 use super::{AuditEntry, Change, Snapshot, Store, StoreError, json, parse};
 
 /// The schema, one step per migration, in order; a step is never changed once released.
 const MIGRATIONS: &[&str] = &[
     // 1: the records of the redb store.
-    "CREATE TABLE releases (version bigint PRIMARY KEY, record jsonb NOT NULL);
-     CREATE TABLE agent_releases (version bigint PRIMARY KEY, record jsonb NOT NULL);
-     CREATE TABLE rollouts (id bigint PRIMARY KEY, record jsonb NOT NULL);
-     CREATE TABLE appliances (key text PRIMARY KEY, record jsonb NOT NULL);
-     CREATE TABLE sites (id text PRIMARY KEY, record jsonb NOT NULL);
+    "CREATE TABLE releases (version bigint PRIMARY KEY, record json NOT NULL);
+     CREATE TABLE agent_releases (version bigint PRIMARY KEY, record json NOT NULL);
+     CREATE TABLE rollouts (id bigint PRIMARY KEY, record json NOT NULL);
+     CREATE TABLE appliances (key text PRIMARY KEY, record json NOT NULL);
+     CREATE TABLE sites (id text PRIMARY KEY, record json NOT NULL);
      CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL);
      CREATE TABLE site_bytes (site text NOT NULL, version bigint NOT NULL,
                               bytes bigint NOT NULL, PRIMARY KEY (site, version));
-     CREATE TABLE audit (seq bigint PRIMARY KEY, entry jsonb NOT NULL);",
+     CREATE TABLE audit (seq bigint PRIMARY KEY, entry json NOT NULL);",
 ];
 
 /// Taken while migrating, so two Central Commands starting at once migrate one after the
@@ -40,7 +44,7 @@ type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// A PostgreSQL database as the store.
 pub struct PostgresStore {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
     /// Where it connects, without a password, for messages.
     shown: String,
 }
@@ -120,7 +124,14 @@ impl PostgresStore {
     /// Connects to `url` (`postgres://user@host/db`, or `host=/run/postgresql dbname=…`) and
     /// brings its schema up to date.
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let config: postgres::Config = url.parse().map_err(db_error)?;
+        let mut config: postgres::Config = url.parse().map_err(db_error)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_options().is_none() {
+            config.options("-c statement_timeout=30s");
+        }
+        config.keepalives_idle(Duration::from_secs(30));
         let shown = describe(&config);
         let (jobs, incoming) = mpsc::channel::<Job>();
         let mut connection = Connection { config, client: None };
@@ -128,11 +139,16 @@ impl PostgresStore {
             .name("sitecast-postgres".into())
             .spawn(move || {
                 for job in incoming {
-                    job(&mut connection);
+                    // A job that panics (a bug) loses its connection and its answer, not the
+                    // thread every later call needs.
+                    let run = std::panic::AssertUnwindSafe(|| job(&mut connection));
+                    if std::panic::catch_unwind(run).is_err() {
+                        connection.client = None;
+                    }
                 }
             })
             .map_err(db_error)?;
-        let store = Self { jobs: Mutex::new(jobs), shown };
+        let store = Self { jobs, shown };
         store.call_store(migrate)?;
         Ok(store)
     }
@@ -155,7 +171,7 @@ impl PostgresStore {
             let _ = reply.send(result);
         });
         let closed = || CallError::Store(StoreError::Closed(self.shown.clone()));
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).send(job).map_err(|_| closed())?;
+        self.jobs.send(job).map_err(|_| closed())?;
         answer.recv().map_err(|_| closed())?
     }
 
@@ -182,7 +198,7 @@ fn describe(config: &postgres::Config) -> String {
     format!("postgres {user}@{host}:{port}/{db}")
 }
 
-/// Applies the migrations the database lacks, each in its own transaction.
+/// Applies the migrations the database lacks, all in one transaction.
 fn migrate(client: &mut postgres::Client) -> Result<(), StoreError> {
     let mut txn = client.transaction().map_err(db_error)?;
     txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).map_err(db_error)?;
@@ -210,26 +226,47 @@ fn migrate(client: &mut postgres::Client) -> Result<(), StoreError> {
     txn.commit().map_err(db_error)
 }
 
-/// PostgreSQL's `bigint` is signed; versions, ids, sequence numbers and byte counts stay far
-/// below 2^63 (a larger one is stored as the largest, never wrapped).
+/// PostgreSQL's `bigint` is signed. Writes refuse a number above its largest first
+/// ([`too_large`]), so nothing is ever clamped onto another record's key; a query bound
+/// (`audit` after) may be clamped.
 fn signed(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Commits `changes` in one transaction. `Err(true)`: the server refused (nothing stored);
-/// `Err(false)`: the connection failed, and the commit may or may not have landed.
+/// The first number of `changes` that does not fit a `bigint`, if any.
+fn too_large(changes: &[Change]) -> Option<u64> {
+    changes
+        .iter()
+        .flat_map(|change| match change {
+            Change::Release(r) => vec![r.version],
+            Change::AgentRelease(r) => vec![r.version],
+            Change::Rollout(r) => vec![r.id],
+            Change::SiteBytes { version, add, .. } => vec![*version, *add],
+            Change::Audit(entry) => vec![entry.seq],
+            Change::Appliance(_)
+            | Change::ApplianceRemoved { .. }
+            | Change::Site(_)
+            | Change::Meta { .. } => vec![],
+        })
+        .find(|&n| i64::try_from(n).is_err())
+}
+
+/// Commits `changes` in one transaction, setting `txid` to its transaction id once known (to
+/// ask afterwards whether a commit whose answer was lost landed).
 fn write(
     client: &mut postgres::Client,
     changes: &[Change],
     durable: bool,
+    txid: &mut Option<i64>,
 ) -> Result<(), postgres::Error> {
     let mut txn = client.transaction()?;
+    *txid = Some(txn.query_one("SELECT txid_current()", &[])?.get(0));
     if !durable {
         txn.batch_execute("SET LOCAL synchronous_commit = off")?;
     }
     let upsert = |table: &str, key: &str| {
         format!(
-            "INSERT INTO {table} ({key}, record) VALUES ($1, $2::text::jsonb)
+            "INSERT INTO {table} ({key}, record) VALUES ($1, $2::text::json)
              ON CONFLICT ({key}) DO UPDATE SET record = EXCLUDED.record"
         )
     };
@@ -259,7 +296,7 @@ fn write(
             ),
             // No `ON CONFLICT`: a sequence number taken twice fails the whole batch.
             Change::Audit(entry) => txn.execute(
-                "INSERT INTO audit (seq, entry) VALUES ($1, $2::text::jsonb)",
+                "INSERT INTO audit (seq, entry) VALUES ($1, $2::text::json)",
                 &[&signed(entry.seq), &json(entry)],
             ),
         }?;
@@ -267,22 +304,18 @@ fn write(
     txn.commit()
 }
 
-/// Whether the batch `changes` is in the database: its audit entry reads back as written (a
-/// commit whose answer was lost may have landed). A batch without one counts as not stored.
-fn landed(client: &mut postgres::Client, changes: &[Change]) -> Result<bool, StoreError> {
-    let Some(entry) = changes.iter().find_map(|c| match c {
-        Change::Audit(entry) => Some(entry),
-        _ => None,
-    }) else {
-        return Ok(false);
-    };
-    let row = client
-        .query_opt(
-            "SELECT entry = $2::text::jsonb FROM audit WHERE seq = $1",
-            &[&signed(entry.seq), &json(entry)],
-        )
-        .map_err(db_error)?;
-    Ok(row.is_some_and(|row| row.get::<_, bool>(0)))
+/// Whether transaction `txid` committed, asked on a new connection after the answer to its
+/// commit was lost. One still in progress (its commit arriving as the connection dropped) is
+/// asked about again until it ends.
+fn committed(client: &mut postgres::Client, txid: i64) -> Result<bool, StoreError> {
+    for _ in 0..50 {
+        let row = client.query_one("SELECT txid_status($1)::text", &[&txid]).map_err(db_error)?;
+        match row.get::<_, Option<String>>(0).as_deref() {
+            Some("in progress") => std::thread::sleep(Duration::from_millis(100)),
+            status => return Ok(status == Some("committed")),
+        }
+    }
+    Ok(false)
 }
 
 fn load(client: &mut postgres::Client) -> Result<Snapshot, StoreError> {
@@ -336,21 +369,28 @@ impl Store for PostgresStore {
     }
 
     fn commit(&self, changes: &[Change], durable: bool) -> Result<(), StoreError> {
+        if let Some(n) = too_large(changes) {
+            return Err(StoreError::Database(format!(
+                "{n} does not fit in a PostgreSQL bigint; nothing was stored"
+            )));
+        }
         let batch = changes.to_vec();
         let written = self.call(move |client| {
-            // A refusal by the server (a constraint, a full disk) rolled the batch back; a
-            // failed connection leaves it unknown whether the commit landed.
-            write(client, &batch, durable).map_err(|e| (e.as_db_error().is_some(), db_error(e)))
+            let mut txid = None;
+            write(client, &batch, durable, &mut txid).map_err(|error| {
+                // A refusal by the server (a constraint, a full disk) rolled the batch back;
+                // a failed connection leaves it unknown whether the commit landed.
+                let unknown = error.as_db_error().is_none();
+                (txid.filter(|_| unknown), db_error(error))
+            })
         });
-        let error = match written {
+        let (txid, error) = match written {
             Ok(()) => return Ok(()),
-            Err(CallError::Work((true, error)) | CallError::Store(error)) => return Err(error),
-            Err(CallError::Work((false, error))) => error,
+            Err(CallError::Work((None, error)) | CallError::Store(error)) => return Err(error),
+            Err(CallError::Work((Some(txid), error))) => (txid, error),
         };
         // Look before answering that nothing was stored.
-        let batch = changes.to_vec();
-        let landed = self.call(move |client| landed(client, &batch).map_err(|e| (false, e)));
-        if durable && matches!(landed, Ok(true)) {
+        if self.call_store(move |client| committed(client, txid)).unwrap_or(false) {
             tracing::warn!(%error, "commit reported an error after it was stored");
             return Ok(());
         }
