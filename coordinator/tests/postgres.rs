@@ -160,11 +160,7 @@ async fn migrate_carries_a_redb_deployment_over_to_postgres() {
     let releases = Releases::new(dir.path());
     let data = dir.path().join("data");
     let server = TestServer::start(&data, &releases.root).await;
-    for version in [1, 2] {
-        let (_, image) = releases.image(version, 100_000 + version as usize);
-        let manifest = releases.manifest(version, &image, None, None);
-        assert_eq!(server.publish(&manifest, image).await.status(), 201);
-    }
+    server.publish_two(&releases, 100_000).await;
     let mut appliances = Vec::new();
     for i in 0..6 {
         let appliance = Appliance::new(["store-1", "store-2"][i % 2], &format!("a{i}"), 1);
@@ -220,11 +216,7 @@ async fn a_server_whose_database_goes_away_changes_nothing_and_recovers() {
     let database = std::sync::Arc::new(TestPostgres::start());
     let backend = Backend::Postgres(database.clone());
     let server = TestServer::start_on(backend, &dir.path().join("data"), &releases.root).await;
-    for version in [1, 2] {
-        let (_, image) = releases.image(version, 100_000);
-        let manifest = releases.manifest(version, &image, None, None);
-        assert_eq!(server.publish(&manifest, image).await.status(), 201);
-    }
+    server.publish_two(&releases, 100_000).await;
     let known = Appliance::new("s", "known", 1);
     known.checkin(&server).await;
     let before = server.observable().await;
@@ -261,11 +253,7 @@ async fn an_error_text_with_a_nul_is_stored_like_any_other() {
     let releases = Releases::new(dir.path());
     let backend = Backend::postgres();
     let server = TestServer::start_on(backend, &dir.path().join("data"), &releases.root).await;
-    for version in [1, 2] {
-        let (_, image) = releases.image(version, 100_000);
-        let manifest = releases.manifest(version, &image, None, None);
-        assert_eq!(server.publish(&manifest, image).await.status(), 201);
-    }
+    server.publish_two(&releases, 100_000).await;
     let mut appliance = Appliance::new("s", "nul", 1);
     appliance.checkin(&server).await;
     server.roll_out_now(2).await;

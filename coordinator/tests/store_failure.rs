@@ -19,11 +19,7 @@ async fn a_store_that_cannot_commit_changes_nothing_and_says_so() {
     let releases = Releases::new(dir.path());
     let data = dir.path().join("data");
     let server = TestServer::start_faulty(&data, &releases.root).await;
-    for version in [1, 2] {
-        let (_, image) = releases.image(version, 100_000);
-        let manifest = releases.manifest(version, &image, None, None);
-        assert_eq!(server.publish(&manifest, image).await.status(), 201);
-    }
+    server.publish_two(&releases, 100_000).await;
     let known = Appliance::new("s", "known", 1);
     known.checkin(&server).await;
     let before = server.observable().await;
@@ -108,11 +104,7 @@ async fn a_slow_repair_holds_up_no_check_in_and_loses_no_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let releases = Releases::new(dir.path());
     let server = TestServer::start_faulty(&dir.path().join("data"), &releases.root).await;
-    for version in [1, 2] {
-        let (_, image) = releases.image(version, 100_000);
-        let manifest = releases.manifest(version, &image, None, None);
-        assert_eq!(server.publish(&manifest, image).await.status(), 201);
-    }
+    server.publish_two(&releases, 100_000).await;
     let known = Appliance::new("s", "known", 1);
     known.checkin(&server).await;
     let faulty = server.faulty.clone().expect("faulty store");

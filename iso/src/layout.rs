@@ -233,11 +233,9 @@ impl<D: Device> OutboardStore<D> {
         groups: &[Range<u64>],
         out: impl Write,
     ) -> io::Result<()> {
-        let ranges = self.layout.chunk_ranges_of(groups);
-        let mut out = BufWriter::with_capacity(64 * 1024, out);
-        out.write_all(&self.layout.size.to_le_bytes())?;
-        encode_ranges_validated(ReadAtDevice(data), self.reader(), &ranges, &mut out)?;
-        out.flush()
+        self.respond(groups, out, |ranges, out| {
+            encode_ranges_validated(ReadAtDevice(data), self.reader(), ranges, out)
+        })
     }
 
     /// Writes the response for `groups` (ranges in ascending order) with the bytes of the
@@ -251,11 +249,22 @@ impl<D: Device> OutboardStore<D> {
         groups: &[Range<u64>],
         out: impl Write,
     ) -> io::Result<()> {
-        let ranges = self.layout.chunk_ranges_of(groups);
-        let mut out = BufWriter::with_capacity(64 * 1024, out);
-        out.write_all(&self.layout.size.to_le_bytes())?;
         let data = PlainBytes { offset, bytes, image_size: self.layout.size };
-        encode_ranges(data, self.reader(), &ranges, &mut out)?;
+        self.respond(groups, out, |ranges, out| encode_ranges(data, self.reader(), ranges, out))
+    }
+
+    /// A response for `groups`: the size header, then what `encode` writes for their chunks.
+    fn respond(
+        &self,
+        groups: &[Range<u64>],
+        out: impl Write,
+        encode: impl FnOnce(&ChunkRanges, &mut BufWriter<&mut dyn Write>) -> Result<(), EncodeError>,
+    ) -> io::Result<()> {
+        let mut out = out;
+        let ranges = self.layout.chunk_ranges_of(groups);
+        let mut out = BufWriter::with_capacity(64 * 1024, &mut out as &mut dyn Write);
+        out.write_all(&self.layout.size.to_le_bytes())?;
+        encode(&ranges, &mut out)?;
         out.flush()
     }
 

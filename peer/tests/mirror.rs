@@ -247,15 +247,8 @@ async fn answer_half_then_stall(
     answered: &std::sync::atomic::AtomicUsize,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match socket.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let Some(head) = read_request_head(&mut socket).await else { return };
+    let head = head.to_lowercase();
     let Some(range) = head.lines().find_map(|l| l.strip_prefix("range: bytes=")) else { return };
     let Some((start, end)) = range.trim().split_once('-') else { return };
     let (Ok(start), Ok(end)) = (start.parse::<usize>(), end.parse::<usize>()) else { return };
@@ -273,5 +266,5 @@ async fn answer_half_then_stall(
         return;
     }
     // Hold the connection until the client closes it.
-    let _ = socket.read(&mut buf).await;
+    let _ = socket.read(&mut [0u8; 64]).await;
 }

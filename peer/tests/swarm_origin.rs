@@ -260,15 +260,7 @@ impl StallingRelay {
 
 async fn stall_or_pass(mut socket: tokio::net::TcpStream, state: Arc<StallState>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut head = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        match socket.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
+    let Some(head) = read_request_head(&mut socket).await else { return };
     let mut lines = head.split("\r\n");
     let path = lines.next().and_then(|l| l.split(' ').nth(1)).expect("a request line").to_owned();
     let upstream = state.upstream.lock().expect("upstream").clone();

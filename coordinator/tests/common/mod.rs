@@ -350,6 +350,16 @@ impl TestServer {
         panic!("the old server never released its database");
     }
 
+    /// Publishes releases 1 and 2 (images of `len` and `len + 1` bytes, signed for it).
+    pub async fn publish_two(&self, releases: &Releases, len: usize) {
+        for version in [1, 2] {
+            let (_, image) = releases.image(version, len + version as usize - 1);
+            let manifest = releases.manifest(version, &image, None, None);
+            let response = self.publish(&manifest, image).await;
+            assert_eq!(response.status(), 201, "{:?}", response.text().await);
+        }
+    }
+
     /// Stops the server as a crash would (no shutdown step). Its redb file may stay locked a
     /// moment longer, while connection tasks end.
     pub async fn stop(self) {

@@ -286,6 +286,21 @@ pub async fn set_mirrors(origin: &Origin, version: u64, mirrors: &[String]) -> (
     (response.status().as_u16(), response.text().await.expect("body"))
 }
 
+/// Reads an HTTP request's head (up to the blank line) from `socket`, for stand-in servers;
+/// `None` if the connection ends first.
+pub async fn read_request_head(socket: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_sitecast-peer");
 
 /// A locally administered MAC address of its own for the agent in `dir`.
