@@ -43,7 +43,7 @@ fn the_schema_is_migrated_once_and_a_newer_one_is_tolerated() {
         .commit(&[Change::Release(release(1)), audit(1, "release.publish")], true)
         .expect("commit");
     drop(store);
-    let _again = PostgresStore::open(&database.url()).expect("open again");
+    drop(PostgresStore::open(&database.url()).expect("open again"));
     let mut client = sql(&database);
     let versions: Vec<i32> = client
         .query("SELECT version FROM schema_migrations ORDER BY version", &[])
@@ -78,28 +78,46 @@ fn the_schema_is_migrated_once_and_a_newer_one_is_tolerated() {
 }
 
 #[test]
-fn counters_add_up_across_two_stores_and_a_taken_audit_number_fails_its_batch() {
+fn counters_add_up_and_a_taken_audit_number_fails_its_batch() {
     let database = TestPostgres::start();
-    let (one, two) = (
-        PostgresStore::open(&database.url()).expect("open"),
-        PostgresStore::open(&database.url()).expect("open"),
-    );
     let bytes = |add| Change::SiteBytes { site: "store-1".into(), version: 7, add };
+    let one = PostgresStore::open(&database.url()).expect("open");
     one.commit(&[bytes(100)], false).expect("commit");
-    two.commit(&[bytes(50)], true).expect("commit");
-    one.commit(&[bytes(1)], true).expect("commit");
+    one.commit(&[bytes(50)], true).expect("commit");
+    drop(one);
+    // Another start adds to what is stored, whatever it holds in memory.
+    let two = PostgresStore::open(&database.url()).expect("open");
+    two.commit(&[bytes(1)], true).expect("commit");
     assert_eq!(two.load().expect("load").site_bytes[&("store-1".to_owned(), 7)], 151);
 
-    one.commit(&[Change::Release(release(1)), audit(1, "release.publish")], true).expect("commit");
+    two.commit(&[Change::Release(release(1)), audit(1, "release.publish")], true).expect("commit");
     let error = two
         .commit(&[Change::Release(release(2)), audit(1, "release.publish")], true)
         .expect_err("audit number 1 is taken");
     assert!(error.to_string().contains("audit"), "{error}");
-    let snapshot = one.load().expect("load");
+    let snapshot = two.load().expect("load");
     assert!(!snapshot.releases.contains_key(&2), "half a batch was stored");
     let entries = two.audit(0, 10).expect("audit");
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].detail, json!({"seq": 1}));
+}
+
+/// Each Central Command writes whole records from its own view of the fleet: a second one on
+/// the same database would overwrite the first one's changes, so it is refused until
+/// replicas are built.
+#[test]
+fn a_second_central_command_on_the_same_database_is_refused() {
+    let database = TestPostgres::start();
+    let first = PostgresStore::open(&database.url()).expect("open");
+    let error = PostgresStore::open(&database.url()).expect_err("a second one");
+    assert!(error.to_string().contains("another Central Command"), "{error}");
+    first
+        .commit(&[Change::Release(release(1)), audit(1, "release.publish")], true)
+        .expect("commit");
+    // The first one lets go when it stops; the next one takes over what it stored.
+    drop(first);
+    let next = PostgresStore::open(&database.url()).expect("open after the first stopped");
+    assert_eq!(next.load().expect("load").releases.len(), 1);
 }
 
 #[test]

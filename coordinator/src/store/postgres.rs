@@ -8,7 +8,8 @@
 //!
 //! The schema is versioned ([`MIGRATIONS`]), applied at start under an advisory lock, and
 //! changes only by adding: a Central Command that knows fewer migrations than the database
-//! has keeps working.
+//! has keeps working. One Central Command uses a database at a time ([`OWNER_LOCK`]); a
+//! second is refused until several replicas are built.
 //!
 //! The `postgres` client runs its own small runtime, which must not run inside tokio's: every
 //! call goes to one thread of its own that holds the connection, and a connection that failed
@@ -39,12 +40,18 @@ const MIGRATIONS: &[&str] = &[
 /// Taken while migrating, so two Central Commands starting at once migrate one after the
 /// other ("sitecast" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7369_7465_6361_7374;
+/// Held by the Central Command using the database, for as long as its connection lasts: each
+/// keeps the fleet in memory and writes whole records from it, so a second one on the same
+/// database would overwrite the first one's changes. Several replicas are not supported yet.
+const OWNER_LOCK: i64 = MIGRATION_LOCK + 1;
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// A PostgreSQL database as the store.
 pub struct PostgresStore {
-    jobs: mpsc::Sender<Job>,
+    /// `None` only while being dropped.
+    jobs: Option<mpsc::Sender<Job>>,
+    worker: Option<std::thread::JoinHandle<()>>,
     /// Where it connects, without a password, for messages.
     shown: String,
 }
@@ -111,12 +118,42 @@ struct Connection {
 }
 
 impl Connection {
+    /// The connection, opened (and the database taken, [`OWNER_LOCK`]) if there is none.
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
         if self.client.is_none() {
-            let client = self.config.connect(postgres::NoTls).map_err(db_error)?;
+            let mut client = self.config.connect(postgres::NoTls).map_err(db_error)?;
+            let row = client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&OWNER_LOCK])
+                .map_err(db_error)?;
+            if !row.get::<_, bool>(0) {
+                return Err(StoreError::Database(
+                    "another Central Command is using this database (several replicas on one \
+                     database are not supported yet)"
+                        .into(),
+                ));
+            }
             self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// Lets go of the database now rather than when the server notices the closed socket, so
+    /// a Central Command started next can take it at once.
+    fn release(&mut self) {
+        if let Some(mut client) = self.client.take() {
+            let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&OWNER_LOCK]);
+        }
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        if let Some(jobs) = self.jobs.take() {
+            let _ = jobs.send(Box::new(Connection::release));
+        }
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
     }
 }
 
@@ -135,7 +172,7 @@ impl PostgresStore {
         let shown = describe(&config);
         let (jobs, incoming) = mpsc::channel::<Job>();
         let mut connection = Connection { config, client: None };
-        std::thread::Builder::new()
+        let worker = std::thread::Builder::new()
             .name("sitecast-postgres".into())
             .spawn(move || {
                 for job in incoming {
@@ -148,7 +185,7 @@ impl PostgresStore {
                 }
             })
             .map_err(db_error)?;
-        let store = Self { jobs, shown };
+        let store = Self { jobs: Some(jobs), worker: Some(worker), shown };
         store.call_store(migrate)?;
         Ok(store)
     }
@@ -171,7 +208,8 @@ impl PostgresStore {
             let _ = reply.send(result);
         });
         let closed = || CallError::Store(StoreError::Closed(self.shown.clone()));
-        self.jobs.send(job).map_err(|_| closed())?;
+        let jobs = self.jobs.as_ref().ok_or_else(closed)?;
+        jobs.send(job).map_err(|_| closed())?;
         answer.recv().map_err(|_| closed())?
     }
 
