@@ -9,7 +9,9 @@ use common::postgres::TestPostgres;
 use common::*;
 use reqwest::Method;
 use serde_json::json;
-use sitecast_coordinator::store::{AuditEntry, Change, PostgresStore, ReleaseRecord, Store};
+use sitecast_coordinator::store::{
+    AuditEntry, Change, PostgresStore, ReleaseRecord, Store, StoreError,
+};
 
 fn release(version: u64) -> ReleaseRecord {
     serde_json::from_value(json!({
@@ -110,6 +112,7 @@ fn a_second_central_command_on_the_same_database_is_refused() {
     let database = TestPostgres::start();
     let first = PostgresStore::open(&database.url()).expect("open");
     let error = PostgresStore::open(&database.url()).expect_err("a second one");
+    assert!(matches!(error, StoreError::InUse), "{error}");
     assert!(error.to_string().contains("another Central Command"), "{error}");
     first
         .commit(&[Change::Release(release(1)), audit(1, "release.publish")], true)
@@ -291,4 +294,135 @@ async fn an_error_text_with_a_nul_is_stored_like_any_other() {
     let (_, list) = server.op_json(Method::GET, "/api/appliances", None).await;
     let error = &list[0]["update"]["error"];
     assert!(error.as_str().is_some_and(|e| e.starts_with("disk ")), "{list}");
+}
+
+/// `sitecast-coordinator serve` on `database`, as an operator runs it; killed when dropped.
+struct ServeProcess {
+    child: std::process::Child,
+    url: String,
+    log: std::path::PathBuf,
+}
+
+impl ServeProcess {
+    fn start(name: &str, dir: &std::path::Path, database: &TestPostgres, standby: bool) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sitecast-coordinator"));
+        command
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--root")
+            .arg(dir.join("root.json"))
+            .args(["--database", &database.url()])
+            .args(["--operator-token", OPERATOR, "--enrollment-token", ENROLL, "--tick-secs", "1"])
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out);
+        if standby {
+            command.arg("--standby");
+        }
+        let child = command.spawn().expect("sitecast-coordinator serve");
+        Self { child, url: format!("http://127.0.0.1:{port}"), log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it answers `/healthz` with 200.
+    async fn healthy(&self, http: &reqwest::Client) -> bool {
+        let response = http.get(format!("{}/healthz", self.url)).send().await;
+        response.is_ok_and(|r| r.status() == 200)
+    }
+
+    /// Releases, rollouts and the audit log, as the operator sees them.
+    async fn fleet(&self, http: &reqwest::Client) -> serde_json::Value {
+        let mut fleet = json!({});
+        for (name, path) in [
+            ("releases", "/api/releases"),
+            ("rollouts", "/api/rollouts"),
+            ("audit", "/api/audit?limit=1000"),
+        ] {
+            let response =
+                http.get(format!("{}{path}", self.url)).bearer_auth(OPERATOR).send().await;
+            fleet[name] = response.expect("get").json().await.expect("json");
+        }
+        fleet
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds; past `deadline` fails with `what`.
+async fn until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    deadline: std::time::Instant,
+    mut condition: impl FnMut() -> F,
+) {
+    while !condition().await {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Active and standby on one database: kill -9 the active one mid-rollout and the standby,
+/// waiting on the database, takes over with every release, rollout and audit entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_active_central_command_is_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    std::fs::write(dir.path().join("root.json"), releases.root.to_bytes()).expect("root");
+    let database = TestPostgres::start();
+    sitecast_coordinator::install_tls_provider();
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+
+    let mut active = ServeProcess::start("active", dir.path(), &database, false);
+    until("the active one never served", deadline, || active.healthy(&http)).await;
+    let standby = ServeProcess::start("standby", dir.path(), &database, true);
+    until("the standby never waited", deadline, || async { standby.log().contains("waiting") })
+        .await;
+    assert!(!standby.healthy(&http).await, "a standby answers before it took over");
+
+    for version in [1, 2] {
+        let (path, image) = releases.image(version, 50_000);
+        let manifest = releases.manifest(version, &image, None, None);
+        let response = http
+            .post(format!("{}/api/releases", active.url))
+            .bearer_auth(OPERATOR)
+            .json(&json!({"manifest": manifest, "image_path": path}))
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(response.status(), 201, "{}", active.log());
+    }
+    let response = http
+        .post(format!("{}/api/rollouts", active.url))
+        .bearer_auth(OPERATOR)
+        .json(&json!({"version": 2, "strategy": "staged"}))
+        .send()
+        .await
+        .expect("rollout");
+    assert_eq!(response.status(), 201, "{}", active.log());
+    let before = active.fleet(&http).await;
+
+    active.child.kill().expect("kill -9");
+    let killed = std::time::Instant::now();
+    until("the standby never took over", deadline, || standby.healthy(&http)).await;
+    eprintln!("the standby took over {:?} after the kill", killed.elapsed());
+    assert!(standby.log().contains("taking over"), "{}", standby.log());
+    let after = standby.fleet(&http).await;
+    assert_eq!(after["releases"], before["releases"]);
+    assert_eq!(after["rollouts"], before["rollouts"]);
+    let entries = |state: &serde_json::Value| state["audit"].as_array().expect("audit").clone();
+    assert!(entries(&after).starts_with(&entries(&before)), "audit lost or rewritten:\n{after}");
 }

@@ -33,6 +33,12 @@ pub enum StoreError {
     Corrupt { table: &'static str, key: String, error: String },
     #[error("the store is closed after a failure and could not be reopened: {0}")]
     Closed(String),
+    /// A PostgreSQL database another Central Command is using.
+    #[error(
+        "another Central Command is using this database (several replicas on one database are \
+         not supported yet; `serve --standby` waits to take over)"
+    )]
+    InUse,
 }
 
 fn db_error<E: std::fmt::Display>(error: E) -> StoreError {

@@ -126,11 +126,7 @@ impl Connection {
                 .query_one("SELECT pg_try_advisory_lock($1)", &[&OWNER_LOCK])
                 .map_err(db_error)?;
             if !row.get::<_, bool>(0) {
-                return Err(StoreError::Database(
-                    "another Central Command is using this database (several replicas on one \
-                     database are not supported yet)"
-                        .into(),
-                ));
+                return Err(StoreError::InUse);
             }
             self.client = Some(client);
         }

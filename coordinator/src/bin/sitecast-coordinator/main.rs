@@ -15,6 +15,7 @@ use operator::{
     RolloutCommand,
 };
 use sitecast_coordinator::server::{Coordinator, ServerConfig, SystemClock};
+use sitecast_coordinator::store::{PostgresStore, StoreError};
 use sitecast_manifest::TrustedRoot;
 
 #[derive(Parser)]
@@ -79,6 +80,10 @@ struct ServeArgs {
     /// schema is created or migrated at start. Images stay in the data directory.
     #[arg(long, env = "SITECAST_DATABASE", hide_env_values = true)]
     database: Option<String>,
+    /// With --database: when another Central Command is using the database, wait (not
+    /// listening) and take over as soon as it stops or dies, instead of refusing to start.
+    #[arg(long, requires = "database")]
+    standby: bool,
     /// The root of trust release manifests must verify against.
     #[arg(long)]
     root: Option<PathBuf>,
@@ -176,7 +181,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 fn migrate(data_dir: &std::path::Path, database: &str) -> Result<()> {
-    use sitecast_coordinator::store::{PostgresStore, RedbStore};
+    use sitecast_coordinator::store::RedbStore;
     let path = data_dir.join("state.redb");
     anyhow::ensure!(path.exists(), "no state in {} (is --data-dir right?)", data_dir.display());
     let from = RedbStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
@@ -193,6 +198,31 @@ fn migrate(data_dir: &std::path::Path, database: &str) -> Result<()> {
         copied.audit_entries
     );
     Ok(())
+}
+
+/// Opens the database once no other Central Command is using it: a standby's start.
+async fn take_over(url: &str) -> Result<PostgresStore> {
+    let mut waiting = false;
+    loop {
+        let opening = url.to_owned();
+        match tokio::task::spawn_blocking(move || PostgresStore::open(&opening)).await? {
+            Err(StoreError::InUse) => {
+                if !std::mem::replace(&mut waiting, true) {
+                    println!(
+                        "standby: another Central Command is using the database; waiting to take over"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error.into()),
+            Ok(store) => {
+                if waiting {
+                    println!("standby: the database is free; taking over");
+                }
+                return Ok(store);
+            }
+        }
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -218,7 +248,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let scheme = if config.tls.is_some() { "https" } else { "http" };
     let data_dir = config.data_dir.clone();
-    let (coordinator, first_run) = Coordinator::open(config, Arc::new(SystemClock))?;
+    let (coordinator, first_run) = match (&config.database, args.standby) {
+        (Some(url), true) => {
+            let store = take_over(url).await?;
+            Coordinator::open_with_store(config, Arc::new(SystemClock), Arc::new(store))?
+        }
+        _ => Coordinator::open(config, Arc::new(SystemClock))?,
+    };
     if let Some(token) = first_run.operator {
         println!("operator token (shown once, keep it): {token}");
     }
