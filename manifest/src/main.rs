@@ -56,6 +56,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show what an update from an older image would fetch: the newer image's content-defined
+    /// chunks that the older one lacks (both streamed; nothing is written).
+    Delta {
+        /// The image appliances run now.
+        #[arg(long)]
+        from: PathBuf,
+        /// The image to roll out.
+        #[arg(long)]
+        to: PathBuf,
+        /// Average chunk size in KiB.
+        #[arg(long, default_value_t = 4)]
+        chunk_kib: u32,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -226,8 +241,55 @@ fn run(cli: Cli) -> Result<()> {
         Command::SignAgent(args) => cli_agent::sign_agent(args),
         Command::Verify(args) => verify(args),
         Command::Inspect { file, json } => inspect(&file, json),
+        Command::Delta { from, to, chunk_kib, json } => delta(&from, &to, chunk_kib, json),
         Command::GenerateDocs { dir } => Ok(sitecast_cli_docs::write(Cli::command(), &dir)?),
     }
+}
+
+fn delta(from: &Path, to: &Path, chunk_kib: u32, json: bool) -> Result<()> {
+    anyhow::ensure!((1..=1024).contains(&chunk_kib), "--chunk-kib must be 1 to 1024");
+    let chunking = sitecast_delta::Chunking::around(chunk_kib * 1024);
+    let chunked = |path: &Path| -> Result<Vec<sitecast_delta::Chunk>> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let reader = std::io::BufReader::with_capacity(1 << 20, file);
+        sitecast_delta::chunks(reader, chunking)
+            .with_context(|| format!("reading {}", path.display()))
+    };
+    let estimate = sitecast_delta::estimate(&chunked(from)?, &chunked(to)?);
+    let share = |bytes: u64| 100.0 * bytes as f64 / estimate.image_bytes.max(1) as f64;
+    if json {
+        let value = serde_json::json!({
+            "image_bytes": estimate.image_bytes,
+            "chunks": estimate.chunks,
+            "chunk_bytes_average": chunk_kib * 1024,
+            "reused_bytes": estimate.reused_bytes,
+            "missing_bytes": estimate.missing_bytes,
+            "groups": estimate.groups,
+            "groups_missing": estimate.groups_missing,
+            "missing_group_bytes": estimate.missing_group_bytes,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+    println!(
+        "update from {} to {} ({:.1} MiB, {} chunks of about {chunk_kib} KiB):",
+        from.display(),
+        to.display(),
+        mib(estimate.image_bytes),
+        estimate.chunks
+    );
+    let row = |what: &str, bytes: u64| {
+        println!("  {what:<34} {:>9.2} MiB {:>6.1} %", mib(bytes), share(bytes));
+    };
+    row("reused from the older image", estimate.reused_bytes);
+    row("to fetch, missing chunks", estimate.missing_bytes);
+    row("to fetch, as whole 16 KiB groups", estimate.missing_group_bytes);
+    println!(
+        "  ({} of {} groups touched by a missing chunk)",
+        estimate.groups_missing, estimate.groups
+    );
+    Ok(())
 }
 
 fn keygen(out: &Path, force: bool) -> Result<()> {

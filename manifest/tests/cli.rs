@@ -319,3 +319,43 @@ fn agent_releases_are_signed_from_build_directories_and_verified_against_their_f
     assert!(err.contains("builds.entry"), "{err}");
     assert!(!Path::new(&manifest).exists());
 }
+
+#[test]
+fn delta_shows_what_an_update_from_an_older_image_fetches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let noise = |len: usize, mut state: u64| -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    let old = noise(3 * 1024 * 1024, 0x9e37_79b9_7f4a_7c15);
+    // 20 kB of new data in the middle; the rest moves along.
+    let middle = old.len() / 2;
+    let new = [&old[..middle], &noise(20_000, 7), &old[middle..]].concat();
+    let (old_path, new_path) = (dir.path().join("old.img"), dir.path().join("new.img"));
+    fs::write(&old_path, &old).expect("write");
+    fs::write(&new_path, &new).expect("write");
+    let (from, to) = (old_path.to_str().expect("utf8"), new_path.to_str().expect("utf8"));
+
+    let report: Value =
+        serde_json::from_str(&ok(tool(&["delta", "--from", from, "--to", to, "--json"])))
+            .expect("json");
+    assert_eq!(report["image_bytes"], new.len() as u64);
+    let missing = report["missing_bytes"].as_u64().expect("missing");
+    // The new bytes are fetched, with the chunks they cut differently around them, and
+    // nothing else.
+    assert!((20_000..20_000 + 3 * 16 * 1024).contains(&missing), "{report}");
+    let reused = report["reused_bytes"].as_u64().expect("reused");
+    assert_eq!(reused + missing, new.len() as u64, "{report}");
+
+    let text = ok(tool(&["delta", "--from", from, "--to", to]));
+    assert!(text.contains("reused from the older image"), "{text}");
+    assert!(text.contains("to fetch, as whole 16 KiB groups"), "{text}");
+    let error = failed(tool(&["delta", "--from", from, "--to", "/nonexistent.img"]));
+    assert!(error.contains("opening /nonexistent.img"), "{error}");
+}
