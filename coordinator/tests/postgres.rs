@@ -299,21 +299,17 @@ async fn an_error_text_with_a_nul_is_stored_like_any_other() {
 /// `sitecast-coordinator serve` on `database`, as an operator runs it; killed when dropped.
 struct ServeProcess {
     child: std::process::Child,
-    url: String,
     log: std::path::PathBuf,
 }
 
 impl ServeProcess {
+    /// Listens on a port of its own choosing, which it prints once it serves.
     fn start(name: &str, dir: &std::path::Path, database: &TestPostgres, standby: bool) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).expect("log");
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sitecast-coordinator"));
         command
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--root")
@@ -326,7 +322,14 @@ impl ServeProcess {
             command.arg("--standby");
         }
         let child = command.spawn().expect("sitecast-coordinator serve");
-        Self { child, url: format!("http://127.0.0.1:{port}"), log }
+        Self { child, log }
+    }
+
+    /// Its address, once it serves.
+    fn url(&self) -> Option<String> {
+        let log = self.log();
+        let at = log.find("listening on ")? + "listening on ".len();
+        log[at..].split_whitespace().next().map(str::to_owned)
     }
 
     fn log(&self) -> String {
@@ -335,7 +338,8 @@ impl ServeProcess {
 
     /// Whether it answers `/healthz` with 200.
     async fn healthy(&self, http: &reqwest::Client) -> bool {
-        let response = http.get(format!("{}/healthz", self.url)).send().await;
+        let Some(url) = self.url() else { return false };
+        let response = http.get(format!("{url}/healthz")).send().await;
         response.is_ok_and(|r| r.status() == 200)
     }
 
@@ -347,8 +351,8 @@ impl ServeProcess {
             ("rollouts", "/api/rollouts"),
             ("audit", "/api/audit?limit=1000"),
         ] {
-            let response =
-                http.get(format!("{}{path}", self.url)).bearer_auth(OPERATOR).send().await;
+            let url = self.url().expect("serving");
+            let response = http.get(format!("{url}{path}")).bearer_auth(OPERATOR).send().await;
             fleet[name] = response.expect("get").json().await.expect("json");
         }
         fleet
@@ -397,7 +401,7 @@ async fn a_standby_takes_over_when_the_active_central_command_is_killed() {
         let (path, image) = releases.image(version, 50_000);
         let manifest = releases.manifest(version, &image, None, None);
         let response = http
-            .post(format!("{}/api/releases", active.url))
+            .post(format!("{}/api/releases", active.url().expect("serving")))
             .bearer_auth(OPERATOR)
             .json(&json!({"manifest": manifest, "image_path": path}))
             .send()
@@ -406,7 +410,7 @@ async fn a_standby_takes_over_when_the_active_central_command_is_killed() {
         assert_eq!(response.status(), 201, "{}", active.log());
     }
     let response = http
-        .post(format!("{}/api/rollouts", active.url))
+        .post(format!("{}/api/rollouts", active.url().expect("serving")))
         .bearer_auth(OPERATOR)
         .json(&json!({"version": 2, "strategy": "staged"}))
         .send()
@@ -425,4 +429,61 @@ async fn a_standby_takes_over_when_the_active_central_command_is_killed() {
     assert_eq!(after["rollouts"], before["rollouts"]);
     let entries = |state: &serde_json::Value| state["audit"].as_array().expect("audit").clone();
     assert!(entries(&after).starts_with(&entries(&before)), "audit lost or rewritten:\n{after}");
+}
+
+/// The active Central Command's connection drops (here: its backend is terminated) and the
+/// standby takes the database: the old one must not go on looking healthy with a stale view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_central_command_that_lost_the_database_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    std::fs::write(dir.path().join("root.json"), releases.root.to_bytes()).expect("root");
+    let database = TestPostgres::start();
+    sitecast_coordinator::install_tls_provider();
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let active = ServeProcess::start("active", dir.path(), &database, false);
+    until("the active one never served", deadline, || active.healthy(&http)).await;
+    let standby = ServeProcess::start("standby", dir.path(), &database, true);
+    until("the standby never waited", deadline, || async { standby.log().contains("waiting") })
+        .await;
+
+    // Cut every session but this one until the standby wins the database (the old active
+    // one reconnects once a second, the standby asks every half second: either may).
+    while !standby.healthy(&http).await {
+        assert!(std::time::Instant::now() < deadline, "the standby never took over");
+        // The synchronous client runs a runtime of its own: not on this test's.
+        let url = database.url();
+        std::thread::spawn(move || {
+            let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
+            admin
+                .batch_execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE pid <> pg_backend_pid() AND datname = current_database()",
+                )
+                .expect("terminate");
+        })
+        .join()
+        .expect("terminate sessions");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // It notices within its next check (once a second) and says why.
+    let url = active.url().expect("serving");
+    until("the deposed one never said why", deadline, || async {
+        let health = http.get(format!("{url}/healthz")).send().await.expect("healthz");
+        let status = health.status();
+        status == 503
+            && health.text().await.is_ok_and(|why| why.contains("another Central Command"))
+    })
+    .await;
+    // Writes are refused there; the standby has them.
+    let rollout = json!({"version": 1, "strategy": "immediate"});
+    let response = http
+        .post(format!("{url}/api/rollouts"))
+        .bearer_auth(OPERATOR)
+        .json(&rollout)
+        .send()
+        .await
+        .expect("rollout");
+    assert_eq!(response.status(), 503);
 }

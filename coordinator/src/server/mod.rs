@@ -375,6 +375,21 @@ impl Coordinator {
         state.commit_and_apply(&mut fleet, &changes, true)
     }
 
+    /// Closes the store when it is no longer this server's though nothing was written (a
+    /// PostgreSQL database another Central Command took over): `/healthz` then says so, and
+    /// writes are refused, as after a failed commit.
+    pub fn check_store(&self) -> Result<(), StoreError> {
+        if lock(&self.state.store_failure).is_some() {
+            return Ok(());
+        }
+        let checked = self.state.store.check();
+        if let Err(error) = &checked {
+            let _fleet = lock(&self.state.fleet);
+            self.state.closed_by(error);
+        }
+        checked
+    }
+
     /// Writes check-in bookkeeping (last seen, addresses) to the store.
     pub fn flush(&self) -> Result<(), StoreError> {
         let state = &self.state;
@@ -414,6 +429,7 @@ impl Coordinator {
                     last_tick = std::time::Instant::now();
                 }
                 let result = tokio::task::spawn_blocking(move || {
+                    worker.check_store()?;
                     worker.flush()?;
                     if run_engine { worker.tick() } else { Ok(()) }
                 })
@@ -471,11 +487,15 @@ impl AppState {
             return Ok(());
         };
         let config = lock(&self.fleet).config.clone();
-        let stored = self
-            .store
-            .reopen()
-            .and_then(|()| self.store.load())
-            .map_err(|error| StoreError::Closed(format!("{why}; reopening: {error}")))?;
+        let stored = self.store.reopen().and_then(|()| self.store.load()).map_err(|error| {
+            // Another Central Command has the database now: that is the reason to show, and
+            // it stays so until this one is stopped.
+            if matches!(error, StoreError::InUse) {
+                let _fleet = lock(&self.fleet);
+                *lock(&self.store_failure) = Some(error.to_string());
+            }
+            StoreError::Closed(format!("{why}; reopening: {error}"))
+        })?;
         let mut stored = Fleet::from_snapshot(stored, config);
         let mut fleet = lock(&self.fleet);
         // Not stored: where this server's iroh endpoint listens. Check-in bookkeeping since

@@ -327,6 +327,12 @@ pub trait Store: Send + Sync {
     fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
     /// Closes and opens the store again after a failed commit, from what is durable.
     fn reopen(&self) -> Result<(), StoreError>;
+    /// Whether the store is still this server's to write, asked when nothing is written: a
+    /// PostgreSQL database another Central Command took over (after this one's connection
+    /// dropped) is not.
+    fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 fn json<T: Serialize>(value: &T) -> String {

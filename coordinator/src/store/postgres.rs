@@ -162,7 +162,12 @@ impl PostgresStore {
             config.connect_timeout(Duration::from_secs(10));
         }
         if config.get_options().is_none() {
-            config.options("-c statement_timeout=30s");
+            // The server's side of keepalives too: a Central Command cut off by the network
+            // must not hold the database (its lock) for the kernel's two hours.
+            config.options(
+                "-c statement_timeout=30s -c tcp_keepalives_idle=30 \
+                 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
+            );
         }
         config.keepalives_idle(Duration::from_secs(30));
         let shown = describe(&config);
@@ -186,8 +191,9 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// Runs `work` on the connection's thread; a failure drops the connection, so the next
-    /// call starts on a new one.
+    /// Runs `work` on the connection's thread; a connection that failed is dropped, so the
+    /// next call starts on a new one (and must take the database again). One the server
+    /// merely refused something on stays, and keeps the database.
     fn call<T: Send + 'static, E: Send + 'static>(
         &self,
         work: impl FnOnce(&mut postgres::Client) -> Result<T, E> + Send + 'static,
@@ -198,7 +204,7 @@ impl PostgresStore {
                 Ok(client) => work(client).map_err(CallError::Work),
                 Err(error) => Err(CallError::Store(error)),
             };
-            if result.is_err() {
+            if connection.client.as_ref().is_some_and(postgres::Client::is_closed) {
                 connection.client = None;
             }
             let _ = reply.send(result);
@@ -206,6 +212,23 @@ impl PostgresStore {
         let closed = || CallError::Store(StoreError::Closed(self.shown.clone()));
         let jobs = self.jobs.as_ref().ok_or_else(closed)?;
         jobs.send(job).map_err(|_| closed())?;
+        answer.recv().map_err(|_| closed())?
+    }
+
+    /// Whether transaction `txid` committed, asked on a new connection that does not take
+    /// the database.
+    fn status_of(&self, txid: i64) -> Result<bool, StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |connection| {
+            let result = connection
+                .config
+                .connect(postgres::NoTls)
+                .map_err(db_error)
+                .and_then(|mut client| committed(&mut client, txid));
+            let _ = reply.send(result);
+        });
+        let closed = || StoreError::Closed(self.shown.clone());
+        self.jobs.as_ref().ok_or_else(closed)?.send(job).map_err(|_| closed())?;
         answer.recv().map_err(|_| closed())?
     }
 
@@ -423,8 +446,9 @@ impl Store for PostgresStore {
             Err(CallError::Work((None, error)) | CallError::Store(error)) => return Err(error),
             Err(CallError::Work((Some(txid), error))) => (txid, error),
         };
-        // Look before answering that nothing was stored.
-        if self.call_store(move |client| committed(client, txid)).unwrap_or(false) {
+        // Look before answering that nothing was stored, on a connection of its own: the lost
+        // one may still hold the database while its session ends.
+        if self.status_of(txid).unwrap_or(false) {
             tracing::warn!(%error, "commit reported an error after it was stored");
             return Ok(());
         }
@@ -448,6 +472,12 @@ impl Store for PostgresStore {
 
     fn reopen(&self) -> Result<(), StoreError> {
         // A new connection, checked now rather than at the next commit.
+        self.check()
+    }
+
+    /// A round trip on the connection, which is opened again (and the database taken again)
+    /// if it dropped: [`StoreError::InUse`] once another Central Command has it.
+    fn check(&self) -> Result<(), StoreError> {
         self.call_store(|client| client.simple_query("SELECT 1").map(drop).map_err(db_error))
     }
 }

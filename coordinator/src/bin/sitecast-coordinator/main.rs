@@ -200,9 +200,12 @@ fn migrate(data_dir: &std::path::Path, database: &str) -> Result<()> {
     Ok(())
 }
 
-/// Opens the database once no other Central Command is using it: a standby's start.
+/// Opens the database once no other Central Command is using it: a standby's start. A
+/// database that is down (restarting, not up yet at boot) is waited for too.
 async fn take_over(url: &str) -> Result<PostgresStore> {
+    url.parse::<postgres::Config>().context("--database")?;
     let mut waiting = false;
+    let mut last_error = String::new();
     loop {
         let opening = url.to_owned();
         match tokio::task::spawn_blocking(move || PostgresStore::open(&opening)).await? {
@@ -214,7 +217,13 @@ async fn take_over(url: &str) -> Result<PostgresStore> {
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => {
+                let error = error.to_string();
+                if error != std::mem::replace(&mut last_error, error.clone()) {
+                    eprintln!("standby: the database cannot be used yet ({error}); trying again");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             Ok(store) => {
                 if waiting {
                     println!("standby: the database is free; taking over");
