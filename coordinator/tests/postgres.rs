@@ -170,6 +170,7 @@ fn migrate(data_dir: &std::path::Path, database: &TestPostgres) -> (bool, String
         if !text.contains("already open") {
             return (output.status.success(), text);
         }
+        // Polling the lock's release: the interval between tries, not a wait for it.
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     panic!("the stopped server never released its redb file");
@@ -374,7 +375,39 @@ async fn until<F: std::future::Future<Output = bool>>(
 ) {
     while !condition().await {
         assert!(std::time::Instant::now() < deadline, "{what}");
+        // The polling interval; the condition is what is waited for.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Two `serve` processes on one database of their own, the first serving and the second
+/// waiting as its standby. The processes are stopped before the database (field order).
+struct ActiveAndStandby {
+    active: ServeProcess,
+    standby: ServeProcess,
+    database: TestPostgres,
+    releases: Releases,
+    http: reqwest::Client,
+    deadline: std::time::Instant,
+    _dir: tempfile::TempDir,
+}
+
+impl ActiveAndStandby {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let releases = Releases::new(dir.path());
+        std::fs::write(dir.path().join("root.json"), releases.root.to_bytes()).expect("root");
+        let database = TestPostgres::start();
+        sitecast_coordinator::install_tls_provider();
+        let http = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let active = ServeProcess::start("active", dir.path(), &database, false);
+        until("the active one never served", deadline, || active.healthy(&http)).await;
+        let standby = ServeProcess::start("standby", dir.path(), &database, true);
+        until("the standby never waited", deadline, || async { standby.log().contains("waiting") })
+            .await;
+        assert!(!standby.healthy(&http).await, "a standby answers before it took over");
+        Self { active, standby, database, releases, http, deadline, _dir: dir }
     }
 }
 
@@ -382,20 +415,9 @@ async fn until<F: std::future::Future<Output = bool>>(
 /// waiting on the database, takes over with every release, rollout and audit entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_when_the_active_central_command_is_killed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let releases = Releases::new(dir.path());
-    std::fs::write(dir.path().join("root.json"), releases.root.to_bytes()).expect("root");
-    let database = TestPostgres::start();
-    sitecast_coordinator::install_tls_provider();
-    let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-
-    let mut active = ServeProcess::start("active", dir.path(), &database, false);
-    until("the active one never served", deadline, || active.healthy(&http)).await;
-    let standby = ServeProcess::start("standby", dir.path(), &database, true);
-    until("the standby never waited", deadline, || async { standby.log().contains("waiting") })
-        .await;
-    assert!(!standby.healthy(&http).await, "a standby answers before it took over");
+    let pair = ActiveAndStandby::start().await;
+    // The database stays in `pair`, dropped after the processes.
+    let ActiveAndStandby { releases, http, deadline, mut active, standby, .. } = pair;
 
     for version in [1, 2] {
         let (path, image) = releases.image(version, 50_000);
@@ -435,25 +457,17 @@ async fn a_standby_takes_over_when_the_active_central_command_is_killed() {
 /// standby takes the database: the old one must not go on looking healthy with a stale view.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_central_command_that_lost_the_database_says_so() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let releases = Releases::new(dir.path());
-    std::fs::write(dir.path().join("root.json"), releases.root.to_bytes()).expect("root");
-    let database = TestPostgres::start();
-    sitecast_coordinator::install_tls_provider();
-    let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let active = ServeProcess::start("active", dir.path(), &database, false);
-    until("the active one never served", deadline, || active.healthy(&http)).await;
-    let standby = ServeProcess::start("standby", dir.path(), &database, true);
-    until("the standby never waited", deadline, || async { standby.log().contains("waiting") })
-        .await;
+    let pair = ActiveAndStandby::start().await;
+    let database_url = pair.database.url();
+    // The database stays in `pair`, dropped after the processes.
+    let ActiveAndStandby { http, deadline, active, standby, .. } = pair;
 
     // Cut every session but this one until the standby wins the database (the old active
     // one reconnects once a second, the standby asks every half second: either may).
     while !standby.healthy(&http).await {
         assert!(std::time::Instant::now() < deadline, "the standby never took over");
         // The synchronous client runs a runtime of its own: not on this test's.
-        let url = database.url();
+        let url = database_url.clone();
         std::thread::spawn(move || {
             let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
             admin
@@ -465,6 +479,7 @@ async fn a_central_command_that_lost_the_database_says_so() {
         })
         .join()
         .expect("terminate sessions");
+        // The interval between cuts while polling the standby's health (the loop's condition).
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     // It notices within its next check (once a second) and says why.

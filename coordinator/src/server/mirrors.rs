@@ -97,7 +97,7 @@ async fn ranged_get(
         .header(reqwest::header::RANGE, header)
         .send()
         .await
-        .map_err(|e| format!("unreachable: {}", causes(&e.without_url())))?;
+        .map_err(|e| format!("unreachable: {}", crate::error_chain(&e.without_url())))?;
     let status = response.status();
     if status != StatusCode::PARTIAL_CONTENT {
         return Err(format!("answered {status} to a Range request (206 expected)"));
@@ -116,8 +116,10 @@ async fn ranged_get(
     }
     let want = (range.end - range.start) as usize;
     let mut body = Vec::with_capacity(want);
-    while let Some(chunk) =
-        response.chunk().await.map_err(|e| format!("cut off: {}", causes(&e.without_url())))?
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("cut off: {}", crate::error_chain(&e.without_url())))?
     {
         if body.len() + chunk.len() > want {
             return Err("sent more than the range asked for".into());
@@ -125,17 +127,6 @@ async fn ranged_get(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-/// An error and its causes: reqwest's own message ("error sending request") says too little.
-fn causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text = format!("{text}: {cause}");
-        source = cause.source();
-    }
-    text
 }
 
 async fn read_at(path: &std::path::Path, range: Range<u64>) -> std::io::Result<Vec<u8>> {

@@ -72,15 +72,7 @@ fn db_error(error: impl Into<PgError>) -> StoreError {
                 Some(detail) => format!("{}: {detail}", db.message()),
                 None => db.message().to_owned(),
             },
-            None => {
-                let mut text = error.to_string();
-                let mut source = std::error::Error::source(&error);
-                while let Some(cause) = source {
-                    text = format!("{text}: {cause}");
-                    source = cause.source();
-                }
-                text
-            }
+            None => crate::error_chain(&error),
         },
         PgError::Other(text) => text,
     };
@@ -198,8 +190,7 @@ impl PostgresStore {
         &self,
         work: impl FnOnce(&mut postgres::Client) -> Result<T, E> + Send + 'static,
     ) -> Result<T, CallError<E>> {
-        let (reply, answer) = mpsc::sync_channel(1);
-        let job: Job = Box::new(move |connection| {
+        self.run(move |connection| {
             let result = match connection.client() {
                 Ok(client) => work(client).map_err(CallError::Work),
                 Err(error) => Err(CallError::Store(error)),
@@ -207,29 +198,32 @@ impl PostgresStore {
             if connection.client.as_ref().is_some_and(postgres::Client::is_closed) {
                 connection.client = None;
             }
-            let _ = reply.send(result);
-        });
-        let closed = || CallError::Store(StoreError::Closed(self.shown.clone()));
-        let jobs = self.jobs.as_ref().ok_or_else(closed)?;
-        jobs.send(job).map_err(|_| closed())?;
-        answer.recv().map_err(|_| closed())?
+            result
+        })
+        .map_err(CallError::Store)?
     }
 
     /// Whether transaction `txid` committed, asked on a new connection that does not take
     /// the database.
     fn status_of(&self, txid: i64) -> Result<bool, StoreError> {
+        self.run(move |connection| {
+            let mut client = connection.config.connect(postgres::NoTls).map_err(db_error)?;
+            committed(&mut client, txid)
+        })?
+    }
+
+    /// Runs `job` on the connection's thread and waits for its answer.
+    fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Connection) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
         let (reply, answer) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |connection| {
-            let result = connection
-                .config
-                .connect(postgres::NoTls)
-                .map_err(db_error)
-                .and_then(|mut client| committed(&mut client, txid));
-            let _ = reply.send(result);
+            let _ = reply.send(job(connection));
         });
         let closed = || StoreError::Closed(self.shown.clone());
         self.jobs.as_ref().ok_or_else(closed)?.send(job).map_err(|_| closed())?;
-        answer.recv().map_err(|_| closed())?
+        answer.recv().map_err(|_| closed())
     }
 
     fn call_store<T: Send + 'static>(

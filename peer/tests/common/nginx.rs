@@ -54,6 +54,7 @@ impl Nginx {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     return Self { child, port, dir: dir.to_owned() };
                 }
+                // Polling for the port (the loop's condition): the interval between tries.
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
