@@ -339,6 +339,7 @@ async fn origin(
         created: now,
         expires: now + jiff::SignedDuration::from_hours(1),
         rollback_floor: None,
+        index: None,
     };
     let manifest = String::from_utf8(release.sign(&[release_key]).to_bytes()).expect("utf8");
     root.verify_release(manifest.as_bytes(), now).expect("verifies");

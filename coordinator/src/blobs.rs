@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use sitecast_iso::{BlobLayout, FileDevice, OutboardStore};
-use sitecast_manifest::{Blake3Hash, ImageDigest, ImageError, ImageInfo};
+use sitecast_manifest::{Blake3Hash, ChunkSizes, ContentIndex, ImageDigest, ImageError, ImageInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -15,6 +15,11 @@ pub enum ImportError {
     Mismatch(#[from] ImageError),
     #[error("image store: {0}")]
     Io(#[from] io::Error),
+    #[error(
+        "the image's content index is {got_size} bytes with BLAKE3 {got}, the manifest signs \
+         {want_size} bytes with BLAKE3 {want} (was it signed by another version of sitecast-manifest?)"
+    )]
+    IndexMismatch { got: Blake3Hash, got_size: u64, want: Blake3Hash, want_size: u64 },
 }
 
 /// What serving a stored blob needs of it.
@@ -52,6 +57,52 @@ impl BlobStore {
 
     pub fn outboard_path(&self, hash: &Blake3Hash) -> PathBuf {
         self.dir.join(format!("{hash}.obao4"))
+    }
+
+    /// The content index of image `hash` (`sitecast_delta::index`), if its release signs one.
+    pub fn index_path(&self, hash: &Blake3Hash) -> PathBuf {
+        self.dir.join(format!("{hash}.index"))
+    }
+
+    /// Makes the content index of a stored image as its manifest describes it, and keeps it
+    /// only if it is the one the manifest signs. Blocking: run it off the async executor.
+    pub fn make_index(&self, image: &ImageInfo, index: &ContentIndex) -> Result<(), ImportError> {
+        let path = self.index_path(&image.blake3);
+        let partial = path.with_extension("index.partial");
+        let ChunkSizes { min, avg, max } = index.chunks;
+        let chunking = sitecast_delta::Chunking { min, avg, max };
+        if !chunking.is_valid() {
+            return Err(ImportError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the manifest's chunk sizes {min}/{avg}/{max} are not ones FastCDC takes"),
+            )));
+        }
+        let made = File::create(&partial).and_then(|out| {
+            let data =
+                io::BufReader::with_capacity(1 << 20, File::open(self.data_path(&image.blake3))?);
+            let made = sitecast_delta::index::write_hashed(data, chunking, &out)?;
+            out.sync_all()?;
+            Ok(made)
+        });
+        let (got_size, got) = match made {
+            Ok((size, hash)) => (size, Blake3Hash(hash)),
+            Err(error) => {
+                let _ = fs::remove_file(&partial);
+                return Err(error.into());
+            }
+        };
+        if (got_size, got) != (index.size, index.blake3) {
+            let _ = fs::remove_file(&partial);
+            return Err(ImportError::IndexMismatch {
+                got,
+                got_size,
+                want: index.blake3,
+                want_size: index.size,
+            });
+        }
+        fs::rename(&partial, &path)?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(())
     }
 
     /// A fresh path for an upload in progress (same filesystem, so the import is a rename).

@@ -4,10 +4,13 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use jiff::Timestamp;
-use sitecast_manifest::api::UpdateState;
+use sitecast_manifest::api::{ReportRequest, UpdateState};
 
 use crate::engine::RolloutState;
 use crate::fleet::Fleet;
+
+/// A figure appliances report, read from a report.
+type ReportedBytes = fn(&ReportRequest) -> u64;
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -69,25 +72,31 @@ pub fn render(fleet: &Fleet, now: Timestamp, checkins: u64) -> String {
             label(site)
         );
     }
-    family(
-        &mut out,
-        "sitecast_mirror_bytes_reported",
-        "gauge",
-        "Image bytes appliances report having fetched from a release's mirrors, per site and release.",
-    );
-    let mut mirror_bytes: BTreeMap<(&str, u64), u64> = BTreeMap::new();
-    for appliance in fleet.appliances.values() {
-        if let Some(update) = &appliance.update {
-            let sum = mirror_bytes.entry((&appliance.site, update.report.version)).or_default();
-            *sum = sum.saturating_add(update.report.bytes_from_mirror);
+    let reported: [(&str, &str, ReportedBytes); 2] = [
+        (
+            "sitecast_mirror_bytes_reported",
+            "Image bytes appliances report having fetched from a release's mirrors, per site and release.",
+            |r| r.bytes_from_mirror,
+        ),
+        (
+            "sitecast_reused_bytes_reported",
+            "Image bytes appliances report having copied from their active slots, per site and release.",
+            |r| r.bytes_reused,
+        ),
+    ];
+    for (name, help, bytes_of) in reported {
+        family(&mut out, name, "gauge", help);
+        let mut sums: BTreeMap<(&str, u64), u64> = BTreeMap::new();
+        for appliance in fleet.appliances.values() {
+            if let Some(update) = &appliance.update {
+                let sum = sums.entry((&appliance.site, update.report.version)).or_default();
+                *sum = sum.saturating_add(bytes_of(&update.report));
+            }
         }
-    }
-    for ((site, version), bytes) in mirror_bytes {
-        let _ = writeln!(
-            out,
-            "sitecast_mirror_bytes_reported{{site=\"{}\",version=\"{version}\"}} {bytes}",
-            label(site)
-        );
+        for ((site, version), bytes) in sums {
+            let _ =
+                writeln!(out, "{name}{{site=\"{}\",version=\"{version}\"}} {bytes}", label(site));
+        }
     }
     out
 }

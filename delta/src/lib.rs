@@ -8,13 +8,20 @@
 //! left, in chunks and in the 16 KiB groups that are the unit of verification (a group is
 //! written only once all of it verifies, reused bytes and fetched ones alike).
 //!
-//! Plain data in, plain data out: no files, no network. Memory is bounded by the chunk list
-//! (48 bytes a chunk, about 0.75 MiB for 64 MiB at 4 KiB chunks, and a set of the older
-//! image's hashes), never by the image.
+//! A release carries its image's chunk list as a [content index](index) (its hash signed in
+//! the manifest); an appliance cuts its active slot the same way, and [`reuse`] says, group by
+//! group, where in the active slot each byte of a group can be copied from.
+//!
+//! Plain data in, plain data out: no files, no network. Memory is bounded by the chunks
+//! (a map of the older image's, 16 bytes a chunk: 4 MiB for 1 GiB at 4 KiB chunks), never by
+//! the image.
 
 use std::collections::HashSet;
 use std::io::{self, Read};
 use std::ops::Range;
+
+pub mod index;
+pub mod reuse;
 
 /// Bytes in a group, the unit of verification (`sitecast_iso::GROUP_BYTES`).
 pub const GROUP_BYTES: u64 = 16 * 1024;
@@ -60,8 +67,21 @@ impl Chunk {
 /// The chunks of everything `reader` yields, in order (streamed: memory holds one chunk's
 /// bytes at a time besides the list).
 pub fn chunks(reader: impl Read, chunking: Chunking) -> io::Result<Vec<Chunk>> {
-    let cdc = fastcdc::v2020::StreamCDC::new(reader, chunking.min, chunking.avg, chunking.max);
     let mut chunks = Vec::new();
+    for_each_chunk(reader, chunking, |chunk| {
+        chunks.push(chunk);
+        Ok(())
+    })?;
+    Ok(chunks)
+}
+
+/// Hands each chunk of what `reader` yields to `each`, in order, keeping none.
+pub fn for_each_chunk(
+    reader: impl Read,
+    chunking: Chunking,
+    mut each: impl FnMut(Chunk) -> io::Result<()>,
+) -> io::Result<()> {
+    let cdc = fastcdc::v2020::StreamCDC::new(reader, chunking.min, chunking.avg, chunking.max);
     for chunk in cdc {
         let chunk = chunk.map_err(|error| match error {
             fastcdc::v2020::Error::IoError(error) => error,
@@ -69,9 +89,9 @@ pub fn chunks(reader: impl Read, chunking: Chunking) -> io::Result<Vec<Chunk>> {
         })?;
         let len = u32::try_from(chunk.length).map_err(io::Error::other)?;
         let hash = *blake3::hash(&chunk.data).as_bytes();
-        chunks.push(Chunk { offset: chunk.offset, len, hash });
+        each(Chunk { offset: chunk.offset, len, hash })?;
     }
-    Ok(chunks)
+    Ok(())
 }
 
 /// What an update from one image to another takes.

@@ -253,6 +253,27 @@ impl<D: Device> OutboardStore<D> {
         self.respond(groups, out, |ranges, out| encode_ranges(data, self.reader(), ranges, out))
     }
 
+    /// Checks `bytes`, the plain bytes of `groups` (adjacent groups of the image) from an
+    /// untrusted source, against this outboard and the root: what to write, parents and
+    /// groups, or the first fault. Nothing is returned unless every group verified.
+    pub fn verify_plain(
+        &self,
+        groups: Range<u64>,
+        bytes: &[u8],
+    ) -> Result<Vec<DecodedItem>, ResponseError> {
+        let mut encoded = Vec::with_capacity(self.layout.encoded_len(groups.clone()) as usize);
+        let ranges = [groups.clone()];
+        self.encode_plain(groups.start * GROUP_BYTES, bytes, &ranges, &mut encoded)?;
+        let chunks = self.layout.chunk_ranges(groups.clone());
+        let items = ResponseDecoder::new(self.layout, &chunks, &encoded[..])?
+            .collect::<Result<Vec<_>, _>>()?;
+        let verified = items.iter().filter(|item| matches!(item, DecodedItem::Group(_))).count();
+        if verified as u64 != groups.end - groups.start {
+            return Err(ResponseError::Truncated);
+        }
+        Ok(items)
+    }
+
     /// A response for `groups`: the size header, then what `encode` writes for their chunks.
     fn respond(
         &self,

@@ -183,6 +183,10 @@ pub struct OriginUrls {
     /// group is verified against the outboard and the signed root before it is written.
     #[serde(default)]
     pub mirrors: Vec<String>,
+    /// The image's content index, when its release signs one: what lets an appliance copy
+    /// what its active slot shares with the image instead of fetching it.
+    #[serde(default)]
+    pub index: Option<String>,
 }
 
 /// `PUT /api/releases/{version}/mirrors`: the release's other HTTP origins, in the order
@@ -293,6 +297,10 @@ pub struct ReportRequest {
     /// Command served itself).
     #[serde(default)]
     pub bytes_from_mirror: u64,
+    /// Bytes copied from the active slot (what the new image shares with the running one):
+    /// neither fetched nor sent.
+    #[serde(default)]
+    pub bytes_reused: u64,
     #[serde(default)]
     pub slot: Option<String>,
     #[serde(default)]

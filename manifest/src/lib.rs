@@ -154,7 +154,7 @@ pub use error::{ImageError, Role, VerifyError};
 pub use hash::{Blake3Hash, Sha256Hash};
 pub use keys::{KeyError, PublicKey, SecretKey, Signature, decode_hex};
 pub use release::{
-    ImageInfo, InstallPolicy, Intent, MAX_IMAGE_BYTES, RELEASE_FORMAT, RELEASE_TYPE, Release,
-    VerifiedRelease,
+    ChunkSizes, ContentIndex, ImageInfo, InstallPolicy, Intent, MAX_IMAGE_BYTES, MAX_INDEX_BYTES,
+    RELEASE_FORMAT, RELEASE_TYPE, Release, VerifiedRelease,
 };
 pub use root::{ROOT_FORMAT, ROOT_TYPE, RoleKeys, Root, TrustedRoot};

@@ -3,7 +3,7 @@
 mod cli_agent;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,8 +13,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use jiff::{Timestamp, ToSpan};
 use serde_json::{Value, json};
 use sitecast_manifest::{
-    AGENT_TYPE, ImageDigest, ImageInfo, InstallPolicy, Intent, PublicKey, Release, RoleKeys, Root,
-    SecretKey, SignedDocument, TrustedRoot,
+    AGENT_TYPE, Blake3Hash, ChunkSizes, ContentIndex, ImageDigest, ImageInfo, InstallPolicy,
+    Intent, PublicKey, Release, RoleKeys, Root, SecretKey, SignedDocument, TrustedRoot,
 };
 
 #[derive(Parser)]
@@ -129,6 +129,10 @@ struct SignArgs {
     /// Appliances that install this release refuse anything older than this version afterwards.
     #[arg(long)]
     rollback_floor: Option<u64>,
+    /// Sign no content index: appliances then fetch the whole image, whatever their active
+    /// slot holds.
+    #[arg(long)]
+    no_index: bool,
     #[command(flatten)]
     signing: Signing,
 }
@@ -374,10 +378,23 @@ fn open_image(path: &Path) -> Result<File> {
     File::open(path).with_context(|| format!("opening image {}", path.display()))
 }
 
+/// The content index of the image at `path` (a second streamed read), as the manifest signs it.
+fn content_index(path: &Path, chunking: sitecast_delta::Chunking) -> Result<ContentIndex> {
+    let (size, blake3) =
+        sitecast_delta::index::write_hashed(open_image(path)?, chunking, io::sink())
+            .with_context(|| format!("indexing {}", path.display()))?;
+    let sitecast_delta::Chunking { min, avg, max } = chunking;
+    Ok(ContentIndex { size, blake3: Blake3Hash(blake3), chunks: ChunkSizes { min, avg, max } })
+}
+
 fn sign(args: SignArgs) -> Result<()> {
     let keys = args.signing.secret_keys()?;
     let digest = ImageDigest::of_reader(open_image(&args.image)?)
         .with_context(|| format!("hashing {}", args.image.display()))?;
+    let index = match args.no_index {
+        true => None,
+        false => Some(content_index(&args.image, sitecast_delta::Chunking::default())?),
+    };
     let now = Timestamp::now();
     let release = Release {
         version: args.version,
@@ -388,6 +405,7 @@ fn sign(args: SignArgs) -> Result<()> {
         created: now,
         expires: now + (args.expires_days * 24).hours(),
         rollback_floor: args.rollback_floor,
+        index,
     };
     let bytes = release.sign(&keys.iter().collect::<Vec<_>>()).to_bytes();
     args.signing.verify_and_write(&bytes, |root, bytes| {

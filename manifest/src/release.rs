@@ -42,7 +42,32 @@ pub struct Release {
     /// Once this release is installed, no release below this version is accepted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollback_floor: Option<u64>,
+    /// The image's content index (`sitecast_delta::index`): what lets an appliance copy the
+    /// bytes its active slot shares with the image instead of fetching them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<ContentIndex>,
 }
+
+/// The content index a release is signed with: Central Command serves it, and appliances
+/// check it against this before they use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentIndex {
+    pub size: u64,
+    pub blake3: Blake3Hash,
+    /// How the image was cut (FastCDC's minimum, average and maximum chunk bytes), so that
+    /// Central Command can make the same index from the image.
+    pub chunks: ChunkSizes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkSizes {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+/// An index larger than this is not read (4 GiB images at 4 KiB chunks make 36 MiB).
+pub const MAX_INDEX_BYTES: u64 = 1 << 30;
 
 impl Release {
     /// The `signed` object for this release, with `type` and `format` set.
@@ -77,6 +102,10 @@ struct RawRelease {
     expires: Timestamp,
     #[serde(default)]
     rollback_floor: Option<u64>,
+    /// Read apart from the rest: a later format of this field is ignored, not fatal (the
+    /// index only saves bytes; the release installs without it).
+    #[serde(default)]
+    index: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -131,6 +160,10 @@ impl RawRelease {
             created: self.created,
             expires: self.expires,
             rollback_floor: self.rollback_floor,
+            index: self
+                .index
+                .and_then(|index| serde_json::from_value::<ContentIndex>(index).ok())
+                .filter(|index| index.size > 0 && index.size <= MAX_INDEX_BYTES),
         })
     }
 }

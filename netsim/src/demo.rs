@@ -166,6 +166,7 @@ impl Fixture {
             created: now,
             expires: now + (24 * 30).hours(),
             rollback_floor: Some(1),
+            index: None,
         };
         let manifest = String::from_utf8(release.sign(&[&release_key]).to_bytes())?;
         Ok(Self { root_path, v1, v2, image, manifest })

@@ -13,15 +13,16 @@ use sitecast_iso::ab::{self, BootOutcome};
 use sitecast_iso::health::{
     self, ApiReachable, CheckFailure, DiskWritable, GateDecision, TimeSynchronized,
 };
-use sitecast_iso::{BlobLayout, EnvFile, FileDevice, Slot, SlotPaths, SlotWriter, VerifiedSlot};
+use sitecast_iso::{EnvFile, FileDevice, Slot, SlotPaths, VerifiedSlot};
 use sitecast_manifest::api::{
     CheckinRequest, CheckinResponse, OriginUrls, PeerAddresses, ReportRequest, UpdateIntent,
     UpdateState,
 };
-use sitecast_manifest::{ImageInfo, InstallPolicy, Intent, SecretKey, TrustedRoot};
+use sitecast_manifest::{ContentIndex, ImageInfo, InstallPolicy, Intent, SecretKey, TrustedRoot};
 use tokio::sync::{mpsc, oneshot};
 
 mod agent_releases;
+mod download;
 
 use crate::agent_update::Launched;
 use crate::config::{AgentConfig, BootSlotSource};
@@ -30,10 +31,10 @@ use crate::early_checkin::EarlyCheckins;
 use crate::gate::{CommandCheck, TrialGate};
 use crate::membership::{Membership, MembershipStatus};
 use crate::metrics::Metrics;
-use crate::mirror::Mirrors;
-use crate::scheduler::{Config, PeerId};
+use crate::scheduler::PeerId;
 use crate::state::{AgentState, UpdateRecord};
-use crate::swarm::{LanFetcher, PeerNews, Swarm, SwarmError, TransferStats};
+use crate::swarm::{LanFetcher, PeerNews, TransferStats};
+use download::{Download, ReuseFrom};
 
 /// Exit status that asks the supervisor to start the agent again, as after a reboot.
 pub const EXIT_REBOOT: i32 = 75;
@@ -293,6 +294,7 @@ impl Agent {
             bytes_from_origin: update.bytes_from_origin.max(stats.bytes_from_origin),
             bytes_from_lan: update.bytes_from_lan.max(stats.bytes_from_lan),
             bytes_from_mirror: update.bytes_from_mirror.max(stats.bytes_from_mirror),
+            bytes_reused: update.bytes_reused.max(stats.bytes_reused),
             slot: Some(if state == UpdateState::Succeeded {
                 update.slot.clone()
             } else {
@@ -453,6 +455,8 @@ impl Agent {
             if let Ok(verified) =
                 self.root.verify_release(update.manifest.as_bytes(), Timestamp::now())
             {
+                let size = verified.release().image.size;
+                self.state.slot_image_sizes.insert(slot.to_string(), size);
                 let floor = verified.release().rollback_floor.unwrap_or(0);
                 self.state.rollback_floor = self.state.rollback_floor.max(floor);
             }
@@ -696,6 +700,7 @@ impl Agent {
                     bytes_from_origin: 0,
                     bytes_from_lan: 0,
                     bytes_from_mirror: 0,
+                    bytes_reused: 0,
                     slot: Some(self.booted.to_string()),
                     error: Some(message),
                     seq: None,
@@ -813,6 +818,7 @@ impl Agent {
             bytes_from_origin: 0,
             bytes_from_lan: 0,
             bytes_from_mirror: 0,
+            bytes_reused: 0,
             download_seconds: None,
             trial_boots: 0,
             unreported: false,
@@ -821,26 +827,43 @@ impl Agent {
         // activate nor a release to roll back to any more.
         self.ready = None;
         self.state.slot_versions.remove(&standby.to_string());
-        self.start_download(verified.release().image.clone(), standby, response.origin.clone());
+        self.state.slot_image_sizes.remove(&standby.to_string());
+        let release = verified.release();
+        self.start_download(
+            release.image.clone(),
+            release.index.clone(),
+            standby,
+            response.origin.clone(),
+        );
         Ok(())
     }
 
-    fn start_download(&mut self, image: ImageInfo, slot: Slot, origin_urls: Option<OriginUrls>) {
+    fn start_download(
+        &mut self,
+        image: ImageInfo,
+        index: Option<ContentIndex>,
+        slot: Slot,
+        origin_urls: Option<OriginUrls>,
+    ) {
         let paths = SlotPaths::beside(self.config.slot_path(slot), &self.config.state_dir);
-        let origin = origin_urls.as_ref().map(|o| (self.client.clone(), o.ranges.clone()));
-        // The release's mirrors, with the outboard their bytes are checked against.
-        let mirrors = origin_urls
-            .filter(|o| !o.mirrors.is_empty())
-            .and_then(|o| Some((o.outboard?, o.mirrors)))
-            .map(|(outboard, urls)| {
-                let path = self.config.state_dir.join(format!("mirror-{}.obao4", image.blake3));
-                (self.client.clone(), outboard, urls, path)
-            });
-        let me = PeerId(*self.key.public().as_bytes());
-        let stats = Arc::clone(&self.stats);
+        let origin_urls = origin_urls.unwrap_or_else(|| OriginUrls {
+            ranges: String::new(),
+            image: String::new(),
+            iroh: Vec::new(),
+            outboard: None,
+            mirrors: Vec::new(),
+            index: None,
+        });
+        // What the running image shares with the new one is copied from its slot.
+        let active = self.booted;
+        let reuse = index.zip(origin_urls.index.clone()).map(|(index, index_url)| ReuseFrom {
+            index,
+            index_url,
+            active: self.config.slot_path(active).to_owned(),
+            active_len: self.state.slot_image_sizes.get(&active.to_string()).copied(),
+        });
         let members = self.membership.members().unwrap_or_default();
-        let site_members: Vec<PeerId> = members.into_iter().map(PeerId).collect();
-        let (lan_fetcher, news, announce) = match &self.lan {
+        let (lan, news, announce) = match &self.lan {
             Some(lan) => {
                 let joined = lan.join(&image, paths.slot.clone(), self.config.state_dir.clone());
                 (Some(joined.fetcher), joined.news, joined.announce)
@@ -852,57 +875,27 @@ impl Agent {
             }
         };
         tracing::info!(%slot, size = image.size, blake3 = %image.blake3, "download started");
+        let download = Download {
+            image,
+            slot,
+            paths,
+            client: self.client.clone(),
+            ranges_url: Some(origin_urls.ranges).filter(|url| !url.is_empty()),
+            outboard_url: origin_urls.outboard,
+            mirrors: origin_urls.mirrors,
+            reuse,
+            state_dir: self.config.state_dir.clone(),
+            me: PeerId(*self.key.public().as_bytes()),
+            site_members: members.into_iter().map(PeerId).collect(),
+            lan,
+            news,
+            announce,
+            stats: Arc::clone(&self.stats),
+        };
         self.download_started = Some(std::time::Instant::now());
         let (stop, stopped) = tokio::sync::oneshot::channel();
         self.download_stop = Some(stop);
-        self.download = Some(tokio::spawn(async move {
-            let mut stopped = stopped;
-            // The outboard the mirrors' bytes are checked against comes first; a newer offer
-            // may replace this download meanwhile.
-            let mirrors = match mirrors {
-                Some((client, outboard, urls, path)) => {
-                    let layout = BlobLayout::new(image.blake3, image.size);
-                    tokio::select! {
-                        prepared = Mirrors::prepare(&client, &outboard, urls, layout, path) => {
-                            match prepared {
-                                Ok(mirrors) => Some(Arc::new(mirrors)),
-                                Err(error) => {
-                                    tracing::warn!(%error, "the release's mirrors are not used: Central Command only");
-                                    None
-                                }
-                            }
-                        }
-                        _ = &mut stopped => return Err(SwarmError::Replaced.to_string()),
-                    }
-                }
-                None => None,
-            };
-            let open_paths = paths.clone();
-            let open_image = image.clone();
-            let writer = tokio::task::spawn_blocking(move || {
-                SlotWriter::open_paths(slot, &open_image, &open_paths)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-            let tune = |config: &mut Config| config.site_members = site_members;
-            let mut swarm =
-                Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, tune)
-                    .stop_on(stopped);
-            if let Some(mirrors) = &mirrors {
-                swarm = swarm.with_mirrors(Arc::clone(mirrors));
-            }
-            let ran = swarm.run().await;
-            if let Some(mirrors) = mirrors {
-                let _ = tokio::fs::remove_file(mirrors.outboard_path()).await;
-            }
-            let writer = ran.map_err(|e| e.to_string())?;
-            tracing::info!("every piece verified and written; reading the slot back");
-            tokio::task::spawn_blocking(move || writer.finish())
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())
-        }));
+        self.download = Some(tokio::spawn(download.run(stopped)));
     }
 
     async fn download_finished(&mut self, result: Result<VerifiedSlot<FileDevice>, String>) {
@@ -914,12 +907,14 @@ impl Agent {
             update.bytes_from_origin = stats.bytes_from_origin;
             update.bytes_from_lan = stats.bytes_from_lan;
             update.bytes_from_mirror = stats.bytes_from_mirror;
+            update.bytes_reused = stats.bytes_reused;
             update.download_seconds = seconds;
         }
         self.metrics.update(|m| {
             m.bytes_from_origin = stats.bytes_from_origin;
             m.bytes_from_lan = stats.bytes_from_lan;
             m.bytes_from_mirror = stats.bytes_from_mirror;
+            m.bytes_reused = stats.bytes_reused;
             m.download_seconds = seconds;
         });
         tracing::info!(
@@ -927,6 +922,7 @@ impl Agent {
             bytes_from_origin = stats.bytes_from_origin,
             bytes_from_lan = stats.bytes_from_lan,
             bytes_from_mirror = stats.bytes_from_mirror,
+            bytes_reused = stats.bytes_reused,
             peak_rss_mib = crate::metrics::peak_rss_bytes().unwrap_or(0) >> 20,
             ok = result.is_ok(),
             "download finished"
@@ -1197,6 +1193,7 @@ mod tests {
             bytes_from_origin: 0,
             bytes_from_lan: 0,
             bytes_from_mirror: 0,
+            bytes_reused: 0,
             download_seconds: None,
             trial_boots,
             unreported: false,

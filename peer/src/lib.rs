@@ -27,6 +27,8 @@ pub mod lan;
 pub mod membership;
 pub mod metrics;
 pub mod mirror;
+pub mod reuse;
+pub mod side_files;
 pub mod site;
 pub mod state;
 pub mod swarm;

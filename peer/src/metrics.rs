@@ -22,6 +22,7 @@ pub struct AgentMetrics {
     pub bytes_from_origin: u64,
     pub bytes_from_lan: u64,
     pub bytes_from_mirror: u64,
+    pub bytes_reused: u64,
     pub bytes_uploaded: u64,
     pub peers: u64,
     pub peers_found_by_mdns: u64,
@@ -93,6 +94,12 @@ impl Metrics {
             "counter",
             "Release bytes fetched from the release's mirrors (CDN, object store, nginx).",
             Some(m.bytes_from_mirror as f64),
+        );
+        family(
+            "sitecast_bytes_reused_total",
+            "counter",
+            "Release bytes copied from the active slot (shared with the running image).",
+            Some(m.bytes_reused as f64),
         );
         family(
             "sitecast_bytes_uploaded_total",

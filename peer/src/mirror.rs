@@ -15,27 +15,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use sitecast_iso::{BlobLayout, FileDevice, GROUP_BYTES, OutboardStore};
 
-use crate::coordinator::{ClientError, CoordinatorClient};
+use crate::coordinator::CoordinatorClient;
+use crate::side_files::{self, SideFileError};
 use crate::swarm::FetchError;
 
 /// A mirror that sends nothing for this long is given up for this download: well inside the
 /// scheduler's request timeout, so the mirror is dropped before its run is.
 pub const MIRROR_IDLE: Duration = Duration::from_secs(15);
-/// The outboard from Central Command may stall too.
-const OUTBOARD_IDLE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
-    #[error("fetching the outboard: {0}")]
-    Outboard(#[from] ClientError),
-    #[error("the outboard is {got} bytes, not {want}")]
-    OutboardLength { got: u64, want: u64 },
-    #[error("the outboard stalled: nothing for {0:?}")]
-    OutboardStalled(Duration),
-    #[error("the outboard does not chain to the signed root")]
-    OutboardRoot,
-    #[error("storing the outboard: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("the outboard: {0}")]
+    Outboard(#[from] SideFileError),
     #[error("HTTP client: {0}")]
     Client(String),
 }
@@ -80,17 +71,7 @@ impl Mirrors {
         layout: BlobLayout,
         path: PathBuf,
     ) -> Result<Self, MirrorError> {
-        let want = layout.outboard_len();
-        let kept = tokio::fs::metadata(&path).await.is_ok_and(|m| m.len() == want);
-        if !kept {
-            download_outboard(client, outboard_url, want, &path).await?;
-        }
-        let device = FileDevice::open_read_only(&path)?;
-        let outboard = OutboardStore::new(layout, device);
-        if !outboard.root_matches()? {
-            let _ = tokio::fs::remove_file(&path).await;
-            return Err(MirrorError::OutboardRoot);
-        }
+        let outboard = side_files::outboard(client, outboard_url, layout, &path).await?;
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
         let http = match sitecast_tls::client_config(&sitecast_tls::Trust::SystemRoots) {
             Ok(tls) => http.tls_backend_preconfigured(tls),
@@ -211,52 +192,4 @@ impl RangeBody {
         }
         Ok(out)
     }
-}
-
-/// Streams the outboard into `path` through a temporary file, so that `path` only ever holds
-/// a whole one.
-async fn download_outboard(
-    client: &CoordinatorClient,
-    url: &str,
-    want: u64,
-    path: &Path,
-) -> Result<(), MirrorError> {
-    let partial = path.with_extension("partial");
-    let result = write_outboard(client, url, want, &partial).await;
-    match result {
-        Ok(()) => Ok(tokio::fs::rename(&partial, path).await?),
-        Err(error) => {
-            let _ = tokio::fs::remove_file(&partial).await;
-            Err(error)
-        }
-    }
-}
-
-async fn write_outboard(
-    client: &CoordinatorClient,
-    url: &str,
-    want: u64,
-    partial: &Path,
-) -> Result<(), MirrorError> {
-    use tokio::io::AsyncWriteExt;
-    let mut response = client.open_download(url).await?;
-    let mut file = tokio::fs::File::create(partial).await?;
-    let mut got = 0u64;
-    loop {
-        let chunk = tokio::time::timeout(OUTBOARD_IDLE, response.chunk())
-            .await
-            .map_err(|_| MirrorError::OutboardStalled(OUTBOARD_IDLE))?
-            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
-        let Some(chunk) = chunk else { break };
-        got += chunk.len() as u64;
-        if got > want {
-            break;
-        }
-        file.write_all(&chunk).await?;
-    }
-    if got != want {
-        return Err(MirrorError::OutboardLength { got, want });
-    }
-    file.sync_all().await?;
-    Ok(())
 }

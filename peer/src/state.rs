@@ -36,6 +36,8 @@ pub struct UpdateRecord {
     #[serde(default)]
     pub bytes_from_mirror: u64,
     #[serde(default)]
+    pub bytes_reused: u64,
+    #[serde(default)]
     pub download_seconds: Option<f64>,
     /// Boots of `slot` on trial that reached the agent (counted as its health gate starts):
     /// none means GRUB's tries went to boots that failed before the agent (kernel, early
@@ -86,6 +88,10 @@ pub struct AgentState {
     /// Release version in each slot, as far as the agent knows ("A"/"B").
     #[serde(default)]
     pub slot_versions: BTreeMap<String, u64>,
+    /// Bytes of the image in each slot the agent installed ("A"/"B"): how much of the active
+    /// slot to read when copying what a new image shares with it.
+    #[serde(default)]
+    pub slot_image_sizes: BTreeMap<String, u64>,
     /// Highest rollback floor of any release installed.
     #[serde(default)]
     pub rollback_floor: u64,

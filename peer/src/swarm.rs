@@ -79,6 +79,8 @@ pub struct TransferStats {
     pub bytes_from_mirror: u64,
     /// Mirrors given up (failed, or sent bytes that did not verify).
     pub mirrors_given_up: u64,
+    /// Copied from the active slot (what the new image shares with the running one).
+    pub bytes_reused: u64,
     pub pieces_from_origin: u64,
     pub pieces_from_lan: u64,
     pub corrupt: u64,
@@ -95,6 +97,7 @@ impl std::ops::AddAssign for TransferStats {
         self.bytes_from_lan += other.bytes_from_lan;
         self.bytes_from_mirror += other.bytes_from_mirror;
         self.mirrors_given_up += other.mirrors_given_up;
+        self.bytes_reused += other.bytes_reused;
         self.pieces_from_origin += other.pieces_from_origin;
         self.pieces_from_lan += other.pieces_from_lan;
         self.corrupt += other.corrupt;

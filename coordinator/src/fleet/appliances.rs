@@ -204,6 +204,7 @@ impl Fleet {
                 bytes_from_origin,
                 bytes_from_lan,
                 bytes_from_mirror: 0,
+                bytes_reused: 0,
                 slot: None,
                 error: None,
                 seq: None,
@@ -322,6 +323,7 @@ impl Fleet {
             iroh: self.iroh_addresses.clone(),
             outboard: Some(format!("{public_url}/api/blobs/{}/outboard", release.blake3)),
             mirrors: release.mirrors.clone(),
+            index: Some(format!("{public_url}/api/releases/{}/index", release.version)),
         });
         response.site_peers = self.site_peers(appliance, Some(release), now);
         response

@@ -431,6 +431,7 @@ fn record_action_state(
         bytes_from_origin: 0,
         bytes_from_lan: 0,
         bytes_from_mirror: 0,
+        bytes_reused: 0,
         slot: None,
         error,
         seq: None,

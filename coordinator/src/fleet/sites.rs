@@ -56,6 +56,10 @@ pub struct SiteSummary {
     pub origin_copies: Option<f64>,
     /// Bytes of the current release the site's appliances report having from LAN peers.
     pub lan_bytes: u64,
+    /// Bytes of the current release the site's appliances copied from their active slots
+    /// (shared with the release they ran): neither fetched nor sent.
+    #[serde(default)]
+    pub reused_bytes: u64,
 }
 
 /// `GET /api/sites`: every site, with the coordinator's clock so ages can be shown.
@@ -116,6 +120,7 @@ impl Fleet {
                 };
                 let lan_bytes = total(|r| r.bytes_from_lan);
                 let mirror_bytes = total(|r| r.bytes_from_mirror);
+                let reused_bytes = total(|r| r.bytes_reused);
                 SiteSummary {
                     site: site.to_owned(),
                     appliances: members.len(),
@@ -134,6 +139,7 @@ impl Fleet {
                         .filter(|r| r.size > 0)
                         .map(|r| origin_bytes.saturating_add(mirror_bytes) as f64 / r.size as f64),
                     lan_bytes,
+                    reused_bytes,
                 }
             })
             .collect();

@@ -75,6 +75,8 @@ pub(super) async fn publish(
                 ImportError::Io(e) => {
                     ApiError::bad_request("file_unreadable", format!("{}: {e}", source.display()))
                 }
+                // Agent files have no content index.
+                e @ ImportError::IndexMismatch { .. } => ApiError::internal(e),
             })?;
         }
         Ok::<_, ApiError>(())

@@ -246,17 +246,53 @@ pub(super) async fn blob_outboard(
     let etag = format!("\"{}-outboard\"", info.blake3);
     let response =
         ranged_file(&parts.headers, &path, layout.outboard_len(), &etag, HeaderMap::new()).await?;
+    count_sent(&state, &reader, version, &response);
+    Ok(response)
+}
+
+/// The content index of a release's image (made and checked against the manifest when the
+/// release was published), for appliances that copy what their active slot shares with it.
+/// Counted with the origin bytes of the reader's site.
+pub(super) async fn release_index(
+    State(state): State<Arc<AppState>>,
+    Path(version): Path<u64>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (parts, _) = request.into_parts();
+    let reader = ImageReader::check(&state, &parts, Some(version))?;
+    let what = format!("the content index of release {version}");
+    let record = readable(
+        &state,
+        &reader,
+        |f| f.releases.get(&version).filter(|r| r.has_image()).cloned(),
+        &what,
+    )?;
+    let path = state.blobs.index_path(&image_info(&record)?.blake3);
+    let size = match tokio::fs::metadata(&path).await {
+        Ok(metadata) => metadata.len(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::not_found(what));
+        }
+        Err(error) => return Err(ApiError::internal(error)),
+    };
+    let etag = format!("\"{}-index\"", record.blake3);
+    let response = ranged_file(&parts.headers, &path, size, &etag, HeaderMap::new()).await?;
+    count_sent(&state, &reader, version, &response);
+    Ok(response)
+}
+
+/// Counts what `response` sends with the origin bytes of the reader's site (committing to
+/// the store: not on the executor).
+fn count_sent(state: &Arc<AppState>, reader: &ImageReader, version: u64, response: &Response) {
     let sent = response
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
-    // Counting commits to the store: not on the executor.
-    let (counter, site) = (Arc::clone(&state), reader_site(&reader));
+    let (counter, site) = (Arc::clone(state), reader_site(reader));
     tokio::task::spawn_blocking(move || {
         counter.count_origin_bytes(Fleet::count_origin_bytes(&site, version, sent))
     });
-    Ok(response)
 }
 
 /// The site whose origin bytes a reader's are.

@@ -55,9 +55,16 @@ pub(super) async fn publish(
     let image = verified.release().image.clone();
     let blobs = state.blobs.clone();
     let import_image = image.clone();
-    tokio::task::spawn_blocking(move || match incoming {
-        Ok(path) => blobs.import(&path, &import_image),
-        Err(source) => blobs.import_path(&source, &import_image),
+    let index = verified.release().index.clone();
+    tokio::task::spawn_blocking(move || {
+        match incoming {
+            Ok(path) => blobs.import(&path, &import_image),
+            Err(source) => blobs.import_path(&source, &import_image),
+        }?;
+        match index {
+            Some(index) => blobs.make_index(&import_image, &index),
+            None => Ok(()),
+        }
     })
     .await
     .map_err(ApiError::internal)?
@@ -66,6 +73,7 @@ pub(super) async fn publish(
             "image_mismatch",
             format!("image does not match the manifest: {e}"),
         ),
+        ImportError::IndexMismatch { .. } => ApiError::bad_request("index_mismatch", e.to_string()),
         ImportError::Io(e) => ApiError::bad_request("image_unreadable", format!("image: {e}")),
     })?;
     let release = verified.release();

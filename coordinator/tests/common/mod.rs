@@ -71,6 +71,7 @@ impl Releases {
             created: start_time() - 1.hour(),
             expires: start_time() + (24 * 365).hours(),
             rollback_floor: floor,
+            index: None,
         };
         String::from_utf8(release.sign(&[key.unwrap_or(&self.release_key)]).to_bytes())
             .expect("utf8")

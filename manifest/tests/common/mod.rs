@@ -49,6 +49,7 @@ impl Fixture {
             created: self.now - 1.hour(),
             expires: self.now + (24 * 30).hours(),
             rollback_floor: None,
+            index: None,
         }
     }
 

@@ -353,6 +353,7 @@ impl Agent {
             bytes_from_origin: record.bytes_from_origin,
             bytes_from_lan: record.bytes_from_lan,
             bytes_from_mirror: 0,
+            bytes_reused: 0,
             slot: None,
             error,
             seq: None,

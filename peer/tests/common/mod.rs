@@ -12,6 +12,16 @@ use sitecast_manifest::*;
 
 pub mod nginx;
 
+/// The content index of the image at `path` as `sitecast-manifest sign` signs it.
+pub fn content_index_of(path: &Path) -> ContentIndex {
+    let chunking = sitecast_delta::Chunking::default();
+    let image = std::fs::File::open(path).expect("image");
+    let (size, blake3) =
+        sitecast_delta::index::write_hashed(image, chunking, std::io::sink()).expect("index");
+    let sitecast_delta::Chunking { min, avg, max } = chunking;
+    ContentIndex { size, blake3: Blake3Hash(blake3), chunks: ChunkSizes { min, avg, max } }
+}
+
 pub const OPERATOR: &str = "operator-secret";
 pub const ENROLL: &str = "enroll-secret";
 pub const PLATFORM: &str = "x86_64-appliance";
@@ -99,8 +109,34 @@ impl Origin {
         let path = self.dir.join(format!("image-v{version}.raw"));
         sitecast_iso::generate::write_image(&path, len, &format!("test image {version}"))
             .expect("image");
+        let image = self.publish_image(version, &path, None).await;
+        (path, image)
+    }
+
+    /// Signs and publishes the image at `path` as release `version`, with `index` signed as
+    /// its content index.
+    pub async fn publish_image(
+        &self,
+        version: u64,
+        path: &Path,
+        index: Option<ContentIndex>,
+    ) -> ImageInfo {
+        let (status, body) = self.try_publish_image(version, path, index).await;
+        assert_eq!(status, 201, "{body}");
         let digest =
-            ImageDigest::of_reader(std::fs::File::open(&path).expect("open")).expect("hash");
+            ImageDigest::of_reader(std::fs::File::open(path).expect("open")).expect("hash");
+        ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 }
+    }
+
+    /// [`Self::publish_image`]'s answer, whatever it is.
+    pub async fn try_publish_image(
+        &self,
+        version: u64,
+        path: &Path,
+        index: Option<ContentIndex>,
+    ) -> (u16, String) {
+        let digest =
+            ImageDigest::of_reader(std::fs::File::open(path).expect("open")).expect("hash");
         let image = ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 };
         let now = Timestamp::now();
         let release = Release {
@@ -112,6 +148,7 @@ impl Origin {
             created: now - 1.hour(),
             expires: now + (24 * 30).hours(),
             rollback_floor: None,
+            index,
         };
         let manifest =
             String::from_utf8(release.sign(&[&self.release_key]).to_bytes()).expect("utf8");
@@ -123,8 +160,7 @@ impl Origin {
             .send()
             .await
             .expect("publish");
-        assert_eq!(response.status(), 201, "{:?}", response.text().await);
-        (path, image)
+        (response.status().as_u16(), response.text().await.unwrap_or_default())
     }
 
     /// Signs and publishes agent release `version` for this platform: `files` as (path,

@@ -1,0 +1,179 @@
+//! Where the bytes of a new image's groups can be copied from in an older image.
+//!
+//! [`OlderImage`] is the older image cut into chunks the same way as the new one, as a map
+//! from chunk hash to where the chunk sits. [`GroupPlanner`] takes the new image's chunks in
+//! order (from its [index](crate::index)) and yields a [`GroupCopy`] for each 16 KiB group
+//! whose every byte lies in a chunk the older image has. Nothing here is trusted: a copied
+//! group is written only once it verifies against the new image's root, so a hash collision
+//! (the map keys on 8 bytes of the hash) or a damaged older image costs a fetch, never a
+//! wrong byte.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+
+use crate::{Chunk, Chunking, GROUP_BYTES, for_each_chunk};
+
+/// The chunks of an older image (an appliance's active slot), by hash.
+#[derive(Debug, Default)]
+pub struct OlderImage {
+    at: HashMap<u64, u64>,
+    bytes: u64,
+}
+
+fn key(hash: &[u8; 32]) -> u64 {
+    u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"))
+}
+
+impl OlderImage {
+    /// Cuts what `reader` yields (streamed) the way the new image was cut.
+    pub fn read(reader: impl Read, chunking: Chunking) -> io::Result<Self> {
+        let mut older = Self::default();
+        for_each_chunk(reader, chunking, |chunk| {
+            older.insert(&chunk);
+            Ok(())
+        })?;
+        Ok(older)
+    }
+
+    fn insert(&mut self, chunk: &Chunk) {
+        self.at.entry(key(&chunk.hash)).or_insert(chunk.offset);
+        self.bytes = self.bytes.max(chunk.bytes().end);
+    }
+
+    /// Where a chunk with this hash starts in the older image, if it has one.
+    pub fn find(&self, hash: &[u8; 32]) -> Option<u64> {
+        self.at.get(&key(hash)).copied()
+    }
+
+    /// Bytes read from the older image.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Bytes to copy from the older image: `len` bytes from `from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub from: u64,
+    pub len: u32,
+}
+
+/// A group of the new image made entirely of the older image's bytes: its spans, in order,
+/// cover the group exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupCopy {
+    pub group: u64,
+    pub spans: Vec<Span>,
+}
+
+impl GroupCopy {
+    pub fn len(&self) -> u64 {
+        self.spans.iter().map(|s| u64::from(s.len)).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+}
+
+/// Walks the new image's chunks in order and says which groups the older image can fill.
+#[derive(Debug)]
+pub struct GroupPlanner<'o> {
+    older: &'o OlderImage,
+    size: u64,
+    /// The group being assembled, the bytes of it placed so far, and whether all came from
+    /// the older image.
+    group: u64,
+    placed: u64,
+    spans: Vec<Span>,
+    whole: bool,
+}
+
+impl<'o> GroupPlanner<'o> {
+    /// A planner for a new image of `size` bytes.
+    pub fn new(older: &'o OlderImage, size: u64) -> Self {
+        Self { older, size, group: 0, placed: 0, spans: Vec::new(), whole: true }
+    }
+
+    fn group_len(&self) -> u64 {
+        GROUP_BYTES.min(self.size - self.group * GROUP_BYTES)
+    }
+
+    /// The next chunk of the new image (chunks must come in order, without gaps); the groups
+    /// it completes that the older image fills, in order.
+    pub fn push(&mut self, chunk: &Chunk) -> Vec<GroupCopy> {
+        debug_assert_eq!(chunk.offset, self.group * GROUP_BYTES + self.placed, "chunks in order");
+        let source = self.older.find(&chunk.hash);
+        let mut done = Vec::new();
+        let mut left = u64::from(chunk.len);
+        let mut from = source;
+        while left > 0 && self.group * GROUP_BYTES < self.size {
+            let take = left.min(self.group_len() - self.placed);
+            match from {
+                Some(at) => {
+                    let span = Span { from: at, len: take as u32 };
+                    // Adjacent bytes of the older image make one span.
+                    match self.spans.last_mut() {
+                        Some(last) if last.from + u64::from(last.len) == at => last.len += span.len,
+                        _ => self.spans.push(span),
+                    }
+                    from = Some(at + take);
+                }
+                None => self.whole = false,
+            }
+            self.placed += take;
+            left -= take;
+            if self.placed == self.group_len() {
+                let spans = std::mem::take(&mut self.spans);
+                if self.whole {
+                    done.push(GroupCopy { group: self.group, spans });
+                }
+                self.group += 1;
+                self.placed = 0;
+                self.whole = true;
+            }
+        }
+        done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(offset: u64, len: u32, id: u8) -> Chunk {
+        Chunk { offset, len, hash: [id; 32] }
+    }
+
+    #[test]
+    fn a_chunk_across_a_group_boundary_fills_both_groups_with_their_part() {
+        let mut older = OlderImage::default();
+        older.insert(&chunk(100_000, 20_000, 1));
+        older.insert(&chunk(120_000, 12_768, 2));
+        // New image: 32 KiB = two groups; chunk 1 (20,000 B) then chunk 2 (12,768 B).
+        let mut planner = GroupPlanner::new(&older, 32_768);
+        let first = planner.push(&chunk(0, 20_000, 1));
+        assert_eq!(
+            first,
+            vec![GroupCopy { group: 0, spans: vec![Span { from: 100_000, len: 16_384 }] }]
+        );
+        let second = planner.push(&chunk(20_000, 12_768, 2));
+        // Group 1: the rest of chunk 1 and all of chunk 2, adjacent in the older image.
+        assert_eq!(
+            second,
+            vec![GroupCopy { group: 1, spans: vec![Span { from: 116_384, len: 16_384 }] }]
+        );
+    }
+
+    #[test]
+    fn a_group_with_one_missing_byte_is_not_copied() {
+        let mut older = OlderImage::default();
+        older.insert(&chunk(0, 16_000, 1));
+        let mut planner = GroupPlanner::new(&older, 16_384 + 10);
+        assert!(planner.push(&chunk(0, 16_000, 1)).is_empty(), "group 0 is not complete yet");
+        // 384 bytes the older image lacks end group 0; 10 it has make the short last group.
+        assert!(planner.push(&chunk(16_000, 384, 9)).is_empty(), "group 0 lacks 384 bytes");
+        let last = planner.push(&chunk(16_384, 10, 1));
+        assert_eq!(last, vec![GroupCopy { group: 1, spans: vec![Span { from: 0, len: 10 }] }]);
+    }
+}

@@ -1,0 +1,167 @@
+//! Copying from the active slot: the groups of a new image that the running image already
+//! holds, found through the release's content index, are read from the active slot,
+//! verified against the new image's root like any fetched group, and written to the standby
+//! slot before the swarm starts; the swarm then fetches only the rest.
+//!
+//! The active slot is only a source of candidate bytes: a group is written once all of it
+//! verifies, so a damaged active slot (or a hash that collides in the index map) costs that
+//! group a fetch, never a wrong byte. Reused groups are recorded in the writer's progress
+//! like fetched ones, so a restart resumes after them.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use sitecast_delta::index::{IndexError, IndexReader};
+use sitecast_delta::reuse::{GroupCopy, GroupPlanner, OlderImage};
+use sitecast_iso::{
+    DecodedItem, Device, FileDevice, GROUP_BYTES, OutboardStore, SlotError, SlotWriter,
+};
+
+/// The most groups checked in one go (1 MiB of bytes in memory).
+const BATCH_GROUPS: u64 = 64;
+
+/// What was copied from the active slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reused {
+    pub groups: u64,
+    pub bytes: u64,
+    /// Groups the index placed in the active slot whose bytes did not verify there (a
+    /// damaged active slot): left to the swarm.
+    pub refused: u64,
+    /// Bytes of the active slot read to find them.
+    pub scanned: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReuseError {
+    #[error("content index: {0}")]
+    Index(#[from] IndexError),
+    #[error("reading the active slot: {0}")]
+    Active(#[from] io::Error),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+}
+
+/// Copies into `writer` every group of its image that the active slot at `active` (its first
+/// `active_len` bytes, or all of it) holds according to the content index at `index`,
+/// checking each against `outboard` (the new image's, complete) before it is written.
+/// Blocking: file reads and hashing.
+pub fn copy_from_active<D: Device>(
+    writer: &mut SlotWriter<D>,
+    outboard: &OutboardStore<FileDevice>,
+    index: &Path,
+    active: &Path,
+    active_len: Option<u64>,
+) -> Result<Reused, ReuseError> {
+    let layout = writer.layout();
+    let chunks = IndexReader::new(File::open(index)?, layout.size)?;
+    let source = File::open(active)?;
+    let len = source.metadata()?.len();
+    let len = active_len.map_or(len, |known| known.min(len));
+    let older = OlderImage::read(
+        BufReader::with_capacity(1 << 20, (&source).take(len)),
+        chunks.chunking(),
+    )?;
+    let mut reused = Reused { scanned: older.bytes(), ..Reused::default() };
+    let mut planner = GroupPlanner::new(&older, layout.size);
+    let mut batch = Batch::default();
+    for chunk in chunks {
+        for copy in planner.push(&chunk?) {
+            if writer.has(copy.group) {
+                continue;
+            }
+            if !batch.extends(&copy) {
+                batch.write(writer, outboard, &mut reused)?;
+            }
+            batch.add(&copy, &source)?;
+        }
+    }
+    batch.write(writer, outboard, &mut reused)?;
+    writer.checkpoint()?;
+    Ok(reused)
+}
+
+/// Adjacent groups assembled from the active slot, not yet checked.
+#[derive(Default)]
+struct Batch {
+    groups: Range<u64>,
+    bytes: Vec<u8>,
+}
+
+impl Batch {
+    fn extends(&self, copy: &GroupCopy) -> bool {
+        self.groups.is_empty()
+            || (self.groups.end == copy.group && self.groups.end - self.groups.start < BATCH_GROUPS)
+    }
+
+    fn add(&mut self, copy: &GroupCopy, source: &File) -> io::Result<()> {
+        if self.groups.is_empty() {
+            self.groups = copy.group..copy.group;
+        }
+        for span in &copy.spans {
+            let at = self.bytes.len();
+            self.bytes.resize(at + span.len as usize, 0);
+            source.read_exact_at(&mut self.bytes[at..], span.from)?;
+        }
+        self.groups.end += 1;
+        Ok(())
+    }
+
+    /// Checks the batch and writes what verifies: all of it, or, when something does not,
+    /// each group that does on its own.
+    fn write<D: Device>(
+        &mut self,
+        writer: &mut SlotWriter<D>,
+        outboard: &OutboardStore<FileDevice>,
+        reused: &mut Reused,
+    ) -> Result<(), SlotError> {
+        let groups = std::mem::take(&mut self.groups);
+        let bytes = std::mem::take(&mut self.bytes);
+        if groups.is_empty() {
+            return Ok(());
+        }
+        if let Ok(items) = outboard.verify_plain(groups.clone(), &bytes) {
+            return write_items(
+                writer,
+                &items,
+                bytes.len() as u64,
+                groups.end - groups.start,
+                reused,
+            );
+        }
+        let mut at = 0;
+        for group in groups {
+            let len = (GROUP_BYTES.min(writer.layout().size - group * GROUP_BYTES)) as usize;
+            match outboard.verify_plain(group..group + 1, &bytes[at..at + len]) {
+                Ok(items) => write_items(writer, &items, len as u64, 1, reused)?,
+                Err(error) => {
+                    tracing::warn!(group, %error, "the active slot's copy of a group does not verify; it is fetched");
+                    reused.refused += 1;
+                }
+            }
+            at += len;
+        }
+        Ok(())
+    }
+}
+
+fn write_items<D: Device>(
+    writer: &mut SlotWriter<D>,
+    items: &[DecodedItem],
+    bytes: u64,
+    groups: u64,
+    reused: &mut Reused,
+) -> Result<(), SlotError> {
+    for item in items {
+        match item {
+            DecodedItem::Parent(parent) => writer.save_parent(parent)?,
+            DecodedItem::Group(group) => writer.write_group(group)?,
+        }
+    }
+    reused.groups += groups;
+    reused.bytes += bytes;
+    Ok(())
+}

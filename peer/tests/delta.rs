@@ -1,0 +1,231 @@
+//! Updates that send only what changed: appliances whose active slot holds an older image
+//! copy what the new one shares with it (found through the release's signed content index),
+//! verify every group before it is written, and fetch only the rest, from each other first.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: usize = 1024 * 1024;
+
+/// `len` bytes from a seeded stream (as compressed filesystems look: nothing repeats).
+fn noise(len: usize, seed: &str) -> Vec<u8> {
+    let mut bytes = vec![0u8; len];
+    blake3::Hasher::new_derive_key(seed).finalize_xof().fill(&mut bytes);
+    bytes
+}
+
+/// Release 1 and release 2 of an image: 2 differs by 20 kB inserted, 50 kB changed and
+/// 10 kB removed, each in a different place.
+fn image_pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+    let old = noise(12 * MIB, "release 1");
+    let mut new = [
+        &old[..2 * MIB],
+        &noise(20_000, "inserted")[..],
+        &old[2 * MIB..9 * MIB],
+        &old[9 * MIB + 10_000..],
+    ]
+    .concat();
+    new[6 * MIB..6 * MIB + 50_000].copy_from_slice(&noise(50_000, "changed"));
+    std::fs::write(dir.join("image-v1.raw"), &old).expect("v1");
+    std::fs::write(dir.join("image-v2.raw"), &new).expect("v2");
+    (old, new)
+}
+
+async fn sites(origin: &Origin) -> serde_json::Value {
+    origin
+        .http
+        .get(format!("{}/api/sites", origin.url))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .expect("sites")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_on_the_older_release_fetches_only_what_changed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    let (old, new) = image_pair(dir.path());
+    let new_path = dir.path().join("image-v2.raw");
+    let image = origin.publish_image(2, &new_path, Some(content_index_of(&new_path))).await;
+
+    // Three appliances running release 1 from slot A; a0's copy of it is damaged in one
+    // place (a disk that lost a block since it was installed).
+    let damaged = 4 * MIB..4 * MIB + 40_000;
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let name = format!("a{i}");
+        let mut agent =
+            AgentProcess::new(&dir.path().join(&name), &origin, "store-1", &name, 16 * MIB as u64);
+        let mut active = old.clone();
+        if i == 0 {
+            active[damaged.clone()].iter_mut().for_each(|b| *b ^= 0x55);
+        }
+        // Slots are partitions larger than the images they hold.
+        active.resize(16 * MIB, 0);
+        std::fs::write(agent.dir.join("slot-a.img"), &active).expect("slot A");
+        agent.start();
+        agents.push(agent);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    wait_enrolled(&origin, 3, deadline, &agents[0]).await;
+    wait_members_known(&mut agents, 3, deadline).await;
+    origin.rollout(2).await;
+    wait_state(&origin, &["a0", "a1", "a2"], "ready", deadline).await;
+
+    for agent in &agents {
+        let slot = std::fs::read(agent.dir.join("slot-b.img")).expect("slot");
+        assert!(slot[..new.len()] == new[..], "{}: slot B is not release 2", agent.name);
+    }
+    let list = appliances(&origin).await;
+    let reported = |name: &str, field: &str| {
+        let appliance = list.iter().find(|a| a["name"] == name).expect("listed");
+        appliance["update"][field].as_u64().unwrap_or(0)
+    };
+    // Each copied nearly all of release 2 from its active slot; a0 less: the chunks around
+    // its damage hash to nothing release 2 has, so their groups were fetched.
+    for name in ["a1", "a2"] {
+        let reused = reported(name, "bytes_reused");
+        assert!(reused as f64 >= 0.97 * new.len() as f64, "{name} copied only {reused} bytes");
+    }
+    let damaged_groups = (damaged.end / 16384 - damaged.start / 16384 + 1) as u64;
+    let a0 = reported("a0", "bytes_reused");
+    assert!(a0 <= reported("a1", "bytes_reused") - (damaged_groups - 1) * 16384, "a0 copied {a0}");
+
+    // What crossed the WAN: the changed parts once, and each appliance's index and outboard.
+    let served = origin.origin_bytes("store-1", 2).await;
+    eprintln!("Central Command served {served} bytes for a {}-byte image", image.size);
+    assert!((served as f64) < 0.10 * image.size as f64, "Central Command served {served} bytes");
+    let site = &sites(&origin).await["sites"][0];
+    let reused: u64 = ["a0", "a1", "a2"].iter().map(|n| reported(n, "bytes_reused")).sum();
+    assert_eq!(site["reused_bytes"], reused, "{site}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_signed_index_is_not_its_images_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    let (_, _) = image_pair(dir.path());
+    // The index of release 1's image signed for release 2's.
+    let wrong = content_index_of(&dir.path().join("image-v1.raw"));
+    let (status, body) =
+        origin.try_publish_image(2, &dir.path().join("image-v2.raw"), Some(wrong)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("index_mismatch"), "{body}");
+    let releases: serde_json::Value = origin
+        .http
+        .get(format!("{}/api/releases", origin.url))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .expect("releases")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(releases, serde_json::json!([]), "nothing is published");
+    // The same release with its own index is published.
+    let path = dir.path().join("image-v2.raw");
+    origin.publish_image(2, &path, Some(content_index_of(&path))).await;
+}
+
+/// Copies from `active` into a fresh slot for the image at `new_path`, with the content index
+/// of the image at `index_of`; the slot, its paths and what was copied.
+fn copy_with_index(
+    dir: &Path,
+    new_path: &Path,
+    index_of: &Path,
+    active: &Path,
+) -> (sitecast_iso::SlotWriter<sitecast_iso::FileDevice>, sitecast_peer::reuse::Reused) {
+    use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, Slot, SlotPaths, SlotWriter};
+    let digest =
+        sitecast_manifest::ImageDigest::of_reader(std::fs::File::open(new_path).expect("open"))
+            .expect("hash");
+    let image = sitecast_manifest::ImageInfo {
+        size: digest.size,
+        blake3: digest.blake3,
+        sha256: digest.sha256,
+    };
+    let layout = BlobLayout::new(image.blake3, image.size);
+    let outboard_path = dir.join("new.obao4");
+    let mut outboard =
+        OutboardStore::new(layout, FileDevice::open_or_create(&outboard_path).expect("outboard"));
+    outboard.compute_from(std::fs::File::open(new_path).expect("open")).expect("outboard");
+    let index = dir.join("index");
+    sitecast_delta::index::write(
+        std::fs::File::open(index_of).expect("open"),
+        sitecast_delta::Chunking::default(),
+        std::fs::File::create(&index).expect("index"),
+    )
+    .expect("index");
+    let slot = dir.join("slot-b.img");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&slot);
+    file.expect("slot").set_len(16 * MIB as u64).expect("size");
+    let mut writer =
+        SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, dir)).expect("writer");
+    let reused =
+        sitecast_peer::reuse::copy_from_active(&mut writer, &outboard, &index, active, None)
+            .expect("copy");
+    (writer, reused)
+}
+
+#[test]
+fn an_index_that_lies_costs_fetches_never_a_wrong_byte() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, _) = image_pair(dir.path());
+    let active = dir.path().join("slot-a.img");
+    std::fs::write(&active, &old).expect("slot A");
+    // A new image of the same size with 50 kB changed at 6 MiB, offered with release 1's
+    // index: it places release 1's chunks everywhere, which is wrong in the changed part.
+    let mut new = old.clone();
+    new[6 * MIB..6 * MIB + 50_000].copy_from_slice(&noise(50_000, "changed"));
+    let new_path = dir.path().join("image-v3.raw");
+    std::fs::write(&new_path, &new).expect("v3");
+    let (writer, reused) =
+        copy_with_index(dir.path(), &new_path, &dir.path().join("image-v1.raw"), &active);
+    let changed_groups = 50_000 / 16384 + 2;
+    assert!(reused.refused > 0 && reused.refused <= changed_groups, "{reused:?}");
+    assert_eq!(reused.groups + reused.refused, writer.layout().groups(), "{reused:?}");
+    assert_eq!(reused.groups, writer.written_groups(), "{reused:?}");
+    // Every group written is release 2's; none past what verified.
+    let slot = std::fs::read(dir.path().join("slot-b.img")).expect("slot");
+    let layout = writer.layout();
+    for group in 0..layout.groups() {
+        let bytes = layout.group_bytes(group);
+        let (start, end) = (bytes.start as usize, bytes.end as usize);
+        if writer.has(group) {
+            assert!(slot[start..end] == new[start..end], "group {group} written wrong");
+        } else {
+            assert!(slot[start..end].iter().all(|&b| b == 0), "group {group} written unverified");
+        }
+    }
+}
+
+#[test]
+fn copying_resumes_after_a_restart_with_what_was_recorded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, _) = image_pair(dir.path());
+    let active = dir.path().join("slot-a.img");
+    std::fs::write(&active, &old).expect("slot A");
+    let new_path = dir.path().join("image-v2.raw");
+    let (writer, first) = copy_with_index(dir.path(), &new_path, &new_path, &active);
+    assert!(first.groups > 0 && first.refused == 0, "{first:?}");
+    drop(writer);
+    // Opened again (an agent restarted mid-download): the recorded groups are not copied
+    // twice, and the slot still holds them.
+    let (writer, second) = copy_with_index(dir.path(), &new_path, &new_path, &active);
+    assert_eq!(second.groups, 0, "{second:?}");
+    assert_eq!(writer.written_groups(), first.groups);
+    assert_eq!(
+        writer.stats().resumed + writer.stats().seeded,
+        first.groups,
+        "{:?}",
+        writer.stats()
+    );
+}
