@@ -7,7 +7,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use sitecast_iso::{BlobLayout, FileDevice, OutboardStore};
-use sitecast_manifest::{Blake3Hash, ChunkSizes, ContentIndex, ImageDigest, ImageError, ImageInfo};
+use sitecast_manifest::{
+    Blake3Hash, ChunkSizes, ContentIndex, DigestWriter, ImageDigest, ImageError, ImageInfo,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -59,16 +61,10 @@ impl BlobStore {
         self.dir.join(format!("{hash}.obao4"))
     }
 
-    /// The content index of image `hash` (`sitecast_delta::index`), if its release signs one.
-    pub fn index_path(&self, hash: &Blake3Hash) -> PathBuf {
-        self.dir.join(format!("{hash}.index"))
-    }
-
-    /// Makes the content index of a stored image as its manifest describes it, and keeps it
-    /// only if it is the one the manifest signs. Blocking: run it off the async executor.
+    /// Makes the content index of a stored image as its manifest describes it and stores it
+    /// as a blob of its own (data and outboard, served like an image's), only if it is the
+    /// index the manifest signs. Blocking: run it off the async executor.
     pub fn make_index(&self, image: &ImageInfo, index: &ContentIndex) -> Result<(), ImportError> {
-        let path = self.index_path(&image.blake3);
-        let partial = path.with_extension("index.partial");
         let ChunkSizes { min, avg, max } = index.chunks;
         let chunking = sitecast_delta::Chunking { min, avg, max };
         if !chunking.is_valid() {
@@ -77,32 +73,33 @@ impl BlobStore {
                 format!("the manifest's chunk sizes {min}/{avg}/{max} are not ones FastCDC takes"),
             )));
         }
-        let made = File::create(&partial).and_then(|out| {
-            let data =
-                io::BufReader::with_capacity(1 << 20, File::open(self.data_path(&image.blake3))?);
-            let made = sitecast_delta::index::write_hashed(data, chunking, &out)?;
+        let incoming = self.incoming_path();
+        let made = File::create(&incoming).and_then(|out| {
+            let data = File::open(self.data_path(&image.blake3))?;
+            let mut out = DigestWriter::new(out);
+            let data = io::BufReader::with_capacity(1 << 20, data);
+            sitecast_delta::index::write(data, chunking, &mut out)?;
+            let (out, digest) = out.finish();
             out.sync_all()?;
-            Ok(made)
+            Ok(digest)
         });
-        let (got_size, got) = match made {
-            Ok((size, hash)) => (size, Blake3Hash(hash)),
-            Err(error) => {
-                let _ = fs::remove_file(&partial);
-                return Err(error.into());
-            }
-        };
-        if (got_size, got) != (index.size, index.blake3) {
-            let _ = fs::remove_file(&partial);
-            return Err(ImportError::IndexMismatch {
-                got,
-                got_size,
+        let made = match made {
+            Ok(digest) if digest.matches(&index.file()).is_ok() => Ok(()),
+            Ok(digest) => Err(ImportError::IndexMismatch {
+                got: digest.blake3,
+                got_size: digest.size,
                 want: index.blake3,
                 want_size: index.size,
-            });
+            }),
+            Err(error) => Err(error.into()),
+        };
+        match made {
+            Ok(()) => self.import(&incoming, &index.file()),
+            Err(error) => {
+                let _ = fs::remove_file(&incoming);
+                Err(error)
+            }
         }
-        fs::rename(&partial, &path)?;
-        File::open(&self.dir)?.sync_all()?;
-        Ok(())
     }
 
     /// A fresh path for an upload in progress (same filesystem, so the import is a rename).

@@ -58,7 +58,15 @@ pub struct Chunk {
     pub hash: [u8; 32],
 }
 
+/// A chunk's name in a content index: the first 8 bytes of its BLAKE3 hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkKey(pub u64);
+
 impl Chunk {
+    pub fn key(&self) -> ChunkKey {
+        ChunkKey(u64::from_le_bytes(self.hash[..8].try_into().expect("8 bytes")))
+    }
+
     pub fn bytes(&self) -> Range<u64> {
         self.offset..self.offset + u64::from(self.len)
     }

@@ -1,27 +1,23 @@
 //! Where the bytes of a new image's groups can be copied from in an older image.
 //!
 //! [`OlderImage`] is the older image cut into chunks the same way as the new one, as a map
-//! from chunk hash to where the chunk sits. [`GroupPlanner`] takes the new image's chunks in
+//! from chunk key to where the chunk sits. [`GroupPlanner`] takes the new image's chunks in
 //! order (from its [index](crate::index)) and yields a [`GroupCopy`] for each 16 KiB group
 //! whose every byte lies in a chunk the older image has. Nothing here is trusted: a copied
-//! group is written only once it verifies against the new image's root, so a hash collision
-//! (the map keys on 8 bytes of the hash) or a damaged older image costs a fetch, never a
-//! wrong byte.
+//! group is written only once it verifies against the new image's root, so a key clash or a
+//! damaged older image costs a fetch, never a wrong byte.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
 
-use crate::{Chunk, Chunking, GROUP_BYTES, for_each_chunk};
+use crate::index::IndexEntry;
+use crate::{Chunk, ChunkKey, Chunking, GROUP_BYTES, for_each_chunk};
 
 /// The chunks of an older image (an appliance's active slot), by hash.
 #[derive(Debug, Default)]
 pub struct OlderImage {
-    at: HashMap<u64, u64>,
+    at: HashMap<ChunkKey, u64>,
     bytes: u64,
-}
-
-fn key(hash: &[u8; 32]) -> u64 {
-    u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"))
 }
 
 impl OlderImage {
@@ -36,13 +32,13 @@ impl OlderImage {
     }
 
     fn insert(&mut self, chunk: &Chunk) {
-        self.at.entry(key(&chunk.hash)).or_insert(chunk.offset);
+        self.at.entry(chunk.key()).or_insert(chunk.offset);
         self.bytes = self.bytes.max(chunk.bytes().end);
     }
 
-    /// Where a chunk with this hash starts in the older image, if it has one.
-    pub fn find(&self, hash: &[u8; 32]) -> Option<u64> {
-        self.at.get(&key(hash)).copied()
+    /// Where a chunk with this key starts in the older image, if it has one.
+    pub fn find(&self, key: ChunkKey) -> Option<u64> {
+        self.at.get(&key).copied()
     }
 
     /// Bytes read from the older image.
@@ -101,9 +97,9 @@ impl<'o> GroupPlanner<'o> {
 
     /// The next chunk of the new image (chunks must come in order, without gaps); the groups
     /// it completes that the older image fills, in order.
-    pub fn push(&mut self, chunk: &Chunk) -> Vec<GroupCopy> {
+    pub fn push(&mut self, chunk: &IndexEntry) -> Vec<GroupCopy> {
         debug_assert_eq!(chunk.offset, self.group * GROUP_BYTES + self.placed, "chunks in order");
-        let source = self.older.find(&chunk.hash);
+        let source = self.older.find(chunk.key);
         let mut done = Vec::new();
         let mut left = u64::from(chunk.len);
         let mut from = source;
@@ -145,6 +141,10 @@ mod tests {
         Chunk { offset, len, hash: [id; 32] }
     }
 
+    fn entry(offset: u64, len: u32, id: u8) -> IndexEntry {
+        IndexEntry::from(&chunk(offset, len, id))
+    }
+
     #[test]
     fn a_chunk_across_a_group_boundary_fills_both_groups_with_their_part() {
         let mut older = OlderImage::default();
@@ -152,12 +152,12 @@ mod tests {
         older.insert(&chunk(120_000, 12_768, 2));
         // New image: 32 KiB = two groups; chunk 1 (20,000 B) then chunk 2 (12,768 B).
         let mut planner = GroupPlanner::new(&older, 32_768);
-        let first = planner.push(&chunk(0, 20_000, 1));
+        let first = planner.push(&entry(0, 20_000, 1));
         assert_eq!(
             first,
             vec![GroupCopy { group: 0, spans: vec![Span { from: 100_000, len: 16_384 }] }]
         );
-        let second = planner.push(&chunk(20_000, 12_768, 2));
+        let second = planner.push(&entry(20_000, 12_768, 2));
         // Group 1: the rest of chunk 1 and all of chunk 2, adjacent in the older image.
         assert_eq!(
             second,
@@ -170,10 +170,10 @@ mod tests {
         let mut older = OlderImage::default();
         older.insert(&chunk(0, 16_000, 1));
         let mut planner = GroupPlanner::new(&older, 16_384 + 10);
-        assert!(planner.push(&chunk(0, 16_000, 1)).is_empty(), "group 0 is not complete yet");
+        assert!(planner.push(&entry(0, 16_000, 1)).is_empty(), "group 0 is not complete yet");
         // 384 bytes the older image lacks end group 0; 10 it has make the short last group.
-        assert!(planner.push(&chunk(16_000, 384, 9)).is_empty(), "group 0 lacks 384 bytes");
-        let last = planner.push(&chunk(16_384, 10, 1));
+        assert!(planner.push(&entry(16_000, 384, 9)).is_empty(), "group 0 lacks 384 bytes");
+        let last = planner.push(&entry(16_384, 10, 1));
         assert_eq!(last, vec![GroupCopy { group: 1, spans: vec![Span { from: 0, len: 10 }] }]);
     }
 }

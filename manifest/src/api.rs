@@ -183,8 +183,9 @@ pub struct OriginUrls {
     /// group is verified against the outboard and the signed root before it is written.
     #[serde(default)]
     pub mirrors: Vec<String>,
-    /// The image's content index, when its release signs one: what lets an appliance copy
-    /// what its active slot shares with the image instead of fetching it.
+    /// Verified ranges of the image's content index (a blob like the image), when its
+    /// release signs one: what lets an appliance copy what its active slot shares with the
+    /// image instead of fetching it.
     #[serde(default)]
     pub index: Option<String>,
 }

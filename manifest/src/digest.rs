@@ -105,6 +105,46 @@ impl ImageDigest {
     }
 }
 
+/// A writer that digests what goes through it: for a file made and hashed in one pass (a
+/// content index), where the data is small and one thread does.
+#[derive(Debug)]
+pub struct DigestWriter<W> {
+    out: W,
+    blake3: blake3::Hasher,
+    sha256: Sha256,
+    size: u64,
+}
+
+impl<W: io::Write> DigestWriter<W> {
+    pub fn new(out: W) -> Self {
+        Self { out, blake3: blake3::Hasher::new(), sha256: Sha256::new(), size: 0 }
+    }
+
+    /// The writer and the digest of everything written.
+    pub fn finish(self) -> (W, ImageDigest) {
+        let digest = ImageDigest {
+            size: self.size,
+            blake3: self.blake3.finalize().into(),
+            sha256: Sha256Hash(self.sha256.finalize().into()),
+        };
+        (self.out, digest)
+    }
+}
+
+impl<W: io::Write> io::Write for DigestWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.blake3.update(&buf[..n]);
+        self.sha256.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// BLAKE3 alone, streamed the same way: for callers that need only the blob hash.
 pub fn blake3_of_reader(mut reader: impl Read) -> io::Result<(u64, Blake3Hash)> {
     let mut hasher = blake3::Hasher::new();
@@ -151,6 +191,10 @@ mod tests {
             assert_eq!(digest.blake3, blake3::hash(&data).into());
             assert_eq!(digest.sha256.0, <[u8; 32]>::from(Sha256::digest(&data)));
             assert_eq!(blake3_of_reader(&data[..]).expect("read").1, digest.blake3);
+            let mut writer = DigestWriter::new(Vec::new());
+            io::Write::write_all(&mut writer, &data).expect("in memory");
+            let (written, written_digest) = writer.finish();
+            assert_eq!((written, written_digest), (data, digest));
         }
     }
 

@@ -148,7 +148,7 @@ pub use agent::{
     AGENT_FORMAT, AGENT_TYPE, AgentBuild, AgentFile, AgentPolicy, AgentRelease,
     MAX_AGENT_FILE_BYTES, MAX_AGENT_FILES, OsReleases, VerifiedAgentRelease,
 };
-pub use digest::{ImageDigest, blake3_of_reader};
+pub use digest::{DigestWriter, ImageDigest, blake3_of_reader};
 pub use envelope::{MAX_DOCUMENT_BYTES, SignatureEntry, SignedDocument};
 pub use error::{ImageError, Role, VerifyError};
 pub use hash::{Blake3Hash, Sha256Hash};

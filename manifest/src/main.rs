@@ -13,7 +13,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use jiff::{Timestamp, ToSpan};
 use serde_json::{Value, json};
 use sitecast_manifest::{
-    AGENT_TYPE, Blake3Hash, ChunkSizes, ContentIndex, ImageDigest, ImageInfo, InstallPolicy,
+    AGENT_TYPE, ChunkSizes, ContentIndex, DigestWriter, ImageDigest, ImageInfo, InstallPolicy,
     Intent, PublicKey, Release, RoleKeys, Root, SecretKey, SignedDocument, TrustedRoot,
 };
 
@@ -380,11 +380,12 @@ fn open_image(path: &Path) -> Result<File> {
 
 /// The content index of the image at `path` (a second streamed read), as the manifest signs it.
 fn content_index(path: &Path, chunking: sitecast_delta::Chunking) -> Result<ContentIndex> {
-    let (size, blake3) =
-        sitecast_delta::index::write_hashed(open_image(path)?, chunking, io::sink())
-            .with_context(|| format!("indexing {}", path.display()))?;
+    let mut digest = DigestWriter::new(io::sink());
+    sitecast_delta::index::write(open_image(path)?, chunking, &mut digest)
+        .with_context(|| format!("indexing {}", path.display()))?;
+    let (_, ImageDigest { size, blake3, sha256 }) = digest.finish();
     let sitecast_delta::Chunking { min, avg, max } = chunking;
-    Ok(ContentIndex { size, blake3: Blake3Hash(blake3), chunks: ChunkSizes { min, avg, max } })
+    Ok(ContentIndex { size, blake3, sha256, chunks: ChunkSizes { min, avg, max } })
 }
 
 fn sign(args: SignArgs) -> Result<()> {

@@ -54,6 +54,7 @@ pub struct Release {
 pub struct ContentIndex {
     pub size: u64,
     pub blake3: Blake3Hash,
+    pub sha256: Sha256Hash,
     /// How the image was cut (FastCDC's minimum, average and maximum chunk bytes), so that
     /// Central Command can make the same index from the image.
     pub chunks: ChunkSizes,
@@ -64,6 +65,13 @@ pub struct ChunkSizes {
     pub min: u32,
     pub avg: u32,
     pub max: u32,
+}
+
+impl ContentIndex {
+    /// The index as a file to fetch and check, as an image is.
+    pub fn file(&self) -> ImageInfo {
+        ImageInfo { size: self.size, blake3: self.blake3, sha256: self.sha256 }
+    }
 }
 
 /// An index larger than this is not read (4 GiB images at 4 KiB chunks make 36 MiB).

@@ -99,6 +99,9 @@ pub trait Lan: Send + Sync {
     /// site peers come in, have-maps go out, and verified groups of the slot are served to
     /// peers.
     fn join(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) -> Joined;
+    /// [`Self::join`] for a download that first copies what the active slot holds: the site
+    /// is told so, and waits for it before it fetches from the origin.
+    fn join_preparing(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) -> Joined;
     /// Keeps serving a blob this appliance holds complete (its running slot, an agent
     /// release's file), so later waves of a rollout fetch it from the LAN. Every group is
     /// still re-verified as it is sent.
@@ -863,17 +866,6 @@ impl Agent {
             active_len: self.state.slot_image_sizes.get(&active.to_string()).copied(),
         });
         let members = self.membership.members().unwrap_or_default();
-        let (lan, news, announce) = match &self.lan {
-            Some(lan) => {
-                let joined = lan.join(&image, paths.slot.clone(), self.config.state_dir.clone());
-                (Some(joined.fetcher), joined.news, joined.announce)
-            }
-            None => {
-                let (_tx, news) = mpsc::channel(1);
-                let (announce, _rx) = mpsc::channel(1);
-                (None, news, announce)
-            }
-        };
         tracing::info!(%slot, size = image.size, blake3 = %image.blake3, "download started");
         let download = Download {
             image,
@@ -887,9 +879,7 @@ impl Agent {
             state_dir: self.config.state_dir.clone(),
             me: PeerId(*self.key.public().as_bytes()),
             site_members: members.into_iter().map(PeerId).collect(),
-            lan,
-            news,
-            announce,
+            lan: self.lan.clone(),
             stats: Arc::clone(&self.stats),
         };
         self.download_started = Some(std::time::Instant::now());

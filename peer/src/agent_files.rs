@@ -40,7 +40,12 @@ pub struct FileCache {
 
 impl FileCache {
     pub fn new(state_dir: &Path) -> Self {
-        Self { dir: state_dir.join("agent-files") }
+        Self::at(state_dir.join("agent-files"))
+    }
+
+    /// A cache of other blobs fetched through the site swarm (a release's content index).
+    pub fn at(dir: PathBuf) -> Self {
+        Self { dir }
     }
 
     pub fn dir(&self) -> &Path {
@@ -119,6 +124,18 @@ pub async fn fetch_file(
     file: &ImageInfo,
     cancel: &CancellationToken,
 ) -> Result<TransferStats, String> {
+    let origin = format!("{}/{}/ranges", sources.ranges.trim_end_matches('/'), file.blake3);
+    fetch_blob(sources, cache, file, origin, cancel).await
+}
+
+/// [`fetch_file`] for any blob whose verified ranges are at `origin`.
+pub async fn fetch_blob(
+    sources: &FileSources,
+    cache: &FileCache,
+    file: &ImageInfo,
+    origin: String,
+    cancel: &CancellationToken,
+) -> Result<TransferStats, String> {
     let paths = cache.paths(&file.blake3);
     if file.size == 0 {
         // No group to fetch or verify: the empty file is the file.
@@ -167,7 +184,6 @@ pub async fn fetch_file(
                 (None, news, announce)
             }
         };
-        let origin = format!("{}/{}/ranges", sources.ranges.trim_end_matches('/'), file.blake3);
         let members = sources.site_members.clone();
         let swarm = Swarm::new(
             sources.me,

@@ -454,8 +454,16 @@ impl LanFetcher for ReleaseFetcher {
     }
 }
 
-impl crate::agent::Lan for LanNodeForAgent {
-    fn join(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) -> Joined {
+impl LanNodeForAgent {
+    /// Joins `image`'s swarm; `preparing`: says so ([`crate::site::Announcement::preparing`])
+    /// instead of holding nothing.
+    fn join_announcing(
+        &self,
+        image: &ImageInfo,
+        slot: PathBuf,
+        state_dir: PathBuf,
+        preparing: bool,
+    ) -> Joined {
         let layout = BlobLayout::new(image.blake3, image.size);
         let hash = *image.blake3.as_bytes();
         let fetcher = Arc::new(self.fetcher_for(image));
@@ -467,7 +475,11 @@ impl crate::agent::Lan for LanNodeForAgent {
         let addrs = self.node.advertised_addrs();
         // Announce at once, holding nothing yet: the site counts us as a member (origin
         // pieces are assigned over members) from the start.
-        self.site.announce(hash, HaveMap::from(&PieceSet::empty(pieces)), addrs.clone());
+        let nothing = HaveMap::from(&PieceSet::empty(pieces));
+        match preparing {
+            true => self.site.announce_preparing(hash, nothing, addrs.clone()),
+            false => self.site.announce(hash, nothing, addrs.clone()),
+        }
         let (news_tx, news) = mpsc::channel(256);
         let (announce, mut announced) = mpsc::channel::<Holding>(16);
         let (node, site) = (self.node.clone(), self.site.clone());
@@ -495,16 +507,18 @@ impl crate::agent::Lan for LanNodeForAgent {
                     None => return,
                     Some(Heard::Announced { peer, announcement }) => {
                         node.add_peer(peer, &announcement.iroh_addrs);
-                        let holding = Holding {
-                            have: announcement.have.to_set(pieces),
-                            fetching: (announcement.fetching.as_ref())
-                                .map_or_else(|| PieceSet::empty(pieces), |f| f.to_set(pieces)),
-                        };
-                        let have = PeerNews::Have(PeerId(peer), holding);
-                        if up.insert(peer) {
-                            vec![PeerNews::Up(PeerId(peer)), have]
+                        let up_news = up.insert(peer).then_some(PeerNews::Up(PeerId(peer)));
+                        if announcement.preparing {
+                            let preparing = PeerNews::Preparing(PeerId(peer));
+                            up_news.into_iter().chain([preparing]).collect()
                         } else {
-                            vec![have]
+                            let holding = Holding {
+                                have: announcement.have.to_set(pieces),
+                                fetching: (announcement.fetching.as_ref())
+                                    .map_or_else(|| PieceSet::empty(pieces), |f| f.to_set(pieces)),
+                            };
+                            let have = PeerNews::Have(PeerId(peer), holding);
+                            up_news.into_iter().chain([have]).collect()
                         }
                     }
                     Some(Heard::Gone { peer }) => {
@@ -520,6 +534,16 @@ impl crate::agent::Lan for LanNodeForAgent {
             }
         });
         Joined { news, announce, fetcher }
+    }
+}
+
+impl crate::agent::Lan for LanNodeForAgent {
+    fn join(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) -> Joined {
+        self.join_announcing(image, slot, state_dir, false)
+    }
+
+    fn join_preparing(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) -> Joined {
+        self.join_announcing(image, slot, state_dir, true)
     }
 
     fn serve_installed(&self, image: &ImageInfo, slot: PathBuf, state_dir: PathBuf) {

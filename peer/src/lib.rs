@@ -12,6 +12,10 @@
 //!   the site swarm ([`agent_files`]); [`daemon`] wires it with the control socket and metrics;
 //!   [`gate`]: its health gate on a trial boot; [`release_file`]: the running release as the
 //!   system says; [`early_checkin`]: when strangers on the LAN make it check in early.
+//! - [`reuse`]: copying what a new image shares with the running one from the active slot
+//!   (found through the release's content index), each group verified before it is written;
+//!   [`mirror`]: a release's other HTTP origins; [`outboard`]: the image's parent hashes, which
+//!   both verify against.
 
 pub mod agent;
 pub mod agent_files;
@@ -27,8 +31,8 @@ pub mod lan;
 pub mod membership;
 pub mod metrics;
 pub mod mirror;
+pub mod outboard;
 pub mod reuse;
-pub mod side_files;
 pub mod site;
 pub mod state;
 pub mod swarm;

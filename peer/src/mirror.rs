@@ -16,7 +16,7 @@ use bytes::Bytes;
 use sitecast_iso::{BlobLayout, FileDevice, GROUP_BYTES, OutboardStore};
 
 use crate::coordinator::CoordinatorClient;
-use crate::side_files::{self, SideFileError};
+use crate::outboard::{self, OutboardError};
 use crate::swarm::FetchError;
 
 /// A mirror that sends nothing for this long is given up for this download: well inside the
@@ -25,8 +25,8 @@ pub const MIRROR_IDLE: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
-    #[error("the outboard: {0}")]
-    Outboard(#[from] SideFileError),
+    #[error(transparent)]
+    Outboard(#[from] OutboardError),
     #[error("HTTP client: {0}")]
     Client(String),
 }
@@ -71,7 +71,7 @@ impl Mirrors {
         layout: BlobLayout,
         path: PathBuf,
     ) -> Result<Self, MirrorError> {
-        let outboard = side_files::outboard(client, outboard_url, layout, &path).await?;
+        let outboard = outboard::fetch(client, outboard_url, layout, &path).await?;
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
         let http = match sitecast_tls::client_config(&sitecast_tls::Trust::SystemRoots) {
             Ok(tls) => http.tls_backend_preconfigured(tls),

@@ -69,6 +69,11 @@ pub struct Announcement {
     /// from agents that predate origin runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fetching: Option<HaveMap>,
+    /// It is copying what it already has from its active slot before it fetches anything: it
+    /// will soon hold most of the release, so the site waits for it before fetching from the
+    /// origin (absent from agents that do not copy; older ones take it for holding nothing).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preparing: bool,
     /// The iroh endpoint's direct addresses.
     pub iroh_addrs: Vec<SocketAddr>,
 }
@@ -303,6 +308,19 @@ impl SiteControl {
         self.announce_fetching(blob, have, None, iroh_addrs);
     }
 
+    /// Says this appliance takes part in `blob` and is copying what it already has first
+    /// ([`Announcement::preparing`]).
+    pub fn announce_preparing(&self, blob: [u8; 32], have: HaveMap, iroh_addrs: Vec<SocketAddr>) {
+        let announcement = Announcement {
+            blob: hex::encode(blob),
+            have,
+            fetching: None,
+            preparing: true,
+            iroh_addrs,
+        };
+        let _ = self.commands.send(Command::Announce { blob, announcement });
+    }
+
     /// [`Self::announce`], with the pieces this appliance fetches from the origin.
     pub fn announce_fetching(
         &self,
@@ -311,7 +329,8 @@ impl SiteControl {
         fetching: Option<HaveMap>,
         iroh_addrs: Vec<SocketAddr>,
     ) {
-        let announcement = Announcement { blob: hex::encode(blob), have, fetching, iroh_addrs };
+        let announcement =
+            Announcement { blob: hex::encode(blob), have, fetching, preparing: false, iroh_addrs };
         let _ = self.commands.send(Command::Announce { blob, announcement });
     }
 

@@ -67,6 +67,8 @@ pub enum PeerNews {
     Up(PeerId),
     Down(PeerId),
     Have(PeerId, Holding),
+    /// The peer copies what it already has before it fetches (it will soon hold most).
+    Preparing(PeerId),
 }
 
 /// What the swarm did, for reports and metrics.
@@ -299,6 +301,9 @@ impl<D: Device + Send + 'static> Swarm<D> {
                     match news {
                         Some(PeerNews::Up(peer)) => self.scheduler.handle_event(Event::PeerUp { peer }, now),
                         Some(PeerNews::Down(peer)) => self.scheduler.handle_event(Event::PeerDown { peer }, now),
+                        Some(PeerNews::Preparing(peer)) => {
+                            self.scheduler.handle_event(Event::PeerPreparing { peer }, now)
+                        }
                         Some(PeerNews::Have(peer, Holding { have, fetching })) => {
                             self.scheduler.handle_event(Event::PeerHave { peer, have, fetching }, now)
                         }

@@ -32,7 +32,9 @@
 //!   those the site still lacks, so all finish their origin work together.
 //! - **Discovery grace.** No origin requests until the site's members are known: for
 //!   `discovery_grace`, or until every member Central Command named is up and has said what
-//!   it holds.
+//!   it holds. A member that says it is preparing (copying what its active slot shares with
+//!   the release) is waited for, up to `preparing_grace`: it will soon hold most pieces, and
+//!   until it says which, the rest of the site would fetch from the origin what it can send.
 //! - **End game.** When every missing piece is in flight, a second request for a piece goes to
 //!   another peer that has it; the first copy to arrive cancels the other.
 //! - **Liars are dropped.** A peer that sent a corrupt group is banned for this release and
@@ -126,6 +128,8 @@ pub struct Config {
     /// No origin requests this long after start: the site's membership (and so who is assigned
     /// which piece) is still being learned.
     pub discovery_grace: Duration,
+    /// How long origin requests wait for members that said they are preparing.
+    pub preparing_grace: Duration,
     /// Announcements are coalesced to at most one per this interval (and one when done).
     pub announce_interval: Duration,
     /// After a failed request, a peer gets no new requests for this long.
@@ -175,6 +179,7 @@ impl Config {
             // Site peers are connected before a release arrives and announce the moment they
             // join (gossip pushes), so a fifth of a second is enough to learn who takes part.
             discovery_grace: Duration::from_millis(200),
+            preparing_grace: Duration::from_secs(60),
             announce_interval: Duration::from_millis(10),
             peer_backoff: Duration::from_secs(2),
             origin_backoff: Duration::from_secs(1),
@@ -189,6 +194,9 @@ pub enum Event {
     PeerUp { peer: PeerId },
     /// A site member left (timed out, disconnected, crashed).
     PeerDown { peer: PeerId },
+    /// A site member is copying what it already holds (from its active slot) and will say
+    /// what that is with [`Event::PeerHave`].
+    PeerPreparing { peer: PeerId },
     /// A peer announced the pieces it holds (the whole set, not a delta).
     /// `fetching`: the pieces it is fetching from the origin (empty from agents that do not
     /// say), left to it while it makes progress.
@@ -249,6 +257,8 @@ struct Peer {
     named: bool,
     /// Live and its have-map heard since it came up: what it holds is known.
     heard: bool,
+    /// It said it is copying what it already holds; its have-map is still to come.
+    preparing: bool,
     backoff_until: Duration,
     failures: u32,
     /// Its rendezvous score for every piece (the highest score fetches a piece from the origin).
@@ -428,6 +438,14 @@ impl Scheduler {
                     self.fail_requests_to(i);
                 }
             }
+            Event::PeerPreparing { peer } => {
+                self.peer_up(peer, now);
+                if let Some(&i) = self.index.get(&peer)
+                    && self.peers[i].live
+                {
+                    self.peers[i].preparing = true;
+                }
+            }
             Event::PeerHave { peer, have, fetching } => {
                 let banned = self.index.get(&peer).is_some_and(|&i| self.peers[i].banned);
                 if peer == self.me || banned || have.len() != self.config.pieces {
@@ -445,6 +463,7 @@ impl Scheduler {
                 let i = self.index[&peer];
                 let state = &mut self.peers[i];
                 if state.live {
+                    state.preparing = false;
                     if !std::mem::replace(&mut state.heard, true) {
                         self.named_heard += usize::from(state.named);
                     }
@@ -512,8 +531,11 @@ impl Scheduler {
         let backoffs = live.map(|p| p.backoff_until).filter(|&t| t > self.now);
         let origin = Some(self.origin_backoff_until).filter(|&t| t > self.now);
         let grace = (self.started)
-            .filter(|_| !self.all_members_up())
-            .map(|s| s + self.config.discovery_grace)
+            .filter(|_| !self.all_members_up() || self.any_preparing())
+            .map(|s| match self.any_preparing() {
+                true => s + self.config.preparing_grace,
+                false => s + self.config.discovery_grace,
+            })
             .filter(|&t| t > self.now);
         let stall_after = self.stall_after();
         let takeovers = self.peers.iter().filter_map(|p| p.progress).map(|last| last + stall_after);
@@ -548,6 +570,7 @@ impl Scheduler {
                     spread: hash64(&self.me.0, &peer.0),
                     named: self.config.site_members.contains(&peer),
                     heard: false,
+                    preparing: false,
                     backoff_until: Duration::ZERO,
                     failures: 0,
                     scores: self.rendezvous.scores(&peer),
@@ -763,6 +786,7 @@ impl Scheduler {
         let state = &mut self.peers[peer];
         if state.live {
             state.live = false;
+            state.preparing = false;
             if std::mem::take(&mut state.heard) {
                 self.named_heard -= usize::from(state.named);
             }
@@ -845,10 +869,19 @@ impl Scheduler {
         !self.config.site_members.is_empty() && self.named_heard == self.named_others
     }
 
-    /// Whether the discovery grace is over: its time has passed, or every named member is up.
+    /// Whether the discovery grace is over: its time has passed, or every named member is up;
+    /// while a member is preparing, once the preparing grace has passed.
     fn grace_over(&self) -> bool {
-        self.all_members_up()
-            || self.started.is_some_and(|s| self.now >= s + self.config.discovery_grace)
+        let since = |grace| self.started.is_some_and(|s| self.now >= s + grace);
+        if self.any_preparing() {
+            return since(self.config.preparing_grace);
+        }
+        self.all_members_up() || since(self.config.discovery_grace)
+    }
+
+    /// A live member said it is preparing and has not said what it holds yet.
+    fn any_preparing(&self) -> bool {
+        self.live.iter().any(|&i| self.peers[i].preparing)
     }
 
     /// Origin requests this appliance may have in flight: of the site's window, the part its

@@ -201,6 +201,23 @@ impl Site {
         while self.now < limit && self.step() {}
     }
 
+    /// Runs on while the next delivery or timer falls before `limit`, then sets the clock to
+    /// `limit`: nothing later happens early.
+    fn run_until(&mut self, limit: Duration) {
+        loop {
+            let next_timer = (0..self.nodes.len())
+                .filter(|&i| self.alive[i])
+                .filter_map(|i| self.nodes[i].poll_timeout())
+                .min();
+            let next_delivery = self.queue.keys().next().map(|k| k.0);
+            match next_timer.into_iter().chain(next_delivery).min() {
+                Some(next) if next < limit && self.step() => {}
+                _ => break,
+            }
+        }
+        self.now = self.now.max(limit);
+    }
+
     /// Handles the next delivery or timer; false once every live node is done or nothing is
     /// left to happen.
     fn step(&mut self) -> bool {
@@ -569,4 +586,44 @@ fn a_member_that_joins_late_leaves_what_others_fetch_to_them() {
     assert!(!taken.is_empty(), "the late member fetches what nobody else does");
     let twice: Vec<u64> = taken.iter().copied().filter(|&p| fetching.contains(p)).collect();
     assert!(twice.is_empty(), "fetched a second time from the origin: {twice:?}");
+}
+
+#[test]
+fn a_member_that_is_preparing_is_waited_for_before_the_origin() {
+    let pieces = 20;
+    let mut site = Site::new(3, pieces);
+    // Node 2 copies what its active slot holds (pieces 0..18) before it takes part; it says
+    // so as it joins, and says nothing more for a second.
+    for i in 0..2 {
+        site.nodes[i].handle_event(Event::PeerPreparing { peer: peer(2) }, Duration::ZERO);
+    }
+    site.alive[2] = false;
+    site.start();
+    site.run_until(Duration::from_secs(1));
+    assert!(
+        site.origin_log.is_empty(),
+        "fetched before node 2 said what it holds: {:?}",
+        site.origin_log
+    );
+
+    site.alive[2] = true;
+    site.nodes[2]
+        .handle_event(Event::HaveLocally { pieces: std::iter::once(0..18).collect() }, site.now);
+    site.drain(2);
+    site.run_on(Duration::from_secs(600));
+    assert!(site.nodes.iter().all(Scheduler::is_done));
+    // Only what node 2 could not copy came from the origin, once.
+    let expected: BTreeMap<u64, u32> = [(18, 1), (19, 1)].into();
+    assert_eq!(site.origin_requests(), expected, "{:?}", site.origin_log);
+}
+
+#[test]
+fn a_member_preparing_for_too_long_is_not_waited_for() {
+    let mut site = Site::new(2, 8);
+    site.nodes[0].handle_event(Event::PeerPreparing { peer: peer(1) }, Duration::ZERO);
+    site.alive[1] = false;
+    site.run(Duration::from_secs(600));
+    assert!(site.nodes[0].is_done(), "node 0 finished from the origin alone");
+    let waited = site.origin_log.first().expect("origin requests").at;
+    assert!(waited >= Config::new(8, 1 << 20).preparing_grace, "asked the origin at {waited:?}");
 }

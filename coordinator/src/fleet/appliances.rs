@@ -323,7 +323,10 @@ impl Fleet {
             iroh: self.iroh_addresses.clone(),
             outboard: Some(format!("{public_url}/api/blobs/{}/outboard", release.blake3)),
             mirrors: release.mirrors.clone(),
-            index: Some(format!("{public_url}/api/releases/{}/index", release.version)),
+            index: release
+                .index
+                .as_ref()
+                .map(|index| format!("{public_url}/api/blobs/{index}/ranges")),
         });
         response.site_peers = self.site_peers(appliance, Some(release), now);
         response

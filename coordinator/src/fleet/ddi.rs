@@ -139,6 +139,7 @@ impl Fleet {
                 manifest: String::new(),
                 swu: None,
                 mirrors: Vec::new(),
+                index: None,
             },
         };
         let detail = json!({"version": version, "filename": swu.filename, "size": swu.size,

@@ -268,6 +268,11 @@ impl Fleet {
         same.find(|r| r.active).or(newest)
     }
 
+    /// The release whose image's content index is the blob `blake3`, if one is.
+    pub fn release_by_index(&self, blake3: &str) -> Option<&ReleaseRecord> {
+        self.releases.values().rev().find(|r| r.index.as_deref() == Some(blake3))
+    }
+
     /// The sequence number the next audit entry will get.
     pub fn next_audit_seq(&self) -> u64 {
         self.audit_next

@@ -293,7 +293,6 @@ impl Coordinator {
             .route("/api/releases/{version}/deactivate", post(releases::deactivate))
             .route("/api/releases/{version}/manifest", get(releases::manifest))
             .route("/api/releases/{version}/image", get(origin::image))
-            .route("/api/releases/{version}/index", get(origin::release_index))
             .route("/api/releases/{version}/mirrors", put(mirrors::set))
             .route("/api/blobs/{hash}/ranges", get(origin::blob_ranges))
             .route("/api/blobs/{hash}/outboard", get(origin::blob_outboard))

@@ -250,37 +250,6 @@ pub(super) async fn blob_outboard(
     Ok(response)
 }
 
-/// The content index of a release's image (made and checked against the manifest when the
-/// release was published), for appliances that copy what their active slot shares with it.
-/// Counted with the origin bytes of the reader's site.
-pub(super) async fn release_index(
-    State(state): State<Arc<AppState>>,
-    Path(version): Path<u64>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    let (parts, _) = request.into_parts();
-    let reader = ImageReader::check(&state, &parts, Some(version))?;
-    let what = format!("the content index of release {version}");
-    let record = readable(
-        &state,
-        &reader,
-        |f| f.releases.get(&version).filter(|r| r.has_image()).cloned(),
-        &what,
-    )?;
-    let path = state.blobs.index_path(&image_info(&record)?.blake3);
-    let size = match tokio::fs::metadata(&path).await {
-        Ok(metadata) => metadata.len(),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ApiError::not_found(what));
-        }
-        Err(error) => return Err(ApiError::internal(error)),
-    };
-    let etag = format!("\"{}-index\"", record.blake3);
-    let response = ranged_file(&parts.headers, &path, size, &etag, HeaderMap::new()).await?;
-    count_sent(&state, &reader, version, &response);
-    Ok(response)
-}
-
 /// Counts what `response` sends with the origin bytes of the reader's site (committing to
 /// the store: not on the executor).
 fn count_sent(state: &Arc<AppState>, reader: &ImageReader, version: u64, response: &Response) {
@@ -303,9 +272,9 @@ fn reader_site(reader: &ImageReader) -> String {
     }
 }
 
-/// What `hash` names, if this reader may have verified ranges of it: a release's image (and
-/// that release, whose origin bytes are counted) or a file of an agent release (enrolled
-/// appliances and operators only).
+/// What `hash` names, if this reader may have verified ranges of it: a release's image or
+/// content index (and that release, whose origin bytes are counted) or a file of an agent
+/// release (enrolled appliances and operators only).
 async fn ranged_blob(
     state: &Arc<AppState>,
     parts: &axum::http::request::Parts,
@@ -325,6 +294,17 @@ async fn ranged_blob(
         return Ok((BlobInfo { blake3: info.blake3, size: info.size }, reader, Some(version)));
     }
     let blake3 = sitecast_manifest::Blake3Hash::from_hex(hash).map_err(|_| not_found())?;
+    // A release's content index, counted with its release's bytes.
+    let indexed = lock(&state.fleet).release_by_index(hash).map(|r| r.version);
+    if let Some(version) = indexed {
+        let reader = ImageReader::check(state, parts, Some(version))?;
+        readable(state, &reader, |f| f.releases.get(&version).cloned(), &format!("blob {hash}"))?;
+        let size = tokio::fs::metadata(state.blobs.data_path(&blake3))
+            .await
+            .map_err(ApiError::internal)?
+            .len();
+        return Ok((BlobInfo { blake3, size }, reader, Some(version)));
+    }
     if !lock(&state.fleet).is_agent_file(&blake3.to_hex()) {
         return Err(not_found());
     }

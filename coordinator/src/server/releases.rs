@@ -56,6 +56,7 @@ pub(super) async fn publish(
     let blobs = state.blobs.clone();
     let import_image = image.clone();
     let index = verified.release().index.clone();
+    let index_hash = index.as_ref().map(|index| index.blake3.to_hex());
     tokio::task::spawn_blocking(move || {
         match incoming {
             Ok(path) => blobs.import(&path, &import_image),
@@ -92,6 +93,7 @@ pub(super) async fn publish(
         manifest: String::from_utf8_lossy(&verified.to_bytes()).into_owned(),
         swu: None,
         mirrors: Vec::new(),
+        index: index_hash,
     };
     if let Some(iroh) = state.iroh.get() {
         iroh.add(&state.blobs.data_path(&image.blake3)).await.map_err(ApiError::internal)?;

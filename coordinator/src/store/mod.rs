@@ -74,6 +74,10 @@ pub struct ReleaseRecord {
     /// before Central Command's own.
     #[serde(default)]
     pub mirrors: Vec<String>,
+    /// BLAKE3 of its image's content index (hex), served as a blob beside the image, when
+    /// the manifest signs one.
+    #[serde(default)]
+    pub index: Option<String>,
 }
 
 impl ReleaseRecord {

@@ -16,10 +16,11 @@ pub mod nginx;
 pub fn content_index_of(path: &Path) -> ContentIndex {
     let chunking = sitecast_delta::Chunking::default();
     let image = std::fs::File::open(path).expect("image");
-    let (size, blake3) =
-        sitecast_delta::index::write_hashed(image, chunking, std::io::sink()).expect("index");
+    let mut digest = DigestWriter::new(std::io::sink());
+    sitecast_delta::index::write(image, chunking, &mut digest).expect("index");
+    let (_, ImageDigest { size, blake3, sha256 }) = digest.finish();
     let sitecast_delta::Chunking { min, avg, max } = chunking;
-    ContentIndex { size, blake3: Blake3Hash(blake3), chunks: ChunkSizes { min, avg, max } }
+    ContentIndex { size, blake3, sha256, chunks: ChunkSizes { min, avg, max } }
 }
 
 pub const OPERATOR: &str = "operator-secret";
