@@ -22,6 +22,8 @@ pub enum ImportError {
          {want_size} bytes with BLAKE3 {want} (was it signed by another version of sitecast-manifest?)"
     )]
     IndexMismatch { got: Blake3Hash, got_size: u64, want: Blake3Hash, want_size: u64 },
+    #[error("the manifest's index chunk sizes {min}/{avg}/{max} are not ones FastCDC takes")]
+    IndexChunks { min: u32, avg: u32, max: u32 },
 }
 
 /// What serving a stored blob needs of it.
@@ -68,10 +70,7 @@ impl BlobStore {
         let ChunkSizes { min, avg, max } = index.chunks;
         let chunking = sitecast_delta::Chunking { min, avg, max };
         if !chunking.is_valid() {
-            return Err(ImportError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("the manifest's chunk sizes {min}/{avg}/{max} are not ones FastCDC takes"),
-            )));
+            return Err(ImportError::IndexChunks { min, avg, max });
         }
         let incoming = self.incoming_path();
         let made = File::create(&incoming).and_then(|out| {

@@ -38,6 +38,7 @@
 //! | `notes` | release notes (optional) |
 //! | `created`, `expires` | RFC 3339 UTC timestamps |
 //! | `rollback_floor` | optional: once installed, no release below this version is accepted |
+//! | `index` | optional: the image's content index, `{size, blake3, sha256, chunks: {min, avg, max}}`, what lets an appliance copy what its active slot shares with the image; an unreadable one is ignored |
 //!
 //! An **agent release** (`type` `sitecast.agent`, `format` 1) ships the appliance agent apart
 //! from any image, signed by the same release keys:
@@ -109,6 +110,7 @@
 //!     created: now,
 //!     expires: now + 1.hour(),
 //!     rollback_floor: None,
+//!     index: None,
 //! };
 //! let manifest = release.sign(&[&release_key]).to_bytes();
 //!

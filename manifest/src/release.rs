@@ -74,7 +74,7 @@ impl ContentIndex {
     }
 }
 
-/// An index larger than this is not read (4 GiB images at 4 KiB chunks make 36 MiB).
+/// An index larger than this is not read (4 GiB images at 4 KiB chunks make 12 MiB).
 pub const MAX_INDEX_BYTES: u64 = 1 << 30;
 
 impl Release {

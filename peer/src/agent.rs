@@ -536,7 +536,10 @@ impl Agent {
                 "the system runs another release than the agent recorded; trusting the system"
             );
         }
-        self.state.slot_versions.insert(slot.to_string(), version);
+        if self.state.slot_versions.insert(slot.to_string(), version) != Some(version) {
+            // The size recorded was another release's.
+            self.state.slot_image_sizes.remove(&slot.to_string());
+        }
         self.save();
     }
 
@@ -1109,6 +1112,15 @@ impl Agent {
                 self.config.slot_path(slot).to_owned(),
                 self.config.state_dir.clone(),
             );
+            // Its content index too, for the site's later stages (after a restart as well).
+            if let Some(index) = &verified.release().index {
+                let cache = download::index_cache(&self.config.state_dir);
+                let file = index.file();
+                if cache.holds(&file) {
+                    let path = cache.paths(&file.blake3).slot;
+                    lan.serve_installed(&file, path, cache.dir().to_owned());
+                }
+            }
         }
     }
 

@@ -151,6 +151,13 @@ enum Fetched {
 
 type FetchOutcome = (RequestId, Source, Fetched);
 
+/// What to ask for of one piece: the span of its groups not written yet.
+#[derive(Debug, Clone)]
+struct Wanted {
+    piece: u64,
+    groups: std::ops::Range<u64>,
+}
+
 /// Verified pieces waiting to be written: a run's reader waits when this many are queued, so
 /// memory stays bounded by a few pieces whatever the run's length.
 const PIECES_QUEUED: usize = 8;
@@ -319,6 +326,28 @@ impl<D: Device + Send + 'static> Swarm<D> {
         }
     }
 
+    /// What of `pieces` to ask for: each piece's groups from its first missing one to its
+    /// last (a piece partly copied from the active slot, or partly written before a restart,
+    /// is not fetched whole). Groups held in between are asked again: one span per piece
+    /// keeps every request a range.
+    fn wanted(&self, pieces: Vec<u64>) -> Vec<Wanted> {
+        let pieces_of = piece_layout(&self.layout);
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        pieces
+            .into_iter()
+            .map(|piece| {
+                let groups = pieces_of.groups_of(piece);
+                let first = groups.clone().find(|&g| !writer.has(g));
+                let last = groups.rev().find(|&g| !writer.has(g));
+                let groups = match (first, last) {
+                    (Some(first), Some(last)) => first..last + 1,
+                    _ => 0..0,
+                };
+                Wanted { piece, groups }
+            })
+            .collect()
+    }
+
     /// Fetches and verifies `pieces` from `source` (verification happens off the executor),
     /// handing each to the run loop as it verifies; the writer is not touched until every
     /// group of a piece has verified.
@@ -329,18 +358,31 @@ impl<D: Device + Send + 'static> Swarm<D> {
         source: Source,
         out: mpsc::Sender<FetchOutcome>,
     ) -> impl std::future::Future<Output = RequestId> + Send + 'static {
+        let wanted = self.wanted(pieces);
         let layout = self.layout;
         let origin = self.origin.clone();
         let mirrors = self.mirrors.clone();
         let stats = Arc::clone(&self.stats);
         let lan = self.lan.clone();
         async move {
+            // Pieces that need nothing (written meanwhile) are done at once.
+            let (wanted, nothing): (Vec<_>, Vec<_>) =
+                wanted.into_iter().partition(|w| !w.groups.is_empty());
+            for Wanted { piece, .. } in nothing {
+                let done = Fetched::Piece { piece, bytes: 0, items: Vec::new(), mirror: false };
+                if out.send((id, source, done)).await.is_err() {
+                    return id;
+                }
+            }
+            if wanted.is_empty() {
+                return id;
+            }
             let result = match source {
                 Source::Origin => match &origin {
                     Some((client, url)) => {
                         let out = out.clone();
                         let deliver = move |piece| out.blocking_send((id, source, piece)).is_ok();
-                        let mut left = pieces;
+                        let mut left = wanted;
                         if let Some(mirrors) = mirrors {
                             left =
                                 fetch_from_mirrors(&mirrors, layout, left, &deliver, &stats).await;
@@ -354,7 +396,7 @@ impl<D: Device + Send + 'static> Swarm<D> {
                 },
                 Source::Peer(peer) => match &lan {
                     Some(lan) => {
-                        fetch_from_peer(lan.as_ref(), peer, layout, &pieces, &out, id).await
+                        fetch_from_peer(lan.as_ref(), peer, layout, &wanted, &out, id).await
                     }
                     None => Err(FetchError::Failed("no LAN transport".into())),
                 },
@@ -420,18 +462,17 @@ impl<D: Device + Send + 'static> Swarm<D> {
     }
 }
 
-/// Fetches each of `pieces` from a LAN peer, one request each.
+/// Fetches what is wanted of each piece from a LAN peer, one request each.
 async fn fetch_from_peer(
     lan: &dyn LanFetcher,
     peer: PeerId,
     layout: BlobLayout,
-    pieces: &[u64],
+    wanted: &[Wanted],
     out: &mpsc::Sender<FetchOutcome>,
     id: RequestId,
 ) -> Result<(), FetchError> {
     let source = Source::Peer(peer);
-    for &piece in pieces {
-        let groups = piece_groups(&layout, piece);
+    for Wanted { piece, groups } in wanted.iter().cloned() {
         let body = lan.fetch(peer, groups.clone()).await?;
         let bytes = body.len() as u64;
         let items = tokio::task::spawn_blocking(move || decode(layout, groups, &body, source))
@@ -453,11 +494,10 @@ async fn fetch_run(
     client: &CoordinatorClient,
     url: &str,
     layout: BlobLayout,
-    pieces: &[u64],
+    wanted: &[Wanted],
     deliver: impl Fn(Fetched) -> bool + Clone + Send + 'static,
 ) -> Result<(), FetchError> {
-    let pieces_of = piece_layout(&layout);
-    let groups = pieces.iter().flat_map(|&piece| pieces_of.groups_of(piece));
+    let groups = wanted.iter().flat_map(|w| w.groups.clone());
     let mut ranges: std::collections::VecDeque<_> = sitecast_iso::collect_ranges(groups).into();
     // A Central Command that refuses runs gets one range per request, as before runs.
     let mut one_at_a_time = false;
@@ -519,10 +559,10 @@ async fn fetch_run(
 async fn fetch_from_mirrors(
     mirrors: &Arc<Mirrors>,
     layout: BlobLayout,
-    mut left: Vec<u64>,
+    mut left: Vec<Wanted>,
     deliver: &(impl Fn(Fetched) -> bool + Clone + Send + 'static),
     stats: &Mutex<TransferStats>,
-) -> Vec<u64> {
+) -> Vec<Wanted> {
     while let Some(index) = mirrors.current() {
         match fetch_from_mirror(mirrors, index, layout, &mut left, deliver).await {
             Ok(()) => return Vec::new(),
@@ -536,22 +576,24 @@ async fn fetch_from_mirrors(
     left
 }
 
-/// Fetches `pieces` from mirror `index`, a `Range` request per stretch of adjacent groups,
-/// read and verified a piece at a time (so the run shows progress as it goes, and a mirror
-/// that stalls is given up before the run is); a delivered piece leaves `pieces`.
+/// Fetches what is wanted of `pieces` from mirror `index`, a `Range` request per stretch of
+/// adjacent groups, read and verified a piece at a time (so the run shows progress as it
+/// goes, and a mirror that stalls is given up before the run is); a delivered piece leaves
+/// `pieces`.
 async fn fetch_from_mirror(
     mirrors: &Arc<Mirrors>,
     index: usize,
     layout: BlobLayout,
-    pieces: &mut Vec<u64>,
+    pieces: &mut Vec<Wanted>,
     deliver: &(impl Fn(Fetched) -> bool + Clone + Send + 'static),
 ) -> Result<(), FetchError> {
-    let pieces_of = piece_layout(&layout);
-    let groups = pieces.iter().flat_map(|&piece| pieces_of.groups_of(piece));
+    let groups = pieces.iter().flat_map(|w| w.groups.clone());
     for stretch in sitecast_iso::collect_ranges(groups) {
         let mut body = mirrors.open(index, layout, stretch.clone()).await?;
-        for piece in pieces_of.pieces_touching(stretch) {
-            let groups = pieces_of.groups_of(piece);
+        let within = pieces
+            .iter()
+            .filter(|w| w.groups.start >= stretch.start && w.groups.end <= stretch.end);
+        for Wanted { piece, groups } in within.cloned().collect::<Vec<_>>() {
             let plain = (groups.end * sitecast_iso::GROUP_BYTES).min(layout.size)
                 - groups.start * sitecast_iso::GROUP_BYTES;
             let bytes = body.take(plain as usize).await?;
@@ -568,7 +610,7 @@ async fn fetch_from_mirror(
             })
             .await
             .unwrap_or_else(|e| Err(FetchError::Failed(e.to_string())))?;
-            pieces.retain(|&p| p != piece);
+            pieces.retain(|w| w.piece != piece);
             if !more {
                 pieces.clear();
                 return Ok(());
@@ -602,8 +644,8 @@ impl std::io::Read for ChannelReader {
     }
 }
 
-/// Reads one response for `groups` (whole pieces), handing each piece to `deliver` once all
-/// its groups verified. Returns whether `deliver` still wants more.
+/// Reads one response for `groups` (the wanted groups of whole pieces), handing each piece to
+/// `deliver` once all its wanted groups verified. Returns whether `deliver` still wants more.
 fn decode_run(
     layout: BlobLayout,
     groups: &[std::ops::Range<u64>],
@@ -611,13 +653,17 @@ fn decode_run(
     deliver: impl Fn(Fetched) -> bool,
 ) -> Result<bool, FetchError> {
     let pieces_of = piece_layout(&layout);
+    // Groups asked for in each piece.
+    let mut asked: BTreeMap<u64, u64> = BTreeMap::new();
+    for group in groups.iter().flat_map(|r| r.clone()) {
+        *asked.entry(group / pieces_of.groups_per_piece()).or_default() += 1;
+    }
     let read = std::rc::Rc::new(std::cell::Cell::new(0u64));
     let counting = CountingReader { inner: reader, read: std::rc::Rc::clone(&read) };
     let ranges = layout.chunk_ranges_of(groups);
     let decoder =
         ResponseDecoder::new(layout, &ranges, counting).map_err(|e| classify(e, Source::Origin))?;
-    let expected: u64 =
-        groups.iter().map(|r| pieces_of.pieces_touching(r.clone()).count() as u64).sum();
+    let expected = asked.len() as u64;
     let (mut items, mut groups_left, mut counted) = (Vec::new(), 0, 0);
     let mut delivered = 0;
     for item in decoder {
@@ -629,8 +675,7 @@ fn decode_run(
         items.push(item);
         if let Some(piece) = piece {
             if groups_left == 0 {
-                let groups = pieces_of.groups_of(piece);
-                groups_left = groups.end - groups.start;
+                groups_left = asked.get(&piece).copied().unwrap_or(1);
             }
             groups_left -= 1;
             if groups_left == 0 {

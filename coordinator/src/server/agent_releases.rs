@@ -76,7 +76,9 @@ pub(super) async fn publish(
                     ApiError::bad_request("file_unreadable", format!("{}: {e}", source.display()))
                 }
                 // Agent files have no content index.
-                e @ ImportError::IndexMismatch { .. } => ApiError::internal(e),
+                e @ (ImportError::IndexMismatch { .. } | ImportError::IndexChunks { .. }) => {
+                    ApiError::internal(e)
+                }
             })?;
         }
         Ok::<_, ApiError>(())

@@ -74,7 +74,9 @@ pub(super) async fn publish(
             "image_mismatch",
             format!("image does not match the manifest: {e}"),
         ),
-        ImportError::IndexMismatch { .. } => ApiError::bad_request("index_mismatch", e.to_string()),
+        ImportError::IndexMismatch { .. } | ImportError::IndexChunks { .. } => {
+            ApiError::bad_request("index_mismatch", e.to_string())
+        }
         ImportError::Io(e) => ApiError::bad_request("image_unreadable", format!("image: {e}")),
     })?;
     let release = verified.release();

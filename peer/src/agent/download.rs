@@ -78,7 +78,7 @@ impl Download {
             }
         };
         let outboard_path = state_dir.join(format!("outboard-{}.obao4", image.blake3));
-        let index_cache = FileCache::at(state_dir.join("release-index"));
+        let index_cache = index_cache(&state_dir);
         // The outboard and the index come first; a newer offer may replace this download
         // meanwhile. Without them the download goes on, fetching everything.
         let wants_outboard = !self.mirrors.is_empty() || self.reuse.is_some();
@@ -162,6 +162,11 @@ impl Download {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
     }
+}
+
+/// Where the content index of the release being fetched or run is kept.
+pub(super) fn index_cache(state_dir: &std::path::Path) -> FileCache {
+    FileCache::at(state_dir.join("release-index"))
 }
 
 impl Download {
