@@ -146,6 +146,30 @@ impl BlobStore {
         Ok(())
     }
 
+    /// Stores the outboard of the stored image `image` as a blob of its own (a copy, with its
+    /// own outboard), so that appliances can fetch it as verified ranges from each other
+    /// instead of each from Central Command; its digest. Blocking.
+    pub fn outboard_as_blob(&self, image: &ImageInfo) -> Result<ImageDigest, ImportError> {
+        if fs::metadata(self.outboard_path(&image.blake3))?.len() == 0 {
+            // One group: no parents, nothing to share.
+            return Ok(ImageDigest::of_reader(io::empty())?);
+        }
+        let incoming = self.incoming_path();
+        let copied = fs::copy(self.outboard_path(&image.blake3), &incoming)
+            .and_then(|_| File::open(&incoming)?.sync_all());
+        let digest = copied.and_then(|()| ImageDigest::of_reader(File::open(&incoming)?));
+        let digest = match digest {
+            Ok(digest) => digest,
+            Err(error) => {
+                let _ = fs::remove_file(&incoming);
+                return Err(error.into());
+            }
+        };
+        let file = ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 };
+        self.import(&incoming, &file)?;
+        Ok(digest)
+    }
+
     /// Copies a file already on this server in, then imports it like an upload. A copy, not
     /// a link: the operator's file may be rewritten later, and the origin must go on serving
     /// the bytes that verified under this release's ETag.

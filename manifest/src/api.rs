@@ -9,6 +9,7 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::Blake3Hash;
 use crate::window::MaintenanceWindow;
 
 /// Headers that carry an appliance's identity and its signature over the request.
@@ -183,11 +184,27 @@ pub struct OriginUrls {
     /// group is verified against the outboard and the signed root before it is written.
     #[serde(default)]
     pub mirrors: Vec<String>,
+    /// The image's outboard as a blob of its own, which site peers share (each appliance
+    /// fetching `outboard` from Central Command instead costs a site that many copies); its
+    /// hash is Central Command's word, and what it holds is checked against the signed root
+    /// as it is used.
+    #[serde(default)]
+    pub outboard_blob: Option<BlobOffer>,
     /// Verified ranges of the image's content index (a blob like the image), when its
     /// release signs one: what lets an appliance copy what its active slot shares with the
     /// image instead of fetching it.
     #[serde(default)]
     pub index: Option<String>,
+}
+
+/// A file served as a blob: where its verified ranges are, and what it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobOffer {
+    /// `GET {ranges}?start=&end=` (group indices) returns verified ranges, as for the image.
+    pub ranges: String,
+    pub size: u64,
+    pub blake3: Blake3Hash,
+    pub sha256: crate::Sha256Hash,
 }
 
 /// `PUT /api/releases/{version}/mirrors`: the release's other HTTP origins, in the order

@@ -858,6 +858,7 @@ impl Agent {
             iroh: Vec::new(),
             outboard: None,
             mirrors: Vec::new(),
+            outboard_blob: None,
             index: None,
         });
         // What the running image shares with the new one is copied from its slot.
@@ -877,6 +878,7 @@ impl Agent {
             client: self.client.clone(),
             ranges_url: Some(origin_urls.ranges).filter(|url| !url.is_empty()),
             outboard_url: origin_urls.outboard,
+            outboard_blob: origin_urls.outboard_blob,
             mirrors: origin_urls.mirrors,
             reuse,
             state_dir: self.config.state_dir.clone(),
@@ -1114,7 +1116,7 @@ impl Agent {
             );
             // Its content index too, for the site's later stages (after a restart as well).
             if let Some(index) = &verified.release().index {
-                let cache = download::index_cache(&self.config.state_dir);
+                let cache = download::release_files(&self.config.state_dir);
                 let file = index.file();
                 if cache.holds(&file) {
                     let path = cache.paths(&file.blake3).slot;

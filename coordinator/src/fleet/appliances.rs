@@ -8,10 +8,11 @@
 use jiff::Timestamp;
 use serde_json::json;
 use sitecast_manifest::api::{
-    AgentOffer, CheckinRequest, CheckinResponse, OriginUrls, ReportRequest, SitePeer, UpdateIntent,
-    UpdateState,
+    AgentOffer, BlobOffer, CheckinRequest, CheckinResponse, OriginUrls, ReportRequest, SitePeer,
+    UpdateIntent, UpdateState,
 };
 use sitecast_manifest::window::MaintenanceWindow;
+use sitecast_manifest::{Blake3Hash, Sha256Hash};
 
 use super::agents::{AgentDue, agent_offer_record, record_agent_state};
 use super::rollouts::runs_on;
@@ -323,6 +324,14 @@ impl Fleet {
             iroh: self.iroh_addresses.clone(),
             outboard: Some(format!("{public_url}/api/blobs/{}/outboard", release.blake3)),
             mirrors: release.mirrors.clone(),
+            outboard_blob: release.outboard.as_ref().and_then(|o| {
+                Some(BlobOffer {
+                    ranges: format!("{public_url}/api/blobs/{}/ranges", o.blake3),
+                    size: o.size,
+                    blake3: Blake3Hash::from_hex(&o.blake3).ok()?,
+                    sha256: Sha256Hash::from_hex(&o.sha256).ok()?,
+                })
+            }),
             index: release
                 .index
                 .as_ref()

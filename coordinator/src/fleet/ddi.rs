@@ -140,11 +140,12 @@ impl Fleet {
                 swu: None,
                 mirrors: Vec::new(),
                 index: None,
+                outboard: None,
             },
         };
         let detail = json!({"version": version, "filename": swu.filename, "size": swu.size,
             "sha256": swu.sha256, "with_image": release.has_image()});
-        release.swu = Some(swu);
+        release.swu = Some(Box::new(swu));
         let mut batch = Batch::new(self);
         batch.audit(now, "operator", "release.swu", detail);
         batch.push(Change::Release(release));

@@ -268,9 +268,12 @@ impl Fleet {
         same.find(|r| r.active).or(newest)
     }
 
-    /// The release whose image's content index is the blob `blake3`, if one is.
-    pub fn release_by_index(&self, blake3: &str) -> Option<&ReleaseRecord> {
-        self.releases.values().rev().find(|r| r.index.as_deref() == Some(blake3))
+    /// The release whose image's content index or outboard is the blob `blake3`, if one is.
+    pub fn release_by_side_file(&self, blake3: &str) -> Option<&ReleaseRecord> {
+        self.releases.values().rev().find(|r| {
+            r.index.as_deref() == Some(blake3)
+                || r.outboard.as_ref().is_some_and(|o| o.blake3 == blake3)
+        })
     }
 
     /// The sequence number the next audit entry will get.

@@ -272,9 +272,9 @@ fn reader_site(reader: &ImageReader) -> String {
     }
 }
 
-/// What `hash` names, if this reader may have verified ranges of it: a release's image or
-/// content index (and that release, whose origin bytes are counted) or a file of an agent
-/// release (enrolled appliances and operators only).
+/// What `hash` names, if this reader may have verified ranges of it: a release's image,
+/// content index or outboard (and that release, whose origin bytes are counted) or a file of
+/// an agent release (enrolled appliances and operators only).
 async fn ranged_blob(
     state: &Arc<AppState>,
     parts: &axum::http::request::Parts,
@@ -294,8 +294,8 @@ async fn ranged_blob(
         return Ok((BlobInfo { blake3: info.blake3, size: info.size }, reader, Some(version)));
     }
     let blake3 = sitecast_manifest::Blake3Hash::from_hex(hash).map_err(|_| not_found())?;
-    // A release's content index, counted with its release's bytes.
-    let indexed = lock(&state.fleet).release_by_index(hash).map(|r| r.version);
+    // A release's content index or outboard, counted with its release's bytes.
+    let indexed = lock(&state.fleet).release_by_side_file(hash).map(|r| r.version);
     if let Some(version) = indexed {
         let reader = ImageReader::check(state, parts, Some(version))?;
         readable(state, &reader, |f| f.releases.get(&version).cloned(), &format!("blob {hash}"))?;

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use super::auth::Operator;
 use super::{ApiError, AppState, MAX_JSON_BYTES, change, lock, parse_json};
 use crate::blobs::ImportError;
-use crate::store::ReleaseRecord;
+use crate::store::{ReleaseRecord, StoredFile};
 
 /// Manifests are a few KiB; this leaves room for many signatures and long notes.
 const MAX_MANIFEST_BYTES: usize = 256 * 1024;
@@ -57,15 +57,15 @@ pub(super) async fn publish(
     let import_image = image.clone();
     let index = verified.release().index.clone();
     let index_hash = index.as_ref().map(|index| index.blake3.to_hex());
-    tokio::task::spawn_blocking(move || {
+    let outboard = tokio::task::spawn_blocking(move || {
         match incoming {
             Ok(path) => blobs.import(&path, &import_image),
             Err(source) => blobs.import_path(&source, &import_image),
         }?;
-        match index {
-            Some(index) => blobs.make_index(&import_image, &index),
-            None => Ok(()),
+        if let Some(index) = index {
+            blobs.make_index(&import_image, &index)?;
         }
+        blobs.outboard_as_blob(&import_image)
     })
     .await
     .map_err(ApiError::internal)?
@@ -96,6 +96,12 @@ pub(super) async fn publish(
         swu: None,
         mirrors: Vec::new(),
         index: index_hash,
+        // An image of one group has no parents: nothing to share.
+        outboard: Some(outboard).filter(|o| o.size > 0).map(|o| StoredFile {
+            size: o.size,
+            blake3: o.blake3.to_hex(),
+            sha256: o.sha256.to_hex(),
+        }),
     };
     if let Some(iroh) = state.iroh.get() {
         iroh.add(&state.blobs.data_path(&image.blake3)).await.map_err(ApiError::internal)?;

@@ -69,7 +69,7 @@ pub struct ReleaseRecord {
     pub manifest: String,
     /// A SWUpdate artifact published with it, for devices that speak hawkBit DDI.
     #[serde(default)]
-    pub swu: Option<SwuArtifact>,
+    pub swu: Option<Box<SwuArtifact>>,
     /// Other HTTP origins of its image (CDN, object store, nginx), offered to appliances
     /// before Central Command's own.
     #[serde(default)]
@@ -78,6 +78,18 @@ pub struct ReleaseRecord {
     /// the manifest signs one.
     #[serde(default)]
     pub index: Option<String>,
+    /// Its image's outboard stored as a blob of its own, for appliances to share (absent for
+    /// releases published before, and for an empty image).
+    #[serde(default)]
+    pub outboard: Option<StoredFile>,
+}
+
+/// A file Central Command stores and serves as a blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    pub size: u64,
+    pub blake3: String,
+    pub sha256: String,
 }
 
 impl ReleaseRecord {

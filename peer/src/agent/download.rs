@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use sitecast_iso::{
     BlobLayout, FileDevice, OutboardStore, Slot, SlotPaths, SlotWriter, VerifiedSlot,
 };
+use sitecast_manifest::api::BlobOffer;
 use sitecast_manifest::{ContentIndex, ImageInfo};
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,6 +32,8 @@ pub(super) struct Download {
     pub ranges_url: Option<String>,
     /// Where the image's outboard is, for mirrors and for copying from the active slot.
     pub outboard_url: Option<String>,
+    /// The same outboard as a blob the site shares, if Central Command offers it so.
+    pub outboard_blob: Option<BlobOffer>,
     pub mirrors: Vec<String>,
     pub reuse: Option<ReuseFrom>,
     pub state_dir: PathBuf,
@@ -77,27 +80,23 @@ impl Download {
                 (None, news, announce)
             }
         };
-        let outboard_path = state_dir.join(format!("outboard-{}.obao4", image.blake3));
-        let index_cache = index_cache(&state_dir);
+        let cache = release_files(&state_dir);
+        self.keep_in_cache(&cache).await;
         // The outboard and the index come first; a newer offer may replace this download
         // meanwhile. Without them the download goes on, fetching everything.
         let wants_outboard = !self.mirrors.is_empty() || self.reuse.is_some();
-        let outboard = match (&self.outboard_url, wants_outboard) {
-            (Some(url), true) => tokio::select! {
-                fetched = outboard::fetch(client, url, layout, &outboard_path) => match fetched {
-                    Ok(outboard) => Some(outboard),
-                    Err(error) => {
-                        tracing::warn!(%error, "no outboard: no mirrors, nothing copied from the active slot");
-                        None
-                    }
-                },
+        let outboard = match wants_outboard {
+            true => tokio::select! {
+                prepared = self.outboard(layout, &cache) => prepared,
                 _ = &mut stopped => return Err(SwarmError::Replaced.to_string()),
             },
-            _ => None,
+            false => None,
         };
+        let outboard_path = outboard.as_ref().map(|(_, path)| path.clone());
+        let outboard = outboard.map(|(outboard, _)| outboard);
         let reuse = match (&self.reuse, &outboard) {
             (Some(from), Some(_)) => tokio::select! {
-                fetched = self.fetch_index(from, &index_cache) => match fetched {
+                fetched = self.fetch_index(from, &cache) => match fetched {
                     Ok(path) => Some((path, from.active.clone(), from.active_len)),
                     Err(error) => {
                         tracing::warn!(%error, "no content index: nothing copied from the active slot");
@@ -108,15 +107,15 @@ impl Download {
             },
             _ => None,
         };
-        let mirrors = match (&outboard, self.mirrors.is_empty()) {
-            (Some(_), false) => {
+        let mirrors = match (&outboard_path, self.mirrors.is_empty()) {
+            (Some(path), false) => {
                 let urls = self.mirrors.clone();
                 let prepared = Mirrors::prepare(
                     client,
                     self.outboard_url.as_deref().unwrap_or_default(),
                     urls,
                     layout,
-                    outboard_path.clone(),
+                    path.clone(),
                 )
                 .await;
                 prepared
@@ -152,8 +151,10 @@ impl Download {
             swarm = swarm.with_mirrors(Arc::clone(mirrors));
         }
         let ran = swarm.run().await;
+        // An outboard of its own is not needed any more; one shared with the site stays in
+        // the cache, served to later stages.
         if ran.is_ok() {
-            let _ = tokio::fs::remove_file(&outboard_path).await;
+            let _ = tokio::fs::remove_file(own_outboard(&state_dir, &image)).await;
         }
         let writer = ran.map_err(|e| e.to_string())?;
         tracing::info!("every piece verified and written; reading the slot back");
@@ -164,23 +165,89 @@ impl Download {
     }
 }
 
-/// Where the content index of the release being fetched or run is kept.
-pub(super) fn index_cache(state_dir: &std::path::Path) -> FileCache {
-    FileCache::at(state_dir.join("release-index"))
+/// Where the files a release's download shares with the site besides its image (its content
+/// index, its outboard) are kept, and served from while the release is fetched or run.
+pub(super) fn release_files(state_dir: &std::path::Path) -> FileCache {
+    FileCache::at(state_dir.join("release-files"))
+}
+
+/// Where an outboard fetched from Central Command alone is kept during a download.
+fn own_outboard(state_dir: &std::path::Path, image: &ImageInfo) -> PathBuf {
+    state_dir.join(format!("outboard-{}.obao4", image.blake3))
 }
 
 impl Download {
-    /// The release's content index, through the site swarm (peers first, Central Command for
-    /// what none has), every group verified against the signed hash; kept and served to the
-    /// site's later stages until another release's index replaces it. Its path.
-    async fn fetch_index(&self, from: &ReuseFrom, cache: &FileCache) -> Result<PathBuf, String> {
-        let file = from.index.file();
-        let keep = std::collections::BTreeSet::from([file.blake3]);
+    /// Removes from the cache what another release left there (and stops serving it).
+    async fn keep_in_cache(&self, cache: &FileCache) {
+        let keep: std::collections::BTreeSet<_> = (self.reuse.iter().map(|r| r.index.blake3))
+            .chain(self.outboard_blob.iter().map(|b| b.blake3))
+            .collect();
         let pruned = cache.clone();
-        let removed = tokio::task::spawn_blocking(move || pruned.keep_only(&keep))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("index cache: {e}"))?;
+        let removed = tokio::task::spawn_blocking(move || pruned.keep_only(&keep)).await;
+        match removed {
+            Ok(Ok(removed)) => {
+                for blob in removed.iter().filter(|_| self.lan.is_some()) {
+                    self.lan.as_ref().expect("filtered").unserve(blob);
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "release file cache"),
+            Err(error) => tracing::warn!(%error, "release file cache"),
+        }
+    }
+
+    /// The image's outboard and where it is: shared through the site swarm when Central
+    /// Command offers it so, else fetched from Central Command alone. Its top pair must chain
+    /// to the signed root (the rest is checked as it is used).
+    async fn outboard(
+        &self,
+        layout: BlobLayout,
+        cache: &FileCache,
+    ) -> Option<(OutboardStore<FileDevice>, PathBuf)> {
+        if let Some(blob) = &self.outboard_blob {
+            let file = ImageInfo { size: blob.size, blake3: blob.blake3, sha256: blob.sha256 };
+            let shared = self.fetch_shared(&file, blob.ranges.clone(), cache, "outboard").await;
+            let opened = shared.and_then(|path| {
+                let device = FileDevice::open_read_only(&path).map_err(|e| e.to_string())?;
+                let outboard = OutboardStore::new(layout, device);
+                match outboard.root_matches() {
+                    Ok(true) => Ok((outboard, path)),
+                    Ok(false) => Err("it does not chain to the signed root".to_owned()),
+                    Err(error) => Err(error.to_string()),
+                }
+            });
+            match opened {
+                Ok(opened) => return Some(opened),
+                Err(error) => {
+                    tracing::warn!(%error, "the site's outboard is not used; asking Central Command")
+                }
+            }
+        }
+        let url = self.outboard_url.as_ref()?;
+        let path = own_outboard(&self.state_dir, &self.image);
+        match outboard::fetch(&self.client, url, layout, &path).await {
+            Ok(outboard) => Some((outboard, path)),
+            Err(error) => {
+                tracing::warn!(%error, "no outboard: no mirrors, nothing copied from the active slot");
+                None
+            }
+        }
+    }
+
+    /// The release's content index through the site swarm. Its path.
+    async fn fetch_index(&self, from: &ReuseFrom, cache: &FileCache) -> Result<PathBuf, String> {
+        self.fetch_shared(&from.index.file(), from.index_url.clone(), cache, "content index").await
+    }
+
+    /// `file` through the site swarm (peers first, Central Command's verified ranges at
+    /// `ranges` for what none has), every group verified against its hash; kept and served to
+    /// the site's later stages until another release's files replace it. Its path.
+    async fn fetch_shared(
+        &self,
+        file: &ImageInfo,
+        ranges: String,
+        cache: &FileCache,
+        what: &str,
+    ) -> Result<PathBuf, String> {
         let sources = FileSources {
             client: self.client.clone(),
             ranges: String::new(),
@@ -188,20 +255,13 @@ impl Download {
             me: self.me,
             site_members: self.site_members.clone(),
         };
-        if let Some(lan) = &self.lan {
-            for blob in &removed {
-                lan.unserve(blob);
-            }
-        }
         let cancel = tokio_util::sync::CancellationToken::new();
-        let stats =
-            agent_files::fetch_blob(&sources, cache, &file, from.index_url.clone(), &cancel)
-                .await?;
+        let stats = agent_files::fetch_blob(&sources, cache, file, ranges, &cancel).await?;
         tracing::info!(
             bytes = file.size,
             from_origin = stats.bytes_from_origin,
             from_lan = stats.bytes_from_lan,
-            "content index fetched"
+            "{what} fetched"
         );
         let mut total = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         total.bytes_from_origin += stats.bytes_from_origin;
