@@ -19,10 +19,14 @@ pub enum ImportError {
     Io(#[from] io::Error),
     #[error(
         "the image's content index is {got_size} bytes with BLAKE3 {got}, the manifest signs \
-         {want_size} bytes with BLAKE3 {want} (was it signed by another version of sitecast-manifest?)"
+         {want_size} bytes with BLAKE3 {want}: sign the release again with this version of \
+         sitecast-manifest (or with --no-index: appliances then fetch the whole image)"
     )]
     IndexMismatch { got: Blake3Hash, got_size: u64, want: Blake3Hash, want_size: u64 },
-    #[error("the manifest's index chunk sizes {min}/{avg}/{max} are not ones FastCDC takes")]
+    #[error(
+        "the manifest's index chunk sizes {min}/{avg}/{max} are not ones FastCDC takes: sign \
+         the release again with this version of sitecast-manifest (or with --no-index)"
+    )]
     IndexChunks { min: u32, avg: u32, max: u32 },
 }
 

@@ -820,6 +820,7 @@ impl Agent {
             intent: response.intent.unwrap_or(UpdateIntent::Upgrade),
             started: Timestamp::now(),
             ranges_url: response.origin.as_ref().map(|o| o.ranges.clone()),
+            outboard_blob: response.origin.as_ref().and_then(|o| o.outboard_blob.clone()),
             error: None,
             bytes_from_origin: 0,
             bytes_from_lan: 0,
@@ -1114,10 +1115,16 @@ impl Agent {
                 self.config.slot_path(slot).to_owned(),
                 self.config.state_dir.clone(),
             );
-            // Its content index too, for the site's later stages (after a restart as well).
-            if let Some(index) = &verified.release().index {
-                let cache = download::release_files(&self.config.state_dir);
-                let file = index.file();
+            // Its content index and outboard too, for the site's later stages (after a
+            // restart as well).
+            let cache = download::release_files(&self.config.state_dir);
+            let index = verified.release().index.as_ref().map(|index| index.file());
+            let outboard = (update.outboard_blob.as_ref()).map(|b| ImageInfo {
+                size: b.size,
+                blake3: b.blake3,
+                sha256: b.sha256,
+            });
+            for file in index.into_iter().chain(outboard) {
                 if cache.holds(&file) {
                     let path = cache.paths(&file.blake3).slot;
                     lan.serve_installed(&file, path, cache.dir().to_owned());
@@ -1193,6 +1200,7 @@ mod tests {
             intent: UpdateIntent::Upgrade,
             started: Timestamp::UNIX_EPOCH,
             ranges_url: None,
+            outboard_blob: None,
             error: error.map(str::to_owned),
             bytes_from_origin: 0,
             bytes_from_lan: 0,

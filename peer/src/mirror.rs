@@ -8,7 +8,7 @@
 //! is not asked again by this download; Central Command's verified ranges stay the fallback.
 
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -37,7 +37,6 @@ pub struct Mirrors {
     urls: Vec<String>,
     given_up: Mutex<Vec<bool>>,
     outboard: OutboardStore<FileDevice>,
-    path: PathBuf,
     idle: Duration,
 }
 
@@ -80,18 +79,13 @@ impl Mirrors {
         };
         let http = http.build().map_err(|e| MirrorError::Client(e.to_string()))?;
         let given_up = Mutex::new(vec![false; urls.len()]);
-        Ok(Self { http, urls, given_up, outboard, path, idle: MIRROR_IDLE })
+        Ok(Self { http, urls, given_up, outboard, idle: MIRROR_IDLE })
     }
 
     /// Gives a mirror up after `idle` without a byte instead of [`MIRROR_IDLE`].
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
         self.idle = idle;
         self
-    }
-
-    /// Where the outboard is kept: removed once the download is over.
-    pub fn outboard_path(&self) -> &Path {
-        &self.path
     }
 
     /// The first mirror not given up.

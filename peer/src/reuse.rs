@@ -9,10 +9,11 @@
 //! like fetched ones, so a restart resumes after them.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sitecast_delta::index::{IndexError, IndexReader};
 use sitecast_delta::reuse::{GroupCopy, GroupPlanner, OlderImage};
@@ -35,8 +36,32 @@ pub struct Reused {
     pub scanned: u64,
 }
 
+/// Indexes cut finer than this are not used: the map of the active slot's chunks grows as
+/// the chunks shrink (the signing tool cuts 4 KiB).
+pub const MIN_AVERAGE_CHUNK: u32 = 1024;
+
+/// Reads on until `stop` is set, then reads as the end: the scan of a large slot gives way
+/// to a newer download.
+struct StopReader<'s, R> {
+    inner: R,
+    stop: &'s AtomicBool,
+}
+
+impl<R: Read> Read for StopReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.stop.load(Ordering::Relaxed) {
+            true => Ok(0),
+            false => self.inner.read(buf),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReuseError {
+    #[error(
+        "the content index is cut into chunks of {avg} bytes on average, finer than this agent uses"
+    )]
+    TooFine { avg: u32 },
     #[error("content index: {0}")]
     Index(#[from] IndexError),
     #[error("reading the active slot: {0}")]
@@ -48,27 +73,36 @@ pub enum ReuseError {
 /// Copies into `writer` every group of its image that the active slot at `active` (its first
 /// `active_len` bytes, or all of it) holds according to the content index at `index`,
 /// checking each against `outboard` (the new image's, complete) before it is written.
-/// Blocking: file reads and hashing.
+/// Blocking: file reads and hashing. Stops, with what was copied so far recorded, once
+/// `stop` is set.
 pub fn copy_from_active<D: Device>(
     writer: &mut SlotWriter<D>,
     outboard: &OutboardStore<FileDevice>,
     index: &Path,
     active: &Path,
     active_len: Option<u64>,
+    stop: &AtomicBool,
 ) -> Result<Reused, ReuseError> {
     let layout = writer.layout();
     let chunks = IndexReader::new(File::open(index)?, layout.size)?;
+    if chunks.chunking().avg < MIN_AVERAGE_CHUNK {
+        return Err(ReuseError::TooFine { avg: chunks.chunking().avg });
+    }
     let source = File::open(active)?;
-    let len = source.metadata()?.len();
+    // A partition's metadata says 0 bytes; its end says how large it is.
+    let len = (&source).seek(SeekFrom::End(0))?;
+    (&source).seek(SeekFrom::Start(0))?;
     let len = active_len.map_or(len, |known| known.min(len));
-    let older = OlderImage::read(
-        BufReader::with_capacity(1 << 20, (&source).take(len)),
-        chunks.chunking(),
-    )?;
+    let stopping = |stop: &AtomicBool| stop.load(Ordering::Relaxed);
+    let reader = StopReader { inner: (&source).take(len), stop };
+    let older = OlderImage::read(BufReader::with_capacity(1 << 20, reader), chunks.chunking())?;
     let mut reused = Reused { scanned: older.bytes(), ..Reused::default() };
     let mut planner = GroupPlanner::new(&older, layout.size);
     let mut batch = Batch::default();
     for chunk in chunks {
+        if stopping(stop) {
+            break;
+        }
         for copy in planner.push(&chunk?) {
             if writer.has(copy.group) {
                 continue;

@@ -27,6 +27,9 @@ pub struct UpdateRecord {
     pub started: Timestamp,
     #[serde(default)]
     pub ranges_url: Option<String>,
+    /// The image's outboard as the site shares it, served again after a restart.
+    #[serde(default)]
+    pub outboard_blob: Option<sitecast_manifest::api::BlobOffer>,
     #[serde(default)]
     pub error: Option<String>,
     #[serde(default)]

@@ -123,6 +123,8 @@ pub struct Swarm<D: Device + Send + 'static> {
     scheduler: Scheduler,
     layout: BlobLayout,
     writer: Arc<Mutex<SlotWriter<D>>>,
+    /// The groups to ask for of pieces partly in the slot when the swarm started.
+    spans: Arc<BTreeMap<u64, std::ops::Range<u64>>>,
     origin: Option<(CoordinatorClient, String)>,
     mirrors: Option<Arc<Mirrors>>,
     lan: Option<Arc<dyn LanFetcher>>,
@@ -151,7 +153,8 @@ enum Fetched {
 
 type FetchOutcome = (RequestId, Source, Fetched);
 
-/// What to ask for of one piece: the span of its groups not written yet.
+/// What to ask for of one piece: all its groups, or the span of them not in the slot when the
+/// swarm started.
 #[derive(Debug, Clone)]
 struct Wanted {
     piece: u64,
@@ -180,11 +183,22 @@ impl<D: Device + Send + 'static> Swarm<D> {
         let mut config = Config::new(pieces.pieces(), piece_bytes);
         tune(&mut config);
         let mut scheduler = Scheduler::new(me, config);
-        // Pieces already in the slot (resume, seeding) need not be fetched.
+        // Pieces already in the slot (resume, seeding, copied from the active slot) need not
+        // be fetched; of a piece partly there, only the span from its first missing group to
+        // its last is (groups held in between are asked again: one span per piece keeps every
+        // request a range). Pieces are written whole from here on, so this is worked out once.
         let mut have = Vec::new();
+        let mut spans = BTreeMap::new();
         for piece in 0..piece_count(&layout) {
-            if piece_groups(&layout, piece).all(|g| writer.has(g)) {
-                have.push(piece..piece + 1);
+            let groups = piece_groups(&layout, piece);
+            let first = groups.clone().find(|&g| !writer.has(g));
+            let last = groups.clone().rev().find(|&g| !writer.has(g));
+            match (first, last) {
+                (None, _) | (_, None) => have.push(piece..piece + 1),
+                (Some(first), Some(last)) if (first..last + 1) != groups => {
+                    spans.insert(piece, first..last + 1);
+                }
+                _ => {}
             }
         }
         scheduler.handle_event(Event::HaveLocally { pieces: have }, Duration::ZERO);
@@ -197,6 +211,7 @@ impl<D: Device + Send + 'static> Swarm<D> {
             scheduler,
             layout,
             writer: Arc::new(Mutex::new(writer)),
+            spans: Arc::new(spans),
             origin,
             mirrors: None,
             lan,
@@ -326,28 +341,6 @@ impl<D: Device + Send + 'static> Swarm<D> {
         }
     }
 
-    /// What of `pieces` to ask for: each piece's groups from its first missing one to its
-    /// last (a piece partly copied from the active slot, or partly written before a restart,
-    /// is not fetched whole). Groups held in between are asked again: one span per piece
-    /// keeps every request a range.
-    fn wanted(&self, pieces: Vec<u64>) -> Vec<Wanted> {
-        let pieces_of = piece_layout(&self.layout);
-        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        pieces
-            .into_iter()
-            .map(|piece| {
-                let groups = pieces_of.groups_of(piece);
-                let first = groups.clone().find(|&g| !writer.has(g));
-                let last = groups.rev().find(|&g| !writer.has(g));
-                let groups = match (first, last) {
-                    (Some(first), Some(last)) => first..last + 1,
-                    _ => 0..0,
-                };
-                Wanted { piece, groups }
-            })
-            .collect()
-    }
-
     /// Fetches and verifies `pieces` from `source` (verification happens off the executor),
     /// handing each to the run loop as it verifies; the writer is not touched until every
     /// group of a piece has verified.
@@ -358,25 +351,24 @@ impl<D: Device + Send + 'static> Swarm<D> {
         source: Source,
         out: mpsc::Sender<FetchOutcome>,
     ) -> impl std::future::Future<Output = RequestId> + Send + 'static {
-        let wanted = self.wanted(pieces);
+        let mut wanted: Vec<Wanted> = (pieces.into_iter())
+            .map(|piece| Wanted {
+                piece,
+                groups: self
+                    .spans
+                    .get(&piece)
+                    .cloned()
+                    .unwrap_or_else(|| piece_groups(&self.layout, piece)),
+            })
+            .collect();
+        // In piece order, as answers come.
+        wanted.sort_unstable_by_key(|w| w.piece);
         let layout = self.layout;
         let origin = self.origin.clone();
         let mirrors = self.mirrors.clone();
         let stats = Arc::clone(&self.stats);
         let lan = self.lan.clone();
         async move {
-            // Pieces that need nothing (written meanwhile) are done at once.
-            let (wanted, nothing): (Vec<_>, Vec<_>) =
-                wanted.into_iter().partition(|w| !w.groups.is_empty());
-            for Wanted { piece, .. } in nothing {
-                let done = Fetched::Piece { piece, bytes: 0, items: Vec::new(), mirror: false };
-                if out.send((id, source, done)).await.is_err() {
-                    return id;
-                }
-            }
-            if wanted.is_empty() {
-                return id;
-            }
             let result = match source {
                 Source::Origin => match &origin {
                     Some((client, url)) => {
@@ -590,6 +582,7 @@ async fn fetch_from_mirror(
     let groups = pieces.iter().flat_map(|w| w.groups.clone());
     for stretch in sitecast_iso::collect_ranges(groups) {
         let mut body = mirrors.open(index, layout, stretch.clone()).await?;
+        // Pieces come sorted (`wanted`), so these are in the answer's order.
         let within = pieces
             .iter()
             .filter(|w| w.groups.start >= stretch.start && w.groups.end <= stretch.end);

@@ -232,8 +232,9 @@ fn copy_with_index(
     file.expect("slot").set_len(16 * MIB as u64).expect("size");
     let mut writer =
         SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, dir)).expect("writer");
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let reused =
-        sitecast_peer::reuse::copy_from_active(&mut writer, &outboard, &index, active, None)
+        sitecast_peer::reuse::copy_from_active(&mut writer, &outboard, &index, active, None, &stop)
             .expect("copy");
     (writer, reused)
 }

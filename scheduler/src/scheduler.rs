@@ -463,7 +463,11 @@ impl Scheduler {
                 let i = self.index[&peer];
                 let state = &mut self.peers[i];
                 if state.live {
-                    state.preparing = false;
+                    // A member that was preparing has been busy, not stalled: it fetches its
+                    // share from now on.
+                    if std::mem::take(&mut state.preparing) {
+                        state.progress = Some(now);
+                    }
                     if !std::mem::replace(&mut state.heard, true) {
                         self.named_heard += usize::from(state.named);
                     }

@@ -1,10 +1,12 @@
 //! One image download into the standby slot, as a task: the files it needs besides the
-//! image's groups (the outboard from Central Command; the content index through the site
-//! swarm, so a site fetches it about once), the groups the active slot already holds, then
-//! the swarm for the rest, and the slot read back.
+//! image's groups (the outboard and the content index, through the site swarm so that a site
+//! fetches each about once), the groups the active slot already holds, then the swarm for the
+//! rest, and the slot read back.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sitecast_iso::{
     BlobLayout, FileDevice, OutboardStore, Slot, SlotPaths, SlotWriter, VerifiedSlot,
@@ -127,19 +129,34 @@ impl Download {
         };
 
         let (open_paths, open_image, open_slot) = (paths.clone(), image.clone(), slot);
-        let (writer, reused) = tokio::task::spawn_blocking(move || {
+        // Copying reads the whole active slot: a newer offer stops it between batches.
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_copy = Arc::clone(&stop);
+        let mut copying = tokio::task::spawn_blocking(move || {
             let mut writer = SlotWriter::open_paths(open_slot, &open_image, &open_paths)?;
             let reused = match (reuse, outboard) {
-                (Some((index, active, active_len)), Some(outboard)) => {
-                    copy_from_active(&mut writer, &outboard, &index, &active, active_len)
-                }
+                (Some((index, active, active_len)), Some(outboard)) => copy_from_active(
+                    &mut writer,
+                    &outboard,
+                    &index,
+                    &active,
+                    active_len,
+                    &stop_copy,
+                ),
                 _ => Reused::default(),
             };
             Ok::<_, sitecast_iso::SlotError>((writer, reused))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        });
+        let copied = tokio::select! {
+            copied = &mut copying => copied,
+            _ = &mut stopped => {
+                stop.store(true, Ordering::Relaxed);
+                let _ = copying.await;
+                let _ = tokio::fs::remove_file(own_outboard(&state_dir, &image)).await;
+                return Err(SwarmError::Replaced.to_string());
+            }
+        };
+        let (writer, reused) = copied.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).bytes_reused += reused.bytes;
 
         let Self { client, ranges_url, me, site_members, stats, .. } = self;
@@ -151,11 +168,9 @@ impl Download {
             swarm = swarm.with_mirrors(Arc::clone(mirrors));
         }
         let ran = swarm.run().await;
-        // An outboard of its own is not needed any more; one shared with the site stays in
-        // the cache, served to later stages.
-        if ran.is_ok() {
-            let _ = tokio::fs::remove_file(own_outboard(&state_dir, &image)).await;
-        }
+        // An outboard of its own is not needed any more (a retry fetches it again); one
+        // shared with the site stays in the cache, served to later stages.
+        let _ = tokio::fs::remove_file(own_outboard(&state_dir, &image)).await;
         let writer = ran.map_err(|e| e.to_string())?;
         tracing::info!("every piece verified and written; reading the slot back");
         tokio::task::spawn_blocking(move || writer.finish())
@@ -170,6 +185,11 @@ impl Download {
 pub(super) fn release_files(state_dir: &std::path::Path) -> FileCache {
     FileCache::at(state_dir.join("release-files"))
 }
+
+/// How long a release's index or outboard may take through the site swarm before the download
+/// goes on without it: this, plus its size at [`SIDE_FILE_RATE`] bytes a second.
+const SIDE_FILE_TIME: Duration = Duration::from_secs(60);
+const SIDE_FILE_RATE: u64 = 128 * 1024;
 
 /// Where an outboard fetched from Central Command alone is kept during a download.
 fn own_outboard(state_dir: &std::path::Path, image: &ImageInfo) -> PathBuf {
@@ -186,8 +206,8 @@ impl Download {
         let removed = tokio::task::spawn_blocking(move || pruned.keep_only(&keep)).await;
         match removed {
             Ok(Ok(removed)) => {
-                for blob in removed.iter().filter(|_| self.lan.is_some()) {
-                    self.lan.as_ref().expect("filtered").unserve(blob);
+                if let Some(lan) = &self.lan {
+                    removed.iter().for_each(|blob| lan.unserve(blob));
                 }
             }
             Ok(Err(error)) => tracing::warn!(%error, "release file cache"),
@@ -203,7 +223,8 @@ impl Download {
         layout: BlobLayout,
         cache: &FileCache,
     ) -> Option<(OutboardStore<FileDevice>, PathBuf)> {
-        if let Some(blob) = &self.outboard_blob {
+        if let Some(blob) = self.outboard_blob.as_ref().filter(|b| b.size == layout.outboard_len())
+        {
             let file = ImageInfo { size: blob.size, blake3: blob.blake3, sha256: blob.sha256 };
             let shared = self.fetch_shared(&file, blob.ranges.clone(), cache, "outboard").await;
             let opened = shared.and_then(|path| {
@@ -256,7 +277,13 @@ impl Download {
             site_members: self.site_members.clone(),
         };
         let cancel = tokio_util::sync::CancellationToken::new();
-        let stats = agent_files::fetch_blob(&sources, cache, file, ranges, &cancel).await?;
+        // The site swarm asks Central Command again and again for what no peer has: bounded,
+        // since the download goes on without this file.
+        let bound = SIDE_FILE_TIME + Duration::from_secs(file.size / SIDE_FILE_RATE);
+        let fetched = agent_files::fetch_blob(&sources, cache, file, ranges, &cancel);
+        let stats = tokio::time::timeout(bound, fetched)
+            .await
+            .map_err(|_| format!("not fetched within {bound:?}"))??;
         tracing::info!(
             bytes = file.size,
             from_origin = stats.bytes_from_origin,
@@ -277,9 +304,10 @@ fn copy_from_active(
     index: &std::path::Path,
     active: &std::path::Path,
     active_len: Option<u64>,
+    stop: &AtomicBool,
 ) -> Reused {
     let started = std::time::Instant::now();
-    match reuse::copy_from_active(writer, outboard, index, active, active_len) {
+    match reuse::copy_from_active(writer, outboard, index, active, active_len, stop) {
         Ok(reused) => {
             tracing::info!(
                 groups = reused.groups,
