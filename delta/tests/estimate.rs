@@ -1,21 +1,11 @@
 //! Generated pairs of images with data inserted, deleted, moved: what the estimate says an
 //! update fetches stays near what changed, wherever the rest moved to.
 
+mod common;
+
+use common::noise;
 use proptest::prelude::*;
 use sitecast_delta::*;
-
-/// `len` bytes that do not repeat (xorshift from `seed`), as compressed images look.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 fn chunked(image: &[u8]) -> Vec<Chunk> {
     chunks(image, Chunking::default()).expect("in memory")

@@ -1,22 +1,13 @@
 //! The content index read back as written, refused when damaged; and the groups an older
 //! image can fill, assembled from its spans, are the new image's bytes.
 
+mod common;
+
+use common::noise;
 use proptest::prelude::*;
 use sitecast_delta::index::{self, IndexEntry, IndexError, IndexReader};
 use sitecast_delta::reuse::{GroupPlanner, OlderImage};
 use sitecast_delta::*;
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
 
 fn index_of(image: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();

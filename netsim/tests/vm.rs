@@ -97,6 +97,14 @@ async fn an_appliance_boots_an_update_from_its_other_partition() {
     assert_eq!(record["installed_version"], GOOD);
     assert_eq!(record["active_slot"], "B");
     lab.wait_rollout(rollout, "completion", |r| r["state"] == "completed").await.expect("done");
+    // The release signs its content index: what release 1 on partition A shares with it was
+    // copied from there (each group verified before it was written), the rest fetched.
+    let (size, _) = lab.images.digest(GOOD).expect("image");
+    let reused = record["update"]["bytes_reused"].as_u64().unwrap_or(0);
+    let fetched = record["update"]["bytes_from_origin"].as_u64().unwrap_or(0);
+    eprintln!("{reused} of {size} bytes copied from partition A, {fetched} fetched");
+    assert!(reused > size / 2, "only {reused} of {size} bytes copied from partition A");
+    assert!(fetched < size / 2, "{fetched} of {size} bytes fetched");
 
     // GRUB booted slot B (the kernel command line) and it runs release 2 (its release file).
     let vm1 = lab.vm("vm1");
@@ -187,7 +195,7 @@ async fn power_cuts_mid_download_and_before_the_reboot_lose_nothing() {
     let lab = &mut run.lab;
     boot_on_release_1(lab, "vm1").await;
     let (size, blake3) = lab.images.digest(GOOD).expect("image");
-    lab.publish(GOOD).await.expect("publish");
+    lab.publish_whole(GOOD).await.expect("publish");
     lab.roll_out(GOOD).await.expect("rollout");
 
     // 1. Cut the power once half the image has come down the WAN.
@@ -251,7 +259,7 @@ async fn two_appliances_of_a_site_share_the_release_over_their_lan() {
             .expect("enrolled");
     }
     let (size, _) = lab.images.digest(GOOD).expect("image");
-    lab.publish(GOOD).await.expect("publish");
+    lab.publish_whole(GOOD).await.expect("publish");
     lab.roll_out(GOOD).await.expect("rollout");
     let mut from_lan = 0;
     for name in ["vm1", "vm2"] {

@@ -35,19 +35,6 @@ fn image_pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     (old, new)
 }
 
-async fn sites(origin: &Origin) -> serde_json::Value {
-    origin
-        .http
-        .get(format!("{}/api/sites", origin.url))
-        .bearer_auth(OPERATOR)
-        .send()
-        .await
-        .expect("sites")
-        .json()
-        .await
-        .expect("json")
-}
-
 /// The groups of `new` that an appliance whose active slot holds `active` copies, as the
 /// agent finds them (the same index and planner).
 fn copied_groups(active: &[u8], new: &[u8]) -> std::collections::BTreeSet<u64> {
@@ -166,7 +153,7 @@ async fn a_site_on_two_older_releases_fetches_each_missing_piece_from_the_origin
     // Parents and headers sent with the spans come on top: a few per cent.
     let most = (1.05 * (most + metadata) as f64) as u64;
     assert!(served <= most, "{served} bytes served, more than {most}");
-    let site = &sites(&origin).await["sites"][0];
+    let site = &origin.operator_get("/api/sites").await["sites"][0];
     let reused: u64 = ["a0", "a1", "a2"].iter().map(|n| reported(n)).sum();
     assert_eq!(site["reused_bytes"], reused, "{site}");
 }
@@ -182,16 +169,7 @@ async fn a_release_whose_signed_index_is_not_its_images_is_refused() {
         origin.try_publish_image(2, &dir.path().join("image-v2.raw"), Some(wrong)).await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("index_mismatch"), "{body}");
-    let releases: serde_json::Value = origin
-        .http
-        .get(format!("{}/api/releases", origin.url))
-        .bearer_auth(OPERATOR)
-        .send()
-        .await
-        .expect("releases")
-        .json()
-        .await
-        .expect("json");
+    let releases = origin.operator_get("/api/releases").await;
     assert_eq!(releases, serde_json::json!([]), "nothing is published");
     // The same release with its own index is published.
     let path = dir.path().join("image-v2.raw");

@@ -78,17 +78,7 @@ async fn a_site_fills_its_slots_from_an_nginx_mirror_and_its_peers() {
     assert!(sent as f64 <= 1.1 * image.size as f64, "the mirror sent {sent} bytes");
     assert!(lan >= image.size, "the other copies came over the LAN: {lan}");
     // The Fleet Updates page counts the mirror's bytes as the site's origin bytes.
-    let sites: serde_json::Value = origin
-        .http
-        .get(format!("{}/api/sites", origin.url))
-        .bearer_auth(OPERATOR)
-        .send()
-        .await
-        .expect("sites")
-        .json()
-        .await
-        .expect("json");
-    let site = &sites["sites"][0];
+    let site = &origin.operator_get("/api/sites").await["sites"][0];
     assert_eq!(site["mirror_bytes"], reported, "{site}");
     let copies = site["origin_copies"].as_f64().expect("copies");
     assert!((1.0..1.1).contains(&copies), "{site}");

@@ -236,6 +236,22 @@ impl VmLab {
         Ok(())
     }
 
+    /// Publishes release `version` signed again without its content index: appliances fetch
+    /// the whole image instead of copying what their active slot shares with it (a test of
+    /// the swarm itself).
+    pub async fn publish_whole(&self, version: u64) -> Result<()> {
+        let text = std::fs::read(self.images.manifest(version))?;
+        let root = sitecast_manifest::TrustedRoot::pin(&std::fs::read(self.images.root())?)?;
+        let verified = root.verify_release(&text, jiff::Timestamp::now())?;
+        let release = sitecast_manifest::Release { index: None, ..verified.release().clone() };
+        let key_text = std::fs::read_to_string(self.images.dir.join("keys/release.key"))?;
+        let key = sitecast_manifest::SecretKey::from_file_text(&key_text)?;
+        let manifest = String::from_utf8(release.sign(&[&key]).to_bytes())?;
+        let image = self.images.image(version);
+        self.api.post("/api/releases", json!({"manifest": manifest, "image_path": image})).await?;
+        Ok(())
+    }
+
     /// The site's maintenance window, open all day: the default (02:00–05:00 UTC) would
     /// hold a lab update for hours.
     pub async fn open_window(&self) -> Result<()> {

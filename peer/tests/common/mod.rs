@@ -275,6 +275,12 @@ impl Origin {
         assert_eq!(response.status(), 201, "{:?}", response.text().await);
     }
 
+    /// What the operator API answers at `path` (e.g. `/api/sites`).
+    pub async fn operator_get(&self, path: &str) -> serde_json::Value {
+        let response = self.http.get(format!("{}{path}", self.url)).bearer_auth(OPERATOR).send();
+        response.await.expect(path).json().await.expect("json")
+    }
+
     /// Origin bytes served to `site` for `version`, from the metrics.
     pub async fn origin_bytes(&self, site: &str, version: u64) -> u64 {
         let text = self
