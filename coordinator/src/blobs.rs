@@ -7,9 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use sitecast_iso::{BlobLayout, FileDevice, OutboardStore};
-use sitecast_manifest::{
-    Blake3Hash, ChunkSizes, ContentIndex, DigestWriter, ImageDigest, ImageError, ImageInfo,
-};
+use sitecast_manifest::{Blake3Hash, ContentIndex, ImageDigest, ImageError, ImageInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -71,26 +69,24 @@ impl BlobStore {
     /// as a blob of its own (data and outboard, served like an image's), only if it is the
     /// index the manifest signs. Blocking: run it off the async executor.
     pub fn make_index(&self, image: &ImageInfo, index: &ContentIndex) -> Result<(), ImportError> {
-        let ChunkSizes { min, avg, max } = index.chunks;
-        let chunking = sitecast_delta::Chunking { min, avg, max };
+        let chunking = index.chunking();
         if !chunking.is_valid() {
+            let sitecast_delta::Chunking { min, avg, max } = chunking;
             return Err(ImportError::IndexChunks { min, avg, max });
         }
         let incoming = self.incoming_path();
         let made = File::create(&incoming).and_then(|out| {
             let data = File::open(self.data_path(&image.blake3))?;
-            let mut out = DigestWriter::new(out);
             let data = io::BufReader::with_capacity(1 << 20, data);
-            sitecast_delta::index::write(data, chunking, &mut out)?;
-            let (out, digest) = out.finish();
+            let made = ContentIndex::make(data, chunking, &out)?;
             out.sync_all()?;
-            Ok(digest)
+            Ok(made)
         });
         let made = match made {
-            Ok(digest) if digest.matches(&index.file()).is_ok() => Ok(()),
-            Ok(digest) => Err(ImportError::IndexMismatch {
-                got: digest.blake3,
-                got_size: digest.size,
+            Ok(made) if made == *index => Ok(()),
+            Ok(made) => Err(ImportError::IndexMismatch {
+                got: made.blake3,
+                got_size: made.size,
                 want: index.blake3,
                 want_size: index.size,
             }),

@@ -273,15 +273,16 @@ impl<D: Device + ?Sized> bao_tree::io::sync::WriteAt for WriteAtDevice<'_, D> {
     }
 }
 
-/// Reads `len` bytes of a device from the start, for hashing a slot back.
-pub(crate) struct DeviceReader<'a, D: ?Sized> {
+/// Reads `len` bytes of a device from the start: hashing a slot back, scanning one.
+#[derive(Debug)]
+pub struct DeviceReader<'a, D: ?Sized> {
     device: &'a D,
     position: u64,
     end: u64,
 }
 
 impl<'a, D: Device + ?Sized> DeviceReader<'a, D> {
-    pub(crate) fn new(device: &'a D, len: u64) -> Self {
+    pub fn new(device: &'a D, len: u64) -> Self {
         Self { device, position: 0, end: len }
     }
 }

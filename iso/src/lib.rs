@@ -35,7 +35,7 @@ mod progress;
 pub mod writer;
 
 pub use ab::{AbState, ActivatedSlot, BootOutcome, DEFAULT_TRIES, Slot};
-pub use device::{CrashDevice, Device, FileDevice, PowerSupply};
+pub use device::{CrashDevice, Device, DeviceReader, FileDevice, PowerSupply};
 pub use grubenv::{CrashEnvStore, EnvFile, EnvStore, GrubEnv};
 pub use layout::{
     BLOCK_SIZE, BlobLayout, DecodedItem, GROUP_BYTES, MAX_RANGES_PER_RESPONSE, OutboardStore,

@@ -13,8 +13,8 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use jiff::{Timestamp, ToSpan};
 use serde_json::{Value, json};
 use sitecast_manifest::{
-    AGENT_TYPE, ChunkSizes, ContentIndex, DigestWriter, ImageDigest, ImageInfo, InstallPolicy,
-    Intent, PublicKey, Release, RoleKeys, Root, SecretKey, SignedDocument, TrustedRoot,
+    AGENT_TYPE, ContentIndex, ImageDigest, ImageInfo, InstallPolicy, Intent, PublicKey, Release,
+    RoleKeys, Root, SecretKey, SignedDocument, TrustedRoot,
 };
 
 #[derive(Parser)]
@@ -380,12 +380,8 @@ fn open_image(path: &Path) -> Result<File> {
 
 /// The content index of the image at `path` (a second streamed read), as the manifest signs it.
 fn content_index(path: &Path, chunking: sitecast_delta::Chunking) -> Result<ContentIndex> {
-    let mut digest = DigestWriter::new(io::sink());
-    sitecast_delta::index::write(open_image(path)?, chunking, &mut digest)
-        .with_context(|| format!("indexing {}", path.display()))?;
-    let (_, ImageDigest { size, blake3, sha256 }) = digest.finish();
-    let sitecast_delta::Chunking { min, avg, max } = chunking;
-    Ok(ContentIndex { size, blake3, sha256, chunks: ChunkSizes { min, avg, max } })
+    ContentIndex::make(open_image(path)?, chunking, io::sink())
+        .with_context(|| format!("indexing {}", path.display()))
 }
 
 fn sign(args: SignArgs) -> Result<()> {

@@ -68,6 +68,26 @@ pub struct ChunkSizes {
 }
 
 impl ContentIndex {
+    /// Cuts `image` (streamed) as `chunking` says and writes its index to `out`; what a
+    /// manifest signs of that index.
+    pub fn make(
+        image: impl std::io::Read,
+        chunking: sitecast_delta::Chunking,
+        out: impl std::io::Write,
+    ) -> std::io::Result<Self> {
+        let mut digest = crate::DigestWriter::new(out);
+        sitecast_delta::index::write(image, chunking, &mut digest)?;
+        let (_, crate::ImageDigest { size, blake3, sha256 }) = digest.finish();
+        let sitecast_delta::Chunking { min, avg, max } = chunking;
+        Ok(Self { size, blake3, sha256, chunks: ChunkSizes { min, avg, max } })
+    }
+
+    /// How the image was cut.
+    pub fn chunking(&self) -> sitecast_delta::Chunking {
+        let ChunkSizes { min, avg, max } = self.chunks;
+        sitecast_delta::Chunking { min, avg, max }
+    }
+
     /// The index as a file to fetch and check, as an image is.
     pub fn file(&self) -> ImageInfo {
         ImageInfo { size: self.size, blake3: self.blake3, sha256: self.sha256 }

@@ -853,18 +853,10 @@ impl Agent {
         origin_urls: Option<OriginUrls>,
     ) {
         let paths = SlotPaths::beside(self.config.slot_path(slot), &self.config.state_dir);
-        let origin_urls = origin_urls.unwrap_or_else(|| OriginUrls {
-            ranges: String::new(),
-            image: String::new(),
-            iroh: Vec::new(),
-            outboard: None,
-            mirrors: Vec::new(),
-            outboard_blob: None,
-            index: None,
-        });
         // What the running image shares with the new one is copied from its slot.
         let active = self.booted;
-        let reuse = index.zip(origin_urls.index.clone()).map(|(index, index_url)| ReuseFrom {
+        let index_url = origin_urls.as_ref().and_then(|o| o.index.clone());
+        let reuse = index.zip(index_url).map(|(index, index_url)| ReuseFrom {
             index,
             index_url,
             active: self.config.slot_path(active).to_owned(),
@@ -877,10 +869,10 @@ impl Agent {
             slot,
             paths,
             client: self.client.clone(),
-            ranges_url: Some(origin_urls.ranges).filter(|url| !url.is_empty()),
-            outboard_url: origin_urls.outboard,
-            outboard_blob: origin_urls.outboard_blob,
-            mirrors: origin_urls.mirrors,
+            ranges_url: origin_urls.as_ref().map(|o| o.ranges.clone()),
+            outboard_url: origin_urls.as_ref().and_then(|o| o.outboard.clone()),
+            outboard_blob: origin_urls.as_ref().and_then(|o| o.outboard_blob.clone()),
+            mirrors: origin_urls.map(|o| o.mirrors).unwrap_or_default(),
             reuse,
             state_dir: self.config.state_dir.clone(),
             me: PeerId(*self.key.public().as_bytes()),

@@ -9,16 +9,16 @@
 //! like fetched ones, so a restart resumes after them.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufReader, Read};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sitecast_delta::index::{IndexError, IndexReader};
 use sitecast_delta::reuse::{GroupCopy, GroupPlanner, OlderImage};
 use sitecast_iso::{
-    DecodedItem, Device, FileDevice, GROUP_BYTES, OutboardStore, SlotError, SlotWriter,
+    DecodedItem, Device, DeviceReader, FileDevice, GROUP_BYTES, OutboardStore, SlotError,
+    SlotWriter,
 };
 
 /// The most groups checked in one go (1 MiB of bytes in memory).
@@ -88,19 +88,16 @@ pub fn copy_from_active<D: Device>(
     if chunks.chunking().avg < MIN_AVERAGE_CHUNK {
         return Err(ReuseError::TooFine { avg: chunks.chunking().avg });
     }
-    let source = File::open(active)?;
-    // A partition's metadata says 0 bytes; its end says how large it is.
-    let len = (&source).seek(SeekFrom::End(0))?;
-    (&source).seek(SeekFrom::Start(0))?;
+    let source = FileDevice::open_read_only(active)?;
+    let len = source.len()?;
     let len = active_len.map_or(len, |known| known.min(len));
-    let stopping = |stop: &AtomicBool| stop.load(Ordering::Relaxed);
-    let reader = StopReader { inner: (&source).take(len), stop };
+    let reader = StopReader { inner: DeviceReader::new(&source, len), stop };
     let older = OlderImage::read(BufReader::with_capacity(1 << 20, reader), chunks.chunking())?;
     let mut reused = Reused { scanned: older.bytes(), ..Reused::default() };
     let mut planner = GroupPlanner::new(&older, layout.size);
     let mut batch = Batch::default();
     for chunk in chunks {
-        if stopping(stop) {
+        if stop.load(Ordering::Relaxed) {
             break;
         }
         for copy in planner.push(&chunk?) {
@@ -131,14 +128,14 @@ impl Batch {
             || (self.groups.end == copy.group && self.groups.end - self.groups.start < BATCH_GROUPS)
     }
 
-    fn add(&mut self, copy: &GroupCopy, source: &File) -> io::Result<()> {
+    fn add(&mut self, copy: &GroupCopy, source: &FileDevice) -> io::Result<()> {
         if self.groups.is_empty() {
             self.groups = copy.group..copy.group;
         }
         for span in &copy.spans {
             let at = self.bytes.len();
             self.bytes.resize(at + span.len as usize, 0);
-            source.read_exact_at(&mut self.bytes[at..], span.from)?;
+            source.read_exact_at(span.from, &mut self.bytes[at..])?;
         }
         self.groups.end += 1;
         Ok(())

@@ -295,26 +295,25 @@ async fn ranged_blob(
     }
     let blake3 = sitecast_manifest::Blake3Hash::from_hex(hash).map_err(|_| not_found())?;
     // A release's content index or outboard, counted with its release's bytes.
-    let indexed = lock(&state.fleet).release_by_side_file(hash).map(|r| r.version);
-    if let Some(version) = indexed {
-        let reader = ImageReader::check(state, parts, Some(version))?;
-        readable(state, &reader, |f| f.releases.get(&version).cloned(), &format!("blob {hash}"))?;
-        let size = tokio::fs::metadata(state.blobs.data_path(&blake3))
-            .await
-            .map_err(ApiError::internal)?
-            .len();
-        return Ok((BlobInfo { blake3, size }, reader, Some(version)));
-    }
-    if !lock(&state.fleet).is_agent_file(&blake3.to_hex()) {
-        return Err(not_found());
-    }
-    let reader = ImageReader::check(state, parts, None)?;
-    // Checked against its manifest when it was stored: its length is its size.
+    let side_file_of = lock(&state.fleet).release_by_side_file(hash).map(|r| r.version);
+    let reader = match side_file_of {
+        Some(version) => {
+            let reader = ImageReader::check(state, parts, Some(version))?;
+            let what = format!("blob {hash}");
+            readable(state, &reader, |f| f.releases.get(&version).cloned(), &what)?;
+            reader
+        }
+        None if lock(&state.fleet).is_agent_file(&blake3.to_hex()) => {
+            ImageReader::check(state, parts, None)?
+        }
+        None => return Err(not_found()),
+    };
+    // Checked against its manifest (or made) when it was stored: its length is its size.
     let size = tokio::fs::metadata(state.blobs.data_path(&blake3))
         .await
         .map_err(ApiError::internal)?
         .len();
-    Ok((BlobInfo { blake3, size }, reader, None))
+    Ok((BlobInfo { blake3, size }, reader, side_file_of))
 }
 
 /// Bridges the synchronous encoder to the async body; a client that reads nothing for

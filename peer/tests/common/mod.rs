@@ -14,13 +14,8 @@ pub mod nginx;
 
 /// The content index of the image at `path` as `sitecast-manifest sign` signs it.
 pub fn content_index_of(path: &Path) -> ContentIndex {
-    let chunking = sitecast_delta::Chunking::default();
     let image = std::fs::File::open(path).expect("image");
-    let mut digest = DigestWriter::new(std::io::sink());
-    sitecast_delta::index::write(image, chunking, &mut digest).expect("index");
-    let (_, ImageDigest { size, blake3, sha256 }) = digest.finish();
-    let sitecast_delta::Chunking { min, avg, max } = chunking;
-    ContentIndex { size, blake3, sha256, chunks: ChunkSizes { min, avg, max } }
+    ContentIndex::make(image, sitecast_delta::Chunking::default(), std::io::sink()).expect("index")
 }
 
 pub const OPERATOR: &str = "operator-secret";
