@@ -2,9 +2,11 @@
 //! pre-order outboard, the iroh-blobs layout) in one directory. Images are checked against
 //! their manifest before they are moved in, so everything here has verified.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use sitecast_iso::{BlobLayout, FileDevice, OutboardStore};
 use sitecast_manifest::{Blake3Hash, ContentIndex, ImageDigest, ImageError, ImageInfo};
@@ -38,6 +40,8 @@ pub struct BlobInfo {
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     dir: PathBuf,
+    /// Whether each blob's ranges are worth compressing ([`crate::wire`]), measured once.
+    compresses: Arc<Mutex<HashMap<Blake3Hash, bool>>>,
 }
 
 impl BlobStore {
@@ -54,7 +58,7 @@ impl BlobStore {
                 fs::remove_file(path)?;
             }
         }
-        Ok(Self { dir: dir.to_owned() })
+        Ok(Self { dir: dir.to_owned(), compresses: Arc::default() })
     }
 
     pub fn data_path(&self, hash: &Blake3Hash) -> PathBuf {
@@ -193,5 +197,18 @@ impl BlobStore {
         let outboard = FileDevice::open_read_only(&self.outboard_path(&blob.blake3))?;
         let outboard = OutboardStore::new(layout, outboard);
         Ok((data, outboard))
+    }
+
+    /// Whether verified ranges of `blob` are worth sending compressed ([`crate::wire`]):
+    /// sampled the first time it is asked, then remembered. Blocking the first time.
+    pub fn compresses(&self, blob: &BlobInfo) -> io::Result<bool> {
+        let known = |map: &HashMap<Blake3Hash, bool>| map.get(&blob.blake3).copied();
+        if let Some(known) = known(&self.compresses.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(known);
+        }
+        let data = FileDevice::open_read_only(&self.data_path(&blob.blake3))?;
+        let compresses = crate::wire::compresses(&data, blob.size)?;
+        self.compresses.lock().unwrap_or_else(|p| p.into_inner()).insert(blob.blake3, compresses);
+        Ok(compresses)
     }
 }

@@ -16,6 +16,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod web;
+pub mod wire;
 
 /// reqwest is built with rustls but no crypto provider once iroh is in the same build (it
 /// enables `rustls-no-provider`), and then panics when a client is built before a

@@ -181,6 +181,103 @@ async fn verified_ranges_decode_like_lan_data_and_are_counted_per_site() {
     let _ = image;
 }
 
+/// Waits until Central Command's metrics count `expected` origin bytes for `site`, release 1.
+async fn wait_counted(server: &TestServer, site: &str, expected: u64) {
+    let line =
+        format!("sitecast_origin_bytes_served_total{{site=\"{site}\",version=\"1\"}} {expected}");
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        let response = server.http.get(format!("{}/metrics", server.url)).send().await;
+        metrics = response.expect("get").text().await.expect("text");
+        if metrics.contains(&line) {
+            return;
+        }
+        // Counting happens after the body is sent, on a blocking thread.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{line} not in\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_of_an_image_that_compresses_cross_compressed_when_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    // The test image is a repeating pattern: it compresses.
+    let (image, info) = published(&server, &releases).await;
+    let appliance = Appliance::new("store-7", "a1", 0);
+    appliance.checkin(&server).await;
+    let layout = BlobLayout::new(info.blake3, info.size);
+    let path = format!("/api/blobs/{}/ranges?start=0&end={}", info.blake3, layout.groups());
+    let get = |accept: Option<&'static str>| {
+        let mut request = appliance.signed(&server, Method::GET, &path, b"");
+        if let Some(accept) = accept {
+            request = request.header("accept-encoding", accept);
+        }
+        request.send()
+    };
+
+    // Not asked: as it is.
+    let plain = get(None).await.expect("get");
+    assert_eq!(plain.headers().get("content-encoding"), None);
+    let plain = plain.bytes().await.expect("body");
+    assert_eq!(plain.len() as u64, layout.encoded_len(0..layout.groups()));
+    // Refused by weight: as it is.
+    let refused = get(Some("zstd;q=0")).await.expect("get");
+    assert_eq!(refused.headers().get("content-encoding"), None);
+    let refused = refused.bytes().await.expect("body");
+    // Asked: one zstd stream of the same bytes, far smaller, and counted as sent.
+    let compressed = get(Some("gzip, zstd")).await.expect("get");
+    assert_eq!(compressed.status(), 200);
+    assert_eq!(compressed.headers()["content-encoding"], "zstd");
+    assert_eq!(compressed.headers()["vary"], "accept-encoding");
+    let compressed = compressed.bytes().await.expect("body");
+    assert!(compressed.len() * 4 < plain.len(), "{} of {}", compressed.len(), plain.len());
+    let decompressed = zstd::stream::decode_all(&compressed[..]).expect("a zstd stream");
+    assert!(decompressed == plain, "the same bytes once decompressed");
+    let ranges = layout.chunk_ranges(0..layout.groups());
+    let power = PowerSupply::new();
+    let mut writer = SlotWriter::open(
+        Slot::B,
+        &info,
+        CrashDevice::new(LEN, power.clone()),
+        CrashDevice::new(4096, power.clone()),
+        CrashDevice::new(64 * 1024, power),
+    )
+    .expect("slot");
+    let decoder = ResponseDecoder::new(layout, &ranges, &decompressed[..]).expect("header");
+    assert_eq!(writer.ingest(decoder).expect("every group verifies"), layout.groups());
+    assert_eq!(writer.finish().expect("complete").image(), &info);
+    wait_counted(&server, "store-7", (plain.len() + refused.len() + compressed.len()) as u64).await;
+    let _ = image;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_of_an_image_that_does_not_compress_cross_as_they_are() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    // Noise, as a compressed file system looks.
+    let mut image = vec![0; LEN];
+    blake3::Hasher::new_derive_key("noise").finalize_xof().fill(&mut image);
+    let response = server.publish(&releases.manifest(1, &image, None, None), image.clone()).await;
+    assert_eq!(response.status(), 201);
+    let info = ImageDigest::of_reader(&image[..]).expect("hash");
+    let appliance = Appliance::new("store-7", "a1", 0);
+    appliance.checkin(&server).await;
+    let layout = BlobLayout::new(info.blake3, info.size);
+    let path = format!("/api/blobs/{}/ranges?start=0&end={}", info.blake3, layout.groups());
+    let request =
+        appliance.signed(&server, Method::GET, &path, b"").header("accept-encoding", "zstd");
+    let response = request.send().await.expect("get");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers().get("content-encoding"), None);
+    let length = layout.encoded_len(0..layout.groups());
+    assert_eq!(response.headers()["content-length"], length.to_string().as_str());
+    assert_eq!(response.bytes().await.expect("body").len() as u64, length);
+    wait_counted(&server, "store-7", length).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
     let dir = tempfile::tempdir().expect("tempdir");

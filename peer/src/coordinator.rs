@@ -193,6 +193,12 @@ impl CoordinatorClient {
     pub async fn open_download(&self, url: &str) -> Result<reqwest::Response, ClientError> {
         // A large file over a slow WAN may take longer than the client's request timeout.
         let request = self.signed(reqwest::Method::GET, url, Vec::new())?.timeout(DOWNLOAD_TIMEOUT);
+        Self::send_download(request).await
+    }
+
+    async fn send_download(
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
         let response =
             request.send().await.map_err(|error| {
                 match sitecast_tls::certificate_refusal(&error) {
@@ -230,6 +236,11 @@ impl CoordinatorClient {
                 groups.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
             url = format!("{url}&ranges={}", list.join(","));
         }
-        self.open_download(&url).await
+        // Compressed if Central Command finds the image worth it (`Content-Encoding: zstd`);
+        // the caller decompresses before it verifies.
+        let request = self.signed(reqwest::Method::GET, &url, Vec::new())?;
+        let request =
+            request.timeout(DOWNLOAD_TIMEOUT).header(reqwest::header::ACCEPT_ENCODING, "zstd");
+        Self::send_download(request).await
     }
 }

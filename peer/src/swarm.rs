@@ -510,13 +510,26 @@ async fn fetch_run(
         } else {
             ranges.pop_front().into_iter().collect()
         };
+        let compressed = match response.headers().get(reqwest::header::CONTENT_ENCODING) {
+            None => false,
+            Some(coding) if coding.as_bytes().eq_ignore_ascii_case(b"zstd") => true,
+            Some(coding) => {
+                return Err(FetchError::Failed(format!(
+                    "the origin answered in content encoding {coding:?}, which was not asked for"
+                )));
+            }
+        };
         // The body is read here and handed to the decoder through a small channel: when
         // this task is aborted (the request cancelled), the body is dropped with it, the
         // connection closes, and the decoder sees the end of its input.
         let (chunks, input) = mpsc::channel::<std::io::Result<Bytes>>(4);
         let deliver = deliver.clone();
         let decoding = tokio::task::spawn_blocking(move || {
-            decode_run(layout, &served, ChannelReader { input, chunk: Bytes::new() }, deliver)
+            let input = ChannelReader { input, chunk: Bytes::new() };
+            match compressed {
+                true => decode_run(layout, &served, zstd_reader(input)?, deliver),
+                false => decode_run(layout, &served, input, deliver),
+            }
         });
         let mut response = response;
         loop {
@@ -618,6 +631,21 @@ const RUN_IDLE: Duration = Duration::from_secs(30);
 
 /// A blocking reader over chunks sent from an async task; the end of the channel is the end
 /// of the input.
+/// The largest zstd window an origin's stream may use: Central Command's level uses 2 MiB at
+/// most, and a hostile stream naming a larger one is refused instead of allocated.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
+/// Decompresses a zstd stream of verified ranges (compression on the wire); what comes out
+/// is decoded and verified like any response.
+fn zstd_reader<R: std::io::Read>(
+    input: R,
+) -> Result<zstd::stream::read::Decoder<'static, std::io::BufReader<R>>, FetchError> {
+    let failed = |error: std::io::Error| FetchError::Failed(format!("zstd: {error}"));
+    let mut decoder = zstd::stream::read::Decoder::new(input).map_err(failed)?;
+    decoder.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(failed)?;
+    Ok(decoder)
+}
+
 struct ChannelReader {
     input: mpsc::Receiver<std::io::Result<Bytes>>,
     chunk: Bytes,
@@ -739,5 +767,40 @@ fn classify(error: ResponseError, source: Source) -> FetchError {
             FetchError::Failed(error.to_string())
         }
         _ => FetchError::Corrupt(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn compressed(bytes: &[u8], window_log: u32) -> Vec<u8> {
+        let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).expect("encoder");
+        encoder.window_log(window_log).expect("window");
+        encoder.long_distance_matching(true).expect("long");
+        std::io::Write::write_all(&mut encoder, bytes).expect("compress");
+        encoder.finish().expect("finish")
+    }
+
+    #[test]
+    fn a_zstd_stream_is_read_only_with_a_bounded_window() {
+        let bytes: Vec<u8> = (0..1_000_000u32).flat_map(|i| (i % 1000).to_le_bytes()).collect();
+        let mut out = Vec::new();
+        let small = compressed(&bytes, 21);
+        let mut reader = zstd_reader(&small[..]).expect("reader");
+        reader.read_to_end(&mut out).expect("within the window");
+        assert!(out == bytes);
+        // A stream that names a 128 MiB window is refused, not allocated.
+        let large = compressed(&bytes, 27);
+        let mut reader = zstd_reader(&large[..]).expect("reader");
+        let error = reader.read_to_end(&mut Vec::new()).expect_err("too large a window");
+        assert!(
+            error.to_string().contains("memory") || error.to_string().contains("window"),
+            "{error}"
+        );
+        // Not zstd at all: an error, not bytes.
+        let mut reader = zstd_reader(&b"not a zstd stream, only text"[..]).expect("reader");
+        assert!(reader.read_to_end(&mut Vec::new()).is_err());
     }
 }

@@ -271,3 +271,44 @@ fn copying_resumes_after_a_restart_with_what_was_recorded() {
         writer.stats()
     );
 }
+
+/// An image that compresses (an uncompressed file system): lines of text with a little
+/// noise, so no two groups are alike.
+fn compressible(len: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(len + 100);
+    let mut i = 0u64;
+    while bytes.len() < len {
+        let salt = blake3::hash(&i.to_le_bytes()).to_hex();
+        bytes.extend_from_slice(
+            format!("/usr/share/doc/package-{i}/copyright {}\n", &salt[..8]).as_bytes(),
+        );
+        i += 1;
+    }
+    bytes.truncate(len);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_compresses_crosses_the_wan_compressed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    let image = compressible(6 * MIB + 1234);
+    let path = dir.path().join("image-v2.raw");
+    std::fs::write(&path, &image).expect("image");
+    // No index: every byte comes from the origin.
+    origin.publish_image(2, &path, None).await;
+    let mut agent =
+        AgentProcess::new(&dir.path().join("a0"), &origin, "store-1", "a0", 8 * MIB as u64);
+    agent.start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    wait_enrolled(&origin, 1, deadline, &agent).await;
+    origin.rollout(2).await;
+    wait_state(&origin, &["a0"], "ready", deadline).await;
+
+    let slot = std::fs::read(agent.dir.join("slot-b.img")).expect("slot");
+    assert!(slot[..image.len()] == image[..], "slot B is not the image");
+    // Counted as sent on the wire: compressed, with the outboard's parents inside.
+    let served = origin.origin_bytes("store-1", 2).await;
+    eprintln!("Central Command served {served} bytes for a {}-byte image", image.len());
+    assert!(served > 0 && served < image.len() as u64 / 2, "{served} bytes served");
+}

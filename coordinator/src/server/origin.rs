@@ -28,6 +28,7 @@ use crate::blobs::BlobInfo;
 use crate::fleet::Fleet;
 use crate::range::{self, RangeDecision};
 use crate::store::ReleaseRecord;
+use crate::wire;
 
 /// A verified-range client that reads nothing for this long is dropped.
 pub(super) const STALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -196,6 +197,14 @@ pub(super) async fn blob_ranges(
         },
     )?;
     let length = layout.encoded_len_of(&groups);
+    let accepts = parts.headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok());
+    let compress = wire::accepts_zstd(accepts) && {
+        let blobs = state.blobs.clone();
+        tokio::task::spawn_blocking(move || blobs.compresses(&info))
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::internal)?
+    };
     let (data, outboard) = state.blobs.open_blob(&info).map_err(ApiError::internal)?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
     let counter = Arc::clone(&state);
@@ -203,7 +212,10 @@ pub(super) async fn blob_ranges(
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut writer = ChannelWriter { sender, sent: 0, runtime };
-        let result = outboard.encode_runs(&data, &groups, &mut writer);
+        let result = match compress {
+            true => zstd_onto(&mut writer, |w| outboard.encode_runs(&data, &groups, w)),
+            false => outboard.encode_runs(&data, &groups, &mut writer),
+        };
         let sent = writer.sent;
         if let Err(error) = result {
             // The body is cut short, so the client sees a truncated response, never bad bytes.
@@ -223,9 +235,26 @@ pub(super) async fn blob_ranges(
     let response_headers = response.headers_mut();
     response_headers
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    response_headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    match compress {
+        true => response_headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("zstd")),
+        false => response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
+    };
     response_headers.insert(sitecast_manifest::api::HEADER_RUNS, HeaderValue::from_static("1"));
     Ok(response)
+}
+
+/// Runs `encode` into one zstd stream onto `writer` ([`wire`]), ended properly only when
+/// all of it was encoded: a stream cut short is a truncated response to the client.
+fn zstd_onto(
+    writer: &mut ChannelWriter,
+    encode: impl FnOnce(
+        &mut zstd::stream::write::Encoder<'_, &mut ChannelWriter>,
+    ) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let mut encoder = zstd::stream::write::Encoder::new(writer, wire::LEVEL)?;
+    encode(&mut encoder)?;
+    encoder.finish().map(drop)
 }
 
 /// The outboard of a release's image (its tree's parent hashes, pre-order): what an
