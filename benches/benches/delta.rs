@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -79,9 +80,11 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     let side = index_bytes + layout.outboard_len();
 
     // The missing groups as they would cross the WAN, plain and compressed.
-    let groups = missing_groups(&groups_lacking(&chunks(old), &new_chunks), new, dir);
+    let lacking = chunks_lacking(&chunks(old), &new_chunks);
+    let groups = bytes_of(&groups_touched(&lacking, whole), new, dir, "missing-groups");
     let groups_plain = std::fs::metadata(&groups).expect("groups").len();
     let groups_wire = zstd_size(&groups);
+    let chunks_wire = zstd_size(&bytes_of(&lacking, new, dir, "missing-chunks"));
 
     let xdelta3 = tool_output(dir, "xdelta3", |out| {
         Command::new("xdelta3").args(["-9", "-e", "-f", "-s"]).arg(old).arg(new).arg(out).status()
@@ -114,6 +117,7 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     row("zstd -19 --patch-from patch for this exact pair", zstd_patch);
     row("casync, default chunks missing from the old image (compressed)", casync);
     row("ours: missing 4 KiB chunks, raw", Some(estimate.missing_bytes));
+    row(&format!("ours: missing 4 KiB chunks, zstd -{WIRE_LEVEL}"), Some(chunks_wire));
     row("ours: missing 16 KiB groups, raw", Some(groups_plain));
     row(&format!("ours: missing 16 KiB groups, zstd -{WIRE_LEVEL} on the wire"), Some(groups_wire));
     row(
@@ -174,33 +178,31 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     );
 }
 
-/// The groups of the new image touched by a chunk the old one lacks, ascending.
-fn groups_lacking(old: &[sitecast_delta::Chunk], new: &[sitecast_delta::Chunk]) -> Vec<u64> {
+/// The byte ranges of the new image's chunks that the old one lacks, ascending.
+fn chunks_lacking(old: &[sitecast_delta::Chunk], new: &[sitecast_delta::Chunk]) -> Vec<Range<u64>> {
     let have: std::collections::HashSet<_> = old.iter().map(|c| c.hash).collect();
-    let mut groups: Vec<u64> = new
-        .iter()
-        .filter(|c| !have.contains(&c.hash))
-        .flat_map(|c| {
-            let bytes = c.bytes();
-            bytes.start / GROUP_BYTES..bytes.end.div_ceil(GROUP_BYTES)
-        })
-        .collect();
-    groups.dedup();
-    groups
+    new.iter().filter(|c| !have.contains(&c.hash)).map(|c| c.bytes()).collect()
 }
 
-/// Writes the bytes of `groups` of `image`, in order, to a file; its path.
-fn missing_groups(groups: &[u64], image: &Path, dir: &Path) -> PathBuf {
-    let path = dir.join("missing-groups");
+/// The 16 KiB groups of an image of `len` bytes that `ranges` touch, as byte ranges.
+fn groups_touched(ranges: &[Range<u64>], len: u64) -> Vec<Range<u64>> {
+    let mut groups: Vec<u64> = ranges
+        .iter()
+        .flat_map(|bytes| bytes.start / GROUP_BYTES..bytes.end.div_ceil(GROUP_BYTES))
+        .collect();
+    groups.dedup();
+    groups.iter().map(|g| g * GROUP_BYTES..((g + 1) * GROUP_BYTES).min(len)).collect()
+}
+
+/// Writes `ranges` of `image`, in order, to the file `name` in `dir`; its path.
+fn bytes_of(ranges: &[Range<u64>], image: &Path, dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
     let mut out = std::io::BufWriter::new(File::create(&path).expect("missing"));
     let source = FileDevice::open_read_only(image).expect("open");
-    let len = source.len().expect("len");
-    let mut buf = vec![0; GROUP_BYTES as usize];
-    for group in groups {
-        let start = group * GROUP_BYTES;
-        let n = GROUP_BYTES.min(len - start) as usize;
-        source.read_exact_at(start, &mut buf[..n]).expect("read");
-        out.write_all(&buf[..n]).expect("write");
+    for range in ranges {
+        let mut buf = vec![0; (range.end - range.start) as usize];
+        source.read_exact_at(range.start, &mut buf).expect("read");
+        out.write_all(&buf).expect("write");
     }
     out.flush().expect("flush");
     path
