@@ -21,6 +21,26 @@ async fn published(server: &TestServer, releases: &Releases) -> (Vec<u8>, ImageI
     (image, ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 })
 }
 
+/// Appliance a1 of store-7, checked in.
+async fn enrolled(server: &TestServer) -> Appliance {
+    let appliance = Appliance::new("store-7", "a1", 0);
+    appliance.checkin(server).await;
+    appliance
+}
+
+/// Slot B for `info`, on devices that live in memory.
+fn standby_slot(info: &ImageInfo) -> SlotWriter<CrashDevice> {
+    let power = PowerSupply::new();
+    SlotWriter::open(
+        Slot::B,
+        info,
+        CrashDevice::new(LEN, power.clone()),
+        CrashDevice::new(4096, power.clone()),
+        CrashDevice::new(64 * 1024, power),
+    )
+    .expect("slot")
+}
+
 /// Real curl, as the operator (images are for the fleet and its operators only).
 fn curl(args: &[&str]) -> Vec<u8> {
     let output = Command::new("curl")
@@ -84,20 +104,11 @@ async fn verified_ranges_decode_like_lan_data_and_are_counted_per_site() {
     let releases = Releases::new(dir.path());
     let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
     let (image, info) = published(&server, &releases).await;
-    let appliance = Appliance::new("store-7", "a1", 0);
-    appliance.checkin(&server).await;
+    let appliance = enrolled(&server).await;
     let layout = BlobLayout::new(info.blake3, info.size);
     let groups = layout.groups();
 
-    let power = PowerSupply::new();
-    let mut writer = SlotWriter::open(
-        Slot::B,
-        &info,
-        CrashDevice::new(LEN, power.clone()),
-        CrashDevice::new(4096, power.clone()),
-        CrashDevice::new(64 * 1024, power),
-    )
-    .expect("slot");
+    let mut writer = standby_slot(&info);
     let mut served = 0;
     // One range at a time, and a run of several in one response (each parent sent once).
     let asked: [&[(u64, u64)]; 4] =
@@ -156,26 +167,9 @@ async fn verified_ranges_decode_like_lan_data_and_are_counted_per_site() {
     let path = format!("/api/blobs/{unknown}/ranges?start=0&end=1");
     assert_eq!(server.op(Method::GET, &path).send().await.expect("get").status(), 404);
 
-    // Counting happens after the body is sent; give the blocking task a moment.
-    let expected =
-        format!("sitecast_origin_bytes_served_total{{site=\"store-7\",version=\"1\"}} {served}");
-    let mut metrics = String::new();
-    for _ in 0..50 {
-        metrics = server
-            .http
-            .get(format!("{}/metrics", server.url))
-            .send()
-            .await
-            .expect("get")
-            .text()
-            .await
-            .expect("text");
-        if metrics.contains(&expected) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(metrics.contains(&expected), "{expected} not in\n{metrics}");
+    wait_counted(&server, "store-7", served).await;
+    let metrics = server.http.get(format!("{}/metrics", server.url)).send().await;
+    let metrics = metrics.expect("get").text().await.expect("text");
     assert!(metrics.contains("site=\"unattributed\""), "{metrics}");
     assert!(metrics.contains("sitecast_checkins_total 1"), "{metrics}");
     let _ = image;
@@ -205,8 +199,7 @@ async fn ranges_of_an_image_that_compresses_cross_compressed_when_asked() {
     let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
     // The test image is a repeating pattern: it compresses.
     let (image, info) = published(&server, &releases).await;
-    let appliance = Appliance::new("store-7", "a1", 0);
-    appliance.checkin(&server).await;
+    let appliance = enrolled(&server).await;
     let layout = BlobLayout::new(info.blake3, info.size);
     let path = format!("/api/blobs/{}/ranges?start=0&end={}", info.blake3, layout.groups());
     let get = |accept: Option<&'static str>| {
@@ -236,15 +229,7 @@ async fn ranges_of_an_image_that_compresses_cross_compressed_when_asked() {
     let decompressed = zstd::stream::decode_all(&compressed[..]).expect("a zstd stream");
     assert!(decompressed == plain, "the same bytes once decompressed");
     let ranges = layout.chunk_ranges(0..layout.groups());
-    let power = PowerSupply::new();
-    let mut writer = SlotWriter::open(
-        Slot::B,
-        &info,
-        CrashDevice::new(LEN, power.clone()),
-        CrashDevice::new(4096, power.clone()),
-        CrashDevice::new(64 * 1024, power),
-    )
-    .expect("slot");
+    let mut writer = standby_slot(&info);
     let decoder = ResponseDecoder::new(layout, &ranges, &decompressed[..]).expect("header");
     assert_eq!(writer.ingest(decoder).expect("every group verifies"), layout.groups());
     assert_eq!(writer.finish().expect("complete").image(), &info);
@@ -263,8 +248,7 @@ async fn ranges_of_an_image_that_does_not_compress_cross_as_they_are() {
     let response = server.publish(&releases.manifest(1, &image, None, None), image.clone()).await;
     assert_eq!(response.status(), 201);
     let info = ImageDigest::of_reader(&image[..]).expect("hash");
-    let appliance = Appliance::new("store-7", "a1", 0);
-    appliance.checkin(&server).await;
+    let appliance = enrolled(&server).await;
     let layout = BlobLayout::new(info.blake3, info.size);
     let path = format!("/api/blobs/{}/ranges?start=0&end={}", info.blake3, layout.groups());
     let request =
