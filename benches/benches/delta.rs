@@ -79,12 +79,22 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     outboard.compute_from(File::open(new).expect("open")).expect("outboard");
     let side = index_bytes + layout.outboard_len();
 
-    // The missing groups as they would cross the WAN, plain and compressed.
+    // What is missing as it would cross the WAN: compressed only if Central Command would
+    // compress this image (one stream here; one a request on the wire).
+    let compresses = sitecast_coordinator::wire::compresses(
+        &FileDevice::open_read_only(new).expect("open"),
+        whole,
+    )
+    .expect("sample");
+    let as_sent = |path: PathBuf| match compresses {
+        true => zstd_size(&path),
+        false => std::fs::metadata(&path).expect("missing").len(),
+    };
     let lacking = chunks_lacking(&chunks(old), &new_chunks);
     let groups = bytes_of(&groups_touched(&lacking, whole), new, dir, "missing-groups");
     let groups_plain = std::fs::metadata(&groups).expect("groups").len();
-    let groups_wire = zstd_size(&groups);
-    let chunks_wire = zstd_size(&bytes_of(&lacking, new, dir, "missing-chunks"));
+    let groups_wire = as_sent(groups);
+    let chunks_wire = as_sent(bytes_of(&lacking, new, dir, "missing-chunks"));
 
     let xdelta3 = tool_output(dir, "xdelta3", |out| {
         Command::new("xdelta3").args(["-9", "-e", "-f", "-s"]).arg(old).arg(new).arg(out).status()
@@ -116,14 +126,18 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     row("xdelta3 -9 patch for this exact pair", xdelta3);
     row("zstd -19 --patch-from patch for this exact pair", zstd_patch);
     row("casync, default chunks missing from the old image (compressed)", casync);
+    let sent = match compresses {
+        true => format!("as sent (zstd -{WIRE_LEVEL})"),
+        false => "as sent (does not compress)".to_owned(),
+    };
     row("ours: missing 4 KiB chunks, raw", Some(estimate.missing_bytes));
-    row(&format!("ours: missing 4 KiB chunks, zstd -{WIRE_LEVEL}"), Some(chunks_wire));
-    row("ours: missing 16 KiB groups, raw", Some(groups_plain));
-    row(&format!("ours: missing 16 KiB groups, zstd -{WIRE_LEVEL} on the wire"), Some(groups_wire));
+    row(&format!("ours: missing 4 KiB chunks, {sent}"), Some(chunks_wire));
     row(
-        &format!("ours: ... + index and outboard (sent once per site) = {side} bytes"),
-        Some(groups_wire + side),
+        &format!("ours: ... + index and outboard (once per site: {side} bytes)"),
+        Some(chunks_wire + side),
     );
+    row("ours: whole 16 KiB groups touched, raw", Some(groups_plain));
+    row(&format!("ours: whole 16 KiB groups touched, {sent}"), Some(groups_wire));
 
     // The chunk size: what is left to fetch against the index it takes (12 bytes a chunk).
     println!("  chunk size (average): missing chunks + index, missing 16 KiB groups + index");
@@ -154,7 +168,7 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     let rss_before = peak_rss_bytes().unwrap_or(0);
     let started = Instant::now();
     let stop = AtomicBool::new(false);
-    let reused =
+    let (reused, _) =
         sitecast_peer::reuse::copy_from_active(&mut writer, &outboard, &index, old, None, &stop)
             .expect("copy");
     let copy = started.elapsed();

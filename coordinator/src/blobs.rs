@@ -207,7 +207,11 @@ impl BlobStore {
             return Ok(known);
         }
         let data = FileDevice::open_read_only(&self.data_path(&blob.blake3))?;
-        let compresses = crate::wire::compresses(&data, blob.size)?;
+        let compresses = crate::wire::compresses(&data, blob.size).unwrap_or_else(|error| {
+            // Sent as it is, then: compression only saves bytes.
+            tracing::warn!(%error, blob = %blob.blake3, "sampling a blob for compression failed");
+            false
+        });
         self.compresses.lock().unwrap_or_else(|p| p.into_inner()).insert(blob.blake3, compresses);
         Ok(compresses)
     }

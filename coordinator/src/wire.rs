@@ -50,7 +50,8 @@ pub fn compresses(data: &FileDevice, size: u64) -> io::Result<bool> {
     let mut sample = vec![0; SAMPLE_BYTES.min(size) as usize];
     let (mut plain, mut compressed) = (0u64, 0u64);
     let mut compressor = zstd::bulk::Compressor::new(LEVEL)?;
-    let stride = size.saturating_sub(sample.len() as u64) / SAMPLES.max(1);
+    // The first sample at the start, the last at the end.
+    let stride = size.saturating_sub(sample.len() as u64) / (SAMPLES - 1);
     for i in 0..SAMPLES {
         let at = i * stride;
         data.read_exact_at(at, &mut sample)?;
@@ -95,6 +96,12 @@ mod tests {
             let size = std::fs::metadata(path).expect("size").len();
             compresses(&FileDevice::open_read_only(path).expect("open"), size).expect("sample")
         };
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").expect("empty");
+        let just_over = dir.path().join("just-over");
+        std::fs::write(&just_over, vec![1u8; 64 * 1024 + 15]).expect("just over a sample");
+        assert!(!compresses_at(&empty));
+        assert!(compresses_at(&just_over));
         assert!(!compresses_at(&noise));
         assert!(compresses_at(&text));
         assert!(compresses_at(&small));

@@ -263,6 +263,62 @@ async fn ranges_of_an_image_that_does_not_compress_cross_as_they_are() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_bytes_are_the_ranges_asked_for_one_after_the_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let releases = Releases::new(dir.path());
+    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let (image, info) = published(&server, &releases).await;
+    let appliance = enrolled(&server).await;
+    let get = |query: String, accept: Option<&'static str>| {
+        let path = format!("/api/blobs/{}/bytes?{query}", info.blake3);
+        let mut request = appliance.signed(&server, Method::GET, &path, b"");
+        if let Some(accept) = accept {
+            request = request.header("accept-encoding", accept);
+        }
+        request.send()
+    };
+    let ranges = [(0u64, 10u64), (16_384, 20_000), (LEN as u64 - 5, LEN as u64)];
+    let query = |ranges: &[(u64, u64)]| {
+        let list: Vec<String> = ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+        format!("ranges={}", list.join(","))
+    };
+    let expected: Vec<u8> =
+        ranges.iter().flat_map(|&(a, b)| image[a as usize..b as usize].to_vec()).collect();
+    let plain = get(query(&ranges), None).await.expect("get");
+    assert_eq!(plain.status(), 200);
+    assert_eq!(plain.headers()["content-length"], expected.len().to_string().as_str());
+    let plain = plain.bytes().await.expect("body");
+    assert!(plain[..] == expected[..], "the bytes asked for, in order");
+    // The test image compresses: asked, it comes as zstd, the same bytes once decompressed.
+    let compressed = get(query(&[(0, LEN as u64)]), Some("zstd")).await.expect("get");
+    assert_eq!(compressed.headers()["content-encoding"], "zstd");
+    let compressed = compressed.bytes().await.expect("body");
+    assert!(compressed.len() * 4 < LEN, "{} bytes for {LEN}", compressed.len());
+    assert!(zstd::stream::decode_all(&compressed[..]).expect("zstd") == image);
+
+    let too_many: Vec<(u64, u64)> = (0..257).map(|i| (i * 2, i * 2 + 1)).collect();
+    for bad in [
+        "".to_owned(),
+        "ranges=".to_owned(),
+        "ranges=5-5".to_owned(),
+        "ranges=9-3".to_owned(),
+        "ranges=0-10,5-20".to_owned(),
+        "ranges=20-30,0-10".to_owned(),
+        format!("ranges=0-{}", LEN + 1),
+        "ranges=0-x".to_owned(),
+        query(&too_many),
+    ] {
+        let response = get(bad.clone(), None).await.expect("get");
+        assert_eq!(response.status(), 416, "{bad}");
+    }
+    let path = format!("/api/blobs/{}/bytes?ranges=0-10", info.blake3);
+    let anyone = server.http.get(format!("{}{path}", server.url)).send().await.expect("get");
+    assert_eq!(anyone.status(), 401);
+    // Counted for the site as sent: the plain answer and the compressed one.
+    wait_counted(&server, "store-7", (plain.len() + compressed.len()) as u64).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
     let dir = tempfile::tempdir().expect("tempdir");
     let releases = Releases::new(dir.path());

@@ -3,7 +3,9 @@
 //! [`OlderImage`] is the older image cut into chunks the same way as the new one, as a map
 //! from chunk key to where the chunk sits. [`GroupPlanner`] takes the new image's chunks in
 //! order (from its [index](crate::index)) and yields a [`GroupCopy`] for each 16 KiB group
-//! whose every byte lies in a chunk the older image has. Nothing here is trusted: a copied
+//! with bytes in chunks the older image has: `whole` when every byte of it is there (the
+//! group can be copied outright), else the parts there are (the rest to fetch, then the
+//! group assembled from both). Nothing here is trusted: a copied
 //! group is written only once it verifies against the new image's root, so a key clash or a
 //! damaged older image costs a fetch, never a wrong byte.
 
@@ -47,19 +49,21 @@ impl OlderImage {
     }
 }
 
-/// Bytes to copy from the older image: `len` bytes from `from`.
+/// Bytes to copy from the older image: `len` bytes from `from`, to `at` in the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
+    pub at: u32,
     pub from: u64,
     pub len: u32,
 }
 
-/// A group of the new image made entirely of the older image's bytes: its spans, in order,
-/// cover the group exactly.
+/// What the older image holds of a group of the new image: its spans, in order; `whole`
+/// when they cover the group exactly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupCopy {
     pub group: u64,
     pub spans: Vec<Span>,
+    pub whole: bool,
 }
 
 impl GroupCopy {
@@ -70,6 +74,27 @@ impl GroupCopy {
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
     }
+
+    /// The bytes of the group (`group_len` long) that no span covers, in order.
+    pub fn missing(&self, group_len: u32) -> Vec<std::ops::Range<u32>> {
+        missing(&self.spans, group_len)
+    }
+}
+
+/// The bytes of a group (`group_len` long) that none of `spans` (in order) covers, in order.
+pub fn missing(spans: &[Span], group_len: u32) -> Vec<std::ops::Range<u32>> {
+    let mut missing = Vec::new();
+    let mut at = 0;
+    for span in spans {
+        if span.at > at {
+            missing.push(at..span.at);
+        }
+        at = span.at + span.len;
+    }
+    if at < group_len {
+        missing.push(at..group_len);
+    }
+    missing
 }
 
 /// Walks the new image's chunks in order and says which groups the older image can fill.
@@ -96,7 +121,7 @@ impl<'o> GroupPlanner<'o> {
     }
 
     /// The next chunk of the new image (chunks must come in order, without gaps); the groups
-    /// it completes that the older image fills, in order.
+    /// it completes that the older image holds bytes of, in order.
     pub fn push(&mut self, chunk: &IndexEntry) -> Vec<GroupCopy> {
         debug_assert_eq!(chunk.offset, self.group * GROUP_BYTES + self.placed, "chunks in order");
         let source = self.older.find(chunk.key);
@@ -106,14 +131,19 @@ impl<'o> GroupPlanner<'o> {
         while left > 0 && self.group * GROUP_BYTES < self.size {
             let take = left.min(self.group_len() - self.placed);
             match from {
-                Some(at) => {
-                    let span = Span { from: at, len: take as u32 };
-                    // Adjacent bytes of the older image make one span.
+                Some(source) => {
+                    let span = Span { at: self.placed as u32, from: source, len: take as u32 };
+                    // Adjacent bytes in both images make one span.
                     match self.spans.last_mut() {
-                        Some(last) if last.from + u64::from(last.len) == at => last.len += span.len,
+                        Some(last)
+                            if last.from + u64::from(last.len) == source
+                                && last.at + last.len == span.at =>
+                        {
+                            last.len += span.len
+                        }
                         _ => self.spans.push(span),
                     }
-                    from = Some(at + take);
+                    from = Some(source + take);
                 }
                 None => self.whole = false,
             }
@@ -121,8 +151,8 @@ impl<'o> GroupPlanner<'o> {
             left -= take;
             if self.placed == self.group_len() {
                 let spans = std::mem::take(&mut self.spans);
-                if self.whole {
-                    done.push(GroupCopy { group: self.group, spans });
+                if !spans.is_empty() {
+                    done.push(GroupCopy { group: self.group, spans, whole: self.whole });
                 }
                 self.group += 1;
                 self.placed = 0;
@@ -155,13 +185,21 @@ mod tests {
         let first = planner.push(&entry(0, 20_000, 1));
         assert_eq!(
             first,
-            vec![GroupCopy { group: 0, spans: vec![Span { from: 100_000, len: 16_384 }] }]
+            vec![GroupCopy {
+                group: 0,
+                spans: vec![Span { at: 0, from: 100_000, len: 16_384 }],
+                whole: true
+            }]
         );
         let second = planner.push(&entry(20_000, 12_768, 2));
         // Group 1: the rest of chunk 1 and all of chunk 2, adjacent in the older image.
         assert_eq!(
             second,
-            vec![GroupCopy { group: 1, spans: vec![Span { from: 116_384, len: 16_384 }] }]
+            vec![GroupCopy {
+                group: 1,
+                spans: vec![Span { at: 0, from: 116_384, len: 16_384 }],
+                whole: true
+            }]
         );
     }
 
@@ -172,8 +210,25 @@ mod tests {
         let mut planner = GroupPlanner::new(&older, 16_384 + 10);
         assert!(planner.push(&entry(0, 16_000, 1)).is_empty(), "group 0 is not complete yet");
         // 384 bytes the older image lacks end group 0; 10 it has make the short last group.
-        assert!(planner.push(&entry(16_000, 384, 9)).is_empty(), "group 0 lacks 384 bytes");
+        let partly = planner.push(&entry(16_000, 384, 9));
+        let expected =
+            GroupCopy { group: 0, spans: vec![Span { at: 0, from: 0, len: 16_000 }], whole: false };
+        assert_eq!(partly, vec![expected.clone()], "group 0 lacks 384 bytes");
+        assert_eq!(expected.missing(16_384), vec![16_000..16_384]);
         let last = planner.push(&entry(16_384, 10, 1));
-        assert_eq!(last, vec![GroupCopy { group: 1, spans: vec![Span { from: 0, len: 10 }] }]);
+        let whole =
+            GroupCopy { group: 1, spans: vec![Span { at: 0, from: 0, len: 10 }], whole: true };
+        assert_eq!(last, vec![whole]);
+    }
+
+    #[test]
+    fn what_a_group_lacks_lies_between_and_around_its_spans() {
+        let copy = GroupCopy {
+            group: 3,
+            spans: vec![Span { at: 100, from: 9, len: 50 }, Span { at: 200, from: 999, len: 20 }],
+            whole: false,
+        };
+        assert_eq!(copy.missing(1000), vec![0..100, 150..200, 220..1000]);
+        assert_eq!(copy.len(), 70);
     }
 }

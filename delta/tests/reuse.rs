@@ -52,22 +52,35 @@ fn a_damaged_index_is_refused_with_what_is_wrong() {
     assert!(matches!(read_all(&bad, size), Err(IndexError::ChunkLength { chunk: 0, .. })));
 }
 
-/// The groups `older` fills of `new`, each assembled from its spans; checks each equals the
-/// new image's group and returns how many bytes were placed.
+/// The groups `older` fills of `new`, each assembled from its spans (the rest of a group it
+/// fills in part taken from `new`, as if fetched); checks each equals the new image's group
+/// and returns how many bytes of whole groups were placed.
 fn copied_bytes(older_image: &[u8], new: &[u8]) -> u64 {
     let older = OlderImage::read(older_image, Chunking::default()).expect("older");
     let mut planner = GroupPlanner::new(&older, new.len() as u64);
     let mut placed = 0;
     for chunk in chunks(new, Chunking::default()).expect("chunks") {
         for copy in planner.push(&IndexEntry::from(&chunk)) {
-            let mut group = Vec::new();
-            for span in &copy.spans {
-                let from = span.from as usize;
-                group.extend_from_slice(&older_image[from..from + span.len as usize]);
-            }
             let start = copy.group as usize * 16384;
-            assert_eq!(group, new[start..(start + 16384).min(new.len())], "group {}", copy.group);
-            placed += copy.len();
+            let expected = &new[start..(start + 16384).min(new.len())];
+            let mut group = vec![None; expected.len()];
+            for span in &copy.spans {
+                let (from, at, len) = (span.from as usize, span.at as usize, span.len as usize);
+                for (i, byte) in older_image[from..from + len].iter().enumerate() {
+                    assert!(group[at + i].replace(*byte).is_none(), "spans overlap");
+                }
+            }
+            for range in copy.missing(expected.len() as u32) {
+                for i in range {
+                    assert!(group[i as usize].replace(new[start + i as usize]).is_none());
+                }
+            }
+            let group: Vec<u8> = group.into_iter().map(|b| b.expect("every byte placed")).collect();
+            assert_eq!(group, expected, "group {}", copy.group);
+            assert_eq!(copy.whole, copy.missing(expected.len() as u32).is_empty());
+            if copy.whole {
+                placed += copy.len();
+            }
         }
     }
     placed

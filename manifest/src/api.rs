@@ -195,6 +195,12 @@ pub struct OriginUrls {
     /// image instead of fetching it.
     #[serde(default)]
     pub index: Option<String>,
+    /// Plain bytes of the image: `GET {bytes}?ranges=A-B,C-D,…` (byte offsets, `B`
+    /// exclusive) returns those bytes, concatenated. What an appliance that copied part of a
+    /// group from its active slot fetches of the rest, verifying the group against the
+    /// outboard once it is whole.
+    #[serde(default)]
+    pub bytes: Option<String>,
 }
 
 /// A file served as a blob: where its verified ranges are, and what it is.

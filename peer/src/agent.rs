@@ -871,6 +871,7 @@ impl Agent {
             client: self.client.clone(),
             ranges_url: origin_urls.as_ref().map(|o| o.ranges.clone()),
             outboard_url: origin_urls.as_ref().and_then(|o| o.outboard.clone()),
+            bytes_url: origin_urls.as_ref().and_then(|o| o.bytes.clone()),
             outboard_blob: origin_urls.as_ref().and_then(|o| o.outboard_blob.clone()),
             mirrors: origin_urls.map(|o| o.mirrors).unwrap_or_default(),
             reuse,

@@ -222,7 +222,7 @@ impl CoordinatorClient {
     }
 
     /// The origin's verified ranges for `groups` (ascending, disjoint) in one response, which
-    /// the caller streams. `start` and `end` name the first range too, so a Central Command
+    /// the caller streams (compressed if Central Command says so: see `open_compressible`). `start` and `end` name the first range too, so a Central Command
     /// that knows no runs serves that one (without [`api::HEADER_RUNS`] on its answer).
     pub async fn open_ranges(
         &self,
@@ -236,9 +236,25 @@ impl CoordinatorClient {
                 groups.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
             url = format!("{url}&ranges={}", list.join(","));
         }
-        // Compressed if Central Command finds the image worth it (`Content-Encoding: zstd`);
-        // the caller decompresses before it verifies.
-        let request = self.signed(reqwest::Method::GET, &url, Vec::new())?;
+        self.open_compressible(&url).await
+    }
+
+    /// Plain bytes of the image, the byte `ranges` (ascending, disjoint) one after the other
+    /// (`OriginUrls::bytes`), in one response the caller reads.
+    pub async fn open_bytes(
+        &self,
+        bytes_url: &str,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<reqwest::Response, ClientError> {
+        let list: Vec<String> = ranges.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
+        self.open_compressible(&format!("{bytes_url}?ranges={}", list.join(","))).await
+    }
+
+    /// A download that Central Command sends compressed if it finds the blob worth it: the
+    /// answer then says `Content-Encoding: zstd`, and the caller decompresses before it
+    /// verifies.
+    async fn open_compressible(&self, url: &str) -> Result<reqwest::Response, ClientError> {
+        let request = self.signed(reqwest::Method::GET, url, Vec::new())?;
         let request =
             request.timeout(DOWNLOAD_TIMEOUT).header(reqwest::header::ACCEPT_ENCODING, "zstd");
         Self::send_download(request).await

@@ -13,6 +13,7 @@
 //!   [`gate`]: its health gate on a trial boot; [`release_file`]: the running release as the
 //!   system says; [`early_checkin`]: when strangers on the LAN make it check in early.
 //! - [`reuse`]: copying what a new image shares with the running one from the active slot
+//!   ([`patch`]: fetching only the rest of the groups it holds in part)
 //!   (found through the release's content index), each group verified before it is written;
 //!   [`mirror`]: a release's other HTTP origins; [`outboard`]: the image's parent hashes, which
 //!   both verify against.
@@ -32,6 +33,7 @@ pub mod membership;
 pub mod metrics;
 pub mod mirror;
 pub mod outboard;
+pub mod patch;
 pub mod reuse;
 pub mod site;
 pub mod state;

@@ -8,6 +8,7 @@
 //! group a fetch, never a wrong byte. Reused groups are recorded in the writer's progress
 //! like fetched ones, so a restart resumes after them.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::ops::Range;
@@ -15,7 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sitecast_delta::index::{IndexError, IndexReader};
-use sitecast_delta::reuse::{GroupCopy, GroupPlanner, OlderImage};
+use sitecast_delta::reuse::{GroupCopy, GroupPlanner, OlderImage, Span};
 use sitecast_iso::{
     DecodedItem, Device, DeviceReader, FileDevice, GROUP_BYTES, OutboardStore, SlotError,
     SlotWriter,
@@ -34,6 +35,50 @@ pub struct Reused {
     pub refused: u64,
     /// Bytes of the active slot read to find them.
     pub scanned: u64,
+}
+
+/// Groups the active slot holds only part of, and where those parts are: the swarm fetches
+/// just the rest of such a group from the origin, assembles it with the parts, and checks
+/// the whole group before it is written ([`crate::patch`]). Kept for at most
+/// [`MAX_PARTIAL_GROUPS`] groups (they lie where the new image's changes begin and end);
+/// parts under [`MIN_PART`] bytes are not worth the bookkeeping.
+#[derive(Debug, Default)]
+pub struct PartialGroups {
+    groups: BTreeMap<u64, Vec<Span>>,
+}
+
+pub const MAX_PARTIAL_GROUPS: usize = 65_536;
+pub const MIN_PART: u64 = 1024;
+
+impl PartialGroups {
+    fn add(&mut self, copy: GroupCopy) {
+        if copy.len() >= MIN_PART && self.groups.len() < MAX_PARTIAL_GROUPS {
+            self.groups.insert(copy.group, copy.spans);
+        }
+    }
+
+    /// Where the active slot holds parts of `group`, if it does.
+    pub fn get(&self, group: u64) -> Option<&[Span]> {
+        self.groups.get(&group).map(Vec::as_slice)
+    }
+
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// The groups, in order, with where the active slot holds parts of each.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &[Span])> {
+        self.groups.iter().map(|(&group, spans)| (group, spans.as_slice()))
+    }
+
+    /// Bytes the active slot holds of these groups.
+    pub fn bytes(&self) -> u64 {
+        self.groups.values().flatten().map(|s| u64::from(s.len)).sum()
+    }
 }
 
 /// Indexes cut finer than this are not used: the map of the active slot's chunks grows as
@@ -72,7 +117,8 @@ pub enum ReuseError {
 
 /// Copies into `writer` every group of its image that the active slot at `active` (its first
 /// `active_len` bytes, or all of it) holds according to the content index at `index`,
-/// checking each against `outboard` (the new image's, complete) before it is written.
+/// checking each against `outboard` (the new image's, complete) before it is written; says
+/// where the slot holds parts of the groups it could not copy whole.
 /// Blocking: file reads and hashing. Stops, with what was copied so far recorded, once
 /// `stop` is set.
 pub fn copy_from_active<D: Device>(
@@ -82,7 +128,7 @@ pub fn copy_from_active<D: Device>(
     active: &Path,
     active_len: Option<u64>,
     stop: &AtomicBool,
-) -> Result<Reused, ReuseError> {
+) -> Result<(Reused, PartialGroups), ReuseError> {
     let layout = writer.layout();
     let chunks = IndexReader::new(File::open(index)?, layout.size)?;
     if chunks.chunking().avg < MIN_AVERAGE_CHUNK {
@@ -96,12 +142,17 @@ pub fn copy_from_active<D: Device>(
     let mut reused = Reused { scanned: older.bytes(), ..Reused::default() };
     let mut planner = GroupPlanner::new(&older, layout.size);
     let mut batch = Batch::default();
+    let mut partial = PartialGroups::default();
     for chunk in chunks {
         if stop.load(Ordering::Relaxed) {
             break;
         }
         for copy in planner.push(&chunk?) {
             if writer.has(copy.group) {
+                continue;
+            }
+            if !copy.whole {
+                partial.add(copy);
                 continue;
             }
             if !batch.extends(&copy) {
@@ -112,7 +163,7 @@ pub fn copy_from_active<D: Device>(
     }
     batch.write(writer, outboard, &mut reused)?;
     writer.checkpoint()?;
-    Ok(reused)
+    Ok((reused, partial))
 }
 
 /// Adjacent groups assembled from the active slot, not yet checked.

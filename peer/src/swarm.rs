@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::coordinator::{ClientError, CoordinatorClient};
 use crate::mirror::Mirrors;
+use crate::patch::Patches;
 use crate::pieces::{PieceLayout, PieceSet};
 use crate::scheduler::{Action, Config, Event, PeerId, RequestId, Scheduler, Source};
 
@@ -127,6 +128,7 @@ pub struct Swarm<D: Device + Send + 'static> {
     spans: Arc<BTreeMap<u64, std::ops::Range<u64>>>,
     origin: Option<(CoordinatorClient, String)>,
     mirrors: Option<Arc<Mirrors>>,
+    patches: Option<Arc<Patches>>,
     lan: Option<Arc<dyn LanFetcher>>,
     news: mpsc::Receiver<PeerNews>,
     announce: mpsc::Sender<Holding>,
@@ -214,6 +216,7 @@ impl<D: Device + Send + 'static> Swarm<D> {
             spans: Arc::new(spans),
             origin,
             mirrors: None,
+            patches: None,
             lan,
             news,
             announce,
@@ -234,6 +237,12 @@ impl<D: Device + Send + 'static> Swarm<D> {
     /// Asks `mirrors` for origin pieces before Central Command, which stays the fallback.
     pub fn with_mirrors(mut self, mirrors: Arc<Mirrors>) -> Self {
         self.mirrors = Some(mirrors);
+        self
+    }
+
+    /// Fetches of the origin only the rest of groups the active slot holds in part.
+    pub fn with_patches(mut self, patches: Arc<Patches>) -> Self {
+        self.patches = Some(patches);
         self
     }
 
@@ -366,6 +375,7 @@ impl<D: Device + Send + 'static> Swarm<D> {
         let layout = self.layout;
         let origin = self.origin.clone();
         let mirrors = self.mirrors.clone();
+        let patches = self.patches.clone();
         let stats = Arc::clone(&self.stats);
         let lan = self.lan.clone();
         async move {
@@ -374,15 +384,22 @@ impl<D: Device + Send + 'static> Swarm<D> {
                     Some((client, url)) => {
                         let out = out.clone();
                         let deliver = move |piece| out.blocking_send((id, source, piece)).is_ok();
-                        let mut left = wanted;
-                        if let Some(mirrors) = mirrors {
-                            left =
-                                fetch_from_mirrors(&mirrors, layout, left, &deliver, &stats).await;
+                        async {
+                            let mut left = wanted;
+                            if let Some(patches) = &patches {
+                                left =
+                                    patch_pieces(client, patches, layout, left, &deliver).await?;
+                            }
+                            if let Some(mirrors) = mirrors {
+                                left = fetch_from_mirrors(&mirrors, layout, left, &deliver, &stats)
+                                    .await;
+                            }
+                            match left.is_empty() {
+                                true => Ok(()),
+                                false => fetch_run(client, url, layout, &left, deliver).await,
+                            }
                         }
-                        match left.is_empty() {
-                            true => Ok(()),
-                            false => fetch_run(client, url, layout, &left, deliver).await,
-                        }
+                        .await
                     }
                     None => Err(FetchError::Failed("no origin known".into())),
                 },
@@ -454,6 +471,40 @@ impl<D: Device + Send + 'static> Swarm<D> {
     }
 }
 
+/// Fetches, of the pieces in `wanted` with groups the active slot holds in part, only the
+/// rest from Central Command ([`Patches`]), handing each to `deliver` once it verifies;
+/// returns the pieces left to fetch the usual way (none if nobody wants more).
+async fn patch_pieces(
+    client: &CoordinatorClient,
+    patches: &Arc<Patches>,
+    layout: BlobLayout,
+    wanted: Vec<Wanted>,
+    deliver: &(impl Fn(Fetched) -> bool + Clone + Send + 'static),
+) -> Result<Vec<Wanted>, FetchError> {
+    let mut left = Vec::new();
+    for wanted in wanted {
+        let Some(ranges) = patches.missing(&layout, wanted.groups.clone()) else {
+            left.push(wanted);
+            continue;
+        };
+        let Some(patched) = patches.fetch(client, layout, wanted.groups.clone(), ranges).await?
+        else {
+            left.push(wanted);
+            continue;
+        };
+        let (deliver, piece) = (deliver.clone(), wanted.piece);
+        let fetched =
+            Fetched::Piece { piece, bytes: patched.fetched, items: patched.items, mirror: false };
+        let more = tokio::task::spawn_blocking(move || deliver(fetched))
+            .await
+            .map_err(|e| FetchError::Failed(e.to_string()))?;
+        if !more {
+            return Ok(Vec::new());
+        }
+    }
+    Ok(left)
+}
+
 /// Fetches what is wanted of each piece from a LAN peer, one request each.
 async fn fetch_from_peer(
     lan: &dyn LanFetcher,
@@ -510,15 +561,7 @@ async fn fetch_run(
         } else {
             ranges.pop_front().into_iter().collect()
         };
-        let compressed = match response.headers().get(reqwest::header::CONTENT_ENCODING) {
-            None => false,
-            Some(coding) if coding.as_bytes().eq_ignore_ascii_case(b"zstd") => true,
-            Some(coding) => {
-                return Err(FetchError::Failed(format!(
-                    "the origin answered in content encoding {coding:?}, which was not asked for"
-                )));
-            }
-        };
+        let compressed = is_zstd(&response)?;
         // The body is read here and handed to the decoder through a small channel: when
         // this task is aborted (the request cancelled), the body is dropped with it, the
         // connection closes, and the decoder sees the end of its input.
@@ -629,15 +672,13 @@ async fn fetch_from_mirror(
 /// An origin run that sends nothing for this long is given up (its pieces are asked again).
 const RUN_IDLE: Duration = Duration::from_secs(30);
 
-/// A blocking reader over chunks sent from an async task; the end of the channel is the end
-/// of the input.
 /// The largest zstd window an origin's stream may use: Central Command's level uses 2 MiB at
 /// most, and a hostile stream naming a larger one is refused instead of allocated.
 const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
-/// Decompresses a zstd stream of verified ranges (compression on the wire); what comes out
-/// is decoded and verified like any response.
-fn zstd_reader<R: std::io::Read>(
+/// Decompresses a zstd stream from the origin (compression on the wire); what comes out is
+/// decoded and verified like any response.
+pub(crate) fn zstd_reader<R: std::io::Read>(
     input: R,
 ) -> Result<zstd::stream::read::Decoder<'static, std::io::BufReader<R>>, FetchError> {
     let failed = |error: std::io::Error| FetchError::Failed(format!("zstd: {error}"));
@@ -646,6 +687,20 @@ fn zstd_reader<R: std::io::Read>(
     Ok(decoder)
 }
 
+/// Whether an origin's answer is compressed; an encoding not asked for is an error.
+pub(crate) fn is_zstd(response: &reqwest::Response) -> Result<bool, FetchError> {
+    match response.headers().get(reqwest::header::CONTENT_ENCODING) {
+        None => Ok(false),
+        Some(coding) if coding.as_bytes().eq_ignore_ascii_case(b"identity") => Ok(false),
+        Some(coding) if coding.as_bytes().eq_ignore_ascii_case(b"zstd") => Ok(true),
+        Some(coding) => Err(FetchError::Failed(format!(
+            "the origin answered in content encoding {coding:?}, which was not asked for"
+        ))),
+    }
+}
+
+/// A blocking reader over chunks sent from an async task; the end of the channel is the end
+/// of the input.
 struct ChannelReader {
     input: mpsc::Receiver<std::io::Result<Bytes>>,
     chunk: Bytes,
@@ -799,6 +854,9 @@ mod tests {
             error.to_string().contains("memory") || error.to_string().contains("window"),
             "{error}"
         );
+        // Cut short: an error, not a shorter stream of bytes.
+        let mut reader = zstd_reader(&small[..small.len() - 10]).expect("reader");
+        assert!(reader.read_to_end(&mut Vec::new()).is_err());
         // Not zstd at all: an error, not bytes.
         let mut reader = zstd_reader(&b"not a zstd stream, only text"[..]).expect("reader");
         assert!(reader.read_to_end(&mut Vec::new()).is_err());

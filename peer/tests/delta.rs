@@ -35,16 +35,32 @@ fn image_pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     (old, new)
 }
 
-/// The groups of `new` that an appliance whose active slot holds `active` copies, as the
-/// agent finds them (the same index and planner).
-fn copied_groups(active: &[u8], new: &[u8]) -> std::collections::BTreeSet<u64> {
+/// What an appliance whose active slot holds `active` finds of `new` there, as the agent
+/// finds it (the same index and planner): the groups it copies, and the bytes it holds of
+/// the groups it holds in part (those of at least `MIN_PART` bytes).
+struct Found {
+    copied: std::collections::BTreeSet<u64>,
+    partly: std::collections::BTreeMap<u64, u64>,
+}
+
+fn found_in(active: &[u8], new: &[u8]) -> Found {
     use sitecast_delta::index::IndexEntry;
     use sitecast_delta::reuse::{GroupPlanner, OlderImage};
     let chunking = sitecast_delta::Chunking::default();
     let older = OlderImage::read(active, chunking).expect("older");
     let mut planner = GroupPlanner::new(&older, new.len() as u64);
     let chunks = sitecast_delta::chunks(new, chunking).expect("chunks");
-    chunks.iter().flat_map(|c| planner.push(&IndexEntry::from(c))).map(|c| c.group).collect()
+    let mut found = Found { copied: Default::default(), partly: Default::default() };
+    for copy in chunks.iter().flat_map(|c| planner.push(&IndexEntry::from(c))) {
+        match copy.whole {
+            true => drop(found.copied.insert(copy.group)),
+            false if copy.len() >= sitecast_peer::reuse::MIN_PART => {
+                found.partly.insert(copy.group, copy.len());
+            }
+            false => {}
+        }
+    }
+    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +116,8 @@ async fn a_site_on_two_older_releases_fetches_each_missing_piece_from_the_origin
     };
     // Each copied what its own active slot shares with release 2, no more, no less.
     let layout = sitecast_iso::BlobLayout::new(image.blake3, image.size);
-    let copied: Vec<_> = actives.iter().map(|active| copied_groups(active, &new)).collect();
+    let found: Vec<_> = actives.iter().map(|active| found_in(active, &new)).collect();
+    let copied: Vec<_> = found.iter().map(|f| f.copied.clone()).collect();
     for (i, groups) in copied.iter().enumerate() {
         let bytes: u64 =
             groups.iter().map(|&g| layout.group_bytes(g).end - layout.group_bytes(g).start).sum();
@@ -118,39 +135,51 @@ async fn a_site_on_two_older_releases_fetches_each_missing_piece_from_the_origin
     }
 
     // The origin sent each piece no appliance could make whole from its own slot once (a
-    // piece one of them made whole comes over the LAN), and of it only the span of groups the
-    // appliance that fetched it lacked; plus the index and the outboard once each.
+    // piece one of them made whole comes over the LAN), and of it only what the appliance
+    // that fetched it lacked of the span of groups it had not copied: the rest of the groups
+    // it held in part, the others whole; plus the index and the outboard once each.
     let pieces = sitecast_scheduler::pieces::PieceLayout::new(layout.groups());
-    let span_bytes = |piece: u64, copied: &std::collections::BTreeSet<u64>| {
-        let missing: Vec<u64> = pieces.groups_of(piece).filter(|g| !copied.contains(g)).collect();
-        match (missing.first(), missing.last()) {
-            (Some(&first), Some(&last)) => {
-                layout.group_bytes(last).end - layout.group_bytes(first).start
-            }
-            _ => 0,
-        }
+    let lacked = |piece: u64, found: &Found| {
+        let missing: Vec<u64> =
+            pieces.groups_of(piece).filter(|g| !found.copied.contains(g)).collect();
+        let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
+            return (0, 0);
+        };
+        let span = layout.group_bytes(last).end - layout.group_bytes(first).start;
+        let held: u64 = (first..=last).filter_map(|g| found.partly.get(&g)).sum();
+        (span, span - held)
     };
-    let (mut least, mut most, mut from_origin) = (0, 0, 0);
+    let (mut spans, mut least, mut most, mut from_origin) = (0, 0, 0, 0);
     for piece in 0..pieces.pieces() {
-        let spans: Vec<u64> = copied.iter().map(|groups| span_bytes(piece, groups)).collect();
-        if spans.iter().all(|&span| span > 0) {
+        let lacks: Vec<(u64, u64)> = found.iter().map(|f| lacked(piece, f)).collect();
+        if lacks.iter().all(|&(span, _)| span > 0) {
             from_origin += 1;
-            least += spans.iter().min().expect("three");
-            most += spans.iter().max().expect("three");
+            spans += lacks.iter().map(|&(span, _)| span).min().expect("three");
+            least += lacks.iter().map(|&(_, rest)| rest).min().expect("three");
+            most += lacks.iter().map(|&(_, rest)| rest).max().expect("three");
         }
     }
+    // What no appliance's slot holds must cross the WAN at least once, whatever the plan.
+    let chunking = sitecast_delta::Chunking::default();
+    let mut held = Vec::new();
+    for active in &actives {
+        held.extend(sitecast_delta::chunks(&active[..], chunking).expect("chunks"));
+    }
+    let new_chunks = sitecast_delta::chunks(&new[..], chunking).expect("chunks");
+    let nowhere = sitecast_delta::estimate(&held, &new_chunks).missing_bytes;
     let index = content_index_of(&new_path).size;
     let metadata = index + layout.outboard_len();
     let served = origin.origin_bytes("store-1", 2).await;
     eprintln!(
         "Central Command served {served} bytes for a {}-byte image: of {from_origin} pieces no \
-         appliance could copy, the missing spans ({least} to {most} bytes), {index} of index, \
-         {} of outboard",
+         appliance could copy, the rest of the spans ({least} to {most} bytes; {spans} as \
+         whole groups; {nowhere} in no slot), {index} of index, {} of outboard",
         image.size,
         layout.outboard_len()
     );
-    assert!(served >= least + metadata, "{served} bytes served");
-    // Parents and headers sent with the spans come on top: a few per cent.
+    assert!(served >= nowhere + metadata, "{served} bytes served");
+    assert!(served < spans + metadata, "{served} bytes served: groups held in part fetched whole");
+    // Parents and headers sent with what is fetched come on top: a few per cent.
     let most = (1.05 * (most + metadata) as f64) as u64;
     assert!(served <= most, "{served} bytes served, more than {most}");
     let site = &origin.operator_get("/api/sites").await["sites"][0];
@@ -211,7 +240,7 @@ fn copy_with_index(
     let mut writer =
         SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, dir)).expect("writer");
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let reused =
+    let (reused, _) =
         sitecast_peer::reuse::copy_from_active(&mut writer, &outboard, &index, active, None, &stop)
             .expect("copy");
     (writer, reused)
@@ -311,4 +340,130 @@ async fn an_image_that_compresses_crosses_the_wan_compressed() {
     let served = origin.origin_bytes("store-1", 2).await;
     eprintln!("Central Command served {served} bytes for a {}-byte image", image.len());
     assert!(served > 0 && served < image.len() as u64 / 2, "{served} bytes served");
+}
+
+/// A lone appliance (`client`, enrolled) fills its slot from Central Command alone after
+/// copying from its active slot (release 1) what it can; with `damaged`, the parts it holds of the groups it holds in
+/// part are damaged after the copy (a disk that lost them meanwhile). What it fetched.
+async fn fill_with_patches(
+    client: sitecast_peer::coordinator::CoordinatorClient,
+    key: sitecast_manifest::SecretKey,
+    dir: &Path,
+    name: &str,
+    damaged: bool,
+) -> u64 {
+    use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, Slot, SlotPaths, SlotWriter};
+    use std::os::unix::fs::FileExt;
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub).expect("dir");
+    let active = sub.join("slot-a.img");
+    std::fs::copy(dir.join("image-v1.raw"), &active).expect("slot A");
+    let offer = client.checkin(&lone_checkin("lab", name)).await.expect("checkin");
+    assert!(offer.update_available, "release 2 is offered");
+    let urls = offer.origin.expect("origin");
+    let bytes_url = urls.bytes.expect("Central Command offers plain bytes");
+
+    // The index and the outboard as Central Command has them, made here from the image.
+    let new_path = dir.join("image-v2.raw");
+    let digest =
+        sitecast_manifest::ImageDigest::of_reader(std::fs::File::open(&new_path).expect("v2"))
+            .expect("hash");
+    let image = sitecast_manifest::ImageInfo {
+        size: digest.size,
+        blake3: digest.blake3,
+        sha256: digest.sha256,
+    };
+    let layout = BlobLayout::new(image.blake3, image.size);
+    let outboard_path = sub.join("new.obao4");
+    let mut outboard =
+        OutboardStore::new(layout, FileDevice::open_or_create(&outboard_path).expect("outboard"));
+    outboard.compute_from(std::fs::File::open(&new_path).expect("open")).expect("outboard");
+    let index = sub.join("index");
+    let index_file = std::fs::File::create(&index).expect("index");
+    let chunking = sitecast_delta::Chunking::default();
+    sitecast_delta::index::write(
+        std::fs::File::open(&new_path).expect("open"),
+        chunking,
+        index_file,
+    )
+    .expect("index");
+    let slot = sub.join("slot-b.img");
+    std::fs::File::create(&slot).expect("slot").set_len(16 * MIB as u64).expect("size");
+    let mut writer =
+        SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, &sub)).expect("writer");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (_, partial) = sitecast_peer::reuse::copy_from_active(
+        &mut writer,
+        &outboard,
+        &index,
+        &active,
+        None,
+        &stop,
+    )
+    .expect("copy");
+    assert!(!partial.is_empty(), "the changes' edges leave groups held in part");
+    if damaged {
+        let file = std::fs::OpenOptions::new().write(true).open(&active).expect("slot A");
+        for (_, spans) in partial.iter() {
+            file.write_all_at(&[0x55; 8], spans[0].from).expect("damage");
+        }
+    }
+    let outboard =
+        OutboardStore::new(layout, FileDevice::open_read_only(&outboard_path).expect("outboard"));
+    let active = FileDevice::open_read_only(&active).expect("slot A");
+    let patches = sitecast_peer::patch::Patches::new(partial, active, outboard, bytes_url);
+    let (_news_tx, news) = tokio::sync::mpsc::channel(8);
+    let (announce, _announced) = tokio::sync::mpsc::channel(8);
+    let stats =
+        std::sync::Arc::new(std::sync::Mutex::new(sitecast_peer::swarm::TransferStats::default()));
+    let me = sitecast_peer::scheduler::PeerId(*key.public().as_bytes());
+    let swarm = sitecast_peer::swarm::Swarm::new(
+        me,
+        writer,
+        Some((client, urls.ranges)),
+        None,
+        news,
+        announce,
+        stats.clone(),
+        |config| config.discovery_grace = Duration::ZERO,
+    )
+    .with_patches(std::sync::Arc::new(patches));
+    let writer = swarm.run().await.expect("swarm completes");
+    writer.finish().expect("the slot reads back as release 2");
+    let written = std::fs::read(&slot).expect("slot");
+    assert!(written[..image.size as usize] == std::fs::read(&new_path).expect("v2")[..]);
+    let stats = *stats.lock().expect("stats");
+    stats.bytes_from_origin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_held_in_part_are_fetched_whole_when_their_parts_do_not_verify() {
+    use sitecast_peer::coordinator::CoordinatorClient;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    image_pair(dir.path());
+    let new_path = dir.path().join("image-v2.raw");
+    origin.publish_image(2, &new_path, Some(content_index_of(&new_path))).await;
+    let mut clients = Vec::new();
+    for name in ["intact", "damaged"] {
+        let key = sitecast_manifest::SecretKey::generate().expect("rng");
+        let client = CoordinatorClient::new(&origin.url, None, key.clone()).expect("client");
+        client.checkin(&lone_checkin("lab", name)).await.expect("enrolled");
+        clients.push((client, key));
+    }
+    origin.rollout(2).await;
+    let mut fetched = Vec::new();
+    for ((client, key), (name, damaged)) in
+        clients.into_iter().zip([("intact", false), ("damaged", true)])
+    {
+        fetched.push(fill_with_patches(client, key, dir.path(), name, damaged).await);
+    }
+    // Both slots are release 2 (checked as they are filled); the damaged parts cost their
+    // groups whole.
+    assert!(
+        fetched[1] > fetched[0],
+        "{} bytes fetched with damaged parts, {} without",
+        fetched[1],
+        fetched[0]
+    );
 }

@@ -336,6 +336,7 @@ impl Fleet {
                 .index
                 .as_ref()
                 .map(|index| format!("{public_url}/api/blobs/{index}/ranges")),
+            bytes: Some(format!("{public_url}/api/blobs/{}/bytes", release.blake3)),
         });
         response.site_peers = self.site_peers(appliance, Some(release), now);
         response

@@ -296,6 +296,7 @@ impl Coordinator {
             .route("/api/releases/{version}/mirrors", put(mirrors::set))
             .route("/api/blobs/{hash}/ranges", get(origin::blob_ranges))
             .route("/api/blobs/{hash}/outboard", get(origin::blob_outboard))
+            .route("/api/blobs/{hash}/bytes", get(origin::blob_bytes))
             .route("/api/agent-releases", post(agent_releases::publish).get(agent_releases::list))
             .route("/api/agent-releases/latest", get(agent_releases::latest))
             .route("/api/agent-releases/files/{hash}", get(agent_releases::file))

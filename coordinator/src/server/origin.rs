@@ -29,6 +29,7 @@ use crate::fleet::Fleet;
 use crate::range::{self, RangeDecision};
 use crate::store::ReleaseRecord;
 use crate::wire;
+use sitecast_iso::{Device, FileDevice, OutboardStore};
 
 /// A verified-range client that reads nothing for this long is dropped.
 pub(super) const STALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -181,10 +182,107 @@ pub(super) async fn blob_ranges(
 ) -> Result<Response, ApiError> {
     let (parts, _) = request.into_parts();
     let (info, reader, version) = ranged_blob(&state, &parts, &hash).await?;
-    let site = reader_site(&reader);
     let layout = sitecast_iso::BlobLayout::new(info.blake3, info.size);
     let groups = range.parse(layout.groups())?;
-    let permit = state.range_pool.acquire(peer_address(&parts), QUEUE_TIMEOUT).await.map_err(
+    let length = layout.encoded_len_of(&groups);
+    let encode =
+        move |data: &FileDevice, outboard: &OutboardStore<FileDevice>, out: &mut dyn Write| {
+            outboard.encode_runs(data, &groups, out)
+        };
+    let mut response = stream_blob(&state, &parts, info, &reader, version, length, encode).await?;
+    let headers = response.headers_mut();
+    headers.insert(sitecast_manifest::api::HEADER_RUNS, HeaderValue::from_static("1"));
+    Ok(response)
+}
+
+/// `ranges=A-B,C-D,…`: byte ranges of a blob (`B` exclusive), ascending and disjoint, at
+/// most [`MAX_BYTE_RANGES`].
+#[derive(Deserialize)]
+pub(super) struct ByteRanges {
+    ranges: Option<String>,
+}
+
+/// The most byte ranges in one request: a piece's missing parts, merged, are far fewer.
+pub(super) const MAX_BYTE_RANGES: usize = 256;
+
+impl ByteRanges {
+    fn parse(&self, size: u64) -> Result<Vec<std::ops::Range<u64>>, ApiError> {
+        let bad = |why: String| ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", why);
+        let list = self
+            .ranges
+            .as_deref()
+            .ok_or_else(|| bad("name byte ranges with ranges=A-B,…".into()))?;
+        let mut ranges = Vec::new();
+        let mut floor = 0;
+        // One past the limit is enough to refuse a list, however long it is.
+        for item in list.split(',').take(MAX_BYTE_RANGES + 1) {
+            let parsed = item.split_once('-').and_then(|(start, end)| {
+                Some(start.parse::<u64>().ok()?..end.parse::<u64>().ok()?)
+            });
+            let range = parsed.ok_or_else(|| bad(format!("{item:?} is not a range a-b")))?;
+            if range.start < floor || range.start >= range.end || range.end > size {
+                return Err(bad(format!(
+                    "bytes {}..{} are not within 0..{size}, ascending and disjoint",
+                    range.start, range.end
+                )));
+            }
+            floor = range.end;
+            ranges.push(range);
+        }
+        if ranges.len() > MAX_BYTE_RANGES {
+            return Err(bad(format!("more than {MAX_BYTE_RANGES} ranges in one request")));
+        }
+        Ok(ranges)
+    }
+}
+
+/// Plain bytes of a blob, the ranges asked for one after the other: what an appliance lacks
+/// of groups it copied in part from its active slot. Not checked on the way out (the
+/// appliance checks each group against the outboard once it is whole); the same access,
+/// counting, limits and compression as verified ranges.
+pub(super) async fn blob_bytes(
+    State(state): State<Arc<AppState>>,
+    Path(hash): Path<String>,
+    Query(ranges): Query<ByteRanges>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let (parts, _) = request.into_parts();
+    let (info, reader, version) = ranged_blob(&state, &parts, &hash).await?;
+    let ranges = ranges.parse(info.size)?;
+    let length = ranges.iter().map(|r| r.end - r.start).sum();
+    let encode = move |data: &FileDevice, _: &OutboardStore<FileDevice>, out: &mut dyn Write| {
+        let mut buffer = vec![0; 256 * 1024];
+        for range in &ranges {
+            let mut at = range.start;
+            while at < range.end {
+                let n = (range.end - at).min(buffer.len() as u64) as usize;
+                data.read_exact_at(at, &mut buffer[..n])?;
+                out.write_all(&buffer[..n])?;
+                at += n as u64;
+            }
+        }
+        Ok(())
+    };
+    stream_blob(&state, &parts, info, &reader, version, length, encode).await
+}
+
+/// Streams what `encode` writes of a blob (`length` bytes before compression) from a blocking
+/// task, with a stream of the range pool's ([`super::range_pool`]); compressed when the
+/// client asks and the blob compresses ([`wire`]); counted, as sent, with the origin bytes of
+/// the reader's site when the blob belongs to release `version`.
+async fn stream_blob(
+    state: &Arc<AppState>,
+    parts: &axum::http::request::Parts,
+    info: BlobInfo,
+    reader: &ImageReader,
+    version: Option<u64>,
+    length: u64,
+    encode: impl FnOnce(&FileDevice, &OutboardStore<FileDevice>, &mut dyn Write) -> std::io::Result<()>
+    + Send
+    + 'static,
+) -> Result<Response, ApiError> {
+    let site = reader_site(reader);
+    let permit = state.range_pool.acquire(peer_address(parts), QUEUE_TIMEOUT).await.map_err(
         |busy| match busy {
             Busy::ClientShare => ApiError::busy(
                 "busy",
@@ -196,7 +294,6 @@ pub(super) async fn blob_ranges(
             }
         },
     )?;
-    let length = layout.encoded_len_of(&groups);
     let accepts = parts.headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok());
     let compress = wire::accepts_zstd(accepts) && {
         let blobs = state.blobs.clone();
@@ -207,20 +304,23 @@ pub(super) async fn blob_ranges(
     };
     let (data, outboard) = state.blobs.open_blob(&info).map_err(ApiError::internal)?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
-    let counter = Arc::clone(&state);
+    let counter = Arc::clone(state);
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut writer = ChannelWriter { sender, sent: 0, runtime };
         let result = match compress {
-            true => zstd_onto(&mut writer, |w| outboard.encode_runs(&data, &groups, w)),
-            false => outboard.encode_runs(&data, &groups, &mut writer),
+            true => zstd_onto(&mut writer, length, |out| encode(&data, &outboard, out)),
+            false => encode(&data, &outboard, &mut writer),
         };
         let sent = writer.sent;
         if let Err(error) = result {
-            // The body is cut short, so the client sees a truncated response, never bad bytes.
-            tracing::warn!(%error, "serving verified ranges stopped");
-            let _ = writer.sender.try_send(Err(error));
+            // The body ends in an error (hyper aborts it), so the client sees a broken
+            // response, never one that looks complete; a client that stopped reading is
+            // dropped after the stall timeout as it would have been.
+            tracing::warn!(%error, "serving a blob stopped");
+            let failed = writer.sender.send(Err(error));
+            let _ = writer.runtime.block_on(tokio::time::timeout(STALL_TIMEOUT, failed));
         }
         // Per site and release; an agent release's files are counted by the appliances'
         // reports instead.
@@ -240,7 +340,6 @@ pub(super) async fn blob_ranges(
         true => response_headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("zstd")),
         false => response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length)),
     };
-    response_headers.insert(sitecast_manifest::api::HEADER_RUNS, HeaderValue::from_static("1"));
     Ok(response)
 }
 
@@ -248,11 +347,14 @@ pub(super) async fn blob_ranges(
 /// all of it was encoded: a stream cut short is a truncated response to the client.
 fn zstd_onto(
     writer: &mut ChannelWriter,
-    encode: impl FnOnce(
-        &mut zstd::stream::write::Encoder<'_, &mut ChannelWriter>,
-    ) -> std::io::Result<()>,
+    length: u64,
+    encode: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let mut encoder = zstd::stream::write::Encoder::new(writer, wire::LEVEL)?;
+    // The frame says how long it is and carries a checksum, so a decoder tells a stream cut
+    // short from a complete one; a known size also lets zstd use a smaller window.
+    encoder.set_pledged_src_size(Some(length))?;
+    encoder.include_checksum(true)?;
     encode(&mut encoder)?;
     encoder.finish().map(drop)
 }

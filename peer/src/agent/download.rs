@@ -20,7 +20,8 @@ use crate::agent_files::{self, FileCache, FileSources};
 use crate::coordinator::CoordinatorClient;
 use crate::mirror::Mirrors;
 use crate::outboard;
-use crate::reuse::{self, Reused};
+use crate::patch::Patches;
+use crate::reuse::{self, PartialGroups, Reused};
 use crate::scheduler::{Config, PeerId};
 use crate::swarm::{Swarm, SwarmError, TransferStats};
 
@@ -32,6 +33,9 @@ pub(super) struct Download {
     pub client: CoordinatorClient,
     /// Central Command's verified ranges.
     pub ranges_url: Option<String>,
+    /// Central Command's plain bytes of the image (`OriginUrls::bytes`): the rest of groups
+    /// the active slot holds in part.
+    pub bytes_url: Option<String>,
     /// Where the image's outboard is, for mirrors and for copying from the active slot.
     pub outboard_url: Option<String>,
     /// The same outboard as a blob the site shares, if Central Command offers it so.
@@ -134,18 +138,27 @@ impl Download {
         let stop_copy = Arc::clone(&stop);
         let mut copying = tokio::task::spawn_blocking(move || {
             let mut writer = SlotWriter::open_paths(open_slot, &open_image, &open_paths)?;
-            let reused = match (reuse, outboard) {
-                (Some((index, active, active_len)), Some(outboard)) => copy_from_active(
-                    &mut writer,
-                    &outboard,
-                    &index,
-                    &active,
-                    active_len,
-                    &stop_copy,
-                ),
-                _ => Reused::default(),
+            let copied = match (reuse, outboard) {
+                (Some((index, active, active_len)), Some(outboard)) => {
+                    let (reused, partial) = copy_from_active(
+                        &mut writer,
+                        &outboard,
+                        &index,
+                        &active,
+                        active_len,
+                        &stop_copy,
+                    );
+                    // What the slot holds of the groups it could not copy whole: the swarm
+                    // fetches only the rest of those from Central Command.
+                    let patch = (!partial.is_empty())
+                        .then(|| FileDevice::open_read_only(&active).ok())
+                        .flatten()
+                        .map(|active| (partial, active, outboard));
+                    (reused, patch)
+                }
+                _ => (Reused::default(), None),
             };
-            Ok::<_, sitecast_iso::SlotError>((writer, reused))
+            Ok::<_, sitecast_iso::SlotError>((writer, copied))
         });
         let copied = tokio::select! {
             copied = &mut copying => copied,
@@ -156,16 +169,25 @@ impl Download {
                 return Err(SwarmError::Replaced.to_string());
             }
         };
-        let (writer, reused) = copied.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        let (writer, (reused, patch)) =
+            copied.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         self.stats.lock().unwrap_or_else(|p| p.into_inner()).bytes_reused += reused.bytes;
 
-        let Self { client, ranges_url, me, site_members, stats, .. } = self;
+        let Self { client, ranges_url, bytes_url, me, site_members, stats, .. } = self;
         let origin = ranges_url.map(|url| (client, url));
         let tune = |config: &mut Config| config.site_members = site_members;
         let mut swarm = Swarm::new(me, writer, origin, lan_fetcher, news, announce, stats, tune)
             .stop_on(stopped);
         if let Some(mirrors) = &mirrors {
             swarm = swarm.with_mirrors(Arc::clone(mirrors));
+        }
+        if let (Some((partial, active, outboard)), Some(url)) = (patch, bytes_url) {
+            tracing::info!(
+                groups = partial.len(),
+                bytes = partial.bytes(),
+                "the active slot holds parts of groups: only the rest is fetched of those"
+            );
+            swarm = swarm.with_patches(Arc::new(Patches::new(partial, active, outboard, url)));
         }
         let ran = swarm.run().await;
         // An outboard of its own is not needed any more (a retry fetches it again); one
@@ -305,10 +327,10 @@ fn copy_from_active(
     active: &std::path::Path,
     active_len: Option<u64>,
     stop: &AtomicBool,
-) -> Reused {
+) -> (Reused, PartialGroups) {
     let started = std::time::Instant::now();
     match reuse::copy_from_active(writer, outboard, index, active, active_len, stop) {
-        Ok(reused) => {
+        Ok((reused, partial)) => {
             tracing::info!(
                 groups = reused.groups,
                 bytes = reused.bytes,
@@ -317,11 +339,11 @@ fn copy_from_active(
                 seconds = started.elapsed().as_secs_f64(),
                 "copied from the active slot what the new image shares with it"
             );
-            reused
+            (reused, partial)
         }
         Err(error) => {
             tracing::warn!(%error, "nothing more copied from the active slot");
-            Reused::default()
+            (Reused::default(), PartialGroups::default())
         }
     }
 }
