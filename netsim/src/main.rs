@@ -48,6 +48,13 @@ enum Command {
         /// Appliances (by index, in every site) that serve corrupt data.
         #[arg(long = "corrupt")]
         corrupt: Vec<usize>,
+        /// A delta transfer: the appliances run this many older releases (appliance `i` the
+        /// `i % N`th); the newest lacks `--changed-percent` of the image, in runs, and each
+        /// older one that much more.
+        #[arg(long, default_value_t = 0)]
+        older_releases: usize,
+        #[arg(long, default_value_t = 5.0)]
+        changed_percent: f64,
         /// Write each site's event trace (joins, requests, completions, announcements) to
         /// stderr, one line per event.
         #[arg(long)]
@@ -208,7 +215,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let report = sitecast_netsim::demo::run(&options, &mut std::io::stdout()).await?;
             Ok(if report.all_updated(2) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
-        Command::Sim { sites, appliances, image_mib, wan_mbit, lan_mbit, seed, corrupt, trace } => {
+        Command::Sim {
+            sites,
+            appliances,
+            image_mib,
+            wan_mbit,
+            lan_mbit,
+            seed,
+            corrupt,
+            older_releases,
+            changed_percent,
+            trace,
+        } => {
             let mut spec = sitecast_netsim::sim::SiteSpec::uniform(
                 appliances,
                 image_mib << 20,
@@ -216,6 +234,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 lan_mbit,
                 seed,
             );
+            if older_releases > 0 {
+                spec = spec.on_older_releases(older_releases, changed_percent / 100.0);
+            }
             spec.corrupt = corrupt.into_iter().collect();
             spec.print_trace = trace;
             let started = std::time::Instant::now();
@@ -228,11 +249,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!(
                 "{sites} site(s) × {appliances} appliances, {image_mib} MiB, WAN {wan_mbit} Mbit/s, LAN {lan_mbit} Mbit/s, seed {seed}"
             );
+            let transfer = spec.transfer_bytes();
+            if older_releases > 0 {
+                println!(
+                    "  on {older_releases} older release(s), {changed_percent} % of the image changed since each: {transfer} bytes held by none (the transfer)"
+                );
+            }
             println!(
-                "  slowest site {seconds:.2} s (bound {:.2} s, ×{:.2}); worst origin bytes per site {:.3} × image; intact: {intact}; simulated in {wall:.2} s",
+                "  slowest site {seconds:.2} s (bound {:.2} s, ×{:.2}); worst origin bytes per site {:.3} × the transfer; intact: {intact}; simulated in {wall:.2} s",
                 spec.bound_seconds(),
                 seconds / spec.bound_seconds(),
-                worst as f64 / spec.image_bytes as f64
+                worst as f64 / transfer as f64
             );
             if !intact {
                 let seeds: Vec<u64> = results
@@ -247,6 +274,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 "appliances": appliances * sites,
                 "sites": sites,
                 "image_bytes": spec.image_bytes,
+                "transfer_bytes": transfer,
                 "origin_bytes": results.iter().map(|r| r.origin_bytes).sum::<u64>(),
                 "origin_bytes_per_site_max": worst,
                 "lan_bytes": results.iter().map(|r| r.lan_bytes).sum::<u64>(),

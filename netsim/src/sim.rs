@@ -40,6 +40,10 @@ pub struct SiteSpec {
     pub join_at: Vec<Duration>,
     /// Crashes: appliance, down at, back at.
     pub crashes: Vec<(usize, Duration, Duration)>,
+    /// Pieces each appliance holds before it fetches anything: copied from its active slot,
+    /// which holds an older release (a delta transfer; see [`SiteSpec::on_older_releases`]).
+    /// Empty sets: every appliance fetches the whole image.
+    pub held: Vec<PieceSet>,
     pub seed: u64,
     /// Write the event trace to stderr as it happens (`sitecast-netsim sim --trace`).
     pub print_trace: bool,
@@ -65,9 +69,76 @@ impl SiteSpec {
             skip_verification: false,
             join_at: vec![Duration::ZERO; appliances],
             crashes: Vec::new(),
+            held: vec![
+                PieceSet::empty(PieceLayout::new(image_bytes.div_ceil(GROUP_BYTES)).pieces());
+                appliances
+            ],
             seed,
             print_trace: false,
         }
+    }
+
+    /// A delta transfer: appliance `i` runs older release `i % releases`. Release 0, the
+    /// newest of them, lacks the pieces the new release changed: about `changed` of the image
+    /// (at least one piece), in seeded runs of 1 to 8 pieces (as changes come: a package's
+    /// files, a region of a file system). Each older one lacks those and about `changed` more
+    /// (what changed since it). The model works in pieces: a piece the active slot holds in
+    /// part counts as lacked.
+    pub fn on_older_releases(mut self, releases: usize, changed: f64) -> Self {
+        let pieces = self.pieces();
+        let per_release = ((changed * pieces as f64).ceil() as u64).clamp(1, pieces);
+        let mut draw = 0u64;
+        let mut next = |seed: u64| {
+            draw += 1;
+            let hash = blake3::hash(format!("older releases of seed {seed}: {draw}").as_bytes());
+            u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"))
+        };
+        let mut lacks = PieceSet::empty(pieces);
+        let mut held_by_release = Vec::new();
+        for release in 0..releases.max(1) as u64 {
+            let target = (per_release * (release + 1)).min(pieces);
+            while lacks.count() < target {
+                let start = next(self.seed) % pieces;
+                let len = 1 + next(self.seed) % 8;
+                let end = (start + len).min(pieces);
+                for piece in start..end {
+                    if lacks.count() < target {
+                        lacks.insert(piece);
+                    }
+                }
+            }
+            let mut held = PieceSet::full(pieces);
+            for piece in lacks.iter() {
+                held.remove(piece);
+            }
+            held_by_release.push(held);
+        }
+        self.held = (0..self.appliances)
+            .map(|i| held_by_release[i % held_by_release.len()].clone())
+            .collect();
+        self
+    }
+
+    /// Bytes of piece `piece`.
+    fn piece_len(&self, piece: u64) -> u64 {
+        let groups = self.piece_layout().groups_of(piece);
+        (groups.end * GROUP_BYTES).min(self.image_bytes) - groups.start * GROUP_BYTES
+    }
+
+    /// Bytes appliance `i` lacks at the start.
+    pub fn missing_bytes(&self, i: usize) -> u64 {
+        let held = &self.held[i];
+        (0..self.pieces()).filter(|&p| !held.contains(p)).map(|p| self.piece_len(p)).sum()
+    }
+
+    /// What the honest appliances need that none of them holds: what the origin must send at
+    /// least once (the whole image unless some hold older releases).
+    pub fn transfer_bytes(&self) -> u64 {
+        let honest = self.honest();
+        (0..self.pieces())
+            .filter(|&p| honest.iter().all(|&i| !self.held[i].contains(p)))
+            .map(|p| self.piece_len(p))
+            .sum()
     }
 
     /// How the agents cut this image into pieces.
@@ -112,28 +183,33 @@ impl SiteSpec {
 
     /// Kumar–Ross lower bound `max(F/u_s, F/d_min, N·F/(u_s + Σu_i))` over the honest
     /// appliances (a corrupt one's uplink carries nothing useful), and no sooner than each
-    /// appliance's join plus `F/d_i`.
+    /// appliance's join plus `F/d_i`. For a delta transfer, `F` is what appliance `i` lacks
+    /// (`M_i`) where it is received, and what none holds (`U`) where the origin sends:
+    /// `max(U/u_s, M_i/d_i, ΣM_i/(u_s + Σu_i))`.
     pub fn kumar_ross_seconds(&self) -> f64 {
-        let f = self.image_bytes as f64 * 8.0;
         let honest = self.honest();
-        let n = honest.len() as f64;
+        let missing: Vec<f64> =
+            honest.iter().map(|&i| self.missing_bytes(i) as f64 * 8.0).collect();
         let upload: f64 = honest.iter().map(|&i| self.lan_up_bps[i]).sum();
-        let each = honest
-            .iter()
-            .map(|&i| self.join_at[i].as_secs_f64() + f / self.lan_down_bps[i])
+        let each = (honest.iter().zip(&missing))
+            .map(|(&i, m)| self.join_at[i].as_secs_f64() + m / self.lan_down_bps[i])
             .fold(0.0, f64::max);
-        (f / self.wan_bps).max(each).max(n * f / (self.wan_bps + upload))
+        let received: f64 = missing.iter().sum();
+        let u = self.transfer_bytes() as f64 * 8.0;
+        (u / self.wan_bps).max(each).max(received / (self.wan_bps + upload))
     }
 
     /// The bound for a site that keeps the origin goal: if the origin sends the honest
-    /// appliances at most `MAX_ORIGIN_RATIO · F`, their uplinks carry the rest of the `N·F`
-    /// they receive, so no schedule finishes before `(N − MAX_ORIGIN_RATIO)·F / Σu_i`.
-    /// Kumar–Ross reaches its `N·F/(u_s + Σu_i)` only by sending more copies from the origin;
-    /// where uplinks are slow (a tenth of the downlinks) this bound is the higher one.
+    /// appliances at most `MAX_ORIGIN_RATIO · U`, their uplinks carry the rest of the `ΣM_i`
+    /// they receive (`N·F` for a whole image), so no schedule finishes before
+    /// `(ΣM_i − MAX_ORIGIN_RATIO·U) / Σu_i`. Kumar–Ross reaches its `ΣM_i/(u_s + Σu_i)` only
+    /// by sending more copies from the origin; where uplinks are slow (a tenth of the
+    /// downlinks) this bound is the higher one.
     pub fn origin_goal_seconds(&self) -> f64 {
-        let f = self.image_bytes as f64 * 8.0;
         let honest = self.honest();
-        let from_peers = (honest.len() as f64 - crate::sweep::MAX_ORIGIN_RATIO).max(0.0) * f;
+        let received: f64 = honest.iter().map(|&i| self.missing_bytes(i) as f64 * 8.0).sum();
+        let u = self.transfer_bytes() as f64 * 8.0;
+        let from_peers = (received - crate::sweep::MAX_ORIGIN_RATIO * u).max(0.0);
         let upload: f64 = honest.iter().map(|&i| self.lan_up_bps[i]).sum();
         if upload > 0.0 { from_peers / upload } else { 0.0 }
     }
@@ -148,6 +224,9 @@ impl SiteSpec {
 pub struct SiteResult {
     pub appliances: usize,
     pub image_bytes: u64,
+    /// What none of the honest appliances held at the start: the image, unless some copied
+    /// from an older release ([`SiteSpec::transfer_bytes`]).
+    pub transfer_bytes: u64,
     pub origin_bytes: u64,
     /// What of `origin_bytes` went to honest appliances: a corrupt appliance may fetch what
     /// it likes from the origin, and no scheduler of the others can stop it.
@@ -453,7 +532,8 @@ impl<'a> Sim<'a> {
             origin_bytes: 0.0,
             honest_origin_bytes: 0.0,
             lan_bytes: 0.0,
-            delivered: vec![PieceSet::empty(spec.pieces()); spec.appliances],
+            // What an appliance copied from its active slot was verified there.
+            delivered: spec.held.clone(),
             trace: Trace { print: spec.print_trace, ..Trace::default() },
         }
     }
@@ -863,6 +943,7 @@ impl<'a> Sim<'a> {
         SiteResult {
             appliances: self.spec.appliances,
             image_bytes: self.spec.image_bytes,
+            transfer_bytes: self.spec.transfer_bytes(),
             origin_bytes: self.origin_bytes.round() as u64,
             honest_origin_bytes: self.honest_origin_bytes.round() as u64,
             lan_bytes: self.lan_bytes.round() as u64,
@@ -888,6 +969,12 @@ pub fn simulate_site(spec: &SiteSpec) -> SiteResult {
     let mut sim = Sim::new(spec);
     // Appliances that join at time zero know each other from the start (the coordinator's
     // site list); later ones join when their time comes.
+    for (i, held) in spec.held.iter().enumerate() {
+        let pieces = held.to_ranges();
+        if !pieces.is_empty() {
+            sim.handle(i, Event::HaveLocally { pieces });
+        }
+    }
     sim.drain_all();
     sim.run()
 }

@@ -39,7 +39,7 @@ impl Verdict {
     /// What the origin sent the honest appliances ÷ the transfer (see
     /// [`SiteResult::honest_origin_bytes`]).
     pub fn origin_ratio(&self) -> f64 {
-        self.result.honest_origin_bytes as f64 / self.result.image_bytes as f64
+        self.result.honest_origin_bytes as f64 / self.result.transfer_bytes as f64
     }
 
     pub fn meets_goals(&self) -> bool {

@@ -153,3 +153,41 @@ fn the_reduced_sweep_meets_the_goals_but_where_known_slow() {
     }
     assert!(missed.is_empty(), "shapes that miss a goal:\n{}", missed.join("\n"));
 }
+
+#[test]
+fn a_site_on_older_releases_fetches_what_none_holds_once_and_the_rest_over_the_lan() {
+    for (releases, changed) in [(1, 0.05), (2, 0.05), (3, 0.02)] {
+        let spec = reference(1).on_older_releases(releases, changed);
+        let result = check(&spec);
+        let what = format!("{releases} older release(s), {changed} changed");
+        assert!(result.intact, "{what}: {result:?}");
+        let transfer = result.transfer_bytes;
+        assert!(transfer > 0 && transfer < result.image_bytes / 10, "{what}: {transfer} bytes");
+        // The origin sends what no appliance holds, about once.
+        let offload = result.origin_bytes as f64 / transfer as f64;
+        assert!((1.0..=1.05).contains(&offload), "{what}: origin sent {offload:.3} × the transfer");
+        // An appliance receives what it lacks, not what it copied (parents on top).
+        let lacked: u64 = (0..spec.appliances).map(|i| spec.missing_bytes(i)).sum();
+        let received = result.origin_bytes + result.lan_bytes;
+        assert!(received >= lacked, "{what}: {received} bytes received, {lacked} lacked");
+        assert!(
+            received as f64 <= 1.05 * lacked as f64,
+            "{what}: {received} bytes received for {lacked} lacked"
+        );
+        let slowdown = result.seconds / result.bound_seconds;
+        assert!(slowdown <= 1.2, "{what}: {slowdown:.2} × the bound");
+    }
+}
+
+#[test]
+fn older_releases_lack_more_the_older_they_are() {
+    let spec = SiteSpec::uniform(6, 64 * MIB, 50.0, 500.0, 3).on_older_releases(3, 0.04);
+    let lacked: Vec<u64> = (0..3).map(|i| spec.missing_bytes(i)).collect();
+    assert!(lacked[0] < lacked[1] && lacked[1] < lacked[2], "{lacked:?}");
+    // Appliances 3 to 5 run the same releases as 0 to 2.
+    assert_eq!((3..6).map(|i| spec.missing_bytes(i)).collect::<Vec<_>>(), lacked);
+    // What every one lacks is what the newest lacks: the new release's own changes.
+    assert_eq!(spec.transfer_bytes(), lacked[0]);
+    let whole = SiteSpec::uniform(6, 64 * MIB, 50.0, 500.0, 3);
+    assert_eq!(whole.transfer_bytes(), 64 * MIB);
+}

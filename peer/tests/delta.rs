@@ -52,12 +52,10 @@ fn found_in(active: &[u8], new: &[u8]) -> Found {
     let chunks = sitecast_delta::chunks(new, chunking).expect("chunks");
     let mut found = Found { copied: Default::default(), partly: Default::default() };
     for copy in chunks.iter().flat_map(|c| planner.push(&IndexEntry::from(c))) {
-        match copy.whole {
-            true => drop(found.copied.insert(copy.group)),
-            false if copy.len() >= sitecast_peer::reuse::MIN_PART => {
-                found.partly.insert(copy.group, copy.len());
-            }
-            false => {}
+        if copy.whole {
+            found.copied.insert(copy.group);
+        } else if copy.len() >= sitecast_peer::reuse::MIN_PART {
+            found.partly.insert(copy.group, copy.len());
         }
     }
     found
@@ -348,6 +346,7 @@ async fn an_image_that_compresses_crosses_the_wan_compressed() {
 async fn fill_with_patches(
     client: sitecast_peer::coordinator::CoordinatorClient,
     key: sitecast_manifest::SecretKey,
+    (old_path, new_path): (&Path, &Path),
     dir: &Path,
     name: &str,
     damaged: bool,
@@ -357,16 +356,15 @@ async fn fill_with_patches(
     let sub = dir.join(name);
     std::fs::create_dir_all(&sub).expect("dir");
     let active = sub.join("slot-a.img");
-    std::fs::copy(dir.join("image-v1.raw"), &active).expect("slot A");
+    std::fs::copy(old_path, &active).expect("slot A");
     let offer = client.checkin(&lone_checkin("lab", name)).await.expect("checkin");
     assert!(offer.update_available, "release 2 is offered");
     let urls = offer.origin.expect("origin");
     let bytes_url = urls.bytes.expect("Central Command offers plain bytes");
 
     // The index and the outboard as Central Command has them, made here from the image.
-    let new_path = dir.join("image-v2.raw");
     let digest =
-        sitecast_manifest::ImageDigest::of_reader(std::fs::File::open(&new_path).expect("v2"))
+        sitecast_manifest::ImageDigest::of_reader(std::fs::File::open(new_path).expect("v2"))
             .expect("hash");
     let image = sitecast_manifest::ImageInfo {
         size: digest.size,
@@ -377,18 +375,18 @@ async fn fill_with_patches(
     let outboard_path = sub.join("new.obao4");
     let mut outboard =
         OutboardStore::new(layout, FileDevice::open_or_create(&outboard_path).expect("outboard"));
-    outboard.compute_from(std::fs::File::open(&new_path).expect("open")).expect("outboard");
+    outboard.compute_from(std::fs::File::open(new_path).expect("open")).expect("outboard");
     let index = sub.join("index");
     let index_file = std::fs::File::create(&index).expect("index");
     let chunking = sitecast_delta::Chunking::default();
     sitecast_delta::index::write(
-        std::fs::File::open(&new_path).expect("open"),
+        std::fs::File::open(new_path).expect("open"),
         chunking,
         index_file,
     )
     .expect("index");
     let slot = sub.join("slot-b.img");
-    std::fs::File::create(&slot).expect("slot").set_len(16 * MIB as u64).expect("size");
+    std::fs::File::create(&slot).expect("slot").set_len(image.size + 4096).expect("size");
     let mut writer =
         SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, &sub)).expect("writer");
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -431,7 +429,7 @@ async fn fill_with_patches(
     let writer = swarm.run().await.expect("swarm completes");
     writer.finish().expect("the slot reads back as release 2");
     let written = std::fs::read(&slot).expect("slot");
-    assert!(written[..image.size as usize] == std::fs::read(&new_path).expect("v2")[..]);
+    assert!(written[..image.size as usize] == std::fs::read(new_path).expect("v2")[..]);
     let stats = *stats.lock().expect("stats");
     stats.bytes_from_origin
 }
@@ -453,10 +451,12 @@ async fn groups_held_in_part_are_fetched_whole_when_their_parts_do_not_verify() 
     }
     origin.rollout(2).await;
     let mut fetched = Vec::new();
+    let v1 = dir.path().join("image-v1.raw");
+    let pair = (v1.as_path(), new_path.as_path());
     for ((client, key), (name, damaged)) in
         clients.into_iter().zip([("intact", false), ("damaged", true)])
     {
-        fetched.push(fill_with_patches(client, key, dir.path(), name, damaged).await);
+        fetched.push(fill_with_patches(client, key, pair, dir.path(), name, damaged).await);
     }
     // Both slots are release 2 (checked as they are filled); the damaged parts cost their
     // groups whole.
@@ -466,4 +466,40 @@ async fn groups_held_in_part_are_fetched_whole_when_their_parts_do_not_verify() 
         fetched[1],
         fetched[0]
     );
+}
+
+/// The Debian pair of `benches/debian-pair` (bookworm minbase, then plus curl and less, as
+/// squashfs three ways), built if missing: needs root and deb.debian.org, so not in CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement on a real pair: cargo nextest run -p sitecast-peer --test delta --run-ignored only --no-capture"]
+async fn a_lone_appliance_updates_between_two_debian_root_file_systems() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pair = std::env::var_os("SITECAST_DEBIAN_PAIR")
+        .map_or_else(|| repo.join("target/debian-pair"), std::path::PathBuf::from);
+    let built = std::process::Command::new(repo.join("benches/debian-pair")).arg(&pair).status();
+    assert!(built.is_ok_and(|s| s.success()), "benches/debian-pair failed");
+    for kind in ["zstd", "gzip", "none"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let origin = Origin::start(dir.path()).await;
+        let (old, new) = (pair.join(format!("a-{kind}.sqfs")), pair.join(format!("b-{kind}.sqfs")));
+        let index = content_index_of(&new);
+        let image = origin.publish_image(2, &new, Some(index.clone())).await;
+        let key = sitecast_manifest::SecretKey::generate().expect("rng");
+        let client =
+            sitecast_peer::coordinator::CoordinatorClient::new(&origin.url, None, key.clone())
+                .expect("client");
+        client.checkin(&lone_checkin("lab", "solo")).await.expect("enrolled");
+        origin.rollout(2).await;
+        let fetched = fill_with_patches(client, key, (&old, &new), dir.path(), "solo", false).await;
+        let served = origin.origin_bytes("lab", 2).await;
+        let layout = sitecast_iso::BlobLayout::new(image.blake3, image.size);
+        let side = index.size + layout.outboard_len();
+        println!(
+            "squashfs {kind}: {} bytes; Central Command sent {served} bytes ({fetched} \
+             decoded), + index and outboard {side} = {} ({:.1} % of the image)",
+            image.size,
+            served + side,
+            100.0 * (served + side) as f64 / image.size as f64
+        );
+    }
 }
