@@ -10,7 +10,7 @@
 //! and `casync`; a missing one is skipped.
 
 use std::fs::File;
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -40,6 +40,32 @@ fn main() {
         std::fs::create_dir_all(&dir).expect("scratch");
         compare(kind, &old, &new, &dir);
     }
+    active_slot_map();
+}
+
+/// The map an appliance keeps of its active slot's chunks, for a slot of
+/// `SITECAST_BENCH_MIB` (default 4096) MiB of incompressible bytes, streamed: its peak
+/// memory against the 64 MiB an agent may use in all.
+fn active_slot_map() {
+    let len = sitecast_benches::bench_bytes(4096);
+    reset_peak_rss();
+    let before = peak_rss_bytes().unwrap_or(0);
+    let started = Instant::now();
+    let slot = blake3::Hasher::new_derive_key("active slot").finalize_xof().take(len);
+    let older = sitecast_delta::reuse::OlderImage::read(
+        BufReader::with_capacity(1 << 20, slot),
+        Chunking::default(),
+    )
+    .expect("read");
+    let took = started.elapsed();
+    let peak = peak_rss_bytes().unwrap_or(0);
+    println!(
+        "map of a {} MiB active slot: {} MiB/s; peak RSS {:.1} MiB (before {:.1} MiB)",
+        len >> 20,
+        mib_per_s(older.bytes(), took) as u64,
+        peak as f64 / 1048576.0,
+        before as f64 / 1048576.0
+    );
 }
 
 fn pair_dir() -> PathBuf {

@@ -86,6 +86,9 @@ impl SiteSpec {
     /// part counts as lacked.
     pub fn on_older_releases(mut self, releases: usize, changed: f64) -> Self {
         let pieces = self.pieces();
+        if pieces == 0 {
+            return self;
+        }
         let per_release = ((changed * pieces as f64).ceil() as u64).clamp(1, pieces);
         let mut draw = 0u64;
         let mut next = |seed: u64| {

@@ -5,10 +5,14 @@
 //! groups of the piece's span whole, in one request. The groups are assembled from both and
 //! checked against the outboard (the same decoder as any response) before the writer sees
 //! them. If a group does not verify (a damaged active slot, a key clash in the index, a lying
-//! origin), the piece is fetched whole instead, the usual way.
+//! origin), or anything else goes wrong (a refusal, the active slot unreadable), the piece is
+//! fetched whole instead, the usual way (from the release's mirrors if it has any, else as
+//! Central Command's verified ranges), in the same request and from then on.
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::ops::Range;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sitecast_delta::reuse::missing;
@@ -28,6 +32,8 @@ pub struct Patches {
     pub bytes_url: String,
     /// Set once Central Command turns out not to serve plain bytes (it predates them).
     unsupported: AtomicBool,
+    /// Spans (by first group) whose patching failed: fetched whole from then on.
+    given_up: Mutex<BTreeSet<u64>>,
 }
 
 /// The most byte ranges in one request (Central Command's limit).
@@ -47,13 +53,22 @@ impl Patches {
         outboard: OutboardStore<FileDevice>,
         bytes_url: String,
     ) -> Self {
-        Self { partial, active, outboard, bytes_url, unsupported: AtomicBool::new(false) }
+        Self {
+            partial,
+            active,
+            outboard,
+            bytes_url,
+            unsupported: AtomicBool::new(false),
+            given_up: Mutex::default(),
+        }
     }
 
     /// The byte ranges of the image to fetch for `groups`, merged, if the active slot holds
     /// part of any of them (else the piece is fetched the usual way).
     pub fn missing(&self, layout: &BlobLayout, groups: Range<u64>) -> Option<Vec<Range<u64>>> {
-        if self.unsupported.load(Ordering::Relaxed) {
+        let given_up =
+            self.given_up.lock().unwrap_or_else(|p| p.into_inner()).contains(&groups.start);
+        if self.unsupported.load(Ordering::Relaxed) || given_up {
             return None;
         }
         let mut partly = false;
@@ -79,6 +94,11 @@ impl Patches {
             }
         }
         (partly && ranges.len() <= MAX_RANGES).then_some(ranges)
+    }
+
+    /// Patching the span starting at group `first` failed: it is fetched whole from now on.
+    pub fn give_up(&self, first: u64) {
+        self.given_up.lock().unwrap_or_else(|p| p.into_inner()).insert(first);
     }
 
     /// Fetches `ranges` (from [`Patches::missing`]) of `groups` from Central Command and
@@ -173,6 +193,7 @@ impl Patches {
             Ok(items) => Ok(Some(Patched { items, fetched: fetched.len() as u64 })),
             Err(error) => {
                 tracing::warn!(?groups, %error, "groups assembled from the active slot and the origin do not verify; fetched whole");
+                self.give_up(groups.start);
                 Ok(None)
             }
         }

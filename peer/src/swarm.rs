@@ -473,7 +473,8 @@ impl<D: Device + Send + 'static> Swarm<D> {
 
 /// Fetches, of the pieces in `wanted` with groups the active slot holds in part, only the
 /// rest from Central Command ([`Patches`]), handing each to `deliver` once it verifies;
-/// returns the pieces left to fetch the usual way (none if nobody wants more).
+/// returns the pieces left to fetch the usual way (none if nobody wants more), which
+/// include those whose patching failed.
 async fn patch_pieces(
     client: &CoordinatorClient,
     patches: &Arc<Patches>,
@@ -487,10 +488,20 @@ async fn patch_pieces(
             left.push(wanted);
             continue;
         };
-        let Some(patched) = patches.fetch(client, layout, wanted.groups.clone(), ranges).await?
-        else {
-            left.push(wanted);
-            continue;
+        // Whatever goes wrong here (a refusal, the active slot unreadable, groups that do not
+        // verify), the piece is fetched whole below, in this same request.
+        let patched = match patches.fetch(client, layout, wanted.groups.clone(), ranges).await {
+            Ok(Some(patched)) => patched,
+            Ok(None) => {
+                left.push(wanted);
+                continue;
+            }
+            Err(error) => {
+                tracing::debug!(?error, piece = wanted.piece, "patching failed; fetched whole");
+                patches.give_up(wanted.groups.start);
+                left.push(wanted);
+                continue;
+            }
         };
         let (deliver, piece) = (deliver.clone(), wanted.piece);
         let fetched =

@@ -319,8 +319,15 @@ async fn stream_blob(
             // response, never one that looks complete; a client that stopped reading is
             // dropped after the stall timeout as it would have been.
             tracing::warn!(%error, "serving a blob stopped");
-            let failed = writer.sender.send(Err(error));
-            let _ = writer.runtime.block_on(tokio::time::timeout(STALL_TIMEOUT, failed));
+            // A client that went away or stopped reading is not waited for a second time.
+            let gone = matches!(
+                error.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::TimedOut
+            );
+            if !gone {
+                let failed = writer.sender.send(Err(error));
+                let _ = writer.runtime.block_on(tokio::time::timeout(STALL_TIMEOUT, failed));
+            }
         }
         // Per site and release; an agent release's files are counted by the appliances'
         // reports instead.
