@@ -99,9 +99,16 @@ impl SlotPaths {
     /// not complete.
     pub fn recorded_complete(&self, image: &ImageInfo) -> bool {
         let layout = BlobLayout::new(image.blake3, image.size);
+        self.recorded_groups(image) == layout.groups()
+    }
+
+    /// How many groups of `image` the progress record says were verified and written (0 for
+    /// a missing or foreign record). Reads the record only.
+    pub fn recorded_groups(&self, image: &ImageInfo) -> u64 {
+        let layout = BlobLayout::new(image.blake3, image.size);
         FileDevice::open_read_only(&self.progress)
             .and_then(|record| Progress::open(record, layout))
-            .is_ok_and(|progress| progress.count() == layout.groups())
+            .map_or(0, |progress| progress.count())
     }
 }
 

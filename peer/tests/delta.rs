@@ -503,3 +503,73 @@ async fn a_lone_appliance_updates_between_two_debian_root_file_systems() {
         );
     }
 }
+
+/// The number in `name=N` on the last line of `log` that says `what` (colour codes dropped).
+fn logged_number(log: &str, what: &str, name: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains(what))?;
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                chars.by_ref().find(|&c| c == 'm');
+            }
+            c => plain.push(c),
+        }
+    }
+    let value = plain.split_whitespace().find_map(|w| w.strip_prefix(&format!("{name}=")))?;
+    value.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_while_copying_resumes_without_copying_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    // Large enough that the copy takes a while: it is interrupted at its first checkpoint.
+    let old = noise(128 * MIB, "release 1, large");
+    let mut new = old.clone();
+    new[100 * MIB..100 * MIB + 30_000].copy_from_slice(&noise(30_000, "changed"));
+    let new_path = dir.path().join("image-v2.raw");
+    std::fs::write(&new_path, &new).expect("v2");
+    let image = origin.publish_image(2, &new_path, Some(content_index_of(&new_path))).await;
+    let mut agent =
+        AgentProcess::new(&dir.path().join("a0"), &origin, "store-1", "a0", 130 * MIB as u64);
+    std::fs::write(agent.dir.join("slot-a.img"), &old).expect("slot A");
+    agent.start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    wait_enrolled(&origin, 1, deadline, &agent).await;
+    origin.rollout(2).await;
+
+    // Progress is recorded at each checkpoint (every 4 MiB written): kill -9 at the first.
+    let paths =
+        sitecast_iso::SlotPaths::beside(&agent.dir.join("slot-b.img"), &agent.dir.join("state"));
+    while paths.recorded_groups(&image) == 0 {
+        assert!(Instant::now() < deadline, "nothing copied:\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    agent.kill();
+    let copied_whole = "copied from the active slot what the new image shares with it";
+    assert!(!agent.log().contains(copied_whole), "the copy ended before the kill: test it slower");
+
+    // What the record holds now (opening it seeds groups written but not yet recorded, as the
+    // agent does when it starts).
+    let paths =
+        sitecast_iso::SlotPaths::beside(&agent.dir.join("slot-b.img"), &agent.dir.join("state"));
+    let writer = sitecast_iso::SlotWriter::open_paths(sitecast_iso::Slot::B, &image, &paths)
+        .expect("the slot opens after kill -9");
+    let layout = writer.layout();
+    let recorded = (0..layout.groups()).filter(|&g| writer.has(g)).count() as u64;
+    drop(writer);
+    let copyable = found_in(&old, &new).copied.len() as u64;
+    assert!(recorded > 0 && recorded < copyable, "{recorded} of {copyable} groups recorded");
+
+    agent.start();
+    wait_state(&origin, &["a0"], "ready", deadline).await;
+    let slot = std::fs::read(agent.dir.join("slot-b.img")).expect("slot B");
+    assert!(slot[..new.len()] == new[..], "slot B is not release 2");
+    // The second run copied only what the first had not recorded.
+    let log = agent.log();
+    let second = logged_number(&log, copied_whole, "groups")
+        .unwrap_or_else(|| panic!("the second run copied nothing:\n{log}"));
+    assert_eq!(second + recorded, copyable, "{log}");
+}
