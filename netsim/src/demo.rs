@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use jiff::{Timestamp, ToSpan};
 use serde_json::{Value, json};
-use sitecast_manifest::{ImageDigest, ImageInfo, Release, RoleKeys, Root, SecretKey, TrustedRoot};
+use sitecast_manifest::{
+    ContentIndex, ImageDigest, ImageInfo, Release, RoleKeys, Root, SecretKey, TrustedRoot,
+};
 use sitecast_peer::config::{AgentConfig, BootSlotSource};
 
 pub const OPERATOR: &str = "demo-operator-token";
@@ -136,8 +138,43 @@ pub(crate) struct Fixture {
     pub manifest: String,
 }
 
+/// Overwrites `ranges` of the file at `path` with noise named by `label` and each range's
+/// offset (so two files overwritten with one label hold the same bytes there).
+fn overwrite(path: &Path, ranges: &[std::ops::Range<u64>], label: &str) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    for range in ranges {
+        let mut bytes = vec![0; (range.end - range.start) as usize];
+        let mut noise = blake3::Hasher::new_derive_key(label);
+        noise.update(&range.start.to_le_bytes()).finalize_xof().fill(&mut bytes);
+        file.write_all_at(&bytes, range.start)?;
+    }
+    Ok(())
+}
+
 impl Fixture {
     pub(crate) fn create(work: &Path, image_bytes: u64, label: &str) -> Result<Self> {
+        Self::create_with(work, image_bytes, label, None)
+    }
+
+    /// As [`Fixture::create`], for a delta transfer: release 2 is release 1 with the bytes in
+    /// `changed` new, and its manifest signs a content index, so appliances copy the rest
+    /// from their active slot.
+    pub(crate) fn create_delta(
+        work: &Path,
+        image_bytes: u64,
+        label: &str,
+        changed: &[std::ops::Range<u64>],
+    ) -> Result<Self> {
+        Self::create_with(work, image_bytes, label, Some(changed))
+    }
+
+    fn create_with(
+        work: &Path,
+        image_bytes: u64,
+        label: &str,
+        changed: Option<&[std::ops::Range<u64>]>,
+    ) -> Result<Self> {
         let root_key = SecretKey::generate()?;
         let release_key = SecretKey::generate()?;
         let now = Timestamp::now();
@@ -154,7 +191,24 @@ impl Fixture {
         let v1 = work.join("release-1.img");
         let v2 = work.join("release-2.img");
         sitecast_iso::generate::write_image(&v1, image_bytes, &format!("{label} release 1"))?;
-        sitecast_iso::generate::write_image(&v2, image_bytes, &format!("{label} release 2"))?;
+        let index = match changed {
+            Some(changed) => {
+                std::fs::copy(&v1, &v2)?;
+                overwrite(&v2, changed, &format!("{label} release 2"))?;
+                let index = work.join("release-2.index");
+                let chunking = sitecast_delta::Chunking::default();
+                let image = std::fs::File::open(&v2)?;
+                Some(ContentIndex::make(image, chunking, std::fs::File::create(index)?)?)
+            }
+            None => {
+                sitecast_iso::generate::write_image(
+                    &v2,
+                    image_bytes,
+                    &format!("{label} release 2"),
+                )?;
+                None
+            }
+        };
         let digest = ImageDigest::of_reader(std::fs::File::open(&v2)?)?;
         let image = ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 };
         let release = Release {
@@ -166,7 +220,7 @@ impl Fixture {
             created: now,
             expires: now + (24 * 30).hours(),
             rollback_floor: Some(1),
-            index: None,
+            index,
         };
         let manifest = String::from_utf8(release.sign(&[&release_key]).to_bytes())?;
         Ok(Self { root_path, v1, v2, image, manifest })
@@ -205,8 +259,26 @@ impl Fixture {
 
     /// An appliance's directory as from the factory: release 1 in slot A, an empty slot B.
     pub(crate) fn install_appliance(&self, dir: &Path) -> Result<()> {
+        self.install_older(dir, None)
+    }
+
+    /// As [`Fixture::install_appliance`], with an older release in slot A: release 2 but for
+    /// the bytes in `lacks` (`None`: release 1).
+    pub(crate) fn install_older(
+        &self,
+        dir: &Path,
+        lacks: Option<&[std::ops::Range<u64>]>,
+    ) -> Result<()> {
         std::fs::create_dir_all(dir.join("state"))?;
-        std::fs::copy(&self.v1, dir.join("slot-a.img"))?;
+        match lacks {
+            Some(lacks) => {
+                std::fs::copy(&self.v2, dir.join("slot-a.img"))?;
+                overwrite(&dir.join("slot-a.img"), lacks, "older releases")?;
+            }
+            None => {
+                std::fs::copy(&self.v1, dir.join("slot-a.img"))?;
+            }
+        }
         std::fs::File::create(dir.join("slot-b.img"))?.set_len(self.image.size)?;
         std::fs::write(
             dir.join("state/agent.json"),

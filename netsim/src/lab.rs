@@ -26,6 +26,7 @@ use serde_json::json;
 use sitecast_peer::config::AgentConfig;
 
 use crate::demo::{Api, Fixture, Processes, log_file};
+use crate::sim::SiteSpec;
 
 const SITE: &str = "lab-site";
 const COORDINATOR: &str = "10.77.0.1:8080";
@@ -51,6 +52,10 @@ pub struct LabOptions {
     /// Afterwards, every appliance downloads the image by plain HTTP at once (curl), as the
     /// fleet without sitecast would: the baseline on the same links.
     pub http_baseline: bool,
+    /// A delta transfer: the appliances run this many older releases, as the simulator
+    /// models them ([`SiteSpec::on_older_releases`]); 0 for a whole image.
+    pub older_releases: usize,
+    pub changed_percent: f64,
 }
 
 impl LabOptions {
@@ -67,7 +72,25 @@ impl LabOptions {
             format!("--work-dir={}", self.work_dir.display()),
             format!("--time-limit-secs={}", self.time_limit.as_secs()),
             format!("--http-baseline={}", self.http_baseline),
+            format!("--older-releases={}", self.older_releases),
+            format!("--changed-percent={}", self.changed_percent),
         ]
+    }
+
+    /// The site as the simulator sees it: the same appliances, links and, for a delta
+    /// transfer, the same pieces held by each.
+    pub fn site_spec(&self) -> SiteSpec {
+        let spec = SiteSpec::uniform(
+            self.appliances,
+            self.image_mib << 20,
+            self.wan_mbit,
+            self.lan_mbit,
+            self.seed,
+        );
+        match self.older_releases {
+            0 => spec,
+            releases => spec.on_older_releases(releases, self.changed_percent / 100.0),
+        }
     }
 }
 
@@ -299,6 +322,10 @@ pub async fn run(options: &LabOptions, exe: &Path) -> Result<i32> {
 #[derive(Debug, Clone)]
 pub struct LabReport {
     pub image_bytes: u64,
+    /// What no appliance held at the start: the image, unless they ran older releases.
+    pub transfer_bytes: u64,
+    /// The content index and outboard of a delta transfer (0 otherwise).
+    pub side_bytes: u64,
     pub origin_bytes: u64,
     /// From the rollout's start until every appliance held the verified image.
     pub seconds: f64,
@@ -352,8 +379,13 @@ pub async fn controller(
     let logs = work.join("logs");
     std::fs::create_dir_all(&logs)?;
     let image_bytes = options.image_mib << 20;
-    let fixture =
-        Fixture::create(work, image_bytes, &format!("sitecast lab seed {}", options.seed))?;
+    let label = format!("sitecast lab seed {}", options.seed);
+    let spec = options.site_spec();
+    let delta = options.older_releases > 0;
+    let fixture = match delta {
+        true => Fixture::create_delta(work, image_bytes, &label, &spec.transfer_ranges())?,
+        false => Fixture::create(work, image_bytes, &label)?,
+    };
 
     let mut processes = Processes { children: Vec::new() };
     let mut coordinator = Command::new("ip")
@@ -393,7 +425,10 @@ pub async fn controller(
     for i in 1..=options.appliances {
         let name = format!("appliance-{i}");
         let dir = work.join(&name);
-        fixture.install_appliance(&dir)?;
+        match delta {
+            true => fixture.install_older(&dir, Some(&spec.lacked_ranges(i - 1)))?,
+            false => fixture.install_appliance(&dir)?,
+        }
         let config = AgentConfig {
             lan_listen: "0.0.0.0:4433".into(),
             libp2p_listen: "/ip4/0.0.0.0/tcp/4434".into(),
@@ -525,8 +560,20 @@ pub async fn controller(
         }
         intact &= ok;
     }
+    // What a delta transfer sends besides the image's bytes, once per site: the content
+    // index and the outboard.
+    let side_bytes = match delta {
+        true => {
+            let index = std::fs::metadata(work.join("release-2.index"))?.len();
+            let layout = sitecast_iso::BlobLayout::new(fixture.image.blake3, fixture.image.size);
+            index + layout.outboard_len()
+        }
+        false => 0,
+    };
     Ok(LabReport {
         image_bytes,
+        transfer_bytes: spec.transfer_bytes(),
+        side_bytes,
         origin_bytes,
         seconds: downloaded.unwrap_or(total_seconds),
         total_seconds,

@@ -149,6 +149,11 @@ struct LabShape {
     /// Then time every appliance downloading the image by plain HTTP at once.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     http_baseline: bool,
+    /// A delta transfer, as `sim` models it: the appliances run this many older releases.
+    #[arg(long, default_value_t = 0)]
+    older_releases: usize,
+    #[arg(long, default_value_t = 5.0)]
+    changed_percent: f64,
 }
 
 impl LabShape {
@@ -165,6 +170,8 @@ impl LabShape {
             work_dir: std::path::absolute(&self.work_dir).unwrap_or_else(|_| self.work_dir.clone()),
             time_limit: Duration::from_secs(self.time_limit_secs),
             http_baseline: self.http_baseline,
+            older_releases: self.older_releases,
+            changed_percent: self.changed_percent,
         }
     }
 }
@@ -357,13 +364,7 @@ async fn lab_run(prefix: &str, options: &sitecast_netsim::lab::LabOptions) -> Re
     let report =
         sitecast_netsim::lab::controller(options, prefix, &std::env::current_exe()?, &mut stdout)
             .await?;
-    let spec = sitecast_netsim::sim::SiteSpec::uniform(
-        options.appliances,
-        report.image_bytes,
-        options.wan_mbit,
-        options.lan_mbit,
-        options.seed,
-    );
+    let spec = options.site_spec();
     let bound = spec.bound_seconds();
     // The simulator's prediction for the same site, for the fidelity comparison.
     let simulated = sitecast_netsim::sim::simulate_site(&spec);
@@ -386,9 +387,21 @@ async fn lab_run(prefix: &str, options: &sitecast_netsim::lab::LabOptions) -> Re
         simulated.seconds,
         simulated.origin_bytes as f64 / f
     );
+    if options.older_releases > 0 {
+        println!(
+            "  on {} older release(s): {} bytes held by none (the transfer); origin sent {:.3} × that and the index and outboard ({} bytes), the simulator {:.3} × the transfer",
+            options.older_releases,
+            report.transfer_bytes,
+            report.origin_bytes as f64 / (report.transfer_bytes + report.side_bytes) as f64,
+            report.side_bytes,
+            simulated.origin_bytes as f64 / report.transfer_bytes as f64
+        );
+    }
     let summary = serde_json::json!({
         "appliances": options.appliances,
         "image_bytes": report.image_bytes,
+        "transfer_bytes": report.transfer_bytes,
+        "side_bytes": report.side_bytes,
         "origin_bytes": report.origin_bytes,
         "seconds": report.seconds,
         "bound_seconds": bound,

@@ -122,6 +122,33 @@ impl SiteSpec {
         self
     }
 
+    /// The bytes of the image appliance `i` lacks at the start, as ranges.
+    pub fn lacked_ranges(&self, i: usize) -> Vec<std::ops::Range<u64>> {
+        self.piece_ranges(|piece| !self.held[i].contains(piece))
+    }
+
+    /// The bytes no honest appliance holds at the start (the transfer), as ranges.
+    pub fn transfer_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        let honest = self.honest();
+        self.piece_ranges(|piece| honest.iter().all(|&i| !self.held[i].contains(piece)))
+    }
+
+    /// The bytes of the pieces `which` picks, adjacent ones merged.
+    fn piece_ranges(&self, which: impl Fn(u64) -> bool) -> Vec<std::ops::Range<u64>> {
+        let layout = self.piece_layout();
+        let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+        for piece in (0..self.pieces()).filter(|&p| which(p)) {
+            let groups = layout.groups_of(piece);
+            let bytes =
+                groups.start * GROUP_BYTES..(groups.end * GROUP_BYTES).min(self.image_bytes);
+            match ranges.last_mut() {
+                Some(last) if last.end == bytes.start => last.end = bytes.end,
+                _ => ranges.push(bytes),
+            }
+        }
+        ranges
+    }
+
     /// Bytes of piece `piece`.
     fn piece_len(&self, piece: u64) -> u64 {
         let groups = self.piece_layout().groups_of(piece);

@@ -69,6 +69,41 @@ fn four_appliances_in_namespaces_update_with_one_origin_copy() {
 }
 
 #[test]
+fn a_site_on_older_releases_in_namespaces_fetches_what_none_holds_about_once() {
+    if !root_or_loud_skip(
+        "a_site_on_older_releases_in_namespaces_fetches_what_none_holds_about_once",
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let child = Command::new(BIN)
+        .args(["lab", "--appliances", "4", "--image-mib", "16", "--wan-mbit", "50"])
+        .args(["--lan-mbit", "500", "--seed", "5", "--older-releases", "2"])
+        .args(["--changed-percent", "5", "--time-limit-secs", "240", "--work-dir"])
+        .arg(dir.path().join("lab"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the lab");
+    let output = child.wait_with_output().expect("lab");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let context = format!("stdout:\n{stdout}\nstderr (tail):\n{}", tail(&stderr));
+    assert!(output.status.success(), "the lab failed\n{context}");
+    let last = stdout.lines().last().unwrap_or("");
+    let summary: serde_json::Value = serde_json::from_str(last).expect("a JSON last line");
+    let number = |key: &str| summary[key].as_f64().unwrap_or_else(|| panic!("{key}\n{context}"));
+    assert_eq!(summary["intact"], true, "{context}");
+    // Each appliance copied most of the image from its slot (two older releases, each lacking
+    // 5 % more): the origin sent what none held, and the index and outboard, about once.
+    let (transfer, side) = (number("transfer_bytes"), number("side_bytes"));
+    assert!(transfer > 0.0 && transfer < 0.1 * number("image_bytes"), "{context}");
+    assert!(side > 0.0, "the release signs an index\n{context}");
+    let ratio = number("origin_bytes") / (transfer + side);
+    assert!((1.0..=1.1).contains(&ratio), "origin sent {ratio:.3} × what none held\n{context}");
+}
+
+#[test]
 fn an_interrupted_lab_removes_its_namespaces_and_processes() {
     if !root_or_loud_skip("an_interrupted_lab_removes_its_namespaces_and_processes") {
         return;

@@ -39,6 +39,12 @@ use download::{Download, ReuseFrom};
 /// Exit status that asks the supervisor to start the agent again, as after a reboot.
 pub const EXIT_REBOOT: i32 = 75;
 
+/// How long an appliance whose slot is ready keeps serving the release to site peers that
+/// Central Command says are still downloading it, before it reboots: an appliance that
+/// finished first (a delta transfer that needed little) would otherwise take the pieces only
+/// it fetched offline, and the others would fetch them from the origin again.
+pub const LINGER_FOR_PEERS: Duration = Duration::from_secs(60);
+
 /// Commands from the local control socket.
 #[derive(Debug)]
 pub enum Command {
@@ -134,6 +140,11 @@ pub struct Agent {
     stats: Arc<Mutex<TransferStats>>,
     /// The slot read back and checked, waiting for the window.
     ready: Option<VerifiedSlot<FileDevice>>,
+    /// Since when the slot has been ready and the window open (see [`LINGER_FOR_PEERS`]).
+    lingering_since: Option<std::time::Instant>,
+    /// Whether a site peer is still downloading the release on offer: as the swarm saw it
+    /// when it finished, then as Central Command says at each check-in.
+    site_downloading: bool,
     download: Option<tokio::task::JoinHandle<Result<VerifiedSlot<FileDevice>, String>>>,
     /// Stops the running download (a newer offer replaces it).
     download_stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -204,6 +215,8 @@ impl Agent {
             lan,
             stats: Arc::new(Mutex::new(TransferStats::default())),
             ready: None,
+            lingering_since: None,
+            site_downloading: false,
             download: None,
             download_stop: None,
             download_started: None,
@@ -686,6 +699,8 @@ impl Agent {
         if let Some(lan) = &self.lan {
             lan.site_peers(&response.site_peers);
         }
+        self.site_downloading =
+            response.site_peers.iter().any(|p| p.state == Some(UpdateState::Downloading));
         if self.download_superseded(&response) {
             tracing::info!(version = ?response.version, "a newer offer replaces the running download");
             self.stop_download().await;
@@ -833,6 +848,7 @@ impl Agent {
         // The standby slot is about to be overwritten: whatever it held is neither ready to
         // activate nor a release to roll back to any more.
         self.ready = None;
+        self.lingering_since = None;
         self.state.slot_versions.remove(&standby.to_string());
         self.state.slot_image_sizes.remove(&standby.to_string());
         let release = verified.release();
@@ -919,6 +935,8 @@ impl Agent {
         match result {
             Ok(verified) => {
                 self.ready = Some(verified);
+                // Until the next check-in says otherwise: the swarm's own last view.
+                self.site_downloading = stats.peers_missing_pieces > 0;
                 self.serve_running_release();
                 self.set_update_state(UpdateState::Ready, None);
                 self.report(UpdateState::Ready, None).await;
@@ -1087,11 +1105,27 @@ impl Agent {
             }
             if self.ready.is_some()
                 && self.window_open(self.state.window.as_ref())
+                && !self.lingers_for_peers()
                 && let Some(exit) = self.activate_and_reboot().await
             {
                 return Ok(exit);
             }
         }
+    }
+
+    /// Whether to keep serving the ready release a while before rebooting: while site peers
+    /// are downloading it, for at most [`LINGER_FOR_PEERS`] from when the reboot was due.
+    fn lingers_for_peers(&mut self) -> bool {
+        if self.lan.is_none() || !self.site_downloading {
+            return false;
+        }
+        let since = *self.lingering_since.get_or_insert_with(|| {
+            tracing::info!(
+                "site peers are still downloading the release: serving it before rebooting"
+            );
+            std::time::Instant::now()
+        });
+        since.elapsed() < LINGER_FOR_PEERS
     }
 
     fn serve_running_release(&self) {

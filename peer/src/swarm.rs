@@ -91,6 +91,8 @@ pub struct TransferStats {
     /// Pieces held (verified and written), of `pieces_total`.
     pub pieces_done: u64,
     pub pieces_total: u64,
+    /// When the swarm finished: live site peers that still missed pieces.
+    pub peers_missing_pieces: u64,
 }
 
 /// Several transfers' figures together (an agent release's files, one swarm each).
@@ -107,6 +109,7 @@ impl std::ops::AddAssign for TransferStats {
         self.failed += other.failed;
         self.pieces_done += other.pieces_done;
         self.pieces_total += other.pieces_total;
+        self.peers_missing_pieces += other.peers_missing_pieces;
     }
 }
 
@@ -261,6 +264,7 @@ impl<D: Device + Send + 'static> Swarm<D> {
             while let Some(action) = self.scheduler.poll_action() {
                 match action {
                     Action::Request { id, pieces, source } => {
+                        tracing::debug!(?pieces, ?source, "request");
                         let handle = fetches.spawn(self.fetch(id, pieces, source, fetched.clone()));
                         handles.insert(id, handle);
                     }
@@ -277,6 +281,9 @@ impl<D: Device + Send + 'static> Swarm<D> {
                     }
                     Action::Done => {
                         fetches.abort_all();
+                        let missing = self.scheduler.peers_missing_pieces() as u64;
+                        self.stats.lock().unwrap_or_else(|p| p.into_inner()).peers_missing_pieces =
+                            missing;
                         let writer = Arc::try_unwrap(self.writer)
                             .map_err(|_| {
                                 SwarmError::Stopped("a fetch still holds the writer".into())

@@ -426,6 +426,12 @@ impl Scheduler {
         self.live.len()
     }
 
+    /// Live peers whose have-map (or lack of one) says they still miss pieces: who would
+    /// lose a source if this appliance went away now.
+    pub fn peers_missing_pieces(&self) -> usize {
+        self.peers.iter().filter(|p| p.live && !p.banned && !p.have.is_full()).count()
+    }
+
     pub fn handle_event(&mut self, event: Event, now: Duration) {
         self.now = self.now.max(now);
         self.started.get_or_insert(now);

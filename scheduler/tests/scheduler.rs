@@ -627,3 +627,32 @@ fn a_member_preparing_for_too_long_is_not_waited_for() {
     let waited = site.origin_log.first().expect("origin requests").at;
     assert!(waited >= Config::new(8, 1 << 20).preparing_grace, "asked the origin at {waited:?}");
 }
+
+#[test]
+fn peers_still_missing_pieces_are_counted_until_they_hold_all_or_go() {
+    let pieces = 8;
+    let mut node = Scheduler::new(peer(0), Config::new(pieces, 1 << 20));
+    let now = Duration::ZERO;
+    node.handle_event(Event::HaveLocally { pieces: vec![0..pieces] }, now);
+    assert_eq!(node.peers_missing_pieces(), 0, "no peers yet");
+    for i in [1, 2, 3] {
+        node.handle_event(Event::PeerUp { peer: peer(i) }, now);
+    }
+    // Heard of but silent: it may lack everything.
+    assert_eq!(node.peers_missing_pieces(), 3);
+    let have = |n: u64| PieceSet::from_ranges(pieces, &[0..n]);
+    let fetching = PieceSet::empty(pieces);
+    node.handle_event(
+        Event::PeerHave { peer: peer(1), have: have(8), fetching: fetching.clone() },
+        now,
+    );
+    node.handle_event(
+        Event::PeerHave { peer: peer(2), have: have(5), fetching: fetching.clone() },
+        now,
+    );
+    assert_eq!(node.peers_missing_pieces(), 2, "peers 2 and 3");
+    node.handle_event(Event::PeerDown { peer: peer(3) }, now);
+    assert_eq!(node.peers_missing_pieces(), 1, "peer 2");
+    node.handle_event(Event::PeerHave { peer: peer(2), have: have(8), fetching }, now);
+    assert_eq!(node.peers_missing_pieces(), 0);
+}
