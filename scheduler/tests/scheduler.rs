@@ -633,14 +633,19 @@ fn peers_still_missing_pieces_are_counted_until_they_hold_all_or_go() {
     let pieces = 8;
     let mut node = Scheduler::new(peer(0), Config::new(pieces, 1 << 20));
     let now = Duration::ZERO;
-    node.handle_event(Event::HaveLocally { pieces: vec![0..pieces] }, now);
+    let all = std::iter::once(0..pieces).collect();
+    node.handle_event(Event::HaveLocally { pieces: all }, now);
     assert_eq!(node.peers_missing_pieces(), 0, "no peers yet");
     for i in [1, 2, 3] {
         node.handle_event(Event::PeerUp { peer: peer(i) }, now);
     }
     // Heard of but silent: it may lack everything.
     assert_eq!(node.peers_missing_pieces(), 3);
-    let have = |n: u64| PieceSet::from_ranges(pieces, &[0..n]);
+    let have = |n: u64| {
+        let mut have = PieceSet::empty(pieces);
+        have.insert_range(0..n);
+        have
+    };
     let fetching = PieceSet::empty(pieces);
     node.handle_event(
         Event::PeerHave { peer: peer(1), have: have(8), fetching: fetching.clone() },
