@@ -13,6 +13,13 @@ use sitecast_manifest::{Blake3Hash, ImageDigest, ImageInfo, api};
 
 const LEN: usize = 1024 * 1024 + 777;
 
+/// A Central Command of its own in `dir`, with the releases' keys.
+async fn started(dir: &std::path::Path) -> (Releases, TestServer) {
+    let releases = Releases::new(dir);
+    let server = TestServer::start(&dir.join("data"), &releases.root).await;
+    (releases, server)
+}
+
 async fn published(server: &TestServer, releases: &Releases) -> (Vec<u8>, ImageInfo) {
     let (_, image) = releases.image(1, LEN);
     let response = server.publish(&releases.manifest(1, &image, None, None), image.clone()).await;
@@ -55,8 +62,7 @@ fn curl(args: &[&str]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_ranged_downloads_give_exactly_those_bytes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let releases = Releases::new(dir.path());
-    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let (releases, server) = started(dir.path()).await;
     let (image, info) = published(&server, &releases).await;
     let url = format!("{}/api/releases/1/image", server.url);
 
@@ -101,8 +107,7 @@ async fn plain_ranged_downloads_give_exactly_those_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verified_ranges_decode_like_lan_data_and_are_counted_per_site() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let releases = Releases::new(dir.path());
-    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let (releases, server) = started(dir.path()).await;
     let (image, info) = published(&server, &releases).await;
     let appliance = enrolled(&server).await;
     let layout = BlobLayout::new(info.blake3, info.size);
@@ -195,8 +200,7 @@ async fn wait_counted(server: &TestServer, site: &str, expected: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_of_an_image_that_compresses_cross_compressed_when_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let releases = Releases::new(dir.path());
-    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let (releases, server) = started(dir.path()).await;
     // The test image is a repeating pattern: it compresses.
     let (image, info) = published(&server, &releases).await;
     let appliance = enrolled(&server).await;
@@ -240,8 +244,7 @@ async fn ranges_of_an_image_that_compresses_cross_compressed_when_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_of_an_image_that_does_not_compress_cross_as_they_are() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let releases = Releases::new(dir.path());
-    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let (releases, server) = started(dir.path()).await;
     // Noise, as a compressed file system looks.
     let mut image = vec![0; LEN];
     blake3::Hasher::new_derive_key("noise").finalize_xof().fill(&mut image);
@@ -265,8 +268,7 @@ async fn ranges_of_an_image_that_does_not_compress_cross_as_they_are() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_bytes_are_the_ranges_asked_for_one_after_the_other() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let releases = Releases::new(dir.path());
-    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let (releases, server) = started(dir.path()).await;
     let (image, info) = published(&server, &releases).await;
     let appliance = enrolled(&server).await;
     let get = |query: String, accept: Option<&'static str>| {
@@ -321,8 +323,7 @@ async fn plain_bytes_are_the_ranges_asked_for_one_after_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let releases = Releases::new(dir.path());
-    let server = TestServer::start(&dir.path().join("data"), &releases.root).await;
+    let (releases, server) = started(dir.path()).await;
     published(&server, &releases).await;
     let mut appliance = Appliance::new("store \"quoted\"", "a1", 0);
     appliance.checkin(&server).await;

@@ -31,16 +31,14 @@ fn lab_namespaces(pid: u32) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn four_appliances_in_namespaces_update_with_one_origin_copy() {
-    if !root_or_loud_skip("four_appliances_in_namespaces_update_with_one_origin_copy") {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+/// Runs the lab with `args` in `dir`: its JSON summary, what it printed (for failures) and
+/// its process id.
+fn run_lab(args: &[&str], dir: &std::path::Path) -> (serde_json::Value, String, u32) {
     let child = Command::new(BIN)
-        .args(["lab", "--appliances", "4", "--image-mib", "16", "--wan-mbit", "50"])
-        .args(["--lan-mbit", "500", "--seed", "3", "--time-limit-secs", "240", "--work-dir"])
-        .arg(dir.path().join("lab"))
+        .arg("lab")
+        .args(args)
+        .args(["--time-limit-secs", "240", "--work-dir"])
+        .arg(dir.join("lab"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -53,6 +51,17 @@ fn four_appliances_in_namespaces_update_with_one_origin_copy() {
     assert!(output.status.success(), "the lab failed\n{context}");
     let last = stdout.lines().last().unwrap_or("");
     let summary: serde_json::Value = serde_json::from_str(last).expect("a JSON last line");
+    (summary, context, pid)
+}
+
+#[test]
+fn four_appliances_in_namespaces_update_with_one_origin_copy() {
+    if !root_or_loud_skip("four_appliances_in_namespaces_update_with_one_origin_copy") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["--appliances", "4", "--image-mib", "16", "--wan-mbit", "50", "--lan-mbit", "500"];
+    let (summary, context, pid) = run_lab(&[&args[..], &["--seed", "3"]].concat(), dir.path());
     assert_eq!(summary["appliances"], 4, "{context}");
     assert_eq!(summary["intact"], true, "{context}");
     let ratio = summary["origin_bytes"].as_f64().expect("origin_bytes")
@@ -76,22 +85,9 @@ fn a_site_on_older_releases_in_namespaces_fetches_what_none_holds_about_once() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let child = Command::new(BIN)
-        .args(["lab", "--appliances", "4", "--image-mib", "16", "--wan-mbit", "50"])
-        .args(["--lan-mbit", "500", "--seed", "5", "--older-releases", "2"])
-        .args(["--changed-percent", "5", "--time-limit-secs", "240", "--work-dir"])
-        .arg(dir.path().join("lab"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the lab");
-    let output = child.wait_with_output().expect("lab");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let context = format!("stdout:\n{stdout}\nstderr (tail):\n{}", tail(&stderr));
-    assert!(output.status.success(), "the lab failed\n{context}");
-    let last = stdout.lines().last().unwrap_or("");
-    let summary: serde_json::Value = serde_json::from_str(last).expect("a JSON last line");
+    let args = ["--appliances", "4", "--image-mib", "16", "--wan-mbit", "50", "--lan-mbit", "500"];
+    let delta = ["--seed", "5", "--older-releases", "2", "--changed-percent", "5"];
+    let (summary, context, _) = run_lab(&[&args[..], &delta].concat(), dir.path());
     let number = |key: &str| summary[key].as_f64().unwrap_or_else(|| panic!("{key}\n{context}"));
     assert_eq!(summary["intact"], true, "{context}");
     // Each appliance copied most of the image from its slot (two older releases, each lacking

@@ -203,15 +203,18 @@ async fn a_release_whose_signed_index_is_not_its_images_is_refused() {
     origin.publish_image(2, &path, Some(content_index_of(&path))).await;
 }
 
-/// Copies from `active` into a fresh slot for the image at `new_path`, with the content index
-/// of the image at `index_of`; the slot, its paths and what was copied.
-fn copy_with_index(
-    dir: &Path,
-    new_path: &Path,
-    index_of: &Path,
-    active: &Path,
-) -> (sitecast_iso::SlotWriter<sitecast_iso::FileDevice>, sitecast_peer::reuse::Reused) {
-    use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, Slot, SlotPaths, SlotWriter};
+/// What copying needs of the image at `new_path`, made in `dir` as Central Command makes it:
+/// the image's digest, its outboard (and where it is), and the content index of the image at
+/// `index_of` (the new image's own, unless a test lies).
+struct Prepared {
+    image: sitecast_manifest::ImageInfo,
+    outboard: sitecast_iso::OutboardStore<sitecast_iso::FileDevice>,
+    outboard_path: std::path::PathBuf,
+    index: std::path::PathBuf,
+}
+
+fn prepare(dir: &Path, new_path: &Path, index_of: &Path) -> Prepared {
+    use sitecast_iso::{BlobLayout, FileDevice, OutboardStore};
     let digest =
         sitecast_manifest::ImageDigest::of_reader(std::fs::File::open(new_path).expect("open"))
             .expect("hash");
@@ -232,6 +235,19 @@ fn copy_with_index(
         std::fs::File::create(&index).expect("index"),
     )
     .expect("index");
+    Prepared { image, outboard, outboard_path, index }
+}
+
+/// Copies from `active` into a fresh slot for the image at `new_path`, with the content index
+/// of the image at `index_of`; the slot, its paths and what was copied.
+fn copy_with_index(
+    dir: &Path,
+    new_path: &Path,
+    index_of: &Path,
+    active: &Path,
+) -> (sitecast_iso::SlotWriter<sitecast_iso::FileDevice>, sitecast_peer::reuse::Reused) {
+    use sitecast_iso::{Slot, SlotPaths, SlotWriter};
+    let Prepared { image, outboard, index, .. } = prepare(dir, new_path, index_of);
     let slot = dir.join("slot-b.img");
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&slot);
     file.expect("slot").set_len(16 * MIB as u64).expect("size");
@@ -363,28 +379,8 @@ async fn fill_with_patches(
     let bytes_url = urls.bytes.expect("Central Command offers plain bytes");
 
     // The index and the outboard as Central Command has them, made here from the image.
-    let digest =
-        sitecast_manifest::ImageDigest::of_reader(std::fs::File::open(new_path).expect("v2"))
-            .expect("hash");
-    let image = sitecast_manifest::ImageInfo {
-        size: digest.size,
-        blake3: digest.blake3,
-        sha256: digest.sha256,
-    };
+    let Prepared { image, outboard, outboard_path, index } = prepare(&sub, new_path, new_path);
     let layout = BlobLayout::new(image.blake3, image.size);
-    let outboard_path = sub.join("new.obao4");
-    let mut outboard =
-        OutboardStore::new(layout, FileDevice::open_or_create(&outboard_path).expect("outboard"));
-    outboard.compute_from(std::fs::File::open(new_path).expect("open")).expect("outboard");
-    let index = sub.join("index");
-    let index_file = std::fs::File::create(&index).expect("index");
-    let chunking = sitecast_delta::Chunking::default();
-    sitecast_delta::index::write(
-        std::fs::File::open(new_path).expect("open"),
-        chunking,
-        index_file,
-    )
-    .expect("index");
     let slot = sub.join("slot-b.img");
     std::fs::File::create(&slot).expect("slot").set_len(image.size + 4096).expect("size");
     let mut writer =
