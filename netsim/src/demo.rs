@@ -143,11 +143,17 @@ pub(crate) struct Fixture {
 fn overwrite(path: &Path, ranges: &[std::ops::Range<u64>], label: &str) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let mut buffer = vec![0; 1 << 20];
     for range in ranges {
-        let mut bytes = vec![0; (range.end - range.start) as usize];
         let mut noise = blake3::Hasher::new_derive_key(label);
-        noise.update(&range.start.to_le_bytes()).finalize_xof().fill(&mut bytes);
-        file.write_all_at(&bytes, range.start)?;
+        let mut noise = noise.update(&range.start.to_le_bytes()).finalize_xof();
+        let mut at = range.start;
+        while at < range.end {
+            let n = (range.end - at).min(buffer.len() as u64) as usize;
+            noise.fill(&mut buffer[..n]);
+            file.write_all_at(&buffer[..n], at)?;
+            at += n as u64;
+        }
     }
     Ok(())
 }

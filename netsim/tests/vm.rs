@@ -273,9 +273,10 @@ async fn two_appliances_of_a_site_share_the_release_over_their_lan() {
     let origin = lab.origin_bytes(GOOD).await.expect("metrics");
     let copies = origin as f64 / size as f64;
     eprintln!("origin sent {copies:.3} copies; {from_lan} bytes came over the LAN");
-    // Plain HTTP sends two copies. Measured 1.2 on an idle machine and 1.6 on one busy with
-    // the rest of the suite (docs/performance.md); the namespace lab, with a LAN faster than
-    // its WAN, holds the site to one copy.
+    // Plain HTTP sends two copies. Measured 1.2 on an idle machine and 1.6 to 1.75 on one
+    // busy with the rest of the suite (docs/performance.md), so the suite runs this test
+    // alone (.config/nextest.toml); the namespace lab, with a LAN faster than its WAN, holds
+    // the site to one copy.
     assert!(copies < 1.75, "the origin sent {copies:.2} copies to a site of two");
     assert!(from_lan > size / 4, "only {from_lan} bytes came over the LAN");
 }

@@ -39,10 +39,20 @@ use download::{Download, ReuseFrom};
 /// Exit status that asks the supervisor to start the agent again, as after a reboot.
 pub const EXIT_REBOOT: i32 = 75;
 
+/// When lingering for site peers that began at `since` ends (never, if it has not begun).
+async fn linger_ends(since: Option<std::time::Instant>) {
+    match since {
+        Some(since) => {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(since + LINGER_FOR_PEERS)).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// How long an appliance whose slot is ready keeps serving the release to site peers that
-/// Central Command says are still downloading it, before it reboots: an appliance that
-/// finished first (a delta transfer that needed little) would otherwise take the pieces only
-/// it fetched offline, and the others would fetch them from the origin again.
+/// may still be downloading it, from when its reboot was due: an appliance that finished
+/// first (a delta transfer that needed little) would otherwise take the pieces only it
+/// fetched offline, and the others would fetch them from the origin again.
 pub const LINGER_FOR_PEERS: Duration = Duration::from_secs(60);
 
 /// Commands from the local control socket.
@@ -142,9 +152,11 @@ pub struct Agent {
     ready: Option<VerifiedSlot<FileDevice>>,
     /// Since when the slot has been ready and the window open (see [`LINGER_FOR_PEERS`]).
     lingering_since: Option<std::time::Instant>,
-    /// Whether a site peer is still downloading the release on offer: as the swarm saw it
-    /// when it finished, then as Central Command says at each check-in.
+    /// Whether a site peer may still be downloading the release on offer: as the swarm saw
+    /// it when it finished, then as Central Command says at each check-in.
     site_downloading: bool,
+    /// Whether the last check-in's answer named online site peers.
+    site_has_peers: bool,
     download: Option<tokio::task::JoinHandle<Result<VerifiedSlot<FileDevice>, String>>>,
     /// Stops the running download (a newer offer replaces it).
     download_stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -217,6 +229,7 @@ impl Agent {
             ready: None,
             lingering_since: None,
             site_downloading: false,
+            site_has_peers: false,
             download: None,
             download_stop: None,
             download_started: None,
@@ -701,6 +714,7 @@ impl Agent {
         }
         self.site_downloading =
             response.site_peers.iter().any(|p| p.state == Some(UpdateState::Downloading));
+        self.site_has_peers = !response.site_peers.is_empty();
         if self.download_superseded(&response) {
             tracing::info!(version = ?response.version, "a newer offer replaces the running download");
             self.stop_download().await;
@@ -935,8 +949,10 @@ impl Agent {
         match result {
             Ok(verified) => {
                 self.ready = Some(verified);
-                // Until the next check-in says otherwise: the swarm's own last view.
-                self.site_downloading = stats.peers_missing_pieces > 0;
+                // Until the next check-in says otherwise: the swarm's own last view, and any
+                // site peer it may not have heard from yet (a download copied whole from the
+                // active slot ends before the first news of the site arrives).
+                self.site_downloading = stats.peers_missing_pieces > 0 || self.site_has_peers;
                 self.serve_running_release();
                 self.set_update_state(UpdateState::Ready, None);
                 self.report(UpdateState::Ready, None).await;
@@ -1102,9 +1118,13 @@ impl Agent {
                     let result = result.unwrap_or_else(|e| Err(e.to_string()));
                     self.agent_fetch_finished(result).await;
                 }
+                // Lingering for site peers ends on time, not at the next check-in.
+                () = linger_ends(self.lingering_since), if self.ready.is_some() && self.lingering_since.is_some() => {}
             }
+            // A reboot that was due in the window goes ahead once lingering ends, even if the
+            // window closed meanwhile.
             if self.ready.is_some()
-                && self.window_open(self.state.window.as_ref())
+                && (self.window_open(self.state.window.as_ref()) || self.lingering_since.is_some())
                 && !self.lingers_for_peers()
                 && let Some(exit) = self.activate_and_reboot().await
             {
@@ -1116,7 +1136,8 @@ impl Agent {
     /// Whether to keep serving the ready release a while before rebooting: while site peers
     /// are downloading it, for at most [`LINGER_FOR_PEERS`] from when the reboot was due.
     fn lingers_for_peers(&mut self) -> bool {
-        if self.lan.is_none() || !self.site_downloading {
+        // An operator who said "now" (skip-window) means now.
+        if self.lan.is_none() || !self.site_downloading || self.state.skip_window {
             return false;
         }
         let since = *self.lingering_since.get_or_insert_with(|| {

@@ -177,9 +177,11 @@ impl Patches {
             for span in self.partial.get(group).unwrap_or_default() {
                 let at = (group * GROUP_BYTES + u64::from(span.at) - start) as usize;
                 let into = &mut bytes[at..at + span.len as usize];
-                self.active
-                    .read_exact_at(span.from, into)
-                    .map_err(|e| FetchError::Failed(format!("reading the active slot: {e}")))?;
+                if let Err(error) = self.active.read_exact_at(span.from, into) {
+                    tracing::warn!(?groups, %error, "reading the active slot failed; fetched whole");
+                    self.give_up(groups.start);
+                    return Ok(None);
+                }
             }
         }
         let mut taken = 0;

@@ -505,7 +505,11 @@ async fn patch_pieces(
             }
             Err(error) => {
                 tracing::debug!(?error, piece = wanted.piece, "patching failed; fetched whole");
-                patches.give_up(wanted.groups.start);
+                // A passing failure (a timeout, a busy Central Command) may go away; bytes that
+                // are not what was asked for will not.
+                if matches!(error, FetchError::Corrupt(_)) {
+                    patches.give_up(wanted.groups.start);
+                }
                 left.push(wanted);
                 continue;
             }

@@ -308,7 +308,7 @@ async fn stream_blob(
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let mut writer = ChannelWriter { sender, sent: 0, runtime };
+        let mut writer = ChannelWriter { sender, sent: 0, runtime, client_gone: false };
         let result = match compress {
             true => zstd_onto(&mut writer, length, |out| encode(&data, &outboard, out)),
             false => encode(&data, &outboard, &mut writer),
@@ -320,11 +320,7 @@ async fn stream_blob(
             // dropped after the stall timeout as it would have been.
             tracing::warn!(%error, "serving a blob stopped");
             // A client that went away or stopped reading is not waited for a second time.
-            let gone = matches!(
-                error.kind(),
-                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::TimedOut
-            );
-            if !gone {
+            if !writer.client_gone {
                 let failed = writer.sender.send(Err(error));
                 let _ = writer.runtime.block_on(tokio::time::timeout(STALL_TIMEOUT, failed));
             }
@@ -460,6 +456,8 @@ struct ChannelWriter {
     sender: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
     sent: u64,
     runtime: tokio::runtime::Handle,
+    /// The client went away or stopped reading.
+    client_gone: bool,
 }
 
 impl Write for ChannelWriter {
@@ -470,12 +468,14 @@ impl Write for ChannelWriter {
         match sent {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
+                self.client_gone = true;
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::BrokenPipe,
                     "client went away",
                 ));
             }
             Err(_) => {
+                self.client_gone = true;
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "client stopped reading",
