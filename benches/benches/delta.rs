@@ -82,12 +82,8 @@ fn pair_dir() -> PathBuf {
 fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     let whole = std::fs::metadata(new).expect("new").len();
     let chunking = Chunking::default();
-    let chunks = |path: &Path| {
-        sitecast_delta::chunks(BufReader::new(File::open(path).expect("open")), chunking)
-            .expect("chunks")
-    };
-    let new_chunks = chunks(new);
-    let estimate = sitecast_delta::estimate(&chunks(old), &new_chunks);
+    let (old_chunks, new_chunks) = (chunks_of(old, chunking), chunks_of(new, chunking));
+    let estimate = sitecast_delta::estimate(&old_chunks, &new_chunks);
 
     // What the agent needs besides the bytes: the index and the outboard, once per site.
     let index = dir.join("index");
@@ -116,7 +112,7 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
         true => zstd_size(&path),
         false => std::fs::metadata(&path).expect("missing").len(),
     };
-    let lacking = chunks_lacking(&chunks(old), &new_chunks);
+    let lacking = chunks_lacking(&old_chunks, &new_chunks);
     let groups = bytes_of(&groups_touched(&lacking, whole), new, dir, "missing-groups");
     let groups_plain = std::fs::metadata(&groups).expect("groups").len();
     let groups_wire = as_sent(groups);
@@ -169,12 +165,8 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     println!("  chunk size (average): missing chunks + index, missing 16 KiB groups + index");
     for kib in [1, 2, 4, 8, 16] {
         let chunking = Chunking::around(kib * 1024);
-        let chunks = |path: &Path| {
-            sitecast_delta::chunks(BufReader::new(File::open(path).expect("open")), chunking)
-                .expect("chunks")
-        };
-        let new_chunks = chunks(new);
-        let estimate = sitecast_delta::estimate(&chunks(old), &new_chunks);
+        let new_chunks = chunks_of(new, chunking);
+        let estimate = sitecast_delta::estimate(&chunks_of(old, chunking), &new_chunks);
         let index = 24 + 12 * new_chunks.len() as u64;
         println!(
             "    {kib:>2} KiB: {:>9} + {index:>7} = {:>9} bytes   {:>9} + {index:>7} = {:>9} bytes",
@@ -216,6 +208,12 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
         rss as f64 / 1048576.0,
         rss_before as f64 / 1048576.0,
     );
+}
+
+/// The chunks of the image at `path`.
+fn chunks_of(path: &Path, chunking: Chunking) -> Vec<sitecast_delta::Chunk> {
+    let reader = BufReader::new(File::open(path).expect("open"));
+    sitecast_delta::chunks(reader, chunking).expect("chunks")
 }
 
 /// The byte ranges of the new image's chunks that the old one lacks, ascending.

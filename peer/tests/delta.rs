@@ -541,6 +541,8 @@ async fn an_agent_killed_while_copying_resumes_without_copying_again() {
         sitecast_iso::SlotPaths::beside(&agent.dir.join("slot-b.img"), &agent.dir.join("state"));
     while paths.recorded_groups(&image) == 0 {
         assert!(Instant::now() < deadline, "nothing copied:\n{}", agent.log());
+        // A poll interval, not a wait for time to pass: the loop ends on the record's state,
+        // and polls this often so the kill lands at the first checkpoint, mid-copy.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     agent.kill();
