@@ -6,14 +6,17 @@
 //! page must echo in `x-csrf-token` on every state change. The cookie is `HttpOnly` (page
 //! scripts, and so an injected script, cannot read it) and `SameSite=Strict`.
 //!
-//! Sessions live only in memory: a restart signs everyone out, which is cheaper than storing
-//! bearer-equivalent secrets on disk. Only the BLAKE3 of each session id is kept, so the map
-//! cannot be turned back into cookies, and lookups do not compare secrets byte by byte.
-//! Time is passed in, like everywhere else in the coordinator.
+//! Sessions are stored like the rest of the fleet ([`SessionRecord`], committed before the
+//! browser gets its cookie), so every replica of Central Command knows them and a restart
+//! keeps them. Only the BLAKE3 of each session id is stored, so the records cannot be turned
+//! back into cookies, and lookups do not compare secrets byte by byte. Time is passed in,
+//! like everywhere else in the coordinator.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use jiff::{SignedDuration, Timestamp};
+
+use crate::store::{Change, SessionRecord};
 
 /// The cookie that carries the session id.
 pub const COOKIE_NAME: &str = "sitecast_session";
@@ -22,7 +25,7 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 /// Absolute lifetime of a session; signing in again starts a new one.
 pub const DEFAULT_TTL: SignedDuration = SignedDuration::from_hours(12);
 /// More live sessions than this and the one closest to expiry is dropped, so a script that
-/// holds the token cannot grow the map without bound.
+/// holds the token cannot grow the table without bound.
 pub const MAX_SESSIONS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,33 +40,23 @@ pub enum SessionError {
     Random(String),
 }
 
-/// What the browser gets at sign-in: the cookie value and the CSRF token for the page.
+/// What the browser gets at sign-in: the cookie value and the CSRF token for the page. Drawn
+/// before the sign-in is computed, so computing it again (after another replica committed
+/// first) gives the same session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewSession {
     pub id: String,
     pub csrf_token: String,
-    pub expires: Timestamp,
     /// A short, non-secret name for the audit log.
     pub tag: String,
 }
 
-/// A live session. The CSRF token is kept as is so a reloaded page (which only has the cookie)
-/// can ask for it again: it is worthless without the cookie, which scripts cannot read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionInfo {
-    pub csrf_token: String,
-    pub expires: Timestamp,
-}
-
-#[derive(Debug)]
-pub struct Sessions {
-    by_id_hash: HashMap<blake3::Hash, SessionInfo>,
-    ttl: SignedDuration,
-}
-
-impl Default for Sessions {
-    fn default() -> Self {
-        Self::new(DEFAULT_TTL)
+impl NewSession {
+    pub fn draw() -> Result<Self, SessionError> {
+        let id = random_hex()?;
+        let csrf_token = random_hex()?;
+        let tag = tag_of(&id);
+        Ok(Self { id, csrf_token, tag })
     }
 }
 
@@ -79,73 +72,63 @@ fn tag_of(id: &str) -> String {
     hex::encode(&hash[..4])
 }
 
-impl Sessions {
-    pub fn new(ttl: SignedDuration) -> Self {
-        Self { by_id_hash: HashMap::new(), ttl }
-    }
+/// The key a session is stored under: the BLAKE3 of its id.
+pub fn id_hash(id: &str) -> String {
+    blake3::hash(id.as_bytes()).to_hex().to_string()
+}
 
-    /// Starts a session (the caller has checked the operator token).
-    pub fn create(&mut self, now: Timestamp) -> Result<NewSession, SessionError> {
-        self.by_id_hash.retain(|_, s| s.expires > now);
-        while self.by_id_hash.len() >= MAX_SESSIONS {
-            let Some(oldest) =
-                self.by_id_hash.iter().min_by_key(|(_, s)| s.expires).map(|(k, _)| *k)
-            else {
-                break;
-            };
-            self.by_id_hash.remove(&oldest);
-        }
-        let id = random_hex()?;
-        let csrf_token = random_hex()?;
-        let expires = now.checked_add(self.ttl).unwrap_or(Timestamp::MAX);
-        self.by_id_hash.insert(
-            blake3::hash(id.as_bytes()),
-            SessionInfo { csrf_token: csrf_token.clone(), expires },
-        );
-        let tag = tag_of(&id);
-        Ok(NewSession { id, csrf_token, expires, tag })
-    }
+/// The changes that store `new` until `now + ttl`: expired sessions go, and the ones closest
+/// to expiry while more than [`MAX_SESSIONS`] would be live.
+pub fn open(
+    sessions: &BTreeMap<String, SessionRecord>,
+    new: &NewSession,
+    ttl: SignedDuration,
+    now: Timestamp,
+) -> Vec<Change> {
+    let mut live: Vec<(&String, &SessionRecord)> =
+        sessions.iter().filter(|(_, s)| s.expires > now).collect();
+    live.sort_by_key(|(_, s)| s.expires);
+    let over = (live.len() + 1).saturating_sub(MAX_SESSIONS);
+    let dropped = sessions
+        .iter()
+        .filter(|(_, s)| s.expires <= now)
+        .map(|(key, _)| key)
+        .chain(live.iter().take(over).map(|(key, _)| *key));
+    let mut changes: Vec<Change> =
+        dropped.map(|key| Change::Session { id_hash: key.clone(), session: None }).collect();
+    let expires = now.checked_add(ttl).unwrap_or(Timestamp::MAX);
+    let record =
+        SessionRecord { csrf_token: new.csrf_token.clone(), expires, tag: new.tag.clone() };
+    changes.push(Change::Session { id_hash: id_hash(&new.id), session: Some(record) });
+    changes
+}
 
-    fn live(&self, id: &str, now: Timestamp) -> Option<&SessionInfo> {
-        self.by_id_hash.get(&blake3::hash(id.as_bytes())).filter(|s| s.expires > now)
-    }
+/// The live session with cookie `id`, if there is one.
+pub fn live<'a>(
+    sessions: &'a BTreeMap<String, SessionRecord>,
+    id: &str,
+    now: Timestamp,
+) -> Option<&'a SessionRecord> {
+    sessions.get(&id_hash(id)).filter(|s| s.expires > now)
+}
 
-    /// Checks a cookie-authenticated request. Safe methods need only a live session; anything
-    /// that may change state also needs the session's CSRF token.
-    pub fn check(
-        &self,
-        id: &str,
-        changes_state: bool,
-        csrf: Option<&str>,
-        now: Timestamp,
-    ) -> Result<SessionInfo, SessionError> {
-        let session = self.live(id, now).ok_or(SessionError::Unknown)?;
-        // Comparing hashes (`blake3::Hash` equality is constant-time) so the response time
-        // says nothing about how much of a guessed token was right.
-        let expected = blake3::hash(session.csrf_token.as_bytes());
-        if changes_state && csrf.map(|t| blake3::hash(t.as_bytes())) != Some(expected) {
-            return Err(SessionError::Csrf);
-        }
-        Ok(session.clone())
+/// Checks a cookie-authenticated request. Safe methods need only a live session; anything
+/// that may change state also needs the session's CSRF token.
+pub fn check(
+    sessions: &BTreeMap<String, SessionRecord>,
+    id: &str,
+    changes_state: bool,
+    csrf: Option<&str>,
+    now: Timestamp,
+) -> Result<SessionRecord, SessionError> {
+    let session = live(sessions, id, now).ok_or(SessionError::Unknown)?;
+    // Comparing hashes (`blake3::Hash` equality is constant-time) so the response time
+    // says nothing about how much of a guessed token was right.
+    let expected = blake3::hash(session.csrf_token.as_bytes());
+    if changes_state && csrf.map(|t| blake3::hash(t.as_bytes())) != Some(expected) {
+        return Err(SessionError::Csrf);
     }
-
-    /// The audit tag of a live session (to audit its end before ending it).
-    pub fn tag(&self, id: &str, now: Timestamp) -> Option<String> {
-        self.live(id, now).map(|_| tag_of(id))
-    }
-
-    /// Ends a session; returns its audit tag if it existed.
-    pub fn remove(&mut self, id: &str) -> Option<String> {
-        self.by_id_hash.remove(&blake3::hash(id.as_bytes())).map(|_| tag_of(id))
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_id_hash.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id_hash.is_empty()
-    }
+    Ok(session.clone())
 }
 
 /// The session id from `Cookie` header values, if one is present.
@@ -181,54 +164,75 @@ mod tests {
         "2026-11-23T10:00:00Z".parse().expect("timestamp")
     }
 
+    /// The sessions after `changes`, as the fleet applies them.
+    fn applied(mut sessions: BTreeMap<String, SessionRecord>, changes: Vec<Change>) -> Sessions {
+        for change in changes {
+            let Change::Session { id_hash, session } = change else { panic!("{change:?}") };
+            match session {
+                Some(session) => sessions.insert(id_hash, session),
+                None => sessions.remove(&id_hash),
+            };
+        }
+        sessions
+    }
+
+    type Sessions = BTreeMap<String, SessionRecord>;
+
+    fn signed_in(
+        sessions: Sessions,
+        ttl: SignedDuration,
+        now: Timestamp,
+    ) -> (Sessions, NewSession) {
+        let new = NewSession::draw().expect("random");
+        let changes = open(&sessions, &new, ttl, now);
+        (applied(sessions, changes), new)
+    }
+
     #[test]
     fn a_session_reads_without_csrf_but_changes_need_it() {
-        let mut sessions = Sessions::default();
-        let new = sessions.create(t0()).expect("session");
+        let (sessions, new) = signed_in(Sessions::new(), DEFAULT_TTL, t0());
         assert_eq!(new.id.len(), 64);
         assert_ne!(new.id, new.csrf_token);
-        assert!(sessions.check(&new.id, false, None, t0()).is_ok());
-        assert_eq!(sessions.check(&new.id, true, None, t0()), Err(SessionError::Csrf));
-        assert_eq!(sessions.check(&new.id, true, Some("nope"), t0()), Err(SessionError::Csrf));
+        assert!(!sessions.contains_key(&new.id), "the cookie itself is stored");
+        assert!(check(&sessions, &new.id, false, None, t0()).is_ok());
+        assert_eq!(check(&sessions, &new.id, true, None, t0()), Err(SessionError::Csrf));
+        assert_eq!(check(&sessions, &new.id, true, Some("nope"), t0()), Err(SessionError::Csrf));
+        let record = check(&sessions, &new.id, true, Some(&new.csrf_token), t0()).expect("ok");
         assert_eq!(
-            sessions.check(&new.id, true, Some(&new.csrf_token), t0()),
-            Ok(SessionInfo { csrf_token: new.csrf_token.clone(), expires: new.expires })
+            (record.csrf_token, record.expires),
+            (new.csrf_token.clone(), t0() + DEFAULT_TTL)
         );
         // Another session's CSRF token is not this one's.
-        let other = sessions.create(t0()).expect("session");
+        let (sessions, other) = signed_in(sessions, DEFAULT_TTL, t0());
         assert_eq!(
-            sessions.check(&new.id, true, Some(&other.csrf_token), t0()),
+            check(&sessions, &new.id, true, Some(&other.csrf_token), t0()),
             Err(SessionError::Csrf)
         );
-        assert_eq!(sessions.check("forged", false, None, t0()), Err(SessionError::Unknown));
+        assert_eq!(check(&sessions, "forged", false, None, t0()), Err(SessionError::Unknown));
     }
 
     #[test]
-    fn sessions_expire_and_can_be_removed() {
-        let mut sessions = Sessions::new(SignedDuration::from_hours(1));
-        let new = sessions.create(t0()).expect("session");
+    fn sessions_expire_and_expired_ones_are_dropped() {
+        let hour = SignedDuration::from_hours(1);
+        let (sessions, new) = signed_in(Sessions::new(), hour, t0());
         let later = t0() + SignedDuration::from_mins(59);
-        assert!(sessions.check(&new.id, false, None, later).is_ok());
-        let expired = t0() + SignedDuration::from_hours(1);
-        assert_eq!(sessions.check(&new.id, false, None, expired), Err(SessionError::Unknown));
-        // Expired sessions are swept when the next one is created.
-        sessions.create(expired).expect("session");
+        assert!(check(&sessions, &new.id, false, None, later).is_ok());
+        let expired = t0() + hour;
+        assert_eq!(check(&sessions, &new.id, false, None, expired), Err(SessionError::Unknown));
+        // Expired sessions are dropped when the next one is stored.
+        let (sessions, live) = signed_in(sessions, hour, expired);
         assert_eq!(sessions.len(), 1);
-        let live = sessions.create(expired).expect("session");
-        assert_eq!(sessions.remove(&live.id), Some(live.tag));
-        assert_eq!(sessions.check(&live.id, false, None, expired), Err(SessionError::Unknown));
-        assert_eq!(sessions.remove(&live.id), None);
+        assert!(check(&sessions, &live.id, false, None, expired).is_ok());
     }
 
     #[test]
-    fn the_map_is_bounded() {
-        let mut sessions = Sessions::default();
-        let first = sessions.create(t0()).expect("session");
+    fn the_table_is_bounded() {
+        let (mut sessions, first) = signed_in(Sessions::new(), DEFAULT_TTL, t0());
         for i in 1..=MAX_SESSIONS as i64 {
-            sessions.create(t0() + SignedDuration::from_secs(i)).expect("session");
+            sessions = signed_in(sessions, DEFAULT_TTL, t0() + SignedDuration::from_secs(i)).0;
         }
         assert_eq!(sessions.len(), MAX_SESSIONS);
-        assert_eq!(sessions.check(&first.id, false, None, t0()), Err(SessionError::Unknown));
+        assert_eq!(check(&sessions, &first.id, false, None, t0()), Err(SessionError::Unknown));
     }
 
     #[test]

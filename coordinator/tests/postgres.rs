@@ -6,6 +6,7 @@
 mod common;
 
 use common::postgres::TestPostgres;
+use common::serve::{ServeProcess, until};
 use common::*;
 use reqwest::Method;
 use serde_json::json;
@@ -53,14 +54,14 @@ fn the_schema_is_migrated_once_and_a_newer_one_is_tolerated() {
         .iter()
         .map(|row| row.get(0))
         .collect();
-    assert_eq!(versions, vec![1], "each migration applied once");
+    assert_eq!(versions, vec![1, 2], "each migration applied once");
 
     // A newer Central Command added a column and recorded its migration: this one, knowing
     // fewer, opens, writes and reads as before.
     client
         .batch_execute(
             "ALTER TABLE releases ADD COLUMN origin_region text;
-             INSERT INTO schema_migrations (version) VALUES (2);",
+             INSERT INTO schema_migrations (version) VALUES (3);",
         )
         .expect("newer migration");
     let store = PostgresStore::open(&database.url()).expect("open a newer schema");
@@ -121,6 +122,54 @@ fn a_second_central_command_on_the_same_database_is_refused() {
     drop(first);
     let next = PostgresStore::open(&database.url()).expect("open after the first stopped");
     assert_eq!(next.load().expect("load").releases.len(), 1);
+}
+
+/// Replicas share a database; each batch goes on top of the position its writer's view was
+/// at, or not at all; the others read the batches they lack in order. A Central Command that
+/// takes the database for itself (as versions before replicas do) and replicas exclude each
+/// other.
+#[test]
+fn replicas_commit_in_one_order_and_read_what_they_lack() {
+    let database = TestPostgres::start();
+    let one = PostgresStore::open_replica(&database.url()).expect("open");
+    let two = PostgresStore::open_replica(&database.url()).expect("a second replica");
+    let error = PostgresStore::open(&database.url()).expect_err("one on its own beside them");
+    assert!(matches!(error, StoreError::InUse), "{error}");
+    let start = one.load().expect("load").position;
+    assert_eq!(two.load().expect("load").position, start);
+
+    let first = [Change::Release(release(1)), audit(1, "release.publish")];
+    let at = one.commit_at(&first, true, start).expect("commit");
+    assert_eq!(at, start + 1);
+    // Computed on the view before that batch: refused, nothing stored.
+    let stale = [Change::Release(release(2)), audit(1, "release.publish")];
+    let error = two.commit_at(&stale, true, start).expect_err("a stale view");
+    assert!(matches!(error, StoreError::Moved(p) if p == at), "{error}");
+    assert_eq!(two.load().expect("load").releases.len(), 1);
+    let lacked = two.changes_since(start).expect("read").expect("in the log");
+    assert_eq!(lacked.len(), 1);
+    assert_eq!(lacked[0].0, at);
+    assert!(matches!(&lacked[0].1[0], Change::Release(r) if r.version == 1));
+    let second = [Change::Release(release(2)), audit(2, "release.publish")];
+    assert_eq!(two.commit_at(&second, true, at).expect("commit"), at + 1);
+    let seen: Vec<u64> =
+        one.changes_since(start).expect("read").expect("log").iter().map(|b| b.0).collect();
+    assert_eq!(seen, vec![at, at + 1]);
+    assert!(one.changes_since(at + 1).expect("read").expect("log").is_empty());
+
+    // A batch this version cannot read (a newer one's kind of change): load everything.
+    let mut client = sql(&database);
+    let next = (at + 2) as i64;
+    let unknown = r#"[{"Teleport": {}}]"#;
+    client
+        .execute(
+            "INSERT INTO changelog (position, batch) VALUES ($1, $2::text::json)",
+            &[&next, &unknown],
+        )
+        .expect("insert");
+    client.execute("UPDATE log_head SET position = $1", &[&next]).expect("head");
+    assert!(one.changes_since(at + 1).expect("read").is_none());
+    assert_eq!(one.load().expect("load").position, at + 2);
 }
 
 #[test]
@@ -297,89 +346,6 @@ async fn an_error_text_with_a_nul_is_stored_like_any_other() {
     assert!(error.as_str().is_some_and(|e| e.starts_with("disk ")), "{list}");
 }
 
-/// `sitecast-coordinator serve` on `database`, as an operator runs it; killed when dropped.
-struct ServeProcess {
-    child: std::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl ServeProcess {
-    /// Listens on a port of its own choosing, which it prints once it serves.
-    fn start(name: &str, dir: &std::path::Path, database: &TestPostgres, standby: bool) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).expect("log");
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sitecast-coordinator"));
-        command
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--root")
-            .arg(dir.join("root.json"))
-            .args(["--database", &database.url()])
-            .args(["--operator-token", OPERATOR, "--enrollment-token", ENROLL, "--tick-secs", "1"])
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out);
-        if standby {
-            command.arg("--standby");
-        }
-        let child = command.spawn().expect("sitecast-coordinator serve");
-        Self { child, log }
-    }
-
-    /// Its address, once it serves.
-    fn url(&self) -> Option<String> {
-        let log = self.log();
-        let at = log.find("listening on ")? + "listening on ".len();
-        log[at..].split_whitespace().next().map(str::to_owned)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Whether it answers `/healthz` with 200.
-    async fn healthy(&self, http: &reqwest::Client) -> bool {
-        let Some(url) = self.url() else { return false };
-        let response = http.get(format!("{url}/healthz")).send().await;
-        response.is_ok_and(|r| r.status() == 200)
-    }
-
-    /// Releases, rollouts and the audit log, as the operator sees them.
-    async fn fleet(&self, http: &reqwest::Client) -> serde_json::Value {
-        let mut fleet = json!({});
-        for (name, path) in [
-            ("releases", "/api/releases"),
-            ("rollouts", "/api/rollouts"),
-            ("audit", "/api/audit?limit=1000"),
-        ] {
-            let url = self.url().expect("serving");
-            let response = http.get(format!("{url}{path}")).bearer_auth(OPERATOR).send().await;
-            fleet[name] = response.expect("get").json().await.expect("json");
-        }
-        fleet
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `condition` every 50 ms until it holds; past `deadline` fails with `what`.
-async fn until<F: std::future::Future<Output = bool>>(
-    what: &str,
-    deadline: std::time::Instant,
-    mut condition: impl FnMut() -> F,
-) {
-    while !condition().await {
-        assert!(std::time::Instant::now() < deadline, "{what}");
-        // The polling interval; the condition is what is waited for.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 /// Two `serve` processes on one database of their own, the first serving and the second
 /// waiting as its standby. The processes are stopped before the database (field order).
 struct ActiveAndStandby {
@@ -401,9 +367,9 @@ impl ActiveAndStandby {
         sitecast_coordinator::install_tls_provider();
         let http = reqwest::Client::new();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let active = ServeProcess::start("active", dir.path(), &database, false);
+        let active = ServeProcess::start("active", dir.path(), &database, &[]);
         until("the active one never served", deadline, || active.healthy(&http)).await;
-        let standby = ServeProcess::start("standby", dir.path(), &database, true);
+        let standby = ServeProcess::start("standby", dir.path(), &database, &["--standby"]);
         until("the standby never waited", deadline, || async { standby.log().contains("waiting") })
             .await;
         assert!(!standby.healthy(&http).await, "a standby answers before it took over");

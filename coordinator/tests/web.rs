@@ -462,19 +462,21 @@ async fn sessions_need_csrf_for_changes_and_expire() {
     let late = http.get(url("/api/rollouts")).header("cookie", &cookie).send().await;
     assert_eq!(error_of(late.expect("get")).await.1, "session_expired");
 
-    // Sessions live in memory: a restart signs everyone out.
+    // Sessions are stored (as the hash of their cookie): a restart keeps them, with their
+    // CSRF token, and their expiry.
     let response =
         http.post(url("/api/session")).json(&json!({"token": OPERATOR})).send().await.expect("in");
     let (cookie, _) = cookie_of(&response);
     let server = server.restart().await;
-    let after_restart = server
-        .http
-        .get(format!("{}/api/rollouts", server.url))
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .expect("get");
-    assert_eq!(after_restart.status(), 401);
+    let url = |path: &str| format!("{}{path}", server.url);
+    let after_restart =
+        server.http.get(url("/api/rollouts")).header("cookie", &cookie).send().await.expect("get");
+    assert_eq!(after_restart.status(), 200);
+    let unguarded = server.http.post(url("/api/rollouts/1/pause")).header("cookie", &cookie);
+    assert_eq!(error_of(unguarded.send().await.expect("post")).await.1, "csrf");
+    server.clock.advance(SignedDuration::from_hours(12));
+    let late = server.http.get(url("/api/rollouts")).header("cookie", &cookie).send().await;
+    assert_eq!(error_of(late.expect("get")).await.1, "session_expired");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

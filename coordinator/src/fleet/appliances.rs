@@ -147,12 +147,7 @@ impl Fleet {
     pub fn note_seen(&mut self, seen: ApplianceRecord) {
         // Only the bookkeeping: whatever else is stored stays as stored.
         let Some(current) = self.appliances.get_mut(&seen.key) else { return };
-        current.last_checkin = seen.last_checkin;
-        current.peer = seen.peer;
-        current.agent_version = seen.agent_version;
-        current.agent_release = seen.agent_release;
-        current.agent_previous = seen.agent_previous;
-        current.active_slot = seen.active_slot;
+        super::copy_bookkeeping(&seen, current);
         self.dirty.insert(seen.key);
     }
 

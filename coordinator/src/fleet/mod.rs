@@ -8,7 +8,13 @@
 //!
 //! The one exception is check-in bookkeeping (last seen, addresses, agent version): it is
 //! applied at once and flushed in the background, and losing a few seconds of it in a crash
-//! loses nothing that was answered as done.
+//! loses nothing that was answered as done. It never goes back in time: a record applied
+//! from another replica's batch keeps this view's newer bookkeeping.
+//!
+//! With replicas, the fleet is a view of the shared store at a log [`Fleet::position`]: it is
+//! caught up (the other replicas' batches applied in order) before every change is computed,
+//! and a change computed on a view another replica overtook is refused by the store and
+//! computed again.
 
 mod agents;
 mod appliances;
@@ -33,7 +39,8 @@ pub use self::rollouts::{RolloutAction, RolloutRequest, RolloutView};
 pub use self::sites::{SiteRelease, SiteSummary, SitesOverview, WindowOccurrence};
 use crate::engine::{ApplianceView, Rollout, RolloutKind};
 use crate::store::{
-    AgentReleaseRecord, ApplianceRecord, AuditEntry, Change, ReleaseRecord, SiteRecord, Snapshot,
+    AgentReleaseRecord, ApplianceRecord, AuditEntry, Change, ReleaseRecord, SessionRecord,
+    SiteRecord, Snapshot,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +102,10 @@ pub struct Fleet {
     pub sites: BTreeMap<String, SiteRecord>,
     pub meta: BTreeMap<String, String>,
     pub site_bytes: BTreeMap<(String, u64), u64>,
+    /// Fleet Updates sign-ins, by the BLAKE3 of their cookie.
+    pub sessions: BTreeMap<String, SessionRecord>,
+    /// The store's log position this view is at (0 on a store only this server writes).
+    pub position: u64,
     audit_next: u64,
     /// Appliances whose bookkeeping changed since the last flush.
     dirty: BTreeSet<String>,
@@ -140,6 +151,16 @@ impl<'a> Batch<'a> {
     }
 }
 
+/// Check-in bookkeeping: what a check-in that changes nothing durable updates.
+fn copy_bookkeeping(from: &ApplianceRecord, to: &mut ApplianceRecord) {
+    to.last_checkin = from.last_checkin;
+    to.peer = from.peer.clone();
+    to.agent_version = from.agent_version.clone();
+    to.agent_release = from.agent_release;
+    to.agent_previous = from.agent_previous;
+    to.active_slot = from.active_slot.clone();
+}
+
 fn owner_keys(record: &ApplianceRecord) -> impl Iterator<Item = String> + '_ {
     let name = (!record.name.is_empty()).then(|| format!("name:{}", record.name));
     record.macs.iter().map(|m| format!("mac:{m}")).chain(name)
@@ -148,7 +169,13 @@ fn owner_keys(record: &ApplianceRecord) -> impl Iterator<Item = String> + '_ {
 impl Fleet {
     /// The fleet as stored: every record goes through [`Fleet::apply`], as at run time.
     pub fn from_snapshot(snapshot: Snapshot, config: FleetConfig) -> Self {
-        let mut fleet = Self { config, audit_next: snapshot.audit_next.max(1), ..Self::default() };
+        let mut fleet = Self {
+            config,
+            audit_next: snapshot.audit_next.max(1),
+            position: snapshot.position,
+            sessions: snapshot.sessions,
+            ..Self::default()
+        };
         let mut changes: Vec<Change> = Vec::new();
         changes.extend(snapshot.releases.into_values().map(Change::Release));
         changes.extend(snapshot.agent_releases.into_values().map(Change::AgentRelease));
@@ -190,11 +217,22 @@ impl Fleet {
                     *self.site_bytes.entry((site.clone(), *version)).or_default() += add;
                 }
                 Change::Audit(entry) => self.audit_next = self.audit_next.max(entry.seq + 1),
+                Change::Session { id_hash, session: Some(session) } => {
+                    self.sessions.insert(id_hash.clone(), session.clone());
+                }
+                Change::Session { id_hash, session: None } => {
+                    self.sessions.remove(id_hash);
+                }
             }
         }
     }
 
-    fn put_appliance(&mut self, record: ApplianceRecord) {
+    fn put_appliance(&mut self, mut record: ApplianceRecord) {
+        if let Some(current) = self.appliances.get(&record.key)
+            && current.last_checkin > record.last_checkin
+        {
+            copy_bookkeeping(current, &mut record);
+        }
         self.forget_appliance(&record.key);
         self.members.entry(record.site.clone()).or_default().insert(record.key.clone());
         for owned in owner_keys(&record) {
@@ -307,17 +345,32 @@ impl Fleet {
 
     // ----- operator sessions and tokens -----
 
-    /// Records a sign-in to the Fleet Updates page (by the session's non-secret tag).
-    pub fn session_opened(&self, tag: &str, expires: Timestamp, now: Timestamp) -> Vec<Change> {
+    /// Stores a sign-in to the Fleet Updates page, audited by the session's non-secret tag.
+    pub fn session_opened(
+        &self,
+        new: &crate::session::NewSession,
+        ttl: SignedDuration,
+        now: Timestamp,
+    ) -> Vec<Change> {
         let mut batch = Batch::new(self);
-        let detail = serde_json::json!({"session": tag, "expires": expires});
+        for change in crate::session::open(&self.sessions, new, ttl, now) {
+            batch.push(change);
+        }
+        let expires = now.checked_add(ttl).unwrap_or(Timestamp::MAX);
+        let detail = serde_json::json!({"session": new.tag, "expires": expires});
         batch.audit(now, "operator", "session.open", detail);
         batch.finish()
     }
 
-    pub fn session_closed(&self, tag: &str, now: Timestamp) -> Vec<Change> {
+    /// Ends the session with cookie `id`, if it is live.
+    pub fn session_closed(&self, id: &str, now: Timestamp) -> Vec<Change> {
         let mut batch = Batch::new(self);
-        batch.audit(now, "operator", "session.close", serde_json::json!({"session": tag}));
+        if let Some(session) = crate::session::live(&self.sessions, id, now) {
+            let id_hash = crate::session::id_hash(id);
+            batch.push(Change::Session { id_hash, session: None });
+            let detail = serde_json::json!({"session": session.tag});
+            batch.audit(now, "operator", "session.close", detail);
+        }
         batch.finish()
     }
 

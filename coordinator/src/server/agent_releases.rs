@@ -101,7 +101,7 @@ pub(super) async fn publish(
         manifest: String::from_utf8_lossy(&verified.to_bytes()).into_owned(),
     };
     let shown = record.clone();
-    change(&state, move |fleet, now| fleet.publish_agent(record, now)).await?;
+    change(&state, move |fleet, now| fleet.publish_agent(record.clone(), now)).await?;
     Ok((StatusCode::CREATED, Json(shown)).into_response())
 }
 

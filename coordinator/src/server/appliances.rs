@@ -69,19 +69,24 @@ fn durable_checkin(
     now: jiff::Timestamp,
     public_url: &str,
 ) -> Result<CheckinResponse, ApiError> {
-    let mut fleet = state.writable()?;
-    let plan = fleet.checkin(key, request, enrollment, now, public_url)?;
-    // Only enrollments that would succeed spend the enrollment budget.
-    if plan.registered && !lock(&state.enrollments).take(std::time::Instant::now()) {
-        return Err(ApiError::too_many(
-            "enrollment_busy",
-            "too many appliances are enrolling right now; check in again shortly",
-            10,
-        ));
-    }
-    state.commit_and_apply(&mut fleet, &plan.durable, true)?;
-    fleet.note_seen(plan.seen);
-    Ok(plan.response)
+    let mut spent = false;
+    state.serialized(|state, fleet| {
+        let plan = fleet.checkin(key, request.clone(), enrollment, now, public_url)?;
+        // Only enrollments that would succeed spend the enrollment budget, once.
+        if plan.registered && !spent {
+            if !lock(&state.enrollments).take(std::time::Instant::now()) {
+                return Err(ApiError::too_many(
+                    "enrollment_busy",
+                    "too many appliances are enrolling right now; check in again shortly",
+                    10,
+                ));
+            }
+            spent = true;
+        }
+        state.commit_and_apply(fleet, &plan.durable, true)?;
+        fleet.note_seen(plan.seen);
+        Ok(plan.response)
+    })
 }
 
 pub(super) async fn report(
@@ -107,7 +112,7 @@ async fn take_report(
     let report: ReportRequest = parse_json(&signed.body)?;
     let auth = ReportAuth { timestamp: signed.timestamp, signature: signed.signature_digest };
     let key = signed.key;
-    change(state, move |fleet, now| fleet.report(&key, kind, report, &auth, now)).await?;
+    change(state, move |fleet, now| fleet.report(&key, kind, report.clone(), &auth, now)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

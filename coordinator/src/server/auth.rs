@@ -251,8 +251,7 @@ impl Operator {
         };
         let changes_state = !matches!(parts.method, Method::GET | Method::HEAD);
         let csrf = headers.get(session::CSRF_HEADER).and_then(|v| v.to_str().ok());
-        lock(&state.sessions)
-            .check(id, changes_state, csrf, state.clock.now())
+        session::check(&lock(&state.fleet).sessions, id, changes_state, csrf, state.clock.now())
             .map(|_| Self)
             .map_err(ApiError::from)
     }
@@ -265,7 +264,20 @@ impl FromRequestParts<Arc<AppState>> for Operator {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        Self::check(state, parts)
+        // A change made with a cookie is judged on sessions caught up with the other replicas,
+        // so a session ended on one of them changes nothing here either.
+        let by_cookie = !parts.headers.contains_key(header::AUTHORIZATION)
+            && session_id(&parts.headers).is_some();
+        if by_cookie && !matches!(parts.method, Method::GET | Method::HEAD) {
+            state.catch_up_now().await;
+        }
+        match Self::check(state, parts) {
+            // Signed in on another replica a moment ago: this one may not have caught up yet.
+            Err(error) if error.code == "session_expired" && state.catch_up_now().await => {
+                Self::check(state, parts)
+            }
+            checked => checked,
+        }
     }
 }
 

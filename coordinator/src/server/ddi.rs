@@ -124,10 +124,11 @@ pub(super) async fn poll(
         None => {
             let (worker, id) = (Arc::clone(&state), id.clone());
             tokio::task::spawn_blocking(move || {
-                let mut fleet = worker.writable()?;
-                let poll = fleet.ddi_poll(&id, now)?;
-                worker.commit_and_apply(&mut fleet, &poll.durable, true)?;
-                Ok::<_, ApiError>(seen(&mut fleet, poll))
+                worker.serialized(|worker, fleet| {
+                    let poll = fleet.ddi_poll(&id, now)?;
+                    worker.commit_and_apply(fleet, &poll.durable, true)?;
+                    Ok::<_, ApiError>(seen(fleet, poll))
+                })
             })
             .await
             .map_err(ApiError::internal)??
@@ -228,7 +229,8 @@ async fn take_feedback(
     let action = action_id(action)?;
     let feedback = parse_feedback(body)?;
     let id = device.controller_id;
-    super::change(state, move |fleet, now| record(fleet, &id, action, feedback, now)).await?;
+    super::change(state, move |fleet, now| record(fleet, &id, action, feedback.clone(), now))
+        .await?;
     Ok(StatusCode::OK)
 }
 
@@ -243,12 +245,13 @@ pub(super) async fn config_data(
         .get("data")
         .and_then(Value::as_object)
         .ok_or_else(|| ApiError::bad_request("invalid", "configData needs a `data` object"))?;
-    let attributes = data
+    let attributes: std::collections::BTreeMap<String, String> = data
         .iter()
         .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
         .collect();
     let id = device.controller_id;
-    super::change(&state, move |fleet, now| fleet.ddi_config_data(&id, attributes, now)).await?;
+    super::change(&state, move |fleet, now| fleet.ddi_config_data(&id, attributes.clone(), now))
+        .await?;
     Ok(StatusCode::OK)
 }
 
@@ -378,7 +381,7 @@ pub(super) async fn register_target(
     let hash = token_hash(&token);
     let (id, site, group) = (request.controller_id.clone(), request.site, request.group);
     super::change(&state, move |fleet, now| {
-        fleet.ddi_register(&id, &site, group.as_deref(), Some(hash), "operator", now)
+        fleet.ddi_register(&id, &site, group.as_deref(), Some(hash.clone()), "operator", now)
     })
     .await?;
     let key = ddi_key(&request.controller_id);

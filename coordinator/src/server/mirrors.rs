@@ -43,7 +43,7 @@ pub(super) async fn set(
             })?;
         }
     }
-    change(&state, move |fleet, now| fleet.set_mirrors(version, mirrors, now)).await?;
+    change(&state, move |fleet, now| fleet.set_mirrors(version, mirrors.clone(), now)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

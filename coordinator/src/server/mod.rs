@@ -7,6 +7,10 @@
 //! nothing unstored is ever served. The reopening and reloading run beside the fleet lock,
 //! not under it, so a slow repair holds up no read and no check-in that only updates
 //! bookkeeping.
+//!
+//! On a store several replicas share, the fleet is caught up with the store before a change
+//! is computed ([`AppState::catch_up`]), and computed again when another replica committed
+//! first ([`AppState::serialized`]); once a second the background catches up for reads too.
 
 mod agent_releases;
 mod appliances;
@@ -20,7 +24,7 @@ mod releases;
 mod session_api;
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -38,7 +42,7 @@ use sitecast_manifest::api::ErrorBody;
 
 use crate::blobs::BlobStore;
 use crate::fleet::{Fleet, FleetConfig, FleetError};
-use crate::session::{self, SessionError, Sessions};
+use crate::session::{self, SessionError};
 use crate::store::{Change, Store, StoreError};
 use crate::web;
 
@@ -97,6 +101,8 @@ pub struct ServerConfig {
     /// A PostgreSQL database for the state (`postgres://…`); `None`: redb in `data_dir`.
     /// Images stay in `data_dir` either way.
     pub database: Option<String>,
+    /// Shares `database` with other Central Commands (replicas).
+    pub replica: bool,
     /// The root of trust releases must verify against; without it publishing is refused.
     pub root: Option<TrustedRoot>,
     pub operator_token: Option<String>,
@@ -136,6 +142,7 @@ impl ServerConfig {
         Self {
             data_dir,
             database: None,
+            replica: false,
             root: None,
             operator_token: None,
             enrollment_token: None,
@@ -184,9 +191,9 @@ struct AppState {
     /// Whether this server terminates TLS itself (then its own URLs are `https://`).
     serves_tls: bool,
     checkins: AtomicU64,
-    /// Browser sign-ins; in memory only, so a restart signs everyone out. Taken under the
-    /// fleet lock (a sign-out is audited, then applied); never take the fleet lock holding it.
-    sessions: Mutex<Sessions>,
+    /// Whether this replica held the engine's lease at its last tick.
+    leading: AtomicBool,
+    session_ttl: jiff::SignedDuration,
     iroh: std::sync::OnceLock<crate::iroh_origin::IrohOrigin>,
     enrollments: Mutex<auth::RateLimit>,
     refusals: Mutex<auth::RateLimit>,
@@ -199,6 +206,35 @@ struct AppState {
 impl std::fmt::Debug for dyn Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Store")
+    }
+}
+
+/// Tries a change makes before it gives up (503) while other replicas keep committing first.
+const ATTEMPTS: usize = 8;
+
+/// The fleet as stored, with the tokens a first start sets (only one of several replicas
+/// starting at once sets them: the others find them stored).
+fn first_load(
+    store: &dyn Store,
+    config: &ServerConfig,
+    clock: &dyn Clock,
+) -> anyhow::Result<(Fleet, FirstRunTokens)> {
+    let mut attempts = 0;
+    loop {
+        let mut fleet = Fleet::from_snapshot(store.load()?, config.fleet.clone());
+        let (changes, first_run) = auth::initial_tokens(&fleet, config, clock.now())?;
+        if changes.is_empty() {
+            return Ok((fleet, first_run));
+        }
+        match store.commit_at(&changes, true, fleet.position) {
+            Ok(position) => {
+                fleet.apply(&changes);
+                fleet.position = position;
+                return Ok((fleet, first_run));
+            }
+            Err(StoreError::Moved(_)) if attempts < ATTEMPTS => attempts += 1,
+            Err(error) => return Err(error.into()),
+        }
     }
 }
 
@@ -221,6 +257,9 @@ impl Coordinator {
     ) -> anyhow::Result<(Self, FirstRunTokens)> {
         std::fs::create_dir_all(&config.data_dir)?;
         let store: Arc<dyn Store> = match &config.database {
+            Some(url) if config.replica => {
+                Arc::new(crate::store::PostgresStore::open_replica(url)?)
+            }
             Some(url) => Arc::new(crate::store::PostgresStore::open(url)?),
             None => Arc::new(crate::store::RedbStore::open(&config.data_dir.join("state.redb"))?),
         };
@@ -238,10 +277,7 @@ impl Coordinator {
         // Unusable certificate files fail the start, not the first handshake.
         let tls = config.tls.clone().map(sitecast_tls::server_config).transpose()?;
         let blobs = BlobStore::open(&config.data_dir.join("blobs"))?;
-        let mut fleet = Fleet::from_snapshot(store.load()?, config.fleet.clone());
-        let (changes, first_run) = auth::initial_tokens(&fleet, &config, clock.now())?;
-        store.commit(&changes, true)?;
-        fleet.apply(&changes);
+        let (fleet, first_run) = first_load(store.as_ref(), &config, clock.as_ref())?;
         let state = AppState {
             fleet: Mutex::new(fleet),
             store,
@@ -253,8 +289,9 @@ impl Coordinator {
             public_url: config.public_url,
             serves_tls: tls.is_some(),
             checkins: AtomicU64::new(0),
+            leading: AtomicBool::new(false),
             iroh: std::sync::OnceLock::new(),
-            sessions: Mutex::new(Sessions::new(config.session_ttl)),
+            session_ttl: config.session_ttl,
             enrollments: Mutex::new(auth::RateLimit::new(
                 config.enroll_per_sec,
                 config.enroll_burst,
@@ -369,11 +406,38 @@ impl Coordinator {
     }
 
     /// Runs the rollout engine once (the server also does it every `tick`).
+    /// On a shared store, only the replica holding the engine's lease runs it.
     pub fn tick(&self) -> Result<(), StoreError> {
         let state = &self.state;
-        let mut fleet = state.writable()?;
-        let changes = fleet.tick(state.clock.now());
-        state.commit_and_apply(&mut fleet, &changes, true)
+        let leads = state.store.lead()?;
+        if state.store.shared() && leads != state.leading.swap(leads, Ordering::Relaxed) {
+            match leads {
+                true => tracing::info!("this replica runs the rollout engine now (its lease)"),
+                false => tracing::info!("another replica runs the rollout engine"),
+            }
+        }
+        if !leads {
+            return Ok(());
+        }
+        state.serialized(|state, fleet| {
+            let changes = fleet.tick(state.clock.now());
+            state.commit_and_apply(fleet, &changes, true)
+        })
+    }
+
+    /// Catches the fleet up with what other replicas committed, and reads the byte counters
+    /// they add to (on a store only this server writes: nothing to do).
+    pub fn refresh(&self) -> Result<(), StoreError> {
+        let state = &self.state;
+        if !state.store.shared() || lock(&state.store_failure).is_some() {
+            return Ok(());
+        }
+        let counters = state.store.counters()?;
+        let mut fleet = lock(&state.fleet);
+        if let Some(counters) = counters {
+            fleet.site_bytes = counters;
+        }
+        state.catch_up(&mut fleet)
     }
 
     /// Closes the store when it is no longer this server's though nothing was written (a
@@ -393,19 +457,16 @@ impl Coordinator {
 
     /// Writes check-in bookkeeping (last seen, addresses) to the store.
     pub fn flush(&self) -> Result<(), StoreError> {
-        let state = &self.state;
-        let mut fleet = state.writable()?;
-        let changes = fleet.take_dirty();
-        if changes.is_empty() {
-            return Ok(());
-        }
-        // Under the fleet lock, so a newer durable record is never overwritten by this one.
-        let result = state.store.commit(&changes, false);
-        if let Err(error) = &result {
-            fleet.mark_dirty(&changes);
-            state.closed_by(error);
-        }
-        result
+        // Under the fleet lock, and on a view caught up with the store, so a newer durable
+        // record is never overwritten by this one.
+        self.state.serialized(|state, fleet| {
+            let changes = fleet.take_dirty();
+            let result = state.commit_and_apply(fleet, &changes, false);
+            if result.is_err() {
+                fleet.mark_dirty(&changes);
+            }
+            result
+        })
     }
 
     /// Why the store is closed, if it is.
@@ -431,6 +492,7 @@ impl Coordinator {
                 }
                 let result = tokio::task::spawn_blocking(move || {
                     worker.check_store()?;
+                    worker.refresh()?;
                     worker.flush()?;
                     if run_engine { worker.tick() } else { Ok(()) }
                 })
@@ -463,12 +525,70 @@ impl AppState {
         if lock(&self.store_failure).is_some() {
             self.repair()?;
         }
-        let fleet = lock(&self.fleet);
+        let mut fleet = lock(&self.fleet);
         // A commit failed again between the repair and here: refused; the next write repairs.
         if let Some(why) = lock(&self.store_failure).as_ref() {
             return Err(StoreError::Closed(why.clone()));
         }
+        self.catch_up(&mut fleet)?;
         Ok(fleet)
+    }
+
+    /// Catches up with a shared store now, off the async executor; whether it could (a store
+    /// only this server writes has nothing to catch up with).
+    async fn catch_up_now(self: &Arc<Self>) -> bool {
+        if !self.store.shared() {
+            return false;
+        }
+        let state = Arc::clone(self);
+        let caught_up = tokio::task::spawn_blocking(move || {
+            let mut fleet = lock(&state.fleet);
+            state.catch_up(&mut fleet)
+        });
+        matches!(caught_up.await, Ok(Ok(())))
+    }
+
+    /// Runs `attempt` (compute, commit, apply) on the fleet caught up with the store, and
+    /// again on the fleet caught up anew while another replica committed first.
+    fn serialized<T, E: From<StoreError> + Overtaken>(
+        &self,
+        mut attempt: impl FnMut(&AppState, &mut Fleet) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut fleet = self.writable()?;
+        for _ in 1..ATTEMPTS {
+            match attempt(self, &mut fleet) {
+                Err(error) if error.overtaken() => self.catch_up(&mut fleet)?,
+                done => return done,
+            }
+        }
+        attempt(self, &mut fleet)
+    }
+
+    /// Applies the batches other replicas committed since the fleet's position, in order; a
+    /// fleet too far behind (or behind a batch it cannot read) is loaded again. Under the
+    /// fleet lock. Nothing to do on a store only this server writes.
+    fn catch_up(&self, fleet: &mut Fleet) -> Result<(), StoreError> {
+        if !self.store.shared() {
+            return Ok(());
+        }
+        match self.store.changes_since(fleet.position)? {
+            Some(batches) => {
+                for (position, changes) in batches {
+                    fleet.apply(&changes);
+                    fleet.position = position;
+                }
+            }
+            None => {
+                tracing::info!(
+                    position = fleet.position,
+                    "far behind the store: loading the fleet again"
+                );
+                let mut stored = Fleet::from_snapshot(self.store.load()?, fleet.config.clone());
+                stored.iroh_addresses = std::mem::take(&mut fleet.iroh_addresses);
+                *fleet = stored;
+            }
+        }
+        Ok(())
     }
 
     /// Reopens a closed store and reloads the fleet from what is durable. The slow part
@@ -539,29 +659,41 @@ impl AppState {
         if changes.is_empty() {
             return Ok(());
         }
-        if let Err(error) = self.store.commit(changes, durable) {
-            self.closed_by(&error);
-            return Err(error);
+        match self.store.commit_at(changes, durable, fleet.position) {
+            Ok(position) => {
+                fleet.apply(changes);
+                fleet.position = position;
+                Ok(())
+            }
+            // Nothing stored, nothing wrong: computed again on the caught-up fleet.
+            Err(error @ StoreError::Moved(_)) => Err(error),
+            Err(error) => {
+                self.closed_by(&error);
+                Err(error)
+            }
         }
-        fleet.apply(changes);
-        Ok(())
     }
 }
 
 /// Computes changes with `op`, commits them durably and applies them, off the async executor;
 /// then `view` reads the result from the fleet as it now is.
+/// `op` may run more than once (another replica committed first): it computes from the fleet
+/// it is given, and changes nothing else.
 async fn mutate<T: Send + 'static, K: Send + 'static>(
     state: &Arc<AppState>,
-    op: impl FnOnce(&Fleet, Timestamp) -> Result<(K, Vec<Change>), FleetError> + Send + 'static,
+    mut op: impl FnMut(&Fleet, Timestamp) -> Result<(K, Vec<Change>), FleetError> + Send + 'static,
     view: impl FnOnce(&Fleet, K, Timestamp) -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     let state = Arc::clone(state);
     tokio::task::spawn_blocking(move || {
-        let mut fleet = state.writable()?;
-        let now = state.clock.now();
-        let (key, changes) = op(&fleet, now)?;
-        state.commit_and_apply(&mut fleet, &changes, true)?;
-        Ok(view(&fleet, key, now))
+        let mut view = Some(view);
+        state.serialized(|state, fleet| {
+            let now = state.clock.now();
+            let (key, changes) = op(fleet, now)?;
+            state.commit_and_apply(fleet, &changes, true)?;
+            let view = view.take().expect("a view once a change is stored");
+            Ok(view(fleet, key, now))
+        })
     })
     .await
     .map_err(ApiError::internal)?
@@ -570,10 +702,30 @@ async fn mutate<T: Send + 'static, K: Send + 'static>(
 /// `mutate` for operations with nothing to show but success.
 async fn change(
     state: &Arc<AppState>,
-    op: impl FnOnce(&Fleet, Timestamp) -> Result<Vec<Change>, FleetError> + Send + 'static,
+    mut op: impl FnMut(&Fleet, Timestamp) -> Result<Vec<Change>, FleetError> + Send + 'static,
 ) -> Result<(), ApiError> {
     mutate(state, move |fleet, now| Ok(((), op(fleet, now)?)), |_, (), _| ()).await
 }
+
+/// An error that says another replica committed first (and nothing was stored).
+trait Overtaken {
+    fn overtaken(&self) -> bool;
+}
+
+impl Overtaken for StoreError {
+    fn overtaken(&self) -> bool {
+        matches!(self, StoreError::Moved(_))
+    }
+}
+
+impl Overtaken for ApiError {
+    fn overtaken(&self) -> bool {
+        self.code == OVERTAKEN
+    }
+}
+
+/// The code of [`StoreError::Moved`] as an answer: every attempt overtaken.
+const OVERTAKEN: &str = "store_busy";
 
 async fn healthz(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
     match lock(&state.store_failure).clone() {
@@ -655,6 +807,10 @@ impl From<FleetError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
+        if let StoreError::Moved(_) = error {
+            let message = format!("nothing was changed: {error}; try again");
+            return Self::busy(OVERTAKEN, message, 1);
+        }
         tracing::error!(%error, "store");
         Self {
             retry_after: Some(5),

@@ -22,7 +22,7 @@ pub(super) async fn create_rollout(
     let request: RolloutRequest = parse_json(&body)?;
     let view = mutate(
         &state,
-        move |fleet, now| fleet.create_rollout(request, now),
+        move |fleet, now| fleet.create_rollout(request.clone(), now),
         |fleet, id, now| fleet.rollout_view(&fleet.rollouts[&id], now),
     )
     .await?;
@@ -134,7 +134,7 @@ pub(super) async fn appliance_window(
     RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
     let window: Option<MaintenanceWindow> = parse_json(&body)?;
-    change(&state, move |fleet, now| fleet.set_appliance_window(&key, window, now)).await?;
+    change(&state, move |fleet, now| fleet.set_appliance_window(&key, window.clone(), now)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -145,7 +145,7 @@ pub(super) async fn site_window(
     RequestBody(body): RequestBody,
 ) -> Result<StatusCode, ApiError> {
     let window: MaintenanceWindow = parse_json(&body)?;
-    change(&state, move |fleet, now| fleet.set_site_window(&site, window, now)).await?;
+    change(&state, move |fleet, now| fleet.set_site_window(&site, window.clone(), now)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -107,7 +107,7 @@ pub(super) async fn publish(
         iroh.add(&state.blobs.data_path(&image.blake3)).await.map_err(ApiError::internal)?;
     }
     let shown = record.clone();
-    change(&state, move |fleet, now| fleet.publish(record, now)).await?;
+    change(&state, move |fleet, now| fleet.publish(record.clone(), now)).await?;
     Ok((StatusCode::CREATED, Json(shown)).into_response())
 }
 
@@ -313,7 +313,9 @@ pub(super) async fn publish_swu(
         .map_err(|e| ApiError::internal(format!("storing the artifact: {e:?}")))?;
     let record = super::mutate(
         &state,
-        move |fleet, now| Ok(((), fleet.publish_swu(version, swu, query.name, now)?)),
+        move |fleet, now| {
+            Ok(((), fleet.publish_swu(version, swu.clone(), query.name.clone(), now)?))
+        },
         move |fleet, (), _| fleet.releases.get(&version).cloned(),
     )
     .await?

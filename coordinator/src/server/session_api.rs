@@ -70,17 +70,16 @@ pub(super) async fn sign_in(
         state.refused("sign-in with a wrong operator token", from);
         return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "wrong operator token"));
     }
-    let now = state.clock.now();
-    let new = lock(&state.sessions).create(now)?;
-    let (tag, expires) = (new.tag.clone(), new.expires);
-    let audited =
-        change(&state, move |fleet, now| Ok(fleet.session_opened(&tag, expires, now))).await;
-    if let Err(error) = audited {
-        // A sign-in that is not in the audit log does not happen.
-        lock(&state.sessions).remove(&new.id);
-        return Err(error);
-    }
-    let max_age = now.duration_until(expires);
+    let new = session::NewSession::draw()?;
+    let (ttl, opened) = (state.session_ttl, new.clone());
+    // Stored and audited before the browser gets its cookie; valid on every replica.
+    let expires = mutate(
+        &state,
+        move |fleet, now| Ok((now, fleet.session_opened(&opened, ttl, now))),
+        move |_, at, _| at.checked_add(ttl).unwrap_or(Timestamp::MAX),
+    )
+    .await?;
+    let max_age = state.clock.now().duration_until(expires);
     let cookie = session::set_cookie(&new.id, max_age, state.https(&headers));
     let body =
         SessionBody { signed_in: true, csrf_token: Some(new.csrf_token), expires: Some(expires) };
@@ -90,10 +89,17 @@ pub(super) async fn sign_in(
 /// `GET /api/session`: whether the cookie is a live session, and its CSRF token (the page
 /// forgets it on reload; only a same-origin script can read this answer).
 pub(super) async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let now = state.clock.now();
-    let live =
-        session_id(&headers).and_then(|id| lock(&state.sessions).check(id, false, None, now).ok());
-    let body = match live {
+    let live = |state: &AppState| {
+        let now = state.clock.now();
+        let id = session_id(&headers)?;
+        session::check(&lock(&state.fleet).sessions, id, false, None, now).ok()
+    };
+    let mut live_now = live(&state);
+    // Signed in on another replica a moment ago: this one may not have caught up yet.
+    if live_now.is_none() && session_id(&headers).is_some() && state.catch_up_now().await {
+        live_now = live(&state);
+    }
+    let body = match live_now {
         Some(info) => SessionBody {
             signed_in: true,
             csrf_token: Some(info.csrf_token),
@@ -115,26 +121,17 @@ pub(super) async fn sign_out(
         return Ok(session_response(StatusCode::OK, clear, gone));
     };
     let csrf = headers.get(session::CSRF_HEADER).and_then(|v| v.to_str().ok());
+    // Opened on another replica a moment ago: this one must know it to end it.
+    state.catch_up_now().await;
     let now = state.clock.now();
-    let checked = lock(&state.sessions).check(id, true, csrf, now);
+    let checked = session::check(&lock(&state.fleet).sessions, id, true, csrf, now);
     match checked {
-        // Commit, then apply: the session ends only once its end is in the audit log, so a
-        // sign-out that cannot be audited leaves the session as it was (and says so).
+        // Commit, then apply: the session ends only once its end is stored and audited, so a
+        // sign-out that cannot be stored leaves the session as it was (and says so). Computed
+        // under the fleet lock, so two sign-outs of one session end it once.
         Ok(_) => {
-            let (id, audit, end) = (id.to_owned(), Arc::clone(&state), Arc::clone(&state));
-            mutate(
-                &state,
-                // Under the fleet lock, so two sign-outs of one session audit its end once.
-                move |fleet, now| {
-                    let tag = lock(&audit.sessions).tag(&id, now);
-                    let changes = tag.map(|tag| fleet.session_closed(&tag, now));
-                    Ok((id, changes.unwrap_or_default()))
-                },
-                move |_, id, _| {
-                    lock(&end.sessions).remove(&id);
-                },
-            )
-            .await?;
+            let id = id.to_owned();
+            change(&state, move |fleet, now| Ok(fleet.session_closed(&id, now))).await?;
         }
         Err(SessionError::Unknown) => {}
         Err(error) => return Err(error.into()),

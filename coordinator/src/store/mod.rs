@@ -1,6 +1,13 @@
 //! Durable state behind one narrow interface: load everything at start, commit batches of
 //! changes atomically, page through the audit log, reopen after a failure. [`RedbStore`] keeps
-//! it in one redb file (the default); [`PostgresStore`] in a PostgreSQL database.
+//! it in one redb file (the default); [`PostgresStore`] in a PostgreSQL database, which
+//! several Central Commands (replicas) may share.
+//!
+//! **Replicas.** A shared store orders every batch in a log ([`Store::commit_at`]): a batch is
+//! committed only on top of the position the writer's view was computed at, so no change is
+//! ever made from a stale view, and the others read the batches they have not seen
+//! ([`Store::changes_since`]) and apply them in the same order. A store only one server
+//! writes (redb) needs none of that, and keeps the defaults.
 //!
 //! A failed commit leaves nothing half-written (both commit a batch as one transaction) and
 //! the server applies nothing it did not commit.
@@ -35,10 +42,14 @@ pub enum StoreError {
     Closed(String),
     /// A PostgreSQL database another Central Command is using.
     #[error(
-        "another Central Command is using this database (several replicas on one database are \
-         not supported yet; `serve --standby` waits to take over)"
+        "another Central Command is using this database on its own (start every Central Command \
+         on it with `--replica` to share it; `serve --standby` waits to take over)"
     )]
     InUse,
+    /// Another replica committed since the position a batch was computed at: nothing was
+    /// stored; catch up and compute it again.
+    #[error("another Central Command changed the fleet first (at {0}); nothing was stored")]
+    Moved(u64),
 }
 
 fn db_error<E: std::fmt::Display>(error: E) -> StoreError {
@@ -282,6 +293,17 @@ pub struct SiteRecord {
     pub window: MaintenanceWindow,
 }
 
+/// A browser's sign-in to the Fleet Updates page, keyed by the BLAKE3 of its cookie (the
+/// cookie itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Kept as is so a reloaded page can ask for it again: worthless without the cookie.
+    pub csrf_token: String,
+    pub expires: Timestamp,
+    /// The non-secret name the audit log knows it by.
+    pub tag: String,
+}
+
 /// One line of the append-only audit log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -294,8 +316,8 @@ pub struct AuditEntry {
     pub detail: serde_json::Value,
 }
 
-/// One change in a batch.
-#[derive(Debug, Clone)]
+/// One change in a batch. Serialized into a shared store's log for the other replicas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Change {
     Release(ReleaseRecord),
     AgentRelease(AgentReleaseRecord),
@@ -318,6 +340,11 @@ pub enum Change {
     },
     /// Appended; entries are never rewritten or removed.
     Audit(AuditEntry),
+    /// A session begun (`Some`) or ended.
+    Session {
+        id_hash: String,
+        session: Option<SessionRecord>,
+    },
 }
 
 /// Everything but the audit log, as loaded at start.
@@ -329,10 +356,19 @@ pub struct Snapshot {
     pub appliances: BTreeMap<String, ApplianceRecord>,
     pub sites: BTreeMap<String, SiteRecord>,
     pub meta: BTreeMap<String, String>,
-    pub site_bytes: BTreeMap<(String, u64), u64>,
+    pub site_bytes: SiteBytes,
+    pub sessions: BTreeMap<String, SessionRecord>,
     /// The next audit sequence number.
     pub audit_next: u64,
+    /// The log position it was loaded at (0 for a store only one server writes).
+    pub position: u64,
 }
+
+/// Batches committed to a shared store after some position, in order, each with its position.
+pub type Batches = Vec<(u64, Vec<Change>)>;
+
+/// Origin bytes served, by site and release.
+pub type SiteBytes = BTreeMap<(String, u64), u64>;
 
 pub trait Store: Send + Sync {
     fn load(&self) -> Result<Snapshot, StoreError>;
@@ -348,6 +384,41 @@ pub trait Store: Send + Sync {
     /// dropped) is not.
     fn check(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    /// Whether other servers write to it too (then views are caught up before every change).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Commits `changes` only on top of `position`, the log position the caller's view is at,
+    /// and returns the new position; [`StoreError::Moved`] (nothing stored) if another server
+    /// committed since. A store one server writes has no log and commits as [`Store::commit`].
+    fn commit_at(
+        &self,
+        changes: &[Change],
+        durable: bool,
+        position: u64,
+    ) -> Result<u64, StoreError> {
+        self.commit(changes, durable).map(|()| position)
+    }
+
+    /// The batches committed after `position`, oldest first; `None` when the log no longer
+    /// reaches back that far (or holds a batch this version cannot read): load everything.
+    fn changes_since(&self, _position: u64) -> Result<Option<Batches>, StoreError> {
+        Ok(Some(Vec::new()))
+    }
+
+    /// The per-site byte counters as stored, which every server adds to without the log;
+    /// `None` when only this server writes them (its own are then the totals).
+    fn counters(&self) -> Result<Option<SiteBytes>, StoreError> {
+        Ok(None)
+    }
+
+    /// Whether this server runs the rollout engine now: on a shared store, the one holding
+    /// its lease, until that one's connection ends.
+    fn lead(&self) -> Result<bool, StoreError> {
+        Ok(true)
     }
 }
 

@@ -8,8 +8,15 @@
 //!
 //! The schema is versioned ([`MIGRATIONS`]), applied at start under an advisory lock, and
 //! changes only by adding: a Central Command that knows fewer migrations than the database
-//! has keeps working. One Central Command uses a database at a time ([`OWNER_LOCK`]); a
-//! second is refused until several replicas are built.
+//! has keeps working.
+//!
+//! Either one Central Command uses the database on its own ([`OWNER_LOCK`] held exclusively;
+//! a standby waits for it), or several share it as replicas (the lock held shared by each).
+//! Every batch either way is also appended to a log (`changelog`, its head in `log_head`), on
+//! top of the position the writer's view was at ([`Store::commit_at`]), so replicas never
+//! change the fleet from a stale view and read each other's batches in commit order. Per-site
+//! byte counters stay out of the log (they are increments, added by every replica; each
+//! reads the totals). One replica at a time runs the rollout engine ([`ENGINE_LOCK`]).
 //!
 //! The `postgres` client runs its own small runtime, which must not run inside tokio's: every
 //! call goes to one thread of its own that holds the connection, and a connection that failed
@@ -21,7 +28,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::{AuditEntry, Change, Snapshot, Store, StoreError, json, parse};
+use super::{AuditEntry, Batches, Change, SiteBytes, Snapshot, Store, StoreError, json, parse};
 
 /// The schema, one step per migration, in order; a step is never changed once released.
 const MIGRATIONS: &[&str] = &[
@@ -35,20 +42,33 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE site_bytes (site text NOT NULL, version bigint NOT NULL,
                               bytes bigint NOT NULL, PRIMARY KEY (site, version));
      CREATE TABLE audit (seq bigint PRIMARY KEY, entry json NOT NULL);",
+    // 2: replicas: the log of batches in commit order, and sign-ins every replica knows.
+    "CREATE TABLE log_head (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+                            position bigint NOT NULL);
+     INSERT INTO log_head (position) VALUES (0);
+     CREATE TABLE changelog (position bigint PRIMARY KEY, batch json NOT NULL);
+     CREATE TABLE sessions (id_hash text PRIMARY KEY, record json NOT NULL);",
 ];
+
+/// Batches kept in the log behind its head: a replica further behind loads everything again.
+const LOG_KEPT: i64 = 4096;
 
 /// Taken while migrating, so two Central Commands starting at once migrate one after the
 /// other ("sitecast" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7369_7465_6361_7374;
-/// Held by the Central Command using the database, for as long as its connection lasts: each
-/// keeps the fleet in memory and writes whole records from it, so a second one on the same
-/// database would overwrite the first one's changes. Several replicas are not supported yet.
+/// Held by each Central Command using the database, for as long as its connection lasts:
+/// exclusively by one that has it to itself, shared by replicas. Central Commands older than
+/// replicas take it exclusively, so they never write beside replicas that log their batches.
 const OWNER_LOCK: i64 = MIGRATION_LOCK + 1;
+/// Held by the replica that runs the rollout engine, for as long as its connection lasts.
+const ENGINE_LOCK: i64 = MIGRATION_LOCK + 2;
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 /// A PostgreSQL database as the store.
 pub struct PostgresStore {
+    /// Shares the database with other Central Commands.
+    replica: bool,
     /// `None` only while being dropped.
     jobs: Option<mpsc::Sender<Job>>,
     worker: Option<std::thread::JoinHandle<()>>,
@@ -107,6 +127,10 @@ enum CallError<E> {
 struct Connection {
     config: postgres::Config,
     client: Option<postgres::Client>,
+    /// Takes [`OWNER_LOCK`] shared.
+    replica: bool,
+    /// This connection holds [`ENGINE_LOCK`] (lost with it).
+    leading: bool,
 }
 
 impl Connection {
@@ -114,22 +138,25 @@ impl Connection {
     fn client(&mut self) -> Result<&mut postgres::Client, StoreError> {
         if self.client.is_none() {
             let mut client = self.config.connect(postgres::NoTls).map_err(db_error)?;
-            let row = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&OWNER_LOCK])
-                .map_err(db_error)?;
+            let take = match self.replica {
+                true => "SELECT pg_try_advisory_lock_shared($1)",
+                false => "SELECT pg_try_advisory_lock($1)",
+            };
+            let row = client.query_one(take, &[&OWNER_LOCK]).map_err(db_error)?;
             if !row.get::<_, bool>(0) {
                 return Err(StoreError::InUse);
             }
             self.client = Some(client);
+            self.leading = false;
         }
         Ok(self.client.as_mut().expect("connected above"))
     }
 
     /// Lets go of the database now rather than when the server notices the closed socket, so
-    /// a Central Command started next can take it at once.
+    /// a Central Command started next (or another replica's engine) can take it at once.
     fn release(&mut self) {
         if let Some(mut client) = self.client.take() {
-            let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&OWNER_LOCK]);
+            let _ = client.execute("SELECT pg_advisory_unlock_all()", &[]);
         }
     }
 }
@@ -147,8 +174,17 @@ impl Drop for PostgresStore {
 
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host/db`, or `host=/run/postgresql dbname=…`) and
-    /// brings its schema up to date.
+    /// brings its schema up to date; the database is this Central Command's alone.
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_as(url, false)
+    }
+
+    /// As [`PostgresStore::open`], sharing the database with other replicas.
+    pub fn open_replica(url: &str) -> Result<Self, StoreError> {
+        Self::open_as(url, true)
+    }
+
+    fn open_as(url: &str, replica: bool) -> Result<Self, StoreError> {
         let mut config: postgres::Config = url.parse().map_err(db_error)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
@@ -164,7 +200,7 @@ impl PostgresStore {
         config.keepalives_idle(Duration::from_secs(30));
         let shown = describe(&config);
         let (jobs, incoming) = mpsc::channel::<Job>();
-        let mut connection = Connection { config, client: None };
+        let mut connection = Connection { config, client: None, replica, leading: false };
         let worker = std::thread::Builder::new()
             .name("sitecast-postgres".into())
             .spawn(move || {
@@ -178,7 +214,7 @@ impl PostgresStore {
                 }
             })
             .map_err(db_error)?;
-        let store = Self { jobs: Some(jobs), worker: Some(worker), shown };
+        let store = Self { replica, jobs: Some(jobs), worker: Some(worker), shown };
         store.call_store(migrate)?;
         Ok(store)
     }
@@ -233,6 +269,47 @@ impl PostgresStore {
         self.call(work).map_err(|error| match error {
             CallError::Work(error) | CallError::Store(error) => error,
         })
+    }
+}
+
+impl PostgresStore {
+    /// Commits a batch, logged on top of `at` if given; the log position it got (0 unlogged).
+    fn write_batch(
+        &self,
+        changes: &[Change],
+        durable: bool,
+        at: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        if let Some(n) = too_large(changes) {
+            return Err(StoreError::Database(format!(
+                "{n} does not fit in a PostgreSQL bigint; nothing was stored"
+            )));
+        }
+        let batch = changes.to_vec();
+        let written = self.call(move |client| {
+            let mut txid = None;
+            write(client, &batch, durable, at, &mut txid).map_err(|error| {
+                // A refusal by the server (a constraint, a full disk) rolled the batch back;
+                // a failed connection leaves it unknown whether the commit landed.
+                let unknown = error.as_db_error().is_none();
+                (txid.filter(|_| unknown), db_error(error))
+            })
+        });
+        let (txid, error) = match written {
+            Ok(Written::Logged(position)) => return Ok(position),
+            Ok(Written::Unlogged) => return Ok(0),
+            Ok(Written::Moved(position)) => return Err(StoreError::Moved(position)),
+            Err(CallError::Work((None, error)) | CallError::Store(error)) => return Err(error),
+            Err(CallError::Work((Some(txid), error))) => (txid, error),
+        };
+        // Look before answering that nothing was stored, on a connection of its own: the lost
+        // one may still hold the database while its session ends.
+        if self.status_of(txid).unwrap_or(false) {
+            tracing::warn!(%error, "commit reported an error after it was stored");
+            // Logged on top of `at`, so at the next position.
+            return Ok(at.map_or(0, |at| at + 1));
+        }
+        Err(error)
     }
 }
 
@@ -295,6 +372,7 @@ fn too_large(changes: &[Change]) -> Option<u64> {
             Change::SiteBytes { version, add, .. } => vec![*version, *add],
             Change::Audit(entry) => vec![entry.seq],
             Change::Appliance(_)
+            | Change::Session { .. }
             | Change::ApplianceRemoved { .. }
             | Change::Site(_)
             | Change::Meta { .. } => vec![],
@@ -302,18 +380,52 @@ fn too_large(changes: &[Change]) -> Option<u64> {
         .find(|&n| i64::try_from(n).is_err())
 }
 
-/// Commits `changes` in one transaction, setting `txid` to its transaction id once known (to
-/// ask afterwards whether a commit whose answer was lost landed).
+/// Where a written batch went.
+enum Written {
+    /// Into the log at this position.
+    Logged(u64),
+    /// Nowhere: the log's head had moved on to this position.
+    Moved(u64),
+    /// Into the tables only (counters, a copy into an empty database).
+    Unlogged,
+}
+
+/// Commits `changes` in one transaction, appended to the log on top of `at` if given, setting
+/// `txid` to its transaction id once known (to ask afterwards whether a commit whose answer
+/// was lost landed).
 fn write(
     client: &mut postgres::Client,
     changes: &[Change],
     durable: bool,
+    at: Option<u64>,
     txid: &mut Option<i64>,
-) -> Result<(), postgres::Error> {
+) -> Result<Written, postgres::Error> {
     let mut txn = client.transaction()?;
     *txid = Some(txn.query_one("SELECT txid_current()", &[])?.get(0));
     if !durable {
         txn.batch_execute("SET LOCAL synchronous_commit = off")?;
+    }
+    let mut written = Written::Unlogged;
+    if let Some(at) = at {
+        // The head's row lock orders writers: one that waited sees the head moved and stops.
+        let head = txn.query_opt(
+            "UPDATE log_head SET position = position + 1 WHERE position = $1 RETURNING position",
+            &[&signed(at)],
+        )?;
+        let Some(head) = head else {
+            let now: i64 = txn.query_one("SELECT position FROM log_head", &[])?.get(0);
+            return Ok(Written::Moved(now as u64));
+        };
+        let position: i64 = head.get(0);
+        let batch = serde_json::to_string(changes).expect("changes are plain data");
+        txn.execute(
+            "INSERT INTO changelog (position, batch) VALUES ($1, $2::text::json)",
+            &[&position, &batch],
+        )?;
+        if position % 256 == 0 {
+            txn.execute("DELETE FROM changelog WHERE position <= $1", &[&(position - LOG_KEPT)])?;
+        }
+        written = Written::Logged(position as u64);
     }
     let upsert = |table: &str, key: &str| {
         format!(
@@ -350,9 +462,18 @@ fn write(
                 "INSERT INTO audit (seq, entry) VALUES ($1, $2::text::json)",
                 &[&signed(entry.seq), &json(entry)],
             ),
+            Change::Session { id_hash, session: Some(session) } => txn.execute(
+                "INSERT INTO sessions (id_hash, record) VALUES ($1, $2::text::json)
+                 ON CONFLICT (id_hash) DO UPDATE SET record = EXCLUDED.record",
+                &[id_hash, &json(session)],
+            ),
+            Change::Session { id_hash, session: None } => {
+                txn.execute("DELETE FROM sessions WHERE id_hash = $1", &[id_hash])
+            }
         }?;
     }
-    txn.commit()
+    txn.commit()?;
+    Ok(written)
 }
 
 /// Whether transaction `txid` committed, asked on a new connection after the answer to its
@@ -408,8 +529,14 @@ fn load(client: &mut postgres::Client) -> Result<Snapshot, StoreError> {
         let (version, bytes): (i64, i64) = (row.get(1), row.get(2));
         snapshot.site_bytes.insert((row.get(0), version as u64), bytes as u64);
     }
+    for row in rows("SELECT id_hash, record::text FROM sessions")? {
+        let id_hash: String = row.get(0);
+        snapshot.sessions.insert(id_hash.clone(), parse("sessions", id_hash, row.get(1))?);
+    }
     let row = txn.query_one("SELECT coalesce(max(seq), 0) FROM audit", &[]).map_err(db_error)?;
     snapshot.audit_next = row.get::<_, i64>(0) as u64 + 1;
+    let row = txn.query_one("SELECT position FROM log_head", &[]).map_err(db_error)?;
+    snapshot.position = row.get::<_, i64>(0) as u64;
     txn.commit().map_err(db_error)?;
     Ok(snapshot)
 }
@@ -420,33 +547,87 @@ impl Store for PostgresStore {
     }
 
     fn commit(&self, changes: &[Change], durable: bool) -> Result<(), StoreError> {
-        if let Some(n) = too_large(changes) {
-            return Err(StoreError::Database(format!(
-                "{n} does not fit in a PostgreSQL bigint; nothing was stored"
-            )));
+        self.write_batch(changes, durable, None).map(drop)
+    }
+
+    fn shared(&self) -> bool {
+        self.replica
+    }
+
+    fn commit_at(
+        &self,
+        changes: &[Change],
+        durable: bool,
+        position: u64,
+    ) -> Result<u64, StoreError> {
+        self.write_batch(changes, durable, Some(position))
+    }
+
+    fn changes_since(&self, position: u64) -> Result<Option<Batches>, StoreError> {
+        let after = signed(position);
+        self.call_store(move |client| {
+            let rows = client
+                .query(
+                    "SELECT position, batch::text FROM changelog WHERE position > $1
+                     ORDER BY position",
+                    &[&after],
+                )
+                .map_err(db_error)?;
+            let mut batches = Vec::with_capacity(rows.len());
+            for (expected, row) in (after + 1..).zip(&rows) {
+                let at: i64 = row.get(0);
+                // Pruned past `position`, or written by a version whose changes this one cannot
+                // read: the tables say it all.
+                let Ok(changes) = serde_json::from_str::<Vec<Change>>(row.get(1)) else {
+                    return Ok(None);
+                };
+                if at != expected {
+                    return Ok(None);
+                }
+                batches.push((at as u64, changes));
+            }
+            Ok(Some(batches))
+        })
+    }
+
+    fn counters(&self) -> Result<Option<SiteBytes>, StoreError> {
+        if !self.replica {
+            return Ok(None);
         }
-        let batch = changes.to_vec();
-        let written = self.call(move |client| {
-            let mut txid = None;
-            write(client, &batch, durable, &mut txid).map_err(|error| {
-                // A refusal by the server (a constraint, a full disk) rolled the batch back;
-                // a failed connection leaves it unknown whether the commit landed.
-                let unknown = error.as_db_error().is_none();
-                (txid.filter(|_| unknown), db_error(error))
-            })
-        });
-        let (txid, error) = match written {
-            Ok(()) => return Ok(()),
-            Err(CallError::Work((None, error)) | CallError::Store(error)) => return Err(error),
-            Err(CallError::Work((Some(txid), error))) => (txid, error),
-        };
-        // Look before answering that nothing was stored, on a connection of its own: the lost
-        // one may still hold the database while its session ends.
-        if self.status_of(txid).unwrap_or(false) {
-            tracing::warn!(%error, "commit reported an error after it was stored");
-            return Ok(());
+        self.call_store(|client| {
+            let rows = client
+                .query("SELECT site, version, bytes FROM site_bytes", &[])
+                .map_err(db_error)?;
+            let counters = rows.iter().map(|row| {
+                let (version, bytes): (i64, i64) = (row.get(1), row.get(2));
+                ((row.get(0), version as u64), bytes as u64)
+            });
+            Ok(Some(counters.collect()))
+        })
+    }
+
+    fn lead(&self) -> Result<bool, StoreError> {
+        if !self.replica {
+            return Ok(true);
         }
-        Err(error)
+        self.run(|connection| {
+            connection.client()?;
+            // Read after connecting: a new connection holds nothing yet.
+            let leading = connection.leading;
+            let client = connection.client.as_mut().expect("connected above");
+            // Held for as long as this connection lasts: a round trip shows it still does.
+            let result = match leading {
+                true => client.query_one("SELECT true", &[]),
+                false => client.query_one("SELECT pg_try_advisory_lock($1)", &[&ENGINE_LOCK]),
+            }
+            .map(|row| row.get::<_, bool>(0));
+            if client.is_closed() {
+                connection.client = None;
+            }
+            let leading = result.map_err(db_error)?;
+            connection.leading = leading;
+            Ok(leading)
+        })?
     }
 
     fn audit(&self, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {

@@ -19,6 +19,7 @@ const SITES: TableDefinition<&str, &str> = TableDefinition::new("sites");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const SITE_BYTES: TableDefinition<(&str, u64), u64> = TableDefinition::new("site_bytes");
 const AUDIT: TableDefinition<u64, &str> = TableDefinition::new("audit");
+const SESSIONS: TableDefinition<&str, &str> = TableDefinition::new("sessions");
 
 /// The embedded store: one redb file.
 #[derive(Debug)]
@@ -46,6 +47,7 @@ impl RedbStore {
             txn.open_table(META).map_err(db_error)?;
             txn.open_table(SITE_BYTES).map_err(db_error)?;
             txn.open_table(AUDIT).map_err(db_error)?;
+            txn.open_table(SESSIONS).map_err(db_error)?;
         }
         txn.commit().map_err(db_error)?;
         Ok(db)
@@ -67,6 +69,7 @@ impl RedbStore {
             let mut meta = txn.open_table(META).map_err(db_error)?;
             let mut site_bytes = txn.open_table(SITE_BYTES).map_err(db_error)?;
             let mut audit = txn.open_table(AUDIT).map_err(db_error)?;
+            let mut sessions = txn.open_table(SESSIONS).map_err(db_error)?;
             for change in changes {
                 match change {
                     Change::Release(r) => releases.insert(r.version, json(r).as_str()).map(drop),
@@ -95,6 +98,12 @@ impl RedbStore {
                             )));
                         }
                         audit.insert(entry.seq, json(entry).as_str()).map(drop)
+                    }
+                    Change::Session { id_hash, session: Some(session) } => {
+                        sessions.insert(id_hash.as_str(), json(session).as_str()).map(drop)
+                    }
+                    Change::Session { id_hash, session: None } => {
+                        sessions.remove(id_hash.as_str()).map(drop)
                     }
                 }
                 .map_err(db_error)?;
@@ -180,6 +189,11 @@ impl Store for RedbStore {
             let (k, v) = row.map_err(db_error)?;
             let (site, version) = k.value();
             snapshot.site_bytes.insert((site.to_owned(), version), v.value());
+        }
+        for row in txn.open_table(SESSIONS).map_err(db_error)?.iter().map_err(db_error)? {
+            let (k, v) = row.map_err(db_error)?;
+            let key = k.value().to_owned();
+            snapshot.sessions.insert(key.clone(), parse("sessions", key, v.value())?);
         }
         let audit = txn.open_table(AUDIT).map_err(db_error)?;
         snapshot.audit_next = audit.last().map_err(db_error)?.map_or(1, |(k, _)| k.value() + 1);

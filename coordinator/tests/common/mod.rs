@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod postgres;
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -84,6 +84,11 @@ struct ServeArgs {
     /// listening) and take over as soon as it stops or dies, instead of refusing to start.
     #[arg(long, requires = "database")]
     standby: bool,
+    /// With --database: share the database with other Central Commands started with
+    /// --replica, each serving everything (check-ins, the API, the page) behind one load
+    /// balancer (docs/scale-out.md). With --standby: wait while one not started so uses it.
+    #[arg(long, requires = "database")]
+    replica: bool,
     /// The root of trust release manifests must verify against.
     #[arg(long)]
     root: Option<PathBuf>,
@@ -202,13 +207,17 @@ fn migrate(data_dir: &std::path::Path, database: &str) -> Result<()> {
 
 /// Opens the database once no other Central Command is using it: a standby's start. A
 /// database that is down (restarting, not up yet at boot) is waited for too.
-async fn take_over(url: &str) -> Result<PostgresStore> {
+async fn take_over(url: &str, replica: bool) -> Result<PostgresStore> {
     url.parse::<postgres::Config>().context("--database")?;
     let mut waiting = false;
     let mut last_error = String::new();
     loop {
         let opening = url.to_owned();
-        match tokio::task::spawn_blocking(move || PostgresStore::open(&opening)).await? {
+        let open = move || match replica {
+            true => PostgresStore::open_replica(&opening),
+            false => PostgresStore::open(&opening),
+        };
+        match tokio::task::spawn_blocking(open).await? {
             Err(StoreError::InUse) => {
                 if !std::mem::replace(&mut waiting, true) {
                     println!(
@@ -241,6 +250,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         config.root = Some(TrustedRoot::pin(&bytes).context("root of trust")?);
     }
     config.database = args.database;
+    config.replica = args.replica;
     config.operator_token = args.operator_token;
     config.enrollment_token = args.enrollment_token;
     config.ddi_gateway_token = args.ddi_gateway_token;
@@ -259,7 +269,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let data_dir = config.data_dir.clone();
     let (coordinator, first_run) = match (&config.database, args.standby) {
         (Some(url), true) => {
-            let store = take_over(url).await?;
+            let store = take_over(url, args.replica).await?;
             Coordinator::open_with_store(config, Arc::new(SystemClock), Arc::new(store))?
         }
         _ => Coordinator::open(config, Arc::new(SystemClock))?,

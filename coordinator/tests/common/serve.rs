@@ -1,0 +1,90 @@
+//! `sitecast-coordinator serve` as a process of its own on a test's PostgreSQL, as an
+//! operator runs it (to kill it with `kill -9`), and polling for what it should come to.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::json;
+
+use super::postgres::TestPostgres;
+use super::{ENROLL, OPERATOR};
+
+/// `sitecast-coordinator serve` on `database`, as an operator runs it; killed when dropped.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    log: PathBuf,
+}
+
+impl ServeProcess {
+    /// Listens on a port of its own choosing, which it prints once it serves.
+    pub fn start(name: &str, dir: &Path, database: &TestPostgres, flags: &[&str]) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sitecast-coordinator"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--root")
+            .arg(dir.join("root.json"))
+            .args(["--database", &database.url()])
+            .args(["--operator-token", OPERATOR, "--enrollment-token", ENROLL, "--tick-secs", "1"])
+            .args(flags)
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out);
+        let child = command.spawn().expect("sitecast-coordinator serve");
+        Self { child, log }
+    }
+
+    /// Its address, once it serves.
+    pub fn url(&self) -> Option<String> {
+        let log = self.log();
+        let at = log.find("listening on ")? + "listening on ".len();
+        log[at..].split_whitespace().next().map(str::to_owned)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether it answers `/healthz` with 200.
+    pub async fn healthy(&self, http: &reqwest::Client) -> bool {
+        let Some(url) = self.url() else { return false };
+        let response = http.get(format!("{url}/healthz")).send().await;
+        response.is_ok_and(|r| r.status() == 200)
+    }
+
+    /// Releases, rollouts and the audit log, as the operator sees them.
+    pub async fn fleet(&self, http: &reqwest::Client) -> serde_json::Value {
+        let mut fleet = json!({});
+        for (name, path) in [
+            ("releases", "/api/releases"),
+            ("rollouts", "/api/rollouts"),
+            ("audit", "/api/audit?limit=1000"),
+        ] {
+            let url = self.url().expect("serving");
+            let response = http.get(format!("{url}{path}")).bearer_auth(OPERATOR).send().await;
+            fleet[name] = response.expect("get").json().await.expect("json");
+        }
+        fleet
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds; past `deadline` fails with `what`.
+pub async fn until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    deadline: std::time::Instant,
+    mut condition: impl FnMut() -> F,
+) {
+    while !condition().await {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        // The polling interval; the condition is what is waited for.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
