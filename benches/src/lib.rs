@@ -3,7 +3,10 @@
 //! we keep are in `docs/performance.md`.
 //!
 //! This library holds what the benchmarks share: test data and a timer that reports the best
-//! of several runs (the least disturbed by the other work on a small machine).
+//! of several runs (the least disturbed by the other work on a small machine), and signed
+//! check-ins with a load generator ([`checkins`]).
+
+pub mod checkins;
 
 use std::io;
 use std::path::Path;

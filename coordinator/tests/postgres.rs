@@ -172,6 +172,35 @@ fn replicas_commit_in_one_order_and_read_what_they_lack() {
     assert_eq!(one.load().expect("load").position, at + 2);
 }
 
+/// A replica of another record format on the database: this one refuses to start beside
+/// it (it would drop fields the other writes). A writer that holds the log too long (a
+/// stalled replica): the commit waits, then says the database is busy, and stores nothing;
+/// the store works on once the log is free.
+#[test]
+fn replicas_refuse_another_format_and_wait_out_a_stalled_writer_boundedly() {
+    let database = TestPostgres::start();
+    drop(PostgresStore::open_replica(&database.url()).expect("migrate"));
+    let mut other = sql(&database);
+    let key = 0x7363_7276_i64 << 32 | 999;
+    other.execute("SELECT pg_advisory_lock_shared($1)", &[&key]).expect("lock");
+    let error = PostgresStore::open_replica(&database.url()).expect_err("another format");
+    assert!(matches!(error, StoreError::OtherFormat { theirs: 999 }), "{error}");
+    assert!(error.to_string().contains("same version"), "{error}");
+    drop(other);
+
+    let store = PostgresStore::open_replica(&database.url()).expect("open");
+    let at = store.load().expect("load").position;
+    let mut stalled = sql(&database);
+    let mut held = stalled.transaction().expect("begin");
+    held.execute("SELECT position FROM log_head FOR UPDATE", &[]).expect("hold the log");
+    let batch = [Change::Release(release(1)), audit(1, "release.publish")];
+    let error = store.commit_at(&batch, true, at).expect_err("the log is held");
+    assert!(matches!(error, StoreError::Busy(_)), "{error}");
+    held.rollback().expect("let go");
+    assert!(store.load().expect("load").releases.is_empty(), "stored while busy");
+    assert_eq!(store.commit_at(&batch, true, at).expect("commit"), at + 1);
+}
+
 #[test]
 fn a_database_that_goes_away_fails_commits_and_loses_nothing() {
     let database = TestPostgres::start();

@@ -147,8 +147,9 @@ pub(super) async fn file(
     if !lock(&state.fleet).is_agent_file(&blake3.to_hex()) {
         return Err(ApiError::not_found(format!("agent file {hash}")));
     }
-    let file =
-        tokio::fs::File::open(state.blobs.data_path(&blake3)).await.map_err(ApiError::internal)?;
+    let file = tokio::fs::File::open(state.blobs.data_path(&blake3))
+        .await
+        .map_err(ApiError::stored_file)?;
     let length = file.metadata().await.map_err(ApiError::internal)?.len();
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
     Ok((

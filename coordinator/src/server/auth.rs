@@ -39,11 +39,25 @@ pub(super) fn random_hex(len: usize) -> std::io::Result<String> {
 
 /// The token hashes and URL secret to store at start: configured tokens replace stored ones
 /// (audited when they change), missing ones are generated and shown once.
+/// Why the configured tokens cannot be taken.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum TokenError {
+    #[error("no random numbers for a token: {0}")]
+    Random(#[from] std::io::Error),
+    /// A replica would change a token every replica checks.
+    #[error(
+        "this replica's {0} differs from the one the database holds (the other replicas'): give \
+         every replica the same tokens; to change one, stop the replicas and start one Central \
+         Command without --replica with the new token"
+    )]
+    DiffersFromReplicas(&'static str),
+}
+
 pub(super) fn initial_tokens(
     fleet: &Fleet,
     config: &super::ServerConfig,
     now: Timestamp,
-) -> std::io::Result<(Vec<Change>, FirstRunTokens)> {
+) -> Result<(Vec<Change>, FirstRunTokens), TokenError> {
     let mut changes: Vec<Change> = Vec::new();
     let mut first_run = FirstRunTokens { operator: None, enrollment: None };
     let mut add = |fleet: &Fleet, key: &str, hash: String, why: &str| {
@@ -57,13 +71,21 @@ pub(super) fn initial_tokens(
         }
         changes.extend(batch);
     };
-    for (key, configured, shown) in [
-        (OPERATOR_TOKEN, &config.operator_token, &mut first_run.operator),
-        (ENROLLMENT_TOKEN, &config.enrollment_token, &mut first_run.enrollment),
+    for (key, flag, configured, shown) in [
+        (OPERATOR_TOKEN, "--operator-token", &config.operator_token, &mut first_run.operator),
+        (
+            ENROLLMENT_TOKEN,
+            "--enrollment-token",
+            &config.enrollment_token,
+            &mut first_run.enrollment,
+        ),
     ] {
         let stored = fleet.meta.get(key);
         match configured {
             Some(token) if stored != Some(&token_hash(token)) => {
+                if config.replica && stored.is_some() {
+                    return Err(TokenError::DiffersFromReplicas(flag));
+                }
                 let why = if stored.is_some() { "replaced by configuration" } else { "configured" };
                 add(fleet, key, token_hash(token), why);
             }
@@ -78,9 +100,16 @@ pub(super) fn initial_tokens(
     // Never generated: without one configured, DDI devices need a target token each, and a
     // token configured before is revoked (an empty hash matches no token).
     let stored = fleet.meta.get(DDI_GATEWAY_TOKEN).filter(|hash| !hash.is_empty());
+    let flag = "--ddi-gateway-token";
     match &config.ddi_gateway_token {
         Some(token) if stored != Some(&token_hash(token)) => {
+            if config.replica && stored.is_some() {
+                return Err(TokenError::DiffersFromReplicas(flag));
+            }
             add(fleet, DDI_GATEWAY_TOKEN, token_hash(token), "configured");
+        }
+        None if stored.is_some() && config.replica => {
+            return Err(TokenError::DiffersFromReplicas(flag));
         }
         None if stored.is_some() => {
             add(fleet, DDI_GATEWAY_TOKEN, String::new(), "revoked: no longer configured");
@@ -205,6 +234,9 @@ pub(super) fn peer_address(parts: &Parts) -> Option<SocketAddr> {
     parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }
 
+/// The least time between catch-ups asked for by requests from keys this replica does not know.
+const CATCH_UP_GAP: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The client's address, when the listener recorded it.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ClientAddr(pub Option<SocketAddr>);
@@ -268,12 +300,14 @@ impl FromRequestParts<Arc<AppState>> for Operator {
         // so a session ended on one of them changes nothing here either.
         let by_cookie = !parts.headers.contains_key(header::AUTHORIZATION)
             && session_id(&parts.headers).is_some();
-        if by_cookie && !matches!(parts.method, Method::GET | Method::HEAD) {
-            state.catch_up_now().await;
+        let caught_up = by_cookie && !matches!(parts.method, Method::GET | Method::HEAD);
+        if caught_up {
+            state.catch_up_now().await?;
         }
         match Self::check(state, parts) {
             // Signed in on another replica a moment ago: this one may not have caught up yet.
-            Err(error) if error.code == "session_expired" && state.catch_up_now().await => {
+            Err(error) if error.code == "session_expired" && !caught_up && state.store.shared() => {
+                state.catch_up_now().await?;
                 Self::check(state, parts)
             }
             checked => checked,
@@ -333,8 +367,14 @@ impl FromRequest<Arc<AppState>> for SignedAppliance {
         let (parts, body) = request.into_parts();
         let signed = signed_headers(state, &parts.headers)?;
         let key = signed.key.to_hex();
-        let enrolled = lock(&state.fleet).appliances.contains_key(&key);
+        let mut enrolled = lock(&state.fleet).appliances.contains_key(&key);
         let first_checkin = parts.uri.path() == "/api/appliances/checkin";
+        // Enrolled through another replica a moment ago: this one may not have caught up. (A
+        // check-in catches up anyway; unknown keys cost at most one catch-up per 100 ms.)
+        if !enrolled && !first_checkin && state.store.shared() && state.behind(CATCH_UP_GAP) {
+            state.catch_up_now().await?;
+            enrolled = lock(&state.fleet).appliances.contains_key(&key);
+        }
         if !enrolled && !first_checkin {
             return Err(crate::fleet::FleetError::UnknownAppliance(key).into());
         }

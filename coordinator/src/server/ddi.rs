@@ -108,6 +108,10 @@ pub(super) async fn poll(
         let site = state.ddi_tenant.clone();
         let registering = id.clone();
         super::change(&state, move |fleet, now| {
+            // Registered meanwhile (through another replica): as it is.
+            if fleet.appliances.contains_key(&crate::fleet::ddi_key(&registering)) {
+                return Ok(Vec::new());
+            }
             fleet.ddi_register(&registering, &site, None, None, "gateway", now)
         })
         .await?;

@@ -193,6 +193,8 @@ struct AppState {
     checkins: AtomicU64,
     /// Whether this replica held the engine's lease at its last tick.
     leading: AtomicBool,
+    /// When the fleet was last caught up with a shared store.
+    caught_up: Mutex<std::time::Instant>,
     session_ttl: jiff::SignedDuration,
     iroh: std::sync::OnceLock<crate::iroh_origin::IrohOrigin>,
     enrollments: Mutex<auth::RateLimit>,
@@ -290,6 +292,7 @@ impl Coordinator {
             serves_tls: tls.is_some(),
             checkins: AtomicU64::new(0),
             leading: AtomicBool::new(false),
+            caught_up: Mutex::new(std::time::Instant::now()),
             iroh: std::sync::OnceLock::new(),
             session_ttl: config.session_ttl,
             enrollments: Mutex::new(auth::RateLimit::new(
@@ -419,10 +422,16 @@ impl Coordinator {
         if !leads {
             return Ok(());
         }
-        state.serialized(|state, fleet| {
+        let ticked = state.serialized(|state, fleet| {
             let changes = fleet.tick(state.clock.now());
             state.commit_and_apply(fleet, &changes, true)
-        })
+        });
+        if ticked.is_err() {
+            // Another replica may do better: the lease goes back, to be asked for again.
+            state.store.resign();
+            state.leading.store(false, Ordering::Relaxed);
+        }
+        ticked
     }
 
     /// Catches the fleet up with what other replicas committed, and reads the byte counters
@@ -432,9 +441,10 @@ impl Coordinator {
         if !state.store.shared() || lock(&state.store_failure).is_some() {
             return Ok(());
         }
-        let counters = state.store.counters()?;
+        // Under the fleet lock, as counting is: a total read earlier could be older than one
+        // this server added meanwhile.
         let mut fleet = lock(&state.fleet);
-        if let Some(counters) = counters {
+        if let Some(counters) = state.store.counters()? {
             fleet.site_bytes = counters;
         }
         state.catch_up(&mut fleet)
@@ -491,16 +501,25 @@ impl Coordinator {
                     last_tick = std::time::Instant::now();
                 }
                 let result = tokio::task::spawn_blocking(move || {
-                    worker.check_store()?;
-                    worker.refresh()?;
-                    worker.flush()?;
-                    if run_engine { worker.tick() } else { Ok(()) }
+                    // Each step on its own: one failing does not hold up the others.
+                    let steps: [(&str, Step<'_>); 4] = [
+                        ("checking the store", &|| worker.check_store()),
+                        ("catching up with the other replicas", &|| worker.refresh()),
+                        ("writing check-in bookkeeping", &|| worker.flush()),
+                        ("running the rollout engine", &|| match run_engine {
+                            true => worker.tick(),
+                            false => Ok(()),
+                        }),
+                    ];
+                    for (step, run) in steps {
+                        if let Err(error) = run() {
+                            tracing::error!(%error, "{step} failed");
+                        }
+                    }
                 })
                 .await;
-                match result {
-                    Ok(Err(error)) => tracing::error!(%error, "background commit failed"),
-                    Err(error) => tracing::error!(%error, "background task panicked"),
-                    Ok(Ok(())) => {}
+                if let Err(error) = result {
+                    tracing::error!(%error, "background task panicked");
                 }
             }
         }));
@@ -509,6 +528,9 @@ impl Coordinator {
         crate::listener::serve_with_stats(listener, self.router(), limits, stats, tls).await
     }
 }
+
+/// One step of the background work.
+type Step<'a> = &'a dyn Fn() -> Result<(), StoreError>;
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -534,18 +556,23 @@ impl AppState {
         Ok(fleet)
     }
 
-    /// Catches up with a shared store now, off the async executor; whether it could (a store
-    /// only this server writes has nothing to catch up with).
-    async fn catch_up_now(self: &Arc<Self>) -> bool {
+    /// Whether the fleet was last caught up with a shared store longer than `gap` ago.
+    fn behind(&self, gap: Duration) -> bool {
+        lock(&self.caught_up).elapsed() > gap
+    }
+
+    /// Catches up with a shared store now, off the async executor (a store only this server
+    /// writes has nothing to catch up with).
+    async fn catch_up_now(self: &Arc<Self>) -> Result<(), ApiError> {
         if !self.store.shared() {
-            return false;
+            return Ok(());
         }
         let state = Arc::clone(self);
         let caught_up = tokio::task::spawn_blocking(move || {
             let mut fleet = lock(&state.fleet);
             state.catch_up(&mut fleet)
         });
-        matches!(caught_up.await, Ok(Ok(())))
+        Ok(caught_up.await.map_err(ApiError::internal)??)
     }
 
     /// Runs `attempt` (compute, commit, apply) on the fleet caught up with the store, and
@@ -555,13 +582,26 @@ impl AppState {
         mut attempt: impl FnMut(&AppState, &mut Fleet) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut fleet = self.writable()?;
+        match attempt(self, &mut fleet) {
+            Err(error) if error.overtaken_from_behind(fleet.position) => self.reload(&mut fleet)?,
+            Err(error) if error.overtaken() => {}
+            done => return done,
+        }
+        // Overtaken: the other replicas' writers wait while this one catches up and commits.
+        let _held = WritersHeld::take(self.store.as_ref())?;
         for _ in 1..ATTEMPTS {
+            self.catch_up(&mut fleet)?;
             match attempt(self, &mut fleet) {
-                Err(error) if error.overtaken() => self.catch_up(&mut fleet)?,
+                // The log is behind this view (a database restored, or failed over to a
+                // standby that lacked the last batches): what it has is the truth.
+                Err(error) if error.overtaken_from_behind(fleet.position) => {
+                    self.reload(&mut fleet)?
+                }
+                Err(error) if error.overtaken() => {}
                 done => return done,
             }
         }
-        attempt(self, &mut fleet)
+        Err(StoreError::Moved(fleet.position).into())
     }
 
     /// Applies the batches other replicas committed since the fleet's position, in order; a
@@ -581,13 +621,21 @@ impl AppState {
             None => {
                 tracing::info!(
                     position = fleet.position,
-                    "far behind the store: loading the fleet again"
+                    "far behind the store: loading the fleet"
                 );
-                let mut stored = Fleet::from_snapshot(self.store.load()?, fleet.config.clone());
-                stored.iroh_addresses = std::mem::take(&mut fleet.iroh_addresses);
-                *fleet = stored;
+                self.reload(fleet)?;
             }
         }
+        *lock(&self.caught_up) = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// Loads the fleet again from the store (check-in bookkeeping since the last flush is
+    /// dropped, as at a restart: the next check-ins bring it back).
+    fn reload(&self, fleet: &mut Fleet) -> Result<(), StoreError> {
+        let mut stored = Fleet::from_snapshot(self.store.load()?, fleet.config.clone());
+        stored.iroh_addresses = std::mem::take(&mut fleet.iroh_addresses);
+        *fleet = stored;
         Ok(())
     }
 
@@ -611,7 +659,7 @@ impl AppState {
         let stored = self.store.reopen().and_then(|()| self.store.load()).map_err(|error| {
             // Another Central Command has the database now: that is the reason to show, and
             // it stays so until this one is stopped.
-            if matches!(error, StoreError::InUse) {
+            if matches!(error, StoreError::InUse | StoreError::OtherFormat { .. }) {
                 let _fleet = lock(&self.fleet);
                 *lock(&self.store_failure) = Some(error.to_string());
             }
@@ -665,8 +713,9 @@ impl AppState {
                 fleet.position = position;
                 Ok(())
             }
-            // Nothing stored, nothing wrong: computed again on the caught-up fleet.
-            Err(error @ StoreError::Moved(_)) => Err(error),
+            // Nothing stored, nothing wrong: computed again on the caught-up fleet, or
+            // answered as busy.
+            Err(error @ (StoreError::Moved(_) | StoreError::Busy(_))) => Err(error),
             Err(error) => {
                 self.closed_by(&error);
                 Err(error)
@@ -707,27 +756,65 @@ async fn change(
     mutate(state, move |fleet, now| Ok(((), op(fleet, now)?)), |_, (), _| ()).await
 }
 
+/// The other replicas' writers held back, until dropped.
+struct WritersHeld<'a>(&'a dyn Store);
+
+impl<'a> WritersHeld<'a> {
+    fn take(store: &'a dyn Store) -> Result<Self, StoreError> {
+        store.hold_writers()?;
+        Ok(Self(store))
+    }
+}
+
+impl Drop for WritersHeld<'_> {
+    fn drop(&mut self) {
+        self.0.release_writers();
+    }
+}
+
 /// An error that says another replica committed first (and nothing was stored).
 trait Overtaken {
-    fn overtaken(&self) -> bool;
+    /// The log's head, if the error says it moved.
+    fn moved_to(&self) -> Option<u64>;
+
+    fn overtaken(&self) -> bool {
+        self.moved_to().is_some()
+    }
+
+    /// Refused by a log whose head is behind `position`, where this view already is.
+    fn overtaken_from_behind(&self, position: u64) -> bool {
+        self.moved_to().is_some_and(|head| head < position)
+    }
 }
 
 impl Overtaken for StoreError {
-    fn overtaken(&self) -> bool {
-        matches!(self, StoreError::Moved(_))
+    fn moved_to(&self) -> Option<u64> {
+        match self {
+            StoreError::Moved(head) => Some(*head),
+            _ => None,
+        }
     }
 }
 
 impl Overtaken for ApiError {
-    fn overtaken(&self) -> bool {
-        self.code == OVERTAKEN
+    fn moved_to(&self) -> Option<u64> {
+        (self.code == OVERTAKEN).then_some(self.moved_to).flatten()
     }
 }
 
 /// The code of [`StoreError::Moved`] as an answer: every attempt overtaken.
-const OVERTAKEN: &str = "store_busy";
+const OVERTAKEN: &str = "store_overtaken";
+
+/// How long a replica may go without catching up with the others before its health check
+/// says so (it catches up once a second).
+const BEHIND_AFTER: Duration = Duration::from_secs(10);
 
 async fn healthz(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
+    if state.store.shared() && state.behind(BEHIND_AFTER) && lock(&state.store_failure).is_none() {
+        let behind = lock(&state.caught_up).elapsed().as_secs();
+        let why = format!("behind the other replicas: not caught up for {behind} s\n");
+        return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    }
     match lock(&state.store_failure).clone() {
         None => "ok\n".into_response(),
         Some(why) => {
@@ -744,11 +831,13 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     retry_after: Option<u64>,
+    /// From [`StoreError::Moved`]: where the log's head was.
+    moved_to: Option<u64>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), retry_after: None }
+        Self { status, code, message: message.into(), retry_after: None, moved_to: None }
     }
 
     fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -771,6 +860,22 @@ impl ApiError {
             retry_after: Some(retry_after),
             ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
         }
+    }
+
+    /// A stored image or file that cannot be read. Missing, it is most likely on another
+    /// replica's disk: a passing condition for the client (another replica may have it), and
+    /// a mistake in the deployment to show plainly.
+    fn stored_file(error: std::io::Error) -> Self {
+        if error.kind() != std::io::ErrorKind::NotFound {
+            return Self::internal(error);
+        }
+        tracing::error!(%error, "a published file is not in this data directory");
+        Self::busy(
+            "file_not_here",
+            "the file is published but not in this Central Command's data directory (replicas \
+             need a shared data directory, or mirrors for images)",
+            5,
+        )
     }
 
     fn internal(error: impl std::fmt::Display) -> Self {
@@ -807,9 +912,12 @@ impl From<FleetError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
-        if let StoreError::Moved(_) = error {
+        if let StoreError::Moved(head) = error {
             let message = format!("nothing was changed: {error}; try again");
-            return Self::busy(OVERTAKEN, message, 1);
+            return Self { moved_to: Some(head), ..Self::busy(OVERTAKEN, message, 1) };
+        }
+        if let StoreError::Busy(_) = error {
+            return Self::busy("store_busy", format!("nothing was changed: {error}; try again"), 1);
         }
         tracing::error!(%error, "store");
         Self {

@@ -113,7 +113,7 @@ pub(super) async fn ranged_file(
                 return Ok((StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response());
             }
         };
-    let mut file = tokio::fs::File::open(path).await.map_err(ApiError::internal)?;
+    let mut file = tokio::fs::File::open(path).await.map_err(ApiError::stored_file)?;
     file.seek(std::io::SeekFrom::Start(range.start)).await.map_err(ApiError::internal)?;
     let length = range.end - range.start;
     response_headers.insert(header::CONTENT_LENGTH, value(&length.to_string())?);
@@ -300,9 +300,9 @@ async fn stream_blob(
         tokio::task::spawn_blocking(move || blobs.compresses(&info))
             .await
             .map_err(ApiError::internal)?
-            .map_err(ApiError::internal)?
+            .map_err(ApiError::stored_file)?
     };
-    let (data, outboard) = state.blobs.open_blob(&info).map_err(ApiError::internal)?;
+    let (data, outboard) = state.blobs.open_blob(&info).map_err(ApiError::stored_file)?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
     let counter = Arc::clone(state);
     let runtime = tokio::runtime::Handle::current();
@@ -445,7 +445,7 @@ async fn ranged_blob(
     // Checked against its manifest (or made) when it was stored: its length is its size.
     let size = tokio::fs::metadata(state.blobs.data_path(&blake3))
         .await
-        .map_err(ApiError::internal)?
+        .map_err(ApiError::stored_file)?
         .len();
     Ok((BlobInfo { blake3, size }, reader, side_file_of))
 }

@@ -96,8 +96,11 @@ pub(super) async fn status(State(state): State<Arc<AppState>>, headers: HeaderMa
     };
     let mut live_now = live(&state);
     // Signed in on another replica a moment ago: this one may not have caught up yet.
-    if live_now.is_none() && session_id(&headers).is_some() && state.catch_up_now().await {
-        live_now = live(&state);
+    if live_now.is_none() && session_id(&headers).is_some() && state.store.shared() {
+        // Not caught up: the page is told it is signed out, and signs in again.
+        if state.catch_up_now().await.is_ok() {
+            live_now = live(&state);
+        }
     }
     let body = match live_now {
         Some(info) => SessionBody {
@@ -121,8 +124,9 @@ pub(super) async fn sign_out(
         return Ok(session_response(StatusCode::OK, clear, gone));
     };
     let csrf = headers.get(session::CSRF_HEADER).and_then(|v| v.to_str().ok());
-    // Opened on another replica a moment ago: this one must know it to end it.
-    state.catch_up_now().await;
+    // Opened on another replica a moment ago: this one must know it to end it, and must not
+    // say it ended a session it could not see.
+    state.catch_up_now().await?;
     let now = state.clock.now();
     let checked = session::check(&lock(&state.fleet).sessions, id, true, csrf, now);
     match checked {

@@ -46,11 +46,27 @@ pub enum StoreError {
          on it with `--replica` to share it; `serve --standby` waits to take over)"
     )]
     InUse,
+    /// A replica of another record format runs on the database ([`REPLICA_FORMAT`]).
+    #[error(
+        "Central Command replicas of another version (record format {theirs}, this one's is \
+         {REPLICA_FORMAT}) use this database: every replica must run the same version; stop \
+         them first (or start this one with --standby to wait until they stop)"
+    )]
+    OtherFormat { theirs: u32 },
+    /// Another writer held the log longer than the lock timeout: nothing was stored, and
+    /// nothing is wrong with the store.
+    #[error("the database is busy with another Central Command's change ({0}); nothing was stored")]
+    Busy(String),
     /// Another replica committed since the position a batch was computed at: nothing was
     /// stored; catch up and compute it again.
     #[error("another Central Command changed the fleet first (at {0}); nothing was stored")]
     Moved(u64),
 }
+
+/// The shape of the records and changes replicas exchange. Raised whenever a record or a
+/// change gains a field or a kind: a replica drops what it does not know when it writes a
+/// record again, so replicas of two formats never share a database.
+pub const REPLICA_FORMAT: u32 = 1;
 
 fn db_error<E: std::fmt::Display>(error: E) -> StoreError {
     StoreError::Database(error.to_string())
@@ -402,6 +418,18 @@ pub trait Store: Send + Sync {
     ) -> Result<u64, StoreError> {
         self.commit(changes, durable).map(|()| position)
     }
+
+    /// Holds every other writer of a shared store back (their commits wait) until
+    /// [`Store::release_writers`], so a change overtaken once cannot be overtaken again while
+    /// it catches up and commits: progress under contention, not retries that can all lose.
+    fn hold_writers(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn release_writers(&self) {}
+
+    /// Lets go of the engine's lease (a replica whose engine fails lets another run it).
+    fn resign(&self) {}
 
     /// The batches committed after `position`, oldest first; `None` when the log no longer
     /// reaches back that far (or holds a batch this version cannot read): load everything.

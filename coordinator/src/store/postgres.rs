@@ -46,12 +46,16 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE log_head (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
                             position bigint NOT NULL);
      INSERT INTO log_head (position) VALUES (0);
-     CREATE TABLE changelog (position bigint PRIMARY KEY, batch json NOT NULL);
+     CREATE TABLE changelog (position bigint PRIMARY KEY, batch json NOT NULL,
+                             at timestamptz NOT NULL DEFAULT now());
      CREATE TABLE sessions (id_hash text PRIMARY KEY, record json NOT NULL);",
 ];
 
-/// Batches kept in the log behind its head: a replica further behind loads everything again.
+/// Batches kept in the log behind its head, at most, and for at most [`LOG_KEPT_FOR`]
+/// (replicas catch up once a second; one further behind loads everything again). Batches of
+/// check-in bookkeeping hold whole appliance records, so age bounds the log's size too.
 const LOG_KEPT: i64 = 4096;
+const LOG_KEPT_FOR: &str = "5 minutes";
 
 /// Taken while migrating, so two Central Commands starting at once migrate one after the
 /// other ("sitecast" in ASCII).
@@ -62,6 +66,12 @@ const MIGRATION_LOCK: i64 = 0x7369_7465_6361_7374;
 const OWNER_LOCK: i64 = MIGRATION_LOCK + 1;
 /// Held by the replica that runs the rollout engine, for as long as its connection lasts.
 const ENGINE_LOCK: i64 = MIGRATION_LOCK + 2;
+/// Replicas' record format: each replica holds `FORMAT_LOCKS << 32 | REPLICA_FORMAT` shared,
+/// and one of another format already there refuses to start beside it.
+const FORMAT_LOCKS: i64 = 0x7363_7276;
+/// Taken shared by every logged commit, for its transaction; held exclusively by a replica
+/// whose change was overtaken, while it catches up and commits ([`Store::hold_writers`]).
+const WRITERS_LOCK: i64 = MIGRATION_LOCK + 3;
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -146,6 +156,9 @@ impl Connection {
             if !row.get::<_, bool>(0) {
                 return Err(StoreError::InUse);
             }
+            if self.replica {
+                same_format_as_the_others(&mut client)?;
+            }
             self.client = Some(client);
             self.leading = false;
         }
@@ -193,7 +206,8 @@ impl PostgresStore {
             // The server's side of keepalives too: a Central Command cut off by the network
             // must not hold the database (its lock) for the kernel's two hours.
             config.options(
-                "-c statement_timeout=30s -c tcp_keepalives_idle=30 \
+                "-c statement_timeout=30s -c lock_timeout=5s \
+                 -c idle_in_transaction_session_timeout=30s -c tcp_keepalives_idle=30 \
                  -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
             );
         }
@@ -285,6 +299,10 @@ impl PostgresStore {
                 "{n} does not fit in a PostgreSQL bigint; nothing was stored"
             )));
         }
+        // Replicas read counters as totals; logged, an increment would be added twice.
+        if at.is_some() && changes.iter().any(|c| matches!(c, Change::SiteBytes { .. })) {
+            return Err(StoreError::Database("byte counters are never logged".into()));
+        }
         let batch = changes.to_vec();
         let written = self.call(move |client| {
             let mut txid = None;
@@ -297,6 +315,11 @@ impl PostgresStore {
         });
         let (txid, error) = match written {
             Ok(Written::Logged(position)) => return Ok(position),
+            Err(CallError::Work((_, StoreError::Database(why))))
+                if why.starts_with(LOCK_TIMEOUT_MESSAGE) =>
+            {
+                return Err(StoreError::Busy(why));
+            }
             Ok(Written::Unlogged) => return Ok(0),
             Ok(Written::Moved(position)) => return Err(StoreError::Moved(position)),
             Err(CallError::Work((None, error)) | CallError::Store(error)) => return Err(error),
@@ -312,6 +335,30 @@ impl PostgresStore {
         Err(error)
     }
 }
+
+/// Takes this replica's format lock, then looks for replicas of another format: a record one
+/// of them wrote may hold fields this one would drop when it writes the record again.
+fn same_format_as_the_others(client: &mut postgres::Client) -> Result<(), StoreError> {
+    let mine = FORMAT_LOCKS << 32 | i64::from(super::REPLICA_FORMAT);
+    client.execute("SELECT pg_advisory_lock_shared($1)", &[&mine]).map_err(db_error)?;
+    // A bigint advisory key shows in `pg_locks` as its high and low 32 bits.
+    let row = client
+        .query_one(
+            "SELECT min(objid::text::bigint) FROM pg_locks
+             WHERE locktype = 'advisory' AND objsubid = 1 AND granted
+               AND classid::text::bigint = $1 AND objid::text::bigint <> $2",
+            &[&FORMAT_LOCKS, &i64::from(super::REPLICA_FORMAT)],
+        )
+        .map_err(db_error)?;
+    match row.get::<_, Option<i64>>(0) {
+        Some(theirs) => Err(StoreError::OtherFormat { theirs: theirs as u32 }),
+        None => Ok(()),
+    }
+}
+
+/// How PostgreSQL words a `lock_timeout`: another writer held the log (or held the writers
+/// back) longer than that. Nothing was stored; the store is fine.
+const LOCK_TIMEOUT_MESSAGE: &str = "canceling statement due to lock timeout";
 
 /// `user@host:port/dbname` of `config`, never its password.
 fn describe(config: &postgres::Config) -> String {
@@ -402,11 +449,16 @@ fn write(
 ) -> Result<Written, postgres::Error> {
     let mut txn = client.transaction()?;
     *txid = Some(txn.query_one("SELECT txid_current()", &[])?.get(0));
-    if !durable {
+    // Logged batches are always durable: a log that lost its last batches in a crash would
+    // hand their positions out again, to other batches, and replicas that saw the lost ones
+    // would skip those.
+    if !durable && at.is_none() {
         txn.batch_execute("SET LOCAL synchronous_commit = off")?;
     }
     let mut written = Written::Unlogged;
     if let Some(at) = at {
+        // Waits while a replica that was overtaken holds the writers back.
+        txn.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&WRITERS_LOCK])?;
         // The head's row lock orders writers: one that waited sees the head moved and stops.
         let head = txn.query_opt(
             "UPDATE log_head SET position = position + 1 WHERE position = $1 RETURNING position",
@@ -422,8 +474,14 @@ fn write(
             "INSERT INTO changelog (position, batch) VALUES ($1, $2::text::json)",
             &[&position, &batch],
         )?;
-        if position % 256 == 0 {
-            txn.execute("DELETE FROM changelog WHERE position <= $1", &[&(position - LOG_KEPT)])?;
+        if position % 64 == 0 {
+            txn.execute(
+                &format!(
+                    "DELETE FROM changelog
+                     WHERE position <= $1 OR at < now() - interval '{LOG_KEPT_FOR}'"
+                ),
+                &[&(position - LOG_KEPT)],
+            )?;
         }
         written = Written::Logged(position as u64);
     }
@@ -604,6 +662,49 @@ impl Store for PostgresStore {
             });
             Ok(Some(counters.collect()))
         })
+    }
+
+    fn hold_writers(&self) -> Result<(), StoreError> {
+        if !self.replica {
+            return Ok(());
+        }
+        self.call_store(|client| {
+            client
+                .execute("SELECT pg_advisory_lock($1)", &[&WRITERS_LOCK])
+                .map(drop)
+                .map_err(db_error)
+        })
+        .map_err(|error| match error {
+            StoreError::Database(why) if why.starts_with(LOCK_TIMEOUT_MESSAGE) => {
+                StoreError::Busy(why)
+            }
+            error => error,
+        })
+    }
+
+    fn resign(&self) {
+        if !self.replica {
+            return;
+        }
+        let _ = self.run(|connection| {
+            if let Some(client) = connection.client.as_mut().filter(|_| connection.leading) {
+                let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&ENGINE_LOCK]);
+            }
+            connection.leading = false;
+        });
+    }
+
+    fn release_writers(&self) {
+        if !self.replica {
+            return;
+        }
+        // A connection lost meanwhile took the lock with it.
+        let _ = self.call_store(|client| {
+            client
+                .execute("SELECT pg_advisory_unlock($1)", &[&WRITERS_LOCK])
+                .map(drop)
+                .map_err(db_error)
+        });
     }
 
     fn lead(&self) -> Result<bool, StoreError> {

@@ -29,6 +29,8 @@ impl ServeProcess {
             .args(["--database", &database.url()])
             .args(["--operator-token", OPERATOR, "--enrollment-token", ENROLL, "--tick-secs", "1"])
             .args(flags)
+            // Tests read what it logs at `info`, whatever the environment says.
+            .env("RUST_LOG", "info")
             .stdout(out.try_clone().expect("log"))
             .stderr(out);
         let child = command.spawn().expect("sitecast-coordinator serve");

@@ -86,8 +86,9 @@ struct ServeArgs {
     standby: bool,
     /// With --database: share the database with other Central Commands started with
     /// --replica, each serving everything (check-ins, the API, the page) behind one load
-    /// balancer (docs/scale-out.md). With --standby: wait while one not started so uses it.
-    #[arg(long, requires = "database")]
+    /// balancer (docs/scale-out.md). With --standby: wait while one not started so (or one of
+    /// another version) uses it.
+    #[arg(long, requires = "database", conflicts_with = "iroh_listen")]
     replica: bool,
     /// The root of trust release manifests must verify against.
     #[arg(long)]
@@ -218,7 +219,7 @@ async fn take_over(url: &str, replica: bool) -> Result<PostgresStore> {
             false => PostgresStore::open(&opening),
         };
         match tokio::task::spawn_blocking(open).await? {
-            Err(StoreError::InUse) => {
+            Err(StoreError::InUse | StoreError::OtherFormat { .. }) => {
                 if !std::mem::replace(&mut waiting, true) {
                     println!(
                         "standby: another Central Command is using the database; waiting to take over"
