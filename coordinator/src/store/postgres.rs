@@ -12,9 +12,9 @@
 //!
 //! Either one Central Command uses the database on its own ([`OWNER_LOCK`] held exclusively;
 //! a standby waits for it), or several share it as replicas (the lock held shared by each).
-//! Every batch either way is also appended to a log (`changelog`, its head in `log_head`), on
-//! top of the position the writer's view was at ([`Store::commit_at`]), so replicas never
-//! change the fleet from a stale view and read each other's batches in commit order. Per-site
+//! Replicas also append every batch to a log (`changelog`, its head in `log_head`), on top of
+//! the position the writer's view was at ([`Store::commit_at`]), so they never change the
+//! fleet from a stale view and read each other's batches in commit order. Per-site
 //! byte counters stay out of the log (they are increments, added by every replica; each
 //! reads the totals). One replica at a time runs the rollout engine ([`ENGINE_LOCK`]).
 //!
@@ -618,6 +618,10 @@ impl Store for PostgresStore {
         durable: bool,
         position: u64,
     ) -> Result<u64, StoreError> {
+        // Alone on the database, there is no one to read a log: it is written only by replicas.
+        if !self.replica {
+            return self.write_batch(changes, durable, None).map(|_| position);
+        }
         self.write_batch(changes, durable, Some(position))
     }
 
