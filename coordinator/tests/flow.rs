@@ -1,4 +1,5 @@
-//! The whole rollout flow over HTTP against a real server, on redb and on PostgreSQL.
+//! The whole rollout flow over HTTP against a real server, on redb, on PostgreSQL, and on
+//! PostgreSQL as a replica.
 
 mod common;
 
@@ -7,7 +8,7 @@ use jiff::SignedDuration;
 use reqwest::Method;
 use serde_json::json;
 
-on_both_backends!(
+on_every_backend!(
     staged_rollout_over_http_with_pause_resume_advance_and_rollback,
     a_restart_mid_rollout_loses_nothing,
     pins_hold_appliances_and_groups_on_a_version,

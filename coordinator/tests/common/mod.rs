@@ -98,6 +98,8 @@ pub struct TestServer {
 pub enum Backend {
     Redb,
     Postgres(Arc<postgres::TestPostgres>),
+    /// PostgreSQL shared as a replica (`serve --replica`), if alone.
+    Replica(Arc<postgres::TestPostgres>),
 }
 
 impl Backend {
@@ -105,17 +107,26 @@ impl Backend {
         Self::Postgres(Arc::new(postgres::TestPostgres::start()))
     }
 
+    pub fn replica() -> Self {
+        Self::Replica(Arc::new(postgres::TestPostgres::start()))
+    }
+
     fn configure(&self, config: &mut ServerConfig) {
-        if let Self::Postgres(database) = self {
-            config.database = Some(database.url());
+        match self {
+            Self::Redb => {}
+            Self::Postgres(database) => config.database = Some(database.url()),
+            Self::Replica(database) => {
+                config.database = Some(database.url());
+                config.replica = true;
+            }
         }
     }
 }
 
-/// Runs each named test (an `async fn(Backend)`) on redb and on PostgreSQL: `mod redb` and
-/// `mod postgres` hold one `#[tokio::test]` each.
+/// Runs each named test (an `async fn(Backend)`) on redb, on PostgreSQL, and on PostgreSQL as
+/// a replica: `mod redb`, `mod postgres` and `mod replica` hold one `#[tokio::test]` each.
 #[macro_export]
-macro_rules! on_both_backends {
+macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod redb {
             $(
@@ -130,6 +141,14 @@ macro_rules! on_both_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::common::Backend::postgres()).await
+                }
+            )*
+        }
+        mod replica {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::replica()).await
                 }
             )*
         }
