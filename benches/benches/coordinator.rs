@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use jiff::Timestamp;
-use sitecast_benches::checkins::{CONCURRENCY, checkin_body, load, row, signed};
+use sitecast_benches::checkins::{CONCURRENCY, Server, checkin_body, load, row, signed};
 use sitecast_benches::{bench_bytes, write_test_image};
-use sitecast_coordinator::server::{Coordinator, ServerConfig, SystemClock};
+use sitecast_coordinator::server::ServerConfig;
 use sitecast_manifest::*;
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -29,8 +29,6 @@ fn main() {
     let seconds = env_number("SITECAST_BENCH_SECONDS", 5);
     let dir = tempfile::tempdir().expect("tempdir");
 
-    // The server gets its own runtime on its own threads, as in production.
-    let (url_tx, url_rx) = std::sync::mpsc::channel();
     let data_dir = dir.path().join("data");
     let root_key = SecretKey::generate().expect("rng");
     let release_key = SecretKey::generate().expect("rng");
@@ -41,28 +39,11 @@ fn main() {
         release: RoleKeys { keys: vec![release_key.public()], threshold: 1 },
     };
     let root = TrustedRoot::pin(&root.sign(&[&root_key]).to_bytes()).expect("root");
-    let server_root = root.clone();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("rt");
-        runtime.block_on(async move {
-            let mut config = ServerConfig::new(data_dir);
-            config.root = Some(server_root);
-            config.operator_token = Some("bench-operator".into());
-            config.enrollment_token = Some("bench-enroll".into());
-            // The bench enrolls its whole fleet at once.
-            config.enroll_burst = u32::MAX;
-            config.database = std::env::var("SITECAST_BENCH_DATABASE").ok();
-            let (coordinator, _) = Coordinator::open(config, Arc::new(SystemClock)).expect("open");
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            url_tx.send(format!("http://{}", listener.local_addr().expect("addr"))).expect("send");
-            coordinator.serve(listener).await.expect("serve");
-        });
-    });
-    let url = url_rx.recv().expect("server url");
+    let mut config = ServerConfig::new(data_dir);
+    config.root = Some(root.clone());
+    config.database = std::env::var("SITECAST_BENCH_DATABASE").ok();
+    let server = Server::start(config);
+    let url = server.url.clone();
 
     let client_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -12,65 +12,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::future::join_all;
-use sitecast_benches::checkins::{CONCURRENCY, checkin_body, load, row, signed};
-use sitecast_coordinator::server::{Coordinator, ServerConfig, SystemClock};
+use sitecast_benches::checkins::{CONCURRENCY, Server, checkin_body, load, row, signed};
+use sitecast_coordinator::server::ServerConfig;
 use sitecast_manifest::SecretKey;
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// A Central Command on a runtime (two threads) of its own, as in production; stopped (its
-/// database connection closed, its locks let go) when dropped.
-struct Server {
-    url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Server {
-    fn start(data_dir: std::path::PathBuf, database: Option<String>, replica: bool) -> Self {
-        let (url_tx, url_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("rt");
-            runtime.block_on(async move {
-                let mut config = ServerConfig::new(data_dir);
-                config.operator_token = Some("bench-operator".into());
-                config.enrollment_token = Some("bench-enroll".into());
-                // The bench enrolls its whole fleet at once.
-                config.enroll_burst = u32::MAX;
-                config.database = database;
-                config.replica = replica;
-                let (coordinator, _) =
-                    Coordinator::open(config, Arc::new(SystemClock)).expect("open");
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                let url = format!("http://{}", listener.local_addr().expect("addr"));
-                url_tx.send(url).expect("send");
-                tokio::select! {
-                    served = coordinator.serve(listener) => served.expect("serve"),
-                    _ = stopped => {}
-                }
-            });
-        });
-        let url = url_rx.recv().expect("server url");
-        Self { url, stop: Some(stop), thread: Some(thread) }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// Empties the database: every table, and the schema's migrations with them.
@@ -152,8 +99,10 @@ fn main() {
         }
         let servers: Vec<Server> = (0..replicas)
             .map(|_| {
-                let database = on_postgres.then(|| database.clone());
-                Server::start(dir.path().join("data"), database, replicas > 1)
+                let mut config = ServerConfig::new(dir.path().join("data"));
+                config.database = on_postgres.then(|| database.clone());
+                config.replica = replicas > 1;
+                Server::start(config)
             })
             .collect();
         let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();

@@ -1,12 +1,65 @@
-//! Signed check-ins as appliances send them, and a closed-loop load generator that measures
-//! requests per second and latency percentiles.
+//! Central Command on a runtime of its own, signed check-ins as appliances send them, and a
+//! closed-loop load generator that measures requests per second and latency percentiles.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
+use sitecast_coordinator::server::{Coordinator, ServerConfig, SystemClock};
 use sitecast_manifest::SecretKey;
 use sitecast_manifest::api;
+
+/// A Central Command on a runtime (two threads) of its own, as in production, with the
+/// bench's tokens and no limit on enrolling; stopped (its database connection closed, its
+/// locks let go) when dropped.
+#[derive(Debug)]
+pub struct Server {
+    pub url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(mut config: ServerConfig) -> Self {
+        config.operator_token = Some("bench-operator".into());
+        config.enrollment_token = Some("bench-enroll".into());
+        // The benches enroll their whole fleet at once.
+        config.enroll_burst = u32::MAX;
+        let (url_tx, url_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("rt");
+            runtime.block_on(async move {
+                let (coordinator, _) =
+                    Coordinator::open(config, Arc::new(SystemClock)).expect("open");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let url = format!("http://{}", listener.local_addr().expect("addr"));
+                url_tx.send(url).expect("send");
+                tokio::select! {
+                    served = coordinator.serve(listener) => served.expect("serve"),
+                    _ = stopped => {}
+                }
+            });
+        });
+        let url = url_rx.recv().expect("server url");
+        Self { url, stop: Some(stop), thread: Some(thread) }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
 
 /// Requests in flight at once.
 pub const CONCURRENCY: usize = 64;

@@ -6,7 +6,7 @@
 mod common;
 
 use common::postgres::TestPostgres;
-use common::serve::{ServeProcess, until};
+use common::serve::{ServeProcess, ServeSetup, until};
 use common::*;
 use reqwest::Method;
 use serde_json::json;
@@ -170,6 +170,13 @@ fn replicas_commit_in_one_order_and_read_what_they_lack() {
     client.execute("UPDATE log_head SET position = $1", &[&next]).expect("head");
     assert!(one.changes_since(at + 1).expect("read").is_none());
     assert_eq!(one.load().expect("load").position, at + 2);
+
+    // A log behind a view (a database restored from a backup, or failed over to a standby
+    // that lacked the last batches): that view must be loaded again.
+    client.execute("UPDATE log_head SET position = $1", &[&(at as i64)]).expect("head back");
+    client.execute("DELETE FROM changelog WHERE position > $1", &[&(at as i64)]).expect("lost");
+    assert!(one.changes_since(at + 1).expect("read").is_none());
+    assert!(one.changes_since(at).expect("read").is_some_and(|b| b.is_empty()));
 }
 
 /// A replica of another record format on the database: this one refuses to start beside
@@ -199,6 +206,16 @@ fn replicas_refuse_another_format_and_wait_out_a_stalled_writer_boundedly() {
     held.rollback().expect("let go");
     assert!(store.load().expect("load").releases.is_empty(), "stored while busy");
     assert_eq!(store.commit_at(&batch, true, at).expect("commit"), at + 1);
+
+    // A replica overtaken holds the other writers back while it catches up: their commits
+    // wait (here, out the lock timeout), and go through once it lets go.
+    let overtaken = PostgresStore::open_replica(&database.url()).expect("another replica");
+    overtaken.hold_writers().expect("hold the writers");
+    let next = [Change::Release(release(2)), audit(2, "release.publish")];
+    let error = store.commit_at(&next, true, at + 1).expect_err("held back");
+    assert!(matches!(error, StoreError::Busy(_)), "{error}");
+    overtaken.release_writers();
+    assert_eq!(store.commit_at(&next, true, at + 1).expect("commit"), at + 2);
 }
 
 #[test]
@@ -380,29 +397,20 @@ async fn an_error_text_with_a_nul_is_stored_like_any_other() {
 struct ActiveAndStandby {
     active: ServeProcess,
     standby: ServeProcess,
-    database: TestPostgres,
-    releases: Releases,
-    http: reqwest::Client,
-    deadline: std::time::Instant,
-    _dir: tempfile::TempDir,
+    setup: ServeSetup,
 }
 
 impl ActiveAndStandby {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let releases = Releases::new(dir.path());
-        std::fs::write(dir.path().join("root.json"), releases.root.to_bytes()).expect("root");
-        let database = TestPostgres::start();
-        sitecast_coordinator::install_tls_provider();
-        let http = reqwest::Client::new();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        let active = ServeProcess::start("active", dir.path(), &database, &[]);
-        until("the active one never served", deadline, || active.healthy(&http)).await;
-        let standby = ServeProcess::start("standby", dir.path(), &database, &["--standby"]);
+        let setup = ServeSetup::new();
+        let (http, deadline) = (&setup.http, setup.deadline);
+        let active = setup.start("active", &[]);
+        until("the active one never served", deadline, || active.healthy(http)).await;
+        let standby = setup.start("standby", &["--standby"]);
         until("the standby never waited", deadline, || async { standby.log().contains("waiting") })
             .await;
-        assert!(!standby.healthy(&http).await, "a standby answers before it took over");
-        Self { active, standby, database, releases, http, deadline, _dir: dir }
+        assert!(!standby.healthy(http).await, "a standby answers before it took over");
+        Self { active, standby, setup }
     }
 }
 
@@ -410,9 +418,9 @@ impl ActiveAndStandby {
 /// waiting on the database, takes over with every release, rollout and audit entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_when_the_active_central_command_is_killed() {
-    let pair = ActiveAndStandby::start().await;
-    // The database stays in `pair`, dropped after the processes.
-    let ActiveAndStandby { releases, http, deadline, mut active, standby, .. } = pair;
+    let ActiveAndStandby { mut active, standby, setup } = ActiveAndStandby::start().await;
+    let ServeSetup { releases, http, deadline, .. } = &setup;
+    let deadline = *deadline;
 
     for version in [1, 2] {
         let (path, image) = releases.image(version, 50_000);
@@ -434,14 +442,14 @@ async fn a_standby_takes_over_when_the_active_central_command_is_killed() {
         .await
         .expect("rollout");
     assert_eq!(response.status(), 201, "{}", active.log());
-    let before = active.fleet(&http).await;
+    let before = active.fleet(http).await;
 
     active.child.kill().expect("kill -9");
     let killed = std::time::Instant::now();
-    until("the standby never took over", deadline, || standby.healthy(&http)).await;
+    until("the standby never took over", deadline, || standby.healthy(http)).await;
     eprintln!("the standby took over {:?} after the kill", killed.elapsed());
     assert!(standby.log().contains("taking over"), "{}", standby.log());
-    let after = standby.fleet(&http).await;
+    let after = standby.fleet(http).await;
     assert_eq!(after["releases"], before["releases"]);
     assert_eq!(after["rollouts"], before["rollouts"]);
     let entries = |state: &serde_json::Value| state["audit"].as_array().expect("audit").clone();
@@ -452,14 +460,13 @@ async fn a_standby_takes_over_when_the_active_central_command_is_killed() {
 /// standby takes the database: the old one must not go on looking healthy with a stale view.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_central_command_that_lost_the_database_says_so() {
-    let pair = ActiveAndStandby::start().await;
-    let database_url = pair.database.url();
-    // The database stays in `pair`, dropped after the processes.
-    let ActiveAndStandby { http, deadline, active, standby, .. } = pair;
+    let ActiveAndStandby { active, standby, setup } = ActiveAndStandby::start().await;
+    let database_url = setup.database.url();
+    let (http, deadline) = (&setup.http, setup.deadline);
 
     // Cut every session but this one until the standby wins the database (the old active
     // one reconnects once a second, the standby asks every half second: either may).
-    while !standby.healthy(&http).await {
+    while !standby.healthy(http).await {
         assert!(std::time::Instant::now() < deadline, "the standby never took over");
         // The synchronous client runs a runtime of its own: not on this test's.
         let url = database_url.clone();

@@ -7,7 +7,7 @@
 mod common;
 
 use common::postgres::TestPostgres;
-use common::serve::{ServeProcess, until};
+use common::serve::{ServeProcess, ServeSetup, until};
 use common::*;
 use futures_util::future::join_all;
 use jiff::SignedDuration;
@@ -218,17 +218,12 @@ async fn three_replicas_keep_one_fleet_and_a_staged_rollout_advances_once_per_st
 /// takes the engine over (its lease ends with the dead one's connection), with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_moves_to_another_replica_when_its_replica_is_killed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let releases = Releases::new(dir.path());
-    std::fs::write(dir.path().join("root.json"), releases.root.to_bytes()).expect("root");
-    let database = TestPostgres::start();
-    sitecast_coordinator::install_tls_provider();
-    let http = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let setup = ServeSetup::new();
+    let (releases, http, deadline) = (&setup.releases, &setup.http, setup.deadline);
     let mut replicas = Vec::new();
     for name in ["a", "b"] {
-        let replica = ServeProcess::start(name, dir.path(), &database, &["--replica"]);
-        until("a replica never served", deadline, || replica.healthy(&http)).await;
+        let replica = setup.start(name, &["--replica"]);
+        until("a replica never served", deadline, || replica.healthy(http)).await;
         replicas.push(replica);
     }
     let post = |url: String, body: Value| http.post(url).bearer_auth(OPERATOR).json(&body).send();
@@ -260,7 +255,7 @@ async fn the_engine_moves_to_another_replica_when_its_replica_is_killed() {
     let leads = |replica: &ServeProcess| replica.log().contains("runs the rollout engine now");
     let leader = replicas.iter().position(leads).expect("one replica says it runs the engine");
     assert_eq!(replicas.iter().filter(|r| leads(r)).count(), 1, "two engines");
-    let before = replicas[1 - leader].fleet(&http).await;
+    let before = replicas[1 - leader].fleet(http).await;
 
     replicas[leader].child.kill().expect("kill -9");
     let killed = std::time::Instant::now();
@@ -273,7 +268,7 @@ async fn the_engine_moves_to_another_replica_when_its_replica_is_killed() {
     eprintln!("the engine ran on the survivor {:?} after the kill", killed.elapsed());
     assert!(leads(survivor), "{}", survivor.log());
 
-    let after = survivor.fleet(&http).await;
+    let after = survivor.fleet(http).await;
     assert_eq!(after["releases"], before["releases"]);
     let entries = |state: &Value| state["audit"].as_array().expect("audit").clone();
     assert!(entries(&after).starts_with(&entries(&before)), "audit lost or rewritten:\n{after}");
@@ -307,9 +302,20 @@ async fn a_replica_with_other_tokens_refuses_to_start() {
     let error = sitecast_coordinator::server::Coordinator::open(config, clock)
         .expect_err("a gateway token the others have");
     assert!(error.to_string().contains("--ddi-gateway-token differs"), "{error}");
-    // The first replica still takes the operator token it was given.
+    // Nothing of the refused ones was stored: the tokens are the first replica's.
     let (status, _) = first[0].op_json(Method::GET, "/api/rollouts", None).await;
     assert_eq!(status, 200);
+    let url = database.url();
+    // The synchronous client runs a runtime of its own: not on this test's.
+    let reasons: Vec<String> = std::thread::spawn(move || {
+        let mut sql = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("sql");
+        let query = "SELECT entry->'detail'->>'reason' FROM audit
+                     WHERE entry->>'action' = 'token.set'";
+        sql.query(query, &[]).expect("audit").iter().map(|row| row.get(0)).collect()
+    })
+    .join()
+    .expect("audit");
+    assert!(!reasons.iter().any(|r| r.starts_with("replaced")), "{reasons:?}");
 }
 
 /// Replicas that do not share a data directory: an image published on one is not on the

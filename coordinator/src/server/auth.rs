@@ -234,8 +234,9 @@ pub(super) fn peer_address(parts: &Parts) -> Option<SocketAddr> {
     parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }
 
-/// The least time between catch-ups asked for by requests from keys this replica does not know.
-const CATCH_UP_GAP: std::time::Duration = std::time::Duration::from_millis(100);
+/// The least time between catch-ups asked for by requests with keys or cookies this replica
+/// does not know.
+pub(super) const CATCH_UP_GAP: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The client's address, when the listener recorded it.
 #[derive(Debug, Clone, Copy)]
@@ -306,7 +307,11 @@ impl FromRequestParts<Arc<AppState>> for Operator {
         }
         match Self::check(state, parts) {
             // Signed in on another replica a moment ago: this one may not have caught up yet.
-            Err(error) if error.code == "session_expired" && !caught_up && state.store.shared() => {
+            Err(error)
+                if error.code == "session_expired"
+                    && !caught_up
+                    && state.may_catch_up(CATCH_UP_GAP) =>
+            {
                 state.catch_up_now().await?;
                 Self::check(state, parts)
             }
@@ -371,7 +376,7 @@ impl FromRequest<Arc<AppState>> for SignedAppliance {
         let first_checkin = parts.uri.path() == "/api/appliances/checkin";
         // Enrolled through another replica a moment ago: this one may not have caught up. (A
         // check-in catches up anyway; unknown keys cost at most one catch-up per 100 ms.)
-        if !enrolled && !first_checkin && state.store.shared() && state.behind(CATCH_UP_GAP) {
+        if !enrolled && !first_checkin && state.may_catch_up(CATCH_UP_GAP) {
             state.catch_up_now().await?;
             enrolled = lock(&state.fleet).appliances.contains_key(&key);
         }

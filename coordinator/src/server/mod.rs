@@ -195,6 +195,8 @@ struct AppState {
     leading: AtomicBool,
     /// When the fleet was last caught up with a shared store.
     caught_up: Mutex<std::time::Instant>,
+    /// When a request last asked for a catch-up ([`AppState::may_catch_up`]).
+    catch_up_tried: Mutex<Option<std::time::Instant>>,
     session_ttl: jiff::SignedDuration,
     iroh: std::sync::OnceLock<crate::iroh_origin::IrohOrigin>,
     enrollments: Mutex<auth::RateLimit>,
@@ -293,6 +295,7 @@ impl Coordinator {
             checkins: AtomicU64::new(0),
             leading: AtomicBool::new(false),
             caught_up: Mutex::new(std::time::Instant::now()),
+            catch_up_tried: Mutex::new(None),
             iroh: std::sync::OnceLock::new(),
             session_ttl: config.session_ttl,
             enrollments: Mutex::new(auth::RateLimit::new(
@@ -426,7 +429,8 @@ impl Coordinator {
             let changes = fleet.tick(state.clock.now());
             state.commit_and_apply(fleet, &changes, true)
         });
-        if ticked.is_err() {
+        if ticked.as_ref().is_err_and(|e| !matches!(e, StoreError::Moved(_) | StoreError::Busy(_)))
+        {
             // Another replica may do better: the lease goes back, to be asked for again.
             state.store.resign();
             state.leading.store(false, Ordering::Relaxed);
@@ -547,18 +551,23 @@ impl AppState {
         if lock(&self.store_failure).is_some() {
             self.repair()?;
         }
-        let mut fleet = lock(&self.fleet);
+        let fleet = lock(&self.fleet);
         // A commit failed again between the repair and here: refused; the next write repairs.
         if let Some(why) = lock(&self.store_failure).as_ref() {
             return Err(StoreError::Closed(why.clone()));
         }
-        self.catch_up(&mut fleet)?;
         Ok(fleet)
     }
 
-    /// Whether the fleet was last caught up with a shared store longer than `gap` ago.
-    fn behind(&self, gap: Duration) -> bool {
-        lock(&self.caught_up).elapsed() > gap
+    /// Whether a catch-up asked for by a request (an unknown key or cookie, which anyone can
+    /// send) may run now: one per `gap` at most, counted from the last one tried.
+    fn may_catch_up(&self, gap: Duration) -> bool {
+        let mut last = lock(&self.catch_up_tried);
+        let due = last.is_none_or(|at| at.elapsed() > gap);
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due && self.store.shared()
     }
 
     /// Catches up with a shared store now, off the async executor (a store only this server
@@ -575,21 +584,21 @@ impl AppState {
         Ok(caught_up.await.map_err(ApiError::internal)??)
     }
 
-    /// Runs `attempt` (compute, commit, apply) on the fleet caught up with the store, and
-    /// again on the fleet caught up anew while another replica committed first.
+    /// Runs `attempt` (compute, commit, apply) on the fleet caught up with the store. Replicas
+    /// take turns: the others' writers wait (in the order they asked) while this one catches
+    /// up, computes and commits, so a change is never computed on a view another replica is
+    /// about to overtake. The log still refuses a batch on a stale position, which only a
+    /// writer outside this turn-taking could cause: then it is computed again.
     fn serialized<T, E: From<StoreError> + Overtaken>(
         &self,
         mut attempt: impl FnMut(&AppState, &mut Fleet) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut fleet = self.writable()?;
-        match attempt(self, &mut fleet) {
-            Err(error) if error.overtaken_from_behind(fleet.position) => self.reload(&mut fleet)?,
-            Err(error) if error.overtaken() => {}
-            done => return done,
-        }
-        // Overtaken: the other replicas' writers wait while this one catches up and commits.
-        let _held = WritersHeld::take(self.store.as_ref())?;
-        for _ in 1..ATTEMPTS {
+        let _turn = match self.store.shared() {
+            true => Some(WritersHeld::take(self.store.as_ref())?),
+            false => None,
+        };
+        for _ in 0..ATTEMPTS {
             self.catch_up(&mut fleet)?;
             match attempt(self, &mut fleet) {
                 // The log is behind this view (a database restored, or failed over to a
@@ -810,8 +819,9 @@ const OVERTAKEN: &str = "store_overtaken";
 const BEHIND_AFTER: Duration = Duration::from_secs(10);
 
 async fn healthz(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> Response {
-    if state.store.shared() && state.behind(BEHIND_AFTER) && lock(&state.store_failure).is_none() {
-        let behind = lock(&state.caught_up).elapsed().as_secs();
+    let behind = lock(&state.caught_up).elapsed();
+    if state.store.shared() && behind > BEHIND_AFTER && lock(&state.store_failure).is_none() {
+        let behind = behind.as_secs();
         let why = format!("behind the other replicas: not caught up for {behind} s\n");
         return (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     }
@@ -863,8 +873,8 @@ impl ApiError {
     }
 
     /// A stored image or file that cannot be read. Missing, it is most likely on another
-    /// replica's disk: a passing condition for the client (another replica may have it), and
-    /// a mistake in the deployment to show plainly.
+    /// replica's disk (or lost from this one): shown plainly, and as passing for the client,
+    /// which asks again (another replica may have it).
     fn stored_file(error: std::io::Error) -> Self {
         if error.kind() != std::io::ErrorKind::NotFound {
             return Self::internal(error);
@@ -872,8 +882,8 @@ impl ApiError {
         tracing::error!(%error, "a published file is not in this data directory");
         Self::busy(
             "file_not_here",
-            "the file is published but not in this Central Command's data directory (replicas \
-             need a shared data directory, or mirrors for images)",
+            "the file is published but missing from this Central Command's data directory \
+             (replicas need a shared data directory, or mirrors for images)",
             5,
         )
     }

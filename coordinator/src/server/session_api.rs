@@ -96,7 +96,10 @@ pub(super) async fn status(State(state): State<Arc<AppState>>, headers: HeaderMa
     };
     let mut live_now = live(&state);
     // Signed in on another replica a moment ago: this one may not have caught up yet.
-    if live_now.is_none() && session_id(&headers).is_some() && state.store.shared() {
+    if live_now.is_none()
+        && session_id(&headers).is_some()
+        && state.may_catch_up(super::auth::CATCH_UP_GAP)
+    {
         // Not caught up: the page is told it is signed out, and signs in again.
         if state.catch_up_now().await.is_ok() {
             live_now = live(&state);

@@ -419,9 +419,9 @@ pub trait Store: Send + Sync {
         self.commit(changes, durable).map(|()| position)
     }
 
-    /// Holds every other writer of a shared store back (their commits wait) until
-    /// [`Store::release_writers`], so a change overtaken once cannot be overtaken again while
-    /// it catches up and commits: progress under contention, not retries that can all lose.
+    /// Takes this server's turn to write to a shared store: every other writer waits (its
+    /// turn, or its commit) until [`Store::release_writers`]. Turns are granted in the order
+    /// they were asked for, so under contention every replica makes progress.
     fn hold_writers(&self) -> Result<(), StoreError> {
         Ok(())
     }

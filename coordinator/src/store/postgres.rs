@@ -69,8 +69,9 @@ const ENGINE_LOCK: i64 = MIGRATION_LOCK + 2;
 /// Replicas' record format: each replica holds `FORMAT_LOCKS << 32 | REPLICA_FORMAT` shared,
 /// and one of another format already there refuses to start beside it.
 const FORMAT_LOCKS: i64 = 0x7363_7276;
-/// Taken shared by every logged commit, for its transaction; held exclusively by a replica
-/// whose change was overtaken, while it catches up and commits ([`Store::hold_writers`]).
+/// Held exclusively by the replica whose turn it is to write, while it catches up, computes
+/// and commits ([`Store::hold_writers`]); taken shared by every logged commit, for its
+/// transaction, so even a commit outside the turns waits for the one in progress.
 const WRITERS_LOCK: i64 = MIGRATION_LOCK + 3;
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -156,7 +157,19 @@ impl Connection {
             if !row.get::<_, bool>(0) {
                 return Err(StoreError::InUse);
             }
+            // Compiling a plan costs tens of milliseconds, for queries that take microseconds
+            // (and its cost estimates count rows of a one-row table by the thousand).
+            client.batch_execute("SET jit = off").map_err(db_error)?;
             if self.replica {
+                // Whatever the connection string says: a replica waits boundedly on the
+                // others, and one that stalls (or is paused) holding the log or the writers is
+                // cut off.
+                client
+                    .batch_execute(
+                        "SET lock_timeout = '5s'; SET idle_in_transaction_session_timeout = '30s';
+                         SET idle_session_timeout = '60s'",
+                    )
+                    .map_err(db_error)?;
                 same_format_as_the_others(&mut client)?;
             }
             self.client = Some(client);
@@ -346,7 +359,8 @@ fn same_format_as_the_others(client: &mut postgres::Client) -> Result<(), StoreE
         .query_one(
             "SELECT min(objid::text::bigint) FROM pg_locks
              WHERE locktype = 'advisory' AND objsubid = 1 AND granted
-               AND classid::text::bigint = $1 AND objid::text::bigint <> $2",
+               AND classid::text::bigint = $1 AND objid::text::bigint <> $2
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[&FORMAT_LOCKS, &i64::from(super::REPLICA_FORMAT)],
         )
         .map_err(db_error)?;
@@ -354,6 +368,20 @@ fn same_format_as_the_others(client: &mut postgres::Client) -> Result<(), StoreE
         Some(theirs) => Err(StoreError::OtherFormat { theirs: theirs as u32 }),
         None => Ok(()),
     }
+}
+
+/// Lets go of [`WRITERS_LOCK`] however often this session holds it (a connection lost
+/// meanwhile took it with it).
+fn unlock_writers(client: &mut postgres::Client) -> Result<(), StoreError> {
+    for _ in 0..8 {
+        let row = client
+            .query_one("SELECT pg_advisory_unlock($1)", &[&WRITERS_LOCK])
+            .map_err(db_error)?;
+        if !row.get::<_, bool>(0) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// How PostgreSQL words a `lock_timeout`: another writer held the log (or held the writers
@@ -376,6 +404,8 @@ fn describe(config: &postgres::Config) -> String {
 /// Applies the migrations the database lacks, all in one transaction.
 fn migrate(client: &mut postgres::Client) -> Result<(), StoreError> {
     let mut txn = client.transaction().map_err(db_error)?;
+    // Another Central Command's migration is waited for, however long it takes.
+    txn.batch_execute("SET LOCAL lock_timeout = 0").map_err(db_error)?;
     txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).map_err(db_error)?;
     txn.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -628,6 +658,15 @@ impl Store for PostgresStore {
     fn changes_since(&self, position: u64) -> Result<Option<Batches>, StoreError> {
         let after = signed(position);
         self.call_store(move |client| {
+            // Read in this order, a batch committed between the two reads is seen (the head
+            // moves only with a batch).
+            let head: i64 =
+                client.query_one("SELECT position FROM log_head", &[]).map_err(db_error)?.get(0);
+            // A log behind this view (restored, or failed over to a standby that lacked its
+            // last batches): the view holds batches the log does not.
+            if head < after {
+                return Ok(None);
+            }
             let rows = client
                 .query(
                     "SELECT position, batch::text FROM changelog WHERE position > $1
@@ -640,7 +679,8 @@ impl Store for PostgresStore {
                 let at: i64 = row.get(0);
                 // Pruned past `position`, or written by a version whose changes this one cannot
                 // read: the tables say it all.
-                let Ok(changes) = serde_json::from_str::<Vec<Change>>(row.get(1)) else {
+                let text: &str = row.get(1);
+                let Ok(changes) = serde_json::from_str::<Vec<Change>>(text) else {
                     return Ok(None);
                 };
                 if at != expected {
@@ -673,10 +713,13 @@ impl Store for PostgresStore {
             return Ok(());
         }
         self.call_store(|client| {
-            client
-                .execute("SELECT pg_advisory_lock($1)", &[&WRITERS_LOCK])
-                .map(drop)
-                .map_err(db_error)
+            let held = client.execute("SELECT pg_advisory_lock($1)", &[&WRITERS_LOCK]);
+            if held.is_err() {
+                // PostgreSQL may grant the lock as the timeout strikes, and still report the
+                // timeout: never keep it past this call.
+                unlock_writers(client)?;
+            }
+            held.map(drop).map_err(db_error)
         })
         .map_err(|error| match error {
             StoreError::Database(why) if why.starts_with(LOCK_TIMEOUT_MESSAGE) => {
@@ -702,13 +745,7 @@ impl Store for PostgresStore {
         if !self.replica {
             return;
         }
-        // A connection lost meanwhile took the lock with it.
-        let _ = self.call_store(|client| {
-            client
-                .execute("SELECT pg_advisory_unlock($1)", &[&WRITERS_LOCK])
-                .map(drop)
-                .map_err(db_error)
-        });
+        let _ = self.call_store(unlock_writers);
     }
 
     fn lead(&self) -> Result<bool, StoreError> {

@@ -2,11 +2,42 @@
 //! operator runs it (to kill it with `kill -9`), and polling for what it should come to.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use super::postgres::TestPostgres;
-use super::{ENROLL, OPERATOR};
+use super::{ENROLL, OPERATOR, Releases};
+
+/// What a test of `serve` processes needs: a directory with the root of trust (and the
+/// processes' logs and data directory), releases signed for it, a PostgreSQL of its own, an
+/// HTTP client, and a deadline for what it waits for. Keep the processes in variables made
+/// after it, so they stop before its database does.
+pub struct ServeSetup {
+    pub releases: Releases,
+    pub http: reqwest::Client,
+    pub deadline: Instant,
+    pub database: TestPostgres,
+    pub dir: tempfile::TempDir,
+}
+
+impl ServeSetup {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let releases = Releases::new(dir.path());
+        std::fs::write(dir.path().join("root.json"), releases.root.to_bytes()).expect("root");
+        let database = TestPostgres::start();
+        sitecast_coordinator::install_tls_provider();
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        Self { releases, http, deadline, database, dir }
+    }
+
+    /// `serve` with `flags`, on this setup's database and data directory.
+    pub fn start(&self, name: &str, flags: &[&str]) -> ServeProcess {
+        ServeProcess::start(name, self.dir.path(), &self.database, flags)
+    }
+}
 
 /// `sitecast-coordinator serve` on `database`, as an operator runs it; killed when dropped.
 pub struct ServeProcess {
