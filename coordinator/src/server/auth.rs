@@ -37,8 +37,6 @@ pub(super) fn random_hex(len: usize) -> std::io::Result<String> {
     Ok(hex::encode(bytes))
 }
 
-/// The token hashes and URL secret to store at start: configured tokens replace stored ones
-/// (audited when they change), missing ones are generated and shown once.
 /// Why the configured tokens cannot be taken.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum TokenError {
@@ -53,6 +51,9 @@ pub(super) enum TokenError {
     DiffersFromReplicas(&'static str),
 }
 
+/// The token hashes and URL secret to store at start: configured tokens replace stored ones
+/// (audited when they change), missing ones are generated and shown once. A replica takes
+/// the tokens the database holds, or refuses to start.
 pub(super) fn initial_tokens(
     fleet: &Fleet,
     config: &super::ServerConfig,
@@ -297,21 +298,19 @@ impl FromRequestParts<Arc<AppState>> for Operator {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        // A change made with a cookie is judged on sessions caught up with the other replicas,
-        // so a session ended on one of them changes nothing here either.
         let by_cookie = !parts.headers.contains_key(header::AUTHORIZATION)
             && session_id(&parts.headers).is_some();
-        let caught_up = by_cookie && !matches!(parts.method, Method::GET | Method::HEAD);
-        if caught_up {
-            state.catch_up_now().await?;
-        }
+        let changes = by_cookie && !matches!(parts.method, Method::GET | Method::HEAD);
         match Self::check(state, parts) {
+            // A change made with a session this replica knows is judged on sessions caught up
+            // with the other replicas: one ended on another replica changes nothing here.
+            Ok(_) if changes && state.store.shared() => {
+                state.catch_up_now().await?;
+                Self::check(state, parts)
+            }
             // Signed in on another replica a moment ago: this one may not have caught up yet.
-            Err(error)
-                if error.code == "session_expired"
-                    && !caught_up
-                    && state.may_catch_up(CATCH_UP_GAP) =>
-            {
+            // (Cookies nobody signed in with cost at most one catch-up per gap.)
+            Err(error) if error.code == "session_expired" && state.may_catch_up(CATCH_UP_GAP) => {
                 state.catch_up_now().await?;
                 Self::check(state, parts)
             }

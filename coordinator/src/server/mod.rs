@@ -8,9 +8,9 @@
 //! not under it, so a slow repair holds up no read and no check-in that only updates
 //! bookkeeping.
 //!
-//! On a store several replicas share, the fleet is caught up with the store before a change
-//! is computed ([`AppState::catch_up`]), and computed again when another replica committed
-//! first ([`AppState::serialized`]); once a second the background catches up for reads too.
+//! On a store several replicas share, replicas take turns to change the fleet: in its turn, a
+//! replica catches its fleet up with the store ([`AppState::catch_up`]), computes, commits and
+//! applies ([`AppState::serialized`]). Once a second the background catches up for reads too.
 
 mod agent_releases;
 mod appliances;
@@ -213,7 +213,8 @@ impl std::fmt::Debug for dyn Store {
     }
 }
 
-/// Tries a change makes before it gives up (503) while other replicas keep committing first.
+/// Tries a change makes before it gives up (503) while the log keeps moving under it (only a
+/// writer outside the replicas' turns can make it move).
 const ATTEMPTS: usize = 8;
 
 /// The fleet as stored, with the tokens a first start sets (only one of several replicas

@@ -127,11 +127,18 @@ pub(super) async fn sign_out(
         return Ok(session_response(StatusCode::OK, clear, gone));
     };
     let csrf = headers.get(session::CSRF_HEADER).and_then(|v| v.to_str().ok());
-    // Opened on another replica a moment ago: this one must know it to end it, and must not
-    // say it ended a session it could not see.
-    state.catch_up_now().await?;
-    let now = state.clock.now();
-    let checked = session::check(&lock(&state.fleet).sessions, id, true, csrf, now);
+    let check = || session::check(&lock(&state.fleet).sessions, id, true, csrf, state.clock.now());
+    let mut checked = check();
+    if checked == Err(SessionError::Unknown) && state.store.shared() {
+        // Opened on another replica a moment ago: this one must know it to end it, and must
+        // not say it ended a session it could not see. (Cookies nobody signed in with cost
+        // at most one catch-up per gap; past it, the browser is asked to try again.)
+        if !state.may_catch_up(super::auth::CATCH_UP_GAP) {
+            return Err(ApiError::busy("busy", "try signing out again in a moment", 1));
+        }
+        state.catch_up_now().await?;
+        checked = check();
+    }
     match checked {
         // Commit, then apply: the session ends only once its end is stored and audited, so a
         // sign-out that cannot be stored leaves the session as it was (and says so). Computed
