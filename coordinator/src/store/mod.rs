@@ -42,8 +42,9 @@ pub enum StoreError {
     Closed(String),
     /// A PostgreSQL database another Central Command is using.
     #[error(
-        "another Central Command is using this database on its own (start every Central Command \
-         on it with `--replica` to share it; `serve --standby` waits to take over)"
+        "another Central Command is using this database, alone or as replicas of each other \
+         (Central Commands share a database only all started with `--replica`; `serve \
+         --standby` waits until it is free)"
     )]
     InUse,
     /// A replica of another record format runs on the database ([`REPLICA_FORMAT`]).
