@@ -13,6 +13,7 @@ use futures_util::future::join_all;
 use jiff::SignedDuration;
 use reqwest::Method;
 use serde_json::{Value, json};
+use std::sync::Arc;
 
 /// `n` replicas on `database`, sharing one data directory (the images), each with a clock
 /// of its own that the test moves for all of them.
@@ -20,16 +21,12 @@ async fn replicas(
     n: usize,
     data_dir: &std::path::Path,
     releases: &Releases,
-    database: &TestPostgres,
+    database: &Arc<TestPostgres>,
 ) -> Vec<TestServer> {
     let mut servers = Vec::new();
     for _ in 0..n {
-        let server = TestServer::start_with(data_dir, &releases.root, |config| {
-            config.database = Some(database.url());
-            config.replica = true;
-        })
-        .await;
-        servers.push(server);
+        let backend = Backend::Replica(Arc::clone(database));
+        servers.push(TestServer::start_on(backend, data_dir, &releases.root).await);
     }
     servers
 }
@@ -53,9 +50,13 @@ async fn until_all(replicas: &[TestServer], what: &str, path: &str, done: impl F
 async fn gapless_audit(replica: &TestServer) -> Vec<Value> {
     let (_, entries) = replica.op_json(Method::GET, "/api/audit?limit=5000", None).await;
     let entries = entries.as_array().expect("audit").clone();
+    assert_gapless(&entries);
+    entries
+}
+
+fn assert_gapless(entries: &[Value]) {
     let seqs: Vec<u64> = entries.iter().map(|e| e["seq"].as_u64().expect("seq")).collect();
     assert_eq!(seqs, (1..=entries.len() as u64).collect::<Vec<_>>(), "the audit log has gaps");
-    entries
 }
 
 fn advanced_to(entries: &[Value], stage: u64) -> usize {
@@ -98,7 +99,7 @@ async fn with_cookie(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_keep_one_fleet_and_a_staged_rollout_advances_once_per_stage() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let database = TestPostgres::start();
+    let database = Arc::new(TestPostgres::start());
     let releases = Releases::new(dir.path());
     let data = dir.path().join("data");
     let replicas = replicas(3, &data, &releases, &database).await;
@@ -272,8 +273,7 @@ async fn the_engine_moves_to_another_replica_when_its_replica_is_killed() {
     assert_eq!(after["releases"], before["releases"]);
     let entries = |state: &Value| state["audit"].as_array().expect("audit").clone();
     assert!(entries(&after).starts_with(&entries(&before)), "audit lost or rewritten:\n{after}");
-    let seqs: Vec<u64> = entries(&after).iter().map(|e| e["seq"].as_u64().expect("seq")).collect();
-    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_gapless(&entries(&after));
 }
 
 /// Replicas check the same tokens: one configured with another refuses to start, instead of
@@ -281,7 +281,7 @@ async fn the_engine_moves_to_another_replica_when_its_replica_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_with_other_tokens_refuses_to_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let database = TestPostgres::start();
+    let database = Arc::new(TestPostgres::start());
     let releases = Releases::new(dir.path());
     let data = dir.path().join("data");
     let first = replicas(1, &data, &releases, &database).await;
@@ -324,7 +324,7 @@ async fn a_replica_with_other_tokens_refuses_to_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_without_the_image_says_where_the_mistake_is() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let database = TestPostgres::start();
+    let database = Arc::new(TestPostgres::start());
     let releases = Releases::new(dir.path());
     let one = replicas(1, &dir.path().join("one"), &releases, &database).await;
     let other = replicas(1, &dir.path().join("other"), &releases, &database).await;

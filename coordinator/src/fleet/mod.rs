@@ -11,10 +11,9 @@
 //! loses nothing that was answered as done. It never goes back in time: a record applied
 //! from another replica's batch keeps this view's newer bookkeeping.
 //!
-//! With replicas, the fleet is a view of the shared store at a log [`Fleet::position`]: it is
-//! caught up (the other replicas' batches applied in order) before every change is computed,
-//! and a change computed on a view another replica overtook is refused by the store and
-//! computed again.
+//! With replicas, the fleet is a view of the shared store at a log [`Fleet::position`]: in a
+//! replica's turn to write, it is caught up (the other replicas' batches applied in order)
+//! before a change is computed, and the store refuses a batch computed at a stale position.
 
 mod agents;
 mod appliances;

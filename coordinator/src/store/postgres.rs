@@ -95,9 +95,13 @@ impl std::fmt::Debug for PostgresStore {
 
 /// The server's own words where it gave any ("duplicate key value violates unique constraint
 /// \"audit_pkey\""), else the client's error and its causes: `postgres::Error` alone says
-/// only "db error".
+/// only "db error". A lock timeout (another writer held the log, or had its turn, longer than
+/// that) is [`StoreError::Busy`]: nothing was stored, and nothing is wrong with the store.
 fn db_error(error: impl Into<PgError>) -> StoreError {
-    let text = match error.into() {
+    let error = error.into();
+    let busy = matches!(&error, PgError::Postgres(e)
+        if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE));
+    let text = match error {
         PgError::Postgres(error) => match error.as_db_error() {
             Some(db) => match db.detail() {
                 Some(detail) => format!("{}: {detail}", db.message()),
@@ -107,7 +111,10 @@ fn db_error(error: impl Into<PgError>) -> StoreError {
         },
         PgError::Other(text) => text,
     };
-    StoreError::Database(text)
+    match busy {
+        true => StoreError::Busy(text),
+        false => StoreError::Database(text),
+    }
 }
 
 /// What [`db_error`] describes.
@@ -328,11 +335,6 @@ impl PostgresStore {
         });
         let (txid, error) = match written {
             Ok(Written::Logged(position)) => return Ok(position),
-            Err(CallError::Work((_, StoreError::Database(why))))
-                if why.starts_with(LOCK_TIMEOUT_MESSAGE) =>
-            {
-                return Err(StoreError::Busy(why));
-            }
             Ok(Written::Unlogged) => return Ok(0),
             Ok(Written::Moved(position)) => return Err(StoreError::Moved(position)),
             Err(CallError::Work((None, error)) | CallError::Store(error)) => return Err(error),
@@ -383,10 +385,6 @@ fn unlock_writers(client: &mut postgres::Client) -> Result<(), StoreError> {
     }
     Ok(())
 }
-
-/// How PostgreSQL words a `lock_timeout`: another writer held the log (or held the writers
-/// back) longer than that. Nothing was stored; the store is fine.
-const LOCK_TIMEOUT_MESSAGE: &str = "canceling statement due to lock timeout";
 
 /// `user@host:port/dbname` of `config`, never its password.
 fn describe(config: &postgres::Config) -> String {
@@ -487,7 +485,7 @@ fn write(
     }
     let mut written = Written::Unlogged;
     if let Some(at) = at {
-        // Waits while a replica that was overtaken holds the writers back.
+        // Waits while another replica has its turn to write.
         txn.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&WRITERS_LOCK])?;
         // The head's row lock orders writers: one that waited sees the head moved and stops.
         let head = txn.query_opt(
@@ -720,12 +718,6 @@ impl Store for PostgresStore {
                 unlock_writers(client)?;
             }
             held.map(drop).map_err(db_error)
-        })
-        .map_err(|error| match error {
-            StoreError::Database(why) if why.starts_with(LOCK_TIMEOUT_MESSAGE) => {
-                StoreError::Busy(why)
-            }
-            error => error,
         })
     }
 
