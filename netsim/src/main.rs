@@ -262,10 +262,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     "  on {older_releases} older release(s), {changed_percent} % of the image changed since each: {transfer} bytes held by none (the transfer)"
                 );
             }
+            // A site's bound counts what its corrupt appliances fetched (measured in the run).
+            let bound =
+                results.iter().map(|r| r.bound_seconds).fold(spec.bound_seconds(), f64::max);
             println!(
-                "  slowest site {seconds:.2} s (bound {:.2} s, ×{:.2}); worst origin bytes per site {:.3} × the transfer; intact: {intact}; simulated in {wall:.2} s",
-                spec.bound_seconds(),
-                seconds / spec.bound_seconds(),
+                "  slowest site {seconds:.2} s (bound {bound:.2} s, ×{:.2}); worst origin bytes per site {:.3} × the transfer; intact: {intact}; simulated in {wall:.2} s",
+                seconds / bound,
                 worst as f64 / transfer as f64
             );
             if !intact {
@@ -286,7 +288,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 "origin_bytes_per_site_max": worst,
                 "lan_bytes": results.iter().map(|r| r.lan_bytes).sum::<u64>(),
                 "seconds": seconds,
-                "bound_seconds": spec.bound_seconds(),
+                "bound_seconds": bound,
                 "intact": intact,
                 "seed": seed,
                 "events": results.iter().map(|r| r.events).sum::<u64>(),

@@ -205,10 +205,48 @@ impl SiteSpec {
     }
 
     /// The lower bound on the time for every honest appliance to hold the image that the
-    /// sweep holds the swarm to: the larger of [`Self::kumar_ross_seconds`] and
-    /// [`Self::origin_goal_seconds`].
+    /// sweep holds the swarm to: the largest of [`Self::kumar_ross_seconds`],
+    /// [`Self::origin_goal_seconds`] and [`Self::latency_seconds`].
     pub fn bound_seconds(&self) -> f64 {
-        self.kumar_ross_seconds().max(self.origin_goal_seconds())
+        self.kumar_ross_seconds().max(self.origin_goal_seconds()).max(self.latency_seconds())
+    }
+
+    /// Kumar–Ross with the WAN's one-way latency `L` (the bytes' flight time, which the
+    /// fluid bound leaves out; it matters where the transfer takes tenths of a second):
+    /// - The last of `U` leaves the origin no sooner than `U/u_s`, and lands `L` later.
+    /// - Until `L` nothing has landed anywhere on a site that starts empty, so no appliance
+    ///   has anything to relay, and the downlinks of the appliances there from the start carry
+    ///   only the origin's bytes, `u_s·L` in all. Appliance `i` needs `F` at most `d_i`, so
+    ///   by `T` it holds at most `x_i + d_i·(T − L)` of what it received by `L`. The site is
+    ///   done at the smallest `T ≥ F/d_i` with `Σ max(0, F − d_i·(T − L)) ≤ u_s·L`: the
+    ///   origin's first `u_s·L` shared out as well as can be.
+    pub fn latency_seconds(&self) -> f64 {
+        let latency = self.wan_latency.as_secs_f64();
+        let wan = self.transfer_bytes() as f64 * 8.0 / self.wan_bps + latency;
+        let honest = self.honest();
+        if honest.iter().any(|&i| !self.held[i].is_empty()) {
+            // Held pieces can be relayed from the start: the second part does not apply.
+            return wan;
+        }
+        let present: Vec<(f64, f64)> = (honest.iter())
+            .filter(|&&i| self.join_at[i].is_zero())
+            .map(|&i| (self.missing_bytes(i) as f64 * 8.0, self.lan_down_bps[i]))
+            .collect();
+        let early = self.wan_bps * latency;
+        let need = |t: f64| -> f64 {
+            present.iter().map(|&(f, d)| (f - d * (t - latency)).max(0.0)).sum()
+        };
+        let mut low = present.iter().map(|&(f, d)| f / d).fold(0.0, f64::max);
+        if need(low) <= early {
+            return wan.max(low);
+        }
+        // `need` falls as `T` grows and is 0 by `low + L`: halve the interval between.
+        let mut high = low + latency;
+        for _ in 0..64 {
+            let mid = (low + high) / 2.0;
+            if need(mid) <= early { high = mid } else { low = mid }
+        }
+        wan.max(high)
     }
 
     /// Kumar–Ross lower bound `max(F/u_s, F/d_min, N·F/(u_s + Σu_i))` over the honest
@@ -244,6 +282,15 @@ impl SiteSpec {
         if upload > 0.0 { from_peers / upload } else { 0.0 }
     }
 
+    /// The bound on a site with corrupt members: the WAN carries what the honest appliances
+    /// lack (`U`) and whatever the corrupt ones fetch from the origin (`liar_bytes`, measured).
+    /// A corrupt member looks like any other until it serves a group that fails to verify,
+    /// and fetches what it likes; no schedule of the honest ones can keep its downloads off
+    /// the site's WAN, so no schedule finishes before `(U + liar_bytes)/u_s`.
+    pub fn shared_wan_seconds(&self, liar_bytes: f64) -> f64 {
+        (self.transfer_bytes() as f64 + liar_bytes) * 8.0 / self.wan_bps
+    }
+
     fn honest(&self) -> Vec<usize> {
         (0..self.appliances).filter(|i| !self.corrupt.contains(i)).collect()
     }
@@ -271,6 +318,10 @@ pub struct SiteResult {
     /// BLAKE3 of the event trace: equal traces, equal digests.
     pub trace_digest: String,
 }
+
+/// Uploads an appliance serves at once, as the agent does (`max_upload_peers`): it refuses
+/// further requests at once ([`Event::Busy`]).
+const UPLOAD_SLOTS: usize = 8;
 
 /// A flow's links are numbered: the site's WAN link is 0, appliance `j`'s LAN uplink `1 + j`
 /// and its downlink `1 + n + j`. Ascending numbers are the order the rate sharing visits
@@ -682,9 +733,8 @@ impl<'a> Sim<'a> {
                         continue;
                     };
                     self.next_flow += 1;
-                    self.flows_touched();
                     let down = 1 + self.spec.appliances + i;
-                    self.flows.push(Flow {
+                    self.start(Flow {
                         id: self.next_flow,
                         to: i,
                         from: source,
@@ -727,6 +777,19 @@ impl<'a> Sim<'a> {
                 Action::Done => self.record(format_args!("done {i}")),
             }
         }
+    }
+
+    /// Starts `flow`, unless its sender is a LAN peer with every upload slot taken: then the
+    /// refusal reaches the requester a LAN round trip later.
+    fn start(&mut self, flow: Flow) {
+        let uplink = flow.links[0];
+        if uplink != WAN && self.flows.on_link.get(uplink).copied().unwrap_or(0) >= UPLOAD_SLOTS {
+            let at = self.now + self.spec.lan_latency * 2;
+            self.deliver(at, flow.to, Event::Busy { request: flow.request });
+            return;
+        }
+        self.flows_touched();
+        self.flows.push(flow);
     }
 
     /// Counts `bytes` of `flow` as crossed.
@@ -978,7 +1041,10 @@ impl<'a> Sim<'a> {
             honest_origin_bytes: self.honest_origin_bytes.round() as u64,
             lan_bytes: self.lan_bytes.round() as u64,
             seconds: finished_at.unwrap_or(self.now).as_secs_f64(),
-            bound_seconds: self.spec.bound_seconds(),
+            bound_seconds: self.spec.bound_seconds().max(
+                self.spec
+                    .shared_wan_seconds((self.origin_bytes - self.honest_origin_bytes).max(0.0)),
+            ),
             intact,
             events: self.trace.events,
             trace_digest: self.trace.hasher.finalize().to_hex().to_string(),

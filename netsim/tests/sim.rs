@@ -111,23 +111,17 @@ fn scenarios_finish_intact() {
     }
 }
 
-/// Shapes of the reduced sweep that still miss the time goal (issue 14 is open on them): small
-/// transfers whose bound is a few tenths of a second, LAN-limited, asymmetric, mixed-speed,
-/// late and corrupt sites. They must still be intact and spare the origin.
+/// Shapes of the reduced sweep that still miss the time goal (issue 14 is open on them): 4 MiB
+/// transfers, whose bounds are a few tenths of a second, on LAN-limited sites, with late
+/// joiners and with a corrupt peer. They must still be intact and spare the origin.
 const STILL_SLOW: &[(usize, u64, f64, f64, &str)] = &[
     (3, 4, 200.0, 100.0, "uniform"),
     (3, 4, 1000.0, 100.0, "uniform"),
     (3, 4, 50.0, 1000.0, "late third"),
-    (3, 4, 50.0, 1000.0, "one corrupt"),
-    (3, 32, 50.0, 1000.0, "one corrupt"),
     (24, 4, 200.0, 100.0, "uniform"),
     (24, 4, 1000.0, 100.0, "uniform"),
-    (24, 4, 50.0, 1000.0, "mixed 10/100/1000"),
     (24, 4, 50.0, 1000.0, "late third"),
-    (24, 4, 50.0, 1000.0, "up = down / 10"),
-    (24, 4, 200.0, 1000.0, "mixed 10/100/1000"),
     (24, 4, 200.0, 100.0, "late third"),
-    (24, 4, 200.0, 100.0, "up = down / 10"),
     (24, 4, 200.0, 100.0, "one corrupt"),
 ];
 

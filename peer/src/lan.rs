@@ -40,6 +40,9 @@ use crate::swarm::{FetchError, Holding, LanFetcher, PeerNews, piece_count, piece
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// The QUIC close code for a peer that is not a member of this site.
 const NOT_A_MEMBER: u32 = 403;
+/// The stream error code of a request refused because every upload slot is taken. Agents
+/// before it queued such requests; they take the refusal as a failed fetch.
+const BUSY: u32 = 429;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LanError {
@@ -267,7 +270,16 @@ impl LanNode {
                 connection.close(NOT_A_MEMBER.into(), b"not a member of this site");
                 return Ok(());
             }
-            let permit = Arc::clone(&self.shared.upload_slots).acquire_owned().await?;
+            // With every slot taken, the peer hears so at once and asks another peer that
+            // holds the piece: queued here, its request would wait behind uploads while the
+            // site's other uplinks idle, and pieces would spread more slowly.
+            let Ok(permit) = Arc::clone(&self.shared.upload_slots).try_acquire_owned() else {
+                let busy = iroh::endpoint::VarInt::from_u32(BUSY);
+                send.reset(busy)?;
+                let mut recv = recv;
+                let _ = recv.stop(busy);
+                continue;
+            };
             let node = self.clone();
             tokio::spawn(async move {
                 if let Err(error) = node.serve_request(peer, send, recv).await {
@@ -379,11 +391,24 @@ impl LanNode {
             Request::Get(GetRequest::blob_ranges(iroh_blobs::Hash::from_bytes(hash), ranges));
         let bytes = postcard::to_stdvec(&request).map_err(|e| failed(&e))?;
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(&e))?;
-        send.write_all(&bytes).await.map_err(|e| failed(&e))?;
+        let busy = iroh::endpoint::VarInt::from_u32(BUSY);
+        match send.write_all(&bytes).await {
+            Err(iroh::endpoint::WriteError::Stopped(code)) if code == busy => {
+                return Err(FetchError::Busy);
+            }
+            other => other.map_err(|e| failed(&e))?,
+        }
         send.finish().map_err(|e| failed(&e))?;
         let limit = layout.encoded_len(groups) as usize + 1;
-        let body = recv.read_to_end(limit).await.map_err(|e| failed(&e))?;
-        Ok(Bytes::from(body))
+        match recv.read_to_end(limit).await {
+            Ok(body) => Ok(Bytes::from(body)),
+            Err(iroh::endpoint::ReadToEndError::Read(iroh::endpoint::ReadError::Reset(code)))
+                if code == busy =>
+            {
+                Err(FetchError::Busy)
+            }
+            Err(e) => Err(failed(&e)),
+        }
     }
 }
 

@@ -109,6 +109,7 @@ impl Mirrors {
                 FetchError::Failed(reason) => {
                     tracing::warn!(%url, %reason, "a mirror failed; not asked again")
                 }
+                FetchError::Busy => tracing::warn!(%url, "a mirror was busy; not asked again"),
             }
         }
         was_in_use

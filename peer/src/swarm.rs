@@ -43,6 +43,8 @@ pub enum FetchError {
     Corrupt(String),
     /// The transfer failed (connection, timeout, refused).
     Failed(String),
+    /// A LAN peer had no upload slot free: ask another, or it again shortly.
+    Busy,
 }
 
 /// Fetches raw responses (`[size][bao encoding]`) for group ranges from LAN peers.
@@ -88,6 +90,8 @@ pub struct TransferStats {
     pub pieces_from_lan: u64,
     pub corrupt: u64,
     pub failed: u64,
+    /// LAN requests a peer refused for want of a free upload slot.
+    pub busy: u64,
     /// Pieces held (verified and written), of `pieces_total`.
     pub pieces_done: u64,
     pub pieces_total: u64,
@@ -473,6 +477,10 @@ impl<D: Device + Send + 'static> Swarm<D> {
                 count(&|stats| stats.failed += 1);
                 tracing::debug!(?source, %reason, "fetch failed");
                 Ok(Event::Failed { request })
+            }
+            Fetched::Failed(FetchError::Busy) => {
+                count(&|stats| stats.busy += 1);
+                Ok(Event::Busy { request })
             }
         }
     }

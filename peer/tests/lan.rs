@@ -1,5 +1,5 @@
-//! The LAN node on its own: serving a held release, refusing what it does not hold, and the
-//! upload caps (in total and per peer).
+//! The LAN node on its own: serving a held release, refusing what it does not hold, the
+//! upload caps (in total and per peer), and refusing at once when every upload slot is taken.
 
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,9 @@ async fn a_node_serves_verified_pieces_and_caps_its_uploads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let len = 4 * 1024 * 1024;
     let limit = 8 * 1024 * 1024; // bytes per second, for all uploads together
-    let limits = UploadLimits { total_bytes_per_sec: limit, ..UploadLimits::default() };
+    // Every piece is asked for at once: slots for all of them, so that the byte cap, not
+    // refusals, paces the uploads.
+    let limits = UploadLimits { total_bytes_per_sec: limit, streams: 1024, ..Default::default() };
     let (server, info) = serving(dir.path(), len, limits).await;
     let agent = client(&server, &info, dir.path()).await;
     let fetcher = agent.fetcher_for(&info);
@@ -102,11 +104,13 @@ async fn the_per_peer_cap_holds_for_each_peer_not_for_all() {
     // Rates far below what loopback carries, so that the caps and not the machine set them.
     let len = 1024 * 1024;
     let per_peer = 512 * 1024; // bytes per second to any one peer
-    let limits = UploadLimits { per_peer_bytes_per_sec: per_peer, ..UploadLimits::default() };
+    let limits =
+        UploadLimits { per_peer_bytes_per_sec: per_peer, streams: 1024, ..Default::default() };
     let (server, info) = serving(&dir.path().join("per-peer"), len, limits).await;
     // Beside it, a server whose cap is the same for all peers together: what the per-peer cap
     // must not turn into.
-    let for_all = UploadLimits { total_bytes_per_sec: per_peer, ..UploadLimits::default() };
+    let for_all =
+        UploadLimits { total_bytes_per_sec: per_peer, streams: 1024, ..Default::default() };
     let (reference, reference_info) = serving(&dir.path().join("for-all"), len, for_all).await;
     let (a, b) =
         (client(&server, &info, dir.path()).await, client(&server, &info, dir.path()).await);
@@ -139,4 +143,31 @@ async fn the_per_peer_cap_holds_for_each_peer_not_for_all() {
         "{reference_sent} B sent under a cap for all while the per-peer cap sent {sent} B: \
          the per-peer cap held for all peers together"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_every_upload_slot_taken_refuses_at_once() {
+    sitecast_coordinator::install_tls_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One slot, and an upload slow enough (1 MiB at 256 KiB/s) that the first holds it while
+    // the second asks.
+    let limits = UploadLimits { streams: 1, total_bytes_per_sec: 256 * 1024, ..Default::default() };
+    let (server, info) = serving(dir.path(), 4 * 1024 * 1024, limits).await;
+    let agent = client(&server, &info, dir.path()).await;
+    let fetcher = agent.fetcher_for(&info);
+    let layout = BlobLayout::new(info.blake3, info.size);
+    let first = tokio::spawn(fetcher.fetch(server.id(), 0..64));
+    // Polling interval while the first upload starts (it takes its slot, then sends).
+    while server.uploaded() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second = fetcher.fetch(server.id(), 64..65).await;
+    assert!(matches!(second, Err(FetchError::Busy)), "{second:?}");
+    first.await.expect("task").expect("the first upload is served");
+    // Its slot is free again: the refused piece is served when asked again.
+    let again = fetcher.fetch(server.id(), 64..65).await.expect("served");
+    let ranges = layout.chunk_ranges(64..65);
+    for item in ResponseDecoder::new(layout, &ranges, &again[..]).expect("header") {
+        item.expect("every group verifies");
+    }
 }

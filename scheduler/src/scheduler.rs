@@ -9,14 +9,17 @@
 //! Policy:
 //! - **Pieces sized to the transfer** ([`crate::pieces::PieceLayout`]): from one 16 KiB group
 //!   to 64, so that even a small transfer has pieces enough for every member of a large site.
-//!   Request windows are counted in bytes, so small pieces get more requests in flight.
 //! - **LAN first, rarest first.** While the download window (`max_lan_requests`) has room, the
 //!   live peer with the fewest of our requests in flight (ties broken by a hash of the two
 //!   peers, so the site spreads out) gets a request for the missing piece it has that the
-//!   fewest live peers have. At most `max_requests_per_peer` requests per peer.
+//!   fewest live peers have. At most `max_requests_per_peer` requests per peer. A peer with
+//!   every upload slot taken refuses at once ([`Event::Busy`]) and is left alone for
+//!   `busy_backoff`, so requests go to the peers that can send now.
 //! - **The origin once per site.** A piece no live LAN peer has comes from the origin only if
-//!   this appliance is the piece's assigned fetcher: the highest rendezvous hash of (piece,
-//!   member) over the site's live members. If the assignee dies it leaves the membership and
+//!   this appliance is the piece's assigned fetcher: of the site's live members that are not
+//!   stalled, the first `origin_fetchers` by a hash of their identity fetch from the origin,
+//!   and a piece is assigned to the one of them with the highest rendezvous hash of (piece,
+//!   member). If the assignee dies it leaves the membership and
 //!   the next one takes over at once; if it stalls (its have-map has not grown for
 //!   `max(origin_takeover, 4 × this appliance's own time per origin piece)`, counting the one
 //!   in flight), the next member in the hash order that is not stalled takes over. Measuring
@@ -116,6 +119,10 @@ pub struct Config {
     /// shares its rate among the streams on it, so the fewer there are the sooner each piece
     /// arrives and can be relayed on the LAN.
     pub origin_window_bytes: u64,
+    /// Members of a site that fetch from the origin at once: the contenders ranked first by
+    /// a hash of their identity. The others take pieces only from the LAN until one of these
+    /// stalls or leaves.
+    pub origin_fetchers: usize,
     /// The site's members as Central Command named them (may be empty). Once every one of them
     /// is up and has said what it holds there is nothing left to learn, and the discovery grace
     /// ends early.
@@ -134,16 +141,23 @@ pub struct Config {
     pub announce_interval: Duration,
     /// After a failed request, a peer gets no new requests for this long.
     pub peer_backoff: Duration,
+    /// After a peer said it is busy, it gets no new requests for this long.
+    pub busy_backoff: Duration,
     /// First origin backoff after a failure; doubles up to `origin_backoff_max`.
     pub origin_backoff: Duration,
     pub origin_backoff_max: Duration,
 }
 
-/// Bytes in flight to one LAN peer: a LAN's bandwidth-delay product with room to spare.
-const PEER_WINDOW_BYTES: u64 = 256 << 10;
-/// Bytes in flight to LAN peers, all together. Every piece in flight shares the links with
-/// the others, so more of them only makes each arrive (and be passed on) later.
-const DOWNLOAD_WINDOW_BYTES: u64 = 4 << 20;
+/// Requests in flight to one LAN peer. A peer serves a few uploads at once (the agent's
+/// `max_upload_peers`, 8) and refuses the rest ([`Event::Busy`]); half of them is as much of
+/// its uplink as one of the site's members should count on.
+const PEER_REQUESTS: usize = 4;
+/// Requests in flight to LAN peers, all together, whatever the pieces' size. Every piece in
+/// flight shares the links with the others, so more of them only makes each arrive (and be
+/// passed on) later; fewer leave the downlink idle. In the reduced sweep (with one-group
+/// pieces) 8 at once met the goals on more shapes than 16; with 4, a LAN-limited site of large
+/// pieces left its downlinks idle (32 × 1 GiB at WAN 200 / LAN 100: 1.41 × the bound).
+const LAN_REQUESTS: usize = 8;
 /// Origin requests of this appliance at most, in pieces' worth of bytes (each request is a
 /// run of pieces).
 const ORIGIN_WINDOW_BYTES: u64 = 1 << 20;
@@ -156,8 +170,14 @@ const ORIGIN_RUN_BYTES: u64 = 1 << 20;
 /// (`--max-range-streams-per-client`) and refuses the rest. Half that leaves room for the
 /// rounding and for requests the server has not yet seen end. Each member with work left
 /// rounds its share up to one request, so a site of more than 8 members has that many in
-/// flight; above 16 behind one NAT the server refuses some (they back off and retry).
+/// flight; [`ORIGIN_FETCHERS`] keeps that below 16.
 const ORIGIN_REQUESTS_PER_SITE: u64 = 8;
+/// Members of a site that fetch from the origin (the rest only relay, until one of these
+/// stalls or leaves). With every member fetching its share at once, a large site's streams
+/// share the WAN so finely that the first pieces land only after tens of milliseconds and the
+/// LAN idles until then (128 × 4 MiB: 1.82 × the bound); a dozen keeps the site within the
+/// 16 streams Central Command grants one client, with room for rounding.
+const ORIGIN_FETCHERS: usize = 12;
 
 impl Config {
     /// Settings for a transfer of `pieces` pieces of `piece_bytes` each.
@@ -168,11 +188,12 @@ impl Config {
         Self {
             pieces,
             piece_bytes,
-            max_requests_per_peer: in_pieces(PEER_WINDOW_BYTES, 8),
-            max_lan_requests: in_pieces(DOWNLOAD_WINDOW_BYTES, 16),
+            max_requests_per_peer: PEER_REQUESTS,
+            max_lan_requests: LAN_REQUESTS,
             max_origin_requests: in_pieces(ORIGIN_WINDOW_BYTES, ORIGIN_REQUESTS_PER_SITE),
             origin_run_pieces: (ORIGIN_RUN_BYTES / piece_bytes).clamp(1, MAX_RUN_PIECES) as usize,
             origin_window_bytes: (transfer / 16).clamp(512 << 10, 16 << 20),
+            origin_fetchers: ORIGIN_FETCHERS,
             site_members: Vec::new(),
             request_timeout: Duration::from_secs(30),
             origin_takeover: Duration::from_secs(10),
@@ -182,6 +203,7 @@ impl Config {
             preparing_grace: Duration::from_secs(60),
             announce_interval: Duration::from_millis(10),
             peer_backoff: Duration::from_secs(2),
+            busy_backoff: Duration::from_millis(5),
             origin_backoff: Duration::from_secs(1),
             origin_backoff_max: Duration::from_secs(60),
         }
@@ -207,6 +229,9 @@ pub enum Event {
     /// A request failed without evidence of lying (connection lost, refused, truncated): its
     /// pieces not yet completed are wanted again.
     Failed { request: RequestId },
+    /// A LAN peer refused a request because every one of its upload slots is taken: its
+    /// pieces are wanted again, from another peer or from it a little later.
+    Busy { request: RequestId },
     /// A request delivered a group that did not verify.
     Corrupt { request: RequestId },
     /// Pieces found intact locally (resume, seeding).
@@ -301,6 +326,8 @@ pub struct Stats {
     pub corrupt: u64,
     pub timed_out: u64,
     pub cancelled: u64,
+    /// LAN requests a peer refused for want of an upload slot.
+    pub busy: u64,
 }
 
 #[derive(Debug)]
@@ -496,6 +523,7 @@ impl Scheduler {
             }
             Event::Completed { request, piece } => self.complete(request, piece, now),
             Event::Failed { request } => self.fail(request, false),
+            Event::Busy { request } => self.busy(request),
             Event::Corrupt { request } => {
                 let Some(bad) = self.in_flight.get(&request).cloned() else { return };
                 self.stats.corrupt += 1;
@@ -734,6 +762,21 @@ impl Scheduler {
         }
     }
 
+    /// A peer had no upload slot free: no failure, just not this peer for a moment.
+    fn busy(&mut self, request: RequestId) {
+        let Some(refused) = self.in_flight.remove(&request) else { return };
+        self.end(&refused);
+        self.stats.busy += 1;
+        for peer in &mut self.peers {
+            peer.nothing_to_ask = false;
+        }
+        if let Sender::Peer(i) = refused.from
+            && self.peers[i].live
+        {
+            self.peers[i].backoff_until = self.now + self.config.busy_backoff;
+        }
+    }
+
     fn fail_requests_to(&mut self, peer: usize) {
         let requests: Vec<RequestId> = self
             .in_flight
@@ -842,10 +885,23 @@ impl Scheduler {
             self.count_fetching(i, contenders.contains(&i));
         }
         self.assigned = PieceSet::empty(self.config.pieces);
-        for piece in 0..self.config.pieces {
-            let mine = self.my_scores[piece as usize];
-            if contenders.iter().all(|&i| self.peers[i].scores[piece as usize] <= mine) {
-                self.assigned.insert(piece);
+        // Of the contenders, the few ranked first fetch from the origin.
+        let rank = |id: &PeerId| hash64(b"origin fetcher", &id.0);
+        let mine = rank(&self.me);
+        let mut ranks: Vec<(u64, usize)> =
+            contenders.iter().map(|&i| (rank(&self.peers[i].id), i)).collect();
+        ranks.sort_unstable_by(|a, b| b.cmp(a));
+        let above_me = ranks.iter().filter(|&&(r, _)| r > mine).count();
+        if above_me < self.config.origin_fetchers {
+            let fetchers: Vec<usize> = (ranks.iter())
+                .take(self.config.origin_fetchers.saturating_sub(1))
+                .map(|&(_, i)| i)
+                .collect();
+            for piece in 0..self.config.pieces {
+                let mine = self.my_scores[piece as usize];
+                if fetchers.iter().all(|&i| self.peers[i].scores[piece as usize] <= mine) {
+                    self.assigned.insert(piece);
+                }
             }
         }
         self.contenders = Some(contenders);
@@ -993,8 +1049,10 @@ impl Scheduler {
                     & ours.words()[w];
                 wanted.extend(pieces_in(w, unheld).take(most - wanted.len()));
             }
-            // As few runs as hold them, of about equal length.
-            let runs = wanted.len().div_ceil(run_pieces);
+            // Every request this member's share allows, of about equal length: the WAN shares
+            // its rate among the site's streams, so a member with more pieces to fetch needs
+            // more streams to finish with the others.
+            let runs = wanted.len().div_ceil(run_pieces).max(free.min(wanted.len()));
             if runs > 0 {
                 let per_run = wanted.len().div_ceil(runs);
                 for run in wanted.chunks(per_run) {

@@ -661,3 +661,73 @@ fn peers_still_missing_pieces_are_counted_until_they_hold_all_or_go() {
     node.handle_event(Event::PeerHave { peer: peer(2), have: have(8), fetching }, now);
     assert_eq!(node.peers_missing_pieces(), 0);
 }
+
+/// The LAN requests in `actions`: (id, peer).
+fn lan_requests(node: &mut Scheduler) -> Vec<(RequestId, PeerId)> {
+    std::iter::from_fn(|| node.poll_action())
+        .filter_map(|action| match action {
+            Action::Request { id, source: Source::Peer(peer), .. } => Some((id, peer)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_busy_peer_is_left_alone_briefly_not_backed_off_as_failed() {
+    let pieces = 64;
+    let config = Config::new(pieces, 16 << 10);
+    let mut node = Scheduler::new(peer(0), config.clone());
+    let now = Duration::ZERO;
+    for i in [1, 2] {
+        node.handle_event(Event::PeerUp { peer: peer(i) }, now);
+        let (have, fetching) = (PieceSet::full(pieces), PieceSet::empty(pieces));
+        node.handle_event(Event::PeerHave { peer: peer(i), have, fetching }, now);
+    }
+    let first = lan_requests(&mut node);
+    let to_one: Vec<RequestId> =
+        first.iter().filter(|(_, p)| *p == peer(1)).map(|(id, _)| *id).collect();
+    assert_eq!(to_one.len(), config.max_requests_per_peer, "{first:?}");
+
+    // Peer 1 has no upload slot free: it refuses every request.
+    let refused = Duration::from_millis(2);
+    for &request in &to_one {
+        node.handle_event(Event::Busy { request }, refused);
+    }
+    let meanwhile = lan_requests(&mut node);
+    assert!(meanwhile.iter().all(|(_, p)| *p != peer(1)), "asked again at once: {meanwhile:?}");
+    assert_eq!(node.stats().busy, to_one.len() as u64);
+    assert_eq!(node.stats().failed, 0, "a refusal is not a failure");
+
+    // Shortly after (not the two seconds a failed peer waits), it is asked again.
+    let again = node.poll_timeout().expect("a timer for the busy peer");
+    assert_eq!(again, refused + config.busy_backoff);
+    assert!(config.busy_backoff < config.peer_backoff);
+    node.handle_timeout(again);
+    let after = lan_requests(&mut node);
+    assert!(after.iter().any(|(_, p)| *p == peer(1)), "peer 1 never asked again: {after:?}");
+}
+
+#[test]
+fn only_a_dozen_members_of_a_large_site_fetch_from_the_origin() {
+    let n = 20;
+    let pieces = 120;
+    let mut site = Site::new(n, pieces);
+    site.run(Duration::from_secs(3600));
+    assert!(site.nodes.iter().all(Scheduler::is_done));
+    assert_eq!(site.origin_total() as u64, pieces, "each piece from the origin once");
+    let fetchers: BTreeSet<usize> = site.origin_log.iter().map(|r| r.by).collect();
+    let most = Config::new(pieces, 1 << 20).origin_fetchers;
+    assert!(most < n, "the test needs more members than fetchers");
+    assert_eq!(fetchers.len(), most, "{fetchers:?}");
+
+    // A fetcher that dies before the start is replaced by the next member in rank.
+    let dead = *fetchers.first().expect("a fetcher");
+    let mut without = Site::new(n, pieces);
+    without.kill(dead);
+    without.run(Duration::from_secs(3600));
+    assert!((0..n).filter(|&i| i != dead).all(|i| without.nodes[i].is_done()));
+    let now_fetching: BTreeSet<usize> = without.origin_log.iter().map(|r| r.by).collect();
+    assert_eq!(now_fetching.len(), most, "{now_fetching:?}");
+    assert!(!now_fetching.contains(&dead));
+    assert_eq!(now_fetching.difference(&fetchers).count(), 1, "one member took its place");
+}
