@@ -119,7 +119,6 @@ const STILL_SLOW: &[(usize, u64, f64, f64, &str)] = &[
     (3, 4, 1000.0, 100.0, "uniform"),
     (3, 4, 50.0, 1000.0, "late third"),
     (24, 4, 200.0, 100.0, "uniform"),
-    (24, 4, 1000.0, 100.0, "uniform"),
     (24, 4, 50.0, 1000.0, "late third"),
     (24, 4, 200.0, 100.0, "late third"),
     (24, 4, 200.0, 100.0, "one corrupt"),

@@ -111,6 +111,7 @@ impl std::ops::AddAssign for TransferStats {
         self.pieces_from_lan += other.pieces_from_lan;
         self.corrupt += other.corrupt;
         self.failed += other.failed;
+        self.busy += other.busy;
         self.pieces_done += other.pieces_done;
         self.pieces_total += other.pieces_total;
         self.peers_missing_pieces += other.peers_missing_pieces;

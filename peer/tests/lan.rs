@@ -158,7 +158,10 @@ async fn a_node_with_every_upload_slot_taken_refuses_at_once() {
     let layout = BlobLayout::new(info.blake3, info.size);
     let first = tokio::spawn(fetcher.fetch(server.id(), 0..64));
     // Polling interval while the first upload starts (it takes its slot, then sends).
+    let deadline = Instant::now() + Duration::from_secs(60);
     while server.uploaded() == 0 {
+        assert!(!first.is_finished(), "the first fetch ended before it sent a byte");
+        assert!(Instant::now() < deadline, "the first upload never started");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let second = fetcher.fetch(server.id(), 64..65).await;

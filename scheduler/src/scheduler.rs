@@ -7,8 +7,8 @@
 //! the same times give the same actions.
 //!
 //! Policy:
-//! - **Pieces sized to the transfer** ([`crate::pieces::PieceLayout`]): from one 16 KiB group
-//!   to 64, so that even a small transfer has pieces enough for every member of a large site.
+//! - **Pieces sized to the transfer** ([`crate::pieces::PieceLayout`]): from four 16 KiB
+//!   groups to 64, so that even a small transfer has pieces enough for a large site.
 //! - **LAN first, rarest first.** While the download window (`max_lan_requests`) has room, the
 //!   live peer with the fewest of our requests in flight (ties broken by a hash of the two
 //!   peers, so the site spreads out) gets a request for the missing piece it has that the
@@ -16,10 +16,8 @@
 //!   every upload slot taken refuses at once ([`Event::Busy`]) and is left alone for
 //!   `busy_backoff`, so requests go to the peers that can send now.
 //! - **The origin once per site.** A piece no live LAN peer has comes from the origin only if
-//!   this appliance is the piece's assigned fetcher: of the site's live members that are not
-//!   stalled, the first `origin_fetchers` by a hash of their identity fetch from the origin,
-//!   and a piece is assigned to the one of them with the highest rendezvous hash of (piece,
-//!   member). If the assignee dies it leaves the membership and
+//!   this appliance is the piece's assigned fetcher: the highest rendezvous hash of (piece,
+//!   member) over the site's live members. If the assignee dies it leaves the membership and
 //!   the next one takes over at once; if it stalls (its have-map has not grown for
 //!   `max(origin_takeover, 4 × this appliance's own time per origin piece)`, counting the one
 //!   in flight), the next member in the hash order that is not stalled takes over. Measuring
@@ -104,8 +102,8 @@ pub struct RequestId(pub u64);
 pub struct Config {
     /// Pieces in the transfer.
     pub pieces: u64,
-    /// Bytes in a whole piece: request windows are counted in bytes, so that small pieces
-    /// get more requests in flight.
+    /// Bytes in a whole piece: the origin's windows are counted in bytes, so that small
+    /// pieces get more requests in flight.
     pub piece_bytes: u64,
     pub max_requests_per_peer: usize,
     /// Requests in flight to LAN peers, all together: this appliance's download window.
@@ -119,10 +117,6 @@ pub struct Config {
     /// shares its rate among the streams on it, so the fewer there are the sooner each piece
     /// arrives and can be relayed on the LAN.
     pub origin_window_bytes: u64,
-    /// Members of a site that fetch from the origin at once: the contenders ranked first by
-    /// a hash of their identity. The others take pieces only from the LAN until one of these
-    /// stalls or leaves.
-    pub origin_fetchers: usize,
     /// The site's members as Central Command named them (may be empty). Once every one of them
     /// is up and has said what it holds there is nothing left to learn, and the discovery grace
     /// ends early.
@@ -170,14 +164,8 @@ const ORIGIN_RUN_BYTES: u64 = 1 << 20;
 /// (`--max-range-streams-per-client`) and refuses the rest. Half that leaves room for the
 /// rounding and for requests the server has not yet seen end. Each member with work left
 /// rounds its share up to one request, so a site of more than 8 members has that many in
-/// flight; [`ORIGIN_FETCHERS`] keeps that below 16.
+/// flight; above 16 behind one NAT the server refuses some (they back off and retry).
 const ORIGIN_REQUESTS_PER_SITE: u64 = 8;
-/// Members of a site that fetch from the origin (the rest only relay, until one of these
-/// stalls or leaves). With every member fetching its share at once, a large site's streams
-/// share the WAN so finely that the first pieces land only after tens of milliseconds and the
-/// LAN idles until then (128 × 4 MiB: 1.82 × the bound); a dozen keeps the site within the
-/// 16 streams Central Command grants one client, with room for rounding.
-const ORIGIN_FETCHERS: usize = 12;
 
 impl Config {
     /// Settings for a transfer of `pieces` pieces of `piece_bytes` each.
@@ -193,7 +181,6 @@ impl Config {
             max_origin_requests: in_pieces(ORIGIN_WINDOW_BYTES, ORIGIN_REQUESTS_PER_SITE),
             origin_run_pieces: (ORIGIN_RUN_BYTES / piece_bytes).clamp(1, MAX_RUN_PIECES) as usize,
             origin_window_bytes: (transfer / 16).clamp(512 << 10, 16 << 20),
-            origin_fetchers: ORIGIN_FETCHERS,
             site_members: Vec::new(),
             request_timeout: Duration::from_secs(30),
             origin_takeover: Duration::from_secs(10),
@@ -773,7 +760,9 @@ impl Scheduler {
         if let Sender::Peer(i) = refused.from
             && self.peers[i].live
         {
-            self.peers[i].backoff_until = self.now + self.config.busy_backoff;
+            // A failed peer's longer backoff stands.
+            let until = self.now + self.config.busy_backoff;
+            self.peers[i].backoff_until = self.peers[i].backoff_until.max(until);
         }
     }
 
@@ -885,23 +874,10 @@ impl Scheduler {
             self.count_fetching(i, contenders.contains(&i));
         }
         self.assigned = PieceSet::empty(self.config.pieces);
-        // Of the contenders, the few ranked first fetch from the origin.
-        let rank = |id: &PeerId| hash64(b"origin fetcher", &id.0);
-        let mine = rank(&self.me);
-        let mut ranks: Vec<(u64, usize)> =
-            contenders.iter().map(|&i| (rank(&self.peers[i].id), i)).collect();
-        ranks.sort_unstable_by(|a, b| b.cmp(a));
-        let above_me = ranks.iter().filter(|&&(r, _)| r > mine).count();
-        if above_me < self.config.origin_fetchers {
-            let fetchers: Vec<usize> = (ranks.iter())
-                .take(self.config.origin_fetchers.saturating_sub(1))
-                .map(|&(_, i)| i)
-                .collect();
-            for piece in 0..self.config.pieces {
-                let mine = self.my_scores[piece as usize];
-                if fetchers.iter().all(|&i| self.peers[i].scores[piece as usize] <= mine) {
-                    self.assigned.insert(piece);
-                }
+        for piece in 0..self.config.pieces {
+            let mine = self.my_scores[piece as usize];
+            if contenders.iter().all(|&i| self.peers[i].scores[piece as usize] <= mine) {
+                self.assigned.insert(piece);
             }
         }
         self.contenders = Some(contenders);

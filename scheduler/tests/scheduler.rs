@@ -706,28 +706,3 @@ fn a_busy_peer_is_left_alone_briefly_not_backed_off_as_failed() {
     let after = lan_requests(&mut node);
     assert!(after.iter().any(|(_, p)| *p == peer(1)), "peer 1 never asked again: {after:?}");
 }
-
-#[test]
-fn only_a_dozen_members_of_a_large_site_fetch_from_the_origin() {
-    let n = 20;
-    let pieces = 120;
-    let mut site = Site::new(n, pieces);
-    site.run(Duration::from_secs(3600));
-    assert!(site.nodes.iter().all(Scheduler::is_done));
-    assert_eq!(site.origin_total() as u64, pieces, "each piece from the origin once");
-    let fetchers: BTreeSet<usize> = site.origin_log.iter().map(|r| r.by).collect();
-    let most = Config::new(pieces, 1 << 20).origin_fetchers;
-    assert!(most < n, "the test needs more members than fetchers");
-    assert_eq!(fetchers.len(), most, "{fetchers:?}");
-
-    // A fetcher that dies before the start is replaced by the next member in rank.
-    let dead = *fetchers.first().expect("a fetcher");
-    let mut without = Site::new(n, pieces);
-    without.kill(dead);
-    without.run(Duration::from_secs(3600));
-    assert!((0..n).filter(|&i| i != dead).all(|i| without.nodes[i].is_done()));
-    let now_fetching: BTreeSet<usize> = without.origin_log.iter().map(|r| r.by).collect();
-    assert_eq!(now_fetching.len(), most, "{now_fetching:?}");
-    assert!(!now_fetching.contains(&dead));
-    assert_eq!(now_fetching.difference(&fetchers).count(), 1, "one member took its place");
-}
