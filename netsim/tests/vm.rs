@@ -320,11 +320,13 @@ async fn an_agent_release_reaches_an_appliance_without_a_new_image_or_a_reboot()
     assert_eq!(record["installed_version"], 1, "{record}");
     assert!(record["agent_previous"].is_null(), "{record}");
     let vm1 = lab.vm("vm1");
+    // Central Command records agent 2 from the check-in's request; the agent confirms to its
+    // launcher once the answer arrives, so the line can reach the console a moment later.
+    vm1.wait_console("the agent's confirmation", Duration::from_secs(120), |c| {
+        c.contains("agent version confirmed to the launcher")
+    })
+    .await
+    .expect("agent 2 confirmed");
     let console = vm1.console_text();
     assert_eq!(qemu::userspace_boots(&console, 'A'), 1, "console in {}", vm1.console.display());
-    assert!(
-        console.contains("agent version confirmed to the launcher"),
-        "console in {}",
-        vm1.console.display()
-    );
 }

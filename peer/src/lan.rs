@@ -42,7 +42,7 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
 const NOT_A_MEMBER: u32 = 403;
 /// The stream error code of a request refused because every upload slot is taken. Agents
 /// before it queued such requests; they take the refusal as a failed fetch.
-const BUSY: u32 = 429;
+const BUSY: iroh::endpoint::VarInt = iroh::endpoint::VarInt::from_u32(429);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LanError {
@@ -274,10 +274,9 @@ impl LanNode {
             // holds the piece: queued here, its request would wait behind uploads while the
             // site's other uplinks idle, and pieces would spread more slowly.
             let Ok(permit) = Arc::clone(&self.shared.upload_slots).try_acquire_owned() else {
-                let busy = iroh::endpoint::VarInt::from_u32(BUSY);
-                send.reset(busy)?;
+                send.reset(BUSY)?;
                 let mut recv = recv;
-                let _ = recv.stop(busy);
+                let _ = recv.stop(BUSY);
                 continue;
             };
             let node = self.clone();
@@ -391,9 +390,8 @@ impl LanNode {
             Request::Get(GetRequest::blob_ranges(iroh_blobs::Hash::from_bytes(hash), ranges));
         let bytes = postcard::to_stdvec(&request).map_err(|e| failed(&e))?;
         let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(&e))?;
-        let busy = iroh::endpoint::VarInt::from_u32(BUSY);
         match send.write_all(&bytes).await {
-            Err(iroh::endpoint::WriteError::Stopped(code)) if code == busy => {
+            Err(iroh::endpoint::WriteError::Stopped(code)) if code == BUSY => {
                 return Err(FetchError::Busy);
             }
             other => other.map_err(|e| failed(&e))?,
@@ -403,7 +401,7 @@ impl LanNode {
         match recv.read_to_end(limit).await {
             Ok(body) => Ok(Bytes::from(body)),
             Err(iroh::endpoint::ReadToEndError::Read(iroh::endpoint::ReadError::Reset(code)))
-                if code == busy =>
+                if code == BUSY =>
             {
                 Err(FetchError::Busy)
             }
