@@ -706,3 +706,58 @@ fn a_busy_peer_is_left_alone_briefly_not_backed_off_as_failed() {
     let after = lan_requests(&mut node);
     assert!(after.iter().any(|(_, p)| *p == peer(1)), "peer 1 never asked again: {after:?}");
 }
+
+#[test]
+fn a_peer_busy_again_and_again_is_asked_less_often_until_it_sends() {
+    let pieces = 64;
+    let config = Config::new(pieces, 16 << 10);
+    let mut node = Scheduler::new(peer(0), config.clone());
+    for i in [1, 2] {
+        node.handle_event(Event::PeerUp { peer: peer(i) }, Duration::ZERO);
+        let (have, fetching) = (PieceSet::full(pieces), PieceSet::empty(pieces));
+        node.handle_event(Event::PeerHave { peer: peer(i), have, fetching }, Duration::ZERO);
+    }
+    let mut now = Duration::ZERO;
+    let mut to_one = requests_to(&mut node, peer(1));
+    // Refused every time: each wait twice the last, up to 8 × the first.
+    for factor in [1, 2, 4, 8, 8] {
+        assert!(!to_one.is_empty(), "peer 1 not asked");
+        for &(request, _) in &to_one {
+            node.handle_event(Event::Busy { request }, now);
+        }
+        let refused = now;
+        to_one = Vec::new();
+        while to_one.is_empty() {
+            now = node.poll_timeout().expect("a timer for the busy peer");
+            node.handle_timeout(now);
+            to_one = requests_to(&mut node, peer(1));
+        }
+        assert_eq!(now - refused, config.busy_backoff * factor, "after {factor} × the backoff");
+    }
+    // It sends a piece: the next refusal waits the first backoff again.
+    let (request, piece) = to_one[0];
+    node.handle_event(Event::Completed { request, piece }, now);
+    for &(request, _) in &to_one[1..] {
+        node.handle_event(Event::Busy { request }, now);
+    }
+    let refused = now;
+    let mut again = Vec::new();
+    while again.is_empty() {
+        now = node.poll_timeout().expect("a timer for the busy peer");
+        node.handle_timeout(now);
+        again = requests_to(&mut node, peer(1));
+    }
+    assert_eq!(now - refused, config.busy_backoff);
+}
+
+/// The LAN requests the node makes now that go to `to`: (request, its piece).
+fn requests_to(node: &mut Scheduler, to: PeerId) -> Vec<(RequestId, u64)> {
+    std::iter::from_fn(|| node.poll_action())
+        .filter_map(|action| match action {
+            Action::Request { id, source: Source::Peer(p), pieces } if p == to => {
+                Some((id, pieces[0]))
+            }
+            _ => None,
+        })
+        .collect()
+}
