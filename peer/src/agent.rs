@@ -87,6 +87,14 @@ pub struct Status {
     pub report_seq: u64,
 }
 
+/// Where a download's byte figures start from: this process's counters when it started, and
+/// what the update record held then (earlier runs of the same download).
+#[derive(Debug, Clone, Copy)]
+struct FiguresBase {
+    counters: TransferStats,
+    recorded: TransferStats,
+}
+
 /// Ways the agent stops.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Exit {
@@ -147,7 +155,10 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     status: Arc<Mutex<Status>>,
     lan: Option<Arc<dyn Lan>>,
+    /// This process's transfer counters, all downloads together (the metrics show them).
     stats: Arc<Mutex<TransferStats>>,
+    /// Where the running download's figures start from (see [`Agent::count_figures`]).
+    figures_base: Option<FiguresBase>,
     /// The slot read back and checked, waiting for the window.
     ready: Option<VerifiedSlot<FileDevice>>,
     /// Since when the slot has been ready and the window open (see [`LINGER_FOR_PEERS`]).
@@ -226,6 +237,7 @@ impl Agent {
             status,
             lan,
             stats: Arc::new(Mutex::new(TransferStats::default())),
+            figures_base: None,
             ready: None,
             lingering_since: None,
             site_downloading: false,
@@ -312,18 +324,18 @@ impl Agent {
     /// Reports the update's `state`; returns whether the coordinator has it (or refused it
     /// for good).
     async fn report(&mut self, state: UpdateState, error: Option<String>) -> bool {
+        self.count_figures();
         let Some(update) = &self.state.update else { return true };
-        let stats = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let report = ReportRequest {
             state,
             version: update.version,
             previous_version: Some(update.previous_version),
             rollout: update.rollout,
             progress: None,
-            bytes_from_origin: update.bytes_from_origin.max(stats.bytes_from_origin),
-            bytes_from_lan: update.bytes_from_lan.max(stats.bytes_from_lan),
-            bytes_from_mirror: update.bytes_from_mirror.max(stats.bytes_from_mirror),
-            bytes_reused: update.bytes_reused.max(stats.bytes_reused),
+            bytes_from_origin: update.bytes_from_origin,
+            bytes_from_lan: update.bytes_from_lan,
+            bytes_from_mirror: update.bytes_from_mirror,
+            bytes_reused: update.bytes_reused,
             slot: Some(if state == UpdateState::Succeeded {
                 update.slot.clone()
             } else {
@@ -743,6 +755,9 @@ impl Agent {
                 self.send_report(report, false).await;
             }
         }
+        // What the running download moved so far is recorded at every check-in: a restart
+        // goes on counting from there.
+        self.count_figures();
         self.save();
         if !downloading && self.download.is_some() {
             self.report(UpdateState::Downloading, None).await;
@@ -783,6 +798,27 @@ impl Agent {
             let _ = download.await;
         }
         self.download_started = None;
+        self.count_figures();
+        self.figures_base = None;
+    }
+
+    /// Sets the update record's byte figures: what the record held when the running download
+    /// started (earlier runs of the same download, before a restart or a retry) and what this
+    /// process's counters moved since. Nothing while no download runs.
+    fn count_figures(&mut self) {
+        let (Some(update), Some(base)) = (self.state.update.as_mut(), &self.figures_base) else {
+            return;
+        };
+        let now = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let (then, recorded) = (&base.counters, &base.recorded);
+        let since = |now: u64, then: u64, recorded: u64| recorded + now.saturating_sub(then);
+        update.bytes_from_origin =
+            since(now.bytes_from_origin, then.bytes_from_origin, recorded.bytes_from_origin);
+        update.bytes_from_lan =
+            since(now.bytes_from_lan, then.bytes_from_lan, recorded.bytes_from_lan);
+        update.bytes_from_mirror =
+            since(now.bytes_from_mirror, then.bytes_from_mirror, recorded.bytes_from_mirror);
+        update.bytes_reused = since(now.bytes_reused, then.bytes_reused, recorded.bytes_reused);
     }
 
     /// The offered manifest, verified against the root and this appliance's install policy.
@@ -839,6 +875,16 @@ impl Agent {
         let verified = self.verify_offer(response, manifest, version)?;
         let standby = ab::load_state(&self.env).map_err(|e| e.to_string())?.0.standby();
         let standby = if standby == self.booted { self.booted.other() } else { standby };
+        // The same release again, after a restart mid-download or a failed try: its bytes so
+        // far count towards this update (the slot's records keep what they brought).
+        let again = [UpdateState::Downloading, UpdateState::Failed];
+        let carried = self
+            .state
+            .update
+            .as_ref()
+            .filter(|u| u.version == version && again.contains(&u.state))
+            .map(|u| (u.bytes_from_origin, u.bytes_from_lan, u.bytes_from_mirror, u.bytes_reused))
+            .unwrap_or_default();
         self.state.update = Some(UpdateRecord {
             version,
             manifest: manifest.clone(),
@@ -851,10 +897,10 @@ impl Agent {
             ranges_url: response.origin.as_ref().map(|o| o.ranges.clone()),
             outboard_blob: response.origin.as_ref().and_then(|o| o.outboard_blob.clone()),
             error: None,
-            bytes_from_origin: 0,
-            bytes_from_lan: 0,
-            bytes_from_mirror: 0,
-            bytes_reused: 0,
+            bytes_from_origin: carried.0,
+            bytes_from_lan: carried.1,
+            bytes_from_mirror: carried.2,
+            bytes_reused: carried.3,
             download_seconds: None,
             trial_boots: 0,
             unreported: false,
@@ -912,6 +958,15 @@ impl Agent {
             stats: Arc::clone(&self.stats),
         };
         self.download_started = Some(std::time::Instant::now());
+        let counters = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let recorded = self.state.update.as_ref().map(|u| TransferStats {
+            bytes_from_origin: u.bytes_from_origin,
+            bytes_from_lan: u.bytes_from_lan,
+            bytes_from_mirror: u.bytes_from_mirror,
+            bytes_reused: u.bytes_reused,
+            ..TransferStats::default()
+        });
+        self.figures_base = Some(FiguresBase { counters, recorded: recorded.unwrap_or_default() });
         let (stop, stopped) = tokio::sync::oneshot::channel();
         self.download_stop = Some(stop);
         self.download = Some(tokio::spawn(download.run(stopped)));
@@ -922,11 +977,9 @@ impl Agent {
         self.download_stop = None;
         let stats = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let seconds = self.download_started.take().map(|s| s.elapsed().as_secs_f64());
+        self.count_figures();
+        self.figures_base = None;
         if let Some(update) = self.state.update.as_mut() {
-            update.bytes_from_origin = stats.bytes_from_origin;
-            update.bytes_from_lan = stats.bytes_from_lan;
-            update.bytes_from_mirror = stats.bytes_from_mirror;
-            update.bytes_reused = stats.bytes_reused;
             update.download_seconds = seconds;
         }
         self.metrics.update(|m| {
@@ -936,12 +989,16 @@ impl Agent {
             m.bytes_reused = stats.bytes_reused;
             m.download_seconds = seconds;
         });
+        // This update's figures (the metrics count every download of this process).
+        let (origin, lan, mirror, reused) = self.state.update.as_ref().map_or((0, 0, 0, 0), |u| {
+            (u.bytes_from_origin, u.bytes_from_lan, u.bytes_from_mirror, u.bytes_reused)
+        });
         tracing::info!(
             seconds = seconds.unwrap_or(0.0),
-            bytes_from_origin = stats.bytes_from_origin,
-            bytes_from_lan = stats.bytes_from_lan,
-            bytes_from_mirror = stats.bytes_from_mirror,
-            bytes_reused = stats.bytes_reused,
+            bytes_from_origin = origin,
+            bytes_from_lan = lan,
+            bytes_from_mirror = mirror,
+            bytes_reused = reused,
             peak_rss_mib = crate::metrics::peak_rss_bytes().unwrap_or(0) >> 20,
             ok = result.is_ok(),
             "download finished"

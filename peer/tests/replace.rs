@@ -53,6 +53,11 @@ async fn a_newer_release_replaces_a_running_download() {
     }
     let slot = std::fs::read(agent.dir.join("slot-b.img")).expect("slot");
     assert!(slot == std::fs::read(&v3_path).expect("image"), "slot B holds release 3");
+    // Release 3's figures are its own: release 2's bytes before it are not in them (they
+    // share nothing, so it came whole from the origin).
+    let status = agent.status().await.expect("status");
+    let from_origin = status["update"]["bytes_from_origin"].as_u64().unwrap_or(0);
+    assert!(from_origin >= v3.size && from_origin < v3.size + v3.size / 10, "{status}");
     assert!(agent.log().contains("a newer offer replaces the running download"), "{}", agent.log());
     assert_ne!(v2.blake3, v3.blake3);
 }
