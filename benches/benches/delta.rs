@@ -186,9 +186,16 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     let rss_before = peak_rss_bytes().unwrap_or(0);
     let started = Instant::now();
     let stop = AtomicBool::new(false);
-    let (reused, _) =
-        sitecast_peer::reuse::copy_from_active(&mut writer, &outboard, &index, old, None, &stop)
-            .expect("copy");
+    let (reused, _) = sitecast_peer::reuse::copy_from_active(
+        &mut writer,
+        &outboard,
+        &index,
+        old,
+        None,
+        &stop,
+        &mut |_| {},
+    )
+    .expect("copy");
     let copy = started.elapsed();
     let rss = peak_rss_bytes().unwrap_or(0);
     let (plain, _) = best_of(3, || {

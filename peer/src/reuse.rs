@@ -120,7 +120,8 @@ pub enum ReuseError {
 /// checking each against `outboard` (the new image's, complete) before it is written; says
 /// where the slot holds parts of the groups it could not copy whole.
 /// Blocking: file reads and hashing. Stops, with what was copied so far recorded, once
-/// `stop` is set.
+/// `stop` is set. `written` hears the bytes of each batch as it is written, so a caller can
+/// count them before the copy ends (or is killed).
 pub fn copy_from_active<D: Device>(
     writer: &mut SlotWriter<D>,
     outboard: &OutboardStore<FileDevice>,
@@ -128,6 +129,7 @@ pub fn copy_from_active<D: Device>(
     active: &Path,
     active_len: Option<u64>,
     stop: &AtomicBool,
+    written: &mut dyn FnMut(u64),
 ) -> Result<(Reused, PartialGroups), ReuseError> {
     let layout = writer.layout();
     let chunks = IndexReader::new(File::open(index)?, layout.size)?;
@@ -156,12 +158,16 @@ pub fn copy_from_active<D: Device>(
                 continue;
             }
             if !batch.extends(&copy) {
+                let before = reused.bytes;
                 batch.write(writer, outboard, &mut reused)?;
+                written(reused.bytes - before);
             }
             batch.add(&copy, &source)?;
         }
     }
+    let before = reused.bytes;
     batch.write(writer, outboard, &mut reused)?;
+    written(reused.bytes - before);
     writer.checkpoint()?;
     Ok((reused, partial))
 }

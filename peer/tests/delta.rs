@@ -254,9 +254,19 @@ fn copy_with_index(
     let mut writer =
         SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, dir)).expect("writer");
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let (reused, _) =
-        sitecast_peer::reuse::copy_from_active(&mut writer, &outboard, &index, active, None, &stop)
-            .expect("copy");
+    let mut heard = 0;
+    let mut written = |bytes| heard += bytes;
+    let (reused, _) = sitecast_peer::reuse::copy_from_active(
+        &mut writer,
+        &outboard,
+        &index,
+        active,
+        None,
+        &stop,
+        &mut written,
+    )
+    .expect("copy");
+    assert_eq!(heard, reused.bytes, "the bytes written as they were written");
     (writer, reused)
 }
 
@@ -393,6 +403,7 @@ async fn fill_with_patches(
         &active,
         None,
         &stop,
+        &mut |_| {},
     )
     .expect("copy");
     assert!(!partial.is_empty(), "the changes' edges leave groups held in part");
@@ -536,16 +547,20 @@ async fn an_agent_killed_while_copying_resumes_without_copying_again() {
     wait_enrolled(&origin, 1, deadline, &agent).await;
     origin.rollout(2).await;
 
-    // Progress is recorded at each checkpoint (every 4 MiB written): kill -9 at the first.
-    let paths =
-        sitecast_iso::SlotPaths::beside(&agent.dir.join("slot-b.img"), &agent.dir.join("state"));
-    while paths.recorded_groups(&image) == 0 {
+    // Progress is recorded at each checkpoint (every 4 MiB written), and the bytes copied at
+    // each check-in: kill -9 once a check-in has counted some, mid-copy.
+    let counted = |agent: &AgentProcess| {
+        let state = agent.state_file_if_saved().unwrap_or_default();
+        state["update"]["bytes_reused"].as_u64().unwrap_or(0)
+    };
+    while counted(&agent) == 0 {
         assert!(Instant::now() < deadline, "nothing copied:\n{}", agent.log());
-        // A poll interval, not a wait for time to pass: the loop ends on the record's state,
-        // and polls this often so the kill lands at the first checkpoint, mid-copy.
+        // A poll interval, not a wait for time to pass: the loop ends on the state file, and
+        // polls this often so the kill lands soon after, mid-copy.
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     agent.kill();
+    let counted_at_kill = counted(&agent);
     let copied_whole = "copied from the active slot what the new image shares with it";
     assert!(!agent.log().contains(copied_whole), "the copy ended before the kill: test it slower");
 
@@ -559,6 +574,7 @@ async fn an_agent_killed_while_copying_resumes_without_copying_again() {
     let recorded = (0..layout.groups()).filter(|&g| writer.has(g)).count() as u64;
     drop(writer);
     let copyable = found_in(&old, &new).copied.len() as u64;
+    eprintln!("{recorded} of {copyable} groups recorded at the kill");
     assert!(recorded > 0 && recorded < copyable, "{recorded} of {copyable} groups recorded");
 
     agent.start();
@@ -570,4 +586,9 @@ async fn an_agent_killed_while_copying_resumes_without_copying_again() {
     let second = logged_number(&log, copied_whole, "groups")
         .unwrap_or_else(|| panic!("the second run copied nothing:\n{log}"));
     assert_eq!(second + recorded, copyable, "{log}");
+    // The update's figure goes on from what the first run's check-ins counted.
+    let second_bytes = logged_number(&log, copied_whole, "bytes").expect("bytes logged");
+    let status = agent.status().await.expect("status");
+    let reported = status["update"]["bytes_reused"].as_u64().unwrap_or(0);
+    assert_eq!(reported, counted_at_kill + second_bytes, "{status}");
 }

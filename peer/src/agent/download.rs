@@ -21,7 +21,7 @@ use crate::coordinator::CoordinatorClient;
 use crate::mirror::Mirrors;
 use crate::outboard;
 use crate::patch::Patches;
-use crate::reuse::{self, PartialGroups, Reused};
+use crate::reuse::{self, PartialGroups};
 use crate::scheduler::{Config, PeerId};
 use crate::swarm::{Swarm, SwarmError, TransferStats};
 
@@ -136,29 +136,34 @@ impl Download {
         // Copying reads the whole active slot: a newer offer stops it between batches.
         let stop = Arc::new(AtomicBool::new(false));
         let stop_copy = Arc::clone(&stop);
+        let copy_stats = Arc::clone(&self.stats);
         let mut copying = tokio::task::spawn_blocking(move || {
             let mut writer = SlotWriter::open_paths(open_slot, &open_image, &open_paths)?;
-            let copied = match (reuse, outboard) {
+            let patch = match (reuse, outboard) {
                 (Some((index, active, active_len)), Some(outboard)) => {
-                    let (reused, partial) = copy_from_active(
+                    // Counted as written: check-ins record it, so a restart goes on from there.
+                    let mut written = |bytes| {
+                        copy_stats.lock().unwrap_or_else(|p| p.into_inner()).bytes_reused += bytes;
+                    };
+                    let partial = copy_from_active(
                         &mut writer,
                         &outboard,
                         &index,
                         &active,
                         active_len,
                         &stop_copy,
+                        &mut written,
                     );
                     // What the slot holds of the groups it could not copy whole: the swarm
                     // fetches only the rest of those from Central Command.
-                    let patch = (!partial.is_empty())
+                    (!partial.is_empty())
                         .then(|| FileDevice::open_read_only(&active).ok())
                         .flatten()
-                        .map(|active| (partial, active, outboard));
-                    (reused, patch)
+                        .map(|active| (partial, active, outboard))
                 }
-                _ => (Reused::default(), None),
+                _ => None,
             };
-            Ok::<_, sitecast_iso::SlotError>((writer, copied))
+            Ok::<_, sitecast_iso::SlotError>((writer, patch))
         });
         let copied = tokio::select! {
             copied = &mut copying => copied,
@@ -169,9 +174,7 @@ impl Download {
                 return Err(SwarmError::Replaced.to_string());
             }
         };
-        let (writer, (reused, patch)) =
-            copied.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-        self.stats.lock().unwrap_or_else(|p| p.into_inner()).bytes_reused += reused.bytes;
+        let (writer, patch) = copied.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
 
         let Self { client, ranges_url, bytes_url, me, site_members, stats, .. } = self;
         let origin = ranges_url.map(|url| (client, url));
@@ -319,7 +322,8 @@ impl Download {
     }
 }
 
-/// [`reuse::copy_from_active`], logged; a failure only means more to fetch.
+/// [`reuse::copy_from_active`], logged: the groups held in part; a failure only means more to
+/// fetch.
 fn copy_from_active(
     writer: &mut SlotWriter<FileDevice>,
     outboard: &OutboardStore<FileDevice>,
@@ -327,9 +331,10 @@ fn copy_from_active(
     active: &std::path::Path,
     active_len: Option<u64>,
     stop: &AtomicBool,
-) -> (Reused, PartialGroups) {
+    written: &mut dyn FnMut(u64),
+) -> PartialGroups {
     let started = std::time::Instant::now();
-    match reuse::copy_from_active(writer, outboard, index, active, active_len, stop) {
+    match reuse::copy_from_active(writer, outboard, index, active, active_len, stop, written) {
         Ok((reused, partial)) => {
             tracing::info!(
                 groups = reused.groups,
@@ -339,11 +344,11 @@ fn copy_from_active(
                 seconds = started.elapsed().as_secs_f64(),
                 "copied from the active slot what the new image shares with it"
             );
-            (reused, partial)
+            partial
         }
         Err(error) => {
             tracing::warn!(%error, "nothing more copied from the active slot");
-            (Reused::default(), PartialGroups::default())
+            PartialGroups::default()
         }
     }
 }
