@@ -263,8 +263,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             // Each site's bound is the shape's, or more where it counts what its corrupt
-            // appliances fetched (measured in the run).
-            let bound = results.iter().map(|r| r.bound_seconds).fold(0.0, f64::max);
+            // appliances fetched (measured in the run); the shape's with no site at all.
+            let bound =
+                results.iter().map(|r| r.bound_seconds).fold(spec.bound_seconds(), f64::max);
             println!(
                 "  slowest site {seconds:.2} s (bound {bound:.2} s, ×{:.2}); worst origin bytes per site {:.3} × the transfer; intact: {intact}; simulated in {wall:.2} s",
                 seconds / bound,

@@ -811,7 +811,9 @@ impl Agent {
         };
         let now = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let (then, recorded) = (&base.counters, &base.recorded);
-        let since = |now: u64, then: u64, recorded: u64| recorded + now.saturating_sub(then);
+        // Saturating: a state file is read as it is, and a figure in it may be anything.
+        let since =
+            |now: u64, then: u64, recorded: u64| recorded.saturating_add(now.saturating_sub(then));
         update.bytes_from_origin =
             since(now.bytes_from_origin, then.bytes_from_origin, recorded.bytes_from_origin);
         update.bytes_from_lan =

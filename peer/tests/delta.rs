@@ -532,7 +532,8 @@ fn logged_number(log: &str, what: &str, name: &str) -> Option<u64> {
 async fn an_agent_killed_while_copying_resumes_without_copying_again() {
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path()).await;
-    // Large enough that the copy takes a while: it is interrupted at its first checkpoint.
+    // Large enough that the copy takes a while (here 10 s and more): it is interrupted once a
+    // check-in has counted some of it.
     let old = noise(128 * MIB, "release 1, large");
     let mut new = old.clone();
     new[100 * MIB..100 * MIB + 30_000].copy_from_slice(&noise(30_000, "changed"));

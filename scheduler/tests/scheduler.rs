@@ -737,9 +737,12 @@ fn a_peer_busy_again_and_again_is_asked_less_often_until_it_sends() {
     // It sends a piece: the next refusal waits the first backoff again.
     let (request, piece) = to_one[0];
     node.handle_event(Event::Completed { request, piece }, now);
+    // The slot that piece left is asked for another at once; all of them are refused.
+    to_one.extend(requests_to(&mut node, peer(1)));
     for &(request, _) in &to_one[1..] {
         node.handle_event(Event::Busy { request }, now);
     }
+    assert!(requests_to(&mut node, peer(1)).is_empty(), "asked again at once");
     let refused = now;
     let mut again = Vec::new();
     while again.is_empty() {
