@@ -14,8 +14,7 @@
 //!   peers, so the site spreads out) gets a request for the missing piece it has that the
 //!   fewest live peers have. At most `max_requests_per_peer` requests per peer. A peer with
 //!   every upload slot taken refuses at once ([`Event::Busy`]) and is left alone for
-//!   `busy_backoff`, doubled for each refusal in a row up to 8 ×, so requests go to the peers
-//!   that can send now and a site whose uplinks are all busy does not flood itself with them.
+//!   `busy_backoff`, so requests go to the peers that can send now.
 //! - **The origin once per site.** A piece no live LAN peer has comes from the origin only if
 //!   this appliance is the piece's assigned fetcher: the highest rendezvous hash of (piece,
 //!   member) over the site's live members. If the assignee dies it leaves the membership and
@@ -136,8 +135,7 @@ pub struct Config {
     pub announce_interval: Duration,
     /// After a failed request, a peer gets no new requests for this long.
     pub peer_backoff: Duration,
-    /// After a peer said it is busy, it gets no new requests for this long; doubled for each
-    /// refusal in a row (up to `BUSY_BACKOFF_STEPS` doublings), until a piece comes from it.
+    /// After a peer said it is busy, it gets no new requests for this long.
     pub busy_backoff: Duration,
     /// First origin backoff after a failure; doubles up to `origin_backoff_max`.
     pub origin_backoff: Duration,
@@ -154,11 +152,6 @@ const PEER_REQUESTS: usize = 4;
 /// pieces) 8 at once met the goals on more shapes than 16; with 4, a LAN-limited site of large
 /// pieces left its downlinks idle (32 × 1 GiB at WAN 200 / LAN 100: 1.41 × the bound).
 const LAN_REQUESTS: usize = 8;
-/// Doublings of `busy_backoff` for refusals in a row: up to 8 × (40 ms by default), about
-/// the time a busy peer takes to finish one of its uploads on a 100 Mbit/s uplink, so a peer
-/// whose slots free up is asked again soon, and a site where every uplink is busy sends a
-/// refused request per peer every 40 ms, not every 5.
-const BUSY_BACKOFF_STEPS: u32 = 3;
 /// Origin requests of this appliance at most, in pieces' worth of bytes (each request is a
 /// run of pieces).
 const ORIGIN_WINDOW_BYTES: u64 = 1 << 20;
@@ -280,8 +273,6 @@ struct Peer {
     preparing: bool,
     backoff_until: Duration,
     failures: u32,
-    /// Busy answers in a row (those to requests sent together count once).
-    refusals: u32,
     /// Its rendezvous score for every piece (the highest score fetches a piece from the origin).
     scores: Arc<[u64]>,
     /// The last look at its have-map found nothing to ask it for: no need to look again until
@@ -607,7 +598,6 @@ impl Scheduler {
                     preparing: false,
                     backoff_until: Duration::ZERO,
                     failures: 0,
-                    refusals: 0,
                     scores: self.rendezvous.scores(&peer),
                     nothing_to_ask: false,
                     progress: None,
@@ -629,7 +619,6 @@ impl Scheduler {
             state.in_flight = 0;
             state.backoff_until = Duration::ZERO;
             state.failures = 0;
-            state.refusals = 0;
             state.nothing_to_ask = false;
             let peers = &self.peers;
             let at = self.live.partition_point(|&j| peers[j].id < peer);
@@ -670,7 +659,6 @@ impl Scheduler {
                 self.stats.from_lan += 1;
                 if self.peers[i].live {
                     self.peers[i].failures = 0;
-                    self.peers[i].refusals = 0;
                 }
             }
         }
@@ -772,14 +760,9 @@ impl Scheduler {
         if let Sender::Peer(i) = refused.from
             && self.peers[i].live
         {
-            let state = &mut self.peers[i];
-            // Requests sent together are refused together: one step for them all.
-            if state.backoff_until <= self.now {
-                state.refusals = (state.refusals + 1).min(BUSY_BACKOFF_STEPS + 1);
-            }
-            let until = self.now + self.config.busy_backoff * (1 << (state.refusals.max(1) - 1));
             // A failed peer's longer backoff stands.
-            state.backoff_until = state.backoff_until.max(until);
+            let until = self.now + self.config.busy_backoff;
+            self.peers[i].backoff_until = self.peers[i].backoff_until.max(until);
         }
     }
 
