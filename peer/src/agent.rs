@@ -885,7 +885,7 @@ impl Agent {
             .update
             .as_ref()
             .filter(|u| u.version == version && again.contains(&u.state))
-            .map(|u| (u.bytes_from_origin, u.bytes_from_lan, u.bytes_from_mirror, u.bytes_reused))
+            .map(UpdateRecord::figures)
             .unwrap_or_default();
         self.state.update = Some(UpdateRecord {
             version,
@@ -899,10 +899,10 @@ impl Agent {
             ranges_url: response.origin.as_ref().map(|o| o.ranges.clone()),
             outboard_blob: response.origin.as_ref().and_then(|o| o.outboard_blob.clone()),
             error: None,
-            bytes_from_origin: carried.0,
-            bytes_from_lan: carried.1,
-            bytes_from_mirror: carried.2,
-            bytes_reused: carried.3,
+            bytes_from_origin: carried.bytes_from_origin,
+            bytes_from_lan: carried.bytes_from_lan,
+            bytes_from_mirror: carried.bytes_from_mirror,
+            bytes_reused: carried.bytes_reused,
             download_seconds: None,
             trial_boots: 0,
             unreported: false,
@@ -961,14 +961,8 @@ impl Agent {
         };
         self.download_started = Some(std::time::Instant::now());
         let counters = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
-        let recorded = self.state.update.as_ref().map(|u| TransferStats {
-            bytes_from_origin: u.bytes_from_origin,
-            bytes_from_lan: u.bytes_from_lan,
-            bytes_from_mirror: u.bytes_from_mirror,
-            bytes_reused: u.bytes_reused,
-            ..TransferStats::default()
-        });
-        self.figures_base = Some(FiguresBase { counters, recorded: recorded.unwrap_or_default() });
+        let recorded = self.state.update.as_ref().map(UpdateRecord::figures).unwrap_or_default();
+        self.figures_base = Some(FiguresBase { counters, recorded });
         let (stop, stopped) = tokio::sync::oneshot::channel();
         self.download_stop = Some(stop);
         self.download = Some(tokio::spawn(download.run(stopped)));
@@ -992,15 +986,13 @@ impl Agent {
             m.download_seconds = seconds;
         });
         // This update's figures (the metrics count every download of this process).
-        let (origin, lan, mirror, reused) = self.state.update.as_ref().map_or((0, 0, 0, 0), |u| {
-            (u.bytes_from_origin, u.bytes_from_lan, u.bytes_from_mirror, u.bytes_reused)
-        });
+        let figures = self.state.update.as_ref().map(UpdateRecord::figures).unwrap_or_default();
         tracing::info!(
             seconds = seconds.unwrap_or(0.0),
-            bytes_from_origin = origin,
-            bytes_from_lan = lan,
-            bytes_from_mirror = mirror,
-            bytes_reused = reused,
+            bytes_from_origin = figures.bytes_from_origin,
+            bytes_from_lan = figures.bytes_from_lan,
+            bytes_from_mirror = figures.bytes_from_mirror,
+            bytes_reused = figures.bytes_reused,
             peak_rss_mib = crate::metrics::peak_rss_bytes().unwrap_or(0) >> 20,
             ok = result.is_ok(),
             "download finished"

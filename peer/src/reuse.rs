@@ -158,16 +158,12 @@ pub fn copy_from_active<D: Device>(
                 continue;
             }
             if !batch.extends(&copy) {
-                let before = reused.bytes;
-                batch.write(writer, outboard, &mut reused)?;
-                written(reused.bytes - before);
+                batch.write(writer, outboard, &mut reused, written)?;
             }
             batch.add(&copy, &source)?;
         }
     }
-    let before = reused.bytes;
-    batch.write(writer, outboard, &mut reused)?;
-    written(reused.bytes - before);
+    batch.write(writer, outboard, &mut reused, written)?;
     writer.checkpoint()?;
     Ok((reused, partial))
 }
@@ -198,9 +194,23 @@ impl Batch {
         Ok(())
     }
 
+    /// [`Batch::write_checked`], telling `written` the bytes it wrote.
+    fn write<D: Device>(
+        &mut self,
+        writer: &mut SlotWriter<D>,
+        outboard: &OutboardStore<FileDevice>,
+        reused: &mut Reused,
+        written: &mut dyn FnMut(u64),
+    ) -> Result<(), SlotError> {
+        let before = reused.bytes;
+        let result = self.write_checked(writer, outboard, reused);
+        written(reused.bytes - before);
+        result
+    }
+
     /// Checks the batch and writes what verifies: all of it, or, when something does not,
     /// each group that does on its own.
-    fn write<D: Device>(
+    fn write_checked<D: Device>(
         &mut self,
         writer: &mut SlotWriter<D>,
         outboard: &OutboardStore<FileDevice>,

@@ -54,6 +54,19 @@ pub struct UpdateRecord {
     pub unreported: bool,
 }
 
+impl UpdateRecord {
+    /// Its byte figures, as transfer figures (the rest zero).
+    pub fn figures(&self) -> crate::swarm::TransferStats {
+        crate::swarm::TransferStats {
+            bytes_from_origin: self.bytes_from_origin,
+            bytes_from_lan: self.bytes_from_lan,
+            bytes_from_mirror: self.bytes_from_mirror,
+            bytes_reused: self.bytes_reused,
+            ..Default::default()
+        }
+    }
+}
+
 /// An agent release being fetched, staged and switched to (or the last one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentUpdateRecord {

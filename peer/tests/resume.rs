@@ -102,6 +102,7 @@ async fn a_restarted_download_reports_the_bytes_of_both_runs() {
         }
         assert!(agent.exited().is_none(), "the agent stopped:\n{}", agent.log());
         assert!(Instant::now() < deadline, "never ready: {status}\n{}", agent.log());
+        // A poll interval: the loop ends on the agent's own status.
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let reported = status["update"]["bytes_from_origin"].as_u64().unwrap_or(0);
