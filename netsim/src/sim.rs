@@ -657,10 +657,12 @@ impl<'a> Sim<'a> {
             if j != i && self.alive[j] {
                 let (have_i, have_j) = (self.nodes[i].have().clone(), self.nodes[j].have().clone());
                 let (fetching_i, fetching_j) = (self.nodes[i].fetching(), self.nodes[j].fetching());
-                self.handle(i, Event::PeerUp { peer: self.ids[j] });
+                let assignment = self.nodes[j].assignment();
+                self.handle(i, Event::PeerUp { peer: self.ids[j], assignment });
                 let peer = self.ids[j];
                 self.handle(i, Event::PeerHave { peer, have: have_j, fetching: fetching_j });
-                self.handle(j, Event::PeerUp { peer: self.ids[i] });
+                let assignment = self.nodes[i].assignment();
+                self.handle(j, Event::PeerUp { peer: self.ids[i], assignment });
                 let peer = self.ids[i];
                 self.handle(j, Event::PeerHave { peer, have: have_i, fetching: fetching_i });
             }

@@ -113,10 +113,10 @@ fn scenarios_finish_intact() {
 
 /// Shapes of the reduced sweep that still miss the time goal (issue 14 is open on them): 4 MiB
 /// transfers, whose bounds are a few tenths of a second, on LAN-limited sites, with late
-/// joiners and with a corrupt peer. They must still be intact and spare the origin.
+/// joiners and with a corrupt peer (3 × 4 MiB at 1.20: seeds 2 to 5 give 1.13–1.18). They
+/// must still be intact and spare the origin.
 const STILL_SLOW: &[(usize, u64, f64, f64, &str)] = &[
-    (3, 4, 200.0, 100.0, "uniform"),
-    (3, 4, 1000.0, 100.0, "uniform"),
+    (3, 4, 200.0, 100.0, "one corrupt"),
     (3, 4, 50.0, 1000.0, "late third"),
     (24, 4, 200.0, 100.0, "uniform"),
     (24, 4, 50.0, 1000.0, "late third"),

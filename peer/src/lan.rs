@@ -32,7 +32,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::agent::Joined;
 use crate::membership::{Membership, Refusal};
 use crate::pieces::{HaveMap, PieceSet};
-use crate::scheduler::PeerId;
+use crate::scheduler::{Assignment, PeerId};
 use crate::site::{Heard, SiteControl};
 use crate::swarm::{FetchError, Holding, LanFetcher, PeerNews, piece_count, piece_layout};
 
@@ -519,7 +519,9 @@ impl LanNodeForAgent {
         let mut heard = self.site.listen(hash);
         let node = self.node.clone();
         tokio::spawn(async move {
-            let mut up = std::collections::BTreeSet::new();
+            // The members up, and how each shares out origin pieces (news again if that
+            // changes: a member restarted with another agent).
+            let mut up = std::collections::BTreeMap::new();
             loop {
                 let item = tokio::select! {
                     item = heard.recv() => item,
@@ -530,7 +532,9 @@ impl LanNodeForAgent {
                     None => return,
                     Some(Heard::Announced { peer, announcement }) => {
                         node.add_peer(peer, &announcement.iroh_addrs);
-                        let up_news = up.insert(peer).then_some(PeerNews::Up(PeerId(peer)));
+                        let assignment = Assignment::from_code(announcement.origin_assignment);
+                        let up_news = (up.insert(peer, assignment) != Some(assignment))
+                            .then_some(PeerNews::Up(PeerId(peer), assignment));
                         if announcement.preparing {
                             let preparing = PeerNews::Preparing(PeerId(peer));
                             up_news.into_iter().chain([preparing]).collect()
@@ -546,7 +550,10 @@ impl LanNodeForAgent {
                     }
                     Some(Heard::Gone { peer }) => {
                         node.forget_connection(PeerId(peer)).await;
-                        if up.remove(&peer) { vec![PeerNews::Down(PeerId(peer))] } else { vec![] }
+                        match up.remove(&peer) {
+                            Some(_) => vec![PeerNews::Down(PeerId(peer))],
+                            None => vec![],
+                        }
                     }
                 };
                 for item in news {

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::membership::{Membership, Refusal};
 use crate::pieces::HaveMap;
+use crate::scheduler::Assignment;
 
 /// Announcements are coalesced to at most one per blob in this time while a download runs.
 const COALESCE: Duration = Duration::from_millis(50);
@@ -74,6 +75,13 @@ pub struct Announcement {
     /// origin (absent from agents that do not copy; older ones take it for holding nothing).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub preparing: bool,
+    /// How it shares out the pieces to fetch from the origin
+    /// ([`Assignment::code`]; absent from agents that predate
+    /// bounded loads, which take the highest rendezvous score alone: 0).
+    /// (A number, not a byte: a newer agent's larger number must not make the whole
+    /// announcement unreadable.)
+    #[serde(default)]
+    pub origin_assignment: u64,
     /// The iroh endpoint's direct addresses.
     pub iroh_addrs: Vec<SocketAddr>,
 }
@@ -316,6 +324,7 @@ impl SiteControl {
             have,
             fetching: None,
             preparing: true,
+            origin_assignment: Assignment::NEWEST.code(),
             iroh_addrs,
         };
         let _ = self.commands.send(Command::Announce { blob, announcement });
@@ -329,8 +338,14 @@ impl SiteControl {
         fetching: Option<HaveMap>,
         iroh_addrs: Vec<SocketAddr>,
     ) {
-        let announcement =
-            Announcement { blob: hex::encode(blob), have, fetching, preparing: false, iroh_addrs };
+        let announcement = Announcement {
+            blob: hex::encode(blob),
+            have,
+            fetching,
+            preparing: false,
+            origin_assignment: Assignment::NEWEST.code(),
+            iroh_addrs,
+        };
         let _ = self.commands.send(Command::Announce { blob, announcement });
     }
 
@@ -648,6 +663,34 @@ mod tests {
         let announcement: Announcement =
             serde_json::from_str(json).expect("unknown fields are ignored");
         assert_eq!(announcement.have.to_set(4).count(), 2);
+    }
+
+    use crate::pieces::PieceSet;
+
+    #[test]
+    fn each_agent_is_taken_to_share_out_origin_pieces_as_it_can() {
+        let said = |extra: &str| {
+            let json = format!(
+                r#"{{"blob":"ab","have":{{"pieces":4,"ranges":[]}},"iroh_addrs":[]{extra}}}"#
+            );
+            let announcement: Announcement = serde_json::from_str(&json).expect("parses");
+            Assignment::from_code(announcement.origin_assignment)
+        };
+        assert_eq!(said(""), Assignment::Rendezvous, "an older agent says nothing");
+        assert_eq!(said(r#","origin_assignment":1"#), Assignment::BoundedLoad);
+        // A newer way than this agent knows: the newer agent falls back to ours.
+        assert_eq!(said(r#","origin_assignment":7"#), Assignment::NEWEST);
+        let ours = Announcement {
+            blob: "ab".into(),
+            have: HaveMap::from(&PieceSet::empty(4)),
+            fetching: None,
+            preparing: false,
+            origin_assignment: Assignment::NEWEST.code(),
+            iroh_addrs: Vec::new(),
+        };
+        let json = serde_json::to_string(&ours).expect("serializes");
+        let heard: Announcement = serde_json::from_str(&json).expect("parses");
+        assert_eq!(Assignment::from_code(heard.origin_assignment), Assignment::NEWEST);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::coordinator::{ClientError, CoordinatorClient};
 use crate::mirror::Mirrors;
 use crate::patch::Patches;
 use crate::pieces::{PieceLayout, PieceSet};
-use crate::scheduler::{Action, Config, Event, PeerId, RequestId, Scheduler, Source};
+use crate::scheduler::{Action, Assignment, Config, Event, PeerId, RequestId, Scheduler, Source};
 
 /// How `layout`'s blob is cut into pieces: the same on every appliance of the site.
 pub fn piece_layout(layout: &BlobLayout) -> PieceLayout {
@@ -67,7 +67,8 @@ pub struct Holding {
 /// What discovery and gossip tell the swarm.
 #[derive(Debug, Clone)]
 pub enum PeerNews {
-    Up(PeerId),
+    /// The peer is up and shares out origin pieces this way.
+    Up(PeerId, Assignment),
     Down(PeerId),
     Have(PeerId, Holding),
     /// The peer copies what it already has before it fetches (it will soon hold most).
@@ -342,7 +343,9 @@ impl<D: Device + Send + 'static> Swarm<D> {
                 news = self.news.recv(), if news_open => {
                     let now = self.now();
                     match news {
-                        Some(PeerNews::Up(peer)) => self.scheduler.handle_event(Event::PeerUp { peer }, now),
+                        Some(PeerNews::Up(peer, assignment)) => {
+                            self.scheduler.handle_event(Event::PeerUp { peer, assignment }, now)
+                        }
                         Some(PeerNews::Down(peer)) => self.scheduler.handle_event(Event::PeerDown { peer }, now),
                         Some(PeerNews::Preparing(peer)) => {
                             self.scheduler.handle_event(Event::PeerPreparing { peer }, now)

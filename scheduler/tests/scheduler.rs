@@ -107,8 +107,11 @@ impl Site {
         for i in 0..n {
             for j in 0..n {
                 if i != j {
-                    site.nodes[i]
-                        .handle_event(Event::PeerUp { peer: peer(j as u8) }, Duration::ZERO);
+                    let up = Event::PeerUp {
+                        peer: peer(j as u8),
+                        assignment: site.nodes[j].assignment(),
+                    };
+                    site.nodes[i].handle_event(up, Duration::ZERO);
                 }
             }
         }
@@ -293,6 +296,15 @@ impl Site {
         counts
     }
 
+    /// Origin requests per node.
+    fn origin_shares(&self) -> Vec<usize> {
+        let mut shares = vec![0; self.nodes.len()];
+        for request in &self.origin_log {
+            shares[request.by] += 1;
+        }
+        shares
+    }
+
     fn origin_total(&self) -> u32 {
         self.origin_log.len() as u32
     }
@@ -306,6 +318,18 @@ fn a_site_pulls_each_piece_from_the_origin_once() {
     assert_eq!(site.origin_total(), 64, "{:?}", site.origin_requests());
     let lan: u64 = site.nodes.iter().map(|n| n.stats().from_lan).sum();
     assert_eq!(lan, 7 * 64, "everything else came over the LAN");
+}
+
+#[test]
+fn members_fetch_equal_shares_from_the_origin() {
+    // The highest rendezvous score alone gives these three 23, 17 and 24 of 64 pieces: the
+    // third would have half as much again as the second to relay over its uplink.
+    let mut site = Site::new(3, 64);
+    site.run(Duration::from_secs(600));
+    assert!(site.nodes.iter().all(Scheduler::is_done));
+    assert_eq!(site.origin_total(), 64, "{:?}", site.origin_requests());
+    let shares = site.origin_shares();
+    assert!(shares.iter().all(|&share| share <= 64usize.div_ceil(3)), "{shares:?}");
 }
 
 #[test]
@@ -482,6 +506,25 @@ proptest! {
         prop_assert!(site.nodes.iter().all(Scheduler::is_done));
         prop_assert_eq!(site.origin_total() as u64, pieces);
     }
+
+    /// Sites where some members are older agents (each piece to the highest score alone):
+    /// the site shares out as they do, so every piece comes from the origin once and none
+    /// waits for its fetcher to be taken for stalled (which would take ten minutes here).
+    #[test]
+    fn sites_with_older_agents_fetch_each_piece_once(n in 2usize..10, pieces in 1u64..80, older in any::<u16>()) {
+        let takeover = Duration::from_secs(600);
+        let mut site = Site::with(n, pieces, |me, config| {
+            let assignment = match older & (1 << me.0[0]) {
+                0 => Assignment::NEWEST,
+                _ => Assignment::Rendezvous,
+            };
+            Scheduler::new(me, Config { assignment, origin_takeover: takeover, ..config })
+        });
+        site.run(Duration::from_secs(3600));
+        prop_assert!(site.nodes.iter().all(Scheduler::is_done));
+        prop_assert_eq!(site.origin_total() as u64, pieces);
+        prop_assert!(site.now < takeover, "a piece waited for a takeover: done at {:?}", site.now);
+    }
 }
 
 /// The origin requests a lone appliance issues when `now` comes.
@@ -574,11 +617,11 @@ fn a_member_that_joins_late_leaves_what_others_fetch_to_them() {
     let fetching = early.fetching();
     assert!(!runs.is_empty() && fetching.count() > 0, "the early member fetches from the origin");
 
-    // Another member comes up while those runs stream: rendezvous gives it about half the
+    // Another member comes up while those runs stream: bounded loads give it half the
     // pieces, some of them in the early member's runs.
     let joined = Duration::from_secs(2);
     let mut late = Scheduler::new(peer(1), config());
-    late.handle_event(Event::PeerUp { peer: peer(0) }, joined);
+    late.handle_event(Event::PeerUp { peer: peer(0), assignment: Assignment::NEWEST }, joined);
     let have = early.have().clone();
     late.handle_event(Event::PeerHave { peer: peer(0), have, fetching: fetching.clone() }, joined);
     late.handle_timeout(joined + Duration::from_secs(1));
@@ -586,6 +629,62 @@ fn a_member_that_joins_late_leaves_what_others_fetch_to_them() {
     assert!(!taken.is_empty(), "the late member fetches what nobody else does");
     let twice: Vec<u64> = taken.iter().copied().filter(|&p| fetching.contains(p)).collect();
     assert!(twice.is_empty(), "fetched a second time from the origin: {twice:?}");
+}
+
+#[test]
+fn a_member_that_banned_a_liar_leaves_no_piece_to_no_one() {
+    let pieces = 64;
+    let empty = PieceSet::empty(pieces);
+    let mut liars = empty.clone();
+    liars.insert(0);
+    // Three members, each up for the others; member 2 says it holds piece 0.
+    let view = |me: u8| {
+        let mut node = Scheduler::new(peer(me), Config::new(pieces, 16 << 10));
+        for other in (0..3).filter(|&other| other != me) {
+            let up = Event::PeerUp { peer: peer(other), assignment: Assignment::NEWEST };
+            node.handle_event(up, Duration::ZERO);
+            let have = if other == 2 { liars.clone() } else { empty.clone() };
+            let fetching = empty.clone();
+            node.handle_event(
+                Event::PeerHave { peer: peer(other), have, fetching },
+                Duration::ZERO,
+            );
+        }
+        node
+    };
+    // Member 0 asks member 2 for piece 0 and bans it for its corrupt answer; member 1 has
+    // not met its lies yet, and counts it among the members that fetch.
+    let mut banned = view(0);
+    let asked = std::iter::from_fn(|| banned.poll_action()).find_map(|action| match action {
+        Action::Request { id, source: Source::Peer(p), .. } if p == peer(2) => Some(id),
+        _ => None,
+    });
+    banned.handle_event(Event::Corrupt { request: asked.expect("asks member 2") }, Duration::ZERO);
+    let mut fetched = BTreeSet::new();
+    for mut node in [banned, view(1), view(2)] {
+        node.handle_timeout(Duration::from_secs(1));
+        fetched.extend(origin_runs(&mut node).into_iter().flat_map(|(_, run)| run));
+    }
+    let nobodys: Vec<u64> = (1..pieces).filter(|p| !fetched.contains(p)).collect();
+    assert!(nobodys.is_empty(), "pieces each member leaves to another: {nobodys:?}");
+}
+
+#[test]
+fn a_member_that_comes_back_as_a_newer_agent_is_shared_out_with_the_newer_way() {
+    let pieces = 64;
+    // What member 0 fetches from the origin after member 1 came up as each of `ups` in turn.
+    let fetched = |ups: &[Assignment]| {
+        let mut node = Scheduler::new(peer(0), Config::new(pieces, 16 << 10));
+        for &assignment in ups {
+            node.handle_event(Event::PeerUp { peer: peer(1), assignment }, Duration::ZERO);
+        }
+        node.handle_timeout(Duration::from_secs(1));
+        let runs = origin_runs(&mut node).into_iter().flat_map(|(_, run)| run);
+        runs.collect::<BTreeSet<u64>>()
+    };
+    let newer = fetched(&[Assignment::BoundedLoad]);
+    assert_ne!(fetched(&[Assignment::Rendezvous]), newer, "the two ways differ on this site");
+    assert_eq!(fetched(&[Assignment::Rendezvous, Assignment::BoundedLoad]), newer);
 }
 
 #[test]
@@ -637,7 +736,7 @@ fn peers_still_missing_pieces_are_counted_until_they_hold_all_or_go() {
     node.handle_event(Event::HaveLocally { pieces: all }, now);
     assert_eq!(node.peers_missing_pieces(), 0, "no peers yet");
     for i in [1, 2, 3] {
-        node.handle_event(Event::PeerUp { peer: peer(i) }, now);
+        node.handle_event(Event::PeerUp { peer: peer(i), assignment: Assignment::NEWEST }, now);
     }
     // Heard of but silent: it may lack everything.
     assert_eq!(node.peers_missing_pieces(), 3);
@@ -679,7 +778,7 @@ fn a_busy_peer_is_left_alone_briefly_not_backed_off_as_failed() {
     let mut node = Scheduler::new(peer(0), config.clone());
     let now = Duration::ZERO;
     for i in [1, 2] {
-        node.handle_event(Event::PeerUp { peer: peer(i) }, now);
+        node.handle_event(Event::PeerUp { peer: peer(i), assignment: Assignment::NEWEST }, now);
         let (have, fetching) = (PieceSet::full(pieces), PieceSet::empty(pieces));
         node.handle_event(Event::PeerHave { peer: peer(i), have, fetching }, now);
     }
