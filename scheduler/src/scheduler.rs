@@ -23,7 +23,7 @@
 //!   If the assignee dies it leaves the membership and the pieces are shared out again at
 //!   once; if it stalls (its have-map has not grown for `max(origin_takeover, 4 × this
 //!   appliance's own time per origin piece)`, counting the one in flight) or we banned it, its
-//!   pieces go to the highest-scoring member that is not stalled. Measuring against our own
+//!   pieces go to the highest-scoring member that is neither. Measuring against our own
 //!   origin transfers keeps a slow but busy WAN from looking like a stall. Older agents give
 //!   each piece to the highest score alone; a site with one of them present shares out that
 //!   way, so that every member works out the same.
@@ -261,11 +261,15 @@ pub enum Event {
     /// A site member left (timed out, disconnected, crashed).
     PeerDown { peer: PeerId },
     /// A site member is copying what it already holds (from its active slot) and will say
-    /// what that is with [`Event::PeerHave`].
+    /// what that is with [`Event::PeerHave`]. Like `PeerHave`, ignored from a member that is
+    /// not up.
     PeerPreparing { peer: PeerId },
     /// A peer announced the pieces it holds (the whole set, not a delta).
     /// `fetching`: the pieces it is fetching from the origin (empty from agents that do not
-    /// say), left to it while it makes progress.
+    /// say), left to it while it makes progress. Ignored from a member that is not up (no
+    /// [`Event::PeerUp`] since it came or went down): it is news from before the member left,
+    /// or from one whose way of sharing out origin pieces is not known, and taking it would
+    /// make this appliance share out among other members than the rest of the site does.
     PeerHave { peer: PeerId, have: PieceSet, fetching: PieceSet },
     /// A request delivered one of its pieces, verified and written. The request ends with
     /// its last piece.
@@ -536,6 +540,9 @@ impl Scheduler {
                 }
             }
             Event::PeerPreparing { peer } => {
+                if !self.present(&peer) {
+                    return;
+                }
                 self.peer_up(peer, None, now);
                 if let Some(&i) = self.index.get(&peer)
                     && self.peers[i].live
@@ -545,7 +552,8 @@ impl Scheduler {
             }
             Event::PeerHave { peer, have, fetching } => {
                 let banned = self.index.get(&peer).is_some_and(|&i| self.peers[i].banned);
-                if peer == self.me || banned || have.len() != self.config.pieces {
+                let ignored = banned || !self.present(&peer) || have.len() != self.config.pieces;
+                if peer == self.me || ignored {
                     return;
                 }
                 let fetching = if fetching.len() == self.config.pieces {
@@ -653,6 +661,11 @@ impl Scheduler {
 
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// `peer` came up ([`Event::PeerUp`]) and has not gone down since.
+    fn present(&self, peer: &PeerId) -> bool {
+        self.index.get(peer).is_some_and(|&i| self.peers[i].present)
     }
 
     /// `peer` is up; `assignment`: its way of sharing out origin pieces, if it said.

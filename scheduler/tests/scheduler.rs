@@ -688,6 +688,30 @@ fn a_member_that_comes_back_as_a_newer_agent_is_shared_out_with_the_newer_way() 
 }
 
 #[test]
+fn news_from_a_member_that_went_down_does_not_bring_it_back() {
+    let pieces = 64;
+    let empty = PieceSet::empty(pieces);
+    // What member 0 fetches from the origin once member 2 went down, with or without an
+    // announcement of member 2's that arrives after that.
+    let fetched = |late_news: bool| {
+        let mut node = Scheduler::new(peer(0), Config::new(pieces, 16 << 10));
+        for other in [1, 2] {
+            let up = Event::PeerUp { peer: peer(other), assignment: Assignment::NEWEST };
+            node.handle_event(up, Duration::ZERO);
+        }
+        node.handle_event(Event::PeerDown { peer: peer(2) }, Duration::ZERO);
+        if late_news {
+            let (have, fetching) = (empty.clone(), empty.clone());
+            node.handle_event(Event::PeerHave { peer: peer(2), have, fetching }, Duration::ZERO);
+        }
+        node.handle_timeout(Duration::from_secs(1));
+        let runs = origin_runs(&mut node).into_iter().flat_map(|(_, run)| run);
+        runs.collect::<BTreeSet<u64>>()
+    };
+    assert_eq!(fetched(true), fetched(false), "shared out as if member 2 were back");
+}
+
+#[test]
 fn a_member_that_is_preparing_is_waited_for_before_the_origin() {
     let pieces = 20;
     let mut site = Site::new(3, pieces);
