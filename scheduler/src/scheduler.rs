@@ -530,7 +530,7 @@ impl Scheduler {
         self.now = self.now.max(now);
         self.started.get_or_insert(now);
         match event {
-            Event::PeerUp { peer, assignment } => self.peer_up(peer, Some(assignment), now),
+            Event::PeerUp { peer, assignment } => self.peer_up(peer, assignment, now),
             Event::PeerDown { peer } => {
                 if let Some(&i) = self.index.get(&peer) {
                     self.forget_peer(i);
@@ -540,10 +540,6 @@ impl Scheduler {
                 }
             }
             Event::PeerPreparing { peer } => {
-                if !self.present(&peer) {
-                    return;
-                }
-                self.peer_up(peer, None, now);
                 if let Some(&i) = self.index.get(&peer)
                     && self.peers[i].live
                 {
@@ -561,9 +557,8 @@ impl Scheduler {
                 } else {
                     PieceSet::empty(self.config.pieces)
                 };
-                // Scheduling once as for `PeerUp` (with the old have-map) and once more below
-                // keeps the actions those two steps have always produced.
-                self.peer_up(peer, None, now);
+                // Scheduling once with the old have-map and once more below keeps the actions
+                // those two steps have always produced.
                 self.schedule();
                 let i = self.index[&peer];
                 let state = &mut self.peers[i];
@@ -668,8 +663,8 @@ impl Scheduler {
         self.index.get(peer).is_some_and(|&i| self.peers[i].present)
     }
 
-    /// `peer` is up; `assignment`: its way of sharing out origin pieces, if it said.
-    fn peer_up(&mut self, peer: PeerId, assignment: Option<Assignment>, now: Duration) {
+    /// `peer` is up and shares out origin pieces as `assignment` says.
+    fn peer_up(&mut self, peer: PeerId, assignment: Assignment, now: Duration) {
         if peer == self.me {
             return;
         }
@@ -702,9 +697,7 @@ impl Scheduler {
         };
         let state = &mut self.peers[i];
         state.present = true;
-        if let Some(assignment) = assignment {
-            state.assignment = assignment;
-        }
+        state.assignment = assignment;
         if state.banned {
             return;
         }
@@ -1013,6 +1006,9 @@ impl Scheduler {
             .chain([(&*self.my_scores, &self.me, true)])
             .collect();
         let me = members.len() - 1;
+        // A stalled or banned member's pieces go where the highest score alone sends them.
+        let instead = (shares.present.len() > shares.contenders.len())
+            .then(|| self.highest_scores(&shares.contenders));
         let most = self.config.pieces.div_ceil(members.len() as u64).max(MIN_SHARE_CAP);
         let mut loads = vec![0u64; members.len()];
         let mut mine = PieceSet::empty(self.config.pieces);
@@ -1023,14 +1019,12 @@ impl Scheduler {
                 .max_by_key(|&m| (members[m].0[p], members[m].1))
                 .expect("members × ⌈pieces ÷ members⌉ has room for every piece");
             loads[owner] += 1;
-            let fetcher = match members[owner].2 {
-                true => owner,
-                false => (0..members.len())
-                    .filter(|&m| members[m].2)
-                    .max_by_key(|&m| (members[m].0[p], members[m].1))
-                    .expect("we fetch"),
+            let ours = match (owner == me, members[owner].2) {
+                (true, _) => true,
+                (false, true) => false,
+                (false, false) => instead.as_ref().is_some_and(|set| set.contains(piece)),
             };
-            if fetcher == me {
+            if ours {
                 mine.insert(piece);
             }
         }
