@@ -159,7 +159,7 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
         Some(chunks_wire + side),
     );
     let referenced = with_reference(old, new, &old_chunks, &new_chunks);
-    row("not built: missing chunks, zstd -9 against the old image near", Some(referenced));
+    row("not built: missing chunks, zstd -9, old image as reference", Some(referenced));
     row("  ... + index and outboard", Some(referenced + side));
     row("ours: whole 16 KiB groups touched, raw", Some(groups_plain));
     row(&format!("ours: whole 16 KiB groups touched, {sent}"), Some(groups_wire));
@@ -220,26 +220,37 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     );
 }
 
-/// A next step measured, not built (docs/delta.md): the missing chunks of each 1 MiB of the
-/// new image compressed (zstd -9, one frame each, as one request would be) with, as a
-/// reference both ends hold, the old image's bytes around where its chunks nearest that MiB
-/// were (1 MiB either side, at most 6 MiB), so that short strings inside a changed chunk are
-/// found as they are by a binary patch. Central Command would need the old release stored.
+/// A next step measured, not built (docs/delta.md): the new image in blocks of 1 MiB (as a
+/// request for a large piece's missing span would be), each block's missing chunks
+/// compressed (zstd -9, one frame a block) with a stretch of the old image as the reference,
+/// which both ends hold, so that short strings inside a changed chunk are found as a binary
+/// patch finds them. The stretch runs from 1 MiB before where the last chunk both images
+/// share before the block ends (else where the block's first shared chunk starts) to 1 MiB
+/// past where the first shared chunk after it starts; it is at most 6 MiB, kept from its
+/// start (or, with nothing shared before, from its end). Central Command would need the old
+/// release stored.
 fn with_reference(
     old: &Path,
     new: &Path,
     old_chunks: &[sitecast_delta::Chunk],
     new_chunks: &[sitecast_delta::Chunk],
 ) -> u64 {
-    const PIECE: u64 = 1 << 20;
+    const BLOCK: u64 = 1 << 20;
     const MARGIN: u64 = 1 << 20;
     const MOST: u64 = 6 << 20;
+    // The agent decodes with a window of at most 8 MiB (`peer/src/swarm.rs`).
+    const WINDOW_LOG: u32 = 23;
+    const _: () = assert!(MOST + BLOCK <= 1 << WINDOW_LOG);
     let (old, new) = (std::fs::read(old).expect("old"), std::fs::read(new).expect("new"));
-    let at_in_old: std::collections::HashMap<_, _> =
-        old_chunks.iter().map(|c| (c.hash, c.offset)).collect();
+    let old_len = old.len() as u64;
+    // A chunk the old image holds more than once (zeros, padding) is taken where it first is.
+    let mut at_in_old = std::collections::HashMap::new();
+    for chunk in old_chunks {
+        at_in_old.entry(chunk.hash).or_insert(chunk.offset);
+    }
     let mut sent = 0;
-    for piece in (0..new.len() as u64).step_by(PIECE as usize) {
-        let bytes = piece..(piece + PIECE).min(new.len() as u64);
+    for block in (0..new.len() as u64).step_by(BLOCK as usize) {
+        let bytes = block..(block + BLOCK).min(new.len() as u64);
         let (mut missing, mut before, mut after) = (Vec::new(), None, None);
         for chunk in new_chunks {
             let found = at_in_old.get(&chunk.hash).copied();
@@ -261,16 +272,22 @@ fn with_reference(
         if missing.is_empty() {
             continue;
         }
-        let (first, last) = (before.unwrap_or(0), after.unwrap_or(old.len() as u64));
-        let (mut lo, mut hi) = (first.min(last).saturating_sub(MARGIN), first.max(last) + MARGIN);
-        if hi - lo > MOST {
-            (lo, hi) = (first.saturating_sub(MOST / 2), first + MOST / 2);
-        }
-        let reference = &old[lo.min(old.len() as u64) as usize..hi.min(old.len() as u64) as usize];
+        let (first, last) = (before.unwrap_or(0), after.unwrap_or(old_len));
+        let lo = first.min(last).saturating_sub(MARGIN);
+        let hi = (first.max(last) + MARGIN).min(old_len);
+        let (lo, hi) = match (hi.saturating_sub(lo) > MOST, before) {
+            (false, _) => (lo, hi),
+            (true, Some(first)) => {
+                let lo = first.saturating_sub(MARGIN);
+                (lo, (lo + MOST).min(old_len))
+            }
+            (true, None) => (hi.saturating_sub(MOST), hi),
+        };
+        let reference = &old[lo.min(hi) as usize..hi as usize];
         let mut encoder =
             zstd::stream::write::Encoder::with_ref_prefix(CountingSink(0), 9, reference)
                 .expect("zstd");
-        encoder.set_parameter(zstd::zstd_safe::CParameter::WindowLog(23)).expect("window");
+        encoder.set_parameter(zstd::zstd_safe::CParameter::WindowLog(WINDOW_LOG)).expect("window");
         encoder.write_all(&missing).expect("compress");
         sent += encoder.finish().expect("finish").0;
     }
