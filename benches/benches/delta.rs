@@ -159,7 +159,7 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
         Some(chunks_wire + side),
     );
     let referenced = with_reference(old, new, &old_chunks, &new_chunks);
-    row("not built: missing chunks, zstd -9, old image as reference", Some(referenced));
+    row("ours: missing chunks, zstd -9 against the old image nearby", Some(referenced));
     row("  ... + index and outboard", Some(referenced + side));
     row("ours: whole 16 KiB groups touched, raw", Some(groups_plain));
     row(&format!("ours: whole 16 KiB groups touched, {sent}"), Some(groups_wire));
@@ -220,70 +220,50 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     );
 }
 
-/// A next step measured, not built (docs/delta.md): the new image in blocks of 1 MiB (as a
-/// request for a large piece's missing span would be), each block's missing chunks
-/// compressed (zstd -9, one frame a block) with a stretch of the old image as the reference,
-/// which both ends hold, so that short strings inside a changed chunk are found as a binary
-/// patch finds them. The stretch runs from 1 MiB before where the last chunk both images
-/// share before the block ends (else where the block's first shared chunk starts) to 1 MiB
-/// past where the first shared chunk after it starts; it is at most 6 MiB, kept from its
-/// start (or, with nothing shared before, from its end). Central Command would need the old
-/// release stored.
+/// What Central Command sends against the older release (docs/delta.md): the new image in
+/// blocks of 1 MiB (as a request for a large piece's missing span would be), each block's
+/// missing chunks compressed (zstd -9, one frame a block) against the stretch of the old
+/// image that the agent names ([`SharedRuns::reference`]), which both ends hold, so that
+/// short strings inside a changed chunk are found as a binary patch finds them.
 fn with_reference(
     old: &Path,
     new: &Path,
     old_chunks: &[sitecast_delta::Chunk],
     new_chunks: &[sitecast_delta::Chunk],
 ) -> u64 {
+    use sitecast_delta::reference::{MAX_REFERENCE, SharedRuns};
     const BLOCK: u64 = 1 << 20;
-    const MARGIN: u64 = 1 << 20;
-    const MOST: u64 = 6 << 20;
     // The agent decodes with a window of at most 8 MiB (`peer/src/swarm.rs`).
     const WINDOW_LOG: u32 = 23;
-    const _: () = assert!(MOST + BLOCK <= 1 << WINDOW_LOG);
+    const _: () = assert!(MAX_REFERENCE + BLOCK <= 1 << WINDOW_LOG);
     let (old, new) = (std::fs::read(old).expect("old"), std::fs::read(new).expect("new"));
-    let old_len = old.len() as u64;
     // A chunk the old image holds more than once (zeros, padding) is taken where it first is.
     let mut at_in_old = std::collections::HashMap::new();
     for chunk in old_chunks {
         at_in_old.entry(chunk.hash).or_insert(chunk.offset);
     }
+    let mut runs = SharedRuns::new(old.len() as u64);
+    for chunk in new_chunks {
+        if let Some(&at) = at_in_old.get(&chunk.hash) {
+            runs.push(chunk.offset, at, u64::from(chunk.len));
+        }
+    }
     let mut sent = 0;
     for block in (0..new.len() as u64).step_by(BLOCK as usize) {
         let bytes = block..(block + BLOCK).min(new.len() as u64);
-        let (mut missing, mut before, mut after) = (Vec::new(), None, None);
-        for chunk in new_chunks {
-            let found = at_in_old.get(&chunk.hash).copied();
-            let range = chunk.bytes();
-            if range.end <= bytes.start {
-                before = found.map(|at| at + u64::from(chunk.len)).or(before);
-            } else if range.start >= bytes.end {
-                after = found;
-                if after.is_some() {
-                    break;
-                }
-            } else if let Some(at) = found {
-                before = before.or(Some(at));
-            } else {
-                let part = range.start.max(bytes.start)..range.end.min(bytes.end);
-                missing.extend_from_slice(&new[part.start as usize..part.end as usize]);
+        let first = new_chunks.partition_point(|c| c.bytes().end <= bytes.start);
+        let mut missing = Vec::new();
+        for chunk in new_chunks[first..].iter().take_while(|c| c.offset < bytes.end) {
+            if !at_in_old.contains_key(&chunk.hash) {
+                let range = chunk.offset.max(bytes.start)..chunk.bytes().end.min(bytes.end);
+                missing.extend_from_slice(&new[range.start as usize..range.end as usize]);
             }
         }
         if missing.is_empty() {
             continue;
         }
-        let (first, last) = (before.unwrap_or(0), after.unwrap_or(old_len));
-        let lo = first.min(last).saturating_sub(MARGIN);
-        let hi = (first.max(last) + MARGIN).min(old_len);
-        let (lo, hi) = match (hi.saturating_sub(lo) > MOST, before) {
-            (false, _) => (lo, hi),
-            (true, Some(first)) => {
-                let lo = first.saturating_sub(MARGIN);
-                (lo, (lo + MOST).min(old_len))
-            }
-            (true, None) => (hi.saturating_sub(MOST), hi),
-        };
-        let reference = &old[lo.min(hi) as usize..hi as usize];
+        let reference = runs.reference(bytes).unwrap_or(0..0);
+        let reference = &old[reference.start as usize..reference.end as usize];
         let mut encoder =
             zstd::stream::write::Encoder::with_ref_prefix(CountingSink(0), 9, reference)
                 .expect("zstd");

@@ -320,6 +320,76 @@ async fn plain_bytes_are_the_ranges_asked_for_one_after_the_other() {
     wait_counted(&server, "store-7", (plain.len() + compressed.len()) as u64).await;
 }
 
+/// `len` bytes that do not compress on their own.
+fn noise(len: usize, seed: &str) -> Vec<u8> {
+    let mut bytes = vec![0; len];
+    blake3::Hasher::new().update(seed.as_bytes()).finalize_xof().fill(&mut bytes);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_bytes_can_be_compressed_against_an_older_image_the_appliance_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (releases, server) = started(dir.path()).await;
+    // Release 2 is release 1 with a byte changed every 3000: nothing repeats within it, all of
+    // it is near what release 1 holds at the same place.
+    let old = noise(LEN, "release 1");
+    let mut new = old.clone();
+    for at in (0..LEN).step_by(3000) {
+        new[at] ^= 0x5a;
+    }
+    for (version, image) in [(1, &old), (2, &new)] {
+        let manifest = releases.manifest(version, image, None, None);
+        assert_eq!(server.publish(&manifest, image.clone()).await.status(), 201);
+    }
+    let (from, to) = (blake3::hash(&old).to_hex(), blake3::hash(&new).to_hex());
+    let appliance = enrolled(&server).await;
+    let get = |query: String, accept: Option<&'static str>| {
+        let path = format!("/api/blobs/{to}/bytes?ranges=0-{LEN}&{query}");
+        let mut request = appliance.signed(&server, Method::GET, &path, b"");
+        if let Some(accept) = accept {
+            request = request.header("accept-encoding", accept);
+        }
+        request.send()
+    };
+    let whole = format!("from={from}&reference=0-{LEN}");
+    let answer = get(whole.clone(), Some("zstd")).await.expect("get");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers()["content-encoding"], "zstd");
+    assert_eq!(answer.headers()[api::HEADER_REFERENCE], format!("0-{LEN}").as_str());
+    let sent = answer.bytes().await.expect("body");
+    assert!(sent.len() * 20 < LEN, "{} bytes sent for {LEN} against the reference", sent.len());
+    let mut decoded = Vec::new();
+    let mut decoder =
+        zstd::stream::read::Decoder::with_ref_prefix(&sent[..], &old[..]).expect("decoder");
+    std::io::Read::read_to_end(&mut decoder, &mut decoded).expect("decompress");
+    assert!(decoded == new, "decompressed against release 1, the bytes are release 2's");
+    // Against the wrong bytes the same answer does not decompress to release 2.
+    let mut wrong = Vec::new();
+    // (zstd measures a match back from the reference's end: one byte short moves them all.)
+    let shifted = &old[..LEN - 1];
+    let decoder = zstd::stream::read::Decoder::with_ref_prefix(&sent[..], shifted);
+    let _ = std::io::Read::read_to_end(&mut decoder.expect("decoder"), &mut wrong);
+    assert!(wrong != new);
+
+    // No reference where it cannot be used: an answer not compressed, an older image this
+    // server does not know. Such answers are what the bytes are without one.
+    let plain = get(whole.clone(), None).await.expect("get");
+    assert_eq!(plain.headers().get(api::HEADER_REFERENCE), None);
+    assert!(plain.bytes().await.expect("body")[..] == new[..]);
+    let unknown = format!("from={}&reference=0-{LEN}", blake3::hash(b"never published").to_hex());
+    let answer = get(unknown, Some("zstd")).await.expect("get");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers().get(api::HEADER_REFERENCE), None);
+    // A reference that is not a range of the older image is refused.
+    for bad in
+        ["0-x", "5-5", "9-3", "-"].map(str::to_owned).into_iter().chain([format!("0-{}", LEN + 1)])
+    {
+        let answer = get(format!("from={from}&reference={bad}"), Some("zstd")).await.expect("get");
+        assert_eq!(answer.status(), 416, "{bad}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -11,6 +11,8 @@
 //! A release carries its image's chunk list as a [content index](index) (its hash signed in
 //! the manifest); an appliance cuts its active slot the same way, and [`reuse`] says, group by
 //! group, where in the active slot each byte of a group can be copied from.
+//! What is left, mostly changed versions of nearby old bytes, is compressed against a
+//! stretch of the older image that [`reference`] picks.
 //!
 //! Plain data in, plain data out: no files, no network. Memory is bounded by the chunks
 //! (a map of the older image's, 16 bytes a chunk: 4 MiB for 1 GiB at 4 KiB chunks), never by
@@ -21,6 +23,7 @@ use std::io::{self, Read};
 use std::ops::Range;
 
 pub mod index;
+pub mod reference;
 pub mod reuse;
 
 /// Bytes in a group, the unit of verification (`sitecast_iso::GROUP_BYTES`).

@@ -25,6 +25,12 @@ pub const HEADER_IMAGE_SHA256: &str = "x-sitecast-sha256";
 /// `start..end` (a Central Command that predates runs serves that alone, without it).
 pub const HEADER_RUNS: &str = "x-sitecast-runs";
 
+/// On `GET /api/blobs/{hash}/bytes`: the answer is zstd compressed against these bytes
+/// (`A-B`) of the older image named by `from=`, the `reference=` asked for. Without it the
+/// answer uses no reference (a Central Command that predates references, or one that could
+/// not use it).
+pub const HEADER_REFERENCE: &str = "x-sitecast-reference";
+
 /// What an appliance signs for each request: method, path (with query), timestamp, body.
 pub fn appliance_signing_bytes(method: &str, path: &str, timestamp: i64, body: &[u8]) -> Vec<u8> {
     let mut bytes =

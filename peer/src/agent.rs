@@ -496,8 +496,9 @@ impl Agent {
             if let Ok(verified) =
                 self.root.verify_release(update.manifest.as_bytes(), Timestamp::now())
             {
-                let size = verified.release().image.size;
-                self.state.slot_image_sizes.insert(slot.to_string(), size);
+                let image = &verified.release().image;
+                self.state.slot_image_sizes.insert(slot.to_string(), image.size);
+                self.state.slot_image_blake3.insert(slot.to_string(), image.blake3.to_hex());
                 let floor = verified.release().rollback_floor.unwrap_or(0);
                 self.state.rollback_floor = self.state.rollback_floor.max(floor);
             }
@@ -575,8 +576,9 @@ impl Agent {
             );
         }
         if self.state.slot_versions.insert(slot.to_string(), version) != Some(version) {
-            // The size recorded was another release's.
+            // The size and hash recorded were another release's.
             self.state.slot_image_sizes.remove(&slot.to_string());
+            self.state.slot_image_blake3.remove(&slot.to_string());
         }
         self.save();
     }
@@ -913,6 +915,7 @@ impl Agent {
         self.lingering_since = None;
         self.state.slot_versions.remove(&standby.to_string());
         self.state.slot_image_sizes.remove(&standby.to_string());
+        self.state.slot_image_blake3.remove(&standby.to_string());
         let release = verified.release();
         self.start_download(
             release.image.clone(),
@@ -939,6 +942,7 @@ impl Agent {
             index_url,
             active: self.config.slot_path(active).to_owned(),
             active_len: self.state.slot_image_sizes.get(&active.to_string()).copied(),
+            active_blake3: self.state.slot_image_blake3.get(&active.to_string()).cloned(),
         });
         let members = self.membership.members().unwrap_or_default();
         tracing::info!(%slot, size = image.size, blake3 = %image.blake3, "download started");

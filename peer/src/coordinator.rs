@@ -240,14 +240,21 @@ impl CoordinatorClient {
     }
 
     /// Plain bytes of the image, the byte `ranges` (ascending, disjoint) one after the other
-    /// (`OriginUrls::bytes`), in one response the caller reads.
+    /// (`OriginUrls::bytes`), in one response the caller reads. With `reference` (the BLAKE3
+    /// of an older image, hex, and a byte range of it), compressed against those bytes if
+    /// Central Command can (`api::HEADER_REFERENCE` says so).
     pub async fn open_bytes(
         &self,
         bytes_url: &str,
         ranges: &[std::ops::Range<u64>],
+        reference: Option<(&str, std::ops::Range<u64>)>,
     ) -> Result<reqwest::Response, ClientError> {
         let list: Vec<String> = ranges.iter().map(|r| format!("{}-{}", r.start, r.end)).collect();
-        self.open_compressible(&format!("{bytes_url}?ranges={}", list.join(","))).await
+        let mut url = format!("{bytes_url}?ranges={}", list.join(","));
+        if let Some((from, bytes)) = reference {
+            url += &format!("&from={from}&reference={}-{}", bytes.start, bytes.end);
+        }
+        self.open_compressible(&url).await
     }
 
     /// A download that Central Command sends compressed if it finds the blob worth it: the

@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sitecast_delta::index::{IndexError, IndexReader};
+use sitecast_delta::reference::SharedRuns;
 use sitecast_delta::reuse::{GroupCopy, GroupPlanner, OlderImage, Span};
 use sitecast_iso::{
     DecodedItem, Device, DeviceReader, FileDevice, GROUP_BYTES, OutboardStore, SlotError,
@@ -81,6 +82,15 @@ impl PartialGroups {
     }
 }
 
+/// What the active slot holds of the groups left to fetch: parts of some
+/// ([`PartialGroups`]), and where the new image's shared bytes sit in it ([`SharedRuns`]), so
+/// that the missing bytes can be compressed against the active slot's bytes near them.
+#[derive(Debug, Default)]
+pub struct ActiveParts {
+    pub partial: PartialGroups,
+    pub runs: SharedRuns,
+}
+
 /// Indexes cut finer than this are not used: the map of the active slot's chunks grows as
 /// the chunks shrink (the signing tool cuts 4 KiB).
 pub const MIN_AVERAGE_CHUNK: u32 = 1024;
@@ -118,7 +128,7 @@ pub enum ReuseError {
 /// Copies into `writer` every group of its image that the active slot at `active` (its first
 /// `active_len` bytes, or all of it) holds according to the content index at `index`,
 /// checking each against `outboard` (the new image's, complete) before it is written; says
-/// where the slot holds parts of the groups it could not copy whole.
+/// what the slot holds of the groups it could not copy whole.
 /// Blocking: file reads and hashing. Stops, with what was copied so far recorded, once
 /// `stop` is set. `written` hears the bytes of each batch as it is written, so a caller can
 /// count them before the copy ends (or is killed).
@@ -130,7 +140,7 @@ pub fn copy_from_active<D: Device>(
     active_len: Option<u64>,
     stop: &AtomicBool,
     written: &mut dyn FnMut(u64),
-) -> Result<(Reused, PartialGroups), ReuseError> {
+) -> Result<(Reused, ActiveParts), ReuseError> {
     let layout = writer.layout();
     let chunks = IndexReader::new(File::open(index)?, layout.size)?;
     if chunks.chunking().avg < MIN_AVERAGE_CHUNK {
@@ -144,17 +154,21 @@ pub fn copy_from_active<D: Device>(
     let mut reused = Reused { scanned: older.bytes(), ..Reused::default() };
     let mut planner = GroupPlanner::new(&older, layout.size);
     let mut batch = Batch::default();
-    let mut partial = PartialGroups::default();
+    let mut parts = ActiveParts { runs: SharedRuns::new(older.bytes()), ..Default::default() };
     for chunk in chunks {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        for copy in planner.push(&chunk?) {
+        let chunk = chunk?;
+        if let Some(old) = older.find(chunk.key) {
+            parts.runs.push(chunk.offset, old, u64::from(chunk.len));
+        }
+        for copy in planner.push(&chunk) {
             if writer.has(copy.group) {
                 continue;
             }
             if !copy.whole {
-                partial.add(copy);
+                parts.partial.add(copy);
                 continue;
             }
             if !batch.extends(&copy) {
@@ -165,7 +179,7 @@ pub fn copy_from_active<D: Device>(
     }
     batch.write(writer, outboard, &mut reused, written)?;
     writer.checkpoint()?;
-    Ok((reused, partial))
+    Ok((reused, parts))
 }
 
 /// Adjacent groups assembled from the active slot, not yet checked.

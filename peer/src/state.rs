@@ -108,6 +108,11 @@ pub struct AgentState {
     /// slot to read when copying what a new image shares with it.
     #[serde(default)]
     pub slot_image_sizes: BTreeMap<String, u64>,
+    /// The BLAKE3 (hex) of the image in each slot the agent installed: Central Command
+    /// compresses what a new image lacks against the active slot's bytes when it knows which
+    /// release they are.
+    #[serde(default)]
+    pub slot_image_blake3: BTreeMap<String, String>,
     /// Highest rollback floor of any release installed.
     #[serde(default)]
     pub rollback_floor: u64,

@@ -503,13 +503,13 @@ async fn patch_pieces(
 ) -> Result<Vec<Wanted>, FetchError> {
     let mut left = Vec::new();
     for wanted in wanted {
-        let Some(ranges) = patches.missing(&layout, wanted.groups.clone()) else {
+        let Some(bytes) = patches.missing(&layout, wanted.groups.clone()) else {
             left.push(wanted);
             continue;
         };
         // Whatever goes wrong here (a refusal, the active slot unreadable, groups that do not
         // verify), the piece is fetched whole below, in this same request.
-        let patched = match patches.fetch(client, layout, wanted.groups.clone(), ranges).await {
+        let patched = match patches.fetch(client, layout, wanted.groups.clone(), bytes).await {
             Ok(Some(patched)) => patched,
             Ok(None) => {
                 left.push(wanted);
@@ -707,7 +707,8 @@ async fn fetch_from_mirror(
 const RUN_IDLE: Duration = Duration::from_secs(30);
 
 /// The largest zstd window an origin's stream may use: Central Command's level uses 2 MiB at
-/// most, and a hostile stream naming a larger one is refused instead of allocated.
+/// most (8 MiB against a reference), and a hostile stream naming a larger one is refused
+/// instead of allocated.
 const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
 /// Decompresses a zstd stream from the origin (compression on the wire); what comes out is
@@ -717,6 +718,18 @@ pub(crate) fn zstd_reader<R: std::io::Read>(
 ) -> Result<zstd::stream::read::Decoder<'static, std::io::BufReader<R>>, FetchError> {
     let failed = |error: std::io::Error| FetchError::Failed(format!("zstd: {error}"));
     let mut decoder = zstd::stream::read::Decoder::new(input).map_err(failed)?;
+    decoder.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(failed)?;
+    Ok(decoder)
+}
+
+/// [`zstd_reader`] for a stream compressed against `prefix` (bytes the agent holds).
+pub(crate) fn zstd_reader_against<'p, R: std::io::BufRead>(
+    input: R,
+    prefix: &'p [u8],
+) -> Result<zstd::stream::read::Decoder<'p, R>, FetchError> {
+    let failed = |error: std::io::Error| FetchError::Failed(format!("zstd: {error}"));
+    let mut decoder =
+        zstd::stream::read::Decoder::with_ref_prefix(input, prefix).map_err(failed)?;
     decoder.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(failed)?;
     Ok(decoder)
 }

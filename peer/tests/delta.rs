@@ -367,8 +367,10 @@ async fn an_image_that_compresses_crosses_the_wan_compressed() {
 }
 
 /// A lone appliance (`client`, enrolled) fills its slot from Central Command alone after
-/// copying from its active slot (release 1) what it can; with `damaged`, the parts it holds of the groups it holds in
-/// part are damaged after the copy (a disk that lost them meanwhile). What it fetched.
+/// copying from its active slot (release 1) what it can; with `damaged`, the parts it holds
+/// of the groups it holds in part are damaged after the copy (a disk that lost them
+/// meanwhile); with `reference`, it asks for what it lacks compressed against its active
+/// slot. What it fetched (decompressed).
 async fn fill_with_patches(
     client: sitecast_peer::coordinator::CoordinatorClient,
     key: sitecast_manifest::SecretKey,
@@ -376,6 +378,7 @@ async fn fill_with_patches(
     dir: &Path,
     name: &str,
     damaged: bool,
+    reference: bool,
 ) -> u64 {
     use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, Slot, SlotPaths, SlotWriter};
     use std::os::unix::fs::FileExt;
@@ -396,7 +399,7 @@ async fn fill_with_patches(
     let mut writer =
         SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, &sub)).expect("writer");
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let (_, partial) = sitecast_peer::reuse::copy_from_active(
+    let (_, parts) = sitecast_peer::reuse::copy_from_active(
         &mut writer,
         &outboard,
         &index,
@@ -406,6 +409,7 @@ async fn fill_with_patches(
         &mut |_| {},
     )
     .expect("copy");
+    let partial = parts.partial;
     assert!(!partial.is_empty(), "the changes' edges leave groups held in part");
     if damaged {
         let file = std::fs::OpenOptions::new().write(true).open(&active).expect("slot A");
@@ -416,7 +420,9 @@ async fn fill_with_patches(
     let outboard =
         OutboardStore::new(layout, FileDevice::open_read_only(&outboard_path).expect("outboard"));
     let active = FileDevice::open_read_only(&active).expect("slot A");
-    let patches = sitecast_peer::patch::Patches::new(partial, active, outboard, bytes_url);
+    let from = blake3::hash(&std::fs::read(old_path).expect("v1")).to_hex().to_string();
+    let patches = sitecast_peer::patch::Patches::new(partial, active, outboard, bytes_url)
+        .with_reference(reference.then_some((from, parts.runs)));
     let (_news_tx, news) = tokio::sync::mpsc::channel(8);
     let (announce, _announced) = tokio::sync::mpsc::channel(8);
     let stats =
@@ -463,7 +469,7 @@ async fn groups_held_in_part_are_fetched_whole_when_their_parts_do_not_verify() 
     for ((client, key), (name, damaged)) in
         clients.into_iter().zip([("intact", false), ("damaged", true)])
     {
-        fetched.push(fill_with_patches(client, key, pair, dir.path(), name, damaged).await);
+        fetched.push(fill_with_patches(client, key, pair, dir.path(), name, damaged, false).await);
     }
     // Both slots are release 2 (checked as they are filled); the damaged parts cost their
     // groups whole.
@@ -473,6 +479,45 @@ async fn groups_held_in_part_are_fetched_whole_when_their_parts_do_not_verify() 
         fetched[1],
         fetched[0]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_missing_crosses_the_wan_compressed_against_the_active_slot() {
+    use sitecast_peer::coordinator::CoordinatorClient;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    // Release 2: release 1 with a byte changed every 3000 in its fourth MiB (every chunk there
+    // is new, yet near what release 1 holds) and 20,000 bytes of new noise at 6 MiB.
+    let old = noise(8 * MIB, "release 1");
+    let mut new = [&old[..6 * MIB], &noise(20_000, "inserted")[..], &old[6 * MIB..]].concat();
+    for at in (3 * MIB..4 * MIB).step_by(3000) {
+        new[at] ^= 0x5a;
+    }
+    let (v1, v2) = (dir.path().join("image-v1.raw"), dir.path().join("image-v2.raw"));
+    std::fs::write(&v1, &old).expect("v1");
+    std::fs::write(&v2, &new).expect("v2");
+    origin.publish_image(1, &v1, None).await;
+    origin.publish_image(2, &v2, Some(content_index_of(&v2))).await;
+    let fills = [("alone", false, false), ("against", false, true), ("damaged", true, true)];
+    let mut clients = Vec::new();
+    for (name, _, _) in fills {
+        let key = sitecast_manifest::SecretKey::generate().expect("rng");
+        let client = CoordinatorClient::new(&origin.url, None, key.clone()).expect("client");
+        client.checkin(&lone_checkin("lab", name)).await.expect("enrolled");
+        clients.push((client, key));
+    }
+    origin.rollout(2).await;
+    let mut fetched = Vec::new();
+    for ((client, key), (name, damaged, reference)) in clients.into_iter().zip(fills) {
+        let pair = (v1.as_path(), v2.as_path());
+        let filled = fill_with_patches(client, key, pair, dir.path(), name, damaged, reference);
+        fetched.push(filled.await);
+    }
+    eprintln!("bytes on the wire: {fetched:?} (alone, against the active slot, damaged)");
+    // Each slot is release 2 (checked as it is filled). The changed MiB crosses as its
+    // changes, not its bytes; a damaged slot decompresses wrong, and costs a fetch.
+    assert!(fetched[1] * 4 < fetched[0], "{fetched:?}");
+    assert!(fetched[2] > fetched[1], "{fetched:?}");
 }
 
 /// The Debian pair of `benches/debian-pair` (bookworm minbase, then plus curl and less, as
@@ -490,24 +535,38 @@ async fn a_lone_appliance_updates_between_two_debian_root_file_systems() {
         let origin = Origin::start(dir.path()).await;
         let (old, new) = (pair.join(format!("a-{kind}.sqfs")), pair.join(format!("b-{kind}.sqfs")));
         let index = content_index_of(&new);
+        // Release 1 is the active slot's: Central Command compresses against it when asked.
+        origin.publish_image(1, &old, None).await;
         let image = origin.publish_image(2, &new, Some(index.clone())).await;
-        let key = sitecast_manifest::SecretKey::generate().expect("rng");
-        let client =
-            sitecast_peer::coordinator::CoordinatorClient::new(&origin.url, None, key.clone())
-                .expect("client");
-        client.checkin(&lone_checkin("lab", "solo")).await.expect("enrolled");
+        let mut clients = Vec::new();
+        for name in ["solo", "solo-reference"] {
+            let key = sitecast_manifest::SecretKey::generate().expect("rng");
+            let client =
+                sitecast_peer::coordinator::CoordinatorClient::new(&origin.url, None, key.clone())
+                    .expect("client");
+            client.checkin(&lone_checkin("lab", name)).await.expect("enrolled");
+            clients.push((client, key, name));
+        }
         origin.rollout(2).await;
-        let fetched = fill_with_patches(client, key, (&old, &new), dir.path(), "solo", false).await;
-        let served = origin.origin_bytes("lab", 2).await;
-        let layout = sitecast_iso::BlobLayout::new(image.blake3, image.size);
-        let side = index.size + layout.outboard_len();
-        println!(
-            "squashfs {kind}: {} bytes; Central Command sent {served} bytes ({fetched} \
-             decoded), + index and outboard {side} = {} ({:.1} % of the image)",
-            image.size,
-            served + side,
-            100.0 * (served + side) as f64 / image.size as f64
-        );
+        let mut before = 0;
+        for ((client, key, name), reference) in clients.into_iter().zip([false, true]) {
+            let pair = (old.as_path(), new.as_path());
+            let fetched = fill_with_patches(client, key, pair, dir.path(), name, false, reference);
+            let fetched = fetched.await;
+            let served = origin.origin_bytes("lab", 2).await - before;
+            before += served;
+            let layout = sitecast_iso::BlobLayout::new(image.blake3, image.size);
+            let side = index.size + layout.outboard_len();
+            let against = if reference { "against the active slot" } else { "alone" };
+            println!(
+                "squashfs {kind}, compressed {against}: {} bytes; Central Command sent {served} \
+                 bytes ({fetched} decoded), + index and outboard {side} = {} ({:.1} % of the \
+                 image)",
+                image.size,
+                served + side,
+                100.0 * (served + side) as f64 / image.size as f64
+            );
+        }
     }
 }
 

@@ -202,6 +202,8 @@ struct AppState {
     enrollments: Mutex<auth::RateLimit>,
     refusals: Mutex<auth::RateLimit>,
     range_pool: range_pool::RangePool,
+    /// Answers being compressed against a reference ([`origin::REFERENCE_STREAMS`]).
+    reference_streams: Arc<tokio::sync::Semaphore>,
     image_url_ttl: jiff::SignedDuration,
     ddi_tenant: String,
     listener_stats: crate::listener::Stats,
@@ -308,6 +310,7 @@ impl Coordinator {
                 config.max_range_streams,
                 config.max_range_streams_per_client,
             ),
+            reference_streams: Arc::new(tokio::sync::Semaphore::new(origin::REFERENCE_STREAMS)),
             image_url_ttl: config.image_url_ttl,
             ddi_tenant: config.ddi_tenant.clone(),
             listener_stats: crate::listener::Stats::default(),

@@ -189,25 +189,35 @@ pub(super) async fn blob_ranges(
         move |data: &FileDevice, outboard: &OutboardStore<FileDevice>, out: &mut dyn Write| {
             outboard.encode_runs(data, &groups, out)
         };
-    let mut response = stream_blob(&state, &parts, info, &reader, version, length, encode).await?;
+    let encoding = Encoding::Asked;
+    let mut response =
+        stream_blob(&state, &parts, info, &reader, version, (length, encoding), encode).await?;
     let headers = response.headers_mut();
     headers.insert(sitecast_manifest::api::HEADER_RUNS, HeaderValue::from_static("1"));
     Ok(response)
 }
 
 /// `ranges=A-B,C-D,…`: byte ranges of a blob (`B` exclusive), ascending and disjoint, at
-/// most [`MAX_BYTE_RANGES`].
+/// most [`MAX_BYTE_RANGES`]. With `from` (the BLAKE3 of an older release's image, the one
+/// the appliance runs) and `reference=A-B` (bytes of that image), the answer may be
+/// compressed against those bytes ([`Reference`]).
 #[derive(Deserialize)]
 pub(super) struct ByteRanges {
     ranges: Option<String>,
+    from: Option<String>,
+    reference: Option<String>,
 }
 
 /// The most byte ranges in one request: a piece's missing parts, merged, are far fewer.
 pub(super) const MAX_BYTE_RANGES: usize = 256;
 
+fn bad_range(why: String) -> ApiError {
+    ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", why)
+}
+
 impl ByteRanges {
     fn parse(&self, size: u64) -> Result<Vec<std::ops::Range<u64>>, ApiError> {
-        let bad = |why: String| ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, "bad_range", why);
+        let bad = bad_range;
         let list = self
             .ranges
             .as_deref()
@@ -236,19 +246,90 @@ impl ByteRanges {
     }
 }
 
+/// Bytes of an older release's image that an answer is compressed against: the appliance
+/// holds them in its active slot, so what it lacks of a new image, mostly changed versions
+/// of nearby old bytes, crosses the WAN about as small as a binary patch (docs/delta.md).
+struct Reference {
+    /// Where the older image is stored.
+    path: std::path::PathBuf,
+    bytes: std::ops::Range<u64>,
+    /// Held while the answer is compressed.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The longest reference served (`sitecast_delta::reference::MAX_REFERENCE`): with up to
+/// 1 MiB asked for, it fits the 8 MiB window an appliance decodes with.
+pub(super) const MAX_REFERENCE: u64 = 6 << 20;
+/// zstd's window for answers with a reference: reference and answer within it.
+const REFERENCE_WINDOW_LOG: u32 = 23;
+/// Level for answers with a reference: finding short strings in the reference is what makes
+/// them small (level 3 left a sixth more on the real pair; docs/delta.md).
+const REFERENCE_LEVEL: i32 = 9;
+/// At most this many answers are compressed against a reference at once (each holds its
+/// reference and zstd's tables, tens of MiB); beyond them answers go without one.
+pub(super) const REFERENCE_STREAMS: usize = 8;
+
+impl ByteRanges {
+    /// The reference asked for, if it can be used: the older image is a release's this reader
+    /// may read, stored here, and a compressor is free. A reference the server cannot use is
+    /// not an error (the answer says whether it used one); one that is not `A-B` within the
+    /// older image is.
+    fn reference(
+        &self,
+        state: &Arc<AppState>,
+        reader: &ImageReader,
+        accepts_zstd: bool,
+    ) -> Result<Option<Reference>, ApiError> {
+        let (Some(from), Some(bytes)) = (&self.from, &self.reference) else {
+            return Ok(None);
+        };
+        let bytes = bytes
+            .split_once('-')
+            .and_then(|(a, b)| Some(a.parse::<u64>().ok()?..b.parse::<u64>().ok()?))
+            .ok_or_else(|| bad_range(format!("reference {bytes:?} is not a range A-B")))?;
+        let older = match reader {
+            ImageReader::SignedUrl => None,
+            _ => lock(&state.fleet)
+                .release_by_hash(from)
+                .filter(|r| r.active || matches!(reader, ImageReader::Operator))
+                .cloned(),
+        };
+        let Some(older) = older else {
+            return Ok(None);
+        };
+        if bytes.start >= bytes.end || bytes.end > older.size {
+            return Err(bad_range(format!(
+                "reference {}..{} is not within the {} bytes of {from}",
+                bytes.start, bytes.end, older.size
+            )));
+        }
+        if bytes.end - bytes.start > MAX_REFERENCE || !accepts_zstd {
+            return Ok(None);
+        }
+        let Ok(permit) = Arc::clone(&state.reference_streams).try_acquire_owned() else {
+            return Ok(None);
+        };
+        let path = state.blobs.data_path(&image_info(&older)?.blake3);
+        Ok(Some(Reference { path, bytes, _permit: permit }))
+    }
+}
+
 /// Plain bytes of a blob, the ranges asked for one after the other: what an appliance lacks
-/// of groups it copied in part from its active slot. Not checked on the way out (the
-/// appliance checks each group against the outboard once it is whole); the same access,
-/// counting, limits and compression as verified ranges.
+/// of groups it copied in part from its active slot, or of any piece when it names a
+/// reference. Not checked on the way out (the appliance checks each group against the
+/// outboard once it is whole); the same access, counting, limits and compression as
+/// verified ranges.
 pub(super) async fn blob_bytes(
     State(state): State<Arc<AppState>>,
     Path(hash): Path<String>,
-    Query(ranges): Query<ByteRanges>,
+    Query(asked): Query<ByteRanges>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let (parts, _) = request.into_parts();
     let (info, reader, version) = ranged_blob(&state, &parts, &hash).await?;
-    let ranges = ranges.parse(info.size)?;
+    let ranges = asked.parse(info.size)?;
+    let accepts = parts.headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok());
+    let reference = asked.reference(&state, &reader, wire::accepts_zstd(accepts))?;
     let length = ranges.iter().map(|r| r.end - r.start).sum();
     let encode = move |data: &FileDevice, _: &OutboardStore<FileDevice>, out: &mut dyn Write| {
         let mut buffer = vec![0; 256 * 1024];
@@ -263,12 +344,38 @@ pub(super) async fn blob_bytes(
         }
         Ok(())
     };
-    stream_blob(&state, &parts, info, &reader, version, length, encode).await
+    let Some(reference) = reference else {
+        return stream_blob(
+            &state,
+            &parts,
+            info,
+            &reader,
+            version,
+            (length, Encoding::Asked),
+            encode,
+        )
+        .await;
+    };
+    let used = format!("{}-{}", reference.bytes.start, reference.bytes.end);
+    let encoding = Encoding::Reference(reference);
+    let mut response =
+        stream_blob(&state, &parts, info, &reader, version, (length, encoding), encode).await?;
+    let used = HeaderValue::from_str(&used).map_err(ApiError::internal)?;
+    response.headers_mut().insert(api::HEADER_REFERENCE, used);
+    Ok(response)
+}
+
+/// How [`stream_blob`] encodes an answer.
+enum Encoding {
+    /// zstd if the client accepts it and the blob compresses, else plain.
+    Asked,
+    /// zstd against a reference.
+    Reference(Reference),
 }
 
 /// Streams what `encode` writes of a blob (`length` bytes before compression) from a blocking
-/// task, with a stream of the range pool's ([`super::range_pool`]); compressed when the
-/// client asks and the blob compresses ([`wire`]); counted, as sent, with the origin bytes of
+/// task, with a stream of the range pool's ([`super::range_pool`]); compressed against a
+/// reference, or when the client asks and the blob compresses ([`wire`]); counted, as sent, with the origin bytes of
 /// the reader's site when the blob belongs to release `version`.
 async fn stream_blob(
     state: &Arc<AppState>,
@@ -276,7 +383,7 @@ async fn stream_blob(
     info: BlobInfo,
     reader: &ImageReader,
     version: Option<u64>,
-    length: u64,
+    (length, encoding): (u64, Encoding),
     encode: impl FnOnce(&FileDevice, &OutboardStore<FileDevice>, &mut dyn Write) -> std::io::Result<()>
     + Send
     + 'static,
@@ -295,13 +402,18 @@ async fn stream_blob(
         },
     )?;
     let accepts = parts.headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok());
-    let compress = wire::accepts_zstd(accepts) && {
-        let blobs = state.blobs.clone();
-        tokio::task::spawn_blocking(move || blobs.compresses(&info))
-            .await
-            .map_err(ApiError::internal)?
-            .map_err(ApiError::stored_file)?
+    let reference = match encoding {
+        Encoding::Reference(reference) => Some(reference),
+        Encoding::Asked => None,
     };
+    let compress = reference.is_some()
+        || wire::accepts_zstd(accepts) && {
+            let blobs = state.blobs.clone();
+            tokio::task::spawn_blocking(move || blobs.compresses(&info))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(ApiError::stored_file)?
+        };
     let (data, outboard) = state.blobs.open_blob(&info).map_err(ApiError::stored_file)?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
     let counter = Arc::clone(state);
@@ -309,9 +421,12 @@ async fn stream_blob(
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let mut writer = ChannelWriter { sender, sent: 0, runtime, client_gone: false };
-        let result = match compress {
-            true => zstd_onto(&mut writer, length, |out| encode(&data, &outboard, out)),
-            false => encode(&data, &outboard, &mut writer),
+        let result = match (compress, reference) {
+            (_, Some(reference)) => {
+                zstd_against(&mut writer, length, &reference, |out| encode(&data, &outboard, out))
+            }
+            (true, None) => zstd_onto(&mut writer, length, |out| encode(&data, &outboard, out)),
+            (false, None) => encode(&data, &outboard, &mut writer),
         };
         let sent = writer.sent;
         if let Err(error) = result {
@@ -356,6 +471,25 @@ fn zstd_onto(
     let mut encoder = zstd::stream::write::Encoder::new(writer, wire::LEVEL)?;
     // The frame says how long it is and carries a checksum, so a decoder tells a stream cut
     // short from a complete one; a known size also lets zstd use a smaller window.
+    encoder.set_pledged_src_size(Some(length))?;
+    encoder.include_checksum(true)?;
+    encode(&mut encoder)?;
+    encoder.finish().map(drop)
+}
+
+/// [`zstd_onto`], against the bytes of `reference` (read here, in the blocking task).
+fn zstd_against(
+    writer: &mut ChannelWriter,
+    length: u64,
+    reference: &Reference,
+    encode: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let older = FileDevice::open_read_only(&reference.path)?;
+    let mut prefix = vec![0; (reference.bytes.end - reference.bytes.start) as usize];
+    older.read_exact_at(reference.bytes.start, &mut prefix)?;
+    let mut encoder =
+        zstd::stream::write::Encoder::with_ref_prefix(writer, REFERENCE_LEVEL, &prefix)?;
+    encoder.set_parameter(zstd::zstd_safe::CParameter::WindowLog(REFERENCE_WINDOW_LOG))?;
     encoder.set_pledged_src_size(Some(length))?;
     encoder.include_checksum(true)?;
     encode(&mut encoder)?;

@@ -21,7 +21,7 @@ use crate::coordinator::CoordinatorClient;
 use crate::mirror::Mirrors;
 use crate::outboard;
 use crate::patch::Patches;
-use crate::reuse::{self, PartialGroups};
+use crate::reuse::{self, ActiveParts};
 use crate::scheduler::{Config, PeerId};
 use crate::swarm::{Swarm, SwarmError, TransferStats};
 
@@ -57,6 +57,8 @@ pub(super) struct ReuseFrom {
     pub active: PathBuf,
     /// The size of the image in the active slot, when the agent knows it.
     pub active_len: Option<u64>,
+    /// The BLAKE3 (hex) of the image in the active slot, when the agent knows it.
+    pub active_blake3: Option<String>,
 }
 
 impl Download {
@@ -103,7 +105,7 @@ impl Download {
         let reuse = match (&self.reuse, &outboard) {
             (Some(from), Some(_)) => tokio::select! {
                 fetched = self.fetch_index(from, &cache) => match fetched {
-                    Ok(path) => Some((path, from.active.clone(), from.active_len)),
+                    Ok(path) => Some((path, from.active.clone(), from.active_len, from.active_blake3.clone())),
                     Err(error) => {
                         tracing::warn!(%error, "no content index: nothing copied from the active slot");
                         None
@@ -140,12 +142,12 @@ impl Download {
         let mut copying = tokio::task::spawn_blocking(move || {
             let mut writer = SlotWriter::open_paths(open_slot, &open_image, &open_paths)?;
             let patch = match (reuse, outboard) {
-                (Some((index, active, active_len)), Some(outboard)) => {
+                (Some((index, active, active_len, active_blake3)), Some(outboard)) => {
                     // Counted as written: check-ins record it, so a restart goes on from there.
                     let mut written = |bytes| {
                         copy_stats.lock().unwrap_or_else(|p| p.into_inner()).bytes_reused += bytes;
                     };
-                    let partial = copy_from_active(
+                    let parts = copy_from_active(
                         &mut writer,
                         &outboard,
                         &index,
@@ -155,11 +157,15 @@ impl Download {
                         &mut written,
                     );
                     // What the slot holds of the groups it could not copy whole: the swarm
-                    // fetches only the rest of those from Central Command.
-                    (!partial.is_empty())
+                    // fetches only the rest of those from Central Command, compressed
+                    // against the slot's bytes nearby when it knows the slot's release.
+                    let reference = active_blake3
+                        .filter(|_| !parts.runs.is_empty())
+                        .map(|from| (from, parts.runs));
+                    (!parts.partial.is_empty() || reference.is_some())
                         .then(|| FileDevice::open_read_only(&active).ok())
                         .flatten()
-                        .map(|active| (partial, active, outboard))
+                        .map(|active| (parts.partial, reference, active, outboard))
                 }
                 _ => None,
             };
@@ -184,13 +190,15 @@ impl Download {
         if let Some(mirrors) = &mirrors {
             swarm = swarm.with_mirrors(Arc::clone(mirrors));
         }
-        if let (Some((partial, active, outboard)), Some(url)) = (patch, bytes_url) {
+        if let (Some((partial, reference, active, outboard)), Some(url)) = (patch, bytes_url) {
             tracing::info!(
                 groups = partial.len(),
                 bytes = partial.bytes(),
+                reference = reference.is_some(),
                 "the active slot holds parts of groups: only the rest is fetched of those"
             );
-            swarm = swarm.with_patches(Arc::new(Patches::new(partial, active, outboard, url)));
+            let patches = Patches::new(partial, active, outboard, url).with_reference(reference);
+            swarm = swarm.with_patches(Arc::new(patches));
         }
         let ran = swarm.run().await;
         // An outboard of its own is not needed any more (a retry fetches it again); one
@@ -322,8 +330,8 @@ impl Download {
     }
 }
 
-/// [`reuse::copy_from_active`], logged: the groups held in part; a failure only means more to
-/// fetch.
+/// [`reuse::copy_from_active`], logged: what the active slot holds of the groups left; a
+/// failure only means more to fetch.
 fn copy_from_active(
     writer: &mut SlotWriter<FileDevice>,
     outboard: &OutboardStore<FileDevice>,
@@ -332,10 +340,10 @@ fn copy_from_active(
     active_len: Option<u64>,
     stop: &AtomicBool,
     written: &mut dyn FnMut(u64),
-) -> PartialGroups {
+) -> ActiveParts {
     let started = std::time::Instant::now();
     match reuse::copy_from_active(writer, outboard, index, active, active_len, stop, written) {
-        Ok((reused, partial)) => {
+        Ok((reused, parts)) => {
             tracing::info!(
                 groups = reused.groups,
                 bytes = reused.bytes,
@@ -344,11 +352,11 @@ fn copy_from_active(
                 seconds = started.elapsed().as_secs_f64(),
                 "copied from the active slot what the new image shares with it"
             );
-            partial
+            parts
         }
         Err(error) => {
             tracing::warn!(%error, "nothing more copied from the active slot");
-            PartialGroups::default()
+            ActiveParts::default()
         }
     }
 }
