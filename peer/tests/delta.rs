@@ -447,21 +447,32 @@ async fn fill_with_patches(
     stats.bytes_from_origin
 }
 
+/// Appliances of site "lab" with these names, enrolled by hand (no agent process): a client
+/// and key each.
+async fn enrolled_at<const N: usize>(
+    origin: &Origin,
+    names: [&str; N],
+) -> Vec<(sitecast_peer::coordinator::CoordinatorClient, sitecast_manifest::SecretKey)> {
+    let mut clients = Vec::new();
+    for name in names {
+        let key = sitecast_manifest::SecretKey::generate().expect("rng");
+        let client =
+            sitecast_peer::coordinator::CoordinatorClient::new(&origin.url, None, key.clone())
+                .expect("client");
+        client.checkin(&lone_checkin("lab", name)).await.expect("enrolled");
+        clients.push((client, key));
+    }
+    clients
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_held_in_part_are_fetched_whole_when_their_parts_do_not_verify() {
-    use sitecast_peer::coordinator::CoordinatorClient;
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path()).await;
     image_pair(dir.path());
     let new_path = dir.path().join("image-v2.raw");
     origin.publish_image(2, &new_path, Some(content_index_of(&new_path))).await;
-    let mut clients = Vec::new();
-    for name in ["intact", "damaged"] {
-        let key = sitecast_manifest::SecretKey::generate().expect("rng");
-        let client = CoordinatorClient::new(&origin.url, None, key.clone()).expect("client");
-        client.checkin(&lone_checkin("lab", name)).await.expect("enrolled");
-        clients.push((client, key));
-    }
+    let clients = enrolled_at(&origin, ["intact", "damaged"]).await;
     origin.rollout(2).await;
     let mut fetched = Vec::new();
     let v1 = dir.path().join("image-v1.raw");
@@ -483,7 +494,6 @@ async fn groups_held_in_part_are_fetched_whole_when_their_parts_do_not_verify() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_is_missing_crosses_the_wan_compressed_against_the_active_slot() {
-    use sitecast_peer::coordinator::CoordinatorClient;
     let dir = tempfile::tempdir().expect("tempdir");
     let origin = Origin::start(dir.path()).await;
     // Release 2: release 1 with a byte changed every 3000 in its fourth MiB (every chunk there
@@ -499,13 +509,7 @@ async fn what_is_missing_crosses_the_wan_compressed_against_the_active_slot() {
     origin.publish_image(1, &v1, None).await;
     origin.publish_image(2, &v2, Some(content_index_of(&v2))).await;
     let fills = [("alone", false, false), ("against", false, true), ("damaged", true, true)];
-    let mut clients = Vec::new();
-    for (name, _, _) in fills {
-        let key = sitecast_manifest::SecretKey::generate().expect("rng");
-        let client = CoordinatorClient::new(&origin.url, None, key.clone()).expect("client");
-        client.checkin(&lone_checkin("lab", name)).await.expect("enrolled");
-        clients.push((client, key));
-    }
+    let clients = enrolled_at(&origin, fills.map(|(name, _, _)| name)).await;
     origin.rollout(2).await;
     let mut fetched = Vec::new();
     for ((client, key), (name, damaged, reference)) in clients.into_iter().zip(fills) {
@@ -538,18 +542,12 @@ async fn a_lone_appliance_updates_between_two_debian_root_file_systems() {
         // Release 1 is the active slot's: Central Command compresses against it when asked.
         origin.publish_image(1, &old, None).await;
         let image = origin.publish_image(2, &new, Some(index.clone())).await;
-        let mut clients = Vec::new();
-        for name in ["solo", "solo-reference"] {
-            let key = sitecast_manifest::SecretKey::generate().expect("rng");
-            let client =
-                sitecast_peer::coordinator::CoordinatorClient::new(&origin.url, None, key.clone())
-                    .expect("client");
-            client.checkin(&lone_checkin("lab", name)).await.expect("enrolled");
-            clients.push((client, key, name));
-        }
+        let names = ["solo", "solo-reference"];
+        let clients = enrolled_at(&origin, names).await;
         origin.rollout(2).await;
         let mut before = 0;
-        for ((client, key, name), reference) in clients.into_iter().zip([false, true]) {
+        for (((client, key), name), reference) in clients.into_iter().zip(names).zip([false, true])
+        {
             let pair = (old.as_path(), new.as_path());
             let fetched = fill_with_patches(client, key, pair, dir.path(), name, false, reference);
             let fetched = fetched.await;

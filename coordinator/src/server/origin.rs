@@ -257,9 +257,9 @@ struct Reference {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// The longest reference served (`sitecast_delta::reference::MAX_REFERENCE`): with up to
-/// 1 MiB asked for, it fits the 8 MiB window an appliance decodes with.
-pub(super) const MAX_REFERENCE: u64 = 6 << 20;
+/// The longest reference served: with up to 1 MiB asked for, it fits the 8 MiB window an
+/// appliance decodes with.
+use sitecast_delta::reference::MAX_REFERENCE;
 /// zstd's window for answers with a reference: reference and answer within it.
 const REFERENCE_WINDOW_LOG: u32 = 23;
 /// Level for answers with a reference: finding short strings in the reference is what makes
@@ -268,6 +268,16 @@ const REFERENCE_LEVEL: i32 = 9;
 /// At most this many answers are compressed against a reference at once (each holds its
 /// reference and zstd's tables, tens of MiB); beyond them answers go without one.
 pub(super) const REFERENCE_STREAMS: usize = 8;
+
+impl Reference {
+    /// The reference's bytes (blocking: for the encoding task).
+    fn read(&self) -> std::io::Result<Vec<u8>> {
+        let older = FileDevice::open_read_only(&self.path)?;
+        let mut prefix = vec![0; (self.bytes.end - self.bytes.start) as usize];
+        older.read_exact_at(self.bytes.start, &mut prefix)?;
+        Ok(prefix)
+    }
+}
 
 impl ByteRanges {
     /// The reference asked for, if it can be used: the older image is a release's this reader
@@ -422,10 +432,12 @@ async fn stream_blob(
         let _permit = permit;
         let mut writer = ChannelWriter { sender, sent: 0, runtime, client_gone: false };
         let result = match (compress, reference) {
-            (_, Some(reference)) => {
-                zstd_against(&mut writer, length, &reference, |out| encode(&data, &outboard, out))
+            (_, Some(reference)) => reference.read().and_then(|prefix| {
+                zstd_onto(&mut writer, length, Some(&prefix), |out| encode(&data, &outboard, out))
+            }),
+            (true, None) => {
+                zstd_onto(&mut writer, length, None, |out| encode(&data, &outboard, out))
             }
-            (true, None) => zstd_onto(&mut writer, length, |out| encode(&data, &outboard, out)),
             (false, None) => encode(&data, &outboard, &mut writer),
         };
         let sent = writer.sent;
@@ -461,35 +473,26 @@ async fn stream_blob(
     Ok(response)
 }
 
-/// Runs `encode` into one zstd stream onto `writer` ([`wire`]), ended properly only when
-/// all of it was encoded: a stream cut short is a truncated response to the client.
+/// Runs `encode` into one zstd stream onto `writer` ([`wire`]), against `reference` when
+/// given, ended properly only when all of it was encoded: a stream cut short is a truncated
+/// response to the client.
 fn zstd_onto(
     writer: &mut ChannelWriter,
     length: u64,
+    reference: Option<&[u8]>,
     encode: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let mut encoder = zstd::stream::write::Encoder::new(writer, wire::LEVEL)?;
+    use zstd::stream::write::Encoder;
+    let mut encoder = match reference {
+        None => Encoder::new(writer, wire::LEVEL)?,
+        Some(prefix) => {
+            let mut encoder = Encoder::with_ref_prefix(writer, REFERENCE_LEVEL, prefix)?;
+            encoder.set_parameter(zstd::zstd_safe::CParameter::WindowLog(REFERENCE_WINDOW_LOG))?;
+            encoder
+        }
+    };
     // The frame says how long it is and carries a checksum, so a decoder tells a stream cut
     // short from a complete one; a known size also lets zstd use a smaller window.
-    encoder.set_pledged_src_size(Some(length))?;
-    encoder.include_checksum(true)?;
-    encode(&mut encoder)?;
-    encoder.finish().map(drop)
-}
-
-/// [`zstd_onto`], against the bytes of `reference` (read here, in the blocking task).
-fn zstd_against(
-    writer: &mut ChannelWriter,
-    length: u64,
-    reference: &Reference,
-    encode: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let older = FileDevice::open_read_only(&reference.path)?;
-    let mut prefix = vec![0; (reference.bytes.end - reference.bytes.start) as usize];
-    older.read_exact_at(reference.bytes.start, &mut prefix)?;
-    let mut encoder =
-        zstd::stream::write::Encoder::with_ref_prefix(writer, REFERENCE_LEVEL, &prefix)?;
-    encoder.set_parameter(zstd::zstd_safe::CParameter::WindowLog(REFERENCE_WINDOW_LOG))?;
     encoder.set_pledged_src_size(Some(length))?;
     encoder.include_checksum(true)?;
     encode(&mut encoder)?;
