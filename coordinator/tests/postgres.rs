@@ -464,8 +464,10 @@ async fn a_central_command_that_lost_the_database_says_so() {
     let database_url = setup.database.url();
     let (http, deadline) = (&setup.http, setup.deadline);
 
-    // Cut every session but this one until the standby wins the database (the old active
-    // one reconnects once a second, the standby asks every half second: either may).
+    // Cut the session that holds the database, until the standby is the one that holds it
+    // (the old active one reconnects once a second, the standby asks every half second:
+    // either may win). Only the holder is cut: a standby whose own tries were cut too could
+    // lose every race on a loaded machine.
     while !standby.healthy(http).await {
         assert!(std::time::Instant::now() < deadline, "the standby never took over");
         // The synchronous client runs a runtime of its own: not on this test's.
@@ -474,8 +476,10 @@ async fn a_central_command_that_lost_the_database_says_so() {
             let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
             admin
                 .batch_execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                     WHERE pid <> pg_backend_pid() AND datname = current_database()",
+                    "SELECT pg_terminate_backend(pid) FROM pg_locks
+                     WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND granted
+                       AND database = (SELECT oid FROM pg_database
+                                       WHERE datname = current_database())",
                 )
                 .expect("terminate");
         })
