@@ -164,19 +164,26 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     row("ours: whole 16 KiB groups touched, raw", Some(groups_plain));
     row(&format!("ours: whole 16 KiB groups touched, {sent}"), Some(groups_wire));
 
-    // The chunk size: what is left to fetch against the index it takes (12 bytes a chunk).
-    println!("  chunk size (average): missing chunks + index, missing 16 KiB groups + index");
-    for kib in [1, 2, 4, 8, 16] {
+    // The chunk size: what is left to fetch against the index it takes (12 bytes a chunk),
+    // with missing chunks as they are and compressed against the old image nearby.
+    println!(
+        "  chunk size (average): missing chunks + index, missing 16 KiB groups + index, \
+         missing chunks against the old image nearby + index"
+    );
+    for kib in [1, 2, 4, 8, 16, 32] {
         let chunking = Chunking::around(kib * 1024);
-        let new_chunks = chunks_of(new, chunking);
-        let estimate = sitecast_delta::estimate(&chunks_of(old, chunking), &new_chunks);
+        let (old_chunks, new_chunks) = (chunks_of(old, chunking), chunks_of(new, chunking));
+        let estimate = sitecast_delta::estimate(&old_chunks, &new_chunks);
+        let referenced = with_reference(old, new, &old_chunks, &new_chunks);
         let index = 24 + 12 * new_chunks.len() as u64;
         println!(
-            "    {kib:>2} KiB: {:>9} + {index:>7} = {:>9} bytes   {:>9} + {index:>7} = {:>9} bytes",
+            "    {kib:>2} KiB: {:>9} + {index:>7} = {:>9} bytes   {:>9} + {index:>7} = {:>9} bytes   \
+             {referenced:>9} + {index:>7} = {:>9} bytes",
             estimate.missing_bytes,
             estimate.missing_bytes + index,
             estimate.missing_group_bytes,
             estimate.missing_group_bytes + index,
+            referenced + index,
         );
     }
 

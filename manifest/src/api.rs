@@ -207,6 +207,21 @@ pub struct OriginUrls {
     /// outboard once it is whole.
     #[serde(default)]
     pub bytes: Option<String>,
+    /// The image of the release this appliance says it runs (`installed_version`), when
+    /// Central Command holds it. An agent that did not write its active slot itself (the
+    /// installer did) checks that the slot's first `size` bytes hash to `blake3`; if they do,
+    /// it copies from those bytes only and names that image in `bytes` requests, so what it
+    /// lacks is compressed against its slot. Central Command's word, used only once the
+    /// slot's own bytes confirm it.
+    #[serde(default)]
+    pub installed: Option<InstalledImage>,
+}
+
+/// An image an appliance may hold in its active slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledImage {
+    pub blake3: Blake3Hash,
+    pub size: u64,
 }
 
 /// A file served as a blob: where its verified ranges are, and what it is.

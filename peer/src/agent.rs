@@ -943,6 +943,7 @@ impl Agent {
             active: self.config.slot_path(active).to_owned(),
             active_len: self.state.slot_image_sizes.get(&active.to_string()).copied(),
             active_blake3: self.state.slot_image_blake3.get(&active.to_string()).cloned(),
+            installed: origin_urls.as_ref().and_then(|o| o.installed),
         });
         let members = self.membership.members().unwrap_or_default();
         tracing::info!(%slot, size = image.size, blake3 = %image.blake3, "download started");

@@ -22,6 +22,7 @@ use sitecast_iso::{
     DecodedItem, Device, DeviceReader, FileDevice, GROUP_BYTES, OutboardStore, SlotError,
     SlotWriter,
 };
+use sitecast_manifest::api::InstalledImage;
 
 /// The most groups checked in one go (1 MiB of bytes in memory).
 const BATCH_GROUPS: u64 = 64;
@@ -180,6 +181,25 @@ pub fn copy_from_active<D: Device>(
     batch.write(writer, outboard, &mut reused, written)?;
     writer.checkpoint()?;
     Ok((reused, parts))
+}
+
+/// Whether the first `image.size` bytes of the slot at `active` hash to `image.blake3`: how
+/// an agent that did not install its active slot itself (the installer did) confirms which
+/// image it holds before naming it to Central Command. Streamed; a stop reads as "no".
+/// Blocking.
+pub fn slot_holds(
+    active: &Path,
+    image: InstalledImage,
+    stop: &AtomicBool,
+) -> Result<bool, io::Error> {
+    let source = FileDevice::open_read_only(active)?;
+    if source.len()? < image.size {
+        return Ok(false);
+    }
+    let mut reader = StopReader { inner: DeviceReader::new(&source, image.size), stop };
+    let mut hasher = blake3::Hasher::new();
+    let read = io::copy(&mut BufReader::with_capacity(1 << 20, &mut reader), &mut hasher)?;
+    Ok(read == image.size && hasher.finalize() == blake3::Hash::from(image.blake3))
 }
 
 /// Adjacent groups assembled from the active slot, not yet checked.

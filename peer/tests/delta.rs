@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -492,22 +492,28 @@ async fn groups_held_in_part_are_fetched_whole_when_their_parts_do_not_verify() 
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_is_missing_crosses_the_wan_compressed_against_the_active_slot() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let origin = Origin::start(dir.path()).await;
-    // Release 2: release 1 with a byte changed every 3000 in its fourth MiB (every chunk there
-    // is new, yet near what release 1 holds) and 20,000 bytes of new noise at 6 MiB.
+/// Publishes release 1 (no index) and release 2, which is release 1 with a byte changed
+/// every 3000 in its fourth MiB (every chunk there is new, yet near what release 1 holds) and
+/// 20,000 bytes of new noise at 6 MiB. Returns the paths of the two images.
+async fn publish_a_near_pair(origin: &Origin, dir: &Path) -> (PathBuf, PathBuf) {
     let old = noise(8 * MIB, "release 1");
     let mut new = [&old[..6 * MIB], &noise(20_000, "inserted")[..], &old[6 * MIB..]].concat();
     for at in (3 * MIB..4 * MIB).step_by(3000) {
         new[at] ^= 0x5a;
     }
-    let (v1, v2) = (dir.path().join("image-v1.raw"), dir.path().join("image-v2.raw"));
+    let (v1, v2) = (dir.join("image-v1.raw"), dir.join("image-v2.raw"));
     std::fs::write(&v1, &old).expect("v1");
     std::fs::write(&v2, &new).expect("v2");
     origin.publish_image(1, &v1, None).await;
     origin.publish_image(2, &v2, Some(content_index_of(&v2))).await;
+    (v1, v2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_missing_crosses_the_wan_compressed_against_the_active_slot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    let (v1, v2) = publish_a_near_pair(&origin, dir.path()).await;
     let fills = [("alone", false, false), ("against", false, true), ("damaged", true, true)];
     let clients = enrolled_at(&origin, fills.map(|(name, _, _)| name)).await;
     origin.rollout(2).await;
@@ -522,6 +528,56 @@ async fn what_is_missing_crosses_the_wan_compressed_against_the_active_slot() {
     // changes, not its bytes; a damaged slot decompresses wrong, and costs a fetch.
     assert!(fetched[1] * 4 < fetched[0], "{fetched:?}");
     assert!(fetched[2] > fetched[1], "{fetched:?}");
+}
+
+/// An appliance whose active slot the installer wrote knows only which release runs there:
+/// Central Command names that release's image, the agent checks it against the slot's bytes,
+/// and what it lacks then crosses compressed against the slot. An appliance whose slot no
+/// longer holds the image named (a block lost since) does not take Central Command's word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_appliance_the_installer_wrote_learns_which_image_its_slot_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    let (v1, v2) = publish_a_near_pair(&origin, dir.path()).await;
+    let (old, new) = (std::fs::read(&v1).expect("v1"), std::fs::read(&v2).expect("v2"));
+    // Each on a site of its own, so that each site's origin bytes are one appliance's.
+    let names = [("installed", "store-1"), ("damaged", "store-2")];
+    let mut agents = Vec::new();
+    for (name, site) in names {
+        let mut agent =
+            AgentProcess::new(&dir.path().join(name), &origin, site, name, 16 * MIB as u64);
+        let mut slot = old.clone();
+        if name == "damaged" {
+            slot[MIB..MIB + 4096].iter_mut().for_each(|b| *b ^= 0x55);
+        }
+        slot.resize(16 * MIB, 0);
+        std::fs::write(agent.dir.join("slot-a.img"), &slot).expect("slot A");
+        // What the system says runs: release 1; no image size or hash recorded.
+        std::fs::create_dir_all(agent.dir.join("state")).expect("state dir");
+        let state = serde_json::json!({"slot_versions": {"A": 1}});
+        std::fs::write(agent.dir.join("state/agent.json"), state.to_string()).expect("state");
+        agent.start();
+        agents.push(agent);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    wait_enrolled(&origin, 2, deadline, &agents[0]).await;
+    origin.rollout(2).await;
+    wait_state(&origin, &["installed", "damaged"], "ready", deadline).await;
+
+    for agent in &agents {
+        let slot = std::fs::read(agent.dir.join("slot-b.img")).expect("slot");
+        assert!(slot[..new.len()] == new[..], "{}: slot B is not release 2", agent.name);
+    }
+    let (installed, damaged) = (agents[0].log(), agents[1].log());
+    assert!(
+        installed.contains("the active slot holds the image Central Command names"),
+        "{installed}"
+    );
+    assert!(damaged.contains("does not hold the image Central Command names"), "{damaged}");
+    let served = [origin.origin_bytes("store-1", 2).await, origin.origin_bytes("store-2", 2).await];
+    eprintln!("Central Command served {served:?} bytes (slot confirmed, slot damaged)");
+    // The changed MiB crosses as its changes, not its bytes, only where the slot was confirmed.
+    assert!(served[0] * 4 < served[1], "{served:?}");
 }
 
 /// The Debian pair of `benches/debian-pair` (bookworm minbase, then plus curl and less, as

@@ -8,8 +8,8 @@
 use jiff::Timestamp;
 use serde_json::json;
 use sitecast_manifest::api::{
-    AgentOffer, BlobOffer, CheckinRequest, CheckinResponse, OriginUrls, ReportRequest, SitePeer,
-    UpdateIntent, UpdateState,
+    AgentOffer, BlobOffer, CheckinRequest, CheckinResponse, InstalledImage, OriginUrls,
+    ReportRequest, SitePeer, UpdateIntent, UpdateState,
 };
 use sitecast_manifest::window::MaintenanceWindow;
 use sitecast_manifest::{Blake3Hash, Sha256Hash};
@@ -332,9 +332,18 @@ impl Fleet {
                 .as_ref()
                 .map(|index| format!("{public_url}/api/blobs/{index}/ranges")),
             bytes: Some(format!("{public_url}/api/blobs/{}/bytes", release.blake3)),
+            installed: self.installed_image(appliance),
         });
         response.site_peers = self.site_peers(appliance, Some(release), now);
         response
+    }
+
+    /// The image of the release `appliance` says it runs, if one is stored here: its agent
+    /// checks its active slot against it ([`OriginUrls::installed`]).
+    fn installed_image(&self, appliance: &ApplianceRecord) -> Option<InstalledImage> {
+        let release = self.releases.get(&appliance.installed_version)?;
+        let blake3 = Blake3Hash::from_hex(&release.blake3).ok()?;
+        release.has_image().then_some(InstalledImage { blake3, size: release.size })
     }
 
     /// The online appliances of `appliance`'s site, for its LAN to dial (networks without

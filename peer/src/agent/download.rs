@@ -11,7 +11,7 @@ use std::time::Duration;
 use sitecast_iso::{
     BlobLayout, FileDevice, OutboardStore, Slot, SlotPaths, SlotWriter, VerifiedSlot,
 };
-use sitecast_manifest::api::BlobOffer;
+use sitecast_manifest::api::{BlobOffer, InstalledImage};
 use sitecast_manifest::{ContentIndex, ImageInfo};
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,7 +21,7 @@ use crate::coordinator::CoordinatorClient;
 use crate::mirror::Mirrors;
 use crate::outboard;
 use crate::patch::Patches;
-use crate::reuse::{self, ActiveParts};
+use crate::reuse::{self, ActiveParts, slot_holds};
 use crate::scheduler::{Config, PeerId};
 use crate::swarm::{Swarm, SwarmError, TransferStats};
 
@@ -50,6 +50,7 @@ pub(super) struct Download {
 }
 
 /// The active slot and the release's content index, to copy what they share.
+#[derive(Clone)]
 pub(super) struct ReuseFrom {
     pub index: ContentIndex,
     /// Central Command's verified ranges of the index.
@@ -59,6 +60,33 @@ pub(super) struct ReuseFrom {
     pub active_len: Option<u64>,
     /// The BLAKE3 (hex) of the image in the active slot, when the agent knows it.
     pub active_blake3: Option<String>,
+    /// The image Central Command says the active slot holds: checked against the slot's
+    /// bytes, and then known, when the agent did not record one itself.
+    pub installed: Option<InstalledImage>,
+}
+
+impl ReuseFrom {
+    /// How much of the active slot to read, and which image it holds, if known: as the agent
+    /// recorded them, else as Central Command says once the slot's bytes confirm it.
+    /// Blocking: may hash the image's bytes in the slot.
+    fn active_image(&self, stop: &AtomicBool) -> (Option<u64>, Option<String>) {
+        let recorded = (self.active_len, self.active_blake3.clone());
+        let (None, Some(image)) = (&self.active_blake3, self.installed) else { return recorded };
+        match slot_holds(&self.active, image, stop) {
+            Ok(true) => {
+                tracing::info!(blake3 = %image.blake3, size = image.size, "the active slot holds the image Central Command names");
+                (Some(image.size), Some(image.blake3.to_hex()))
+            }
+            Ok(false) => {
+                tracing::info!(blake3 = %image.blake3, "the active slot does not hold the image Central Command names; reading all of it");
+                recorded
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the active slot");
+                recorded
+            }
+        }
+    }
 }
 
 impl Download {
@@ -105,7 +133,7 @@ impl Download {
         let reuse = match (&self.reuse, &outboard) {
             (Some(from), Some(_)) => tokio::select! {
                 fetched = self.fetch_index(from, &cache) => match fetched {
-                    Ok(path) => Some((path, from.active.clone(), from.active_len, from.active_blake3.clone())),
+                    Ok(path) => Some((path, from.clone())),
                     Err(error) => {
                         tracing::warn!(%error, "no content index: nothing copied from the active slot");
                         None
@@ -142,7 +170,9 @@ impl Download {
         let mut copying = tokio::task::spawn_blocking(move || {
             let mut writer = SlotWriter::open_paths(open_slot, &open_image, &open_paths)?;
             let patch = match (reuse, outboard) {
-                (Some((index, active, active_len, active_blake3)), Some(outboard)) => {
+                (Some((index, from)), Some(outboard)) => {
+                    let (active_len, active_blake3) = from.active_image(&stop_copy);
+                    let active = from.active;
                     // Counted as written: check-ins record it, so a restart goes on from there.
                     let mut written = |bytes| {
                         copy_stats.lock().unwrap_or_else(|p| p.into_inner()).bytes_reused += bytes;
