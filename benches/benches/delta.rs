@@ -85,7 +85,8 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     let (old_chunks, new_chunks) = (chunks_of(old, chunking), chunks_of(new, chunking));
     let estimate = sitecast_delta::estimate(&old_chunks, &new_chunks);
 
-    // What the agent needs besides the bytes: the index and the outboard, once per site.
+    // What the agent needs besides the bytes, once per site: the index, and the group hashes
+    // it rebuilds the outboard from.
     let index = dir.join("index");
     sitecast_delta::index::write(File::open(new).expect("open"), chunking, {
         File::create(&index).expect("index")
@@ -99,7 +100,7 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     let mut outboard =
         OutboardStore::new(layout, FileDevice::open_or_create(&outboard_path).expect("outboard"));
     outboard.compute_from(File::open(new).expect("open")).expect("outboard");
-    let side = index_bytes + layout.outboard_len();
+    let side = index_bytes + layout.group_hashes_len();
 
     // What is missing as it would cross the WAN: compressed only if Central Command would
     // compress this image (one stream here; one a request on the wire).
@@ -155,12 +156,12 @@ fn compare(kind: &str, old: &Path, new: &Path, dir: &Path) {
     row("ours: missing 4 KiB chunks, raw", Some(estimate.missing_bytes));
     row(&format!("ours: missing 4 KiB chunks, {sent}"), Some(chunks_wire));
     row(
-        &format!("ours: ... + index and outboard (once per site: {side} bytes)"),
+        &format!("ours: ... + index and group hashes (once per site: {side} bytes)"),
         Some(chunks_wire + side),
     );
     let referenced = with_reference(old, new, &old_chunks, &new_chunks);
     row("ours: missing chunks, zstd -9 against the old image nearby", Some(referenced));
-    row("  ... + index and outboard", Some(referenced + side));
+    row("  ... + index and group hashes", Some(referenced + side));
     row("ours: whole 16 KiB groups touched, raw", Some(groups_plain));
     row(&format!("ours: whole 16 KiB groups touched, {sent}"), Some(groups_wire));
 

@@ -8,7 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use sitecast_iso::{BlobLayout, FileDevice, OutboardStore};
+use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, write_group_hashes};
 use sitecast_manifest::{Blake3Hash, ContentIndex, ImageDigest, ImageError, ImageInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +163,40 @@ impl BlobStore {
             .and_then(|_| File::open(&incoming)?.sync_all());
         let digest = copied.and_then(|()| ImageDigest::of_reader(File::open(&incoming)?));
         let digest = match digest {
+            Ok(digest) => digest,
+            Err(error) => {
+                let _ = fs::remove_file(&incoming);
+                return Err(error.into());
+            }
+        };
+        let file = ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 };
+        self.import(&incoming, &file)?;
+        Ok(digest)
+    }
+
+    /// Stores the group hashes of the stored image `image` ([`write_group_hashes`]) as a blob
+    /// of its own: half its outboard, which appliances fetch instead and rebuild the outboard
+    /// from; its digest. Blocking.
+    pub fn group_hashes_as_blob(&self, image: &ImageInfo) -> Result<ImageDigest, ImportError> {
+        let layout = BlobLayout::new(image.blake3, image.size);
+        if layout.group_hashes_len() == 0 {
+            return Ok(ImageDigest::of_reader(io::empty())?);
+        }
+        let incoming = self.incoming_path();
+        let written = (|| {
+            let data = File::open(self.data_path(&image.blake3))?;
+            let mut out = io::BufWriter::new(File::create(&incoming)?);
+            let root = write_group_hashes(layout, data, &mut out)?;
+            if root != image.blake3 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the stored image {} hashes to {root}", image.blake3),
+                ));
+            }
+            out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()?;
+            ImageDigest::of_reader(File::open(&incoming)?)
+        })();
+        let digest = match written {
             Ok(digest) => digest,
             Err(error) => {
                 let _ = fs::remove_file(&incoming);

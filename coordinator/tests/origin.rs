@@ -390,6 +390,37 @@ async fn plain_bytes_can_be_compressed_against_an_older_image_the_appliance_hold
     }
 }
 
+/// A release is offered with its group hashes, which the site shares instead of the
+/// outboard: half its bytes, and the whole outboard rebuilds from them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_is_offered_with_group_hashes_that_rebuild_its_outboard() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (releases, server) = started(dir.path()).await;
+    let (_, info) = published(&server, &releases).await;
+    let appliance = enrolled(&server).await;
+    server.roll_out_now(1).await;
+    let origin = appliance.checkin(&server).await.origin.expect("release 1 offered");
+    let hashes = origin.group_hashes_blob.expect("group hashes offered");
+    let outboard = origin.outboard_blob.expect("outboard offered");
+    assert!(hashes.size * 2 <= outboard.size + 64, "{} and {} bytes", hashes.size, outboard.size);
+
+    // Fetched as the site fetches side files, verified against the hash offered.
+    let path = format!("/api/blobs/{}/bytes?ranges=0-{}", hashes.blake3, hashes.size);
+    let answer = appliance.signed(&server, Method::GET, &path, b"").send().await.expect("get");
+    assert_eq!(answer.status(), 200);
+    let bytes = answer.bytes().await.expect("body");
+    assert_eq!(Blake3Hash::from(blake3::hash(&bytes)), hashes.blake3);
+    let path = format!("/api/blobs/{}/bytes?ranges=0-{}", outboard.blake3, outboard.size);
+    let answer = appliance.signed(&server, Method::GET, &path, b"").send().await.expect("get");
+    let served = answer.bytes().await.expect("body");
+
+    let layout = BlobLayout::new(info.blake3, info.size);
+    let device = CrashDevice::new(layout.outboard_len() as usize, PowerSupply::new());
+    let mut rebuilt = sitecast_iso::OutboardStore::new(layout, device);
+    assert!(rebuilt.rebuild_from_group_hashes(&bytes[..]).expect("rebuild"), "hash to the root");
+    assert!(rebuilt.device_mut().live() == served[..], "the outboard Central Command serves");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool() {
     let dir = tempfile::tempdir().expect("tempdir");

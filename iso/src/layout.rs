@@ -157,7 +157,7 @@ impl<D: Device> OutboardStore<D> {
         }
     }
 
-    fn writer(&mut self) -> PreOrderOutboard<WriteAtDevice<'_, D>> {
+    pub(crate) fn writer(&mut self) -> PreOrderOutboard<WriteAtDevice<'_, D>> {
         PreOrderOutboard {
             root: self.layout.root.into(),
             tree: self.layout.tree(),

@@ -196,6 +196,12 @@ pub struct OriginUrls {
     /// as it is used.
     #[serde(default)]
     pub outboard_blob: Option<BlobOffer>,
+    /// The image's group hashes as a blob the site shares: each 16 KiB group's BLAKE3
+    /// chaining value, in order, half the outboard's bytes. An agent that knows them fetches
+    /// these instead of `outboard_blob`, rebuilds the outboard from them and uses it only if
+    /// it hashes to the signed root.
+    #[serde(default)]
+    pub group_hashes_blob: Option<BlobOffer>,
     /// Verified ranges of the image's content index (a blob like the image), when its
     /// release signs one: what lets an appliance copy what its active slot shares with the
     /// image instead of fetching it.

@@ -900,6 +900,7 @@ impl Agent {
             started: Timestamp::now(),
             ranges_url: response.origin.as_ref().map(|o| o.ranges.clone()),
             outboard_blob: response.origin.as_ref().and_then(|o| o.outboard_blob.clone()),
+            group_hashes_blob: response.origin.as_ref().and_then(|o| o.group_hashes_blob.clone()),
             error: None,
             bytes_from_origin: carried.bytes_from_origin,
             bytes_from_lan: carried.bytes_from_lan,
@@ -956,6 +957,7 @@ impl Agent {
             outboard_url: origin_urls.as_ref().and_then(|o| o.outboard.clone()),
             bytes_url: origin_urls.as_ref().and_then(|o| o.bytes.clone()),
             outboard_blob: origin_urls.as_ref().and_then(|o| o.outboard_blob.clone()),
+            group_hashes_blob: origin_urls.as_ref().and_then(|o| o.group_hashes_blob.clone()),
             mirrors: origin_urls.map(|o| o.mirrors).unwrap_or_default(),
             reuse,
             state_dir: self.config.state_dir.clone(),
@@ -1219,16 +1221,14 @@ impl Agent {
                 self.config.slot_path(slot).to_owned(),
                 self.config.state_dir.clone(),
             );
-            // Its content index and outboard too, for the site's later stages (after a
-            // restart as well).
+            // Its content index, outboard and group hashes too, for the site's later stages
+            // (after a restart as well).
             let cache = download::release_files(&self.config.state_dir);
             let index = verified.release().index.as_ref().map(|index| index.file());
-            let outboard = (update.outboard_blob.as_ref()).map(|b| ImageInfo {
-                size: b.size,
-                blake3: b.blake3,
-                sha256: b.sha256,
-            });
-            for file in index.into_iter().chain(outboard) {
+            let blobs = update.outboard_blob.iter().chain(&update.group_hashes_blob);
+            let side =
+                blobs.map(|b| ImageInfo { size: b.size, blake3: b.blake3, sha256: b.sha256 });
+            for file in index.into_iter().chain(side) {
                 if cache.holds(&file) {
                     let path = cache.paths(&file.blake3).slot;
                     lan.serve_installed(&file, path, cache.dir().to_owned());
@@ -1305,6 +1305,7 @@ mod tests {
             started: Timestamp::UNIX_EPOCH,
             ranges_url: None,
             outboard_blob: None,
+            group_hashes_blob: None,
             error: error.map(str::to_owned),
             bytes_from_origin: 0,
             bytes_from_lan: 0,

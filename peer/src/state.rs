@@ -30,6 +30,9 @@ pub struct UpdateRecord {
     /// The image's outboard as the site shares it, served again after a restart.
     #[serde(default)]
     pub outboard_blob: Option<sitecast_manifest::api::BlobOffer>,
+    /// The image's group hashes as the site shares them, served again after a restart.
+    #[serde(default)]
+    pub group_hashes_blob: Option<sitecast_manifest::api::BlobOffer>,
     #[serde(default)]
     pub error: Option<String>,
     #[serde(default)]

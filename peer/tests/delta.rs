@@ -135,7 +135,8 @@ async fn a_site_on_two_older_releases_fetches_each_missing_piece_from_the_origin
     // The origin sent each piece no appliance could make whole from its own slot once (a
     // piece one of them made whole comes over the LAN), and of it only what the appliance
     // that fetched it lacked of the span of groups it had not copied: the rest of the groups
-    // it held in part, the others whole; plus the index and the outboard once each.
+    // it held in part, the others whole; plus the index and the group hashes (from which each
+    // rebuilds the outboard) once each.
     let pieces = sitecast_scheduler::pieces::PieceLayout::new(layout.groups());
     let lacked = |piece: u64, found: &Found| {
         let missing: Vec<u64> =
@@ -166,14 +167,14 @@ async fn a_site_on_two_older_releases_fetches_each_missing_piece_from_the_origin
     let new_chunks = sitecast_delta::chunks(&new[..], chunking).expect("chunks");
     let nowhere = sitecast_delta::estimate(&held, &new_chunks).missing_bytes;
     let index = content_index_of(&new_path).size;
-    let metadata = index + layout.outboard_len();
+    let metadata = index + layout.group_hashes_len();
     let served = origin.origin_bytes("store-1", 2).await;
     eprintln!(
         "Central Command served {served} bytes for a {}-byte image: of {from_origin} pieces no \
          appliance could copy, the rest of the spans ({least} to {most} bytes; {spans} as \
-         whole groups; {nowhere} in no slot), {index} of index, {} of outboard",
+         whole groups; {nowhere} in no slot), {index} of index, {} of group hashes",
         image.size,
-        layout.outboard_len()
+        layout.group_hashes_len()
     );
     assert!(served >= nowhere + metadata, "{served} bytes served");
     assert!(served < spans + metadata, "{served} bytes served: groups held in part fetched whole");
@@ -610,11 +611,11 @@ async fn a_lone_appliance_updates_between_two_debian_root_file_systems() {
             let served = origin.origin_bytes("lab", 2).await - before;
             before += served;
             let layout = sitecast_iso::BlobLayout::new(image.blake3, image.size);
-            let side = index.size + layout.outboard_len();
+            let side = index.size + layout.group_hashes_len();
             let against = if reference { "against the active slot" } else { "alone" };
             println!(
                 "squashfs {kind}, compressed {against}: {} bytes; Central Command sent {served} \
-                 bytes ({fetched} decoded), + index and outboard {side} = {} ({:.1} % of the \
+                 bytes ({fetched} decoded), + index and group hashes {side} = {} ({:.1} % of the \
                  image)",
                 image.size,
                 served + side,

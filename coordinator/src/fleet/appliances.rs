@@ -19,7 +19,7 @@ use super::rollouts::runs_on;
 use super::validate::{self, CheckedIdentity};
 use super::{Batch, Fleet, FleetError};
 use crate::engine::{RolloutKind, RolloutState};
-use crate::store::{ApplianceRecord, Change, OfferRecord, ReleaseRecord, UpdateRow};
+use crate::store::{ApplianceRecord, Change, OfferRecord, ReleaseRecord, StoredFile, UpdateRow};
 
 /// What a check-in needs stored before it is answered, and the answer.
 #[derive(Debug)]
@@ -319,14 +319,11 @@ impl Fleet {
             iroh: self.iroh_addresses.clone(),
             outboard: Some(format!("{public_url}/api/blobs/{}/outboard", release.blake3)),
             mirrors: release.mirrors.clone(),
-            outboard_blob: release.outboard.as_ref().and_then(|o| {
-                Some(BlobOffer {
-                    ranges: format!("{public_url}/api/blobs/{}/ranges", o.blake3),
-                    size: o.size,
-                    blake3: Blake3Hash::from_hex(&o.blake3).ok()?,
-                    sha256: Sha256Hash::from_hex(&o.sha256).ok()?,
-                })
-            }),
+            outboard_blob: release.outboard.as_ref().and_then(|o| blob_offer(o, public_url)),
+            group_hashes_blob: release
+                .group_hashes
+                .as_ref()
+                .and_then(|g| blob_offer(g, public_url)),
             index: release
                 .index
                 .as_ref()
@@ -626,4 +623,14 @@ pub(super) fn record_update_state(
         batch.audit(now, actor, action, detail);
     }
     *row = Some(UpdateRow { report, started, since });
+}
+
+/// A stored file offered as a blob whose verified ranges Central Command serves.
+fn blob_offer(file: &StoredFile, public_url: &str) -> Option<BlobOffer> {
+    Some(BlobOffer {
+        ranges: format!("{public_url}/api/blobs/{}/ranges", file.blake3),
+        size: file.size,
+        blake3: Blake3Hash::from_hex(&file.blake3).ok()?,
+        sha256: Sha256Hash::from_hex(&file.sha256).ok()?,
+    })
 }

@@ -141,6 +141,7 @@ impl Fleet {
                 mirrors: Vec::new(),
                 index: None,
                 outboard: None,
+                group_hashes: None,
             },
         };
         let detail = json!({"version": version, "filename": swu.filename, "size": swu.size,

@@ -305,11 +305,13 @@ impl Fleet {
         same.find(|r| r.active).or(newest)
     }
 
-    /// The release whose image's content index or outboard is the blob `blake3`, if one is.
+    /// The release whose image's content index, outboard or group hashes is the blob
+    /// `blake3`, if one is.
     pub fn release_by_side_file(&self, blake3: &str) -> Option<&ReleaseRecord> {
         self.releases.values().rev().find(|r| {
             r.index.as_deref() == Some(blake3)
                 || r.outboard.as_ref().is_some_and(|o| o.blake3 == blake3)
+                || r.group_hashes.as_ref().is_some_and(|g| g.blake3 == blake3)
         })
     }
 

@@ -565,7 +565,7 @@ async fn ranged_blob(
         return Ok((BlobInfo { blake3: info.blake3, size: info.size }, reader, Some(version)));
     }
     let blake3 = sitecast_manifest::Blake3Hash::from_hex(hash).map_err(|_| not_found())?;
-    // A release's content index or outboard, counted with its release's bytes.
+    // A release's content index, outboard or group hashes, counted with its release's bytes.
     let side_file_of = lock(&state.fleet).release_by_side_file(hash).map(|r| r.version);
     let reader = match side_file_of {
         Some(version) => {

@@ -57,7 +57,7 @@ pub(super) async fn publish(
     let import_image = image.clone();
     let index = verified.release().index.clone();
     let index_hash = index.as_ref().map(|index| index.blake3.to_hex());
-    let outboard = tokio::task::spawn_blocking(move || {
+    let (outboard, group_hashes) = tokio::task::spawn_blocking(move || {
         match incoming {
             Ok(path) => blobs.import(&path, &import_image),
             Err(source) => blobs.import_path(&source, &import_image),
@@ -65,7 +65,7 @@ pub(super) async fn publish(
         if let Some(index) = index {
             blobs.make_index(&import_image, &index)?;
         }
-        blobs.outboard_as_blob(&import_image)
+        Ok((blobs.outboard_as_blob(&import_image)?, blobs.group_hashes_as_blob(&import_image)?))
     })
     .await
     .map_err(ApiError::internal)?
@@ -97,11 +97,8 @@ pub(super) async fn publish(
         mirrors: Vec::new(),
         index: index_hash,
         // An image of one group has no parents: nothing to share.
-        outboard: Some(outboard).filter(|o| o.size > 0).map(|o| StoredFile {
-            size: o.size,
-            blake3: o.blake3.to_hex(),
-            sha256: o.sha256.to_hex(),
-        }),
+        outboard: StoredFile::unless_empty(&outboard),
+        group_hashes: StoredFile::unless_empty(&group_hashes),
     };
     if let Some(iroh) = state.iroh.get() {
         iroh.add(&state.blobs.data_path(&image.blake3)).await.map_err(ApiError::internal)?;

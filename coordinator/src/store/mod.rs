@@ -67,7 +67,7 @@ pub enum StoreError {
 /// The shape of the records and changes replicas exchange. Raised whenever a record or a
 /// change gains a field or a kind: a replica drops what it does not know when it writes a
 /// record again, so replicas of two formats never share a database.
-pub const REPLICA_FORMAT: u32 = 1;
+pub const REPLICA_FORMAT: u32 = 2;
 
 fn db_error<E: std::fmt::Display>(error: E) -> StoreError {
     StoreError::Database(error.to_string())
@@ -110,6 +110,11 @@ pub struct ReleaseRecord {
     /// releases published before, and for an empty image).
     #[serde(default)]
     pub outboard: Option<StoredFile>,
+    /// Its image's group hashes (`sitecast_iso::write_group_hashes`) stored as a blob: half
+    /// the outboard, from which appliances rebuild it (absent for releases published before,
+    /// and for an image of one group).
+    #[serde(default)]
+    pub group_hashes: Option<StoredFile>,
 }
 
 /// A file Central Command stores and serves as a blob.
@@ -118,6 +123,17 @@ pub struct StoredFile {
     pub size: u64,
     pub blake3: String,
     pub sha256: String,
+}
+
+impl StoredFile {
+    /// The stored file `digest` describes, unless it is empty (nothing to serve).
+    pub fn unless_empty(digest: &sitecast_manifest::ImageDigest) -> Option<Self> {
+        (digest.size > 0).then(|| Self {
+            size: digest.size,
+            blake3: digest.blake3.to_hex(),
+            sha256: digest.sha256.to_hex(),
+        })
+    }
 }
 
 impl ReleaseRecord {

@@ -40,6 +40,9 @@ pub(super) struct Download {
     pub outboard_url: Option<String>,
     /// The same outboard as a blob the site shares, if Central Command offers it so.
     pub outboard_blob: Option<BlobOffer>,
+    /// The image's group hashes as a blob the site shares (half the outboard), if Central
+    /// Command offers them: the outboard is rebuilt from them.
+    pub group_hashes_blob: Option<BlobOffer>,
     pub mirrors: Vec<String>,
     pub reuse: Option<ReuseFrom>,
     pub state_dir: PathBuf,
@@ -254,7 +257,35 @@ pub(super) fn release_files(state_dir: &std::path::Path) -> FileCache {
 const SIDE_FILE_TIME: Duration = Duration::from_secs(60);
 const SIDE_FILE_RATE: u64 = 128 * 1024;
 
-/// Where an outboard fetched from Central Command alone is kept during a download.
+/// The outboard of `layout`'s image rebuilt at `path` from the group hashes at `hashes`, if
+/// they hash to its root; otherwise nothing is left at `path` (where an outboard fetched
+/// next would be taken for one left complete by an earlier start).
+async fn rebuild_outboard(
+    layout: BlobLayout,
+    hashes: PathBuf,
+    path: PathBuf,
+) -> Result<OutboardStore<FileDevice>, String> {
+    let rebuilt = tokio::task::spawn_blocking(move || {
+        let rebuild = || {
+            let mut outboard = OutboardStore::new(layout, FileDevice::open_or_create(&path)?);
+            let matches = outboard.rebuild_from_group_hashes(std::fs::File::open(&hashes)?)?;
+            Ok::<_, std::io::Error>(matches.then_some(outboard))
+        };
+        let rebuilt = rebuild();
+        if !matches!(rebuilt, Ok(Some(_))) {
+            let _ = std::fs::remove_file(&path);
+        }
+        rebuilt
+    });
+    match rebuilt.await.map_err(|e| e.to_string())? {
+        Ok(Some(outboard)) => Ok(outboard),
+        Ok(None) => Err("they do not hash to the signed root".to_owned()),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// Where an outboard fetched from Central Command alone, or rebuilt, is kept during a
+/// download.
 fn own_outboard(state_dir: &std::path::Path, image: &ImageInfo) -> PathBuf {
     state_dir.join(format!("outboard-{}.obao4", image.blake3))
 }
@@ -264,6 +295,7 @@ impl Download {
     async fn keep_in_cache(&self, cache: &FileCache) {
         let keep: std::collections::BTreeSet<_> = (self.reuse.iter().map(|r| r.index.blake3))
             .chain(self.outboard_blob.iter().map(|b| b.blake3))
+            .chain(self.group_hashes_blob.iter().map(|b| b.blake3))
             .collect();
         let pruned = cache.clone();
         let removed = tokio::task::spawn_blocking(move || pruned.keep_only(&keep)).await;
@@ -278,14 +310,32 @@ impl Download {
         }
     }
 
-    /// The image's outboard and where it is: shared through the site swarm when Central
-    /// Command offers it so, else fetched from Central Command alone. Its top pair must chain
-    /// to the signed root (the rest is checked as it is used).
+    /// The image's outboard and where it is: rebuilt from the group hashes the site shares,
+    /// else shared through the site swarm as it is, else fetched from Central Command alone.
+    /// Rebuilt, all of it must hash to the signed root; fetched, its top pair must chain to it
+    /// (the rest is checked as it is used).
     async fn outboard(
         &self,
         layout: BlobLayout,
         cache: &FileCache,
     ) -> Option<(OutboardStore<FileDevice>, PathBuf)> {
+        let path = own_outboard(&self.state_dir, &self.image);
+        if let Some(blob) =
+            self.group_hashes_blob.as_ref().filter(|b| b.size == layout.group_hashes_len())
+        {
+            let file = ImageInfo { size: blob.size, blake3: blob.blake3, sha256: blob.sha256 };
+            let shared = self.fetch_shared(&file, blob.ranges.clone(), cache, "group hashes").await;
+            let rebuilt = match shared {
+                Ok(hashes) => rebuild_outboard(layout, hashes, path.clone()).await,
+                Err(error) => Err(error),
+            };
+            match rebuilt {
+                Ok(outboard) => return Some((outboard, path)),
+                Err(error) => {
+                    tracing::warn!(%error, "the site's group hashes are not used; fetching the outboard")
+                }
+            }
+        }
         if let Some(blob) = self.outboard_blob.as_ref().filter(|b| b.size == layout.outboard_len())
         {
             let file = ImageInfo { size: blob.size, blake3: blob.blake3, sha256: blob.sha256 };
@@ -307,7 +357,6 @@ impl Download {
             }
         }
         let url = self.outboard_url.as_ref()?;
-        let path = own_outboard(&self.state_dir, &self.image);
         match outboard::fetch(&self.client, url, layout, &path).await {
             Ok(outboard) => Some((outboard, path)),
             Err(error) => {
