@@ -324,7 +324,7 @@ pub struct LabReport {
     pub image_bytes: u64,
     /// What no appliance held at the start: the image, unless they ran older releases.
     pub transfer_bytes: u64,
-    /// The content index and outboard of a delta transfer (0 otherwise).
+    /// The content index and group hashes of a delta transfer (0 otherwise).
     pub side_bytes: u64,
     pub origin_bytes: u64,
     /// From the rollout's start until every appliance held the verified image.
@@ -561,12 +561,12 @@ pub async fn controller(
         intact &= ok;
     }
     // What a delta transfer sends besides the image's bytes, once per site: the content
-    // index and the outboard.
+    // index and the group hashes (from which each appliance rebuilds the outboard).
     let side_bytes = match delta {
         true => {
             let index = std::fs::metadata(work.join("release-2.index"))?.len();
             let layout = sitecast_iso::BlobLayout::new(fixture.image.blake3, fixture.image.size);
-            index + layout.outboard_len()
+            index + layout.group_hashes_len()
         }
         false => 0,
     };

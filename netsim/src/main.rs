@@ -392,7 +392,7 @@ async fn lab_run(prefix: &str, options: &sitecast_netsim::lab::LabOptions) -> Re
     );
     if options.older_releases > 0 {
         println!(
-            "  on {} older release(s): {} bytes held by none (the transfer); origin sent {:.3} × that and the index and outboard ({} bytes), the simulator {:.3} × the transfer",
+            "  on {} older release(s): {} bytes held by none (the transfer); origin sent {:.3} × that and the index and group hashes ({} bytes), the simulator {:.3} × the transfer",
             options.older_releases,
             report.transfer_bytes,
             report.origin_bytes as f64 / (report.transfer_bytes + report.side_bytes) as f64,

@@ -91,7 +91,7 @@ fn a_site_on_older_releases_in_namespaces_fetches_what_none_holds_about_once() {
     let number = |key: &str| summary[key].as_f64().unwrap_or_else(|| panic!("{key}\n{context}"));
     assert_eq!(summary["intact"], true, "{context}");
     // Each appliance copied most of the image from its slot (two older releases, each lacking
-    // 5 % more): the origin sent what none held, and the index and outboard, about once.
+    // 5 % more): the origin sent what none held, and the index and group hashes, about once.
     let (transfer, side) = (number("transfer_bytes"), number("side_bytes"));
     assert!(transfer > 0.0 && transfer < 0.1 * number("image_bytes"), "{context}");
     assert!(side > 0.0, "the release signs an index\n{context}");

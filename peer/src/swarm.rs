@@ -602,10 +602,11 @@ async fn fetch_run(
         let (chunks, input) = mpsc::channel::<std::io::Result<Bytes>>(4);
         let deliver = deliver.clone();
         let decoding = tokio::task::spawn_blocking(move || {
-            let input = ChannelReader { input, chunk: Bytes::new() };
+            // Counted as it crosses the wire (compressed or not), as Central Command counts it.
+            let (input, read) = CountingReader::new(ChannelReader { input, chunk: Bytes::new() });
             match compressed {
-                true => decode_run(layout, &served, zstd_reader(input)?, deliver),
-                false => decode_run(layout, &served, input, deliver),
+                true => decode_run(layout, &served, zstd_reader(input)?, &read, deliver),
+                false => decode_run(layout, &served, input, &read, deliver),
             }
         });
         let mut response = response;
@@ -684,7 +685,8 @@ async fn fetch_from_mirror(
             let more = tokio::task::spawn_blocking(move || {
                 let encoded = mirrors.encode(groups.clone(), &bytes)?;
                 // What crossed the wire is the plain bytes, not the parents added here.
-                decode_run(layout, &[groups], &encoded[..], |fetched| match fetched {
+                let (encoded, read) = CountingReader::new(&encoded[..]);
+                decode_run(layout, &[groups], encoded, &read, |fetched| match fetched {
                     Fetched::Piece { piece, items, .. } => {
                         deliver(Fetched::Piece { piece, bytes: plain, items, mirror: true })
                     }
@@ -768,11 +770,13 @@ impl std::io::Read for ChannelReader {
 }
 
 /// Reads one response for `groups` (the wanted groups of whole pieces), handing each piece to
-/// `deliver` once all its wanted groups verified. Returns whether `deliver` still wants more.
+/// `deliver` once all its wanted groups verified, with the bytes `read` counted meanwhile.
+/// Returns whether `deliver` still wants more.
 fn decode_run(
     layout: BlobLayout,
     groups: &[std::ops::Range<u64>],
     reader: impl std::io::Read,
+    read: &std::cell::Cell<u64>,
     deliver: impl Fn(Fetched) -> bool,
 ) -> Result<bool, FetchError> {
     let pieces_of = piece_layout(&layout);
@@ -781,11 +785,9 @@ fn decode_run(
     for group in groups.iter().flat_map(|r| r.clone()) {
         *asked.entry(group / pieces_of.groups_per_piece()).or_default() += 1;
     }
-    let read = std::rc::Rc::new(std::cell::Cell::new(0u64));
-    let counting = CountingReader { inner: reader, read: std::rc::Rc::clone(&read) };
     let ranges = layout.chunk_ranges_of(groups);
     let decoder =
-        ResponseDecoder::new(layout, &ranges, counting).map_err(|e| classify(e, Source::Origin))?;
+        ResponseDecoder::new(layout, &ranges, reader).map_err(|e| classify(e, Source::Origin))?;
     let expected = asked.len() as u64;
     let (mut items, mut groups_left, mut counted) = (Vec::new(), 0, 0);
     let mut delivered = 0;
@@ -827,6 +829,14 @@ fn decode_run(
 struct CountingReader<R> {
     inner: R,
     read: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl<R> CountingReader<R> {
+    /// `inner`, counted, and the count to read from elsewhere.
+    fn new(inner: R) -> (Self, std::rc::Rc<std::cell::Cell<u64>>) {
+        let read = std::rc::Rc::new(std::cell::Cell::new(0));
+        (Self { inner, read: std::rc::Rc::clone(&read) }, read)
+    }
 }
 
 impl<R: std::io::Read> std::io::Read for CountingReader<R> {

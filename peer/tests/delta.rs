@@ -365,6 +365,11 @@ async fn an_image_that_compresses_crosses_the_wan_compressed() {
     let served = origin.origin_bytes("store-1", 2).await;
     eprintln!("Central Command served {served} bytes for a {}-byte image", image.len());
     assert!(served > 0 && served < image.len() as u64 / 2, "{served} bytes served");
+    // The agent counts the same bytes, as they crossed the wire, not as they decompressed
+    // (short only by the ends of streams it had no need to read).
+    let list = appliances(&origin).await;
+    let reported = list[0]["update"]["bytes_from_origin"].as_u64().expect("reported");
+    assert!(reported <= served && served - reported < served / 100, "{reported} of {served}");
 }
 
 /// A lone appliance (`client`, enrolled) fills its slot from Central Command alone after
