@@ -620,7 +620,7 @@ async fn a_lone_appliance_updates_between_two_debian_root_file_systems() {
             let against = if reference { "against the active slot" } else { "alone" };
             println!(
                 "squashfs {kind}, compressed {against}: {} bytes; Central Command sent {served} \
-                 bytes ({fetched} decoded), + index and group hashes {side} = {} ({:.1} % of the \
+                 bytes (the agent counted {fetched}), + index and group hashes {side} = {} ({:.1} % of the \
                  image)",
                 image.size,
                 served + side,
