@@ -185,8 +185,8 @@ pub fn copy_from_active<D: Device>(
 
 /// Whether the first `image.size` bytes of the slot at `active` hash to `image.blake3`: how
 /// an agent that did not install its active slot itself (the installer did) confirms which
-/// image it holds before naming it to Central Command. Streamed; a stop reads as "no".
-/// Blocking.
+/// image it holds before naming it to Central Command. Streamed; stopped, an `Interrupted`
+/// error. Blocking.
 pub fn slot_holds(
     active: &Path,
     image: InstalledImage,
@@ -199,6 +199,9 @@ pub fn slot_holds(
     let mut reader = StopReader { inner: DeviceReader::new(&source, image.size), stop };
     let mut hasher = blake3::Hasher::new();
     let read = io::copy(&mut BufReader::with_capacity(1 << 20, &mut reader), &mut hasher)?;
+    if stop.load(Ordering::Relaxed) {
+        return Err(io::ErrorKind::Interrupted.into());
+    }
     Ok(read == image.size && hasher.finalize() == blake3::Hash::from(image.blake3))
 }
 
@@ -296,4 +299,32 @@ fn write_items<D: Device>(
     reused.groups += groups;
     reused.bytes += bytes;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A slot holds an image when its first `size` bytes hash to it: longer slots do, a
+    /// shorter one or one with a byte changed does not, and a stop is an error, not a "no".
+    #[test]
+    fn a_slot_holds_an_image_only_if_its_bytes_hash_to_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = vec![7u8; 100_000];
+        let named = InstalledImage { blake3: blake3::hash(&image).into(), size: 100_000 };
+        let slot = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).expect("slot");
+            path
+        };
+        let go = AtomicBool::new(false);
+        let longer = slot("longer", &[&image[..], &[0u8; 5000]].concat());
+        assert!(slot_holds(&longer, named, &go).expect("read"));
+        assert!(!slot_holds(&slot("shorter", &image[..99_999]), named, &go).expect("read"));
+        let mut changed = image.clone();
+        changed[50_000] ^= 1;
+        assert!(!slot_holds(&slot("changed", &changed), named, &go).expect("read"));
+        let stopped = slot_holds(&longer, named, &AtomicBool::new(true));
+        assert_eq!(stopped.expect_err("stopped").kind(), io::ErrorKind::Interrupted);
+    }
 }
