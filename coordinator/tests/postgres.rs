@@ -464,20 +464,25 @@ async fn a_central_command_that_lost_the_database_says_so() {
     let database_url = setup.database.url();
     let (http, deadline) = (&setup.http, setup.deadline);
 
-    // Cut the session that holds the database, until the standby is the one that holds it
-    // (the old active one reconnects once a second, the standby asks every half second:
-    // either may win). Only the holder is cut: a standby whose own tries were cut too could
-    // lose every race on a loaded machine.
-    while !standby.healthy(http).await {
+    // Cut the session that holds the database (the owner lock, held exclusively), then give
+    // the standby a while to take it and load before cutting again: the old active one
+    // reconnects once a second, the standby asks every half second, and either may win. Only
+    // the holder is cut, and not at once again: a standby whose own session were cut while
+    // it takes over could lose every race on a loaded machine.
+    'cut: while !standby.healthy(http).await {
         assert!(std::time::Instant::now() < deadline, "the standby never took over");
         // The synchronous client runs a runtime of its own: not on this test's.
         let url = database_url.clone();
         std::thread::spawn(move || {
             let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).expect("connect");
+            // `OWNER_LOCK` (coordinator/src/store/postgres.rs), a bigint key, shows in
+            // `pg_locks` as its high and low 32 bits.
             admin
                 .batch_execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_locks
                      WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND granted
+                       AND objsubid = 1 AND classid::text::bigint = x'73697465'::bigint
+                       AND objid::text::bigint = x'63617375'::bigint
                        AND database = (SELECT oid FROM pg_database
                                        WHERE datname = current_database())",
                 )
@@ -485,8 +490,13 @@ async fn a_central_command_that_lost_the_database_says_so() {
         })
         .join()
         .expect("terminate sessions");
-        // The interval between cuts while polling the standby's health (the loop's condition).
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Polled every 100 ms for up to 3 s; the standby's health is what is waited for.
+        for _ in 0..30 {
+            if standby.healthy(http).await {
+                break 'cut;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
     // It notices within its next check (once a second) and says why.
     let url = active.url().expect("serving");

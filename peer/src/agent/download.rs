@@ -252,29 +252,39 @@ pub(super) fn release_files(state_dir: &std::path::Path) -> FileCache {
     FileCache::at(state_dir.join("release-files"))
 }
 
-/// How long a release's index or outboard may take through the site swarm before the download
+/// How long a release's index, group hashes or outboard may take through the site swarm before the download
 /// goes on without it: this, plus its size at [`SIDE_FILE_RATE`] bytes a second.
 const SIDE_FILE_TIME: Duration = Duration::from_secs(60);
 const SIDE_FILE_RATE: u64 = 128 * 1024;
 
-/// The outboard of `layout`'s image rebuilt at `path` from the group hashes at `hashes`, if
-/// they hash to its root; otherwise nothing is left at `path` (where an outboard fetched
-/// next would be taken for one left complete by an earlier start).
+/// The outboard of `layout`'s image rebuilt from the group hashes at `hashes`, if they hash
+/// to its root, and moved to `path` only then: a file there is always a complete outboard
+/// (`outboard::fetch` takes one of the right length as left by an earlier start).
 async fn rebuild_outboard(
     layout: BlobLayout,
     hashes: PathBuf,
     path: PathBuf,
 ) -> Result<OutboardStore<FileDevice>, String> {
     let rebuilt = tokio::task::spawn_blocking(move || {
+        let partial = path.with_extension("rebuilding");
         let rebuild = || {
-            let mut outboard = OutboardStore::new(layout, FileDevice::open_or_create(&path)?);
+            // What an earlier start left of a rebuild is rebuilt again.
+            let mut device = FileDevice::open_or_create(&partial)?;
+            device.set_len(0)?;
+            let mut outboard = OutboardStore::new(layout, device);
             let matches = outboard.rebuild_from_group_hashes(std::fs::File::open(&hashes)?)?;
-            Ok::<_, std::io::Error>(matches.then_some(outboard))
+            drop(outboard);
+            if !matches {
+                return Ok(None);
+            }
+            std::fs::rename(&partial, &path)?;
+            Ok::<_, std::io::Error>(Some(OutboardStore::new(
+                layout,
+                FileDevice::open_read_only(&path)?,
+            )))
         };
         let rebuilt = rebuild();
-        if !matches!(rebuilt, Ok(Some(_))) {
-            let _ = std::fs::remove_file(&path);
-        }
+        let _ = std::fs::remove_file(&partial);
         rebuilt
     });
     match rebuilt.await.map_err(|e| e.to_string())? {
