@@ -100,11 +100,14 @@ async fn twenty_agents_take_agent_2_in_stages_and_a_canary_stops_a_broken_agent_
         println!(
             "{site}: {wan:.2} copies of agent 2 from Central Command, {lan:.2} from site peers"
         );
-        // One copy, its verified-range framing (0.4 %) and a few pieces fetched twice where a
-        // member joined while they were in flight.
+        // At most one copy, its verified-range framing (0.4 %) and a few pieces fetched twice
+        // where a member joined while they were in flight; counted as it crossed the wire,
+        // compressed (a binary compresses), so less than that.
         assert!(wan <= 1.15, "{site} fetched {wan:.2} copies from Central Command");
-        // And every appliance's copy is counted, from one side or the other.
-        assert!(wan + lan >= (AGENTS / SITES) as f64, "{site}: {wan:.2} + {lan:.2} copies");
+        // Every appliance's copy is counted, from one side or the other: as plain bytes from
+        // site peers, all but about the one copy that came from Central Command.
+        let others = (AGENTS / SITES) as f64 - 1.15;
+        assert!(lan >= others, "{site}: {wan:.2} + {lan:.2} copies");
     }
     for (agent, before) in agents.iter().zip(&before) {
         assert_eq!(&lasting_state(agent), before, "{}: state changed by the switch", agent.name);
