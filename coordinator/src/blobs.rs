@@ -158,20 +158,10 @@ impl BlobStore {
             // One group: no parents, nothing to share.
             return Ok(ImageDigest::of_reader(io::empty())?);
         }
-        let incoming = self.incoming_path();
-        let copied = fs::copy(self.outboard_path(&image.blake3), &incoming)
-            .and_then(|_| File::open(&incoming)?.sync_all());
-        let digest = copied.and_then(|()| ImageDigest::of_reader(File::open(&incoming)?));
-        let digest = match digest {
-            Ok(digest) => digest,
-            Err(error) => {
-                let _ = fs::remove_file(&incoming);
-                return Err(error.into());
-            }
-        };
-        let file = ImageInfo { size: digest.size, blake3: digest.blake3, sha256: digest.sha256 };
-        self.import(&incoming, &file)?;
-        Ok(digest)
+        self.import_made(|incoming| {
+            fs::copy(self.outboard_path(&image.blake3), incoming)?;
+            File::open(incoming)?.sync_all()
+        })
     }
 
     /// Stores the group hashes of the stored image `image` ([`write_group_hashes`]) as a blob
@@ -182,10 +172,9 @@ impl BlobStore {
         if layout.group_hashes_len() == 0 {
             return Ok(ImageDigest::of_reader(io::empty())?);
         }
-        let incoming = self.incoming_path();
-        let written = (|| {
+        self.import_made(|incoming| {
             let data = File::open(self.data_path(&image.blake3))?;
-            let mut out = io::BufWriter::new(File::create(&incoming)?);
+            let mut out = io::BufWriter::new(File::create(incoming)?);
             let root = write_group_hashes(layout, data, &mut out)?;
             if root != image.blake3 {
                 return Err(io::Error::new(
@@ -193,10 +182,19 @@ impl BlobStore {
                     format!("the stored image {} hashes to {root}", image.blake3),
                 ));
             }
-            out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()?;
-            ImageDigest::of_reader(File::open(&incoming)?)
-        })();
-        let digest = match written {
+            out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()
+        })
+    }
+
+    /// Imports, as a blob of its own, the file `make` writes (and syncs) at a fresh incoming
+    /// path; its digest. Nothing is left behind if making or importing it fails. Blocking.
+    fn import_made(
+        &self,
+        make: impl FnOnce(&Path) -> io::Result<()>,
+    ) -> Result<ImageDigest, ImportError> {
+        let incoming = self.incoming_path();
+        let made = make(&incoming).and_then(|()| ImageDigest::of_reader(File::open(&incoming)?));
+        let digest = match made {
             Ok(digest) => digest,
             Err(error) => {
                 let _ = fs::remove_file(&incoming);

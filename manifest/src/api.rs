@@ -240,6 +240,13 @@ pub struct BlobOffer {
     pub sha256: crate::Sha256Hash,
 }
 
+impl BlobOffer {
+    /// The file offered: its size and hashes.
+    pub fn file(&self) -> crate::ImageInfo {
+        crate::ImageInfo { size: self.size, blake3: self.blake3, sha256: self.sha256 }
+    }
+}
+
 /// `PUT /api/releases/{version}/mirrors`: the release's other HTTP origins, in the order
 /// appliances try them (empty: Central Command alone). Each is checked before it is stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

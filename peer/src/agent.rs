@@ -15,8 +15,8 @@ use sitecast_iso::health::{
 };
 use sitecast_iso::{EnvFile, FileDevice, Slot, SlotPaths, VerifiedSlot};
 use sitecast_manifest::api::{
-    CheckinRequest, CheckinResponse, OriginUrls, PeerAddresses, ReportRequest, UpdateIntent,
-    UpdateState,
+    BlobOffer, CheckinRequest, CheckinResponse, OriginUrls, PeerAddresses, ReportRequest,
+    UpdateIntent, UpdateState,
 };
 use sitecast_manifest::{ContentIndex, ImageInfo, InstallPolicy, Intent, SecretKey, TrustedRoot};
 use tokio::sync::{mpsc, oneshot};
@@ -1226,8 +1226,7 @@ impl Agent {
             let cache = download::release_files(&self.config.state_dir);
             let index = verified.release().index.as_ref().map(|index| index.file());
             let blobs = update.outboard_blob.iter().chain(&update.group_hashes_blob);
-            let side =
-                blobs.map(|b| ImageInfo { size: b.size, blake3: b.blake3, sha256: b.sha256 });
+            let side = blobs.map(BlobOffer::file);
             for file in index.into_iter().chain(side) {
                 if cache.holds(&file) {
                     let path = cache.paths(&file.blake3).slot;

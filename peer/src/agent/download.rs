@@ -333,7 +333,7 @@ impl Download {
         if let Some(blob) =
             self.group_hashes_blob.as_ref().filter(|b| b.size == layout.group_hashes_len())
         {
-            let file = ImageInfo { size: blob.size, blake3: blob.blake3, sha256: blob.sha256 };
+            let file = blob.file();
             let shared = self.fetch_shared(&file, blob.ranges.clone(), cache, "group hashes").await;
             let rebuilt = match shared {
                 Ok(hashes) => rebuild_outboard(layout, hashes, path.clone()).await,
@@ -348,7 +348,7 @@ impl Download {
         }
         if let Some(blob) = self.outboard_blob.as_ref().filter(|b| b.size == layout.outboard_len())
         {
-            let file = ImageInfo { size: blob.size, blake3: blob.blake3, sha256: blob.sha256 };
+            let file = blob.file();
             let shared = self.fetch_shared(&file, blob.ranges.clone(), cache, "outboard").await;
             let opened = shared.and_then(|path| {
                 let device = FileDevice::open_read_only(&path).map_err(|e| e.to_string())?;
