@@ -8,6 +8,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use std::os::unix::fs::FileExt;
+
+use sitecast_delta::index::IndexReader;
+use sitecast_delta::plan::{self, PlanHeader};
+use sitecast_delta::reuse::OlderImage;
 use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, write_group_hashes};
 use sitecast_manifest::{Blake3Hash, ContentIndex, ImageDigest, ImageError, ImageInfo};
 
@@ -28,6 +33,10 @@ pub enum ImportError {
          the release again with this version of sitecast-manifest (or with --no-index)"
     )]
     IndexChunks { min: u32, avg: u32, max: u32 },
+}
+
+fn invalid(error: impl ToString) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error.to_string())
 }
 
 /// What serving a stored blob needs of it.
@@ -182,6 +191,46 @@ impl BlobStore {
                     format!("the stored image {} hashes to {root}", image.blake3),
                 ));
             }
+            out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()
+        })
+    }
+
+    /// Stores, as a blob of its own, the plan for updating to the stored image `to` (with its
+    /// stored content index `to_index` and group hashes `group_hashes`) from the stored image
+    /// `from` (with its index `from_index`): `sitecast_delta::plan`, worked out from the two
+    /// indexes; its digest. An error when the indexes were cut differently or the pair shares
+    /// too little in long stretches for a plan. Blocking.
+    pub fn plan_as_blob(
+        &self,
+        from: BlobInfo,
+        from_index: &Blake3Hash,
+        to: &ImageInfo,
+        to_index: &Blake3Hash,
+        group_hashes: &Blake3Hash,
+    ) -> Result<ImageDigest, ImportError> {
+        let older = IndexReader::new(File::open(self.data_path(from_index))?, from.size)
+            .map_err(invalid)?;
+        let newer =
+            IndexReader::new(File::open(self.data_path(to_index))?, to.size).map_err(invalid)?;
+        if older.chunking() != newer.chunking() {
+            return Err(invalid("the two releases' indexes were cut with other chunk sizes").into());
+        }
+        let older = OlderImage::from_index(older).map_err(invalid)?;
+        let hashes = File::open(self.data_path(group_hashes))?;
+        let header = PlanHeader {
+            from_blake3: *from.blake3.as_bytes(),
+            from_size: from.size,
+            to_size: to.size,
+        };
+        self.import_made(|incoming| {
+            let mut out = io::BufWriter::new(File::create(incoming)?);
+            let group_hash = |group: u64| {
+                let mut hash = [0u8; 32];
+                hashes.read_exact_at(&mut hash, group * 32).map(|()| hash)
+            };
+            plan::write(header, &older, newer, group_hash, &mut out)
+                .map_err(invalid)?
+                .ok_or_else(|| invalid("the images share too little in long stretches"))?;
             out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()
         })
     }

@@ -43,7 +43,7 @@ fn the_schema_is_migrated_once_and_a_newer_one_is_tolerated() {
     let database = TestPostgres::start();
     let store = PostgresStore::open(&database.url()).expect("open");
     store
-        .commit(&[Change::Release(release(1)), audit(1, "release.publish")], true)
+        .commit(&[Change::Release(Box::new(release(1))), audit(1, "release.publish")], true)
         .expect("commit");
     drop(store);
     drop(PostgresStore::open(&database.url()).expect("open again"));
@@ -66,7 +66,7 @@ fn the_schema_is_migrated_once_and_a_newer_one_is_tolerated() {
         .expect("newer migration");
     let store = PostgresStore::open(&database.url()).expect("open a newer schema");
     store
-        .commit(&[Change::Release(release(2)), audit(2, "release.publish")], true)
+        .commit(&[Change::Release(Box::new(release(2))), audit(2, "release.publish")], true)
         .expect("commit");
     let snapshot = store.load().expect("load");
     assert_eq!(snapshot.releases.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
@@ -93,9 +93,10 @@ fn counters_add_up_and_a_taken_audit_number_fails_its_batch() {
     two.commit(&[bytes(1)], true).expect("commit");
     assert_eq!(two.load().expect("load").site_bytes[&("store-1".to_owned(), 7)], 151);
 
-    two.commit(&[Change::Release(release(1)), audit(1, "release.publish")], true).expect("commit");
+    two.commit(&[Change::Release(Box::new(release(1))), audit(1, "release.publish")], true)
+        .expect("commit");
     let error = two
-        .commit(&[Change::Release(release(2)), audit(1, "release.publish")], true)
+        .commit(&[Change::Release(Box::new(release(2))), audit(1, "release.publish")], true)
         .expect_err("audit number 1 is taken");
     assert!(error.to_string().contains("audit"), "{error}");
     let snapshot = two.load().expect("load");
@@ -116,7 +117,7 @@ fn a_second_central_command_on_the_same_database_is_refused() {
     assert!(matches!(error, StoreError::InUse), "{error}");
     assert!(error.to_string().contains("another Central Command"), "{error}");
     first
-        .commit(&[Change::Release(release(1)), audit(1, "release.publish")], true)
+        .commit(&[Change::Release(Box::new(release(1))), audit(1, "release.publish")], true)
         .expect("commit");
     // The first one lets go when it stops; the next one takes over what it stored.
     drop(first);
@@ -138,11 +139,11 @@ fn replicas_commit_in_one_order_and_read_what_they_lack() {
     let start = one.load().expect("load").position;
     assert_eq!(two.load().expect("load").position, start);
 
-    let first = [Change::Release(release(1)), audit(1, "release.publish")];
+    let first = [Change::Release(Box::new(release(1))), audit(1, "release.publish")];
     let at = one.commit_at(&first, true, start).expect("commit");
     assert_eq!(at, start + 1);
     // Computed on the view before that batch: refused, nothing stored.
-    let stale = [Change::Release(release(2)), audit(1, "release.publish")];
+    let stale = [Change::Release(Box::new(release(2))), audit(1, "release.publish")];
     let error = two.commit_at(&stale, true, start).expect_err("a stale view");
     assert!(matches!(error, StoreError::Moved(p) if p == at), "{error}");
     assert_eq!(two.load().expect("load").releases.len(), 1);
@@ -150,7 +151,7 @@ fn replicas_commit_in_one_order_and_read_what_they_lack() {
     assert_eq!(lacked.len(), 1);
     assert_eq!(lacked[0].0, at);
     assert!(matches!(&lacked[0].1[0], Change::Release(r) if r.version == 1));
-    let second = [Change::Release(release(2)), audit(2, "release.publish")];
+    let second = [Change::Release(Box::new(release(2))), audit(2, "release.publish")];
     assert_eq!(two.commit_at(&second, true, at).expect("commit"), at + 1);
     let seen: Vec<u64> =
         one.changes_since(start).expect("read").expect("log").iter().map(|b| b.0).collect();
@@ -200,7 +201,7 @@ fn replicas_refuse_another_format_and_wait_out_a_stalled_writer_boundedly() {
     let mut stalled = sql(&database);
     let mut held = stalled.transaction().expect("begin");
     held.execute("SELECT position FROM log_head FOR UPDATE", &[]).expect("hold the log");
-    let batch = [Change::Release(release(1)), audit(1, "release.publish")];
+    let batch = [Change::Release(Box::new(release(1))), audit(1, "release.publish")];
     let error = store.commit_at(&batch, true, at).expect_err("the log is held");
     assert!(matches!(error, StoreError::Busy(_)), "{error}");
     held.rollback().expect("let go");
@@ -211,7 +212,7 @@ fn replicas_refuse_another_format_and_wait_out_a_stalled_writer_boundedly() {
     // wait (here, out the lock timeout), and go through once it lets go.
     let overtaken = PostgresStore::open_replica(&database.url()).expect("another replica");
     overtaken.hold_writers().expect("hold the writers");
-    let next = [Change::Release(release(2)), audit(2, "release.publish")];
+    let next = [Change::Release(Box::new(release(2))), audit(2, "release.publish")];
     let error = store.commit_at(&next, true, at + 1).expect_err("held back");
     assert!(matches!(error, StoreError::Busy(_)), "{error}");
     overtaken.release_writers();
@@ -223,12 +224,12 @@ fn a_database_that_goes_away_fails_commits_and_loses_nothing() {
     let database = TestPostgres::start();
     let store = PostgresStore::open(&database.url()).expect("open");
     store
-        .commit(&[Change::Release(release(1)), audit(1, "release.publish")], true)
+        .commit(&[Change::Release(Box::new(release(1))), audit(1, "release.publish")], true)
         .expect("commit");
 
     database.stop();
     let error = store
-        .commit(&[Change::Release(release(2)), audit(2, "release.publish")], true)
+        .commit(&[Change::Release(Box::new(release(2))), audit(2, "release.publish")], true)
         .expect_err("no database");
     assert!(!error.to_string().is_empty());
     assert!(store.load().is_err(), "a load without a database answered");
@@ -240,7 +241,7 @@ fn a_database_that_goes_away_fails_commits_and_loses_nothing() {
     assert_eq!(snapshot.releases.keys().copied().collect::<Vec<_>>(), vec![1]);
     assert_eq!(snapshot.audit_next, 2, "the failed batch left no audit entry");
     store
-        .commit(&[Change::Release(release(2)), audit(2, "release.publish")], true)
+        .commit(&[Change::Release(Box::new(release(2))), audit(2, "release.publish")], true)
         .expect("commit");
     assert_eq!(store.load().expect("load").releases.len(), 2);
 }

@@ -23,6 +23,7 @@ use std::io::{self, Read};
 use std::ops::Range;
 
 pub mod index;
+pub mod plan;
 pub mod reference;
 pub mod reuse;
 

@@ -11,7 +11,7 @@
 
 use std::io::{self, Read};
 
-use crate::index::IndexEntry;
+use crate::index::{IndexEntry, IndexError};
 use crate::{Chunk, ChunkKey, Chunking, GROUP_BYTES, for_each_chunk};
 
 /// The chunks of an older image (an appliance's active slot), by hash: a sorted list of
@@ -31,6 +31,21 @@ impl OlderImage {
             older.insert(&chunk);
             Ok(())
         })?;
+        older.sort();
+        Ok(older)
+    }
+
+    /// The older image's chunks as its content index lists them (Central Command, which
+    /// holds both releases' indexes, plans updates between them this way).
+    pub fn from_index(
+        entries: impl Iterator<Item = Result<IndexEntry, IndexError>>,
+    ) -> Result<Self, IndexError> {
+        let mut older = Self::default();
+        for entry in entries {
+            let entry = entry?;
+            older.chunks.push((entry.key.0, entry.offset));
+            older.bytes = older.bytes.max(entry.offset + u64::from(entry.len));
+        }
         older.sort();
         Ok(older)
     }

@@ -44,12 +44,7 @@ pub fn write_group_hashes(
             data.read_exact(bytes)?;
             let hash = match is_root {
                 true => blake3::hash(bytes),
-                false => {
-                    let mut hasher = blake3::Hasher::new();
-                    hasher.set_input_offset(start_chunk * 1024);
-                    hasher.update(bytes);
-                    blake3::Hash::from(hasher.finalize_non_root())
-                }
+                false => blake3::Hash::from(group_hash(start_chunk / 16, bytes)),
             };
             if !is_root {
                 out.write_all(hash.as_bytes())?;
@@ -60,6 +55,15 @@ pub fn write_group_hashes(
     )?;
     out.flush()?;
     Ok(root.into())
+}
+
+/// The chaining value of group `group` of an image of more than one group, whose bytes are
+/// `bytes`: what its group hashes hold for it.
+pub fn group_hash(group: u64, bytes: &[u8]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.set_input_offset(group * GROUP_BYTES);
+    hasher.update(bytes);
+    hasher.finalize_non_root()
 }
 
 impl<D: Device> OutboardStore<D> {

@@ -37,7 +37,7 @@ pub mod writer;
 
 pub use ab::{AbState, ActivatedSlot, BootOutcome, DEFAULT_TRIES, Slot};
 pub use device::{CrashDevice, Device, DeviceReader, FileDevice, PowerSupply};
-pub use group_hashes::write_group_hashes;
+pub use group_hashes::{group_hash, write_group_hashes};
 pub use grubenv::{CrashEnvStore, EnvFile, EnvStore, GrubEnv};
 pub use layout::{
     BLOCK_SIZE, BlobLayout, DecodedItem, GROUP_BYTES, MAX_RANGES_PER_RESPONSE, OutboardStore,

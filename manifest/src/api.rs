@@ -221,6 +221,13 @@ pub struct OriginUrls {
     /// slot's own bytes confirm it.
     #[serde(default)]
     pub installed: Option<InstalledImage>,
+    /// A plan for updating from `installed` to this image, as a blob the site shares
+    /// (`sitecast_delta::plan`): where the image's shared bytes sit in `installed`, and the
+    /// group hashes of the groups they do not cover whole. An agent whose active slot holds
+    /// `installed` fetches it instead of the index and the group hashes, and uses it only if
+    /// the tree it makes hashes to the signed root.
+    #[serde(default)]
+    pub plan: Option<BlobOffer>,
 }
 
 /// An image an appliance may hold in its active slot.

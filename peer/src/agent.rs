@@ -901,6 +901,7 @@ impl Agent {
             ranges_url: response.origin.as_ref().map(|o| o.ranges.clone()),
             outboard_blob: response.origin.as_ref().and_then(|o| o.outboard_blob.clone()),
             group_hashes_blob: response.origin.as_ref().and_then(|o| o.group_hashes_blob.clone()),
+            plan_blob: response.origin.as_ref().and_then(|o| o.plan.clone()),
             error: None,
             bytes_from_origin: carried.bytes_from_origin,
             bytes_from_lan: carried.bytes_from_lan,
@@ -958,6 +959,7 @@ impl Agent {
             bytes_url: origin_urls.as_ref().and_then(|o| o.bytes.clone()),
             outboard_blob: origin_urls.as_ref().and_then(|o| o.outboard_blob.clone()),
             group_hashes_blob: origin_urls.as_ref().and_then(|o| o.group_hashes_blob.clone()),
+            plan_blob: origin_urls.as_ref().and_then(|o| o.plan.clone()),
             mirrors: origin_urls.map(|o| o.mirrors).unwrap_or_default(),
             reuse,
             state_dir: self.config.state_dir.clone(),
@@ -1221,11 +1223,15 @@ impl Agent {
                 self.config.slot_path(slot).to_owned(),
                 self.config.state_dir.clone(),
             );
-            // Its content index, outboard and group hashes too, for the site's later stages
+            // Its content index, outboard, group hashes and plan too, for the site's later stages
             // (after a restart as well).
             let cache = download::release_files(&self.config.state_dir);
             let index = verified.release().index.as_ref().map(|index| index.file());
-            let blobs = update.outboard_blob.iter().chain(&update.group_hashes_blob);
+            let blobs = update
+                .outboard_blob
+                .iter()
+                .chain(&update.group_hashes_blob)
+                .chain(&update.plan_blob);
             let side = blobs.map(BlobOffer::file);
             for file in index.into_iter().chain(side) {
                 if cache.holds(&file) {
@@ -1305,6 +1311,7 @@ mod tests {
             ranges_url: None,
             outboard_blob: None,
             group_hashes_blob: None,
+            plan_blob: None,
             error: error.map(str::to_owned),
             bytes_from_origin: 0,
             bytes_from_lan: 0,

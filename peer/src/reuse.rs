@@ -10,17 +10,18 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Write};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use sitecast_delta::index::{IndexError, IndexReader};
+use sitecast_delta::plan::{GroupCopies, PlanError, PlanReader};
 use sitecast_delta::reference::SharedRuns;
 use sitecast_delta::reuse::{GroupCopy, GroupPlanner, OlderImage, Span};
 use sitecast_iso::{
-    DecodedItem, Device, DeviceReader, FileDevice, GROUP_BYTES, OutboardStore, SlotError,
-    SlotWriter,
+    BlobLayout, DecodedItem, Device, DeviceReader, FileDevice, GROUP_BYTES, OutboardStore,
+    SlotError, SlotWriter, group_hash,
 };
 use sitecast_manifest::api::InstalledImage;
 
@@ -120,6 +121,8 @@ pub enum ReuseError {
     TooFine { avg: u32 },
     #[error("content index: {0}")]
     Index(#[from] IndexError),
+    #[error("plan: {0}")]
+    Plan(#[from] PlanError),
     #[error("reading the active slot: {0}")]
     Active(#[from] io::Error),
     #[error(transparent)]
@@ -152,35 +155,147 @@ pub fn copy_from_active<D: Device>(
     let len = active_len.map_or(len, |known| known.min(len));
     let reader = StopReader { inner: DeviceReader::new(&source, len), stop };
     let older = OlderImage::read(BufReader::with_capacity(1 << 20, reader), chunks.chunking())?;
-    let mut reused = Reused { scanned: older.bytes(), ..Reused::default() };
+    let mut copier = Copier::new(writer, outboard, &source, written, older.bytes());
+    copier.reused.scanned = older.bytes();
     let mut planner = GroupPlanner::new(&older, layout.size);
-    let mut batch = Batch::default();
-    let mut parts = ActiveParts { runs: SharedRuns::new(older.bytes()), ..Default::default() };
     for chunk in chunks {
         if stop.load(Ordering::Relaxed) {
             break;
         }
         let chunk = chunk?;
         if let Some(old) = older.find(chunk.key) {
-            parts.runs.push(chunk.offset, old, u64::from(chunk.len));
+            copier.parts.runs.push(chunk.offset, old, u64::from(chunk.len));
         }
         for copy in planner.push(&chunk) {
-            if writer.has(copy.group) {
-                continue;
-            }
-            if !copy.whole {
-                parts.partial.add(copy);
-                continue;
-            }
-            if !batch.extends(&copy) {
-                batch.write(writer, outboard, &mut reused, written)?;
-            }
-            batch.add(&copy, &source)?;
+            copier.group(copy)?;
         }
     }
-    batch.write(writer, outboard, &mut reused, written)?;
-    writer.checkpoint()?;
-    Ok((reused, parts))
+    copier.finish()
+}
+
+/// [`copy_from_active`] with a plan for the pair (at `plan`) instead of the content index:
+/// the plan's runs say where each group's bytes sit in the active slot, which is not cut.
+/// The caller has checked that the active slot holds the image the plan is from.
+pub fn copy_with_plan<D: Device>(
+    writer: &mut SlotWriter<D>,
+    outboard: &OutboardStore<FileDevice>,
+    plan: &Path,
+    active: &Path,
+    stop: &AtomicBool,
+    written: &mut dyn FnMut(u64),
+) -> Result<(Reused, ActiveParts), ReuseError> {
+    let plan = PlanReader::new(File::open(plan)?, writer.layout().size)?;
+    let source = FileDevice::open_read_only(active)?;
+    let mut copier = Copier::new(writer, outboard, &source, written, plan.header.from_size);
+    for run in &plan.runs {
+        copier.parts.runs.push(run.new, run.old, run.len);
+    }
+    for copy in plan.group_copies().filter(|copy| !copy.is_empty()) {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        copier.group(copy)?;
+    }
+    copier.finish()
+}
+
+/// Writes to `out` the group hashes of the new image (of `layout`) that a plan for the pair
+/// (at `plan`) and the active slot make: each group the plan's runs cover whole hashed from
+/// the slot's bytes, the others' hashes as the plan has them. Trusted only once the tree they
+/// make hashes to the signed root. Blocking; stopped, an `Interrupted` error.
+pub fn group_hashes_from_plan(
+    plan: &Path,
+    active: &Path,
+    layout: BlobLayout,
+    out: &Path,
+    stop: &AtomicBool,
+) -> Result<(), ReuseError> {
+    let mut plan = PlanReader::new(File::open(plan)?, layout.size)?;
+    let source = FileDevice::open_read_only(active)?;
+    if source.len()? < plan.header.from_size {
+        return Err(ReuseError::Active(io::Error::other(
+            "the active slot is shorter than the image the plan is from",
+        )));
+    }
+    let runs = std::mem::take(&mut plan.runs);
+    let mut out = io::BufWriter::new(File::create(out)?);
+    let mut bytes = vec![0u8; GROUP_BYTES as usize];
+    for copy in GroupCopies::new(&runs, layout.size) {
+        if stop.load(Ordering::Relaxed) {
+            return Err(ReuseError::Active(io::ErrorKind::Interrupted.into()));
+        }
+        let hash = match copy.whole {
+            true => {
+                let mut at = 0;
+                for span in &copy.spans {
+                    let part = &mut bytes[at..at + span.len as usize];
+                    source.read_exact_at(span.from, part)?;
+                    at += span.len as usize;
+                }
+                group_hash(copy.group, &bytes[..at])
+            }
+            false => plan.next_hash()?,
+        };
+        out.write_all(&hash)?;
+    }
+    plan.finish()?;
+    out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()?;
+    Ok(())
+}
+
+/// Copies the groups it is handed from the active slot, in batches checked against the
+/// outboard, and keeps what the slot holds of the groups it cannot copy whole.
+struct Copier<'a, D: Device> {
+    writer: &'a mut SlotWriter<D>,
+    outboard: &'a OutboardStore<FileDevice>,
+    source: &'a FileDevice,
+    written: &'a mut dyn FnMut(u64),
+    batch: Batch,
+    reused: Reused,
+    parts: ActiveParts,
+}
+
+impl<'a, D: Device> Copier<'a, D> {
+    fn new(
+        writer: &'a mut SlotWriter<D>,
+        outboard: &'a OutboardStore<FileDevice>,
+        source: &'a FileDevice,
+        written: &'a mut dyn FnMut(u64),
+        older_len: u64,
+    ) -> Self {
+        let parts = ActiveParts { runs: SharedRuns::new(older_len), ..Default::default() };
+        Self {
+            writer,
+            outboard,
+            source,
+            written,
+            batch: Batch::default(),
+            reused: Reused::default(),
+            parts,
+        }
+    }
+
+    /// The next group (in order) the active slot holds bytes of.
+    fn group(&mut self, copy: GroupCopy) -> Result<(), ReuseError> {
+        if self.writer.has(copy.group) {
+            return Ok(());
+        }
+        if !copy.whole {
+            self.parts.partial.add(copy);
+            return Ok(());
+        }
+        if !self.batch.extends(&copy) {
+            self.batch.write(self.writer, self.outboard, &mut self.reused, self.written)?;
+        }
+        self.batch.add(&copy, self.source)?;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(Reused, ActiveParts), ReuseError> {
+        self.batch.write(self.writer, self.outboard, &mut self.reused, self.written)?;
+        self.writer.checkpoint()?;
+        Ok((self.reused, self.parts))
+    }
 }
 
 /// Whether the first `image.size` bytes of the slot at `active` hash to `image.blake3`: how

@@ -33,6 +33,10 @@ pub struct UpdateRecord {
     /// The image's group hashes as the site shares them, served again after a restart.
     #[serde(default)]
     pub group_hashes_blob: Option<sitecast_manifest::api::BlobOffer>,
+    /// The plan for updating from the active slot's image as the site shares it, served
+    /// again after a restart.
+    #[serde(default)]
+    pub plan_blob: Option<sitecast_manifest::api::BlobOffer>,
     #[serde(default)]
     pub error: Option<String>,
     #[serde(default)]

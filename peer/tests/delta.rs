@@ -396,6 +396,11 @@ async fn fill_with_patches(
     assert!(offer.update_available, "release 2 is offered");
     let urls = offer.origin.expect("origin");
     let bytes_url = urls.bytes.expect("Central Command offers plain bytes");
+    // Against the active slot, with a plan for the pair if Central Command offers one.
+    let plan = match (reference, &urls.plan) {
+        (true, Some(plan)) => Some(fetch_plan(&client, &key, plan, &sub).await),
+        _ => None,
+    };
 
     // The index and the outboard as Central Command has them, made here from the image.
     let Prepared { image, outboard, outboard_path, index } = prepare(&sub, new_path, new_path);
@@ -405,16 +410,36 @@ async fn fill_with_patches(
     let mut writer =
         SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, &sub)).expect("writer");
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let (_, parts) = sitecast_peer::reuse::copy_from_active(
-        &mut writer,
-        &outboard,
-        &index,
-        &active,
-        None,
-        &stop,
-        &mut |_| {},
-    )
-    .expect("copy");
+    let copied = match &plan {
+        Some(plan) => {
+            // The outboard rebuilt from the plan and the active slot, as the agent does.
+            let hashes = sub.join("plan-hashes");
+            sitecast_peer::reuse::group_hashes_from_plan(plan, &active, layout, &hashes, &stop)
+                .expect("group hashes");
+            let device = FileDevice::open_or_create(&sub.join("planned.obao4")).expect("outboard");
+            let mut rebuilt = OutboardStore::new(layout, device);
+            let hashes = std::fs::File::open(&hashes).expect("hashes");
+            assert!(rebuilt.rebuild_from_group_hashes(hashes).expect("rebuild"), "the plan's tree");
+            sitecast_peer::reuse::copy_with_plan(
+                &mut writer,
+                &rebuilt,
+                plan,
+                &active,
+                &stop,
+                &mut |_| {},
+            )
+        }
+        None => sitecast_peer::reuse::copy_from_active(
+            &mut writer,
+            &outboard,
+            &index,
+            &active,
+            None,
+            &stop,
+            &mut |_| {},
+        ),
+    };
+    let (_, parts) = copied.expect("copy");
     let partial = parts.partial;
     assert!(!partial.is_empty(), "the changes' edges leave groups held in part");
     if damaged {
@@ -451,6 +476,30 @@ async fn fill_with_patches(
     assert!(written[..image.size as usize] == std::fs::read(new_path).expect("v2")[..]);
     let stats = *stats.lock().expect("stats");
     stats.bytes_from_origin
+}
+
+/// The plan offered, fetched from Central Command as the site fetches it (verified against
+/// the hash offered) into a cache in `dir`; its path.
+async fn fetch_plan(
+    client: &sitecast_peer::coordinator::CoordinatorClient,
+    key: &sitecast_manifest::SecretKey,
+    plan: &sitecast_manifest::api::BlobOffer,
+    dir: &Path,
+) -> PathBuf {
+    let cache = sitecast_peer::agent_files::FileCache::at(dir.join("plan-cache"));
+    let sources = sitecast_peer::agent_files::FileSources {
+        client: client.clone(),
+        ranges: String::new(),
+        lan: None,
+        me: sitecast_peer::scheduler::PeerId(*key.public().as_bytes()),
+        site_members: Vec::new(),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let file = plan.file();
+    let ranges = plan.ranges.clone();
+    let fetched = sitecast_peer::agent_files::fetch_blob(&sources, &cache, &file, ranges, &cancel);
+    fetched.await.expect("plan fetched");
+    cache.paths(&plan.blake3).slot
 }
 
 /// Appliances of site "lab" with these names, enrolled by hand (no agent process): a client
@@ -498,7 +547,8 @@ async fn groups_held_in_part_are_fetched_whole_when_their_parts_do_not_verify() 
     );
 }
 
-/// Publishes release 1 (no index) and release 2, which is release 1 with a byte changed
+/// Publishes release 1 and release 2 (each with its index, so Central Command plans the
+/// update from 1 to 2), 2 being release 1 with a byte changed
 /// every 3000 in its fourth MiB (every chunk there is new, yet near what release 1 holds) and
 /// 20,000 bytes of new noise at 6 MiB. Returns the paths of the two images.
 async fn publish_a_near_pair(origin: &Origin, dir: &Path) -> (PathBuf, PathBuf) {
@@ -510,9 +560,118 @@ async fn publish_a_near_pair(origin: &Origin, dir: &Path) -> (PathBuf, PathBuf) 
     let (v1, v2) = (dir.join("image-v1.raw"), dir.join("image-v2.raw"));
     std::fs::write(&v1, &old).expect("v1");
     std::fs::write(&v2, &new).expect("v2");
-    origin.publish_image(1, &v1, None).await;
+    origin.publish_image(1, &v1, Some(content_index_of(&v1))).await;
     origin.publish_image(2, &v2, Some(content_index_of(&v2))).await;
     (v1, v2)
+}
+
+/// Central Command plans the update from each older release it holds with an index: an
+/// appliance on release 1 is offered the plan from release 1's image, a small part of the
+/// index and group hashes it replaces; one on a release Central Command does not hold gets
+/// none. From the plan and the active slot the agent makes the group hashes, and trusts them
+/// only if their tree hashes to the signed root: a damaged slot, a wrong hash or runs that
+/// point elsewhere do not. With a plan it trusts, it copies what the index would have found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_for_the_pair_is_trusted_only_if_its_tree_hashes_to_the_signed_root() {
+    use sitecast_iso::{BlobLayout, FileDevice, OutboardStore, Slot, SlotPaths, SlotWriter};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let origin = Origin::start(dir.path()).await;
+    let (old, new) = image_pair(dir.path());
+    let (v1, v2) = (dir.path().join("image-v1.raw"), dir.path().join("image-v2.raw"));
+    origin.publish_image(1, &v1, Some(content_index_of(&v1))).await;
+    let index = content_index_of(&v2);
+    let image = origin.publish_image(2, &v2, Some(index.clone())).await;
+    let clients = enrolled_at(&origin, ["on-1"]).await;
+    let (client, key) = &clients[0];
+    let on_0 = sitecast_manifest::SecretKey::generate().expect("rng");
+    let other = sitecast_peer::coordinator::CoordinatorClient::new(&origin.url, None, on_0)
+        .expect("client");
+    let on_0_checkin = sitecast_manifest::api::CheckinRequest {
+        installed_version: 0,
+        ..lone_checkin("lab", "on-0")
+    };
+    other.checkin(&on_0_checkin).await.expect("enrolled");
+    origin.rollout(2).await;
+
+    let offered = other.checkin(&on_0_checkin).await.expect("checkin").origin.expect("origin");
+    assert_eq!(offered.plan, None, "no plan from a release Central Command does not hold");
+    let offered = client.checkin(&lone_checkin("lab", "on-1")).await.expect("checkin");
+    let plan = offered.origin.expect("origin").plan.expect("a plan from release 1");
+    let layout = BlobLayout::new(image.blake3, image.size);
+    let replaced = index.size + layout.group_hashes_len();
+    eprintln!("plan {} bytes, index and group hashes {replaced}", plan.size);
+    assert!(plan.size * 5 < replaced, "plan {} bytes, replaces {replaced}", plan.size);
+
+    // Fetched as the site fetches it, verified against the hash offered.
+    let plan = std::fs::read(fetch_plan(client, key, &plan, dir.path()).await).expect("plan");
+
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).expect("dir");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (plan_path, active_path) = (work.join("plan"), work.join("slot-a.img"));
+    let trusted = |plan: &[u8], active: &[u8]| -> Result<bool, String> {
+        std::fs::write(&plan_path, plan).expect("plan");
+        std::fs::write(&active_path, active).expect("slot A");
+        let hashes = work.join("hashes");
+        sitecast_peer::reuse::group_hashes_from_plan(
+            &plan_path,
+            &active_path,
+            layout,
+            &hashes,
+            &stop,
+        )
+        .map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(work.join("outboard"));
+        let device = FileDevice::open_or_create(&work.join("outboard")).expect("outboard");
+        let mut outboard = OutboardStore::new(layout, device);
+        Ok(outboard
+            .rebuild_from_group_hashes(std::fs::File::open(&hashes).expect("hashes"))
+            .expect("rebuild"))
+    };
+    let mut damaged = old.clone();
+    damaged[MIB] ^= 1;
+    assert_eq!(trusted(&plan, &damaged), Ok(false), "a damaged active slot");
+    let mut wrong_hash = plan.clone();
+    *wrong_hash.last_mut().expect("hashes") ^= 1;
+    assert_eq!(trusted(&wrong_hash, &old), Ok(false), "a wrong group hash");
+    // The first run's distance in the older image (its second varint, after the 60-byte
+    // header): 0, made 1, so every run points a byte further on.
+    assert_eq!(plan[60..62], [0, 0], "the first run starts both images");
+    let mut shifted = plan.clone();
+    shifted[61] = 2;
+    assert_ne!(trusted(&shifted, &old), Ok(true), "runs that point elsewhere");
+    assert_eq!(trusted(&plan, &old), Ok(true), "the plan and the slot it is for");
+
+    // With the plan trusted, the copy finds what the index finds.
+    let outboard = OutboardStore::new(
+        layout,
+        FileDevice::open_read_only(&work.join("outboard")).expect("outboard"),
+    );
+    let slot = work.join("slot-b.img");
+    std::fs::File::create(&slot).expect("slot").set_len(16 * MIB as u64).expect("size");
+    let mut writer =
+        SlotWriter::open_paths(Slot::B, &image, &SlotPaths::beside(&slot, &work)).expect("writer");
+    let (reused, parts) = sitecast_peer::reuse::copy_with_plan(
+        &mut writer,
+        &outboard,
+        &plan_path,
+        &active_path,
+        &stop,
+        &mut |_| {},
+    )
+    .expect("copy");
+    let found = found_in(&old, &new);
+    assert_eq!(reused.groups, found.copied.len() as u64, "{reused:?}");
+    assert_eq!(reused.refused, 0, "{reused:?}");
+    let partly: Vec<u64> = parts.partial.iter().map(|(group, _)| group).collect();
+    assert_eq!(partly, found.partly.keys().copied().collect::<Vec<_>>());
+    drop(writer);
+    let written = std::fs::read(&slot).expect("slot B");
+    for &group in &found.copied {
+        let bytes = layout.group_bytes(group);
+        let (start, end) = (bytes.start as usize, bytes.end as usize);
+        assert!(written[start..end] == new[start..end], "group {group}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -580,10 +739,19 @@ async fn an_appliance_the_installer_wrote_learns_which_image_its_slot_holds() {
         "{installed}"
     );
     assert!(damaged.contains("does not hold the image Central Command names"), "{damaged}");
+    // A slot that holds release 1 updates with the plan from it, not the index and group
+    // hashes; a slot that does not is read whole with the index.
+    let planned = "the outboard is rebuilt from the plan and the active slot";
+    assert!(installed.contains(planned), "{installed}");
+    assert!(!damaged.contains(planned), "{damaged}");
     let served = [origin.origin_bytes("store-1", 2).await, origin.origin_bytes("store-2", 2).await];
     eprintln!("Central Command served {served:?} bytes (slot confirmed, slot damaged)");
     // The changed MiB crosses as its changes, not its bytes, only where the slot was confirmed.
     assert!(served[0] * 4 < served[1], "{served:?}");
+    // And the site of the confirmed slot fetched less than the index and group hashes alone.
+    let layout = sitecast_iso::BlobLayout::new(blake3::hash(&new).into(), new.len() as u64);
+    let side = content_index_of(&v2).size + layout.group_hashes_len();
+    assert!(served[0] < side, "{} bytes served, the index and group hashes are {side}", served[0]);
 }
 
 /// The Debian pair of `benches/debian-pair` (bookworm minbase, then plus curl and less, as
@@ -601,8 +769,9 @@ async fn a_lone_appliance_updates_between_two_debian_root_file_systems() {
         let origin = Origin::start(dir.path()).await;
         let (old, new) = (pair.join(format!("a-{kind}.sqfs")), pair.join(format!("b-{kind}.sqfs")));
         let index = content_index_of(&new);
-        // Release 1 is the active slot's: Central Command compresses against it when asked.
-        origin.publish_image(1, &old, None).await;
+        // Release 1 is the active slot's: Central Command compresses against it when asked,
+        // and plans the update from it.
+        origin.publish_image(1, &old, Some(content_index_of(&old))).await;
         let image = origin.publish_image(2, &new, Some(index.clone())).await;
         let names = ["solo", "solo-reference"];
         let clients = enrolled_at(&origin, names).await;
@@ -616,12 +785,19 @@ async fn a_lone_appliance_updates_between_two_debian_root_file_systems() {
             let served = origin.origin_bytes("lab", 2).await - before;
             before += served;
             let layout = sitecast_iso::BlobLayout::new(image.blake3, image.size);
-            let side = index.size + layout.group_hashes_len();
-            let against = if reference { "against the active slot" } else { "alone" };
+            // Against the active slot, the plan for the pair replaces the index and group
+            // hashes, and Central Command's count includes it.
+            let side = match reference {
+                true => 0,
+                false => index.size + layout.group_hashes_len(),
+            };
+            let against = match reference {
+                true => "against the active slot, with the plan",
+                false => "alone, with the index and group hashes",
+            };
             println!(
                 "squashfs {kind}, compressed {against}: {} bytes; Central Command sent {served} \
-                 bytes (the agent counted {fetched}), + index and group hashes {side} = {} ({:.1} % of the \
-                 image)",
+                 bytes (the agent counted {fetched}), + {side} = {} ({:.1} % of the image)",
                 image.size,
                 served + side,
                 100.0 * (served + side) as f64 / image.size as f64

@@ -313,6 +313,7 @@ impl Fleet {
         response.manifest = Some(release.manifest.clone());
         response.version = Some(release.version);
         response.rollout = rollout;
+        let installed = self.installed_image(appliance);
         response.origin = Some(OriginUrls {
             ranges: format!("{public_url}/api/blobs/{}/ranges", release.blake3),
             image: format!("{public_url}/api/releases/{}/image", release.version),
@@ -329,7 +330,10 @@ impl Fleet {
                 .as_ref()
                 .map(|index| format!("{public_url}/api/blobs/{index}/ranges")),
             bytes: Some(format!("{public_url}/api/blobs/{}/bytes", release.blake3)),
-            installed: self.installed_image(appliance),
+            installed,
+            plan: installed
+                .and_then(|image| release.plans.iter().find(|p| p.from == image.blake3.to_hex()))
+                .and_then(|plan| blob_offer(&plan.file, public_url)),
         });
         response.site_peers = self.site_peers(appliance, Some(release), now);
         response

@@ -142,6 +142,7 @@ impl Fleet {
                 index: None,
                 outboard: None,
                 group_hashes: None,
+                plans: Vec::new(),
             },
         };
         let detail = json!({"version": version, "filename": swu.filename, "size": swu.size,
@@ -149,7 +150,7 @@ impl Fleet {
         release.swu = Some(Box::new(swu));
         let mut batch = Batch::new(self);
         batch.audit(now, "operator", "release.swu", detail);
-        batch.push(Change::Release(release));
+        batch.push(Change::Release(Box::new(release)));
         Ok(batch.finish())
     }
 

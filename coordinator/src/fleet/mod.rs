@@ -176,7 +176,7 @@ impl Fleet {
             ..Self::default()
         };
         let mut changes: Vec<Change> = Vec::new();
-        changes.extend(snapshot.releases.into_values().map(Change::Release));
+        changes.extend(snapshot.releases.into_values().map(|r| Change::Release(Box::new(r))));
         changes.extend(snapshot.agent_releases.into_values().map(Change::AgentRelease));
         changes.extend(snapshot.rollouts.into_values().map(Change::Rollout));
         changes.extend(snapshot.appliances.into_values().map(|a| Change::Appliance(Box::new(a))));
@@ -193,7 +193,7 @@ impl Fleet {
         for change in changes {
             match change {
                 Change::Release(record) => {
-                    self.releases.insert(record.version, record.clone());
+                    self.releases.insert(record.version, (**record).clone());
                 }
                 Change::AgentRelease(record) => {
                     self.agent_releases.insert(record.version, record.clone());
@@ -305,13 +305,14 @@ impl Fleet {
         same.find(|r| r.active).or(newest)
     }
 
-    /// The release whose image's content index, outboard or group hashes is the blob
+    /// The release whose image's content index, outboard, group hashes or a plan is the blob
     /// `blake3`, if one is.
     pub fn release_by_side_file(&self, blake3: &str) -> Option<&ReleaseRecord> {
         self.releases.values().rev().find(|r| {
             r.index.as_deref() == Some(blake3)
                 || r.outboard.as_ref().is_some_and(|o| o.blake3 == blake3)
                 || r.group_hashes.as_ref().is_some_and(|g| g.blake3 == blake3)
+                || r.plans.iter().any(|p| p.file.blake3 == blake3)
         })
     }
 

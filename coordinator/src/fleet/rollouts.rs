@@ -182,7 +182,7 @@ impl Fleet {
         let detail =
             json!({"version": record.version, "blake3": record.blake3, "size": record.size});
         let mut batch = Batch::new(self);
-        batch.push(Change::Release(record));
+        batch.push(Change::Release(Box::new(record)));
         batch.audit(now, "operator", "release.publish", detail);
         Ok(batch.finish())
     }
@@ -191,7 +191,7 @@ impl Fleet {
         let mut release = self.release(version)?.clone();
         release.active = false;
         let mut batch = Batch::new(self);
-        batch.push(Change::Release(release));
+        batch.push(Change::Release(Box::new(release)));
         batch.audit(now, "operator", "release.deactivate", json!({"version": version}));
         Ok(batch.finish())
     }
@@ -224,7 +224,7 @@ impl Fleet {
         release.mirrors = mirrors;
         let detail = json!({"version": version, "mirrors": release.mirrors});
         let mut batch = Batch::new(self);
-        batch.push(Change::Release(release));
+        batch.push(Change::Release(Box::new(release)));
         batch.audit(now, "operator", "release.mirrors", detail);
         Ok(batch.finish())
     }

@@ -10,13 +10,13 @@ use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use sitecast_manifest::TrustedRoot;
+use sitecast_manifest::{Blake3Hash, ContentIndex, ImageDigest, ImageInfo, TrustedRoot};
 use tokio::io::AsyncWriteExt;
 
 use super::auth::Operator;
 use super::{ApiError, AppState, MAX_JSON_BYTES, change, lock, parse_json};
-use crate::blobs::ImportError;
-use crate::store::{ReleaseRecord, StoredFile};
+use crate::blobs::{BlobInfo, BlobStore, ImportError};
+use crate::store::{PlanFile, ReleaseRecord, StoredFile};
 
 /// Manifests are a few KiB; this leaves room for many signatures and long notes.
 const MAX_MANIFEST_BYTES: usize = 256 * 1024;
@@ -57,15 +57,27 @@ pub(super) async fn publish(
     let import_image = image.clone();
     let index = verified.release().index.clone();
     let index_hash = index.as_ref().map(|index| index.blake3.to_hex());
-    let (outboard, group_hashes) = tokio::task::spawn_blocking(move || {
+    let plan_from = match index.is_some() {
+        true => plans_from(&lock(&state.fleet).releases, &image),
+        false => Vec::new(),
+    };
+    let (outboard, group_hashes, plans) = tokio::task::spawn_blocking(move || {
         match incoming {
             Ok(path) => blobs.import(&path, &import_image),
             Err(source) => blobs.import_path(&source, &import_image),
         }?;
-        if let Some(index) = index {
-            blobs.make_index(&import_image, &index)?;
+        if let Some(index) = &index {
+            blobs.make_index(&import_image, index)?;
         }
-        Ok((blobs.outboard_as_blob(&import_image)?, blobs.group_hashes_as_blob(&import_image)?))
+        let outboard = blobs.outboard_as_blob(&import_image)?;
+        let group_hashes = blobs.group_hashes_as_blob(&import_image)?;
+        let plans = match (&index, group_hashes.size) {
+            (Some(index), 1..) => {
+                make_plans(&blobs, plan_from, &import_image, index, &group_hashes)
+            }
+            _ => Vec::new(),
+        };
+        Ok((outboard, group_hashes, plans))
     })
     .await
     .map_err(ApiError::internal)?
@@ -99,6 +111,7 @@ pub(super) async fn publish(
         // An image of one group has no parents: nothing to share.
         outboard: StoredFile::unless_empty(&outboard),
         group_hashes: StoredFile::unless_empty(&group_hashes),
+        plans,
     };
     if let Some(iroh) = state.iroh.get() {
         iroh.add(&state.blobs.data_path(&image.blake3)).await.map_err(ApiError::internal)?;
@@ -106,6 +119,54 @@ pub(super) async fn publish(
     let shown = record.clone();
     change(&state, move |fleet, now| fleet.publish(record.clone(), now)).await?;
     Ok((StatusCode::CREATED, Json(shown)).into_response())
+}
+
+/// Plans are made at publish from this many of the newest older releases with a content
+/// index: an appliance on an older one updates with the index and group hashes instead.
+const MAX_PLANS: usize = 8;
+
+/// The older releases to plan updates to `image` from: the newest with an image (another
+/// one) and a content index, with their image and index.
+fn plans_from(
+    releases: &std::collections::BTreeMap<u64, ReleaseRecord>,
+    image: &ImageInfo,
+) -> Vec<(BlobInfo, Blake3Hash)> {
+    let olders =
+        releases.values().rev().filter(|r| r.has_image() && r.blake3 != image.blake3.to_hex());
+    let planned = olders.filter_map(|r| {
+        let blake3 = Blake3Hash::from_hex(&r.blake3).ok()?;
+        let index = Blake3Hash::from_hex(r.index.as_deref()?).ok()?;
+        Some((BlobInfo { blake3, size: r.size }, index))
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    planned.filter(|(from, _)| seen.insert(from.blake3)).take(MAX_PLANS).collect()
+}
+
+/// A plan to `image` from each of `from`, stored; one that cannot be made is left out (the
+/// appliances on that release update with the index), with a warning. Blocking.
+fn make_plans(
+    blobs: &BlobStore,
+    from: Vec<(BlobInfo, Blake3Hash)>,
+    image: &ImageInfo,
+    index: &ContentIndex,
+    group_hashes: &ImageDigest,
+) -> Vec<PlanFile> {
+    from.into_iter()
+        .filter_map(|(older, older_index)| {
+            let made =
+                blobs.plan_as_blob(older, &older_index, image, &index.blake3, &group_hashes.blake3);
+            match made {
+                Ok(plan) => Some(PlanFile {
+                    from: older.blake3.to_hex(),
+                    file: StoredFile::unless_empty(&plan)?,
+                }),
+                Err(error) => {
+                    tracing::warn!(from = %older.blake3, %error, "no plan for updates from this image");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 /// The root of trust published manifests must verify against; without one, publishing of

@@ -45,7 +45,7 @@ pub fn copy(from: &dyn Store, to: &dyn Store) -> Result<Copied, CopyError> {
         audit_entries: 0,
     };
     let mut records: Vec<Change> = Vec::new();
-    records.extend(snapshot.releases.into_values().map(Change::Release));
+    records.extend(snapshot.releases.into_values().map(|r| Change::Release(Box::new(r))));
     records.extend(snapshot.agent_releases.into_values().map(Change::AgentRelease));
     records.extend(snapshot.rollouts.into_values().map(Change::Rollout));
     records.extend(snapshot.appliances.into_values().map(|a| Change::Appliance(Box::new(a))));

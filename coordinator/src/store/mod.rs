@@ -67,7 +67,7 @@ pub enum StoreError {
 /// The shape of the records and changes replicas exchange. Raised whenever a record or a
 /// change gains a field or a kind: a replica drops what it does not know when it writes a
 /// record again, so replicas of two formats never share a database.
-pub const REPLICA_FORMAT: u32 = 2;
+pub const REPLICA_FORMAT: u32 = 3;
 
 fn db_error<E: std::fmt::Display>(error: E) -> StoreError {
     StoreError::Database(error.to_string())
@@ -115,6 +115,19 @@ pub struct ReleaseRecord {
     /// and for an image of one group).
     #[serde(default)]
     pub group_hashes: Option<StoredFile>,
+    /// Plans for updating to its image from older releases' images
+    /// (`sitecast_delta::plan`), made at publish from the two releases' content indexes;
+    /// offered to appliances whose installed release is the older one, in place of the index
+    /// and group hashes.
+    #[serde(default)]
+    pub plans: Vec<PlanFile>,
+}
+
+/// A plan stored as a blob, and the image (BLAKE3, hex) it updates from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanFile {
+    pub from: String,
+    pub file: StoredFile,
 }
 
 /// A file Central Command stores and serves as a blob.
@@ -352,7 +365,7 @@ pub struct AuditEntry {
 /// One change in a batch. Serialized into a shared store's log for the other replicas.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Change {
-    Release(ReleaseRecord),
+    Release(Box<ReleaseRecord>),
     AgentRelease(AgentReleaseRecord),
     Rollout(Rollout),
     Appliance(Box<ApplianceRecord>),

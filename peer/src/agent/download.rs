@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sitecast_delta::plan::PlanReader;
 use sitecast_iso::{
     BlobLayout, FileDevice, OutboardStore, Slot, SlotPaths, SlotWriter, VerifiedSlot,
 };
@@ -43,6 +44,10 @@ pub(super) struct Download {
     /// The image's group hashes as a blob the site shares (half the outboard), if Central
     /// Command offers them: the outboard is rebuilt from them.
     pub group_hashes_blob: Option<BlobOffer>,
+    /// A plan for updating from the image Central Command says the active slot holds, as a
+    /// blob the site shares: used instead of the index and group hashes when the slot holds
+    /// that image.
+    pub plan_blob: Option<BlobOffer>,
     pub mirrors: Vec<String>,
     pub reuse: Option<ReuseFrom>,
     pub state_dir: PathBuf,
@@ -121,22 +126,57 @@ impl Download {
         };
         let cache = release_files(&state_dir);
         self.keep_in_cache(&cache).await;
-        // The outboard and the index come first; a newer offer may replace this download
-        // meanwhile. Without them the download goes on, fetching everything.
+        // Reading the active slot (hashing it, copying from it) gives way to a newer offer.
+        let stop = Arc::new(AtomicBool::new(false));
+        // Which image the active slot holds, when the agent recorded it or Central Command
+        // names one that the slot's bytes confirm.
+        let active = match &self.reuse {
+            Some(from) => {
+                let (from, stop_hashing) = (from.clone(), Arc::clone(&stop));
+                let mut hashing =
+                    tokio::task::spawn_blocking(move || from.active_image(&stop_hashing));
+                tokio::select! {
+                    known = &mut hashing => known.unwrap_or_default(),
+                    _ = &mut stopped => {
+                        stop.store(true, Ordering::Relaxed);
+                        let _ = hashing.await;
+                        return Err(SwarmError::Replaced.to_string());
+                    }
+                }
+            }
+            None => (None, None),
+        };
+        // With a plan for the pair, the outboard comes from the plan and the active slot;
+        // else the outboard and the index come first. A newer offer may replace this
+        // download meanwhile. Without them the download goes on, fetching everything.
+        let planned = match (&self.plan_blob, &active) {
+            (Some(blob), (Some(len), Some(blake3))) => tokio::select! {
+                planned = self.outboard_from_plan(blob, layout, &cache, (*len, blake3), &stop) => planned,
+                _ = &mut stopped => {
+                    stop.store(true, Ordering::Relaxed);
+                    return Err(SwarmError::Replaced.to_string());
+                }
+            },
+            _ => None,
+        };
         let wants_outboard = !self.mirrors.is_empty() || self.reuse.is_some();
-        let outboard = match wants_outboard {
-            true => tokio::select! {
-                prepared = self.outboard(layout, &cache) => prepared,
+        let (outboard, plan) = match planned {
+            Some((outboard, path, plan)) => (Some((outboard, path)), Some(plan)),
+            None if wants_outboard => tokio::select! {
+                prepared = self.outboard(layout, &cache) => (prepared, None),
                 _ = &mut stopped => return Err(SwarmError::Replaced.to_string()),
             },
-            false => None,
+            None => (None, None),
         };
         let outboard_path = outboard.as_ref().map(|(_, path)| path.clone());
         let outboard = outboard.map(|(outboard, _)| outboard);
-        let reuse = match (&self.reuse, &outboard) {
-            (Some(from), Some(_)) => tokio::select! {
+        let reuse = match (&self.reuse, &outboard, plan) {
+            (Some(from), Some(_), Some(plan)) => {
+                Some((CopySource::Plan(plan), from.active.clone()))
+            }
+            (Some(from), Some(_), None) => tokio::select! {
                 fetched = self.fetch_index(from, &cache) => match fetched {
-                    Ok(path) => Some((path, from.clone())),
+                    Ok(path) => Some((CopySource::Index(path), from.active.clone())),
                     Err(error) => {
                         tracing::warn!(%error, "no content index: nothing copied from the active slot");
                         None
@@ -165,17 +205,16 @@ impl Download {
             _ => None,
         };
 
+        let active_image = active;
         let (open_paths, open_image, open_slot) = (paths.clone(), image.clone(), slot);
         // Copying reads the whole active slot: a newer offer stops it between batches.
-        let stop = Arc::new(AtomicBool::new(false));
         let stop_copy = Arc::clone(&stop);
         let copy_stats = Arc::clone(&self.stats);
         let mut copying = tokio::task::spawn_blocking(move || {
             let mut writer = SlotWriter::open_paths(open_slot, &open_image, &open_paths)?;
             let patch = match (reuse, outboard) {
-                (Some((index, from)), Some(outboard)) => {
-                    let (active_len, active_blake3) = from.active_image(&stop_copy);
-                    let active = from.active;
+                (Some((source, active)), Some(outboard)) => {
+                    let (active_len, active_blake3) = active_image;
                     // Counted as written: check-ins record it, so a restart goes on from there.
                     let mut written = |bytes| {
                         copy_stats.lock().unwrap_or_else(|p| p.into_inner()).bytes_reused += bytes;
@@ -183,7 +222,7 @@ impl Download {
                     let parts = copy_from_active(
                         &mut writer,
                         &outboard,
-                        &index,
+                        &source,
                         &active,
                         active_len,
                         &stop_copy,
@@ -306,6 +345,7 @@ impl Download {
         let keep: std::collections::BTreeSet<_> = (self.reuse.iter().map(|r| r.index.blake3))
             .chain(self.outboard_blob.iter().map(|b| b.blake3))
             .chain(self.group_hashes_blob.iter().map(|b| b.blake3))
+            .chain(self.plan_blob.iter().map(|b| b.blake3))
             .collect();
         let pruned = cache.clone();
         let removed = tokio::task::spawn_blocking(move || pruned.keep_only(&keep)).await;
@@ -376,6 +416,53 @@ impl Download {
         }
     }
 
+    /// The image's outboard, rebuilt from a plan for the pair (fetched through the site
+    /// swarm like the group hashes) and the active slot, which holds the image `active`
+    /// (size, BLAKE3 hex) the plan must be from; with where it is and the plan's path. `None`,
+    /// logged, when the plan is not fetched or is not for this slot or its tree does not hash
+    /// to the signed root: the caller then fetches the index and the group hashes.
+    async fn outboard_from_plan(
+        &self,
+        blob: &BlobOffer,
+        layout: BlobLayout,
+        cache: &FileCache,
+        active: (u64, &str),
+        stop: &Arc<AtomicBool>,
+    ) -> Option<(OutboardStore<FileDevice>, PathBuf, PathBuf)> {
+        let path = own_outboard(&self.state_dir, &self.image);
+        let hashes = path.with_extension("plan-hashes");
+        let made = async {
+            let plan = self.fetch_shared(&blob.file(), blob.ranges.clone(), cache, "plan").await?;
+            let (plan_path, hashes_path) = (plan.clone(), hashes.clone());
+            let slot = self.reuse.as_ref().map(|r| r.active.clone()).ok_or("no active slot")?;
+            let (size, blake3, stop) = (active.0, active.1.to_owned(), Arc::clone(stop));
+            let made = tokio::task::spawn_blocking(move || {
+                let file = std::fs::File::open(&plan_path).map_err(|e| e.to_string())?;
+                let header = PlanReader::new(file, layout.size).map_err(|e| e.to_string())?.header;
+                if header.from_size != size || hex::encode(header.from_blake3) != blake3 {
+                    return Err("it is for another image than the active slot holds".to_owned());
+                }
+                reuse::group_hashes_from_plan(&plan_path, &slot, layout, &hashes_path, &stop)
+                    .map_err(|e| e.to_string())
+            });
+            made.await.map_err(|e| e.to_string())??;
+            let outboard = rebuild_outboard(layout, hashes.clone(), path.clone()).await?;
+            Ok::<_, String>((outboard, path, plan))
+        };
+        let made = made.await;
+        let _ = tokio::fs::remove_file(&hashes).await;
+        match made {
+            Ok(made) => {
+                tracing::info!("the outboard is rebuilt from the plan and the active slot");
+                Some(made)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "the plan is not used; fetching the index and group hashes");
+                None
+            }
+        }
+    }
+
     /// The release's content index through the site swarm. Its path.
     async fn fetch_index(&self, from: &ReuseFrom, cache: &FileCache) -> Result<PathBuf, String> {
         self.fetch_shared(&from.index.file(), from.index_url.clone(), cache, "content index").await
@@ -419,19 +506,35 @@ impl Download {
     }
 }
 
-/// [`reuse::copy_from_active`], logged: what the active slot holds of the groups left; a
-/// failure only means more to fetch.
+/// Where the copy from the active slot learns what the slot holds of the new image.
+enum CopySource {
+    /// The release's content index (at this path): the slot is cut to find its chunks.
+    Index(PathBuf),
+    /// A plan for the pair (at this path), checked to be from the image the slot holds.
+    Plan(PathBuf),
+}
+
+/// [`reuse::copy_from_active`] or [`reuse::copy_with_plan`], logged: what the active slot
+/// holds of the groups left; a failure only means more to fetch.
 fn copy_from_active(
     writer: &mut SlotWriter<FileDevice>,
     outboard: &OutboardStore<FileDevice>,
-    index: &std::path::Path,
+    source: &CopySource,
     active: &std::path::Path,
     active_len: Option<u64>,
     stop: &AtomicBool,
     written: &mut dyn FnMut(u64),
 ) -> ActiveParts {
     let started = std::time::Instant::now();
-    match reuse::copy_from_active(writer, outboard, index, active, active_len, stop, written) {
+    let copied = match source {
+        CopySource::Index(index) => {
+            reuse::copy_from_active(writer, outboard, index, active, active_len, stop, written)
+        }
+        CopySource::Plan(plan) => {
+            reuse::copy_with_plan(writer, outboard, plan, active, stop, written)
+        }
+    };
+    match copied {
         Ok((reused, parts)) => {
             tracing::info!(
                 groups = reused.groups,
@@ -439,6 +542,7 @@ fn copy_from_active(
                 refused = reused.refused,
                 scanned = reused.scanned,
                 seconds = started.elapsed().as_secs_f64(),
+                plan = matches!(source, CopySource::Plan(_)),
                 "copied from the active slot what the new image shares with it"
             );
             parts
