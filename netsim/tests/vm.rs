@@ -105,6 +105,14 @@ async fn an_appliance_boots_an_update_from_its_other_partition() {
     eprintln!("{reused} of {size} bytes copied from partition A, {fetched} fetched");
     assert!(reused > size / 2, "only {reused} of {size} bytes copied from partition A");
     assert!(fetched < size / 2, "{fetched} of {size} bytes fetched");
+    // Release 1 is published too, so Central Command planned the update from it: the agent
+    // (its log is the VM's console) made the outboard from the plan and partition A.
+    let console = lab.vm("vm1").console_text();
+    assert!(
+        console.contains("the outboard is rebuilt from the plan and the active slot"),
+        "no plan used: console in {}",
+        lab.vm("vm1").console.display()
+    );
 
     // GRUB booted slot B (the kernel command line) and it runs release 2 (its release file).
     let vm1 = lab.vm("vm1");
