@@ -216,6 +216,10 @@ impl BlobStore {
             return Err(invalid("the two releases' indexes were cut with other chunk sizes").into());
         }
         let older = OlderImage::from_index(older).map_err(invalid)?;
+        let runs = plan::runs_between(&older, newer, to.size)
+            .map_err(invalid)?
+            .ok_or_else(|| invalid("the images share too little in long stretches"))?;
+        drop(older);
         let hashes = File::open(self.data_path(group_hashes))?;
         let header = PlanHeader {
             from_blake3: *from.blake3.as_bytes(),
@@ -228,9 +232,7 @@ impl BlobStore {
                 let mut hash = [0u8; 32];
                 hashes.read_exact_at(&mut hash, group * 32).map(|()| hash)
             };
-            plan::write(header, &older, newer, group_hash, &mut out)
-                .map_err(invalid)?
-                .ok_or_else(|| invalid("the images share too little in long stretches"))?;
+            plan::write(header, &runs, group_hash, &mut out).map_err(invalid)?;
             out.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()
         })
     }

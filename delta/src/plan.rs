@@ -57,6 +57,8 @@ pub enum PlanError {
     Size { expected: u64, found: u64 },
     #[error("the plan has {0} runs, more than {MAX_RUNS}")]
     TooManyRuns(u64),
+    #[error("the plan names an older image of {0} bytes")]
+    FromSize(u64),
     #[error("run {0} is empty, out of order or outside the images")]
     BadRun(usize),
     #[error("the plan's group hashes end early or run on")]
@@ -67,18 +69,15 @@ pub enum PlanError {
     Io(#[from] io::Error),
 }
 
-/// Writes the plan from the older image (its chunks, from its index) to the newer one (its
-/// index, streamed), taking the group hashes the runs do not cover from `group_hash`
-/// (group index → chaining value). `Ok(None)` when the pair shares so little in long
-/// stretches that the plan would hold more than [`MAX_RUNS`] runs.
-pub fn write(
-    header: PlanHeader,
+/// Where the newer image (its index, streamed; `size` bytes) shares bytes with the older one
+/// (its chunks, from its index), as runs contiguous in both. `Ok(None)` when the pair shares
+/// so little in long stretches that there are more than [`MAX_RUNS`].
+pub fn runs_between(
     older: &OlderImage,
     newer: impl Iterator<Item = Result<IndexEntry, IndexError>>,
-    mut group_hash: impl FnMut(u64) -> io::Result<[u8; 32]>,
-    mut out: impl Write,
-) -> Result<Option<()>, PlanError> {
-    let mut planner = GroupPlanner::new(older, header.to_size);
+    size: u64,
+) -> Result<Option<Vec<Run>>, IndexError> {
+    let mut planner = GroupPlanner::new(older, size);
     let mut runs: Vec<Run> = Vec::new();
     for chunk in newer {
         for copy in planner.push(&chunk?) {
@@ -99,23 +98,41 @@ pub fn write(
             }
         }
     }
+    Ok(Some(runs))
+}
+
+/// Writes the plan with these `runs` (in order, as [`runs_between`] gives them), taking the
+/// hashes of the groups they do not cover whole from `group_hash` (group index → chaining
+/// value).
+pub fn write(
+    header: PlanHeader,
+    runs: &[Run],
+    mut group_hash: impl FnMut(u64) -> io::Result<[u8; 32]>,
+    mut out: impl Write,
+) -> Result<(), PlanError> {
+    if runs.len() > MAX_RUNS {
+        return Err(PlanError::TooManyRuns(runs.len() as u64));
+    }
+    if header.from_size > i64::MAX as u64 {
+        return Err(PlanError::FromSize(header.from_size));
+    }
     out.write_all(MAGIC)?;
     out.write_all(&header.from_blake3)?;
     out.write_all(&header.from_size.to_le_bytes())?;
     out.write_all(&header.to_size.to_le_bytes())?;
     out.write_all(&(runs.len() as u32).to_le_bytes())?;
     let (mut new_end, mut old_end) = (0u64, 0u64);
-    for run in &runs {
+    for run in runs {
         write_varint(&mut out, run.new - new_end)?;
         write_varint(&mut out, zigzag(run.old as i64 - old_end as i64))?;
         write_varint(&mut out, run.len)?;
         (new_end, old_end) = (run.new + run.len, run.old + run.len);
     }
-    for group in GroupCopies::new(&runs, header.to_size).not_whole() {
+    for group in GroupCopies::new(runs, header.to_size).not_whole() {
         out.write_all(&group_hash(group)?)?;
     }
     out.flush()?;
-    Ok(Some(()))
+    Ok(())
 }
 
 /// A plan being read: its header and runs (checked to lie in order inside both images), then
@@ -151,6 +168,10 @@ impl<R: Read> PlanReader<R> {
         };
         if header.to_size != to_size {
             return Err(PlanError::Size { expected: to_size, found: header.to_size });
+        }
+        // Distances between runs are signed 64-bit numbers.
+        if header.from_size > i64::MAX as u64 {
+            return Err(PlanError::FromSize(header.from_size));
         }
         let count = u32::from_le_bytes(head[56..60].try_into().expect("4"));
         if count as usize > MAX_RUNS {
@@ -276,6 +297,10 @@ fn read_varint(reader: &mut impl Read) -> Result<u64, PlanError> {
     for shift in (0..64).step_by(7) {
         let mut byte = [0u8; 1];
         reader.read_exact(&mut byte)?;
+        // The tenth byte holds the 64th bit only.
+        if shift == 63 && byte[0] > 1 {
+            break;
+        }
         value |= u64::from(byte[0] & 0x7f) << shift;
         if byte[0] & 0x80 == 0 {
             return Ok(value);
@@ -328,9 +353,36 @@ mod tests {
             from_size: old.len() as u64,
             to_size: new.len() as u64,
         };
+        let runs = runs_between(&older, entries(new), new.len() as u64).expect("runs");
         let mut plan = Vec::new();
-        write(header, &older, entries(new), marker, &mut plan).expect("write").expect("runs");
+        write(header, &runs.expect("few runs"), marker, &mut plan).expect("write");
         plan
+    }
+
+    /// Each group in order, with the parts of it runs place: a run that ends on a group's
+    /// end, one across several groups, a gap, and a short last group.
+    #[test]
+    fn runs_are_cut_into_each_groups_parts() {
+        let g = GROUP_BYTES;
+        let runs = [
+            Run { new: 0, old: 500, len: g },
+            Run { new: g + 100, old: 10 * g, len: 2 * g },
+            Run { new: 3 * g + 100, old: 0, len: 50 },
+        ];
+        let copies: Vec<GroupCopy> = GroupCopies::new(&runs, 3 * g + 150).collect();
+        let span = |at: u64, from: u64, len: u64| Span { at: at as u32, from, len: len as u32 };
+        let expected = [
+            (vec![span(0, 500, g)], true),
+            (vec![span(100, 10 * g, g - 100)], false),
+            (vec![span(0, 11 * g - 100, g)], true),
+            (vec![span(0, 12 * g - 100, 100), span(100, 0, 50)], true),
+        ];
+        assert_eq!(copies.len(), expected.len());
+        for (copy, (spans, whole)) in copies.iter().zip(expected) {
+            assert_eq!((&copy.spans, copy.whole), (&spans, whole), "group {}", copy.group);
+        }
+        let not_whole: Vec<u64> = GroupCopies::new(&runs, 3 * g + 150).not_whole().collect();
+        assert_eq!(not_whole, vec![1]);
     }
 
     /// Each run names bytes the two images share, the runs' groups tile the new image, and
@@ -400,5 +452,8 @@ mod tests {
         for value in [0, -1, 1, i64::MIN, i64::MAX, -123_456] {
             assert_eq!(unzigzag(zigzag(value)), value);
         }
+        let too_long = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
+        assert!(read_varint(&mut &too_long[..]).is_err(), "a 65th bit");
+        assert!(read_varint(&mut &[0x80, 0x80][..]).is_err(), "cut short");
     }
 }

@@ -396,10 +396,10 @@ async fn fill_with_patches(
     assert!(offer.update_available, "release 2 is offered");
     let urls = offer.origin.expect("origin");
     let bytes_url = urls.bytes.expect("Central Command offers plain bytes");
-    // Against the active slot, with a plan for the pair if Central Command offers one.
-    let plan = match (reference, &urls.plan) {
-        (true, Some(plan)) => Some(fetch_plan(&client, &key, plan, &sub).await),
-        _ => None,
+    // Against the active slot, with the plan for the pair Central Command offers.
+    let plan = match reference {
+        true => Some(fetch_plan(&client, &key, urls.plan.as_ref().expect("a plan"), &sub).await),
+        false => None,
     };
 
     // The index and the outboard as Central Command has them, made here from the image.
@@ -634,12 +634,25 @@ async fn a_plan_for_the_pair_is_trusted_only_if_its_tree_hashes_to_the_signed_ro
     let mut wrong_hash = plan.clone();
     *wrong_hash.last_mut().expect("hashes") ^= 1;
     assert_eq!(trusted(&wrong_hash, &old), Ok(false), "a wrong group hash");
-    // The first run's distance in the older image (its second varint, after the 60-byte
-    // header): 0, made 1, so every run points a byte further on.
-    assert_eq!(plan[60..62], [0, 0], "the first run starts both images");
-    let mut shifted = plan.clone();
-    shifted[61] = 2;
-    assert_ne!(trusted(&shifted, &old), Ok(true), "runs that point elsewhere");
+    // A run that points a byte further on in the older image, with the honest hashes of the
+    // groups the runs do not cover whole.
+    let new_hashes = {
+        let mut hashes = Vec::new();
+        sitecast_iso::write_group_hashes(layout, &new[..], &mut hashes).expect("hashes");
+        hashes
+    };
+    let read = sitecast_delta::plan::PlanReader::new(&plan[..], layout.size).expect("plan");
+    let mut runs = read.runs.clone();
+    assert!(runs.len() >= 3, "{runs:?}");
+    runs[1].old += 1;
+    assert!(runs[1].old + runs[1].len <= runs[2].old, "{runs:?}");
+    let mut shifted = Vec::new();
+    let hash_of = |group: u64| {
+        let at = group as usize * 32;
+        Ok(new_hashes[at..at + 32].try_into().expect("32 bytes"))
+    };
+    sitecast_delta::plan::write(read.header, &runs, hash_of, &mut shifted).expect("plan");
+    assert_eq!(trusted(&shifted, &old), Ok(false), "a run that points elsewhere");
     assert_eq!(trusted(&plan, &old), Ok(true), "the plan and the slot it is for");
 
     // With the plan trusted, the copy finds what the index finds.

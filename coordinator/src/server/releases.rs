@@ -125,15 +125,16 @@ pub(super) async fn publish(
 /// index: an appliance on an older one updates with the index and group hashes instead.
 const MAX_PLANS: usize = 8;
 
-/// The older releases to plan updates to `image` from: the newest with an image (another
-/// one) and a content index, with their image and index.
+/// The releases to plan updates to `image` from: the newest others with an image and a
+/// content index (older ones as a rule; a newer one for rollbacks), with their image and
+/// index.
 fn plans_from(
     releases: &std::collections::BTreeMap<u64, ReleaseRecord>,
     image: &ImageInfo,
 ) -> Vec<(BlobInfo, Blake3Hash)> {
-    let olders =
+    let others =
         releases.values().rev().filter(|r| r.has_image() && r.blake3 != image.blake3.to_hex());
-    let planned = olders.filter_map(|r| {
+    let planned = others.filter_map(|r| {
         let blake3 = Blake3Hash::from_hex(&r.blake3).ok()?;
         let index = Blake3Hash::from_hex(r.index.as_deref()?).ok()?;
         Some((BlobInfo { blake3, size: r.size }, index))

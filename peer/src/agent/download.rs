@@ -149,8 +149,14 @@ impl Download {
         // With a plan for the pair, the outboard comes from the plan and the active slot;
         // else the outboard and the index come first. A newer offer may replace this
         // download meanwhile. Without them the download goes on, fetching everything.
+        // The plan is from the image Central Command names; one the agent recorded otherwise
+        // is not fetched.
+        let names_active = |blake3: &str| {
+            let installed = self.reuse.as_ref().and_then(|r| r.installed);
+            installed.is_none_or(|image| image.blake3.to_hex() == blake3)
+        };
         let planned = match (&self.plan_blob, &active) {
-            (Some(blob), (Some(len), Some(blake3))) => tokio::select! {
+            (Some(blob), (Some(len), Some(blake3))) if names_active(blake3) => tokio::select! {
                 planned = self.outboard_from_plan(blob, layout, &cache, (*len, blake3), &stop) => planned,
                 _ = &mut stopped => {
                     stop.store(true, Ordering::Relaxed);
@@ -304,33 +310,37 @@ async fn rebuild_outboard(
     hashes: PathBuf,
     path: PathBuf,
 ) -> Result<OutboardStore<FileDevice>, String> {
-    let rebuilt = tokio::task::spawn_blocking(move || {
-        let partial = path.with_extension("rebuilding");
-        let rebuild = || {
-            // What an earlier start left of a rebuild is rebuilt again.
-            let mut device = FileDevice::open_or_create(&partial)?;
-            device.set_len(0)?;
-            let mut outboard = OutboardStore::new(layout, device);
-            let matches = outboard.rebuild_from_group_hashes(std::fs::File::open(&hashes)?)?;
-            drop(outboard);
-            if !matches {
-                return Ok(None);
-            }
-            std::fs::rename(&partial, &path)?;
-            Ok::<_, std::io::Error>(Some(OutboardStore::new(
-                layout,
-                FileDevice::open_read_only(&path)?,
-            )))
-        };
-        let rebuilt = rebuild();
-        let _ = std::fs::remove_file(&partial);
-        rebuilt
-    });
+    let rebuilt = tokio::task::spawn_blocking(move || rebuild_outboard_at(layout, &hashes, &path));
     match rebuilt.await.map_err(|e| e.to_string())? {
         Ok(Some(outboard)) => Ok(outboard),
         Ok(None) => Err("they do not hash to the signed root".to_owned()),
         Err(error) => Err(error.to_string()),
     }
+}
+
+/// [`rebuild_outboard`], blocking; `None` when the group hashes do not hash to the root.
+fn rebuild_outboard_at(
+    layout: BlobLayout,
+    hashes: &std::path::Path,
+    path: &std::path::Path,
+) -> std::io::Result<Option<OutboardStore<FileDevice>>> {
+    let partial = path.with_extension("rebuilding");
+    let rebuild = || {
+        // What an earlier start left of a rebuild is rebuilt again.
+        let mut device = FileDevice::open_or_create(&partial)?;
+        device.set_len(0)?;
+        let mut outboard = OutboardStore::new(layout, device);
+        let matches = outboard.rebuild_from_group_hashes(std::fs::File::open(hashes)?)?;
+        drop(outboard);
+        if !matches {
+            return Ok(None);
+        }
+        std::fs::rename(&partial, path)?;
+        Ok(Some(OutboardStore::new(layout, FileDevice::open_read_only(path)?)))
+    };
+    let rebuilt = rebuild();
+    let _ = std::fs::remove_file(&partial);
+    rebuilt
 }
 
 /// Where an outboard fetched from Central Command alone, or rebuilt, is kept during a
@@ -430,28 +440,39 @@ impl Download {
         stop: &Arc<AtomicBool>,
     ) -> Option<(OutboardStore<FileDevice>, PathBuf, PathBuf)> {
         let path = own_outboard(&self.state_dir, &self.image);
-        let hashes = path.with_extension("plan-hashes");
         let made = async {
             let plan = self.fetch_shared(&blob.file(), blob.ranges.clone(), cache, "plan").await?;
-            let (plan_path, hashes_path) = (plan.clone(), hashes.clone());
             let slot = self.reuse.as_ref().map(|r| r.active.clone()).ok_or("no active slot")?;
             let (size, blake3, stop) = (active.0, active.1.to_owned(), Arc::clone(stop));
+            let (plan_path, outboard_path) = (plan.clone(), path.clone());
             let made = tokio::task::spawn_blocking(move || {
-                let file = std::fs::File::open(&plan_path).map_err(|e| e.to_string())?;
-                let header = PlanReader::new(file, layout.size).map_err(|e| e.to_string())?.header;
-                if header.from_size != size || hex::encode(header.from_blake3) != blake3 {
-                    return Err("it is for another image than the active slot holds".to_owned());
+                let hashes = outboard_path.with_extension("plan-hashes");
+                let made = (|| {
+                    let file = std::fs::File::open(&plan_path).map_err(|e| e.to_string())?;
+                    let plan = PlanReader::new(file, layout.size).map_err(|e| e.to_string())?;
+                    let header = plan.header;
+                    if header.from_size != size || hex::encode(header.from_blake3) != blake3 {
+                        return Err("it is for another image than the active slot holds".to_owned());
+                    }
+                    reuse::group_hashes_from_plan(&plan_path, &slot, layout, &hashes, &stop)
+                        .map_err(|e| e.to_string())?;
+                    rebuild_outboard_at(layout, &hashes, &outboard_path)
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| "its tree does not hash to the signed root".to_owned())
+                })();
+                // A blocking task runs to its end even when a newer offer replaced the
+                // download meanwhile: it leaves nothing behind then.
+                let _ = std::fs::remove_file(&hashes);
+                if stop.load(Ordering::Relaxed) {
+                    let _ = std::fs::remove_file(&outboard_path);
+                    return Err(SwarmError::Replaced.to_string());
                 }
-                reuse::group_hashes_from_plan(&plan_path, &slot, layout, &hashes_path, &stop)
-                    .map_err(|e| e.to_string())
+                made
             });
-            made.await.map_err(|e| e.to_string())??;
-            let outboard = rebuild_outboard(layout, hashes.clone(), path.clone()).await?;
+            let outboard = made.await.map_err(|e| e.to_string())??;
             Ok::<_, String>((outboard, path, plan))
         };
-        let made = made.await;
-        let _ = tokio::fs::remove_file(&hashes).await;
-        match made {
+        match made.await {
             Ok(made) => {
                 tracing::info!("the outboard is rebuilt from the plan and the active slot");
                 Some(made)
