@@ -15,8 +15,8 @@ use sitecast_iso::health::{
 };
 use sitecast_iso::{EnvFile, FileDevice, Slot, SlotPaths, VerifiedSlot};
 use sitecast_manifest::api::{
-    BlobOffer, CheckinRequest, CheckinResponse, OriginUrls, PeerAddresses, ReportRequest,
-    UpdateIntent, UpdateState,
+    BlobOffer, CheckinRequest, CheckinResponse, InstalledImage, OriginUrls, PeerAddresses,
+    ReportRequest, UpdateIntent, UpdateState,
 };
 use sitecast_manifest::{ContentIndex, ImageInfo, InstallPolicy, Intent, SecretKey, TrustedRoot};
 use tokio::sync::{mpsc, oneshot};
@@ -157,6 +157,10 @@ pub struct Agent {
     lan: Option<Arc<dyn Lan>>,
     /// This process's transfer counters, all downloads together (the metrics show them).
     stats: Arc<Mutex<TransferStats>>,
+    /// The image a download found the active slot to hold, when the agent had not recorded
+    /// one (Central Command named it and the slot's bytes hash to it): recorded when the
+    /// download ends, so a later one does not hash the slot again.
+    active_confirmed: Arc<Mutex<Option<InstalledImage>>>,
     /// Where the running download's figures start from (see [`Agent::count_figures`]).
     figures_base: Option<FiguresBase>,
     /// The slot read back and checked, waiting for the window.
@@ -237,6 +241,7 @@ impl Agent {
             status,
             lan,
             stats: Arc::new(Mutex::new(TransferStats::default())),
+            active_confirmed: Arc::default(),
             figures_base: None,
             ready: None,
             lingering_since: None,
@@ -967,6 +972,7 @@ impl Agent {
             site_members: members.into_iter().map(PeerId).collect(),
             lan: self.lan.clone(),
             stats: Arc::clone(&self.stats),
+            active_confirmed: Arc::clone(&self.active_confirmed),
         };
         self.download_started = Some(std::time::Instant::now());
         let counters = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -980,6 +986,13 @@ impl Agent {
     async fn download_finished(&mut self, result: Result<VerifiedSlot<FileDevice>, String>) {
         self.download = None;
         self.download_stop = None;
+        let confirmed = self.active_confirmed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(image) = confirmed {
+            let active = self.booted.to_string();
+            self.state.slot_image_sizes.insert(active.clone(), image.size);
+            self.state.slot_image_blake3.insert(active, image.blake3.to_hex());
+            self.save();
+        }
         let stats = *self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let seconds = self.download_started.take().map(|s| s.elapsed().as_secs_f64());
         self.count_figures();

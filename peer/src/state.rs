@@ -111,11 +111,12 @@ pub struct AgentState {
     /// Release version in each slot, as far as the agent knows ("A"/"B").
     #[serde(default)]
     pub slot_versions: BTreeMap<String, u64>,
-    /// Bytes of the image in each slot the agent installed ("A"/"B"): how much of the active
-    /// slot to read when copying what a new image shares with it.
+    /// Bytes of the image in each slot the agent installed ("A"/"B"), or found there (the
+    /// image Central Command named, once the slot's bytes hashed to it): how much of the
+    /// active slot to read when copying what a new image shares with it.
     #[serde(default)]
     pub slot_image_sizes: BTreeMap<String, u64>,
-    /// The BLAKE3 (hex) of the image in each slot the agent installed: Central Command
+    /// The BLAKE3 (hex) of the image in each slot the agent installed or found: Central Command
     /// compresses what a new image lacks against the active slot's bytes when it knows which
     /// release they are.
     #[serde(default)]

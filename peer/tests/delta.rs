@@ -757,6 +757,16 @@ async fn an_appliance_the_installer_wrote_learns_which_image_its_slot_holds() {
     let planned = "the outboard is rebuilt from the plan and the active slot";
     assert!(installed.contains(planned), "{installed}");
     assert!(!damaged.contains(planned), "{damaged}");
+    // The image confirmed is recorded, so a later download does not hash the slot again; a
+    // slot that did not confirm it records nothing.
+    let recorded = |agent: &AgentProcess| {
+        let state = std::fs::read(agent.dir.join("state/agent.json")).expect("state");
+        let state: serde_json::Value = serde_json::from_slice(&state).expect("json");
+        (state["slot_image_blake3"]["A"].clone(), state["slot_image_sizes"]["A"].clone())
+    };
+    let release_1 = serde_json::json!(blake3::hash(&old).to_hex().to_string());
+    assert_eq!(recorded(&agents[0]), (release_1, serde_json::json!(old.len())));
+    assert_eq!(recorded(&agents[1]), (serde_json::Value::Null, serde_json::Value::Null));
     let served = [origin.origin_bytes("store-1", 2).await, origin.origin_bytes("store-2", 2).await];
     eprintln!("Central Command served {served:?} bytes (slot confirmed, slot damaged)");
     // The changed MiB crosses as its changes, not its bytes, only where the slot was confirmed.

@@ -55,6 +55,9 @@ pub(super) struct Download {
     pub site_members: Vec<PeerId>,
     pub lan: Option<Arc<dyn Lan>>,
     pub stats: Arc<Mutex<TransferStats>>,
+    /// Set to the image Central Command names for the active slot once the slot's bytes
+    /// confirm it, for the agent to record.
+    pub active_confirmed: Arc<Mutex<Option<InstalledImage>>>,
 }
 
 /// The active slot and the release's content index, to copy what they share.
@@ -146,6 +149,11 @@ impl Download {
             }
             None => (None, None),
         };
+        if let (Some(from), (_, Some(_))) = (&self.reuse, &active)
+            && from.active_blake3.is_none()
+        {
+            *self.active_confirmed.lock().unwrap_or_else(|p| p.into_inner()) = from.installed;
+        }
         // With a plan for the pair, the outboard comes from the plan and the active slot;
         // else the outboard and the index come first. A newer offer may replace this
         // download meanwhile. Without them the download goes on, fetching everything.
