@@ -121,7 +121,7 @@ pub(super) async fn publish(
     Ok((StatusCode::CREATED, Json(shown)).into_response())
 }
 
-/// Plans are made at publish from this many of the newest older releases with a content
+/// Plans are made at publish from this many of the newest other releases with a content
 /// index: an appliance on an older one updates with the index and group hashes instead.
 const MAX_PLANS: usize = 8;
 
