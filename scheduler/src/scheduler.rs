@@ -41,6 +41,10 @@
 //!   it holds. A member that says it is preparing (copying what its active slot shares with
 //!   the release) is waited for, up to `preparing_grace`: it will soon hold most pieces, and
 //!   until it says which, the rest of the site would fetch from the origin what it can send.
+//!   After the grace, while a named member is still unheard (up to `unheard_members_wait`),
+//!   origin requests are one piece each: members that started a little apart share out the
+//!   pieces among different members until they hear each other, and a long run fetched on
+//!   such a guess would cross the WAN twice.
 //! - **End game.** When every missing piece is in flight, a second request for a piece goes to
 //!   another peer that has it; the first copy to arrive cancels the other.
 //! - **Liars are dropped.** A peer that sent a corrupt group is banned for this release and
@@ -176,6 +180,10 @@ pub struct Config {
     pub discovery_grace: Duration,
     /// How long origin requests wait for members that said they are preparing.
     pub preparing_grace: Duration,
+    /// After the discovery grace, while a named member is still unheard, origin requests are
+    /// one piece each for up to this long from start: who fetches which piece may change when
+    /// it is heard, and a run fetched on a guess would be fetched twice.
+    pub unheard_members_wait: Duration,
     /// Announcements are coalesced to at most one per this interval (and one when done).
     pub announce_interval: Duration,
     /// How this appliance shares out origin pieces at best ([`Assignment::NEWEST`]; tests set
@@ -243,6 +251,10 @@ impl Config {
             // join (gossip pushes), so a fifth of a second is enough to learn who takes part.
             discovery_grace: Duration::from_millis(200),
             preparing_grace: Duration::from_secs(60),
+            // Agents of a site start within a few tenths of a second of each other (their
+            // check-ins are not in step); a member in a later rollout stage is named but never
+            // heard, and costs the site short runs for this long.
+            unheard_members_wait: Duration::from_secs(2),
             announce_interval: Duration::from_millis(10),
             assignment: Assignment::NEWEST,
             peer_backoff: Duration::from_secs(2),
@@ -1059,6 +1071,14 @@ impl Scheduler {
         !self.config.site_members.is_empty() && self.named_heard == self.named_others
     }
 
+    /// Who takes part is known well enough for long origin runs: Central Command named no
+    /// members, every named member was heard, or those not heard were waited for long enough.
+    fn membership_settled(&self) -> bool {
+        self.config.site_members.is_empty()
+            || self.all_members_up()
+            || self.started.is_some_and(|s| self.now >= s + self.config.unheard_members_wait)
+    }
+
     /// Whether the discovery grace is over: its time has passed, or every named member is up;
     /// while a member is preparing, once the preparing grace has passed.
     fn grace_over(&self) -> bool {
@@ -1160,7 +1180,10 @@ impl Scheduler {
             }
             let origin_cap = self.origin_cap(mine_left, site_left);
             let free = origin_cap.saturating_sub(self.origin_in_flight);
-            let run_pieces = self.config.origin_run_pieces.max(1);
+            let run_pieces = match self.membership_settled() {
+                true => self.config.origin_run_pieces.max(1),
+                false => 1,
+            };
             let most = free * run_pieces;
             let mut wanted = Vec::new();
             for w in 0..words {

@@ -829,3 +829,59 @@ fn a_busy_peer_is_left_alone_briefly_not_backed_off_as_failed() {
     let after = lan_requests(&mut node);
     assert!(after.iter().any(|(_, p)| *p == peer(1)), "peer 1 never asked again: {after:?}");
 }
+
+/// Completes every origin run of `node` at `now` and returns the runs it asks for next.
+fn complete_runs(
+    node: &mut Scheduler,
+    runs: Vec<(RequestId, Vec<u64>)>,
+    now: Duration,
+) -> Vec<(RequestId, Vec<u64>)> {
+    for (id, run) in runs {
+        for piece in run {
+            node.handle_event(Event::Completed { request: id, piece }, now);
+        }
+    }
+    origin_runs(node)
+}
+
+#[test]
+fn origin_runs_are_one_piece_while_a_named_member_is_unheard() {
+    let pieces = 256;
+    let empty = PieceSet::empty(pieces);
+    let config =
+        Config { site_members: vec![peer(0), peer(1), peer(2)], ..Config::new(pieces, 16 << 10) };
+    let wait = config.unheard_members_wait;
+    let hear = |node: &mut Scheduler, member: u8, at: Duration| {
+        let up = Event::PeerUp { peer: peer(member), assignment: Assignment::NEWEST };
+        node.handle_event(up, at);
+        let (have, fetching) = (empty.clone(), empty.clone());
+        node.handle_event(Event::PeerHave { peer: peer(member), have, fetching }, at);
+    };
+    let longest = |runs: &[(RequestId, Vec<u64>)]| runs.iter().map(|(_, r)| r.len()).max();
+
+    // Member 2 starts later than the others: until it is heard, a piece at a time.
+    let mut node = Scheduler::new(peer(0), config.clone());
+    node.handle_timeout(Duration::ZERO);
+    hear(&mut node, 1, Duration::ZERO);
+    let after_grace = Duration::from_millis(500);
+    node.handle_timeout(after_grace);
+    let runs = origin_runs(&mut node);
+    assert_eq!(longest(&runs), Some(1), "runs on a guess of who takes part: {runs:?}");
+    hear(&mut node, 2, after_grace);
+    let runs = complete_runs(&mut node, runs, after_grace + Duration::from_millis(10));
+    assert!(longest(&runs) > Some(1), "every member heard, runs are long again: {runs:?}");
+
+    // Member 2 is never heard (a later rollout stage): long runs once it was waited for.
+    let mut node = Scheduler::new(peer(0), config);
+    node.handle_timeout(Duration::ZERO);
+    hear(&mut node, 1, Duration::ZERO);
+    node.handle_timeout(after_grace);
+    let mut runs = origin_runs(&mut node);
+    let mut now = after_grace;
+    while now < wait {
+        assert_eq!(longest(&runs), Some(1), "at {now:?}: {runs:?}");
+        now += Duration::from_millis(100);
+        runs = complete_runs(&mut node, runs, now);
+    }
+    assert!(longest(&runs) > Some(1), "after waiting {wait:?}: {runs:?}");
+}
