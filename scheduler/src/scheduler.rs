@@ -168,7 +168,7 @@ pub struct Config {
     pub origin_window_bytes: u64,
     /// The site's members as Central Command named them (may be empty). Once every one of them
     /// is up and has said what it holds there is nothing left to learn, and the discovery grace
-    /// ends early.
+    /// ends early; until then origin requests are one piece each (`unheard_members_wait`).
     pub site_members: Vec<PeerId>,
     /// A request with no answer for this long is given up.
     pub request_timeout: Duration,
