@@ -502,8 +502,7 @@ impl Agent {
                 self.root.verify_release(update.manifest.as_bytes(), Timestamp::now())
             {
                 let image = &verified.release().image;
-                self.state.slot_image_sizes.insert(slot.to_string(), image.size);
-                self.state.slot_image_blake3.insert(slot.to_string(), image.blake3.to_hex());
+                self.state.record_slot_image(slot, image.size, &image.blake3);
                 let floor = verified.release().rollback_floor.unwrap_or(0);
                 self.state.rollback_floor = self.state.rollback_floor.max(floor);
             }
@@ -582,8 +581,7 @@ impl Agent {
         }
         if self.state.slot_versions.insert(slot.to_string(), version) != Some(version) {
             // The size and hash recorded were another release's.
-            self.state.slot_image_sizes.remove(&slot.to_string());
-            self.state.slot_image_blake3.remove(&slot.to_string());
+            self.state.forget_slot_image(slot);
         }
         self.save();
     }
@@ -921,8 +919,7 @@ impl Agent {
         self.ready = None;
         self.lingering_since = None;
         self.state.slot_versions.remove(&standby.to_string());
-        self.state.slot_image_sizes.remove(&standby.to_string());
-        self.state.slot_image_blake3.remove(&standby.to_string());
+        self.state.forget_slot_image(standby);
         let release = verified.release();
         self.start_download(
             release.image.clone(),
@@ -988,9 +985,7 @@ impl Agent {
         self.download_stop = None;
         let confirmed = self.active_confirmed.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(image) = confirmed {
-            let active = self.booted.to_string();
-            self.state.slot_image_sizes.insert(active.clone(), image.size);
-            self.state.slot_image_blake3.insert(active, image.blake3.to_hex());
+            self.state.record_slot_image(self.booted, image.size, &image.blake3);
             self.save();
         }
         let stats = *self.stats.lock().unwrap_or_else(|p| p.into_inner());

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
+use sitecast_manifest::Blake3Hash;
 use sitecast_manifest::api::{UpdateIntent, UpdateState};
 
 /// The update in progress (or the last one).
@@ -193,6 +194,20 @@ impl AgentState {
             std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)?;
         }
         Ok(())
+    }
+
+    /// Records the image `slot` holds, its size and BLAKE3 together: the copy from the active
+    /// slot reads that many bytes, and answers are compressed against them by that hash.
+    pub fn record_slot_image(&mut self, slot: sitecast_iso::Slot, size: u64, blake3: &Blake3Hash) {
+        self.slot_image_sizes.insert(slot.to_string(), size);
+        self.slot_image_blake3.insert(slot.to_string(), blake3.to_hex());
+    }
+
+    /// Forgets the image recorded for `slot`: it is about to be overwritten, or holds another
+    /// release than recorded.
+    pub fn forget_slot_image(&mut self, slot: sitecast_iso::Slot) {
+        self.slot_image_sizes.remove(&slot.to_string());
+        self.slot_image_blake3.remove(&slot.to_string());
     }
 
     pub fn version_of(&self, slot: sitecast_iso::Slot) -> u64 {
