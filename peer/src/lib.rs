@@ -6,7 +6,8 @@
 //!   `sitecast-scheduler` crate);
 //! - [`swarm`]: its async shell (origin over HTTP, LAN peers over [`lan`], verify then write);
 //! - [`lan`]: iroh QUIC with the iroh-blobs wire protocol, served from the slot;
-//! - [`site`]: the control plane on libp2p: mDNS discovery, have-maps by gossipsub;
+//! - [`site`]: the control plane on libp2p: mDNS discovery, have-maps by gossipsub, each
+//!   signed by its author ([`site_message`]);
 //! - [`agent`]: the update lifecycle; [`agent_update`]: agent releases (the agent updated
 //!   apart from the image, through `sitecast-launcher`'s store), their files fetched through
 //!   the site swarm ([`agent_files`]); [`daemon`] wires it with the control socket and metrics;
@@ -36,6 +37,7 @@ pub mod outboard;
 pub mod patch;
 pub mod reuse;
 pub mod site;
+pub mod site_message;
 pub mod state;
 pub mod swarm;
 

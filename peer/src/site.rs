@@ -6,10 +6,11 @@
 //!
 //! Announcements repeat every heartbeat, so a peer that stops announcing (or whose last
 //! connection closes) is reported gone and its pieces are no longer counted on. The libp2p key
-//! is the appliance's identity key, the same as its iroh endpoint id, so a signed gossip message
-//! names the iroh peer it describes: nobody can announce pieces in another's name. That is also
-//! what lets announcements of appliances that are not site members ([`crate::membership`]) be
-//! ignored: the swarm never counts on them as sources.
+//! is the appliance's identity key, the same as its iroh endpoint id, and each announcement is
+//! signed with it ([`crate::site_message`]), so an announcement names the iroh peer it
+//! describes: nobody can announce pieces in another's name. That is also what lets
+//! announcements of appliances that are not site members ([`crate::membership`]) be ignored:
+//! the swarm never counts on them as sources.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use tokio::time::Instant;
 use crate::membership::{Membership, Refusal};
 use crate::pieces::HaveMap;
 use crate::scheduler::Assignment;
+use crate::site_message::{self, SiteMessage, SiteMessageError};
 
 /// Announcements are coalesced to at most one per blob in this time while a download runs.
 const COALESCE: Duration = Duration::from_millis(50);
@@ -171,8 +173,11 @@ pub fn peer_key(peer: &PeerId) -> Option<[u8; 32]> {
     Some(key.try_into_ed25519().ok()?.to_bytes())
 }
 
+/// Version 2: announcements signed by sitecast ([`crate::site_message`]), not gossipsub.
+/// Agents of version 1 and 2 on one site do not hear each other (each fetches what it lacks
+/// from the origin) rather than each logging every message of the other as invalid.
 fn topic(site: &str, blob: &[u8; 32]) -> gossipsub::IdentTopic {
-    gossipsub::IdentTopic::new(format!("sitecast/1/{site}/{}", hex::encode(blob)))
+    gossipsub::IdentTopic::new(format!("sitecast/2/{site}/{}", hex::encode(blob)))
 }
 
 impl SiteControl {
@@ -202,6 +207,16 @@ impl SiteControl {
                         .mesh_outbound_min(1)
                         .heartbeat_interval(Duration::from_secs(1))
                         .max_transmit_size(1 << 20)
+                        // sitecast signs announcements and checks each once
+                        // (crate::site_message); gossipsub checked every copy.
+                        .validation_mode(gossipsub::ValidationMode::Anonymous)
+                        .message_id_fn(|message| {
+                            gossipsub::MessageId::from(
+                                &blake3::hash(&message.data).as_bytes()[..20],
+                            )
+                        })
+                        // Forward only what checked out (Task::message reports it).
+                        .validate_messages()
                         .build()?;
                     let mdns = if mdns_on {
                         let config = mdns::Config {
@@ -214,7 +229,7 @@ impl SiteControl {
                     };
                     Ok(SiteBehaviour {
                         gossipsub: gossipsub::Behaviour::new(
-                            gossipsub::MessageAuthenticity::Signed(key.clone()),
+                            gossipsub::MessageAuthenticity::Anonymous,
                             gossip,
                         )?,
                         mdns: mdns.into(),
@@ -269,6 +284,12 @@ impl SiteControl {
             found_by_mdns: BTreeSet::new(),
             ticks: 0,
             membership,
+            key: key.clone(),
+            // As gossipsub numbers its messages: from the clock, so an agent that restarts
+            // goes on above the numbers it used before.
+            sequence: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX / 2)),
         };
         tokio::spawn(task.run(receiver));
         Ok(Self { commands, peer_id, listen_addrs, discovered })
@@ -364,15 +385,21 @@ impl SiteControl {
 
 struct Announcing {
     topic: gossipsub::IdentTopic,
-    message: Vec<u8>,
+    /// The announcement's JSON, sealed with a new sequence number each time it is published.
+    payload: Vec<u8>,
     published: Option<Instant>,
     dirty: bool,
 }
 
 struct Listening {
     heard: mpsc::Sender<Heard>,
-    /// When each peer last announced.
-    seen: BTreeMap<PeerId, Instant>,
+    /// Each peer (its identity key) that announced, when and under what sequence number.
+    seen: BTreeMap<[u8; 32], Seen>,
+}
+
+struct Seen {
+    at: Instant,
+    sequence: u64,
 }
 
 struct Task {
@@ -390,6 +417,9 @@ struct Task {
     found_by_mdns: BTreeSet<PeerId>,
     ticks: u64,
     membership: Membership,
+    key: SecretKey,
+    /// The number of the next message this appliance publishes.
+    sequence: u64,
 }
 
 impl Task {
@@ -438,15 +468,15 @@ impl Task {
                 self.dial_wanted(peer);
             }
             Command::Announce { blob, announcement } => {
-                let message = serde_json::to_vec(&announcement).expect("an announcement encodes");
+                let payload = serde_json::to_vec(&announcement).expect("an announcement encodes");
                 self.subscribe(&blob);
                 let entry = self.announcing.entry(blob).or_insert_with(|| Announcing {
                     topic: topic(&self.site, &blob),
-                    message: Vec::new(),
+                    payload: Vec::new(),
                     published: None,
                     dirty: true,
                 });
-                entry.message = message;
+                entry.payload = payload;
                 entry.dirty = true;
                 self.flush(false);
             }
@@ -492,7 +522,14 @@ impl Task {
             if !due {
                 continue;
             }
-            match gossipsub.publish(entry.topic.clone(), entry.message.clone()) {
+            let message = site_message::seal(
+                &self.key,
+                &entry.topic.to_string(),
+                self.sequence,
+                &entry.payload,
+            );
+            self.sequence += 1;
+            match gossipsub.publish(entry.topic.clone(), message) {
                 Ok(_) | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
                 Err(error) => tracing::debug!(%error, "gossipsub publish"),
             }
@@ -516,24 +553,19 @@ impl Task {
         let silence = self.heartbeat * 3;
         let membership = &self.membership;
         for listening in self.listening.values_mut() {
-            let gone: Vec<PeerId> = listening
+            let gone: Vec<[u8; 32]> = listening
                 .seen
                 .iter()
-                .filter(|(peer, at)| {
-                    now.duration_since(**at) > silence
-                        || peer_key(peer).is_some_and(|key| !membership.admits(&key))
+                .filter(|(key, seen)| {
+                    now.duration_since(seen.at) > silence || !membership.admits(key)
                 })
-                .map(|(peer, _)| *peer)
+                .map(|(key, _)| *key)
                 .collect();
-            for peer in gone {
-                let Some(key) = peer_key(&peer) else {
-                    listening.seen.remove(&peer);
-                    continue;
-                };
+            for key in gone {
                 // A full channel gets the news at the next tick: a lost "gone" would leave
                 // a dead peer counted on for good.
                 if listening.heard.try_send(Heard::Gone { peer: key }).is_ok() {
-                    listening.seen.remove(&peer);
+                    listening.seen.remove(&key);
                 }
             }
         }
@@ -568,11 +600,12 @@ impl Task {
                 // Gone now: the next tick tells the listeners (and retries while their
                 // channel is full).
                 let long_ago = Instant::now().checked_sub(self.heartbeat * 4);
+                let key = peer_key(&peer_id);
                 for listening in self.listening.values_mut() {
                     if let (Some(seen), Some(long_ago)) =
-                        (listening.seen.get_mut(&peer_id), long_ago)
+                        (key.and_then(|key| listening.seen.get_mut(&key)), long_ago)
                     {
-                        *seen = long_ago;
+                        seen.at = long_ago;
                     }
                 }
                 self.tick();
@@ -619,37 +652,85 @@ impl Task {
                 self.flush(true);
             }
             SwarmEvent::Behaviour(SiteBehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
                 message,
-                ..
-            })) => self.message(message),
+            })) => {
+                let acceptance = self.message(&message, &propagation_source);
+                // Forwarded to the mesh only if accepted; a forgery goes no further.
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
+            }
             _ => {}
         }
     }
 
-    fn message(&mut self, message: gossipsub::Message) {
-        // Strict validation checked the signature: the source is the signer.
-        let Some(source) = message.source else { return };
-        let Some(key) = peer_key(&source) else { return };
-        if !self.membership.admits(&key) {
-            tracing::debug!(peer = %source, "an announcement of a non-member ignored");
-            self.membership.refused(Refusal::Announcement, &key);
-            return;
-        }
-        let announcement: Announcement = match serde_json::from_slice(&message.data) {
-            Ok(announcement) => announcement,
+    /// Reads an announcement, passes it on to whoever listens for its release, and says
+    /// whether gossipsub should forward it.
+    fn message(
+        &mut self,
+        message: &gossipsub::Message,
+        forwarded_by: &PeerId,
+    ) -> gossipsub::MessageAcceptance {
+        use gossipsub::MessageAcceptance::{Accept, Ignore, Reject};
+        let topic_name = message.topic.as_str();
+        let sealed = match SiteMessage::parse(&message.data) {
+            Ok(sealed) => sealed,
+            Err(error @ SiteMessageError::NewerFormat(_)) => {
+                tracing::debug!(%error, peer = %forwarded_by, "an announcement not understood");
+                return Ignore;
+            }
             Err(error) => {
-                tracing::debug!(%error, peer = %source, "an announcement that does not parse");
-                return;
+                tracing::debug!(%error, peer = %forwarded_by, "a malformed announcement");
+                return Reject;
             }
         };
-        let Ok(blob) = sitecast_manifest::decode_hex::<32>(&announcement.blob) else { return };
+        let key = sealed.author;
+        // The Noise handshake proved who is on the other end of the connection: what the
+        // author sends itself needs no signature check.
+        if peer_key(forwarded_by) != Some(key)
+            && let Err(error) = sealed.verify(topic_name)
+        {
+            tracing::debug!(%error, peer = %forwarded_by, "a forged announcement");
+            return Reject;
+        }
+        if key == *self.key.public().as_bytes() {
+            return Ignore;
+        }
+        if !self.membership.admits(&key) {
+            tracing::debug!(peer = hex::encode(key), "an announcement of a non-member ignored");
+            self.membership.refused(Refusal::Announcement, &key);
+            return Ignore;
+        }
+        let announcement: Announcement = match serde_json::from_slice(sealed.payload) {
+            Ok(announcement) => announcement,
+            Err(error) => {
+                tracing::debug!(%error, peer = hex::encode(key), "an announcement that does not parse");
+                return Ignore;
+            }
+        };
+        let Ok(blob) = sitecast_manifest::decode_hex::<32>(&announcement.blob) else {
+            return Reject;
+        };
         // An announcement belongs to the topic it came on.
         if topic(&self.site, &blob).hash() != message.topic {
-            return;
+            return Reject;
         }
-        let Some(listening) = self.listening.get_mut(&blob) else { return };
-        listening.seen.insert(source, Instant::now());
+        let Some(listening) = self.listening.get_mut(&blob) else { return Accept };
+        let now = Instant::now();
+        match listening.seen.get_mut(&key) {
+            // Replayed, or overtaken by a newer one that came by a shorter way.
+            Some(seen) if sealed.sequence <= seen.sequence => return Ignore,
+            Some(seen) => *seen = Seen { at: now, sequence: sealed.sequence },
+            None => {
+                listening.seen.insert(key, Seen { at: now, sequence: sealed.sequence });
+            }
+        }
         let _ = listening.heard.try_send(Heard::Announced { peer: key, announcement });
+        Accept
     }
 }
 

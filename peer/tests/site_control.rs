@@ -1,12 +1,18 @@
 //! The site control plane on its own (libp2p over loopback, dialled by address since mDNS
 //! cannot work on loopback): announcements reach the site's peers on the release's topic,
-//! another site's peers never hear them, and a peer that goes away is reported gone.
+//! another site's peers never hear them, a peer that goes away is reported gone, and what a
+//! hostile site peer forwards is heard only when its author signed it, and not when it is
+//! older than what was heard.
 
 use std::time::Duration;
 
+use libp2p::futures::StreamExt;
+use libp2p::{gossipsub, noise, tcp, yamux};
 use sitecast_manifest::SecretKey;
 use sitecast_peer::pieces::{HaveMap, PieceSet};
-use sitecast_peer::site::{Heard, SiteConfig, SiteControl};
+use sitecast_peer::scheduler::Assignment;
+use sitecast_peer::site::{Announcement, Heard, SiteConfig, SiteControl};
+use sitecast_peer::site_message::seal;
 
 async fn control(key: &SecretKey, site: &str) -> SiteControl {
     let config = SiteConfig {
@@ -102,4 +108,110 @@ async fn announcements_reach_the_site_and_silence_means_gone() {
     // a goes away: b hears that it is gone (its connection closes).
     drop(a);
     wait_gone(&mut heard_b, &key_a, "went away").await;
+}
+
+/// A site peer that speaks the wire protocol by hand: gossipsub as the agents configure it,
+/// publishing whatever bytes the test gives it.
+fn hostile_peer(key: &SecretKey) -> libp2p::Swarm<gossipsub::Behaviour> {
+    let keypair = libp2p::identity::Keypair::ed25519_from_bytes(key.seed()).expect("key");
+    libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .expect("tcp")
+        .with_behaviour(|_| {
+            let config = gossipsub::ConfigBuilder::default()
+                .validation_mode(gossipsub::ValidationMode::Anonymous)
+                .message_id_fn(|m| {
+                    gossipsub::MessageId::from(blake3::hash(&m.data).as_bytes().to_vec())
+                })
+                .build()
+                .expect("config");
+            gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, config)
+                .expect("gossipsub")
+        })
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build()
+}
+
+fn announcement(blob: &[u8; 32], have: std::ops::Range<u64>) -> Vec<u8> {
+    let mut pieces = PieceSet::empty(100);
+    pieces.insert_range(have);
+    serde_json::to_vec(&Announcement {
+        blob: hex::encode(blob),
+        have: HaveMap::from(&pieces),
+        fetching: None,
+        preparing: false,
+        origin_assignment: Assignment::NEWEST.code(),
+        iroh_addrs: Vec::new(),
+    })
+    .expect("encodes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_announcement_is_heard_only_as_its_author_signed_it() {
+    let (author, listener_key, hostile_key) = (
+        SecretKey::generate().expect("rng"),
+        SecretKey::generate().expect("rng"),
+        SecretKey::generate().expect("rng"),
+    );
+    let listener = control(&listener_key, "store-1").await;
+    let blob = [9u8; 32];
+    let mut heard = listener.listen(blob);
+    // The wire name of the release's topic: agents of one protocol version must agree on it.
+    let topic_name = format!("sitecast/2/store-1/{}", hex::encode(blob));
+    let topic = gossipsub::IdentTopic::new(topic_name.clone());
+
+    let mut hostile = hostile_peer(&hostile_key);
+    hostile.behaviour_mut().subscribe(&topic).expect("subscribe");
+    hostile
+        .dial(listener.addresses()[0].parse::<libp2p::Multiaddr>().expect("addr"))
+        .expect("dial");
+    loop {
+        if let gossipsub::Event::Subscribed { .. } = match hostile.select_next_some().await {
+            libp2p::swarm::SwarmEvent::Behaviour(event) => event,
+            _ => continue,
+        } {
+            break;
+        }
+    }
+
+    let signed = |sequence, have| seal(&author, &topic_name, sequence, &announcement(&blob, have));
+    let mut forged_by_hostile = seal(&hostile_key, &topic_name, 20, &announcement(&blob, 0..100));
+    forged_by_hostile[1..33].copy_from_slice(author.public().as_bytes());
+    let messages = [
+        // What the author really said, forwarded: heard.
+        signed(10, 10..40),
+        // The author's name on the hostile peer's signature: not heard.
+        forged_by_hostile,
+        // Said by the author, but on another site's topic: not heard here.
+        seal(&author, "sitecast/2/store-2/00", 21, &announcement(&blob, 0..100)),
+        // An older word of the author's, replayed: not heard.
+        signed(9, 0..5),
+        // The author's next word: heard.
+        signed(11, 50..60),
+    ];
+    for message in messages {
+        hostile.behaviour_mut().publish(topic.clone(), message).expect("publish");
+    }
+
+    let mut told = Vec::new();
+    while told.len() < 2 {
+        tokio::select! {
+            _ = hostile.select_next_some() => {}
+            heard = next(&mut heard, Duration::from_secs(10)) => match heard {
+                Some(Heard::Announced { peer, announcement }) => {
+                    assert_eq!(peer, *author.public().as_bytes());
+                    told.push(announcement.have.to_set(100));
+                }
+                other => panic!("expected the author's announcements, got {other:?}"),
+            }
+        }
+    }
+    let expected = |range: std::ops::Range<u64>| {
+        let mut set = PieceSet::empty(100);
+        set.insert_range(range);
+        set
+    };
+    assert_eq!(told, [expected(10..40), expected(50..60)], "only what the author signed, in order");
 }
