@@ -550,16 +550,22 @@ impl Api {
     }
 }
 
-/// The `coordinator` subcommand: Central Command with the demo's tokens.
-pub async fn coordinator_process(listen: &str, data_dir: PathBuf, root: &Path) -> Result<()> {
+/// The `coordinator` subcommand: Central Command with the demo's tokens, telling appliances to
+/// check in every `checkin_interval_secs`.
+pub async fn coordinator_process(
+    listen: &str,
+    data_dir: PathBuf,
+    root: &Path,
+    checkin_interval_secs: u64,
+) -> Result<()> {
     sitecast_coordinator::install_tls_provider();
     let mut config = sitecast_coordinator::server::ServerConfig::new(data_dir);
     config.root = Some(TrustedRoot::pin(&std::fs::read(root)?)?);
     config.operator_token = Some(OPERATOR.into());
     config.enrollment_token = Some(ENROLL.into());
     config.tick = Duration::from_secs(1);
-    config.fleet.checkin_interval_secs = 1;
-    config.fleet.offline_after_secs = 10;
+    config.fleet.checkin_interval_secs = checkin_interval_secs;
+    config.fleet.offline_after_secs = (checkin_interval_secs * 3).max(10);
     let (coordinator, _) = sitecast_coordinator::server::Coordinator::open(
         config,
         std::sync::Arc::new(sitecast_coordinator::server::SystemClock),

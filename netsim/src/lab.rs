@@ -10,7 +10,8 @@
 //! ```
 //!
 //! `sitecast-netsim lab` (the outer process, root) builds the namespaces and links, runs the
-//! lab's controller (`lab-run`, hidden) inside the switch namespace, and always removes every
+//! lab's controller (`lab-run`, hidden) inside the origin's namespace (beside Central Command,
+//! so that its polling of the API never crosses the shaped WAN), and always removes every
 //! namespace and kills every process in them afterwards: on success, failure, a panic, Ctrl-C
 //! or SIGTERM. A lab killed with -9 (or interrupted while building its namespaces) is cleaned
 //! up by the next one. Nothing of the lab reaches the host's own network namespace.
@@ -32,6 +33,10 @@ const SITE: &str = "lab-site";
 const COORDINATOR: &str = "10.77.0.1:8080";
 /// Namespace names start with this and the outer process's pid.
 pub const PREFIX: &str = "sclab";
+/// As in the field (the agent's default): the demo's check-ins every second, each answer
+/// naming every site member and peer, took a quarter of a 4 Mbit/s WAN at 16 appliances. The
+/// lab asks for a check-in where it waits for one (the rollout's start).
+const CHECKIN_SECS: u64 = 60;
 /// Appliances get 10.77.0.11 and up; the switch is .254.
 const MAX_APPLIANCES: usize = 200;
 
@@ -295,7 +300,7 @@ pub async fn run(options: &LabOptions, exe: &Path) -> Result<i32> {
         network.prefix, options.appliances, options.wan_mbit, options.lan_mbit
     );
     let mut controller = tokio::process::Command::new("ip")
-        .args(["netns", "exec", &network.switch()])
+        .args(["netns", "exec", &network.origin()])
         .arg(exe)
         .arg("lab-run")
         .arg(format!("--prefix={}", network.prefix))
@@ -365,7 +370,7 @@ fn hash_file(path: &Path) -> Result<(u64, blake3::Hash)> {
     Ok((size, hasher.finalize()))
 }
 
-/// `lab-run`: the controller, inside the switch namespace.
+/// `lab-run`: the controller, inside the origin's namespace.
 pub async fn controller(
     options: &LabOptions,
     prefix: &str,
@@ -393,6 +398,7 @@ pub async fn controller(
         .arg(exe)
         .args(["coordinator", "--listen", COORDINATOR, "--data-dir"])
         .arg(work.join("coordinator"))
+        .arg(format!("--checkin-interval-secs={CHECKIN_SECS}"))
         .arg("--root")
         .arg(&fixture.root_path)
         .stdout(Stdio::piped())
@@ -435,6 +441,7 @@ pub async fn controller(
             mdns: true,
             // Discovery is by mDNS only, so the lab shows that it works.
             coordinator_peers: false,
+            checkin_interval_secs: CHECKIN_SECS,
             ..fixture.agent_config(&dir, &format!("http://{COORDINATOR}"), SITE, &name)
         };
         let path = dir.join("agent.toml");
@@ -459,12 +466,24 @@ pub async fn controller(
     let deadline = Instant::now() + options.time_limit;
     let n = options.appliances;
 
+    // Check in now rather than at the next interval (a minute).
+    let check_in_all = || async {
+        for (_, dir) in agents.values() {
+            let _ = sitecast_peer::control::request(&dir.join("state/control.sock"), "check").await;
+        }
+    };
     // Enrolled, and every appliance connected to every other, found by mDNS alone.
+    let mut told_members = false;
     let connected_min = loop {
         let enrolled = api.get("/api/appliances").await?.as_array().map_or(0, Vec::len);
         let (connected_min, _) = discovery(&agents).await;
         if enrolled == n && connected_min + 1 >= n as u64 {
             break connected_min;
+        }
+        // Each learns the site's members from a check-in, and keeps only them connected.
+        if enrolled == n && !told_members {
+            check_in_all().await;
+            told_members = true;
         }
         if Instant::now() > deadline {
             bail!(
@@ -484,10 +503,7 @@ pub async fn controller(
     let rollout = api.post("/api/rollouts", json!({"version": 2, "strategy": "immediate"})).await?;
     let id = rollout["id"].as_u64().unwrap_or(1);
     let started = Instant::now();
-    // Check in now rather than at the next interval: the lab measures the transfer.
-    for (_, dir) in agents.values() {
-        let _ = sitecast_peer::control::request(&dir.join("state/control.sock"), "check").await;
-    }
+    check_in_all().await;
     let mut downloaded: Option<f64> = None;
     let mut last_line = String::new();
     loop {

@@ -95,7 +95,7 @@ enum Command {
         #[arg(long, default_value = "target/sitecast-vm-images")]
         images_dir: PathBuf,
     },
-    /// (internal) The lab's controller, run inside the lab's switch namespace.
+    /// (internal) The lab's controller, run inside the lab's origin namespace.
     #[command(hide = true)]
     LabRun {
         #[arg(long)]
@@ -112,6 +112,9 @@ enum Command {
         data_dir: PathBuf,
         #[arg(long)]
         root: PathBuf,
+        /// How often appliances are told to check in; offline after three missed.
+        #[arg(long, default_value_t = 1)]
+        checkin_interval_secs: u64,
     },
     /// (internal) An appliance agent for the demo.
     #[command(hide = true)]
@@ -344,8 +347,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::LabRun { prefix, shape } => lab_run(&prefix, &shape.options()).await,
-        Command::Coordinator { listen, data_dir, root } => {
-            sitecast_netsim::demo::coordinator_process(&listen, data_dir, &root).await?;
+        Command::Coordinator { listen, data_dir, root, checkin_interval_secs } => {
+            sitecast_netsim::demo::coordinator_process(
+                &listen,
+                data_dir,
+                &root,
+                checkin_interval_secs,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent { config } => {
