@@ -54,6 +54,9 @@ async fn linger_ends(since: Option<std::time::Instant>) {
 /// first (a delta transfer that needed little) would otherwise take the pieces only it
 /// fetched offline, and the others would fetch them from the origin again.
 pub const LINGER_FOR_PEERS: Duration = Duration::from_secs(60);
+/// While it lingers, an appliance checks in at least this often, so it reboots soon after
+/// its site peers report their slots ready, not up to a check-in interval later.
+pub const LINGER_CHECKIN: Duration = Duration::from_secs(5);
 
 /// Commands from the local control socket.
 #[derive(Debug)]
@@ -1130,11 +1133,13 @@ impl Agent {
         let mut regular_at = tokio::time::Instant::now();
         let mut early_at: Option<tokio::time::Instant> = None;
         let mut early = EarlyCheckins::default();
-        let mut progress = tokio::time::interval(Duration::from_millis(500));
+        // `status` shows progress and the site's connections as they are, not as they were
+        // at the last check-in (a minute ago in the field).
+        let mut refresh_status = tokio::time::interval(Duration::from_millis(500));
         let membership = self.membership.clone();
         loop {
             tokio::select! {
-                _ = progress.tick(), if self.download.is_some() => self.publish_status(None),
+                _ = refresh_status.tick() => self.publish_status(None),
                 strangers = membership.strangers_seen() => {
                     for peer in strangers {
                         if early.handle_stranger(peer) {
@@ -1197,6 +1202,10 @@ impl Agent {
                 && let Some(exit) = self.activate_and_reboot().await
             {
                 return Ok(exit);
+            }
+            // The check-in that says the site is done comes sooner while it lingers.
+            if self.lingering_since.is_some() {
+                regular_at = regular_at.min(tokio::time::Instant::now() + LINGER_CHECKIN);
             }
         }
     }
