@@ -198,13 +198,19 @@ impl SiteControl {
             .map_err(|e| libp2p_error(&e))?
             .with_behaviour(
                 |key| -> Result<SiteBehaviour, Box<dyn std::error::Error + Send + Sync>> {
-                    // gossipsub's build() does not check the default mesh sizes: keep
-                    // outbound_min ≤ n_low ≤ n ≤ n_high and 2·outbound_min ≤ n by hand.
+                    // Every site peer hears each announcement from its author (flood
+                    // publishing to every connected subscriber), and announcements repeat: so
+                    // no mesh forwards copies and nothing is gossiped for repair (IHAVE lists
+                    // of every recent message, to six peers each second). Every copy is LAN
+                    // bandwidth, and a peer the site cannot connect to directly could not
+                    // fetch from it either (the data plane is direct too).
                     let gossip = gossipsub::ConfigBuilder::default()
-                        .mesh_n_low(2)
-                        .mesh_n(4)
-                        .mesh_n_high(8)
-                        .mesh_outbound_min(1)
+                        .mesh_n_low(0)
+                        .mesh_n(0)
+                        .mesh_n_high(0)
+                        .mesh_outbound_min(0)
+                        .gossip_lazy(0)
+                        .gossip_factor(0.0)
                         .heartbeat_interval(Duration::from_secs(1))
                         .max_transmit_size(1 << 20)
                         // sitecast signs announcements and checks each once

@@ -175,11 +175,81 @@ pub fn pieces_in(w: usize, mut word: u64) -> impl Iterator<Item = u64> {
     })
 }
 
-/// A have-map as it travels: piece count and ranges.
+/// A have-map as it travels: piece count and ranges. On the wire the ranges become a
+/// bitmap where that is shorter (a set held in scattered pieces, as it is halfway through a
+/// swarm): every site peer hears every announcement, so their size is the control plane's
+/// share of a LAN link.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "WireHaveMap", try_from = "WireHaveMap")]
 pub struct HaveMap {
     pub pieces: u64,
     pub ranges: Vec<(u64, u64)>,
+}
+
+/// [`HaveMap`] as JSON: `ranges`, or `bits` (hex, piece `8·i + b` at bit `b` of byte `i`).
+#[derive(Serialize, Deserialize)]
+struct WireHaveMap {
+    pieces: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ranges: Option<Vec<(u64, u64)>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bits: Option<String>,
+}
+
+/// Bitmaps above this many pieces are refused as a have-map (4 GiB is 4096 pieces): a
+/// hostile peer's piece count must not size an allocation.
+const MAX_BITMAP_PIECES: u64 = 1 << 24;
+
+impl From<HaveMap> for WireHaveMap {
+    fn from(map: HaveMap) -> Self {
+        let decimal_len = |n: u64| n.checked_ilog10().unwrap_or(0) as usize + 1;
+        // `[a,b],` for each range, against two hex digits for each byte of the bitmap.
+        let ranges_len: usize =
+            map.ranges.iter().map(|&(a, b)| decimal_len(a) + decimal_len(b) + 4).sum();
+        let bitmap_len = 2 * map.pieces.div_ceil(8) as usize;
+        if bitmap_len >= ranges_len {
+            return Self { pieces: map.pieces, ranges: Some(map.ranges), bits: None };
+        }
+        let mut bytes = vec![0u8; map.pieces.div_ceil(8) as usize];
+        for &(start, end) in &map.ranges {
+            for piece in start..end.min(map.pieces) {
+                bytes[(piece / 8) as usize] |= 1 << (piece % 8);
+            }
+        }
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Self { pieces: map.pieces, ranges: None, bits: Some(hex) }
+    }
+}
+
+impl TryFrom<WireHaveMap> for HaveMap {
+    type Error = String;
+
+    fn try_from(wire: WireHaveMap) -> Result<Self, String> {
+        let Some(bits) = wire.bits else {
+            return Ok(Self { pieces: wire.pieces, ranges: wire.ranges.unwrap_or_default() });
+        };
+        if wire.pieces > MAX_BITMAP_PIECES {
+            return Err(format!("a bitmap of {} pieces", wire.pieces));
+        }
+        if bits.len() != 2 * wire.pieces.div_ceil(8) as usize {
+            return Err(format!("{} hex digits for {} pieces", bits.len(), wire.pieces));
+        }
+        if !bits.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err("a bitmap that is not hex".into());
+        }
+        let mut set = PieceSet::empty(wire.pieces);
+        for (i, pair) in bits.as_bytes().chunks(2).enumerate() {
+            let text = std::str::from_utf8(pair).expect("hex digits are ASCII");
+            let byte = u8::from_str_radix(text, 16).expect("two hex digits");
+            for bit in 0..8 {
+                let piece = 8 * i as u64 + bit;
+                if byte & (1 << bit) != 0 && piece < wire.pieces {
+                    set.insert(piece);
+                }
+            }
+        }
+        Ok(Self::from(&set))
+    }
 }
 
 impl From<&PieceSet> for HaveMap {
@@ -238,5 +308,58 @@ mod tests {
         assert!(set.remove(64) && !set.remove(64));
         assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 1, 2, 5, 63, 65, 199]);
         assert_eq!(set.count(), 7);
+    }
+
+    fn on_the_wire(set: &PieceSet) -> (String, PieceSet) {
+        let json = serde_json::to_string(&HaveMap::from(set)).expect("encodes");
+        let back: HaveMap = serde_json::from_str(&json).expect("decodes");
+        (json, back.to_set(set.len()))
+    }
+
+    #[test]
+    fn a_have_map_travels_as_ranges_or_bits_whichever_is_shorter() {
+        let mut runs = PieceSet::empty(4096);
+        runs.insert_range(0..1000);
+        runs.insert_range(3000..4096);
+        let (json, back) = on_the_wire(&runs);
+        assert_eq!(json, r#"{"pieces":4096,"ranges":[[0,1000],[3000,4096]]}"#);
+        assert_eq!(back, runs);
+
+        // Every third of 203 pieces (not a whole number of bytes): 68 ranges, 26 bytes.
+        let mut scattered = PieceSet::empty(203);
+        (0..203).step_by(3).for_each(|p| _ = scattered.insert(p));
+        let (json, back) = on_the_wire(&scattered);
+        assert!(json.contains(r#""bits":"49922449922449"#), "{json}");
+        assert!(!json.contains("ranges"), "{json}");
+        assert_eq!(back, scattered);
+        assert!(json.len() < serde_json::to_string(&scattered.to_ranges()).expect("json").len());
+
+        for set in [PieceSet::empty(0), PieceSet::empty(9), PieceSet::full(9), PieceSet::full(4097)]
+        {
+            assert_eq!(on_the_wire(&set).1, set);
+        }
+    }
+
+    #[test]
+    fn a_bitmap_that_does_not_fit_its_piece_count_is_refused() {
+        let refused = |json: &str| serde_json::from_str::<HaveMap>(json).is_err();
+        assert!(!refused(r#"{"pieces":9,"bits":"ff01"}"#));
+        assert!(refused(r#"{"pieces":9,"bits":"ff"}"#), "too short");
+        assert!(refused(r#"{"pieces":9,"bits":"ff0100"}"#), "too long");
+        assert!(refused(r#"{"pieces":9,"bits":"+f01"}"#), "a sign is not a digit");
+        assert!(refused(r#"{"pieces":9,"bits":"ffé"}"#), "not ASCII");
+        assert!(refused(r#"{"pieces":1099511627776,"bits":""}"#), "a huge count allocates nothing");
+        // Bits past the count (in the last byte) are ignored, as ranges past it are.
+        let map: HaveMap = serde_json::from_str(r#"{"pieces":9,"bits":"00ff"}"#).expect("decodes");
+        assert_eq!(map.ranges, vec![(8, 9)]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_have_map_survives_the_wire(pieces in 0u64..600, seed in proptest::collection::vec(0u64..600, 0..300)) {
+            let mut set = PieceSet::empty(pieces);
+            seed.iter().filter(|&&p| p < pieces).for_each(|&p| _ = set.insert(p));
+            proptest::prop_assert_eq!(on_the_wire(&set).1, set);
+        }
     }
 }
