@@ -55,8 +55,16 @@ async fn linger_ends(since: Option<std::time::Instant>) {
 /// fetched offline, and the others would fetch them from the origin again.
 pub const LINGER_FOR_PEERS: Duration = Duration::from_secs(60);
 /// While it lingers, an appliance checks in at least this often, so it reboots soon after
-/// its site peers report their slots ready, not up to a check-in interval later.
+/// its site peers report their slots ready, not up to a check-in interval later; at large
+/// sites less often ([`linger_checkin`]).
 pub const LINGER_CHECKIN: Duration = Duration::from_secs(5);
+
+/// How often a lingering appliance of a site of `members` checks in: each answer names every
+/// member, so a site's lingering check-ins stay at about two a second in all (the WAN's share
+/// grows with the site, not with its square).
+pub fn linger_checkin(members: usize) -> Duration {
+    LINGER_CHECKIN.max(Duration::from_millis(500) * u32::try_from(members).unwrap_or(u32::MAX))
+}
 
 /// Commands from the local control socket.
 #[derive(Debug)]
@@ -1205,7 +1213,8 @@ impl Agent {
             }
             // The check-in that says the site is done comes sooner while it lingers.
             if self.lingering_since.is_some() {
-                regular_at = regular_at.min(tokio::time::Instant::now() + LINGER_CHECKIN);
+                let members = self.membership.members().map_or(1, |m| m.len());
+                regular_at = regular_at.min(tokio::time::Instant::now() + linger_checkin(members));
             }
         }
     }
@@ -1314,6 +1323,17 @@ pub fn rollback_message(failed: Slot, booted: Slot, update: Option<&UpdateRecord
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_site_lingers_with_fewer_check_ins_each() {
+        let per_second = |members: usize| members as f64 / linger_checkin(members).as_secs_f64();
+        assert_eq!(linger_checkin(1), LINGER_CHECKIN);
+        assert_eq!(linger_checkin(10), LINGER_CHECKIN);
+        for members in [10, 24, 128, 1000] {
+            assert!(per_second(members) <= 2.0, "{members}: {} a second", per_second(members));
+        }
+        assert!(linger_checkin(1000) > LINGER_FOR_PEERS, "past the linger: no extra check-in");
+    }
 
     fn update(state: UpdateState, error: Option<&str>, trial_boots: u32) -> UpdateRecord {
         UpdateRecord {

@@ -1,7 +1,7 @@
 //! The site's control plane on libp2p (TCP + noise + yamux): appliances of a site find each
 //! other by mDNS with no configuration (or are dialled from static configuration and the
 //! coordinator's site peer list where multicast cannot work), and each publishes, on a gossipsub
-//! topic per site and release blob, an announcement: the pieces it holds (compact ranges) and
+//! topic per site and release blob, an announcement: the pieces it holds (ranges or a bitmap) and
 //! the addresses of its iroh endpoint, where the bytes are fetched.
 //!
 //! Announcements repeat every heartbeat, so a peer that stops announcing (or whose last
@@ -173,7 +173,7 @@ pub fn peer_key(peer: &PeerId) -> Option<[u8; 32]> {
     Some(key.try_into_ed25519().ok()?.to_bytes())
 }
 
-/// Version 2: announcements signed by sitecast ([`crate::site_message`]), not gossipsub.
+/// Version 2: announcements in sitecast's envelope ([`crate::site_message`]), not gossipsub's.
 /// Agents of version 1 and 2 on one site do not hear each other (each fetches what it lacks
 /// from the origin) rather than each logging every message of the other as invalid.
 fn topic(site: &str, blob: &[u8; 32]) -> gossipsub::IdentTopic {
@@ -250,7 +250,7 @@ impl SiteControl {
                 },
             )
             .map_err(|e| libp2p_error(&e))?
-            // gossipsub keeps a connection open only while the peer is in its mesh; mDNS and
+            // With no mesh, nothing in gossipsub asks to keep a connection open, and mDNS and
             // identify never do. Site peers stay connected for the whole rollout.
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
@@ -291,8 +291,8 @@ impl SiteControl {
             ticks: 0,
             membership,
             key: key.clone(),
-            // As gossipsub numbers its messages: from the clock, so an agent that restarts
-            // goes on above the numbers it used before.
+            // As gossipsub numbers its messages: from the clock, so that what an agent says
+            // after a restart is not taken for a copy of what it said before.
             sequence: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX / 2)),
@@ -399,13 +399,8 @@ struct Announcing {
 
 struct Listening {
     heard: mpsc::Sender<Heard>,
-    /// Each peer (its identity key) that announced, when and under what sequence number.
-    seen: BTreeMap<[u8; 32], Seen>,
-}
-
-struct Seen {
-    at: Instant,
-    sequence: u64,
+    /// When each peer (its identity key) last announced.
+    seen: BTreeMap<[u8; 32], Instant>,
 }
 
 struct Task {
@@ -562,9 +557,7 @@ impl Task {
             let gone: Vec<[u8; 32]> = listening
                 .seen
                 .iter()
-                .filter(|(key, seen)| {
-                    now.duration_since(seen.at) > silence || !membership.admits(key)
-                })
+                .filter(|(key, at)| now.duration_since(**at) > silence || !membership.admits(key))
                 .map(|(key, _)| *key)
                 .collect();
             for key in gone {
@@ -611,7 +604,7 @@ impl Task {
                     if let (Some(seen), Some(long_ago)) =
                         (key.and_then(|key| listening.seen.get_mut(&key)), long_ago)
                     {
-                        seen.at = long_ago;
+                        *seen = long_ago;
                     }
                 }
                 self.tick();
@@ -685,7 +678,7 @@ impl Task {
         let topic_name = message.topic.as_str();
         let sealed = match SiteMessage::parse(&message.data) {
             Ok(sealed) => sealed,
-            Err(error @ SiteMessageError::NewerFormat(_)) => {
+            Err(error @ SiteMessageError::UnknownFormat(_)) => {
                 tracing::debug!(%error, peer = %forwarded_by, "an announcement not understood");
                 return Ignore;
             }
@@ -695,13 +688,13 @@ impl Task {
             }
         };
         let key = sealed.author;
-        // The Noise handshake proved who is on the other end of the connection: what the
-        // author sends itself needs no signature check.
-        if peer_key(forwarded_by) != Some(key)
-            && let Err(error) = sealed.verify(topic_name)
-        {
-            tracing::debug!(%error, peer = %forwarded_by, "a forged announcement");
-            return Reject;
+        // Every peer gets the author's own copy (flood publishing, no mesh), on a connection
+        // whose Noise handshake proved who sent it. A copy another peer passes on adds
+        // nothing, and could be that peer replaying what the author said before.
+        if peer_key(forwarded_by) != Some(key) {
+            let forged = sealed.verify(topic_name).is_err();
+            tracing::debug!(peer = %forwarded_by, forged, "an announcement passed on by another peer");
+            return if forged { Reject } else { Ignore };
         }
         if key == *self.key.public().as_bytes() {
             return Ignore;
@@ -726,15 +719,7 @@ impl Task {
             return Reject;
         }
         let Some(listening) = self.listening.get_mut(&blob) else { return Accept };
-        let now = Instant::now();
-        match listening.seen.get_mut(&key) {
-            // Replayed, or overtaken by a newer one that came by a shorter way.
-            Some(seen) if sealed.sequence <= seen.sequence => return Ignore,
-            Some(seen) => *seen = Seen { at: now, sequence: sealed.sequence },
-            None => {
-                listening.seen.insert(key, Seen { at: now, sequence: sealed.sequence });
-            }
-        }
+        listening.seen.insert(key, Instant::now());
         let _ = listening.heard.try_send(Heard::Announced { peer: key, announcement });
         Accept
     }

@@ -2,19 +2,19 @@
 //! sequence, and the author's Ed25519 signature over both with the topic and the payload.
 //!
 //! Why not gossipsub's own signing: its codec checks the signature of every copy it decodes,
-//! duplicates included, and each announcement reaches an appliance up to once per mesh peer
-//! besides the author's own copy. At 16 appliances announcing every 50 ms that was a third of an
-//! agent's CPU. Here a copy is checked at most once (gossipsub drops duplicates by the hash of
-//! these bytes before the agent sees them), and not at all when it came straight from its
-//! author: the libp2p connection's Noise handshake has already proved who that is.
+//! duplicates included; at 16 appliances that was a third of an agent's CPU. Agents take an
+//! announcement only from its author's own connection (`crate::site`), whose Noise handshake
+//! already proved who sent it, so they check no signature. The signature is what lets a copy
+//! that another peer passes on be told from a forgery, so that relaying can come back
+//! without a new format (and a forged copy is rejected, not just ignored).
 //!
-//! The sequence starts from the clock when the agent starts and grows with every message, so
-//! a replayed or overtaken announcement (older than one already heard) is recognised and
-//! ignored.
+//! The sequence starts from the clock when the agent starts and grows with every message: an
+//! announcement repeated word for word is still a new message (gossipsub drops a message it
+//! has seen, by the hash of these bytes).
 
 use sitecast_manifest::{PublicKey, SecretKey, Signature};
 
-/// Messages of a newer format are ignored by this agent, not taken for forgeries.
+/// Messages of another format are ignored by this agent, not taken for forgeries.
 const FORMAT: u8 = 1;
 /// Keeps these signatures apart from anything else the identity key signs.
 const CONTEXT: &[u8] = b"sitecast site announcement 1\0";
@@ -24,8 +24,8 @@ const HEADER: usize = 1 + 32 + 8 + 64;
 pub enum SiteMessageError {
     #[error("{0} bytes, shorter than a message header")]
     Truncated(usize),
-    #[error("format {0}, newer than this agent reads")]
-    NewerFormat(u8),
+    #[error("format {0}, which this agent does not read")]
+    UnknownFormat(u8),
     #[error("the author is not a valid Ed25519 key")]
     NotAKey,
     #[error("the signature is not the author's over this topic and payload")]
@@ -59,7 +59,7 @@ impl<'a> SiteMessage<'a> {
     pub fn parse(data: &'a [u8]) -> Result<Self, SiteMessageError> {
         let Some(&format) = data.first() else { return Err(SiteMessageError::Truncated(0)) };
         if format != FORMAT {
-            return Err(SiteMessageError::NewerFormat(format));
+            return Err(SiteMessageError::UnknownFormat(format));
         }
         if data.len() < HEADER {
             return Err(SiteMessageError::Truncated(data.len()));
@@ -74,8 +74,8 @@ impl<'a> SiteMessage<'a> {
         })
     }
 
-    /// Whether the author signed this message for `topic`: needed when another peer forwarded
-    /// it, not when the author's own connection delivered it.
+    /// Whether the author signed this message for `topic` (what the author's own connection
+    /// delivers needs no check).
     pub fn verify(&self, topic: &str) -> Result<(), SiteMessageError> {
         let key = PublicKey::from_bytes(self.author).map_err(|_| SiteMessageError::NotAKey)?;
         let signed = signed_bytes(topic, &self.author, self.sequence, self.payload);
@@ -142,7 +142,7 @@ mod tests {
     }
 
     #[test]
-    fn short_and_newer_messages_are_told_apart_from_forgeries() {
+    fn short_and_unknown_messages_are_told_apart_from_forgeries() {
         let key = SecretKey::from_seed([7; 32]);
         let data = seal(&key, TOPIC, 1, b"");
         assert_eq!(SiteMessage::parse(&[]), Err(SiteMessageError::Truncated(0)));
@@ -152,7 +152,7 @@ mod tests {
         );
         let mut newer = data.clone();
         newer[0] = FORMAT + 1;
-        assert_eq!(SiteMessage::parse(&newer), Err(SiteMessageError::NewerFormat(FORMAT + 1)));
+        assert_eq!(SiteMessage::parse(&newer), Err(SiteMessageError::UnknownFormat(FORMAT + 1)));
         assert!(SiteMessage::parse(&data).is_ok(), "an empty payload is a message");
     }
 }

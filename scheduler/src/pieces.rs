@@ -196,9 +196,9 @@ struct WireHaveMap {
     bits: Option<String>,
 }
 
-/// Bitmaps above this many pieces are refused as a have-map (4 GiB is 4096 pieces): a
-/// hostile peer's piece count must not size an allocation.
-const MAX_BITMAP_PIECES: u64 = 1 << 24;
+/// Bitmaps above this many pieces are refused as a have-map (4 GiB is 4096 pieces, 1 TiB
+/// about a million): decoded, a scattered bitmap is ranges sixteen times its size.
+const MAX_BITMAP_PIECES: u64 = 1 << 20;
 
 impl From<HaveMap> for WireHaveMap {
     fn from(map: HaveMap) -> Self {
@@ -332,7 +332,8 @@ mod tests {
         assert!(json.contains(r#""bits":"49922449922449"#), "{json}");
         assert!(!json.contains("ranges"), "{json}");
         assert_eq!(back, scattered);
-        assert!(json.len() < serde_json::to_string(&scattered.to_ranges()).expect("json").len());
+        let as_ranges = serde_json::to_string(&HaveMap::from(&scattered).ranges).expect("json");
+        assert!(json.len() < as_ranges.len() + r#"{"pieces":203,"ranges":}"#.len(), "{as_ranges}");
 
         for set in [PieceSet::empty(0), PieceSet::empty(9), PieceSet::full(9), PieceSet::full(4097)]
         {
