@@ -213,15 +213,16 @@ impl SiteControl {
                         .gossip_factor(0.0)
                         .heartbeat_interval(Duration::from_secs(1))
                         .max_transmit_size(1 << 20)
-                        // sitecast signs announcements and checks each once
-                        // (crate::site_message); gossipsub checked every copy.
+                        // sitecast signs announcements (crate::site_message) and takes each
+                        // from its author's connection only; gossipsub checked every copy.
                         .validation_mode(gossipsub::ValidationMode::Anonymous)
                         .message_id_fn(|message| {
                             gossipsub::MessageId::from(
                                 &blake3::hash(&message.data).as_bytes()[..20],
                             )
                         })
-                        // Forward only what checked out (Task::message reports it).
+                        // Nothing is forwarded that Task::message did not accept (should a
+                        // mesh come back).
                         .validate_messages()
                         .build()?;
                     let mdns = if mdns_on {
