@@ -657,7 +657,8 @@ impl Task {
                 message,
             })) => {
                 let acceptance = self.message(&message, &propagation_source);
-                // Forwarded to the mesh only if accepted; a forgery goes no further.
+                // gossipsub holds each message until told, and would forward only what is
+                // accepted (there is no mesh to forward to now).
                 self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
                     &message_id,
                     &propagation_source,
@@ -696,9 +697,6 @@ impl Task {
             let forged = sealed.verify(topic_name).is_err();
             tracing::debug!(peer = %forwarded_by, forged, "an announcement passed on by another peer");
             return if forged { Reject } else { Ignore };
-        }
-        if key == *self.key.public().as_bytes() {
-            return Ignore;
         }
         if !self.membership.admits(&key) {
             tracing::debug!(peer = hex::encode(key), "an announcement of a non-member ignored");

@@ -13,6 +13,10 @@ use sitecast_peer::scheduler::Assignment;
 use sitecast_peer::site::{Announcement, Heard, SiteConfig, SiteControl};
 use sitecast_peer::site_message::seal;
 
+fn keys<const N: usize>() -> [SecretKey; N] {
+    std::array::from_fn(|_| SecretKey::generate().expect("rng"))
+}
+
 async fn control(key: &SecretKey, site: &str) -> SiteControl {
     control_with(key, site, Duration::from_millis(300)).await
 }
@@ -51,11 +55,7 @@ async fn wait_gone(heard: &mut tokio::sync::mpsc::Receiver<Heard>, key: &SecretK
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn announcements_reach_the_site_and_silence_means_gone() {
-    let (key_a, key_b, key_c) = (
-        SecretKey::generate().expect("rng"),
-        SecretKey::generate().expect("rng"),
-        SecretKey::generate().expect("rng"),
-    );
+    let [key_a, key_b, key_c] = keys();
     let a = control(&key_a, "store-1").await;
     let b = control(&key_b, "store-1").await;
     let other_site = control(&key_c, "store-2").await;
@@ -153,11 +153,7 @@ fn announcement(blob: &[u8; 32], have: std::ops::Range<u64>) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_announcement_is_heard_only_from_its_author() {
-    let (author, listener_key, hostile_key) = (
-        SecretKey::generate().expect("rng"),
-        SecretKey::generate().expect("rng"),
-        SecretKey::generate().expect("rng"),
-    );
+    let [author, listener_key, hostile_key] = keys();
     // A heartbeat longer than the test: the hostile peer is never reported gone.
     let listener = control_with(&listener_key, "store-1", Duration::from_secs(60)).await;
     let blob = [9u8; 32];
