@@ -1,6 +1,7 @@
 //! The discrete-event fleet simulator: the peer crate's own [`Scheduler`] on a virtual clock,
 //! with flow-level bandwidth sharing (max-min fair) on each site's WAN link and on every
-//! appliance's LAN uplink and downlink.
+//! appliance's LAN uplink and downlink; announcements take their bytes on their senders'
+//! uplinks.
 //!
 //! What the model ignores (see `docs/simulator.md`): packet-level effects (slow start, loss
 //! recovery; loss is modelled only as a lower effective rate), CPU and disk time, request
@@ -16,7 +17,8 @@ use serde::Serialize;
 use sitecast_iso::GROUP_BYTES;
 use sitecast_scheduler::pieces::{PieceLayout, PieceSet};
 use sitecast_scheduler::scheduler::{
-    Action, Config, Event, PeerId, Rendezvous, RequestId, Scheduler, Source,
+    ANNOUNCEMENT_WIRE_BYTES, Action, Config, Event, PeerId, Rendezvous, RequestId, Scheduler,
+    Source,
 };
 
 /// One site's shape and what happens to it.
@@ -324,8 +326,9 @@ pub struct SiteResult {
 const UPLOAD_SLOTS: usize = 8;
 
 /// A flow's links are numbered: the site's WAN link is 0, appliance `j`'s LAN uplink `1 + j`
-/// and its downlink `1 + n + j`. Ascending numbers are the order the rate sharing visits
-/// links in (ties between equally loaded links go to the lower number).
+/// and its downlink `1 + n + j`; `1 + 2n` stands for no link (an announcement's other end,
+/// with no limit). Ascending numbers are the order the rate sharing visits links in (ties
+/// between equally loaded links go to the lower number).
 const WAN: usize = 0;
 
 #[derive(Debug)]
@@ -340,6 +343,16 @@ struct Flow {
     /// The pieces of the request after this one: the sender streams them next.
     rest: Vec<u64>,
     wire: f64,
+    /// An announcement, not a piece: the sender's one copy to each of the others, all on its
+    /// uplink (each receiver's downlink takes one copy, which is not counted), heard when the
+    /// last byte is sent.
+    news: Option<Box<News>>,
+}
+
+#[derive(Debug)]
+struct News {
+    have: PieceSet,
+    fetching: PieceSet,
 }
 
 /// The flows in flight in the order they started (ids ascending), with their progress and
@@ -553,6 +566,8 @@ struct Sim<'a> {
     origin_bytes: f64,
     honest_origin_bytes: f64,
     lan_bytes: f64,
+    /// Announcements being sent on each appliance's uplink (they take no upload slot).
+    announcing: Vec<usize>,
     /// The pieces whose true bytes reached each appliance: anything else it claims to hold
     /// it accepted from a liar.
     delivered: Vec<PieceSet>,
@@ -613,6 +628,7 @@ impl<'a> Sim<'a> {
             origin_bytes: 0.0,
             honest_origin_bytes: 0.0,
             lan_bytes: 0.0,
+            announcing: vec![0; spec.appliances],
             // What an appliance copied from its active slot was verified there.
             delivered: spec.held.clone(),
             trace: Trace { print: spec.print_trace, ..Trace::default() },
@@ -683,6 +699,10 @@ impl<'a> Sim<'a> {
         for id in lost {
             let (flow, remaining) = self.flows.remove(id).expect("present");
             self.flows_touched();
+            if flow.news.is_some() {
+                self.announcing[i] -= 1;
+                continue;
+            }
             self.count_sent(&flow, flow.wire - remaining);
             if flow.to != i {
                 let at = self.now + self.spec.lan_latency;
@@ -745,6 +765,7 @@ impl<'a> Sim<'a> {
                         piece,
                         rest: rest.to_vec(),
                         wire,
+                        news: None,
                     });
                 }
                 Action::Cancel { id } => {
@@ -758,20 +779,25 @@ impl<'a> Sim<'a> {
                 }
                 Action::Announce { have, fetching } => {
                     self.record(format_args!("announce {i} {}", have.count()));
-                    for j in 0..self.spec.appliances {
-                        if j != i && self.alive[j] {
-                            let at = self.now + self.spec.lan_latency;
-                            self.deliver(
-                                at,
-                                j,
-                                Event::PeerHave {
-                                    peer: self.ids[i],
-                                    have: have.clone(),
-                                    fetching: fetching.clone(),
-                                },
-                            );
-                        }
+                    let others = (0..self.spec.appliances).filter(|&j| j != i && self.alive[j]);
+                    let copies = others.count() as f64;
+                    if copies == 0.0 {
+                        continue;
                     }
+                    self.next_flow += 1;
+                    self.announcing[i] += 1;
+                    self.flows_touched();
+                    self.flows.push(Flow {
+                        id: self.next_flow,
+                        to: i,
+                        from: Source::Peer(self.ids[i]),
+                        links: [1 + i, 1 + 2 * self.spec.appliances],
+                        request: RequestId(u64::MAX),
+                        piece: 0,
+                        rest: Vec::new(),
+                        wire: copies * ANNOUNCEMENT_WIRE_BYTES as f64,
+                        news: Some(Box::new(News { have, fetching })),
+                    });
                 }
                 Action::Ban { peer, .. } => {
                     self.record(format_args!("ban {i} {:?}", self.index_of(peer)));
@@ -785,7 +811,9 @@ impl<'a> Sim<'a> {
     /// refusal reaches the requester a LAN round trip later.
     fn start(&mut self, flow: Flow) {
         let uplink = flow.links[0];
-        if uplink != WAN && self.flows.on_link.get(uplink).copied().unwrap_or(0) >= UPLOAD_SLOTS {
+        let uploads =
+            |j: usize| self.flows.on_link.get(1 + j).copied().unwrap_or(0) - self.announcing[j];
+        if uplink != WAN && uploads(uplink - 1) >= UPLOAD_SLOTS {
             let at = self.now + self.spec.lan_latency * 2;
             self.deliver(at, flow.to, Event::Busy { request: flow.request });
             return;
@@ -812,6 +840,7 @@ impl<'a> Sim<'a> {
         let n = spec.appliances;
         match link {
             WAN => spec.wan_bps / 8.0,
+            nowhere if nowhere == 1 + 2 * n => f64::INFINITY,
             up if up <= n => spec.lan_up_bps[up - 1] / 8.0,
             down => spec.lan_down_bps[down - 1 - n] / 8.0,
         }
@@ -825,9 +854,9 @@ impl<'a> Sim<'a> {
         let Flows { flows, rate: rates, live, .. } = &mut self.flows;
         let Sharing { capacity, users, unfixed, used, fixed } = &mut self.sharing;
         if capacity.is_empty() {
-            capacity.resize(1 + 2 * n, 0.0);
-            users.resize(1 + 2 * n, Vec::new());
-            unfixed.resize(1 + 2 * n, 0);
+            capacity.resize(2 + 2 * n, 0.0);
+            users.resize(2 + 2 * n, Vec::new());
+            unfixed.resize(2 + 2 * n, 0);
         }
         for &link in used.iter() {
             users[link].clear();
@@ -977,8 +1006,21 @@ impl<'a> Sim<'a> {
             if let Some((t, id)) = flow_done
                 && t == next
             {
-                let (flow, _) = self.flows.remove(id).expect("present");
+                let (mut flow, _) = self.flows.remove(id).expect("present");
                 self.flows_touched();
+                if let Some(news) = flow.news.take() {
+                    let i = flow.to;
+                    self.announcing[i] -= 1;
+                    let at = self.now + self.spec.lan_latency;
+                    for j in 0..self.spec.appliances {
+                        if j == i || !self.alive[j] {
+                            continue;
+                        }
+                        let (have, fetching) = (news.have.clone(), news.fetching.clone());
+                        self.deliver(at, j, Event::PeerHave { peer: self.ids[i], have, fetching });
+                    }
+                    continue;
+                }
                 let corrupt = matches!(flow.from, Source::Peer(p) if self.index_of(p).is_some_and(|j| self.spec.corrupt.contains(&j)));
                 self.count_sent(&flow, flow.wire);
                 let latency = if flow.from == Source::Origin {

@@ -186,6 +186,13 @@ pub struct Config {
     pub unheard_members_wait: Duration,
     /// Announcements are coalesced to at most one per this interval (and one when done).
     pub announce_interval: Duration,
+    /// The share of the bytes this appliance receives that announcing its new pieces may
+    /// take on its uplink: each announcement goes to every live peer, so on a slow LAN,
+    /// announcing every piece to 15 peers took a tenth of the link. What it fetches from the
+    /// origin, and being done, are announced at once all the same.
+    pub announce_share: f64,
+    /// New pieces wait at most this long to be announced, however few they are.
+    pub announce_max_delay: Duration,
     /// How this appliance shares out origin pieces at best ([`Assignment::NEWEST`]; tests set
     /// an older way to stand for older agents).
     pub assignment: Assignment,
@@ -202,6 +209,11 @@ pub struct Config {
 /// `max_upload_peers`, 8) and refuses the rest ([`Event::Busy`]); half of them is as much of
 /// its uplink as one of the site's members should count on.
 const PEER_REQUESTS: usize = 4;
+/// Announcements may take this share of what arrives ([`Config::announce_share`]).
+const ANNOUNCE_SHARE: f64 = 0.02;
+/// What one announcement costs on the wire to one peer: about 576 bytes in the lab (JSON
+/// have-map, signed envelope, gossipsub, noise, yamux, TCP/IP and Ethernet headers).
+pub const ANNOUNCEMENT_WIRE_BYTES: u64 = 600;
 /// Requests in flight to LAN peers, all together, whatever the pieces' size. Every piece in
 /// flight shares the links with the others, so more of them only makes each arrive (and be
 /// passed on) later; fewer leave the downlink idle. In the reduced sweep (with one-group
@@ -256,6 +268,8 @@ impl Config {
             // heard, and costs the site short runs for this long.
             unheard_members_wait: Duration::from_secs(2),
             announce_interval: Duration::from_millis(10),
+            announce_share: ANNOUNCE_SHARE,
+            announce_max_delay: Duration::from_millis(500),
             assignment: Assignment::NEWEST,
             peer_backoff: Duration::from_secs(2),
             busy_backoff: Duration::from_millis(5),
@@ -450,6 +464,8 @@ pub struct Scheduler {
     actions: VecDeque<Action>,
     announce_due: Option<Duration>,
     last_announce: Option<Duration>,
+    /// Bytes of pieces gained since the last announcement: what pays for the next one.
+    gained_since_announce: u64,
     done_sent: bool,
     /// The time of the first event: the discovery grace counts from here.
     started: Option<Duration>,
@@ -504,6 +520,7 @@ impl Scheduler {
             actions: VecDeque::new(),
             announce_due: None,
             last_announce: None,
+            gained_since_announce: 0,
             done_sent: false,
             started: None,
             now: Duration::ZERO,
@@ -618,7 +635,7 @@ impl Scheduler {
                         self.have.insert(piece);
                     }
                 }
-                self.schedule_announce();
+                self.schedule_announce(true);
             }
         }
         self.schedule();
@@ -765,7 +782,9 @@ impl Scheduler {
             }
         }
         if self.have.insert(piece) {
-            self.schedule_announce();
+            self.gained_since_announce += self.config.piece_bytes;
+            // A piece from the origin is on no other member yet: the site waits for it.
+            self.schedule_announce(from == Sender::Origin);
         }
         // End game: other requests are no longer needed once all their pieces are here (a
         // run with pieces still missing carries on).
@@ -830,7 +849,7 @@ impl Scheduler {
         }
         if failed.from == Sender::Origin {
             // The site must learn we no longer fetch these, or it leaves them to us.
-            self.schedule_announce();
+            self.schedule_announce(true);
         }
         match failed.from {
             // Requests in flight together fail together (a cut link): one step of backoff for
@@ -890,10 +909,20 @@ impl Scheduler {
         }
     }
 
-    fn schedule_announce(&mut self) {
-        let earliest =
-            self.last_announce.map_or(self.now, |last| last + self.config.announce_interval);
-        let due = if self.have.is_full() { self.now } else { earliest.max(self.now) };
+    /// Plans the next announcement: `urgent` ones (what we fetch from the origin changed)
+    /// within `announce_interval`; new pieces once they have paid for the announcement
+    /// ([`Config::announce_share`]) or have waited `announce_max_delay`.
+    fn schedule_announce(&mut self, urgent: bool) {
+        let after = |gap: Duration| self.last_announce.map_or(self.now, |last| last + gap);
+        let cost = self.live.len() as u64 * ANNOUNCEMENT_WIRE_BYTES;
+        let paid = self.gained_since_announce as f64 * self.config.announce_share >= cost as f64;
+        let due = if self.have.is_full() {
+            self.now
+        } else if urgent || paid {
+            after(self.config.announce_interval).max(self.now)
+        } else {
+            after(self.config.announce_max_delay.max(self.config.announce_interval)).max(self.now)
+        };
         self.announce_due = Some(self.announce_due.map_or(due, |d| d.min(due)));
     }
 
@@ -1137,6 +1166,7 @@ impl Scheduler {
         if self.announce_due.is_some_and(|due| due <= now) {
             self.announce_due = None;
             self.last_announce = Some(now);
+            self.gained_since_announce = 0;
             let fetching = self.fetching();
             self.actions.push_back(Action::Announce { have: self.have.clone(), fetching });
             if self.have.is_full() {
@@ -1207,7 +1237,7 @@ impl Scheduler {
                     self.issue(run.to_vec(), Sender::Origin);
                 }
                 // The site learns what we fetch, so that nobody fetches it again.
-                self.schedule_announce();
+                self.schedule_announce(true);
             }
         }
 

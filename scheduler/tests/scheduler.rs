@@ -885,3 +885,121 @@ fn origin_runs_are_one_piece_while_a_named_member_is_unheard() {
     }
     assert!(longest(&runs) > Some(1), "after waiting {wait:?}: {runs:?}");
 }
+
+/// One appliance of a 16-member site on a slow LAN (a piece every 100 ms), every other member
+/// holding the whole release: what it announces, and when.
+#[test]
+fn pieces_from_peers_are_announced_in_batches_that_pay_for_them() {
+    let (pieces, piece_bytes) = (256, 64 << 10);
+    let others: Vec<PeerId> = (1..16).map(peer).collect();
+    let mut config = Config::new(pieces, piece_bytes);
+    config.site_members = std::iter::once(peer(0)).chain(others.iter().copied()).collect();
+    let (share, max_delay) = (config.announce_share, config.announce_max_delay);
+    let mut node = Scheduler::new(peer(0), config);
+    for &other in &others {
+        node.handle_event(
+            Event::PeerUp { peer: other, assignment: Assignment::NEWEST },
+            Duration::ZERO,
+        );
+        let (have, fetching) = (PieceSet::full(pieces), PieceSet::empty(pieces));
+        node.handle_event(Event::PeerHave { peer: other, have, fetching }, Duration::ZERO);
+    }
+    let cost = others.len() as u64 * ANNOUNCEMENT_WIRE_BYTES;
+    let step = Duration::from_millis(100);
+    let mut now = Duration::ZERO;
+    let mut waiting: Vec<(RequestId, Vec<u64>)> = Vec::new();
+    // (when, pieces held) of each announcement; when each piece arrived.
+    let mut announced: Vec<(Duration, u64)> = Vec::new();
+    let mut arrived: Vec<Duration> = Vec::new();
+    while !node.is_done() {
+        let mut due = node.poll_timeout().filter(|&t| t <= now);
+        while let Some(at) = due {
+            node.handle_timeout(at);
+            due = node.poll_timeout().filter(|&t| t <= now && t > at);
+        }
+        for action in std::iter::from_fn(|| node.poll_action()) {
+            match action {
+                Action::Request { id, pieces, source } => {
+                    assert_ne!(source, Source::Origin, "every piece is on the LAN");
+                    waiting.push((id, pieces));
+                }
+                Action::Announce { have, .. } => announced.push((now, have.count())),
+                _ => {}
+            }
+        }
+        now += step;
+        assert!(now < Duration::from_secs(3600), "stuck with {} pieces", node.have().count());
+        if waiting.is_empty() {
+            continue;
+        }
+        let (request, run) = waiting.remove(0);
+        for piece in run {
+            node.handle_event(Event::Completed { request, piece }, now);
+            arrived.push(now);
+        }
+    }
+    node.handle_timeout(now);
+    for action in std::iter::from_fn(|| node.poll_action()) {
+        if let Action::Announce { have, .. } = action {
+            announced.push((now, have.count()));
+        }
+    }
+    let last = announced.last().copied().expect("announced");
+    assert_eq!(last.1, pieces, "being done is announced: {last:?}");
+    // The first piece is announced at once; later ones once paid for or waited long.
+    let mut before = announced[0];
+    for &(at, held) in &announced[1..announced.len() - 1] {
+        let gained = (held - before.1) * piece_bytes;
+        let paid = gained as f64 * share >= cost as f64;
+        assert!(
+            paid || at >= before.0 + max_delay,
+            "{} pieces announced at {at:?}, {:?} after the last announcement",
+            held - before.1,
+            at - before.0,
+        );
+        before = (at, held);
+    }
+    // Every piece is announced within the longest delay (and the step of this clock).
+    for (piece, &at) in arrived.iter().enumerate() {
+        let told = announced.iter().find(|&&(_, held)| held > piece as u64).expect("told");
+        assert!(told.0 <= at + max_delay + step, "piece {piece} came at {at:?}, told {told:?}");
+    }
+    // One announcement a piece would cost 15 × 600 bytes per 64 KiB: a seventh of the link.
+    assert!(announced.len() <= pieces as usize / 4, "{} announcements", announced.len());
+}
+
+#[test]
+fn a_piece_from_the_origin_is_announced_at_once() {
+    // Small pieces on a large site: one piece alone would not pay for an announcement.
+    let pieces = 256;
+    let mut config = Config::new(pieces, 64 << 10);
+    config.site_members = (0..16).map(peer).collect();
+    let interval = config.announce_interval;
+    let mut node = Scheduler::new(peer(0), config);
+    for other in (1..16).map(peer) {
+        let up = Event::PeerUp { peer: other, assignment: Assignment::NEWEST };
+        node.handle_event(up, Duration::ZERO);
+        let (have, fetching) = (PieceSet::empty(pieces), PieceSet::empty(pieces));
+        node.handle_event(Event::PeerHave { peer: other, have, fetching }, Duration::ZERO);
+    }
+    let start = Duration::from_secs(3);
+    node.handle_timeout(start);
+    let runs = origin_runs(&mut node);
+    let (id, run) = runs.first().cloned().expect("an origin request");
+    for (k, &piece) in run.iter().enumerate().take(3) {
+        // Far apart enough for each to be announced alone, not for announcing to wait.
+        let at = start + interval * 3 * (k as u32 + 1);
+        node.handle_event(Event::Completed { request: id, piece }, at);
+        let mut told = false;
+        for _ in 0..100 {
+            told |= std::iter::from_fn(|| node.poll_action())
+                .any(|a| matches!(a, Action::Announce { have, .. } if have.contains(piece)));
+            let next = node.poll_timeout().filter(|&t| t <= at + interval);
+            match next {
+                Some(due) if !told => node.handle_timeout(due),
+                _ => break,
+            }
+        }
+        assert!(told, "piece {piece} from the origin is not announced within {interval:?}");
+    }
+}
