@@ -353,6 +353,11 @@ struct Flow {
 struct News {
     have: PieceSet,
     fetching: PieceSet,
+    /// The sender's number for it: a sender's announcements share its uplink and may end out
+    /// of order, and an older one must not overwrite a newer one.
+    number: u64,
+    /// The peers alive when it was sent.
+    to: Vec<usize>,
 }
 
 /// The flows in flight in the order they started (ids ascending), with their progress and
@@ -568,6 +573,10 @@ struct Sim<'a> {
     lan_bytes: f64,
     /// Announcements being sent on each appliance's uplink (they take no upload slot).
     announcing: Vec<usize>,
+    /// Announcements each appliance has sent, and the newest of `i`'s that `j` heard
+    /// (`heard[j][i]`; a join's exchange counts as all of them).
+    announced: Vec<u64>,
+    heard: Vec<Vec<u64>>,
     /// The pieces whose true bytes reached each appliance: anything else it claims to hold
     /// it accepted from a liar.
     delivered: Vec<PieceSet>,
@@ -629,6 +638,8 @@ impl<'a> Sim<'a> {
             honest_origin_bytes: 0.0,
             lan_bytes: 0.0,
             announcing: vec![0; spec.appliances],
+            announced: vec![0; spec.appliances],
+            heard: vec![vec![0; spec.appliances]; spec.appliances],
             // What an appliance copied from its active slot was verified there.
             delivered: spec.held.clone(),
             trace: Trace { print: spec.print_trace, ..Trace::default() },
@@ -681,6 +692,7 @@ impl<'a> Sim<'a> {
                 self.handle(j, Event::PeerUp { peer: self.ids[i], assignment });
                 let peer = self.ids[i];
                 self.handle(j, Event::PeerHave { peer, have: have_i, fetching: fetching_i });
+                (self.heard[i][j], self.heard[j][i]) = (self.announced[j], self.announced[i]);
             }
         }
         self.handle_timeout(i);
@@ -769,9 +781,10 @@ impl<'a> Sim<'a> {
                     });
                 }
                 Action::Cancel { id } => {
-                    let flow = self.flows.iter().find(|(_, f)| f.to == i && f.request == id);
-                    if let Some((_, flow)) = flow {
-                        let (flow, remaining) = self.flows.remove(flow.id).expect("present");
+                    let ours = |f: &Flow| f.to == i && f.request == id && f.news.is_none();
+                    let flow = self.flows.iter().find(|(_, f)| ours(f)).map(|(_, f)| f.id);
+                    if let Some(flow) = flow {
+                        let (flow, remaining) = self.flows.remove(flow).expect("present");
                         self.flows_touched();
                         // What was sent before the cancel still crossed the links.
                         self.count_sent(&flow, flow.wire - remaining);
@@ -779,11 +792,14 @@ impl<'a> Sim<'a> {
                 }
                 Action::Announce { have, fetching } => {
                     self.record(format_args!("announce {i} {}", have.count()));
-                    let others = (0..self.spec.appliances).filter(|&j| j != i && self.alive[j]);
-                    let copies = others.count() as f64;
-                    if copies == 0.0 {
+                    let to: Vec<usize> =
+                        (0..self.spec.appliances).filter(|&j| j != i && self.alive[j]).collect();
+                    if to.is_empty() {
                         continue;
                     }
+                    let copies = to.len() as f64;
+                    self.announced[i] += 1;
+                    let number = self.announced[i];
                     self.next_flow += 1;
                     self.announcing[i] += 1;
                     self.flows_touched();
@@ -796,7 +812,7 @@ impl<'a> Sim<'a> {
                         piece: 0,
                         rest: Vec::new(),
                         wire: copies * ANNOUNCEMENT_WIRE_BYTES as f64,
-                        news: Some(Box::new(News { have, fetching })),
+                        news: Some(Box::new(News { have, fetching, number, to })),
                     });
                 }
                 Action::Ban { peer, .. } => {
@@ -811,8 +827,8 @@ impl<'a> Sim<'a> {
     /// refusal reaches the requester a LAN round trip later.
     fn start(&mut self, flow: Flow) {
         let uplink = flow.links[0];
-        let uploads =
-            |j: usize| self.flows.on_link.get(1 + j).copied().unwrap_or(0) - self.announcing[j];
+        let on_uplink = |j: usize| self.flows.on_link.get(1 + j).copied().unwrap_or(0);
+        let uploads = |j: usize| on_uplink(j).saturating_sub(self.announcing[j]);
         if uplink != WAN && uploads(uplink - 1) >= UPLOAD_SLOTS {
             let at = self.now + self.spec.lan_latency * 2;
             self.deliver(at, flow.to, Event::Busy { request: flow.request });
@@ -1012,10 +1028,11 @@ impl<'a> Sim<'a> {
                     let i = flow.to;
                     self.announcing[i] -= 1;
                     let at = self.now + self.spec.lan_latency;
-                    for j in 0..self.spec.appliances {
-                        if j == i || !self.alive[j] {
+                    for &j in &news.to {
+                        if !self.alive[j] || self.heard[j][i] >= news.number {
                             continue;
                         }
+                        self.heard[j][i] = news.number;
                         let (have, fetching) = (news.have.clone(), news.fetching.clone());
                         self.deliver(at, j, Event::PeerHave { peer: self.ids[i], have, fetching });
                     }

@@ -188,7 +188,7 @@ pub struct Config {
     pub announce_interval: Duration,
     /// The share of the bytes this appliance receives that announcing its new pieces may
     /// take on its uplink: each announcement goes to every live peer, so on a slow LAN,
-    /// announcing every piece to 15 peers took a tenth of the link. What it fetches from the
+    /// announcing every piece to 15 peers took a seventh of the link. What it fetches from the
     /// origin, and being done, are announced at once all the same.
     pub announce_share: f64,
     /// New pieces wait at most this long to be announced, however few they are.
