@@ -803,6 +803,8 @@ impl<'a> Sim<'a> {
                     self.next_flow += 1;
                     self.announcing[i] += 1;
                     self.flows_touched();
+                    // `to` is the sender itself, so that its crash drops the announcement;
+                    // the request and piece fields of a piece's flow mean nothing here.
                     self.flows.push(Flow {
                         id: self.next_flow,
                         to: i,

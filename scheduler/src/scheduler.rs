@@ -909,9 +909,10 @@ impl Scheduler {
         }
     }
 
-    /// Plans the next announcement: `urgent` ones (what we fetch from the origin changed)
-    /// within `announce_interval`; new pieces once they have paid for the announcement
-    /// ([`Config::announce_share`]) or have waited `announce_max_delay`.
+    /// Plans the next announcement: `urgent` ones (a piece from the origin, pieces found
+    /// locally, or what we fetch from the origin changed) within `announce_interval`; pieces
+    /// from peers once they have paid for the announcement ([`Config::announce_share`]) or
+    /// have waited `announce_max_delay`.
     fn schedule_announce(&mut self, urgent: bool) {
         let after = |gap: Duration| self.last_announce.map_or(self.now, |last| last + gap);
         let cost = self.live.len() as u64 * ANNOUNCEMENT_WIRE_BYTES;
